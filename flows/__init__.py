@@ -1,0 +1,1 @@
+"""Prefect flows: they only orchestrate hero_ml (see docs/ARCHITECTURE.md)."""

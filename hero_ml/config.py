@@ -1,0 +1,414 @@
+"""The one configuration tree of a HERO run.
+
+Loaded from a YAML file, then overridden by environment variables `HERO_<SECTION>__<FIELD>`
+(e.g. `HERO_SAMPLING__ETA=0.5`). Defaults follow the HERO paper and its reference code
+(shared HERO-REFERENCE.md); every field says what it does and what it interacts with.
+Validation happens at load: a bad value fails with its dotted path and the reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "HERO_"
+ENV_NESTED_DELIMITER = "__"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names every bad field and why."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos until proven otherwise: refuse them instead of ignoring them.
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelConfig(_Section):
+    source: str = Field(
+        "random:tiny",
+        description=(
+            "The Stable Diffusion pipeline to fine-tune: a local diffusers folder, a hub id "
+            "(e.g. 'runwayml/stable-diffusion-v1-5'), or 'random:<arch>' for SD-shaped random "
+            "weights ('random:tiny' for tests and demos, 'random:sd15' for compute benchmarks)."
+        ),
+    )
+    allow_download: bool = Field(
+        False,
+        description=(
+            "Let a hub id be downloaded when it is not in the local Hugging Face cache. Off by "
+            "default so that nothing is ever fetched silently; download once, then run offline."
+        ),
+    )
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32",
+        description=(
+            "Weights dtype of the VAE, text encoder and UNet. The reference uses float16 on GPU; "
+            "LoRA parameters are always trained in float32."
+        ),
+    )
+    device: str = Field("cpu", description="Torch device of the pipeline: 'cpu', 'cuda', 'cuda:1'...")
+    lora_rank: int = Field(4, ge=1, description="LoRA rank on the UNet attention projections.")
+    lora_alpha: float = Field(
+        4.0,
+        gt=0,
+        description="LoRA alpha; the update is scaled by alpha / rank (equal values: scale 1).",
+    )
+    seed: int = Field(0, ge=0, description="Seed of random weights when source is 'random:<arch>'.")
+
+
+class SamplingConfig(_Section):
+    prompt: str = Field(
+        "three red circles",
+        min_length=1,
+        description="The prompt every image of a round is sampled from.",
+    )
+    negative_prompt: str = Field(
+        "", description="Negative prompt for classifier-free guidance (the reference: empty)."
+    )
+    images_per_round: int = Field(
+        64,
+        ge=2,
+        description=(
+            "Images sampled and labelled each round; one labelled image is one feedback, so "
+            "rounds = feedback budget / images_per_round."
+        ),
+    )
+    num_steps: int = Field(50, ge=1, description="DDIM denoising steps (the trajectory's length).")
+    eta: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description=(
+            "DDIM stochasticity. Must be > 0: with eta = 0 the steps are deterministic and have "
+            "no log-probability, so DDPO cannot learn."
+        ),
+    )
+    guidance_scale: float = Field(
+        5.0, ge=1, description="Classifier-free guidance scale, in sampling and in training."
+    )
+    sub_batch_size: int = Field(
+        8,
+        ge=1,
+        description=(
+            "Images denoised at once. Bounds peak memory; results do not depend on it, since "
+            "every image has its own random stream."
+        ),
+    )
+    storage_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32",
+        description=(
+            "Dtype trajectories are kept in (CPU memory, storage). Sampling continues from the "
+            "stored value, so recorded log-probs stay exact at any precision."
+        ),
+    )
+    seed: int = Field(0, ge=0, description="Seed of the initial noises and per-step noises.")
+
+
+class EncoderConfig(_Section):
+    lr: float = Field(1e-5, gt=0, description="Adam learning rate of the feedback encoder.")
+    epochs_per_round: int = Field(
+        500, ge=1, description="Triplet-loss epochs each round (one batch of triplets each)."
+    )
+    triplets_per_epoch: int = Field(64, ge=1, description="Triplets in the batch of one epoch.")
+    margin: float = Field(0.5, gt=0, description="Triplet margin on the distance 1 - (cos + 1)/2.")
+    reward: Literal["best", "mean_good"] = Field(
+        "best",
+        description=(
+            "Reward: similarity to the best image ('best', the paper) or mean similarity to "
+            "all good images ('mean_good')."
+        ),
+    )
+
+
+class DDPOConfig(_Section):
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the LoRA parameters.")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip of each optimiser step.")
+    clip_range: float = Field(
+        1e-4,
+        gt=0,
+        description=(
+            "PPO clip of the new/old probability ratio. Small because log-probs are means "
+            "over latent elements, so ratios move little."
+        ),
+    )
+    adv_clip_max: float = Field(5.0, gt=0, description="Normalised advantages are clipped to ±this.")
+    timesteps_per_trajectory: int = Field(
+        5,
+        ge=1,
+        description="Random denoising steps trained per trajectory (must be <= sampling.num_steps).",
+    )
+    train_batch_size: int = Field(2, ge=1, description="Trajectories per forward/backward pass.")
+    gradient_accumulation_steps: int = Field(
+        4, ge=1, description="Passes accumulated into one optimiser step."
+    )
+    inner_epochs: int = Field(1, ge=1, description="Passes over the round's samples each update.")
+
+
+class GuidanceConfig(_Section):
+    enabled: bool = Field(
+        True,
+        description="Feedback-guided initial noise; off = plain N(0, I) every round (the ablation).",
+    )
+    best_ratio: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Fraction of a round started near the best image's noise; the rest near good ones.",
+    )
+    noise_eps: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Perturbation: x = sqrt(1 - eps^2) * x_best_or_good + eps * n, n ~ N(0, I).",
+    )
+
+
+class FeedbackConfig(_Section):
+    budget: int = Field(
+        512,
+        ge=1,
+        description="Total feedbacks (labelled images) to spend; the run stops when it is spent.",
+    )
+    annotators_per_image: int = Field(
+        1, ge=1, description="Labels required on every image before a round counts as complete."
+    )
+
+
+class StorageConfig(_Section):
+    backend: Literal["local", "s3"] = Field(
+        "local", description="Where images, trajectories and checkpoints live."
+    )
+    local_root: Path = Field(
+        Path("hero-data"), description="Root folder of the local backend; runs/<run_id>/... below it."
+    )
+    s3_bucket: str | None = Field(None, description="Bucket of the s3 backend.")
+    s3_endpoint_url: HttpUrl | None = Field(
+        None, description="S3 endpoint for MinIO or other S3-compatible servers; empty for AWS."
+    )
+    s3_region: str = Field("us-east-1", description="S3 region.")
+    s3_access_key_id: SecretStr | None = Field(
+        None, description="S3 access key id; empty to use the standard AWS credential chain."
+    )
+    s3_secret_access_key: SecretStr | None = Field(None, description="S3 secret access key.")
+    presigned_url_ttl_s: int = Field(
+        900, ge=1, le=7 * 24 * 3600, description="Lifetime of presigned image URLs for annotators."
+    )
+
+    @model_validator(mode="after")
+    def _s3_needs_bucket(self) -> StorageConfig:
+        if self.backend == "s3" and not self.s3_bucket:
+            raise ValueError("backend 's3' needs s3_bucket (HERO_STORAGE__S3_BUCKET)")
+        return self
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str = Field(
+        "sqlite:///hero-data/mlflow.db",
+        description="MLflow tracking URI: a local SQLite file by default, or an MLflow server URL.",
+    )
+    experiment: str = Field("hero", min_length=1, description="MLflow experiment name.")
+    registered_model: str = Field(
+        "hero-lora", min_length=1, description="Registry name LoRAs are registered under."
+    )
+    champion_alias: str = Field(
+        "champion", min_length=1, description="Registry alias of the LoRA in production."
+    )
+
+
+class LabelStudioConfig(_Section):
+    enabled: bool = Field(
+        False, description="Ask humans in Label Studio; off = the simulated annotator (embedded)."
+    )
+    url: HttpUrl = Field(HttpUrl("http://127.0.0.1:8080"), description="Label Studio base URL.")
+    api_key: SecretStr | None = Field(
+        None, description="Label Studio personal access token (HERO_LABEL_STUDIO__API_KEY)."
+    )
+    project_title_prefix: str = Field(
+        "HERO", description="Projects are named '<prefix> <run_id>', one per run."
+    )
+
+    @model_validator(mode="after")
+    def _enabled_needs_key(self) -> LabelStudioConfig:
+        if self.enabled and self.api_key is None:
+            raise ValueError("enabled Label Studio needs api_key (HERO_LABEL_STUDIO__API_KEY)")
+        return self
+
+
+class OrchestrationConfig(_Section):
+    mode: Literal["embedded", "server"] = Field(
+        "embedded",
+        description="'embedded': ephemeral Prefect, no server; 'server': a Prefect API (api_url).",
+    )
+    api_url: HttpUrl | None = Field(None, description="Prefect API URL in 'server' mode.")
+    work_pool: str = Field("hero-gpu", description="Prefect work pool that runs GPU steps.")
+    webhook_secret: SecretStr | None = Field(
+        None, description="Shared secret Label Studio webhooks must carry (HERO_ORCHESTRATION__...)."
+    )
+    round_timeout_h: float = Field(
+        72.0, gt=0, description="Hours a round waits for annotations before it is flagged."
+    )
+
+    @model_validator(mode="after")
+    def _server_needs_url(self) -> OrchestrationConfig:
+        if self.mode == "server" and self.api_url is None:
+            raise ValueError("mode 'server' needs api_url (HERO_ORCHESTRATION__API_URL)")
+        return self
+
+
+class HeroConfig(BaseSettings):
+    """The whole configuration of a HERO run."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        extra="forbid",
+        validate_default=True,
+    )
+
+    run_id: str = Field(
+        "demo",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="Names the run in storage keys, MLflow and Label Studio (letters, digits, _ . -).",
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig)  # type: ignore[arg-type]
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)  # type: ignore[arg-type]
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)  # type: ignore[arg-type]
+    ddpo: DDPOConfig = Field(default_factory=DDPOConfig)  # type: ignore[arg-type]
+    guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)  # type: ignore[arg-type]
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)  # type: ignore[arg-type]
+    storage: StorageConfig = Field(default_factory=StorageConfig)  # type: ignore[arg-type]
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)  # type: ignore[arg-type]
+    label_studio: LabelStudioConfig = Field(default_factory=LabelStudioConfig)  # type: ignore[arg-type]
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)  # type: ignore[arg-type]
+
+    @field_validator("model", mode="after")
+    @classmethod
+    def _known_random_arch(cls, model: ModelConfig) -> ModelConfig:
+        if model.source.startswith("random:"):
+            from hero_ml.diffusion.architectures import ARCHITECTURES
+
+            arch = model.source.removeprefix("random:")
+            if arch not in ARCHITECTURES:
+                raise ValueError(f"source: unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
+        return model
+
+    @model_validator(mode="after")
+    def _cross_section_checks(self) -> HeroConfig:
+        if self.ddpo.timesteps_per_trajectory > self.sampling.num_steps:
+            raise ValueError(
+                f"ddpo.timesteps_per_trajectory ({self.ddpo.timesteps_per_trajectory}) exceeds "
+                f"sampling.num_steps ({self.sampling.num_steps}): lower it or sample more steps"
+            )
+        if self.feedback.budget < self.sampling.images_per_round:
+            raise ValueError(
+                f"feedback.budget ({self.feedback.budget}) is smaller than one round "
+                f"(sampling.images_per_round = {self.sampling.images_per_round})"
+            )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file arrives as init kwargs (see load_config); the environment overrides it.
+        return env_settings, init_settings, file_secret_settings
+
+    # Derived quantities, printed and checked before a run (ddpo-pytorch style).
+    @property
+    def rounds(self) -> int:
+        return self.feedback.budget // self.sampling.images_per_round
+
+    @property
+    def optimizer_steps_per_round(self) -> int:
+        passes = -(-self.sampling.images_per_round // self.ddpo.train_batch_size)
+        return self.ddpo.inner_epochs * -(-passes // self.ddpo.gradient_accumulation_steps)
+
+    def derived(self) -> dict[str, int]:
+        return {
+            "rounds": self.rounds,
+            "feedbacks_per_round": self.sampling.images_per_round,
+            "feedbacks_spent": self.rounds * self.sampling.images_per_round,
+            "ddpo_optimizer_steps_per_round": self.optimizer_steps_per_round,
+        }
+
+    def to_public_dict(self) -> dict[str, Any]:
+        """JSON-ready dict with every secret masked: safe for logs, MLflow params and files."""
+        return self.model_dump(mode="json")
+
+
+def load_config(path: Path | None = None) -> HeroConfig:
+    """Load a config: defaults <- YAML file (optional) <- HERO_* environment variables."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_yaml(path)
+    try:
+        return HeroConfig(**data)
+    except ValidationError as err:
+        where = f" in {path}" if path is not None else ""
+        raise ConfigError(f"invalid configuration{where}:\n{format_validation_error(err)}") from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path} must hold a mapping of sections (model:, sampling:, ...), "
+            f"not a {type(data).__name__}"
+        )
+    return data
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per problem: dotted field path, reason, and the offending value unless secret."""
+    lines = []
+    for problem in err.errors(include_url=False):
+        path = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        line = f"  {path}: {problem['msg']}"
+        if problem["type"] not in {"missing", "extra_forbidden"} and not _is_secret(problem["loc"]):
+            line += f" (got {problem['input']!r})"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _is_secret(loc: tuple[int | str, ...]) -> bool:
+    """True when the path ends at a SecretStr field; its value must not be echoed."""
+    model: type[BaseModel] = HeroConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return False
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+            continue
+        return "SecretStr" in str(annotation)
+    return False

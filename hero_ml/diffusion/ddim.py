@@ -1,0 +1,94 @@
+"""The DDIM step as a Gaussian policy: its mean, its std, and the log-density of a transition.
+
+Pure math on tensors, no models. With eta > 0, DDIM draws x_{t-1} ~ N(mean(x_t, eps), std_t^2 I)
+(Song et al., eq. 12); DDPO treats each step as an action of that Gaussian policy. Log-probs are
+averaged over latent elements (the DDPO convention). Timesteps may differ per sample, so a training
+batch can mix steps of several trajectories.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import DDIMScheduler
+
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def check_scheduler(scheduler: DDIMScheduler) -> None:
+    """Refuse scheduler settings this math does not implement, instead of silently diverging."""
+    config = scheduler.config
+    if not isinstance(scheduler, DDIMScheduler):
+        raise TypeError(f"HERO samples with DDIMScheduler, got {type(scheduler).__name__}")
+    if config.clip_sample or config.thresholding:
+        raise ValueError("DDIM log-probs need clip_sample=False and thresholding=False (SD's settings)")
+    if config.prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"unsupported prediction_type {config.prediction_type!r}")
+    if scheduler.num_inference_steps is None:
+        raise ValueError("call scheduler.set_timesteps(num_steps) first")
+
+
+def _alphas(
+    scheduler: DDIMScheduler, timesteps: torch.Tensor, ndim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """alpha_bar_t and alpha_bar_{t-1} per sample, shaped to broadcast over latents of `ndim` dims."""
+    alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device, torch.float32)
+    final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32, device=timesteps.device)
+    prev_timesteps = timesteps - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    alpha_t = alphas_cumprod[timesteps]
+    alpha_prev = torch.where(prev_timesteps >= 0, alphas_cumprod[prev_timesteps.clamp(min=0)], final)
+    shape = (-1,) + (1,) * (ndim - 1)
+    return alpha_t.reshape(shape), alpha_prev.reshape(shape)
+
+
+def ddim_step_mean_std(
+    scheduler: DDIMScheduler,
+    model_output: torch.Tensor,
+    timesteps: torch.Tensor,
+    sample: torch.Tensor,
+    eta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of p(x_{t-1} | x_t) for the DDIM step with stochasticity eta (float32).
+
+    model_output: the (guided) UNet prediction at x_t; timesteps: int tensor, one per sample.
+    std has shape (B, 1, 1, 1); it is 0 when eta is 0 (no density).
+    """
+    alpha_t, alpha_prev = _alphas(scheduler, timesteps, sample.ndim)
+    sample, model_output = sample.float(), model_output.float()
+    beta_t = 1 - alpha_t
+
+    if scheduler.config.prediction_type == "epsilon":
+        pred_x0 = (sample - beta_t.sqrt() * model_output) / alpha_t.sqrt()
+        pred_eps = model_output
+    else:  # v_prediction
+        pred_x0 = alpha_t.sqrt() * sample - beta_t.sqrt() * model_output
+        pred_eps = alpha_t.sqrt() * model_output + beta_t.sqrt() * sample
+
+    variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
+    std = eta * variance.clamp(min=0).sqrt()
+    direction = (1 - alpha_prev - std**2).clamp(min=0).sqrt() * pred_eps
+    mean = alpha_prev.sqrt() * pred_x0 + direction
+    return mean, std
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, std^2) per element, averaged over all but the batch dimension."""
+    x = x.float()
+    log_density = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
+    return log_density.mean(dim=tuple(range(1, x.ndim)))
+
+
+def step_log_prob(
+    scheduler: DDIMScheduler,
+    model_output: torch.Tensor,
+    timesteps: torch.Tensor,
+    sample: torch.Tensor,
+    prev_sample: torch.Tensor,
+    eta: float,
+) -> torch.Tensor:
+    """Log-density of the given x_{t-1} (prev_sample) under the DDIM step from x_t (sample); shape (B,)."""
+    if eta <= 0:
+        raise ValueError("eta must be > 0: the DDIM step with eta = 0 is deterministic and has no density")
+    mean, std = ddim_step_mean_std(scheduler, model_output, timesteps, sample, eta)
+    return gaussian_log_prob(prev_sample, mean, std)

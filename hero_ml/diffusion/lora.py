@@ -1,0 +1,78 @@
+"""LoRA on the UNet's attention projections, through peft, saved in the standard diffusers format.
+
+A saved folder holds `pytorch_lora_weights.safetensors`, loadable by plain diffusers with
+`pipe.load_lora_weights(folder)`; rank and alpha travel in the file's metadata so the scale is exact.
+The base policy (DDPO's and D3PO's reference) is the same UNet with its adapters disabled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+ADAPTER_NAME = "hero"
+TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
+
+
+def add_lora(unet: UNet2DConditionModel, *, rank: int, alpha: float) -> list[torch.nn.Parameter]:
+    """Freeze the UNet, attach a LoRA adapter to every attention projection, return its parameters.
+
+    The adapter starts as the identity (B = 0). Its parameters are float32 whatever the UNet's dtype,
+    so that small updates are not lost to fp16/bf16 rounding.
+    """
+    unet.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGET_MODULES, init_lora_weights=True)
+    unet.add_adapter(config, adapter_name=ADAPTER_NAME)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
+def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    """The adapter's weights under diffusers' key names (without the 'unet.' prefix)."""
+    state = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
+    return convert_state_dict_to_diffusers(state)
+
+
+def save_lora(unet: UNet2DConditionModel, folder: Path) -> Path:
+    """Write the adapter as `folder/pytorch_lora_weights.safetensors` (diffusers format)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(
+        folder,
+        unet_lora_layers=lora_state_dict(unet),
+        unet_lora_adapter_metadata=unet.peft_config[ADAPTER_NAME].to_dict(),
+        safe_serialization=True,
+    )
+    return folder / LORA_WEIGHTS_FILE
+
+
+def load_lora(pipe: StableDiffusionPipeline, folder: Path) -> None:
+    """Load a saved adapter into the pipeline's UNet, and check that something was loaded.
+
+    diffusers loads nothing, silently, from a file whose keys lack the 'unet.' prefix; that is an error here.
+    """
+    weights = folder / LORA_WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"no LoRA weights at {weights}: save them with hero_ml.diffusion.lora.save_lora")
+    pipe.load_lora_weights(folder, weight_name=LORA_WEIGHTS_FILE, adapter_name=ADAPTER_NAME)
+    if ADAPTER_NAME not in pipe.get_list_adapters().get("unet", []):
+        raise ValueError(f"{weights} holds no UNet LoRA weights that diffusers recognises")
+
+
+@contextmanager
+def adapters_disabled(unet: UNet2DConditionModel) -> Iterator[None]:
+    """Run the base model: the UNet with its LoRA adapters switched off, re-enabled on exit."""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()

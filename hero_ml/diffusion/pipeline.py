@@ -1,0 +1,133 @@
+"""Loading Stable Diffusion pipelines: from a local folder, a hub id, or random weights of a named shape.
+
+Every pipeline leaves here with a DDIMScheduler (HERO samples with DDIM, eta > 0) and no safety checker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from hero_ml.diffusion.architectures import architecture_dir
+
+log = logging.getLogger(__name__)
+
+RANDOM_PREFIX = "random:"
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The requested pipeline is neither a local folder nor available offline."""
+
+
+def load_pipeline(
+    source: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    allow_download: bool = False,
+    seed: int = 0,
+) -> StableDiffusionPipeline:
+    """Load an SD-family pipeline.
+
+    source: a local diffusers folder, a hub id ('org/name', looked up in the local Hugging Face cache
+    unless allow_download), or 'random:<arch>' for random weights of a named architecture.
+    """
+    if source.startswith(RANDOM_PREFIX):
+        pipe = build_random_pipeline(source.removeprefix(RANDOM_PREFIX), seed=seed)
+        if dtype != torch.float32:  # built in float32; casting a float32 model to itself only warns
+            pipe = pipe.to(dtype=dtype)
+        return pipe.to(device)
+
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise ModelNotFoundError(
+                f"{path} is not a diffusers pipeline folder (no model_index.json). Point "
+                "model.source at a folder written by StableDiffusionPipeline.save_pretrained."
+            )
+        pipe = _from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    elif source.startswith(("/", ".", "~")) or source.count("/") != 1:
+        raise ModelNotFoundError(
+            f"model folder {source!r} does not exist. Set model.source to an existing diffusers "
+            "folder, a hub id like 'runwayml/stable-diffusion-v1-5', or 'random:tiny'."
+        )
+    else:
+        try:
+            pipe = _from_pretrained(source, dtype=dtype, local_files_only=not allow_download)
+        except OSError as err:
+            how = (
+                "the download failed; check the network and the id"
+                if allow_download
+                else "it is not in the local Hugging Face cache and downloads are off. Download it "
+                f"once (`hf download {source}`), point model.source at a local folder, or set "
+                "model.allow_download=true (HERO_MODEL__ALLOW_DOWNLOAD=true)"
+            )
+            raise ModelNotFoundError(f"cannot load model {source!r}: {how}.") from err
+    return pipe.to(device)
+
+
+def _from_pretrained(
+    name_or_path: str, *, dtype: torch.dtype, local_files_only: bool
+) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline.from_pretrained(
+        name_or_path,
+        torch_dtype=dtype,
+        safety_checker=None,
+        requires_safety_checker=False,
+        local_files_only=local_files_only,
+    )
+    if not isinstance(pipe.scheduler, DDIMScheduler):
+        log.info("replacing %s with DDIMScheduler (same config)", type(pipe.scheduler).__name__)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_random_pipeline(arch: str, *, seed: int = 0) -> StableDiffusionPipeline:
+    """An SD pipeline of the named architecture with seeded random weights, from real diffusers classes.
+
+    The tokenizer is byte-level with no merges (one token per character): random weights need no
+    learned vocabulary, and nothing has to be downloaded.
+    """
+    folder = architecture_dir(arch)
+    configs = {name: json.loads((folder / f"{name}.json").read_text()) for name in _COMPONENTS}
+    tokenizer = byte_level_tokenizer(configs["text_encoder"]["max_position_embeddings"])
+    text_config = CLIPTextConfig(**configs["text_encoder"])
+    if text_config.vocab_size < len(tokenizer):
+        raise ValueError(f"{arch}: text encoder vocab_size is smaller than the tokenizer's {len(tokenizer)}")
+
+    torch.manual_seed(seed)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_config(configs["vae"]),
+        text_encoder=CLIPTextModel(text_config),
+        tokenizer=tokenizer,
+        unet=UNet2DConditionModel.from_config(configs["unet"]),
+        scheduler=DDIMScheduler.from_config(configs["scheduler"]),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+_COMPONENTS = ("unet", "vae", "text_encoder", "scheduler")
+
+
+def byte_level_tokenizer(max_length: int) -> CLIPTokenizer:
+    """A CLIPTokenizer over the 256 byte-level symbols (plus their end-of-word forms) and BOS/EOS."""
+    symbols = sorted(ByteLevel.alphabet())
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+    vocab[BOS_TOKEN] = len(vocab)
+    vocab[EOS_TOKEN] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)

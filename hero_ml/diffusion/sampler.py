@@ -1,0 +1,226 @@
+"""The trajectory sampler: DDIM with eta > 0 and classifier-free guidance, recording every step.
+
+Each image has its own torch.Generator, drawn from for its initial noise (when none is given) and for
+every step's noise, exactly as diffusers' StableDiffusionPipeline does with a list of generators. So an
+image depends on its seed only, never on the sub-batch it was denoised in.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils.torch_utils import randn_tensor
+from safetensors.torch import load_file, save_file
+
+from hero_ml.diffusion.ddim import check_scheduler, ddim_step_mean_std, gaussian_log_prob
+
+TRAJECTORY_FORMAT = "hero-trajectory/1"
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """A batch of B sampled images with their whole DDIM trajectories of T steps, on the CPU."""
+
+    prompts: list[str]
+    latents: torch.Tensor  # (B, T+1, C, h, w) storage dtype: x_T, x_{T-1}, ..., x_0
+    log_probs: torch.Tensor  # (B, T) float32: log p(x_{t-1} | x_t) of each step under the sampling policy
+    timesteps: torch.Tensor  # (T,) int64: the t of each step, in sampling order
+    prompt_embeds: torch.Tensor  # (B, L, D) text-encoder states of the prompts
+    negative_prompt_embeds: torch.Tensor  # (B, L, D) of the negative prompt (CFG's unconditional branch)
+    images: torch.Tensor  # (B, H, W, 3) uint8: the decoded x_0
+    eta: float
+    guidance_scale: float
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.timesteps.numel())
+
+    @property
+    def initial_noise(self) -> torch.Tensor:
+        """x_T, where feedback-guided generation starts the next round's samples from."""
+        return self.latents[:, 0]
+
+    @property
+    def final_step_input(self) -> torch.Tensor:
+        """x_1, the latent that enters the last denoising step: the feedback encoder's input."""
+        return self.latents[:, -2]
+
+    def save(self, path: Path) -> None:
+        """One safetensors file: every tensor, plus prompts and sampling settings as metadata."""
+        tensors = {
+            "latents": self.latents,
+            "log_probs": self.log_probs,
+            "timesteps": self.timesteps,
+            "prompt_embeds": self.prompt_embeds,
+            "negative_prompt_embeds": self.negative_prompt_embeds,
+            "images": self.images,
+        }
+        metadata = {
+            "format": TRAJECTORY_FORMAT,
+            "prompts": json.dumps(self.prompts),
+            "eta": repr(self.eta),
+            "guidance_scale": repr(self.guidance_scale),
+        }
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+    @classmethod
+    def load(cls, path: Path) -> Trajectory:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        if metadata.get("format") != TRAJECTORY_FORMAT:
+            raise ValueError(f"{path} is not a {TRAJECTORY_FORMAT} file (format={metadata.get('format')!r})")
+        tensors = load_file(str(path))
+        return cls(
+            prompts=json.loads(metadata["prompts"]),
+            eta=float(metadata["eta"]),
+            guidance_scale=float(metadata["guidance_scale"]),
+            **tensors,
+        )
+
+
+def per_image_generators(seed: int | Sequence[int], count: int) -> list[torch.Generator]:
+    """Independent CPU generators, one per image, derived from (seed, index) by numpy's SeedSequence.
+
+    seed may be a tuple such as (run_seed, round): each round then has its own streams.
+    """
+    states = np.random.SeedSequence(seed).spawn(count)
+    return [torch.Generator("cpu").manual_seed(int(s.generate_state(1, np.uint64)[0])) for s in states]
+
+
+def guided_noise_pred(
+    unet: UNet2DConditionModel,
+    sample: torch.Tensor,
+    timesteps: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    negative_prompt_embeds: torch.Tensor,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """The UNet's classifier-free-guided prediction at x_t; timesteps: one per sample (may differ)."""
+    sample = sample.to(unet.dtype)
+    if guidance_scale == 1.0:  # the unconditional branch cancels out
+        return unet(sample, timesteps, encoder_hidden_states=prompt_embeds).sample
+    both = unet(
+        torch.cat([sample, sample]),
+        torch.cat([timesteps, timesteps]),
+        encoder_hidden_states=torch.cat([negative_prompt_embeds, prompt_embeds]),
+    ).sample
+    uncond, cond = both.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
+@torch.no_grad()
+def sample_trajectories(
+    pipe: StableDiffusionPipeline,
+    prompts: Sequence[str],
+    generators: Sequence[torch.Generator],
+    *,
+    num_steps: int,
+    guidance_scale: float,
+    eta: float,
+    initial_noise: torch.Tensor | None = None,
+    negative_prompt: str = "",
+    sub_batch_size: int = 8,
+    storage_dtype: torch.dtype = torch.float32,
+    on_step: Callable[[], None] | None = None,
+) -> Trajectory:
+    """Sample len(prompts) images, recording x_T, every latent, every step's log-prob and the images.
+
+    initial_noise: x_T of shape (B, C, h, w); drawn from each image's generator when None.
+    Latents are rounded to storage_dtype as they are sampled and the chain continues from the rounded
+    value, so the stored trajectory is exactly the one walked and its log-probs can be recomputed.
+    on_step: called after every denoising step of every sub-batch (for progress bars).
+    """
+    if eta <= 0:
+        raise ValueError(
+            f"eta must be > 0 to learn from samples (got {eta}): the DDIM step with eta = 0 is "
+            "deterministic and has no log-probability. HERO samples with eta = 1.0."
+        )
+    batch = len(prompts)
+    if len(generators) != batch:
+        raise ValueError(f"need one generator per image: {batch} prompts, {len(generators)} generators")
+    if sub_batch_size < 1:
+        raise ValueError(f"sub_batch_size must be >= 1, got {sub_batch_size}")
+
+    device = pipe.unet.device
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(num_steps, device=device)
+    check_scheduler(scheduler)
+    timesteps = scheduler.timesteps
+
+    latent_shape = (
+        pipe.unet.config.in_channels,
+        pipe.unet.config.sample_size,
+        pipe.unet.config.sample_size,
+    )
+    if initial_noise is None:
+        initial_noise = torch.cat(
+            [randn_tensor((1, *latent_shape), generator=g, dtype=torch.float32) for g in generators]
+        )
+    elif tuple(initial_noise.shape) != (batch, *latent_shape):
+        raise ValueError(
+            f"initial_noise has shape {tuple(initial_noise.shape)}, expected {(batch, *latent_shape)}"
+        )
+
+    prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
+        list(prompts),
+        device,
+        num_images_per_prompt=1,
+        do_classifier_free_guidance=True,
+        negative_prompt=[negative_prompt] * batch,
+    )
+
+    latents, log_probs, images = [], [], []
+    for start in range(0, batch, sub_batch_size):
+        part = slice(start, start + sub_batch_size)
+        part_generators = list(generators[part])
+        x = initial_noise[part].to(device=device, dtype=storage_dtype)
+        part_latents, part_log_probs = [x.cpu()], []
+
+        for t in timesteps:
+            t_batch = t.expand(x.shape[0])
+            noise_pred = guided_noise_pred(
+                pipe.unet, x, t_batch, prompt_embeds[part], negative_prompt_embeds[part], guidance_scale
+            )
+            mean, std = ddim_step_mean_std(scheduler, noise_pred, t_batch, x, eta)
+            noise = randn_tensor(mean.shape, generator=part_generators, device=device, dtype=mean.dtype)
+            x = (mean + std * noise).to(storage_dtype)
+            part_log_probs.append(gaussian_log_prob(x, mean, std).cpu())
+            part_latents.append(x.cpu())
+            if on_step is not None:
+                on_step()
+
+        latents.append(torch.stack(part_latents, dim=1))
+        log_probs.append(torch.stack(part_log_probs, dim=1))
+        images.append(decode_latents(pipe, x))
+
+    return Trajectory(
+        prompts=list(prompts),
+        latents=torch.cat(latents),
+        log_probs=torch.cat(log_probs),
+        timesteps=timesteps.cpu(),
+        prompt_embeds=prompt_embeds.cpu(),
+        negative_prompt_embeds=negative_prompt_embeds.cpu(),
+        images=torch.cat(images),
+        eta=eta,
+        guidance_scale=guidance_scale,
+    )
+
+
+@torch.no_grad()
+def decode_latents(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> torch.Tensor:
+    """VAE-decode x_0 latents to uint8 images of shape (B, H, W, 3)."""
+    vae = pipe.vae
+    decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    images = (decoded.float() / 2 + 0.5).clamp(0, 1)
+    return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()

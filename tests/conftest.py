@@ -1,0 +1,28 @@
+"""Shared fixtures. Nothing here downloads: the hub is switched off for the whole test session."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from diffusers import StableDiffusionPipeline  # noqa: E402
+
+from hero_ml.diffusion.pipeline import build_random_pipeline  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def tiny_pipe() -> StableDiffusionPipeline:
+    """A fresh tiny SD with seeded random weights, built from the real diffusers classes (0.1 s)."""
+    return build_random_pipeline("tiny", seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _clean_hero_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests see only the HERO_* variables they set themselves."""
+    for name in list(os.environ):
+        if name.startswith("HERO_"):
+            monkeypatch.delenv(name)

@@ -1,0 +1,173 @@
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from hero_ml.diffusion.ddim import step_log_prob
+from hero_ml.diffusion.sampler import (
+    Trajectory,
+    guided_noise_pred,
+    per_image_generators,
+    sample_trajectories,
+)
+
+PROMPTS = ["three red circles", "a blue square", "two green triangles", "a yellow circle"]
+STEPS = 6
+CFG = 5.0
+
+
+def sample(pipe: StableDiffusionPipeline, **kwargs: object) -> Trajectory:
+    options: dict = {"num_steps": STEPS, "guidance_scale": CFG, "eta": 1.0, "sub_batch_size": 4}
+    options.update(kwargs)
+    return sample_trajectories(pipe, PROMPTS, per_image_generators(7, len(PROMPTS)), **options)
+
+
+def test_matches_plain_diffusers_pipeline_with_same_noises(tiny_pipe: StableDiffusionPipeline) -> None:
+    x_T = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    trajectory = sample(tiny_pipe, initial_noise=x_T, sub_batch_size=3)
+
+    reference = dict(num_inference_steps=STEPS, guidance_scale=CFG, eta=1.0, latents=x_T)
+    latents = tiny_pipe(PROMPTS, generator=per_image_generators(7, 4), output_type="latent", **reference)
+    images = tiny_pipe(PROMPTS, generator=per_image_generators(7, 4), output_type="np", **reference)
+
+    torch.testing.assert_close(trajectory.latents[:, -1], latents.images, rtol=1e-4, atol=1e-4)
+    expected_images = torch.from_numpy(images.images * 255).round()
+    assert (trajectory.images.float() - expected_images).abs().max() <= 1  # uint8 rounding
+    torch.testing.assert_close(trajectory.initial_noise, x_T)
+
+
+def test_drawn_initial_noise_matches_the_pipeline_drawing_it(tiny_pipe: StableDiffusionPipeline) -> None:
+    trajectory = sample(tiny_pipe)
+    plain = tiny_pipe(
+        PROMPTS,
+        num_inference_steps=STEPS,
+        guidance_scale=CFG,
+        eta=1.0,
+        generator=per_image_generators(7, 4),
+        output_type="latent",
+    )
+    torch.testing.assert_close(trajectory.latents[:, -1], plain.images, rtol=1e-4, atol=1e-4)
+
+
+def test_trajectory_shapes_and_contents(tiny_pipe: StableDiffusionPipeline) -> None:
+    trajectory = sample(tiny_pipe)
+    assert len(trajectory) == 4 and trajectory.num_steps == STEPS
+    assert trajectory.latents.shape == (4, STEPS + 1, 4, 16, 16)
+    assert trajectory.log_probs.shape == (4, STEPS) and trajectory.log_probs.isfinite().all()
+    assert trajectory.images.shape == (4, 32, 32, 3) and trajectory.images.dtype == torch.uint8
+    assert trajectory.prompt_embeds.shape == trajectory.negative_prompt_embeds.shape == (4, 77, 32)
+    assert trajectory.timesteps.tolist() == tiny_pipe.scheduler.timesteps.tolist()
+    assert torch.equal(trajectory.final_step_input, trajectory.latents[:, STEPS - 1])
+    assert trajectory.latents.device.type == "cpu"
+
+
+def test_recorded_log_probs_equal_recomputed_on_a_mixed_timestep_batch(
+    tiny_pipe: StableDiffusionPipeline,
+) -> None:
+    trajectory = sample(tiny_pipe)
+    scheduler = tiny_pipe.scheduler
+    # Every sample at a different step, as in a DDPO training batch.
+    steps = torch.tensor([0, 2, 4, STEPS - 1])
+    rows = torch.arange(4)
+    with torch.no_grad():
+        prediction = guided_noise_pred(
+            tiny_pipe.unet,
+            trajectory.latents[rows, steps],
+            trajectory.timesteps[steps],
+            trajectory.prompt_embeds,
+            trajectory.negative_prompt_embeds,
+            CFG,
+        )
+    recomputed = step_log_prob(
+        scheduler,
+        prediction,
+        trajectory.timesteps[steps],
+        trajectory.latents[rows, steps],
+        trajectory.latents[rows, steps + 1],
+        eta=1.0,
+    )
+    torch.testing.assert_close(recomputed, trajectory.log_probs[rows, steps], rtol=1e-5, atol=1e-5)
+
+
+def test_low_precision_storage_keeps_log_probs_exact(tiny_pipe: StableDiffusionPipeline) -> None:
+    trajectory = sample(tiny_pipe, storage_dtype=torch.bfloat16)
+    assert trajectory.latents.dtype == torch.bfloat16
+    step = 2
+    with torch.no_grad():
+        prediction = guided_noise_pred(
+            tiny_pipe.unet,
+            trajectory.latents[:, step],
+            trajectory.timesteps[step].expand(4),
+            trajectory.prompt_embeds,
+            trajectory.negative_prompt_embeds,
+            CFG,
+        )
+    recomputed = step_log_prob(
+        tiny_pipe.scheduler,
+        prediction,
+        trajectory.timesteps[step].expand(4),
+        trajectory.latents[:, step],
+        trajectory.latents[:, step + 1],
+        eta=1.0,
+    )
+    torch.testing.assert_close(recomputed, trajectory.log_probs[:, step], rtol=1e-5, atol=1e-5)
+
+
+def test_results_do_not_depend_on_the_sub_batch_size(tiny_pipe: StableDiffusionPipeline) -> None:
+    whole = sample(tiny_pipe, sub_batch_size=4)
+    split = sample(tiny_pipe, sub_batch_size=1)
+    torch.testing.assert_close(whole.latents, split.latents, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(whole.log_probs, split.log_probs, rtol=1e-4, atol=1e-4)
+
+
+def test_same_seed_same_trajectory_other_seed_other(tiny_pipe: StableDiffusionPipeline) -> None:
+    first, second = sample(tiny_pipe), sample(tiny_pipe)
+    assert torch.equal(first.latents, second.latents)
+    other = sample_trajectories(
+        tiny_pipe, PROMPTS, per_image_generators(8, 4), num_steps=STEPS, guidance_scale=CFG, eta=1.0
+    )
+    assert not torch.allclose(first.latents[:, 0], other.latents[:, 0])
+
+
+def test_eta_zero_is_refused_with_the_reason(tiny_pipe: StableDiffusionPipeline) -> None:
+    with pytest.raises(ValueError, match="eta = 0 is deterministic"):
+        sample(tiny_pipe, eta=0.0)
+
+
+def test_wrong_initial_noise_shape_is_refused(tiny_pipe: StableDiffusionPipeline) -> None:
+    with pytest.raises(ValueError, match=r"expected \(4, 4, 16, 16\)"):
+        sample(tiny_pipe, initial_noise=torch.zeros(4, 4, 8, 8))
+
+
+def test_one_generator_per_image_is_required(tiny_pipe: StableDiffusionPipeline) -> None:
+    with pytest.raises(ValueError, match="one generator per image"):
+        sample_trajectories(tiny_pipe, PROMPTS, per_image_generators(0, 3), num_steps=2, guidance_scale=1, eta=1)
+
+
+def test_save_and_load_round_trip(tiny_pipe: StableDiffusionPipeline, tmp_path: Path) -> None:
+    trajectory = sample(tiny_pipe, num_steps=2)
+    trajectory.save(tmp_path / "t.safetensors")
+    loaded = Trajectory.load(tmp_path / "t.safetensors")
+    assert loaded.prompts == trajectory.prompts
+    assert (loaded.eta, loaded.guidance_scale) == (trajectory.eta, trajectory.guidance_scale)
+    for name in ("latents", "log_probs", "timesteps", "prompt_embeds", "negative_prompt_embeds", "images"):
+        assert torch.equal(getattr(loaded, name), getattr(trajectory, name)), name
+
+
+def test_loading_a_foreign_safetensors_file_fails_clearly(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a hero-trajectory/1 file"):
+        Trajectory.load(tmp_path / "other.safetensors")
+
+
+def test_per_image_generators_are_independent_and_reproducible() -> None:
+    a = [torch.randn(3, generator=g) for g in per_image_generators(1, 3)]
+    b = [torch.randn(3, generator=g) for g in per_image_generators(1, 3)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not torch.equal(a[0], a[1])
+    # (seed, index) streams do not collide across neighbouring seeds, unlike seed + index would.
+    c = [torch.randn(3, generator=g) for g in per_image_generators(2, 3)]
+    assert not any(torch.equal(x, y) for x in a for y in c)
