@@ -285,16 +285,16 @@ class HeroConfig(BaseSettings):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
         description="Names the run in storage keys, MLflow and Label Studio (letters, digits, _ . -).",
     )
-    model: ModelConfig = Field(default_factory=ModelConfig)  # type: ignore[arg-type]
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig)  # type: ignore[arg-type]
-    encoder: EncoderConfig = Field(default_factory=EncoderConfig)  # type: ignore[arg-type]
-    ddpo: DDPOConfig = Field(default_factory=DDPOConfig)  # type: ignore[arg-type]
-    guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)  # type: ignore[arg-type]
-    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)  # type: ignore[arg-type]
-    storage: StorageConfig = Field(default_factory=StorageConfig)  # type: ignore[arg-type]
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)  # type: ignore[arg-type]
-    label_studio: LabelStudioConfig = Field(default_factory=LabelStudioConfig)  # type: ignore[arg-type]
-    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)  # type: ignore[arg-type]
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    ddpo: DDPOConfig = Field(default_factory=DDPOConfig)
+    guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    label_studio: LabelStudioConfig = Field(default_factory=LabelStudioConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
     @field_validator("model", mode="after")
     @classmethod
@@ -381,8 +381,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(
-            f"{path} must hold a mapping of sections (model:, sampling:, ...), "
-            f"not a {type(data).__name__}"
+            f"{path} must hold a mapping of sections (model:, sampling:, ...), not a {type(data).__name__}"
         )
     return data
 

@@ -11,7 +11,9 @@ from PIL import Image, ImageDraw
 def image_grid(images: torch.Tensor, *, columns: int | None = None, pad: int = 2) -> Image.Image:
     """Tile uint8 images (B, H, W, 3) row-major on a white canvas; each tile numbered by its index."""
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"expected uint8 images of shape (B, H, W, 3), got {images.dtype} {tuple(images.shape)}")
+        raise ValueError(
+            f"expected uint8 images of shape (B, H, W, 3), got {images.dtype} {tuple(images.shape)}"
+        )
     count, height, width, _ = images.shape
     columns = columns or math.ceil(math.sqrt(count))
     rows = math.ceil(count / columns)

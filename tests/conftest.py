@@ -5,11 +5,11 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from diffusers import StableDiffusionPipeline  # noqa: E402
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
 
-from hero_ml.diffusion.pipeline import build_random_pipeline  # noqa: E402
+from hero_ml.diffusion.pipeline import build_random_pipeline
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -62,7 +62,9 @@ def load_lora(pipe: StableDiffusionPipeline, folder: Path) -> None:
     """
     weights = folder / LORA_WEIGHTS_FILE
     if not weights.is_file():
-        raise FileNotFoundError(f"no LoRA weights at {weights}: save them with hero_ml.diffusion.lora.save_lora")
+        raise FileNotFoundError(
+            f"no LoRA weights at {weights}: save them with hero_ml.diffusion.lora.save_lora"
+        )
     pipe.load_lora_weights(folder, weight_name=LORA_WEIGHTS_FILE, adapter_name=ADAPTER_NAME)
     if ADAPTER_NAME not in pipe.get_list_adapters().get("unet", []):
         raise ValueError(f"{weights} holds no UNet LoRA weights that diffusers recognises")

@@ -79,8 +79,12 @@ def test_mixed_timesteps_in_one_batch_equal_one_at_a_time() -> None:
     sample, output, prev = (torch.randn(3, 4, 6, 6, generator=gen) for _ in range(3))
     together = step_log_prob(scheduler, output, timesteps, sample, prev, eta=1.0)
     alone = torch.cat(
-        [step_log_prob(scheduler, output[i : i + 1], timesteps[i : i + 1], sample[i : i + 1], prev[i : i + 1], 1.0)
-         for i in range(3)]
+        [
+            step_log_prob(
+                scheduler, output[i : i + 1], timesteps[i : i + 1], sample[i : i + 1], prev[i : i + 1], 1.0
+            )
+            for i in range(3)
+        ]
     )
     torch.testing.assert_close(together, alone)
     assert together.shape == (3,)

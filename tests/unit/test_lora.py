@@ -39,7 +39,9 @@ def test_lora_sits_on_every_attention_projection_only(tiny_pipe: StableDiffusion
         if any(name.endswith("." + target) for target in TARGET_MODULES)
     }
     params = add_lora(tiny_pipe.unet, rank=4, alpha=4)
-    adapted = {name.rsplit(".lora_", 1)[0] for name, p in tiny_pipe.unet.named_parameters() if p.requires_grad}
+    adapted = {
+        name.rsplit(".lora_", 1)[0] for name, p in tiny_pipe.unet.named_parameters() if p.requires_grad
+    }
     assert adapted == projections and len(projections) > 0
     assert len(params) == 2 * len(projections)  # lora_A and lora_B each
     assert all(p.dtype == torch.float32 for p in params)
@@ -87,8 +89,10 @@ def test_disabled_adapters_give_the_base_model_exactly(tiny_pipe: StableDiffusio
     assert torch.equal(unet_output(tiny_pipe), adapted)  # re-enabled on exit
 
 
-def test_a_file_diffusers_would_silently_ignore_is_an_error(tiny_pipe: StableDiffusionPipeline, tmp_path: Path) -> None:
-    # unet.save_lora_adapter writes keys without the 'unet.' prefix; pipe.load_lora_weights then loads nothing.
+def test_a_file_diffusers_would_silently_ignore_is_an_error(
+    tiny_pipe: StableDiffusionPipeline, tmp_path: Path
+) -> None:
+    # unet.save_lora_adapter writes keys without the 'unet.' prefix: pipe.load_lora_weights loads nothing.
     trained = build_random_pipeline("tiny", seed=0)
     add_lora(trained.unet, rank=4, alpha=4)
     trained.unet.save_lora_adapter(tmp_path, adapter_name=ADAPTER_NAME, weight_name=LORA_WEIGHTS_FILE)

@@ -142,7 +142,9 @@ def test_wrong_initial_noise_shape_is_refused(tiny_pipe: StableDiffusionPipeline
 
 def test_one_generator_per_image_is_required(tiny_pipe: StableDiffusionPipeline) -> None:
     with pytest.raises(ValueError, match="one generator per image"):
-        sample_trajectories(tiny_pipe, PROMPTS, per_image_generators(0, 3), num_steps=2, guidance_scale=1, eta=1)
+        sample_trajectories(
+            tiny_pipe, PROMPTS, per_image_generators(0, 3), num_steps=2, guidance_scale=1, eta=1
+        )
 
 
 def test_save_and_load_round_trip(tiny_pipe: StableDiffusionPipeline, tmp_path: Path) -> None:

@@ -1,0 +1,107 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from hero_ml.cli import app
+from hero_ml.diffusion.sampler import Trajectory
+
+runner = CliRunner()
+
+
+def small_config(tmp_path: Path, **model: object) -> Path:
+    path = tmp_path / "small.yaml"
+    data = {
+        "run_id": "cli-test",
+        "model": {"source": "random:tiny", **model},
+        "sampling": {"images_per_round": 4, "num_steps": 3, "sub_batch_size": 3},
+        "ddpo": {"timesteps_per_trajectory": 2},
+        "feedback": {"budget": 8},
+        "storage": {"local_root": str(tmp_path / "data")},
+    }
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    "args", [[], ["config"], ["model"], ["sample"], ["config", "show"], ["model", "build"]]
+)
+def test_every_command_has_help(args: list[str]) -> None:
+    result = runner.invoke(app, [*args, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_top_level_help_lists_the_commands() -> None:
+    output = runner.invoke(app, ["--help"]).output
+    for command in ("config", "model", "sample"):
+        assert command in output
+
+
+def test_config_show_prints_the_resolved_config_with_secrets_masked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HERO_LABEL_STUDIO__API_KEY", "tok-do-not-print")
+    monkeypatch.setenv("HERO_SAMPLING__ETA", "0.7")
+    result = runner.invoke(app, ["config", "show"])
+    assert result.exit_code == 0, result.output
+    assert "tok-do-not-print" not in result.output
+    shown = yaml.safe_load(result.output.split("# derived:")[0])
+    assert shown["sampling"]["eta"] == 0.7
+    assert shown["label_studio"]["api_key"] == "**********"
+
+
+def test_config_validate_accepts_a_good_file_and_rejects_a_bad_one(tmp_path: Path) -> None:
+    good = runner.invoke(app, ["config", "validate", str(small_config(tmp_path))])
+    assert good.exit_code == 0, good.output
+    assert "rounds=2" in good.output
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sampling:\n  guidance_scale: 0.5\n")
+    result = runner.invoke(app, ["config", "validate", str(bad)])
+    assert result.exit_code == 1
+    assert "sampling.guidance_scale" in result.output and "greater than or equal to 1" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_sample_commits_a_round_with_grid_trajectory_and_manifest(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["sample", "--config", str(small_config(tmp_path))])
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "data" / "runs" / "cli-test" / "rounds" / "0"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["images"] == 4 and "random weights" in manifest["note"]
+    assert set(manifest["files"]) == {"trajectory.safetensors", "grid.png"} | {
+        f"images/{i:04d}.png" for i in range(4)
+    }
+    for name, described in manifest["files"].items():
+        assert (folder / name).stat().st_size == described["bytes"]
+
+    trajectory = Trajectory.load(folder / "trajectory.safetensors")
+    assert trajectory.latents.shape == (4, 4, 4, 16, 16) and trajectory.log_probs.shape == (4, 3)
+    first = torch.from_numpy(np.array(Image.open(folder / "images/0000.png")))
+    assert torch.equal(first, trajectory.images[0])
+    assert Image.open(folder / "grid.png").size[0] > 2 * 32
+
+    again = runner.invoke(app, ["sample", "--config", str(small_config(tmp_path))])
+    assert again.exit_code == 1 and "already committed" in again.output
+
+
+def test_sample_from_a_built_model_folder(tmp_path: Path) -> None:
+    built = runner.invoke(app, ["model", "build", "tiny", str(tmp_path / "model"), "--seed", "3"])
+    assert built.exit_code == 0, built.output
+    assert (tmp_path / "model" / "model_index.json").is_file()
+    result = runner.invoke(
+        app, ["sample", "--config", str(small_config(tmp_path, source=str(tmp_path / "model")))]
+    )
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "data/runs/cli-test/rounds/0/manifest.json").read_text())
+    assert manifest["note"] == "sampled from the configured model"
+
+
+def test_a_missing_model_is_a_readable_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["sample", "--config", str(small_config(tmp_path, source="someone/missing"))])
+    assert result.exit_code == 1
+    assert "cannot load model 'someone/missing'" in result.output and "Traceback" not in result.output

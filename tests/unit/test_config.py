@@ -1,0 +1,128 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hero_ml.config import ConfigError, HeroConfig, load_config
+
+
+def write(tmp_path: Path, data: object) -> Path:
+    path = tmp_path / "hero.yaml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def test_defaults_follow_the_hero_reference() -> None:
+    config = load_config()
+    s, d, e, g = config.sampling, config.ddpo, config.encoder, config.guidance
+    assert (s.images_per_round, s.num_steps, s.eta, s.guidance_scale) == (64, 50, 1.0, 5.0)
+    assert (config.model.lora_rank, d.lr, d.weight_decay, d.max_grad_norm) == (4, 1e-3, 1e-4, 1.0)
+    assert (d.clip_range, d.adv_clip_max, d.timesteps_per_trajectory) == (1e-4, 5.0, 5)
+    assert (d.train_batch_size, d.gradient_accumulation_steps) == (2, 4)
+    assert (e.lr, e.epochs_per_round, e.margin) == (1e-5, 500, 0.5)
+    assert (g.best_ratio, g.noise_eps) == (0.5, 0.1)
+
+
+def test_derived_quantities_match_the_reference_round() -> None:
+    # 64 images, batch 2, accumulation 4 -> 8 optimiser steps a round; 512 feedbacks -> 8 rounds.
+    assert load_config().derived() == {
+        "rounds": 8,
+        "feedbacks_per_round": 64,
+        "feedbacks_spent": 512,
+        "ddpo_optimizer_steps_per_round": 8,
+    }
+
+
+def test_every_field_has_a_description() -> None:
+    def walk(model: type, prefix: str) -> list[str]:
+        missing = []
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+                missing += walk(annotation, f"{prefix}{name}.")
+            elif not field.description:
+                missing.append(prefix + name)
+        return missing
+
+    assert walk(HeroConfig, "") == []
+
+
+def test_yaml_values_load_and_the_environment_overrides_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path, {"run_id": "blue-rose", "sampling": {"eta": 0.5, "num_steps": 20}})
+    monkeypatch.setenv("HERO_SAMPLING__NUM_STEPS", "30")
+    config = load_config(path)
+    assert (config.run_id, config.sampling.eta, config.sampling.num_steps) == ("blue-rose", 0.5, 30)
+
+
+def test_a_bad_yaml_value_fails_with_its_field_path(tmp_path: Path) -> None:
+    path = write(tmp_path, {"sampling": {"eta": 0}})
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert str(path) in message
+    assert "sampling.eta: Input should be greater than 0 (got 0)" in message
+
+
+def test_every_problem_is_listed(tmp_path: Path) -> None:
+    path = write(tmp_path, {"sampling": {"num_steps": "many", "etaa": 1}, "ddpo": {"lr": -1}})
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert "sampling.num_steps: Input should be a valid integer" in message
+    assert "sampling.etaa: Extra inputs are not permitted" in message
+    assert "ddpo.lr: Input should be greater than 0" in message
+
+
+def test_a_bad_environment_value_fails_with_its_field_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HERO_MODEL__DTYPE", "float8")
+    with pytest.raises(
+        ConfigError, match=r"model\.dtype: Input should be 'float32', 'float16' or 'bfloat16'"
+    ):
+        load_config()
+
+
+def test_cross_section_constraints_are_checked(tmp_path: Path) -> None:
+    path = write(tmp_path, {"sampling": {"num_steps": 3}})
+    with pytest.raises(ConfigError, match=r"timesteps_per_trajectory \(5\) exceeds sampling.num_steps \(3\)"):
+        load_config(path)
+
+
+def test_unknown_random_architecture_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"model: .*unknown architecture 'huge'"):
+        load_config(write(tmp_path, {"model": {"source": "random:huge"}}))
+
+
+def test_section_requirements_say_which_variable_to_set(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"storage: .*needs s3_bucket \(HERO_STORAGE__S3_BUCKET\)"):
+        load_config(write(tmp_path, {"storage": {"backend": "s3"}}))
+
+
+def test_invalid_yaml_and_non_mapping_files_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(write(tmp_path, "sampling: [unclosed"))
+    with pytest.raises(ConfigError, match="must hold a mapping of sections"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_secrets_are_masked_in_dumps_and_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HERO_LABEL_STUDIO__API_KEY", "tok-very-secret")
+    config = load_config(write(tmp_path, {"label_studio": {"enabled": True}}))
+    assert config.label_studio.api_key is not None
+    assert config.label_studio.api_key.get_secret_value() == "tok-very-secret"
+    assert "tok-very-secret" not in str(config.to_public_dict())
+    assert "tok-very-secret" not in repr(config)
+
+    bad = write(tmp_path, {"storage": {"s3_secret_access_key": ["not", "a", "string", "s3cr3t"]}})
+    with pytest.raises(ConfigError) as caught:
+        load_config(bad)
+    message = str(caught.value)
+    assert "storage.s3_secret_access_key" in message and "s3cr3t" not in message
+
+
+def test_enabled_label_studio_needs_a_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="needs api_key"):
+        load_config(write(tmp_path, {"label_studio": {"enabled": True}}))

@@ -1,0 +1,94 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import init_empty_weights
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from hero_ml.diffusion.architectures import architecture_dir
+from hero_ml.diffusion.pipeline import ModelNotFoundError, build_random_pipeline, load_pipeline
+
+
+def test_sd15_configs_have_the_published_parameter_counts() -> None:
+    folder = architecture_dir("sd15")
+    with init_empty_weights():  # meta tensors: counts without allocating 4 GB
+        unet = UNet2DConditionModel.from_config(json.loads((folder / "unet.json").read_text()))
+        vae = AutoencoderKL.from_config(json.loads((folder / "vae.json").read_text()))
+        text = CLIPTextModel(CLIPTextConfig(**json.loads((folder / "text_encoder.json").read_text())))
+    counts = [sum(p.numel() for p in m.parameters()) for m in (unet, vae, text)]
+    assert counts == [859_520_964, 83_653_863, 123_060_480]
+
+
+def test_random_pipeline_is_seeded_and_uses_ddim(tiny_pipe: StableDiffusionPipeline) -> None:
+    again = build_random_pipeline("tiny", seed=0)
+    other = build_random_pipeline("tiny", seed=1)
+    weight = "conv_in.weight"
+    assert torch.equal(tiny_pipe.unet.state_dict()[weight], again.unet.state_dict()[weight])
+    assert not torch.equal(tiny_pipe.unet.state_dict()[weight], other.unet.state_dict()[weight])
+    assert isinstance(tiny_pipe.scheduler, DDIMScheduler)
+    assert tiny_pipe.safety_checker is None
+
+
+def test_byte_level_tokenizer_fits_the_text_encoder(tiny_pipe: StableDiffusionPipeline) -> None:
+    ids = tiny_pipe.tokenizer("three red circles").input_ids
+    assert ids[0] == tiny_pipe.tokenizer.bos_token_id and ids[-1] == tiny_pipe.tokenizer.eos_token_id
+    assert len(ids) == len("threeredcircles") + 2  # one token per character (spaces split words)
+    assert max(ids) < tiny_pipe.text_encoder.config.vocab_size
+
+
+def test_saved_folder_loads_with_plain_diffusers_and_ours(
+    tiny_pipe: StableDiffusionPipeline, tmp_path: Path
+) -> None:
+    tiny_pipe.save_pretrained(tmp_path)
+    plain = StableDiffusionPipeline.from_pretrained(tmp_path, safety_checker=None)
+    ours = load_pipeline(str(tmp_path))
+    for loaded in (plain, ours):
+        for name, tensor in tiny_pipe.unet.state_dict().items():
+            assert torch.equal(loaded.unet.state_dict()[name], tensor), name
+    assert isinstance(ours.scheduler, DDIMScheduler)
+
+
+def test_a_non_ddim_scheduler_is_replaced_with_ddim_of_the_same_config(
+    tiny_pipe: StableDiffusionPipeline, tmp_path: Path
+) -> None:
+    tiny_pipe.scheduler = PNDMScheduler.from_config(tiny_pipe.scheduler.config)
+    tiny_pipe.save_pretrained(tmp_path)
+    loaded = load_pipeline(str(tmp_path))
+    assert isinstance(loaded.scheduler, DDIMScheduler)
+    assert loaded.scheduler.config.beta_schedule == "scaled_linear"
+
+
+def test_load_random_architecture_in_a_dtype() -> None:
+    pipe = load_pipeline("random:tiny", dtype=torch.bfloat16)
+    assert pipe.unet.dtype == torch.bfloat16
+
+
+def test_a_hub_id_missing_offline_says_how_to_provide_it() -> None:
+    with pytest.raises(ModelNotFoundError) as caught:
+        load_pipeline("nobody-here/no-such-model")
+    message = str(caught.value)
+    assert "not in the local Hugging Face cache" in message
+    assert "HERO_MODEL__ALLOW_DOWNLOAD=true" in message and "hf download" in message
+
+
+def test_a_missing_local_folder_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        load_pipeline(str(tmp_path / "nope"))
+
+
+def test_a_folder_that_is_not_a_pipeline_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match=r"no model_index\.json"):
+        load_pipeline(str(tmp_path))
+
+
+def test_an_unknown_architecture_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown architecture 'sdxl'"):
+        load_pipeline("random:sdxl")
