@@ -185,7 +185,8 @@ def sample_trajectories(
         part = slice(start, start + sub_batch_size)
         part_generators = list(generators[part])
         x = initial_noise[part].to(device=device, dtype=storage_dtype)
-        part_latents, part_log_probs = [x.cpu()], []
+        # Kept on the device while the sub-batch denoises (no per-step sync), then moved to the CPU.
+        part_latents, part_log_probs = [x], []
 
         for t in timesteps:
             t_batch = t.expand(x.shape[0])
@@ -195,13 +196,13 @@ def sample_trajectories(
             mean, std = ddim_step_mean_std(scheduler, noise_pred, t_batch, x, eta)
             noise = randn_tensor(mean.shape, generator=part_generators, device=device, dtype=mean.dtype)
             x = (mean + std * noise).to(storage_dtype)
-            part_log_probs.append(gaussian_log_prob(x, mean, std).cpu())
-            part_latents.append(x.cpu())
+            part_log_probs.append(gaussian_log_prob(x, mean, std))
+            part_latents.append(x)
             if on_step is not None:
                 on_step()
 
-        latents.append(torch.stack(part_latents, dim=1))
-        log_probs.append(torch.stack(part_log_probs, dim=1))
+        latents.append(torch.stack(part_latents, dim=1).cpu())
+        log_probs.append(torch.stack(part_log_probs, dim=1).cpu())
         images.append(decode_latents(pipe, x))
 
     return Trajectory(
