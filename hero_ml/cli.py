@@ -103,7 +103,7 @@ def sample(config: ConfigOption = None) -> None:
     On the embedded defaults the model is a tiny SD with random weights: the images are noise, and
     the manifest says so. This shows the sampler and the storage layout end to end.
     """
-    from hero_ml.diffusion.pipeline import ModelNotFoundError
+    from hero_ml.diffusion.pipeline import DeviceUnavailableError, ModelNotFoundError
     from hero_ml.sample_round import RoundExistsError, sample_round
 
     resolved = _load(config)
@@ -126,7 +126,7 @@ def sample(config: ConfigOption = None) -> None:
             result = sample_round(
                 resolved, on_model_loaded=model_loaded, on_step=lambda: progress.advance(task)
             )
-        except (ModelNotFoundError, RoundExistsError, NotImplementedError) as err:
+        except (ModelNotFoundError, DeviceUnavailableError, RoundExistsError, NotImplementedError) as err:
             raise _fail(str(err)) from None
 
     manifest = result.manifest

@@ -24,6 +24,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from hero_ml.diffusion.architectures import ARCHITECTURES
+
 ENV_PREFIX = "HERO_"
 ENV_NESTED_DELIMITER = "__"
 
@@ -60,7 +62,11 @@ class ModelConfig(_Section):
             "LoRA parameters are always trained in float32."
         ),
     )
-    device: str = Field("cpu", description="Torch device of the pipeline: 'cpu', 'cuda', 'cuda:1'...")
+    device: str = Field(
+        "cpu",
+        pattern=r"^(cpu|mps|cuda(:\d+)?)$",
+        description="Torch device of the pipeline: 'cpu', 'cuda', 'cuda:1', 'mps'.",
+    )
     lora_rank: int = Field(4, ge=1, description="LoRA rank on the UNet attention projections.")
     lora_alpha: float = Field(
         4.0,
@@ -300,8 +306,6 @@ class HeroConfig(BaseSettings):
     @classmethod
     def _known_random_arch(cls, model: ModelConfig) -> ModelConfig:
         if model.source.startswith("random:"):
-            from hero_ml.diffusion.architectures import ARCHITECTURES
-
             arch = model.source.removeprefix("random:")
             if arch not in ARCHITECTURES:
                 raise ValueError(f"source: unknown architecture {arch!r}; choose one of {ARCHITECTURES}")

@@ -18,9 +18,9 @@ _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 def check_scheduler(scheduler: DDIMScheduler) -> None:
     """Refuse scheduler settings this math does not implement, instead of silently diverging."""
-    config = scheduler.config
     if not isinstance(scheduler, DDIMScheduler):
         raise TypeError(f"HERO samples with DDIMScheduler, got {type(scheduler).__name__}")
+    config = scheduler.config
     if config.clip_sample or config.thresholding:
         raise ValueError("DDIM log-probs need clip_sample=False and thresholding=False (SD's settings)")
     if config.prediction_type not in ("epsilon", "v_prediction"):

@@ -29,6 +29,10 @@ class ModelNotFoundError(FileNotFoundError):
     """The requested pipeline is neither a local folder nor available offline."""
 
 
+class DeviceUnavailableError(RuntimeError):
+    """The configured torch device does not exist on this machine."""
+
+
 def load_pipeline(
     source: str,
     *,
@@ -42,6 +46,12 @@ def load_pipeline(
     source: a local diffusers folder, a hub id ('org/name', looked up in the local Hugging Face cache
     unless allow_download), or 'random:<arch>' for random weights of a named architecture.
     """
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailableError(
+            f"device {device} was asked for but torch sees no CUDA GPU (torch {torch.__version__}); "
+            "set model.device=cpu (HERO_MODEL__DEVICE=cpu) or install a CUDA build of torch"
+        )
     if source.startswith(RANDOM_PREFIX):
         pipe = build_random_pipeline(source.removeprefix(RANDOM_PREFIX), seed=seed)
         if dtype != torch.float32:  # built in float32; casting a float32 model to itself only warns

@@ -16,11 +16,13 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from hero_ml.diffusion.ddim import check_scheduler, ddim_step_mean_std, gaussian_log_prob
 
 TRAJECTORY_FORMAT = "hero-trajectory/1"
+_TENSORS = ("latents", "log_probs", "timesteps", "prompt_embeds", "negative_prompt_embeds", "images")
 
 
 @dataclass(frozen=True)
@@ -56,14 +58,7 @@ class Trajectory:
 
     def save(self, path: Path) -> None:
         """One safetensors file: every tensor, plus prompts and sampling settings as metadata."""
-        tensors = {
-            "latents": self.latents,
-            "log_probs": self.log_probs,
-            "timesteps": self.timesteps,
-            "prompt_embeds": self.prompt_embeds,
-            "negative_prompt_embeds": self.negative_prompt_embeds,
-            "images": self.images,
-        }
+        tensors = {name: getattr(self, name) for name in _TENSORS}
         metadata = {
             "format": TRAJECTORY_FORMAT,
             "prompts": json.dumps(self.prompts),
@@ -74,12 +69,14 @@ class Trajectory:
 
     @classmethod
     def load(cls, path: Path) -> Trajectory:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
+            names = set(f.keys())
         if metadata.get("format") != TRAJECTORY_FORMAT:
             raise ValueError(f"{path} is not a {TRAJECTORY_FORMAT} file (format={metadata.get('format')!r})")
+        missing = (set(_TENSORS) - names) | ({"prompts", "eta", "guidance_scale"} - set(metadata))
+        if missing:
+            raise ValueError(f"{path} is an incomplete trajectory: missing {sorted(missing)}")
         tensors = load_file(str(path))
         return cls(
             prompts=json.loads(metadata["prompts"]),

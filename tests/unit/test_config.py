@@ -126,3 +126,9 @@ def test_secrets_are_masked_in_dumps_and_errors(tmp_path: Path, monkeypatch: pyt
 def test_enabled_label_studio_needs_a_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="needs api_key"):
         load_config(write(tmp_path, {"label_studio": {"enabled": True}}))
+
+
+def test_a_device_torch_would_not_parse_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HERO_MODEL__DEVICE", "gpu0")
+    with pytest.raises(ConfigError, match=r"model\.device: String should match pattern"):
+        load_config()

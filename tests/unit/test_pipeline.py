@@ -14,7 +14,12 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from hero_ml.diffusion.architectures import architecture_dir
-from hero_ml.diffusion.pipeline import ModelNotFoundError, build_random_pipeline, load_pipeline
+from hero_ml.diffusion.pipeline import (
+    DeviceUnavailableError,
+    ModelNotFoundError,
+    build_random_pipeline,
+    load_pipeline,
+)
 
 
 def test_sd15_configs_have_the_published_parameter_counts() -> None:
@@ -92,3 +97,9 @@ def test_a_folder_that_is_not_a_pipeline_is_refused(tmp_path: Path) -> None:
 def test_an_unknown_architecture_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown architecture 'sdxl'"):
         load_pipeline("random:sdxl")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_asking_for_a_missing_gpu_says_what_to_set() -> None:
+    with pytest.raises(DeviceUnavailableError, match=r"HERO_MODEL__DEVICE=cpu"):
+        load_pipeline("random:tiny", device="cuda")

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from safetensors.torch import save_file
 
 from hero_ml.diffusion.ddim import step_log_prob
 from hero_ml.diffusion.sampler import (
@@ -158,8 +159,6 @@ def test_save_and_load_round_trip(tiny_pipe: StableDiffusionPipeline, tmp_path: 
 
 
 def test_loading_a_foreign_safetensors_file_fails_clearly(tmp_path: Path) -> None:
-    from safetensors.torch import save_file
-
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a hero-trajectory/1 file"):
         Trajectory.load(tmp_path / "other.safetensors")
@@ -173,3 +172,13 @@ def test_per_image_generators_are_independent_and_reproducible() -> None:
     # (seed, index) streams do not collide across neighbouring seeds, unlike seed + index would.
     c = [torch.randn(3, generator=g) for g in per_image_generators(2, 3)]
     assert not any(torch.equal(x, y) for x in a for y in c)
+
+
+def test_loading_an_incomplete_trajectory_names_what_is_missing(
+    tiny_pipe: StableDiffusionPipeline, tmp_path: Path
+) -> None:
+    trajectory = sample(tiny_pipe, num_steps=2)
+    metadata = {"format": "hero-trajectory/1", "prompts": "[]", "eta": "1.0", "guidance_scale": "5.0"}
+    save_file({"latents": trajectory.latents}, str(tmp_path / "cut.safetensors"), metadata=metadata)
+    with pytest.raises(ValueError, match=r"missing \['images', 'log_probs'"):
+        Trajectory.load(tmp_path / "cut.safetensors")
