@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -14,6 +15,9 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hero_ml.config import ConfigError, HeroConfig, load_config
+
+# transformers warns at import about optional image backends the pipeline never uses.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 app = typer.Typer(
     help="HERO: fine-tune text-to-image diffusion models from online human feedback.",

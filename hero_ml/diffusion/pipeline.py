@@ -53,10 +53,10 @@ def load_pipeline(
             "set model.device=cpu (HERO_MODEL__DEVICE=cpu) or install a CUDA build of torch"
         )
     if source.startswith(RANDOM_PREFIX):
-        pipe = build_random_pipeline(source.removeprefix(RANDOM_PREFIX), seed=seed)
+        pipe = build_random_pipeline(source.removeprefix(RANDOM_PREFIX), seed=seed, device=device)
         if dtype != torch.float32:  # built in float32; casting a float32 model to itself only warns
             pipe = pipe.to(dtype=dtype)
-        return pipe.to(device)
+        return pipe
 
     path = Path(source).expanduser()
     if path.exists():
@@ -103,9 +103,13 @@ def _from_pretrained(
     return pipe
 
 
-def build_random_pipeline(arch: str, *, seed: int = 0) -> StableDiffusionPipeline:
+def build_random_pipeline(
+    arch: str, *, seed: int = 0, device: str | torch.device = "cpu"
+) -> StableDiffusionPipeline:
     """An SD pipeline of the named architecture with seeded random weights, from real diffusers classes.
 
+    Weights are initialised on `device` (seconds on a GPU instead of half a minute on a CPU for sd15),
+    so the same seed gives different weights on different device types.
     The tokenizer is byte-level with no merges (one token per character): random weights need no
     learned vocabulary, and nothing has to be downloaded.
     """
@@ -117,11 +121,15 @@ def build_random_pipeline(arch: str, *, seed: int = 0) -> StableDiffusionPipelin
         raise ValueError(f"{arch}: text encoder vocab_size is smaller than the tokenizer's {len(tokenizer)}")
 
     torch.manual_seed(seed)
+    with torch.device(device):
+        vae = AutoencoderKL.from_config(configs["vae"])
+        text_encoder = CLIPTextModel(text_config)
+        unet = UNet2DConditionModel.from_config(configs["unet"])
     pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_config(configs["vae"]),
-        text_encoder=CLIPTextModel(text_config),
+        vae=vae,
+        text_encoder=text_encoder,
         tokenizer=tokenizer,
-        unet=UNet2DConditionModel.from_config(configs["unet"]),
+        unet=unet,
         scheduler=DDIMScheduler.from_config(configs["scheduler"]),
         safety_checker=None,
         feature_extractor=None,

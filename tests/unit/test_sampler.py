@@ -182,3 +182,34 @@ def test_loading_an_incomplete_trajectory_names_what_is_missing(
     save_file({"latents": trajectory.latents}, str(tmp_path / "cut.safetensors"), metadata=metadata)
     with pytest.raises(ValueError, match=r"missing \['images', 'log_probs'"):
         Trajectory.load(tmp_path / "cut.safetensors")
+
+
+def test_recomputed_log_probs_carry_gradients_to_the_lora_only(tiny_pipe: StableDiffusionPipeline) -> None:
+    from hero_ml.diffusion.lora import add_lora
+
+    trajectory = sample(tiny_pipe)
+    params = add_lora(tiny_pipe.unet, rank=4, alpha=4)  # identity at start: the ratio new/old is 1
+    steps, rows = torch.tensor([1, 3, 0, 5]), torch.arange(4)
+    prediction = guided_noise_pred(
+        tiny_pipe.unet,
+        trajectory.latents[rows, steps],
+        trajectory.timesteps[steps],
+        trajectory.prompt_embeds,
+        trajectory.negative_prompt_embeds,
+        CFG,
+    )
+    log_prob = step_log_prob(
+        tiny_pipe.scheduler,
+        prediction,
+        trajectory.timesteps[steps],
+        trajectory.latents[rows, steps],
+        trajectory.latents[rows, steps + 1],
+        eta=1.0,
+    )
+    torch.testing.assert_close(log_prob.detach(), trajectory.log_probs[rows, steps], rtol=1e-5, atol=1e-5)
+    log_prob.sum().backward()
+    lora_b_grads = [p.grad for name, p in tiny_pipe.unet.named_parameters() if "lora_B" in name]
+    assert lora_b_grads and all(g is not None for g in lora_b_grads)
+    assert sum(g.abs().sum() for g in lora_b_grads) > 0
+    assert all(p.grad is None for p in tiny_pipe.unet.parameters() if not p.requires_grad)
+    assert len(params) == 2 * len(lora_b_grads)
