@@ -19,7 +19,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from hero_ml.diffusion.ddim import check_scheduler, ddim_step_mean_std, gaussian_log_prob
+from hero_ml.diffusion.ddim import check_scheduler, ddim_step_mean_std, gaussian_log_prob, step_log_prob
 
 TRAJECTORY_FORMAT = "hero-trajectory/1"
 _TENSORS = ("latents", "log_probs", "timesteps", "prompt_embeds", "negative_prompt_embeds", "images")
@@ -213,6 +213,38 @@ def sample_trajectories(
         eta=eta,
         guidance_scale=guidance_scale,
     )
+
+
+def recompute_log_probs(
+    pipe: StableDiffusionPipeline,
+    trajectory: Trajectory,
+    rows: torch.Tensor,
+    steps: torch.Tensor,
+) -> torch.Tensor:
+    """Log-probs of transitions (rows[i], steps[i]) of a trajectory under the pipeline's current UNet.
+
+    DDPO's new policy: with gradients unless the caller disables them, on a batch that mixes steps
+    of several trajectories. Guidance and eta are the trajectory's own. Returns shape (len(rows),).
+    """
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(trajectory.num_steps)
+    check_scheduler(scheduler)
+    if not torch.equal(scheduler.timesteps.cpu(), trajectory.timesteps):
+        raise ValueError("the pipeline's scheduler does not reproduce the trajectory's timesteps")
+    device = pipe.unet.device
+    rows, steps = rows.cpu(), steps.cpu()
+    sample = trajectory.latents[rows, steps].to(device)
+    prev_sample = trajectory.latents[rows, steps + 1].to(device)
+    timesteps = trajectory.timesteps[steps].to(device)
+    prediction = guided_noise_pred(
+        pipe.unet,
+        sample,
+        timesteps,
+        trajectory.prompt_embeds[rows].to(device),
+        trajectory.negative_prompt_embeds[rows].to(device),
+        trajectory.guidance_scale,
+    )
+    return step_log_prob(scheduler, prediction, timesteps, sample, prev_sample, trajectory.eta)
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ from hero_ml.diffusion.sampler import (
     Trajectory,
     guided_noise_pred,
     per_image_generators,
+    recompute_log_probs,
     sample_trajectories,
 )
 
@@ -67,52 +68,38 @@ def test_recorded_log_probs_equal_recomputed_on_a_mixed_timestep_batch(
     tiny_pipe: StableDiffusionPipeline,
 ) -> None:
     trajectory = sample(tiny_pipe)
-    scheduler = tiny_pipe.scheduler
     # Every sample at a different step, as in a DDPO training batch.
-    steps = torch.tensor([0, 2, 4, STEPS - 1])
-    rows = torch.arange(4)
+    rows, steps = torch.arange(4), torch.tensor([0, 2, 4, STEPS - 1])
+    with torch.no_grad():
+        recomputed = recompute_log_probs(tiny_pipe, trajectory, rows, steps)
+    torch.testing.assert_close(recomputed, trajectory.log_probs[rows, steps], rtol=1e-5, atol=1e-5)
+
+
+def test_recompute_is_step_log_prob_of_the_guided_prediction(tiny_pipe: StableDiffusionPipeline) -> None:
+    trajectory = sample(tiny_pipe)
+    rows, steps = torch.tensor([3, 1]), torch.tensor([2, 2])
+    t = trajectory.timesteps[steps]
     with torch.no_grad():
         prediction = guided_noise_pred(
             tiny_pipe.unet,
             trajectory.latents[rows, steps],
-            trajectory.timesteps[steps],
-            trajectory.prompt_embeds,
-            trajectory.negative_prompt_embeds,
+            t,
+            trajectory.prompt_embeds[rows],
+            trajectory.negative_prompt_embeds[rows],
             CFG,
         )
-    recomputed = step_log_prob(
-        scheduler,
-        prediction,
-        trajectory.timesteps[steps],
-        trajectory.latents[rows, steps],
-        trajectory.latents[rows, steps + 1],
-        eta=1.0,
-    )
-    torch.testing.assert_close(recomputed, trajectory.log_probs[rows, steps], rtol=1e-5, atol=1e-5)
+        x_t, x_prev = trajectory.latents[rows, steps], trajectory.latents[rows, steps + 1]
+        expected = step_log_prob(tiny_pipe.scheduler, prediction, t, x_t, x_prev, 1.0)
+        torch.testing.assert_close(recompute_log_probs(tiny_pipe, trajectory, rows, steps), expected)
 
 
 def test_low_precision_storage_keeps_log_probs_exact(tiny_pipe: StableDiffusionPipeline) -> None:
     trajectory = sample(tiny_pipe, storage_dtype=torch.bfloat16)
     assert trajectory.latents.dtype == torch.bfloat16
-    step = 2
+    rows, steps = torch.arange(4), torch.full((4,), 2)
     with torch.no_grad():
-        prediction = guided_noise_pred(
-            tiny_pipe.unet,
-            trajectory.latents[:, step],
-            trajectory.timesteps[step].expand(4),
-            trajectory.prompt_embeds,
-            trajectory.negative_prompt_embeds,
-            CFG,
-        )
-    recomputed = step_log_prob(
-        tiny_pipe.scheduler,
-        prediction,
-        trajectory.timesteps[step].expand(4),
-        trajectory.latents[:, step],
-        trajectory.latents[:, step + 1],
-        eta=1.0,
-    )
-    torch.testing.assert_close(recomputed, trajectory.log_probs[:, step], rtol=1e-5, atol=1e-5)
+        recomputed = recompute_log_probs(tiny_pipe, trajectory, rows, steps)
+    torch.testing.assert_close(recomputed, trajectory.log_probs[rows, steps], rtol=1e-5, atol=1e-5)
 
 
 def test_results_do_not_depend_on_the_sub_batch_size(tiny_pipe: StableDiffusionPipeline) -> None:
@@ -189,23 +176,8 @@ def test_recomputed_log_probs_carry_gradients_to_the_lora_only(tiny_pipe: Stable
 
     trajectory = sample(tiny_pipe)
     params = add_lora(tiny_pipe.unet, rank=4, alpha=4)  # identity at start: the ratio new/old is 1
-    steps, rows = torch.tensor([1, 3, 0, 5]), torch.arange(4)
-    prediction = guided_noise_pred(
-        tiny_pipe.unet,
-        trajectory.latents[rows, steps],
-        trajectory.timesteps[steps],
-        trajectory.prompt_embeds,
-        trajectory.negative_prompt_embeds,
-        CFG,
-    )
-    log_prob = step_log_prob(
-        tiny_pipe.scheduler,
-        prediction,
-        trajectory.timesteps[steps],
-        trajectory.latents[rows, steps],
-        trajectory.latents[rows, steps + 1],
-        eta=1.0,
-    )
+    rows, steps = torch.arange(4), torch.tensor([1, 3, 0, 5])
+    log_prob = recompute_log_probs(tiny_pipe, trajectory, rows, steps)
     torch.testing.assert_close(log_prob.detach(), trajectory.log_probs[rows, steps], rtol=1e-5, atol=1e-5)
     log_prob.sum().backward()
     lora_b_grads = [p.grad for name, p in tiny_pipe.unet.named_parameters() if "lora_B" in name]
