@@ -66,11 +66,21 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug lo
 
 
 @config_app.command("show")
-def config_show(config: ConfigOption = None) -> None:
-    """Print the resolved configuration (defaults <- file <- environment), secrets masked."""
+def config_show(
+    config: ConfigOption = None,
+    comments: Annotated[bool, typer.Option(help="Precede every field with its description.")] = True,
+) -> None:
+    """Print the resolved configuration (defaults <- file <- environment) as YAML, secrets masked.
+
+    The output is itself a valid config file: `hero config show > hero.yaml` starts a new one.
+    """
     resolved = _load(config)
-    console.print(yaml.safe_dump(resolved.to_public_dict(), sort_keys=False), end="", highlight=False)
-    console.print(f"# derived: {json.dumps(resolved.derived())}", highlight=False)
+    if comments:
+        text = resolved.to_commented_yaml()
+    else:
+        text = yaml.safe_dump(resolved.to_public_dict(), sort_keys=False)
+    typer.echo(text, nl=False)  # plain text, not rich: rich would wrap lines and break the YAML
+    typer.echo(f"# derived: {json.dumps(resolved.derived())}")
 
 
 @config_app.command("validate")

@@ -8,6 +8,7 @@ Validation happens at load: a bad value fails with its dotted path and the reaso
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any, Literal
 
@@ -358,6 +359,39 @@ class HeroConfig(BaseSettings):
     def to_public_dict(self) -> dict[str, Any]:
         """JSON-ready dict with every secret masked: safe for logs, MLflow params and files."""
         return self.model_dump(mode="json")
+
+    def to_commented_yaml(self) -> str:
+        """The config as YAML, each field preceded by its description: a self-documenting config file.
+
+        Secrets are written as null with a note: they belong in the environment, never in a file.
+        """
+        return "\n".join(_commented_lines(self, path=())) + "\n"
+
+
+def _commented_lines(model: BaseModel, path: tuple[str, ...]) -> list[str]:
+    indent = "  " * len(path)
+    lines = []
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            lines += ["", f"{indent}{name}:", *_commented_lines(value, (*path, name))]
+            continue
+        wrapped = textwrap.wrap(field.description or "", width=100 - len(indent))
+        lines += [f"{indent}# {line}" for line in wrapped]
+        if isinstance(value, SecretStr):
+            variable = ENV_PREFIX + ENV_NESTED_DELIMITER.join((*path, name)).upper()
+            lines.append(f"{indent}{name}: null  # set, not shown: give it through {variable}")
+            continue
+        public = value.model_dump(mode="json") if isinstance(value, BaseModel) else _json_value(value)
+        dumped = yaml.safe_dump({name: public}, default_flow_style=True, width=10_000)
+        lines.append(indent + dumped.strip().removeprefix("{").removesuffix("}"))
+    return lines
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, Path | HttpUrl):
+        return str(value)
+    return value
 
 
 def load_config(path: Path | None = None) -> HeroConfig:

@@ -9,6 +9,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from hero_ml.cli import app
+from hero_ml.config import load_config
 from hero_ml.diffusion.sampler import Trajectory
 
 runner = CliRunner()
@@ -51,7 +52,22 @@ def test_config_show_prints_the_resolved_config_with_secrets_masked(monkeypatch:
     assert "tok-do-not-print" not in result.output
     shown = yaml.safe_load(result.output.split("# derived:")[0])
     assert shown["sampling"]["eta"] == 0.7
-    assert shown["label_studio"]["api_key"] == "**********"
+    assert shown["label_studio"]["api_key"] is None
+    assert "api_key: null  # set, not shown: give it through HERO_LABEL_STUDIO__API_KEY" in result.output
+    assert "# DDIM denoising steps (the trajectory's length)." in result.output
+
+    plain = runner.invoke(app, ["config", "show", "--no-comments"]).output
+    assert "tok-do-not-print" not in plain and "# DDIM" not in plain
+    assert yaml.safe_load(plain.split("# derived:")[0])["label_studio"]["api_key"] == "**********"
+
+
+def test_config_show_output_is_a_valid_config_file_with_the_same_values(tmp_path: Path) -> None:
+    data = yaml.safe_load(small_config(tmp_path).read_text())
+    data["storage"]["s3_endpoint_url"] = "http://127.0.0.1:9000"
+    (tmp_path / "custom.yaml").write_text(yaml.safe_dump(data))
+    shown = runner.invoke(app, ["config", "show", "-c", str(tmp_path / "custom.yaml")]).output
+    (tmp_path / "shown.yaml").write_text(shown)
+    assert load_config(tmp_path / "shown.yaml") == load_config(tmp_path / "custom.yaml")
 
 
 def test_config_validate_accepts_a_good_file_and_rejects_a_bad_one(tmp_path: Path) -> None:
