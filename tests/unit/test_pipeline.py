@@ -116,3 +116,9 @@ def test_sd15_builds_from_real_classes_and_runs_a_guided_step() -> None:
     with torch.no_grad():
         out = guided_noise_pred(pipe.unet, small, torch.tensor([981]), prompt_embeds, negative_embeds, 5.0)
     assert out.shape == small.shape and out.isfinite().all()
+
+
+def test_a_failed_download_says_so() -> None:
+    # HF_HUB_OFFLINE=1 (set for every test) makes the download fail as a closed network would.
+    with pytest.raises(ModelNotFoundError, match="the download failed"):
+        load_pipeline("nobody-here/no-such-model", allow_download=True)

@@ -6,6 +6,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
 from hero_ml.diffusion.ddim import step_log_prob
+from hero_ml.diffusion.pipeline import load_pipeline
 from hero_ml.diffusion.sampler import (
     Trajectory,
     guided_noise_pred,
@@ -185,3 +186,16 @@ def test_recomputed_log_probs_carry_gradients_to_the_lora_only(tiny_pipe: Stable
     assert sum(g.abs().sum() for g in lora_b_grads) > 0
     assert all(p.grad is None for p in tiny_pipe.unet.parameters() if not p.requires_grad)
     assert len(params) == 2 * len(lora_b_grads)
+
+
+def test_half_precision_model_samples_with_float32_log_probs() -> None:
+    # The GPU configuration in miniature: bf16 weights, float32 step math and stored trajectory.
+    pipe = load_pipeline("random:tiny", dtype=torch.bfloat16)
+    trajectory = sample_trajectories(
+        pipe, PROMPTS[:2], per_image_generators(0, 2), num_steps=2, guidance_scale=CFG, eta=1.0
+    )
+    assert trajectory.latents.dtype == torch.float32 and trajectory.log_probs.dtype == torch.float32
+    assert trajectory.log_probs.isfinite().all()
+    with torch.no_grad():
+        recomputed = recompute_log_probs(pipe, trajectory, torch.arange(2), torch.tensor([0, 1]))
+    torch.testing.assert_close(recomputed, trajectory.log_probs[torch.arange(2), torch.tensor([0, 1])])
