@@ -365,16 +365,16 @@ class HeroConfig(BaseSettings):
 
         Secrets are written as null with a note: they belong in the environment, never in a file.
         """
-        return "\n".join(_commented_lines(self, path=())) + "\n"
+        return "\n".join(_commented_lines(self, self.to_public_dict(), path=())) + "\n"
 
 
-def _commented_lines(model: BaseModel, path: tuple[str, ...]) -> list[str]:
+def _commented_lines(model: BaseModel, values: dict[str, Any], path: tuple[str, ...]) -> list[str]:
     indent = "  " * len(path)
     lines = []
     for name, field in type(model).model_fields.items():
         value = getattr(model, name)
         if isinstance(value, BaseModel):
-            lines += ["", f"{indent}{name}:", *_commented_lines(value, (*path, name))]
+            lines += ["", f"{indent}{name}:", *_commented_lines(value, values[name], (*path, name))]
             continue
         wrapped = textwrap.wrap(field.description or "", width=100 - len(indent))
         lines += [f"{indent}# {line}" for line in wrapped]
@@ -382,16 +382,9 @@ def _commented_lines(model: BaseModel, path: tuple[str, ...]) -> list[str]:
             variable = ENV_PREFIX + ENV_NESTED_DELIMITER.join((*path, name)).upper()
             lines.append(f"{indent}{name}: null  # set, not shown: give it through {variable}")
             continue
-        public = value.model_dump(mode="json") if isinstance(value, BaseModel) else _json_value(value)
-        dumped = yaml.safe_dump({name: public}, default_flow_style=True, width=10_000)
+        dumped = yaml.safe_dump({name: values[name]}, default_flow_style=True, width=10_000)
         lines.append(indent + dumped.strip().removeprefix("{").removesuffix("}"))
     return lines
-
-
-def _json_value(value: Any) -> Any:
-    if isinstance(value, Path | HttpUrl):
-        return str(value)
-    return value
 
 
 def load_config(path: Path | None = None) -> HeroConfig:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,7 +89,9 @@ def sample_round(
     )
     seconds = time.perf_counter() - started
 
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists():  # an interrupted round (no manifest): discard its leftovers, then write anew
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
     files = {TRAJECTORY: folder / TRAJECTORY, GRID: folder / GRID}
     trajectory.save(files[TRAJECTORY])
     image_grid(trajectory.images).save(files[GRID])

@@ -121,3 +121,13 @@ def test_a_missing_model_is_a_readable_error(tmp_path: Path) -> None:
     result = runner.invoke(app, ["sample", "--config", str(small_config(tmp_path, source="someone/missing"))])
     assert result.exit_code == 1
     assert "cannot load model 'someone/missing'" in result.output and "Traceback" not in result.output
+
+
+def test_an_interrupted_round_is_sampled_again_without_leftovers(tmp_path: Path) -> None:
+    folder = tmp_path / "data" / "runs" / "cli-test" / "rounds" / "0"
+    (folder / "images").mkdir(parents=True)
+    (folder / "images" / "0063.png").write_bytes(b"half-written by a crashed run")
+    result = runner.invoke(app, ["sample", "--config", str(small_config(tmp_path))])
+    assert result.exit_code == 0, result.output
+    assert not (folder / "images" / "0063.png").exists()
+    assert sorted(p.name for p in (folder / "images").iterdir()) == [f"{i:04d}.png" for i in range(4)]
