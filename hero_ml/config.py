@@ -417,21 +417,24 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def format_validation_error(err: ValidationError) -> str:
-    """One line per problem: dotted field path, reason, and the offending value unless secret."""
+def format_validation_error(err: ValidationError, root: type[BaseModel] | None = None) -> str:
+    """One line per problem: dotted field path, reason, and the offending value unless secret.
+
+    root: the model validated (HeroConfig by default); it tells which fields are secrets.
+    """
     lines = []
     for problem in err.errors(include_url=False):
         path = ".".join(str(part) for part in problem["loc"]) or "(top level)"
         line = f"  {path}: {problem['msg']}"
-        if problem["type"] not in {"missing", "extra_forbidden"} and not _is_secret(problem["loc"]):
+        secret = _is_secret(problem["loc"], root or HeroConfig)
+        if problem["type"] not in {"missing", "extra_forbidden"} and not secret:
             line += f" (got {problem['input']!r})"
         lines.append(line)
     return "\n".join(lines)
 
 
-def _is_secret(loc: tuple[int | str, ...]) -> bool:
+def _is_secret(loc: tuple[int | str, ...], model: type[BaseModel]) -> bool:
     """True when the path ends at a SecretStr field; its value must not be echoed."""
-    model: type[BaseModel] = HeroConfig
     for part in loc:
         field = model.model_fields.get(str(part))
         if field is None:

@@ -1,0 +1,1 @@
+"""The toy world: procedural shapes, captions, a programmatic judge, and the tiny pretrained SD."""

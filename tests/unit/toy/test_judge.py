@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+
+from hero_ml.toy.judge import SimulatedAnnotator, Target, Want, judge
+from hero_ml.toy.perceive import perceive
+from hero_ml.toy.render import render
+from hero_ml.toy.scene import Scene, Shape, place, random_composition
+
+CLEAN_SCENES = 300
+
+
+def clean_scenes(seed: int, count: int) -> list[Scene]:
+    rng = np.random.default_rng(seed)
+    return [place(random_composition(rng, region_rate=0.3), rng) for _ in range(count)]
+
+
+def test_judge_reads_clean_renders_at_least_98_percent_right() -> None:
+    correct = 0
+    for scene in clean_scenes(seed=11, count=CLEAN_SCENES):
+        seen = perceive(render(scene))
+        truth = sorted((s.color, s.kind) for s in scene.shapes)
+        correct += truth == sorted((o.color, str(o.kind)) for o in seen) and not any(
+            o.malformed for o in seen
+        )
+    assert correct / CLEAN_SCENES >= 0.98
+
+
+@pytest.mark.parametrize("defect", ["bite", "crack", "smear"])
+def test_judge_flags_malformed_shapes(defect: str) -> None:
+    rng = np.random.default_rng(12)
+    flagged = 0
+    trials = 90
+    for index in range(trials):
+        shape = Shape(
+            kind=("circle", "square", "triangle")[index % 3],
+            color="green",
+            x=16 + rng.uniform(-4, 4),
+            y=16 + rng.uniform(-4, 4),
+            radius=rng.uniform(3.5, 6.0),
+            defect=defect,  # type: ignore[arg-type]
+            defect_angle=rng.uniform(0, 2 * np.pi),
+        )
+        seen = perceive(render(Scene(size=32, shapes=(shape,))))
+        flagged += len(seen) != 1 or seen[0].malformed
+    assert flagged / trials >= 0.9
+
+
+def test_counting_target_verdicts() -> None:
+    target = Target(require=(Want(count=2, color="red", kind="circle"),))
+    two = Scene(
+        size=32,
+        shapes=(
+            Shape(kind="circle", color="red", x=8, y=8, radius=4),
+            Shape(kind="circle", color="red", x=24, y=24, radius=4),
+        ),
+    )
+    verdict = judge(render(two), target)
+    assert verdict.good and verdict.violations == () and 0 < verdict.score <= 0.1
+    three = Scene(size=32, shapes=(*two.shapes, Shape(kind="square", color="red", x=24, y=8, radius=4)))
+    verdict = judge(render(three), target)
+    assert not verdict.good and verdict.violations == ("unwanted red square",)
+    one = Scene(size=32, shapes=two.shapes[:1])
+    assert judge(render(one), target).violations == ("2 red circle(s) wanted, 1 seen",)
+
+
+def test_region_malformed_and_forbidden_rules() -> None:
+    left = Shape(kind="square", color="blue", x=8, y=16, radius=4)
+    right = Shape(kind="square", color="blue", x=24, y=16, radius=4)
+    image = render(Scene(size=32, shapes=(left, right)))
+    assert judge(image, Target(require=(Want(count=2, kind="square"),), region="left")).violations == (
+        "blue square outside the left",
+    )
+    bitten = render(Scene(size=32, shapes=(left.model_copy(update={"defect": "bite"}),)))
+    assert judge(bitten, Target(exact=False, no_malformed=True)).violations[0].startswith("malformed blue")
+    assert not judge(image, Target(exact=False, forbidden_colors=("blue",))).good
+    assert judge(image, Target(exact=False, forbidden_colors=("red",))).good
+
+
+def test_simulated_annotator_follows_the_hero_protocol() -> None:
+    target = Target(require=(Want(count=1, color="red", kind="circle"),))
+    good = render(Scene(size=32, shapes=(Shape(kind="circle", color="red", x=16, y=16, radius=5),)))
+    bad = render(Scene(size=32, shapes=(Shape(kind="square", color="red", x=16, y=16, radius=5),)))
+    images = np.stack([bad, good, bad, good])
+    labels = SimulatedAnnotator(target).label_round(images)
+    assert labels.good == (False, True, False, True) and labels.best in (1, 3)
+    # A better current best stays; nothing this round is as good, so nothing is good.
+    kept = SimulatedAnnotator(target).label_round(np.stack([bad, bad]), current_best=good)
+    assert kept.best is None and kept.good == (False, False)
+    # No good image at all: the least bad is the best and is good by definition.
+    none_good = SimulatedAnnotator(target).label_round(np.stack([bad, bad]))
+    assert none_good.best == 0 and none_good.good == (True, True)
+
+
+def test_label_noise_flips_about_the_asked_fraction_but_never_the_best() -> None:
+    target = Target(require=(Want(count=1, color="red", kind="circle"),))
+    good = render(Scene(size=32, shapes=(Shape(kind="circle", color="red", x=16, y=16, radius=5),)))
+    bad = render(Scene(size=32, shapes=(Shape(kind="square", color="red", x=16, y=16, radius=5),)))
+    images = np.stack([good] + [bad] * 399)
+    labels = SimulatedAnnotator(target, flip_probability=0.25, seed=3).label_round(images)
+    assert labels.best == 0 and labels.good[0]
+    assert 0.18 < sum(labels.good[1:]) / 399 < 0.32
+    with pytest.raises(ValueError, match="flip_probability"):
+        SimulatedAnnotator(target, flip_probability=1.5)
