@@ -15,6 +15,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hero_ml.config import ConfigError, HeroConfig, load_config
+from hero_ml.toy.cli import toy_app
 
 # transformers warns at import about optional image backends the pipeline never uses.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -28,6 +29,7 @@ config_app = typer.Typer(help="Inspect and check configuration files.", no_args_
 model_app = typer.Typer(help="Build and inspect Stable Diffusion pipelines.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(model_app, name="model")
+app.add_typer(toy_app, name="toy")
 
 console = Console()
 err_console = Console(stderr=True)

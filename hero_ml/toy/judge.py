@@ -56,7 +56,7 @@ class Target(BaseModel):
 class Verdict:
     good: bool
     score: float
-    violations: tuple[str, ...]
+    violations: tuple[str, ...]  # "<rule>: <what>"; rules: count, unwanted, region, malformed, forbidden
     seen: tuple[SeenObject, ...]
 
 
@@ -66,24 +66,24 @@ def judge(image: np.ndarray, target: Target) -> Verdict:
     violations = []
     for want in target.require:
         found = sum(1 for o in seen if want.matches(o))
-        violations += [f"{want} wanted, {found} seen"] * abs(found - want.count)
+        violations += [f"count: {want} wanted, {found} seen"] * abs(found - want.count)
     if target.exact:
         violations += [
-            f"unwanted {o.color} {o.kind or 'blob'}"
+            f"unwanted: {o.color} {o.kind or 'blob'}"
             for o in seen
             if not any(want.matches(o) for want in target.require)
         ]
     if target.region is not None:
         x0, y0, x1, y1 = region_box(target.region, image.shape[0])
         violations += [
-            f"{o.color} {o.kind or 'blob'} outside the {target.region}"
+            f"region: {o.color} {o.kind or 'blob'} outside the {target.region}"
             for o in seen
             if not (x0 <= o.x < x1 and y0 <= o.y < y1)
         ]
     if target.no_malformed:
-        violations += [f"malformed {o.color} {o.kind or 'blob'}" for o in seen if o.malformed]
+        violations += [f"malformed: {o.color} {o.kind or 'blob'}" for o in seen if o.malformed]
     violations += [
-        f"forbidden {o.color} {o.kind or 'blob'}" for o in seen if o.color in target.forbidden_colors
+        f"forbidden: {o.color} {o.kind or 'blob'}" for o in seen if o.color in target.forbidden_colors
     ]
     quality = float(np.mean([o.fit for o in seen])) if seen else 0.0
     return Verdict(

@@ -58,9 +58,9 @@ def test_counting_target_verdicts() -> None:
     assert verdict.good and verdict.violations == () and 0 < verdict.score <= 0.1
     three = Scene(size=32, shapes=(*two.shapes, Shape(kind="square", color="red", x=24, y=8, radius=4)))
     verdict = judge(render(three), target)
-    assert not verdict.good and verdict.violations == ("unwanted red square",)
+    assert not verdict.good and verdict.violations == ("unwanted: red square",)
     one = Scene(size=32, shapes=two.shapes[:1])
-    assert judge(render(one), target).violations == ("2 red circle(s) wanted, 1 seen",)
+    assert judge(render(one), target).violations == ("count: 2 red circle(s) wanted, 1 seen",)
 
 
 def test_region_malformed_and_forbidden_rules() -> None:
@@ -68,10 +68,10 @@ def test_region_malformed_and_forbidden_rules() -> None:
     right = Shape(kind="square", color="blue", x=24, y=16, radius=4)
     image = render(Scene(size=32, shapes=(left, right)))
     assert judge(image, Target(require=(Want(count=2, kind="square"),), region="left")).violations == (
-        "blue square outside the left",
+        "region: blue square outside the left",
     )
     bitten = render(Scene(size=32, shapes=(left.model_copy(update={"defect": "bite"}),)))
-    assert judge(bitten, Target(exact=False, no_malformed=True)).violations[0].startswith("malformed blue")
+    assert judge(bitten, Target(exact=False, no_malformed=True)).violations[0].startswith("malformed: blue")
     assert not judge(image, Target(exact=False, forbidden_colors=("blue",))).good
     assert judge(image, Target(exact=False, forbidden_colors=("red",))).good
 

@@ -1,0 +1,158 @@
+"""`hero toy …`: pretrain the toy model, list tasks, evaluate a model on a task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+toy_app = typer.Typer(
+    help="The toy world: pretrain the tiny SD, list tasks, evaluate success rates.", no_args_is_help=True
+)
+console = Console()
+
+PRETRAINED = Path(__file__).parent / "pretrained"
+
+
+@toy_app.command("pretrain")
+def pretrain_command(
+    out: Annotated[
+        Path, typer.Option(help="Folder to write the diffusers pipeline to.", file_okay=False)
+    ] = PRETRAINED,
+    seed: Annotated[int, typer.Option(help="Seeds data, initialisation and training.")] = 0,
+    dataset_size: Annotated[int, typer.Option(help="Rendered (image, caption) pairs.")] = 20_000,
+    vae_steps: Annotated[int, typer.Option(help="VAE optimiser steps.")] = 800,
+    unet_steps: Annotated[int, typer.Option(help="Text-encoder + UNet optimiser steps.")] = 3000,
+) -> None:
+    """Train the toy Stable Diffusion from nothing (VAE, then text encoder + UNet) and save it."""
+    from hero_ml.toy.pretrain import PretrainConfig, pretrain
+
+    config = PretrainConfig(seed=seed, dataset_size=dataset_size, vae_steps=vae_steps, unet_steps=unet_steps)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+    with progress:
+        bars = {
+            "vae": progress.add_task("VAE", total=config.vae_steps, loss=float("nan")),
+            "unet": progress.add_task("text encoder + UNet", total=config.unet_steps, loss=float("nan")),
+        }
+
+        def report(phase: str, step: int, total: int, loss: float) -> None:
+            progress.update(bars[phase], completed=step, loss=loss)
+
+        log = pretrain(config, out, on_progress=report)
+    console.print(
+        f"[green]saved[/] {out}: VAE L1 {log['vae']['final_l1']}, denoiser MSE {log['unet']['final_mse']}, "
+        f"{log['seconds']} s",
+        highlight=False,
+    )
+
+
+@toy_app.command("tasks")
+def tasks_command() -> None:
+    """List the shipped tasks."""
+    from hero_ml.toy.task import load_task, task_names
+
+    table = Table("task", "category", "prompts", "description")
+    for name in task_names():
+        task = load_task(name)
+        table.add_row(name, task.category, "; ".join(task.prompts), task.description.strip())
+    console.print(table)
+
+
+@toy_app.command("eval")
+def eval_command(
+    task: Annotated[str, typer.Option(help="A shipped task name or a task file.")],
+    n: Annotated[int, typer.Option(help="Images to sample and judge.", min=1)] = 512,
+    model: Annotated[str, typer.Option(help="Diffusers pipeline folder.")] = str(PRETRAINED),
+    lora: Annotated[Path | None, typer.Option(help="A LoRA folder (diffusers format) to apply.")] = None,
+    unseen: Annotated[bool, typer.Option(help="Use the task's eval_prompts (transfer) instead.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the fixed initial noises.")] = 0,
+    steps: Annotated[int, typer.Option(help="DDIM steps.", min=1)] = 50,
+    cfg: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 5.0,
+    eta: Annotated[float, typer.Option(help="DDIM eta (> 0).")] = 1.0,
+) -> None:
+    """Print a model's success rate on a task: the share of images its judge finds good."""
+    from hero_ml.diffusion.lora import load_lora
+    from hero_ml.diffusion.pipeline import ModelNotFoundError, load_pipeline
+    from hero_ml.toy.evaluate import success_rate
+    from hero_ml.toy.task import TaskError, load_task
+
+    try:
+        spec = load_task(task)
+        pipe = load_pipeline(model)
+    except (TaskError, ModelNotFoundError) as err:
+        console.print(f"[bold red]error:[/] {err}", highlight=False)
+        raise typer.Exit(1) from None
+    if lora is not None:
+        load_lora(pipe, lora)
+    prompts, target = spec.prompts, spec.target
+    if unseen:
+        if not spec.eval_prompts:
+            console.print(f"[bold red]error:[/] task {spec.name} has no eval_prompts", highlight=False)
+            raise typer.Exit(1)
+        prompts, target = spec.eval_prompts, spec.eval_target or spec.target
+    with Progress(
+        TextColumn("sampling and judging"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        bar = progress.add_task("eval", total=n)
+        result = success_rate(
+            pipe,
+            prompts,
+            target,
+            n,
+            seed=seed,
+            num_steps=steps,
+            guidance_scale=cfg,
+            eta=eta,
+            on_batch=lambda count: progress.advance(bar, count),
+        )
+    detail = ", ".join(f"{rule} in {count}" for rule, count in sorted(result.violations.items()))
+    console.print(
+        f"{spec.name}{' (unseen prompts)' if unseen else ''}: success rate {result.rate:.3f} "
+        f"({result.successes}/{result.n}){'; violations: ' + detail if detail else ''}",
+        highlight=False,
+    )
+
+
+@toy_app.command("judge-accuracy")
+def judge_accuracy_command(
+    n: Annotated[int, typer.Option(help="Rendered scenes of each kind (clean, with defects).", min=1)] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the scenes.")] = 0,
+) -> None:
+    """Measure how often the judge reads rendered ground-truth scenes right, clean and with defects."""
+    import numpy as np
+
+    from hero_ml.toy.evaluate import judge_accuracy
+    from hero_ml.toy.scene import Scene, place, random_composition
+
+    rng = np.random.default_rng(seed)
+    for label, defect_rate in (("clean", 0.0), ("with defects", 0.5)):
+        scenes: list[Scene] = []
+        while len(scenes) < n:
+            try:
+                scenes.append(place(random_composition(rng), rng, defect_rate=defect_rate))
+            except ValueError:
+                continue
+        console.print(f"judge accuracy, {label}: {judge_accuracy(scenes):.4f} on {n} scenes", highlight=False)
