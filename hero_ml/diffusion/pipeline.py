@@ -91,7 +91,7 @@ def _from_pretrained(
 ) -> StableDiffusionPipeline:
     pipe = StableDiffusionPipeline.from_pretrained(
         name_or_path,
-        torch_dtype=dtype,
+        dtype=dtype,
         safety_checker=None,
         requires_safety_checker=False,
         local_files_only=local_files_only,

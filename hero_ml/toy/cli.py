@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -156,3 +157,32 @@ def judge_accuracy_command(
             except ValueError:
                 continue
         console.print(f"judge accuracy, {label}: {judge_accuracy(scenes):.4f} on {n} scenes", highlight=False)
+
+
+@toy_app.command("card")
+def card_command(
+    model: Annotated[Path, typer.Option(help="The pretrained model folder.", file_okay=False)] = PRETRAINED,
+    n: Annotated[int, typer.Option(help="Images per task for the base rates.", min=1)] = 512,
+    judge_scenes: Annotated[int, typer.Option(help="Rendered scenes for the judge accuracy.", min=1)] = 1000,
+    steps: Annotated[int, typer.Option(help="DDIM steps.", min=1)] = 50,
+) -> None:
+    """Measure the model (judge accuracy, base rates of every task) and write its model card."""
+    from hero_ml.diffusion.pipeline import load_pipeline
+    from hero_ml.toy.card import draw_curves, draw_samples, measure, write_card
+    from hero_ml.toy.pretrain import TRAINING_LOG
+
+    pipe = load_pipeline(str(model))
+    with console.status("measuring") as status:
+        figures = measure(
+            pipe,
+            n=n,
+            judge_scenes=judge_scenes,
+            num_steps=steps,
+            on_step=lambda what: status.update(f"evaluating {what}"),
+        )
+        draw_curves(json.loads((model / TRAINING_LOG).read_text()), model / "training-curves.png")
+        samples = draw_samples(pipe, model)
+    write_card(model, figures, samples)
+    for key, result in figures["base_rates"].items():
+        console.print(f"{key}: {result['rate']:.3f}", highlight=False)
+    console.print(f"[green]wrote[/] {model / 'README.md'}", highlight=False)
