@@ -95,7 +95,7 @@ def draw_curves(log: dict, path: Path) -> None:
 
 
 def draw_samples(
-    pipe: StableDiffusionPipeline, folder: Path, *, seed: int = 0, per_prompt: int = 16
+    pipe: StableDiffusionPipeline, folder: Path, *, seed: int = 0, per_prompt: int = 16, num_steps: int = 50
 ) -> list[str]:
     names = []
     for name in task_names():
@@ -104,7 +104,7 @@ def draw_samples(
             pipe,
             [prompt] * per_prompt,
             per_image_generators(seed, per_prompt),
-            num_steps=50,
+            num_steps=num_steps,
             guidance_scale=5.0,
             eta=1.0,
         )

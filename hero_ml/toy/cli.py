@@ -181,7 +181,7 @@ def card_command(
             on_step=lambda what: status.update(f"evaluating {what}"),
         )
         draw_curves(json.loads((model / TRAINING_LOG).read_text()), model / "training-curves.png")
-        samples = draw_samples(pipe, model)
+        samples = draw_samples(pipe, model, num_steps=steps)
     write_card(model, figures, samples)
     for key, result in figures["base_rates"].items():
         console.print(f"{key}: {result['rate']:.3f}", highlight=False)

@@ -90,3 +90,26 @@ def test_toy_commands_run_on_the_smoke_model(smoke_model: Path) -> None:
     assert missing.exit_code == 1 and "no task named 'nope'" in missing.output
     accuracy = runner.invoke(app, ["toy", "judge-accuracy", "--n", "20"])
     assert accuracy.exit_code == 0 and "judge accuracy, clean: 1.0000" in accuracy.output
+
+
+def test_model_card_is_written_from_measurements(smoke_model: Path) -> None:
+    result = CliRunner().invoke(
+        app,
+        ["toy", "card", "--model", str(smoke_model), "--n", "4", "--judge-scenes", "20", "--steps", "2"],
+    )
+    assert result.exit_code == 0, result.output
+    figures = json.loads((smoke_model / "card.json").read_text())
+    assert figures["judge_accuracy"]["clean"] == 1.0
+    assert set(figures["base_rates"]) == {
+        "anomaly/training prompts",
+        "binding/training prompts",
+        "counting/training prompts",
+        "personal/training prompts",
+        "safety/training prompts",
+        "safety/unseen prompts",
+    }
+    card = (smoke_model / "README.md").read_text()
+    assert "hero toy pretrain --seed 0 --dataset-size 32" in card
+    assert "| counting | counting | training prompts | three red circles |" in card
+    assert (smoke_model / "training-curves.png").stat().st_size > 0
+    assert (smoke_model / "samples-counting.png").is_file()
