@@ -23,7 +23,7 @@ from hero_ml.diffusion.sampler import per_image_generators, sample_trajectories
 from hero_ml.images import image_grid
 from hero_ml.toy.evaluate import judge_accuracy, success_rate
 from hero_ml.toy.pretrain import TRAINING_LOG
-from hero_ml.toy.scene import Scene, place, random_composition
+from hero_ml.toy.scene import random_scene
 from hero_ml.toy.task import load_task, task_names
 
 BASE_RATE_RANGE = (0.05, 0.50)
@@ -43,12 +43,7 @@ def measure(
     rng = np.random.default_rng(seed)
     accuracy = {}
     for label, defect_rate in (("clean", 0.0), ("with_defects", 0.5)):
-        scenes: list[Scene] = []
-        while len(scenes) < judge_scenes:
-            try:
-                scenes.append(place(random_composition(rng), rng, defect_rate=defect_rate))
-            except ValueError:
-                continue
+        scenes = [random_scene(rng, defect_rate=defect_rate)[1] for _ in range(judge_scenes)]
         accuracy[label] = round(judge_accuracy(scenes), 4)
     rates = {}
     for name in task_names():

@@ -146,16 +146,11 @@ def judge_accuracy_command(
     import numpy as np
 
     from hero_ml.toy.evaluate import judge_accuracy
-    from hero_ml.toy.scene import Scene, place, random_composition
+    from hero_ml.toy.scene import random_scene
 
     rng = np.random.default_rng(seed)
     for label, defect_rate in (("clean", 0.0), ("with defects", 0.5)):
-        scenes: list[Scene] = []
-        while len(scenes) < n:
-            try:
-                scenes.append(place(random_composition(rng), rng, defect_rate=defect_rate))
-            except ValueError:
-                continue
+        scenes = [random_scene(rng, defect_rate=defect_rate)[1] for _ in range(n)]
         console.print(f"judge accuracy, {label}: {judge_accuracy(scenes):.4f} on {n} scenes", highlight=False)
 
 

@@ -32,7 +32,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from hero_ml.diffusion.pipeline import BOS_TOKEN, EOS_TOKEN
 from hero_ml.toy.captions import caption, vocabulary
 from hero_ml.toy.render import render
-from hero_ml.toy.scene import place, random_composition
+from hero_ml.toy.scene import random_scene
 
 ARCHITECTURE = Path(__file__).parent / "architecture"
 TRAINING_LOG = "training.json"
@@ -115,11 +115,9 @@ def make_dataset(config: PretrainConfig, size: int = 32) -> tuple[torch.Tensor, 
     images: list[np.ndarray] = []
     captions: list[str] = []
     while len(images) < config.dataset_size:
-        composition = random_composition(rng, region_rate=config.region_rate)
-        try:
-            scene = place(composition, rng, size=size, defect_rate=config.defect_rate)
-        except ValueError:  # too crowded with its smears: draw another composition
-            continue
+        composition, scene = random_scene(
+            rng, size=size, defect_rate=config.defect_rate, region_rate=config.region_rate
+        )
         images.append(render(scene))
         captions.append(caption(composition, rng))
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1

@@ -183,3 +183,15 @@ def random_composition(
         remaining -= count
         groups.append(Group(count=count, color=COLORS[key // len(KINDS)], kind=KINDS[key % len(KINDS)]))
     return Composition(groups=tuple(groups), region=region)
+
+
+def random_scene(
+    rng: np.random.Generator, *, size: int = 32, defect_rate: float = 0.0, region_rate: float = 0.25
+) -> tuple[Composition, Scene]:
+    """A random composition and a drawing of it; a composition that does not fit is drawn again."""
+    while True:
+        composition = random_composition(rng, region_rate=region_rate)
+        try:
+            return composition, place(composition, rng, size=size, defect_rate=defect_rate)
+        except ValueError:
+            continue
