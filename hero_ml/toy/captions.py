@@ -2,7 +2,7 @@
 
     caption   := [frame] groups [region]      | region ", " groups
     groups    := group | group " and " group | group " with " group
-    group     := count colour kind(s)
+    group     := count [colour] kind(s)       (no colour: any one colour)
     count     := a/an/one | two | three | four | 1..4
     region    := on the left | in the left half | on the top | ...
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+from pydantic import ValidationError
 
 from hero_ml.toy.scene import COLORS, KINDS, MAX_COUNT, REGIONS, Composition, Group
 
@@ -32,7 +33,7 @@ _NUMBERS = {word: n for n, words in COUNT_WORDS.items() for word in words} | {
     str(n): n for n in range(1, MAX_COUNT + 1)
 }
 _NUMBERS["an"] = 1
-_GROUP = re.compile(rf"\b({'|'.join(_NUMBERS)})\s+({'|'.join(COLORS)})\s+({'|'.join(KINDS)})s?\b")
+_GROUP = re.compile(rf"\b({'|'.join(_NUMBERS)})\s+(?:({'|'.join(COLORS)})\s+)?({'|'.join(KINDS)})s?\b")
 _REGION = re.compile(r"\b(?:on|at|in) the (left|right|top|bottom)(?: half)?\b")
 
 
@@ -47,10 +48,11 @@ def caption(composition: Composition, rng: np.random.Generator | None = None) ->
         count = pick(COUNT_WORDS[group.count])
         if rng is not None and group.count > 1 and rng.random() < 0.2:
             count = str(group.count)
-        if count == "a" and group.color[0] in "aeiou":
+        words = [group.kind] if group.color is None else [group.color, group.kind]
+        if count == "a" and words[0][0] in "aeiou":
             count = "an"
         plural = "s" if group.count > 1 else ""
-        phrases.append(f"{count} {group.color} {group.kind}{plural}")
+        phrases.append(f"{count} {' '.join(words)}{plural}")
     conjunction = pick(CONJUNCTIONS)
     text = conjunction.join(phrases) if len(phrases) <= 2 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     if composition.region is not None:
@@ -65,17 +67,21 @@ def parse_caption(text: str) -> Composition:
     """The composition a caption of this grammar states; ValueError naming what could not be read."""
     lowered = text.lower()
     groups = [
-        Group(count=_NUMBERS[count], color=color, kind=kind) for count, color, kind in _GROUP.findall(lowered)
+        Group(count=_NUMBERS[count], color=color or None, kind=kind)
+        for count, color, kind in _GROUP.findall(lowered)
     ]
     if not groups:
         raise ValueError(
-            f"no '<count> <colour> <shape>' phrase in {text!r}; counts: {sorted(_NUMBERS)}, "
+            f"no '<count> [colour] <shape>' phrase in {text!r}; counts: {sorted(_NUMBERS)}, "
             f"colours: {list(COLORS)}, shapes: {list(KINDS)}"
         )
     regions = _REGION.findall(lowered)
     if len(set(regions)) > 1:
         raise ValueError(f"{text!r} names more than one region: {regions}")
-    return Composition(groups=tuple(groups), region=regions[0] if regions else None)
+    try:
+        return Composition(groups=tuple(groups), region=regions[0] if regions else None)
+    except ValidationError as err:
+        raise ValueError(f"{text!r}: {err.errors()[0]['msg']}") from None
 
 
 def vocabulary() -> list[str]:

@@ -1,10 +1,11 @@
 """Pretrain the toy Stable Diffusion from nothing: data, tokenizer, VAE, then text encoder + UNet.
 
-Everything is made here: random scenes rendered with their captions (paraphrased), a word-level
-BPE tokenizer over the caption grammar, an AutoencoderKL trained to reconstruct the renders, then a
-CLIP text encoder and a UNet trained together with the epsilon-prediction loss (captions dropped 10%
-of the time for classifier-free guidance, EMA weights kept). The result is a standard diffusers
-pipeline folder that `StableDiffusionPipeline.from_pretrained` loads with no custom code.
+Everything is made here: random scenes rendered with their captions (paraphrased, some colours left
+open), a word-level BPE tokenizer over the caption grammar, an AutoencoderKL trained to reconstruct
+the renders, then a CLIP text encoder and a UNet trained together with the epsilon-prediction loss
+(captions dropped 10% of the time for classifier-free guidance, EMA weights kept). The result is a
+standard diffusers pipeline folder that `StableDiffusionPipeline.from_pretrained` loads with no
+custom code.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
+import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +54,13 @@ class PretrainConfig(BaseModel):
         0.1, ge=0, le=1, description="Share of shapes drawn malformed, so the model learns to err."
     )
     region_rate: float = Field(0.25, ge=0, le=1, description="Share of captions that name a region.")
+    colorless_rate: float = Field(
+        0.15,
+        ge=0,
+        le=1,
+        description='Share of caption groups that leave the colour out ("two circles"), so that a vague '
+        "prompt means any colour, drawn as the data has it.",
+    )
     vae_steps: int = Field(800, ge=1, description="VAE optimiser steps.")
     vae_batch: int = Field(32, ge=1, description="VAE batch size.")
     vae_lr: float = Field(1e-3, gt=0, description="VAE AdamW learning rate.")
@@ -119,7 +129,7 @@ def make_dataset(config: PretrainConfig, size: int = 32) -> tuple[torch.Tensor, 
             rng, size=size, defect_rate=config.defect_rate, region_rate=config.region_rate
         )
         images.append(render(scene))
-        captions.append(caption(composition, rng))
+        captions.append(caption(composition.without_colors(rng, config.colorless_rate), rng))
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
     return pixels, captions
 
@@ -137,12 +147,23 @@ def pretrain(config: PretrainConfig, out: Path, on_progress: ProgressCallback | 
     tokenizer = build_tokenizer(arch["text_encoder"]["max_position_embeddings"])
     log: dict = {
         "config": config.model_dump(),
-        "dataset": {"images": len(captions), "examples": captions[:8]},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+        },
+        "dataset": {
+            "images": len(captions),
+            "examples": captions[:8],
+            "seconds": round(time.perf_counter() - started, 1),
+        },
     }
 
     torch.manual_seed(config.seed)
     vae = AutoencoderKL.from_config(arch["vae"])
+    phase_started = time.perf_counter()
     log["vae"] = _train_vae(vae, pixels, config, generator, on_progress)
+    log["vae"]["seconds"] = round(time.perf_counter() - phase_started, 1)
     with torch.no_grad():
         means, stds = [], []
         for start in range(0, len(pixels), 256):
@@ -173,6 +194,7 @@ def pretrain(config: PretrainConfig, out: Path, on_progress: ProgressCallback | 
     empty_ids = tokenizer(
         [""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
     ).input_ids
+    phase_started = time.perf_counter()
     log["unet"] = _train_denoiser(
         unet,
         text_encoder,
@@ -185,6 +207,7 @@ def pretrain(config: PretrainConfig, out: Path, on_progress: ProgressCallback | 
         generator,
         on_progress,
     )
+    log["unet"]["seconds"] = round(time.perf_counter() - phase_started, 1)
 
     scheduler = DDIMScheduler.from_config(json.loads((ARCHITECTURE / "scheduler.json").read_text()))
     pipe = StableDiffusionPipeline(

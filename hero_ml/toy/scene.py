@@ -37,11 +37,12 @@ _FROZEN = ConfigDict(extra="forbid", frozen=True)
 
 
 class Group(BaseModel):
-    """`count` shapes of one colour and kind: "three red circles"."""
+    """`count` shapes of one colour and kind: "three red circles". Colour None leaves it open
+    ("three circles": any one colour), which a caption may say but a scene cannot draw."""
 
     model_config = _FROZEN
     count: int = Field(ge=1, le=MAX_COUNT)
-    color: Color
+    color: Color | None
     kind: Kind
 
 
@@ -57,13 +58,28 @@ class Composition(BaseModel):
         keys = [(g.color, g.kind) for g in self.groups]
         if len(set(keys)) != len(keys):
             raise ValueError(f"each (colour, kind) may appear in one group only, got {keys}")
+        open_kinds = [g.kind for g in self.groups if g.color is None]
+        if any(sum(g.kind == kind for g in self.groups) > 1 for kind in open_kinds):
+            raise ValueError(
+                f"a shape kind whose colour is left open may appear in one group only, got {keys}"
+            )
         return self
+
+    def without_colors(self, rng: np.random.Generator, rate: float) -> Composition:
+        """The same composition with each group's colour left open with probability `rate`, where
+        that stays unambiguous (no other group of the same kind)."""
+        kinds = [g.kind for g in self.groups]
+        groups = tuple(
+            g.model_copy(update={"color": None}) if kinds.count(g.kind) == 1 and rng.random() < rate else g
+            for g in self.groups
+        )
+        return self.model_copy(update={"groups": groups})
 
     @property
     def total(self) -> int:
         return sum(g.count for g in self.groups)
 
-    def counts(self) -> dict[tuple[str, str], int]:
+    def counts(self) -> dict[tuple[Color | None, Kind], int]:
         return {(g.color, g.kind): g.count for g in self.groups}
 
 
@@ -121,12 +137,15 @@ def place(
     Each shape is malformed with probability defect_rate (defect drawn uniformly). Raises ValueError
     when the shapes do not fit, so that a caller never gets a scene that contradicts its caption.
     """
+    if any(g.color is None for g in composition.groups):
+        raise ValueError(f"cannot draw a group whose colour is left open: {composition}")
     x0, y0, x1, y1 = region_box(composition.region, size)
     wanted = [(g.color, g.kind) for g in composition.groups for _ in range(g.count)]
     for _ in range(restarts):  # a crowded first layout is no reason to give up: start over
         shapes: list[Shape] = []
         for index in rng.permutation(len(wanted)):
             color, kind = wanted[index]
+            assert color is not None  # checked above
             for _ in range(attempts):
                 radius = float(rng.uniform(*radius_range))
                 lo_x, hi_x = max(x0, radius + 1), min(x1, size - radius - 1)

@@ -23,6 +23,13 @@ from hero_ml.toy.scene import Composition, Group, random_composition
             "two green triangles on the left",
         ),
         (Composition(groups=(Group(count=1, color="orange", kind="circle"),)), "an orange circle"),
+        (Composition(groups=(Group(count=2, color=None, kind="circle"),)), "two circles"),
+        (
+            Composition(
+                groups=(Group(count=1, color=None, kind="square"), Group(count=3, color="red", kind="circle"))
+            ),
+            "a square and three red circles",
+        ),
     ],
 )
 def test_canonical_captions(composition: Composition, text: str) -> None:
@@ -34,7 +41,7 @@ def test_every_paraphrase_parses_back_to_its_composition() -> None:
     rng = np.random.default_rng(0)
     texts = set()
     for _ in range(3000):
-        composition = random_composition(rng, region_rate=0.4)
+        composition = random_composition(rng, region_rate=0.4).without_colors(rng, 0.3)
         text = caption(composition, rng)
         texts.add(text)
         assert parse_caption(text) == composition, text
@@ -50,8 +57,10 @@ def test_paraphrases_of_one_composition() -> None:
 
 
 def test_unreadable_captions_say_what_the_grammar_knows() -> None:
-    with pytest.raises(ValueError, match="no '<count> <colour> <shape>' phrase"):
+    with pytest.raises(ValueError, match=r"no '<count> \[colour\] <shape>' phrase"):
         parse_caption("a cat on a mat")
+    with pytest.raises(ValueError, match="colour is left open may appear in one group only"):
+        parse_caption("two circles and a red circle")
     with pytest.raises(ValueError, match="more than one region"):
         parse_caption("a red circle on the left and a blue square on the right")
 
@@ -62,3 +71,13 @@ def test_vocabulary_covers_every_generated_word() -> None:
     for _ in range(500):
         text = caption(random_composition(rng, region_rate=0.5), rng)
         assert set(text.replace(",", " ").split()) <= words, text
+
+
+def test_without_colors_leaves_open_only_unambiguous_groups() -> None:
+    composition = parse_caption("a red circle, a blue circle and two green squares")
+    rng = np.random.default_rng(0)
+    assert composition.without_colors(rng, 0.0) == composition
+    opened = composition.without_colors(rng, 1.0)
+    assert [g.color for g in opened.groups] == ["red", "blue", None]  # two circles: keep their colours
+    assert caption(opened) == "a red circle, a blue circle and two squares"
+    assert parse_caption(caption(opened)) == opened

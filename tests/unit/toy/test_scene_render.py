@@ -68,6 +68,11 @@ def test_a_composition_that_cannot_fit_is_an_error_not_a_wrong_scene() -> None:
         place(crowded, np.random.default_rng(0), radius_range=(7.0, 8.0), restarts=2)
 
 
+def test_a_composition_with_an_open_colour_cannot_be_drawn() -> None:
+    with pytest.raises(ValueError, match="colour is left open"):
+        place(Composition(groups=(Group(count=2, color=None, kind="circle"),)), np.random.default_rng(0))
+
+
 def test_compositions_are_validated() -> None:
     with pytest.raises(ValidationError, match="one group only"):
         Composition(
