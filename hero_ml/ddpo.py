@@ -1,0 +1,108 @@
+"""DDPO: the policy-gradient update of the LoRA from per-image rewards (HERO-REFERENCE.md, "Policy update").
+
+Advantages are the round's rewards normalised and clipped; the loss is PPO's clipped surrogate on the
+ratio of new to old log-probabilities of recorded denoising steps; an update pass trains a random
+subset of each trajectory's steps, recomputing their log-probs under the current UNet (with CFG, as
+sampled), and steps the optimiser every `gradient_accumulation_steps` micro-batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from hero_ml.diffusion.sampler import Trajectory, recompute_log_probs
+
+
+def advantages(rewards: torch.Tensor, clip: float) -> torch.Tensor:
+    """(r - mean) / (std + 1e-8) over the round (population std), clipped to [-clip, clip].
+    Equal rewards give zero advantages: nothing to learn from."""
+    centred = rewards - rewards.mean()
+    return (centred / (rewards.std(unbiased=False) + 1e-8)).clamp(-clip, clip)
+
+
+def ppo_clipped_loss(
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantage: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate, negated for minimisation, averaged over the batch.
+
+    Returns (loss, approx_kl, clip_fraction): approx_kl = mean((new - old)^2) / 2, clip_fraction = the
+    share of ratios outside [1 - clip_range, 1 + clip_range]; both detached, for monitoring."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -advantage * ratio
+    clipped = -advantage * ratio.clamp(1 - clip_range, 1 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    approx_kl = 0.5 * ((log_prob - old_log_prob) ** 2).mean()
+    clip_fraction = ((ratio - 1).abs() > clip_range).float().mean()
+    return loss, approx_kl.detach(), clip_fraction.detach()
+
+
+@dataclass(frozen=True)
+class UpdateStats:
+    loss: float  # mean over every (trajectory, step) trained
+    approx_kl: float
+    clip_fraction: float
+    optimizer_steps: int
+
+
+def policy_update(
+    pipe: StableDiffusionPipeline,
+    trajectory: Trajectory,
+    advantage: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    *,
+    timesteps_per_trajectory: int,
+    train_batch_size: int,
+    gradient_accumulation_steps: int,
+    inner_epochs: int,
+    clip_range: float,
+    max_grad_norm: float,
+    generator: torch.Generator,
+) -> UpdateStats:
+    """One DDPO update on a round: `inner_epochs` passes over its trajectories in random order.
+
+    Every trajectory trains `timesteps_per_trajectory` distinct random steps. The loss of a micro-batch
+    is weighted by its share of the accumulation group, so that each optimiser step follows the mean
+    loss of its group, whatever the batch sizes. The optimiser must hold only the trainable (LoRA)
+    parameters; their gradient norm is clipped to max_grad_norm before each step."""
+    count, num_steps = trajectory.log_probs.shape
+    if timesteps_per_trajectory > num_steps:
+        raise ValueError(f"timesteps_per_trajectory {timesteps_per_trajectory} exceeds the {num_steps} steps")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    device = pipe.unet.device
+    losses, kls, clip_fractions, optimizer_steps = [], [], [], 0
+    for _ in range(inner_epochs):
+        order = torch.randperm(count, generator=generator)
+        steps = torch.stack([torch.randperm(num_steps, generator=generator) for _ in range(count)])
+        steps = steps[:, :timesteps_per_trajectory]
+        micro_batches = list(order.split(train_batch_size))
+        for start in range(0, len(micro_batches), gradient_accumulation_steps):
+            group = micro_batches[start : start + gradient_accumulation_steps]
+            group_rows = sum(len(rows) for rows in group)
+            optimizer.zero_grad(set_to_none=True)
+            for rows in group:
+                weight = len(rows) / (group_rows * timesteps_per_trajectory)
+                for j in range(timesteps_per_trajectory):
+                    step = steps[rows, j]
+                    log_prob = recompute_log_probs(pipe, trajectory, rows, step)
+                    loss, approx_kl, clip_fraction = ppo_clipped_loss(
+                        log_prob,
+                        trajectory.log_probs[rows, step].to(device),
+                        advantage[rows].to(device),
+                        clip_range,
+                    )
+                    (loss * weight).backward()
+                    losses.append(loss.item())
+                    kls.append(approx_kl.item())
+                    clip_fractions.append(clip_fraction.item())
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            optimizer_steps += 1
+    return UpdateStats(
+        loss=sum(losses) / len(losses),
+        approx_kl=sum(kls) / len(kls),
+        clip_fraction=sum(clip_fractions) / len(clip_fractions),
+        optimizer_steps=optimizer_steps,
+    )

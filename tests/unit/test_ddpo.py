@@ -1,0 +1,112 @@
+import math
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from hero_ml.ddpo import advantages, policy_update, ppo_clipped_loss
+from hero_ml.diffusion.lora import add_lora
+from hero_ml.diffusion.sampler import per_image_generators, recompute_log_probs, sample_trajectories
+
+
+def test_advantages_normalise_with_the_population_std_and_clip() -> None:
+    rewards = torch.tensor([1.0, 2.0, 3.0, 4.0])  # mean 2.5, population std sqrt(1.25)
+    z = [(r - 2.5) / math.sqrt(1.25) for r in (1, 2, 3, 4)]
+    assert advantages(rewards, clip=5.0).tolist() == pytest.approx(z)
+    assert advantages(rewards, clip=1.0).tolist() == pytest.approx([-1.0, z[1], z[2], 1.0])
+    assert advantages(torch.full((4,), 0.7), clip=5.0).tolist() == [0.0] * 4
+
+
+def test_ppo_clipped_loss_on_a_hand_computed_case() -> None:
+    old = torch.zeros(3)
+    new = torch.tensor([0.0, math.log(1.2), math.log(0.7)], requires_grad=True)
+    advantage = torch.tensor([1.0, 1.0, -1.0])
+    loss, approx_kl, clip_fraction = ppo_clipped_loss(new, old, advantage, clip_range=0.1)
+    # ratios 1, 1.2, 0.7 -> max(-A r, -A clip(r)) = max(-1, -1), max(-1.2, -1.1), max(0.7, 0.9)
+    assert loss.item() == pytest.approx((-1 - 1.1 + 0.9) / 3)
+    assert approx_kl.item() == pytest.approx(0.5 * (math.log(1.2) ** 2 + math.log(0.7) ** 2) / 3)
+    assert clip_fraction.item() == pytest.approx(2 / 3)
+    loss.backward()
+    # only the unclipped term carries a gradient: d(-A r)/d log_prob = -A r / batch
+    assert new.grad is not None and new.grad.tolist() == pytest.approx([-1 / 3, 0.0, 0.0])
+
+
+@pytest.fixture
+def round_of_six(tiny_pipe: StableDiffusionPipeline):
+    torch.manual_seed(0)
+    params = add_lora(tiny_pipe.unet, rank=4, alpha=4)
+    with torch.no_grad():  # start from a non-identity adapter, as after some training
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))
+    trajectory = sample_trajectories(
+        tiny_pipe, ["a red circle"] * 6, per_image_generators(0, 6), num_steps=4, guidance_scale=5.0, eta=1.0
+    )
+    return tiny_pipe, params, trajectory
+
+
+def test_policy_update_steps_the_optimiser_as_configured_and_trains_only_lora(round_of_six) -> None:
+    pipe, params, trajectory = round_of_six
+    frozen = {n: p.detach().clone() for n, p in pipe.unet.named_parameters() if not p.requires_grad}
+    lora_before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    stats = policy_update(
+        pipe,
+        trajectory,
+        torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0]),
+        optimizer,
+        timesteps_per_trajectory=2,
+        train_batch_size=2,
+        gradient_accumulation_steps=2,
+        inner_epochs=2,
+        clip_range=1e-4,
+        max_grad_norm=1.0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert stats.optimizer_steps == 4  # 2 epochs x ceil(3 micro-batches / 2)
+    assert 0 <= stats.clip_fraction <= 1 and stats.approx_kl >= 0
+    assert all(torch.equal(p, frozen[n]) for n, p in pipe.unet.named_parameters() if not p.requires_grad)
+    assert all(not torch.equal(p, before) for p, before in zip(params, lora_before, strict=True))
+
+
+def test_policy_update_raises_the_likelihood_of_advantaged_samples(round_of_six) -> None:
+    pipe, params, trajectory = round_of_six
+    advantage = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
+    rows = torch.arange(6).repeat_interleave(4)
+    steps = torch.arange(4).repeat(6)
+    with torch.no_grad():
+        before = recompute_log_probs(pipe, trajectory, rows, steps).view(6, 4)
+    assert torch.allclose(before, trajectory.log_probs, atol=1e-5)  # nothing trained yet: new == old
+    policy_update(
+        pipe,
+        trajectory,
+        advantage,
+        torch.optim.SGD(params, lr=2e-3),
+        timesteps_per_trajectory=4,
+        train_batch_size=6,
+        gradient_accumulation_steps=1,
+        inner_epochs=1,
+        clip_range=10.0,  # no clipping: one plain policy-gradient step
+        max_grad_norm=1e9,
+        generator=torch.Generator().manual_seed(0),
+    )
+    with torch.no_grad():
+        change = (recompute_log_probs(pipe, trajectory, rows, steps).view(6, 4) - before).mean(dim=1)
+    assert change[advantage > 0].mean() > change[advantage < 0].mean()
+
+
+def test_policy_update_refuses_more_timesteps_than_the_trajectory_has(round_of_six) -> None:
+    pipe, params, trajectory = round_of_six
+    with pytest.raises(ValueError, match="timesteps_per_trajectory 5 exceeds the 4 steps"):
+        policy_update(
+            pipe,
+            trajectory,
+            torch.zeros(6),
+            torch.optim.SGD(params, lr=1e-3),
+            timesteps_per_trajectory=5,
+            train_batch_size=2,
+            gradient_accumulation_steps=1,
+            inner_epochs=1,
+            clip_range=1e-4,
+            max_grad_norm=1.0,
+            generator=torch.Generator(),
+        )

@@ -1,0 +1,94 @@
+import math
+
+import pytest
+import torch
+
+from hero_ml.encoder import FeedbackEncoder, TripletSource, cosine_distance, train_encoder, triplet_loss
+from hero_ml.rewards import similarity_to_best
+
+
+def test_cosine_distance_is_per_sample() -> None:
+    a = torch.tensor([[1.0, 0.0], [1.0, 0.0], [2.0, 2.0]])
+    b = torch.tensor([[0.0, 3.0], [-1.0, 0.0], [1.0, 1.0]])
+    assert cosine_distance(a, b).tolist() == pytest.approx([0.5, 1.0, 0.0], abs=1e-7)
+
+
+def test_triplet_loss_on_a_hand_computed_case() -> None:
+    anchor = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    positive = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # d = 0, 0.5
+    negative = torch.tensor([[0.0, 1.0], [1.0, 1.0]])  # d = 0.5, (1 - 1/sqrt 2) / 2
+    expected = (max(0.0, 0 - 0.5 + 0.5) + (0.5 - (1 - 1 / math.sqrt(2)) / 2 + 0.5)) / 2
+    assert triplet_loss(anchor, positive, negative, margin=0.5).item() == pytest.approx(expected)
+
+
+def test_encoder_is_the_reference_network_on_sd15_latents() -> None:
+    encoder = FeedbackEncoder((4, 64, 64))
+    linear = [m for m in encoder.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linear] == [
+        (2048, 2048),
+        (2048, 2048),
+        (2048, 1024),
+        (1024, 512),
+    ]
+    conv = [m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(m.in_channels, m.out_channels, m.kernel_size) for m in conv] == [
+        (4, 8, (3, 3)),
+        (8, 16, (3, 3)),
+        (16, 32, (3, 3)),
+    ]
+    latents = torch.randn(2, 4, 64, 64)
+    assert encoder.features(latents).shape == (2, 2048) and encoder(latents).shape == (2, 512)
+
+
+def test_encoder_sizes_itself_from_the_toy_latent_and_refuses_odd_shapes() -> None:
+    encoder = FeedbackEncoder((4, 16, 16))
+    assert encoder(torch.randn(3, 4, 16, 16)).shape == (3, 32)
+    with pytest.raises(ValueError, match="multiples of 8, got 12x16"):
+        FeedbackEncoder((4, 12, 16))
+
+
+def separable_round(gen: torch.Generator) -> TripletSource:
+    """Good latents share the best's pattern, bad ones carry its opposite, both under noise."""
+    pattern = torch.randn(4, 16, 16, generator=gen)
+    good = pattern + 0.8 * torch.randn(8, 4, 16, 16, generator=gen)
+    bad = -pattern + 0.8 * torch.randn(8, 4, 16, 16, generator=gen)
+    return TripletSource(anchor=pattern, good=good, bad=bad)
+
+
+def trained(seed: int, epochs: int = 60) -> tuple[FeedbackEncoder, list[float], TripletSource]:
+    torch.manual_seed(seed)
+    encoder = FeedbackEncoder((4, 16, 16))
+    optimizer = torch.optim.Adam(encoder.parameters(), lr=1e-3)
+    source = separable_round(torch.Generator().manual_seed(seed))
+    losses = train_encoder(
+        encoder,
+        optimizer,
+        [source],
+        epochs=epochs,
+        triplets_per_epoch=32,
+        margin=0.5,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return encoder, losses, source
+
+
+def test_training_separates_good_from_bad_and_is_reproducible() -> None:
+    encoder, losses, source = trained(0)
+    assert len(losses) == 60 and sum(losses[-10:]) < 0.5 * sum(losses[:10])
+    with torch.no_grad():
+        best = encoder.features(source.anchor[None])[0]
+        good = similarity_to_best(encoder.features(source.good), best)
+        bad = similarity_to_best(encoder.features(source.bad), best)
+    assert good.min() > bad.max()
+    assert trained(0, epochs=5)[1] == trained(0, epochs=5)[1]
+
+
+def test_rounds_without_bad_images_give_no_triplets_and_without_good_use_the_anchor() -> None:
+    encoder = FeedbackEncoder((4, 16, 16))
+    optimizer = torch.optim.Adam(encoder.parameters(), lr=1e-3)
+    source = separable_round(torch.Generator().manual_seed(0))
+    kwargs = dict(epochs=3, triplets_per_epoch=4, margin=0.5, generator=torch.Generator())
+    no_bad = TripletSource(anchor=source.anchor, good=source.good, bad=source.bad[:0])
+    assert train_encoder(encoder, optimizer, [no_bad], **kwargs) == []
+    no_good = TripletSource(anchor=source.anchor, good=source.good[:0], bad=source.bad)
+    assert len(train_encoder(encoder, optimizer, [no_good], **kwargs)) == 3

@@ -1,0 +1,76 @@
+import math
+
+import pytest
+import torch
+
+from hero_ml.guidance import guided_initial_noise
+from hero_ml.rewards import mean_similarity_to_good, similarity_to_best
+
+
+def test_guided_noise_is_the_reference_formula_draw_for_draw() -> None:
+    gen = torch.Generator().manual_seed(0)
+    best, good = torch.randn(4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)
+    noise = guided_initial_noise(
+        best, good, 7, best_ratio=0.5, eps=0.1, generator=torch.Generator().manual_seed(1)
+    )
+
+    replay = torch.Generator().manual_seed(1)
+    pool = torch.cat([good, best[None]])
+    picks = torch.randint(4, (4,), generator=replay)  # 7 - floor(3.5) = 4 images from the pool
+    centres = torch.cat([best.expand(3, 4, 8, 8), pool[picks]])
+    expected = math.sqrt(1 - 0.01) * centres + 0.1 * torch.randn(centres.shape, generator=replay)
+    assert torch.equal(noise, expected)
+
+
+def test_without_perturbation_the_noises_are_the_best_and_pool_members() -> None:
+    gen = torch.Generator().manual_seed(0)
+    best, good = torch.randn(4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
+    noise = guided_initial_noise(best, good, 10, best_ratio=0.3, eps=0.0, generator=gen)
+    assert all(torch.equal(noise[i], best) for i in range(3))
+    pool = [*good, best]
+    assert all(any(torch.equal(noise[i], p) for p in pool) for i in range(3, 10))
+
+
+def test_an_empty_pool_leaves_only_the_best() -> None:
+    best = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(0))
+    noise = guided_initial_noise(
+        best, torch.empty(0, 4, 8, 8), 6, best_ratio=0.0, eps=0.0, generator=torch.Generator()
+    )
+    assert torch.equal(noise, best.expand(6, 4, 8, 8))
+
+
+def test_guided_noise_keeps_the_prior_and_correlates_with_its_centre() -> None:
+    gen = torch.Generator().manual_seed(3)
+    best, good = torch.randn(4, 16, 16, generator=gen), torch.randn(5, 4, 16, 16, generator=gen)
+    noise = guided_initial_noise(best, good, 2048, best_ratio=0.5, eps=0.1, generator=gen)
+    residual = noise[:1024] - math.sqrt(1 - 0.01) * best
+    assert residual.mean().abs() < 0.002 and residual.std() == pytest.approx(0.1, rel=0.01)
+    # an element's variance across images near one centre is eps^2; the centres themselves are N(0, 1)
+    assert noise.var() == pytest.approx(1.0, rel=0.1)
+
+
+def test_guided_noise_refuses_bad_arguments() -> None:
+    best = torch.zeros(4, 8, 8)
+    with pytest.raises(ValueError, match="best_ratio and eps must lie in"):
+        guided_initial_noise(
+            best, torch.zeros(1, 4, 8, 8), 4, best_ratio=1.5, eps=0.1, generator=torch.Generator()
+        )
+    with pytest.raises(ValueError, match=r"good noises have shape \(4, 4, 4\), the best \(4, 8, 8\)"):
+        guided_initial_noise(
+            best, torch.zeros(1, 4, 4, 4), 4, best_ratio=0.5, eps=0.1, generator=torch.Generator()
+        )
+
+
+FEATURES = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]])
+
+
+def test_similarity_to_best_on_hand_computed_cases() -> None:
+    rewards = similarity_to_best(FEATURES, torch.tensor([5.0, 0.0]))
+    assert rewards.tolist() == [1.0, 0.5, 0.0]  # cos 1, 0, -1 -> (cos + 1) / 2
+
+
+def test_mean_similarity_to_good_on_hand_computed_cases() -> None:
+    rewards = mean_similarity_to_good(FEATURES, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    assert rewards.tolist() == pytest.approx([0.75, 0.75, 0.25])
+    with pytest.raises(ValueError, match="at least one good image"):
+        mean_similarity_to_good(FEATURES, torch.empty(0, 2))
