@@ -3,11 +3,13 @@
 Advantages are the round's rewards normalised and clipped; the loss is PPO's clipped surrogate on the
 ratio of new to old log-probabilities of recorded denoising steps; an update pass trains a random
 subset of each trajectory's steps, recomputing their log-probs under the current UNet (with CFG, as
-sampled), and steps the optimiser every `gradient_accumulation_steps` micro-batches.
+sampled), and steps the optimiser every `gradient_accumulation_steps` micro-batches. The pass is
+shared with D3PO (d3po.py), which trains preference pairs with its own objective.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,60 +41,70 @@ def ppo_clipped_loss(
     return loss, approx_kl.detach(), clip_fraction.detach()
 
 
+# (units, steps) -> (loss, approx_kl, clip_fraction): the objective on a micro-batch of trained
+# units (trajectories for DDPO, preference pairs for D3PO), each at one of its denoising steps.
+StepObjective = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def ddpo_objective(
+    pipe: StableDiffusionPipeline, trajectory: Trajectory, advantage: torch.Tensor, clip_range: float
+) -> StepObjective:
+    """PPO's clipped loss of trajectories `rows` at `steps`, new log-probs from the current UNet."""
+
+    def objective(rows: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        log_prob = recompute_log_probs(pipe, trajectory, rows, steps)
+        old = trajectory.log_probs[rows, steps].to(log_prob.device)
+        return ppo_clipped_loss(log_prob, old, advantage[rows].to(log_prob.device), clip_range)
+
+    return objective
+
+
 @dataclass(frozen=True)
 class UpdateStats:
-    loss: float  # mean over every (trajectory, step) trained
+    loss: float  # mean over every (unit, step) trained
     approx_kl: float
     clip_fraction: float
     optimizer_steps: int
 
 
-def policy_update(
-    pipe: StableDiffusionPipeline,
-    trajectory: Trajectory,
-    advantage: torch.Tensor,
+def update_pass(
+    objective: StepObjective,
     optimizer: torch.optim.Optimizer,
     *,
-    timesteps_per_trajectory: int,
+    units: int,
+    num_steps: int,
+    timesteps_per_unit: int,
     train_batch_size: int,
     gradient_accumulation_steps: int,
     inner_epochs: int,
-    clip_range: float,
     max_grad_norm: float,
     generator: torch.Generator,
 ) -> UpdateStats:
-    """One DDPO update on a round: `inner_epochs` passes over its trajectories in random order.
+    """`inner_epochs` passes over `units` in random order, each training `timesteps_per_unit` distinct
+    random steps of its `num_steps`.
 
-    Every trajectory trains `timesteps_per_trajectory` distinct random steps. The loss of a micro-batch
-    is weighted by its share of the accumulation group, so that each optimiser step follows the mean
-    loss of its group, whatever the batch sizes. The optimiser must hold only the trainable (LoRA)
-    parameters; their gradient norm is clipped to max_grad_norm before each step."""
-    count, num_steps = trajectory.log_probs.shape
-    if timesteps_per_trajectory > num_steps:
-        raise ValueError(f"timesteps_per_trajectory {timesteps_per_trajectory} exceeds the {num_steps} steps")
+    The loss of a micro-batch is weighted by its share of the accumulation group, so each optimiser
+    step follows the mean loss of its group whatever the batch sizes. The optimiser must hold only the
+    trainable (LoRA) parameters; their gradient norm is clipped to max_grad_norm before each step."""
+    if timesteps_per_unit > num_steps:
+        raise ValueError(
+            f"{timesteps_per_unit} timesteps per unit exceed the {num_steps} steps of a trajectory"
+        )
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    device = pipe.unet.device
     losses, kls, clip_fractions, optimizer_steps = [], [], [], 0
     for _ in range(inner_epochs):
-        order = torch.randperm(count, generator=generator)
-        steps = torch.stack([torch.randperm(num_steps, generator=generator) for _ in range(count)])
-        steps = steps[:, :timesteps_per_trajectory]
+        order = torch.randperm(units, generator=generator)
+        steps = torch.stack([torch.randperm(num_steps, generator=generator) for _ in range(units)])
+        steps = steps[:, :timesteps_per_unit]
         micro_batches = list(order.split(train_batch_size))
         for start in range(0, len(micro_batches), gradient_accumulation_steps):
             group = micro_batches[start : start + gradient_accumulation_steps]
-            group_rows = sum(len(rows) for rows in group)
+            group_units = sum(len(batch) for batch in group)
             optimizer.zero_grad(set_to_none=True)
-            for rows in group:
-                weight = len(rows) / (group_rows * timesteps_per_trajectory)
-                for j in range(timesteps_per_trajectory):
-                    step = steps[rows, j]
-                    log_prob = recompute_log_probs(pipe, trajectory, rows, step)
-                    loss, approx_kl, clip_fraction = ppo_clipped_loss(
-                        log_prob,
-                        trajectory.log_probs[rows, step].to(device),
-                        advantage[rows].to(device),
-                        clip_range,
-                    )
+            for batch in group:
+                weight = len(batch) / (group_units * timesteps_per_unit)
+                for j in range(timesteps_per_unit):
+                    loss, approx_kl, clip_fraction = objective(batch, steps[batch, j])
                     (loss * weight).backward()
                     losses.append(loss.item())
                     kls.append(approx_kl.item())

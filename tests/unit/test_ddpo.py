@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from hero_ml.ddpo import advantages, policy_update, ppo_clipped_loss
+from hero_ml.ddpo import advantages, ddpo_objective, ppo_clipped_loss, update_pass
 from hero_ml.diffusion.lora import add_lora
 from hero_ml.diffusion.sampler import per_image_generators, recompute_log_probs, sample_trajectories
 
@@ -44,21 +44,20 @@ def round_of_six(tiny_pipe: StableDiffusionPipeline):
     return tiny_pipe, params, trajectory
 
 
-def test_policy_update_steps_the_optimiser_as_configured_and_trains_only_lora(round_of_six) -> None:
+def test_update_pass_steps_the_optimiser_as_configured_and_trains_only_lora(round_of_six) -> None:
     pipe, params, trajectory = round_of_six
     frozen = {n: p.detach().clone() for n, p in pipe.unet.named_parameters() if not p.requires_grad}
     lora_before = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
-    stats = policy_update(
-        pipe,
-        trajectory,
-        torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0]),
+    stats = update_pass(
+        ddpo_objective(pipe, trajectory, torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0]), clip_range=1e-4),
         optimizer,
-        timesteps_per_trajectory=2,
+        units=6,
+        num_steps=4,
+        timesteps_per_unit=2,
         train_batch_size=2,
         gradient_accumulation_steps=2,
         inner_epochs=2,
-        clip_range=1e-4,
         max_grad_norm=1.0,
         generator=torch.Generator().manual_seed(0),
     )
@@ -68,7 +67,7 @@ def test_policy_update_steps_the_optimiser_as_configured_and_trains_only_lora(ro
     assert all(not torch.equal(p, before) for p, before in zip(params, lora_before, strict=True))
 
 
-def test_policy_update_raises_the_likelihood_of_advantaged_samples(round_of_six) -> None:
+def test_update_pass_raises_the_likelihood_of_advantaged_samples(round_of_six) -> None:
     pipe, params, trajectory = round_of_six
     advantage = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
     rows = torch.arange(6).repeat_interleave(4)
@@ -76,16 +75,15 @@ def test_policy_update_raises_the_likelihood_of_advantaged_samples(round_of_six)
     with torch.no_grad():
         before = recompute_log_probs(pipe, trajectory, rows, steps).view(6, 4)
     assert torch.allclose(before, trajectory.log_probs, atol=1e-5)  # nothing trained yet: new == old
-    policy_update(
-        pipe,
-        trajectory,
-        advantage,
+    update_pass(
+        ddpo_objective(pipe, trajectory, advantage, clip_range=10.0),  # no clipping: a plain policy gradient
         torch.optim.SGD(params, lr=2e-3),
-        timesteps_per_trajectory=4,
+        units=6,
+        num_steps=4,
+        timesteps_per_unit=4,
         train_batch_size=6,
         gradient_accumulation_steps=1,
         inner_epochs=1,
-        clip_range=10.0,  # no clipping: one plain policy-gradient step
         max_grad_norm=1e9,
         generator=torch.Generator().manual_seed(0),
     )
@@ -94,19 +92,18 @@ def test_policy_update_raises_the_likelihood_of_advantaged_samples(round_of_six)
     assert change[advantage > 0].mean() > change[advantage < 0].mean()
 
 
-def test_policy_update_refuses_more_timesteps_than_the_trajectory_has(round_of_six) -> None:
+def test_update_pass_refuses_more_timesteps_than_the_trajectory_has(round_of_six) -> None:
     pipe, params, trajectory = round_of_six
-    with pytest.raises(ValueError, match="timesteps_per_trajectory 5 exceeds the 4 steps"):
-        policy_update(
-            pipe,
-            trajectory,
-            torch.zeros(6),
+    with pytest.raises(ValueError, match="5 timesteps per unit exceed the 4 steps of a trajectory"):
+        update_pass(
+            ddpo_objective(pipe, trajectory, torch.zeros(6), clip_range=1e-4),
             torch.optim.SGD(params, lr=1e-3),
-            timesteps_per_trajectory=5,
+            units=6,
+            num_steps=4,
+            timesteps_per_unit=5,
             train_batch_size=2,
             gradient_accumulation_steps=1,
             inner_epochs=1,
-            clip_range=1e-4,
             max_grad_norm=1.0,
             generator=torch.Generator(),
         )
