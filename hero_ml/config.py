@@ -139,6 +139,13 @@ class EncoderConfig(_Section):
             "all good images ('mean_good')."
         ),
     )
+    replay: bool = Field(
+        False,
+        description=(
+            "Also draw triplets from earlier rounds' labels (each with its own best), not only "
+            "this round's. Off in the paper; on keeps every round's latents in the run state."
+        ),
+    )
 
 
 class DDPOConfig(_Section):
@@ -166,11 +173,16 @@ class DDPOConfig(_Section):
     inner_epochs: int = Field(1, ge=1, description="Passes over the round's samples each update.")
 
 
-class GuidanceConfig(_Section):
-    enabled: bool = Field(
-        True,
-        description="Feedback-guided initial noise; off = plain N(0, I) every round (the ablation).",
+class D3POConfig(_Section):
+    beta: float = Field(0.1, gt=0, description="Temperature of the preference log-sigmoid.")
+    clip_eps: float = Field(
+        0.1, gt=0, lt=1, description="Policy/reference ratios are clipped to [1 - clip_eps, 1 + clip_eps]."
     )
+    lr: float = Field(3e-5, gt=0, description="AdamW learning rate of the LoRA parameters under D3PO.")
+
+
+class GuidanceConfig(_Section):
+    # Used by method 'hero' only; 'hero-noguide' is the ablation with plain N(0, I) every round.
     best_ratio: float = Field(
         0.5,
         ge=0,
@@ -292,10 +304,20 @@ class HeroConfig(BaseSettings):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
         description="Names the run in storage keys, MLflow and Label Studio (letters, digits, _ . -).",
     )
+    method: Literal["hero", "hero-noguide", "ddpo-binary", "d3po"] = Field(
+        "hero",
+        description=(
+            "Learning method. 'hero': encoder rewards + DDPO + feedback-guided noise (the paper); "
+            "'hero-noguide': the same from plain N(0, I) noise; 'ddpo-binary': DDPO on reward 1 for "
+            "good, 0 for bad (no encoder); 'd3po': pairwise good-over-bad preferences (section d3po). "
+            "All spend the same feedback budget."
+        ),
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     ddpo: DDPOConfig = Field(default_factory=DDPOConfig)
+    d3po: D3POConfig = Field(default_factory=D3POConfig)
     guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)

@@ -11,11 +11,13 @@ may stay), good = as good as or better than the best, with optional label noise.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from hero_ml.feedback import AnnotatorFeedback, ImageLabel
 from hero_ml.toy.perceive import SeenObject, perceive
 from hero_ml.toy.scene import MAX_COUNT, Color, Kind, Region, region_box
 
@@ -94,15 +96,6 @@ def judge(image: np.ndarray, target: Target) -> Verdict:
     )
 
 
-@dataclass(frozen=True)
-class RoundLabels:
-    """One annotator's labels of a round: good or bad per image, and the best (an index or 'keep')."""
-
-    good: tuple[bool, ...]
-    best: int | None  # index into this round's images; None keeps the current best
-    annotator: str
-
-
 class SimulatedAnnotator:
     """A programmatic annotator: the judge, with an optional probability of flipping each good/bad label."""
 
@@ -114,7 +107,9 @@ class SimulatedAnnotator:
         self.rng = np.random.default_rng(seed)
         self.name = name
 
-    def label_round(self, images: np.ndarray, current_best: np.ndarray | None = None) -> RoundLabels:
+    def label_round(
+        self, image_ids: Sequence[str], images: np.ndarray, current_best: np.ndarray | None = None
+    ) -> AnnotatorFeedback:
         """Label (N, H, W, 3) images. The best is this round's top image unless the current best
         scores higher (then it stays); good = at most as many violations as the best."""
         verdicts = [judge(image, self.target) for image in images]
@@ -132,4 +127,11 @@ class SimulatedAnnotator:
             good = [g != f for g, f in zip(good, flips, strict=True)]
         if best is not None:
             good[best] = True  # the best is good by definition, noise or not
-        return RoundLabels(good=tuple(good), best=best, annotator=self.name)
+        return AnnotatorFeedback(
+            annotator=self.name,
+            images=tuple(
+                ImageLabel(image_id=image_id, label="good" if g else "bad", best=i == best)
+                for i, (image_id, g) in enumerate(zip(image_ids, good, strict=True))
+            ),
+            keep_best=best is None,
+        )

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from hero_ml.feedback import aggregate
 from hero_ml.toy.judge import SimulatedAnnotator, Target, Want, judge
 from hero_ml.toy.perceive import perceive
 from hero_ml.toy.render import render
@@ -76,19 +77,26 @@ def test_region_malformed_and_forbidden_rules() -> None:
     assert judge(image, Target(exact=False, forbidden_colors=("red",))).good
 
 
+IDS = ["a", "b", "c", "d"]
+
+
 def test_simulated_annotator_follows_the_hero_protocol() -> None:
     target = Target(require=(Want(count=1, color="red", kind="circle"),))
     good = render(Scene(size=32, shapes=(Shape(kind="circle", color="red", x=16, y=16, radius=5),)))
     bad = render(Scene(size=32, shapes=(Shape(kind="square", color="red", x=16, y=16, radius=5),)))
     images = np.stack([bad, good, bad, good])
-    labels = SimulatedAnnotator(target).label_round(images)
-    assert labels.good == (False, True, False, True) and labels.best in (1, 3)
+    labels = SimulatedAnnotator(target).label_round(IDS, images)
+    assert [x.label for x in labels.images] == ["bad", "good", "bad", "good"]
+    assert labels.best_vote in ("b", "d") and not labels.keep_best
     # A better current best stays; nothing this round is as good, so nothing is good.
-    kept = SimulatedAnnotator(target).label_round(np.stack([bad, bad]), current_best=good)
-    assert kept.best is None and kept.good == (False, False)
+    kept = SimulatedAnnotator(target).label_round(IDS[:2], np.stack([bad, bad]), current_best=good)
+    assert kept.keep_best and [x.label for x in kept.images] == ["bad", "bad"]
     # No good image at all: the least bad is the best and is good by definition.
-    none_good = SimulatedAnnotator(target).label_round(np.stack([bad, bad]))
-    assert none_good.best == 0 and none_good.good == (True, True)
+    none_good = SimulatedAnnotator(target).label_round(IDS[:2], np.stack([bad, bad]))
+    assert none_good.best_vote == "a" and [x.label for x in none_good.images] == ["good", "good"]
+    # What the annotator says is valid feedback, as a human's would have to be.
+    verdict = aggregate([labels], IDS, has_current_best=False)
+    assert verdict.good == (False, True, False, True)
 
 
 def test_label_noise_flips_about_the_asked_fraction_but_never_the_best() -> None:
@@ -96,8 +104,9 @@ def test_label_noise_flips_about_the_asked_fraction_but_never_the_best() -> None
     good = render(Scene(size=32, shapes=(Shape(kind="circle", color="red", x=16, y=16, radius=5),)))
     bad = render(Scene(size=32, shapes=(Shape(kind="square", color="red", x=16, y=16, radius=5),)))
     images = np.stack([good] + [bad] * 399)
-    labels = SimulatedAnnotator(target, flip_probability=0.25, seed=3).label_round(images)
-    assert labels.best == 0 and labels.good[0]
-    assert 0.18 < sum(labels.good[1:]) / 399 < 0.32
+    ids = [f"img-{i}" for i in range(400)]
+    labels = SimulatedAnnotator(target, flip_probability=0.25, seed=3).label_round(ids, images)
+    assert labels.best_vote == "img-0" and labels.images[0].label == "good"
+    assert 0.18 < sum(x.label == "good" for x in labels.images[1:]) / 399 < 0.32
     with pytest.raises(ValueError, match="flip_probability"):
         SimulatedAnnotator(target, flip_probability=1.5)
