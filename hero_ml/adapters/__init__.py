@@ -1,0 +1,1 @@
+"""Adapters to the outside world (storage, tracking, Label Studio), each behind a small protocol."""

@@ -1,0 +1,23 @@
+"""Storage keys: relative POSIX paths such as `runs/demo/rounds/3/manifest.json`. A key that could
+escape the store's root (absolute, `..`, empty parts, backslashes, control or unicode tricks) is refused."""
+
+from __future__ import annotations
+
+import re
+
+_SAFE_PART = re.compile(r"^[A-Za-z0-9_.=-]+$")
+
+
+class InvalidKeyError(ValueError):
+    """A storage key that is not a plain relative path."""
+
+
+def check_key(key: str) -> str:
+    """The key itself when it is a plain relative path of safe parts, else InvalidKeyError."""
+    for part in key.split("/"):
+        if part in ("", ".", "..") or not _SAFE_PART.match(part):
+            raise InvalidKeyError(
+                f"storage key {key!r} is not a plain relative path: part {part!r} must be ASCII letters, "
+                "digits, '_', '.', '=' or '-' (no '..', no leading '/', no empty parts)"
+            )
+    return key

@@ -1,0 +1,358 @@
+"""One round of online learning from feedback: `generate()` a batch, then `learn(batch, feedback)`.
+
+The engine holds what a run learns: the LoRA on the pipeline's UNet and its optimiser, the feedback
+encoder and its optimiser, the current best image (its x_T, encoder latent and pixels), the good
+noises of the last round (the guidance pool), the round index and the feedbacks spent. It knows
+nothing of orchestration, annotators or trackers; its only I/O is `save`/`load` through an
+ArtifactStore. Every random draw comes from a generator derived from (seed, round, purpose), so a
+run resumed from any saved round continues bit for bit as if it had never stopped.
+
+Methods (config `method`), all on the same rounds and the same feedback:
+- hero: encoder trained on triplets, reward = similarity to the best, DDPO, feedback-guided noise.
+- hero-noguide: the same from plain N(0, I) noise every round.
+- ddpo-binary: DDPO on reward 1 for good and 0 for bad; no encoder.
+- d3po: pairwise good-over-bad preferences against the adapter-free reference policy.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from hero_ml.adapters.storage import ArtifactStore
+from hero_ml.config import HeroConfig
+from hero_ml.d3po import d3po_objective, preference_pairs
+from hero_ml.ddpo import StepObjective, UpdateStats, advantages, ddpo_objective, update_pass
+from hero_ml.diffusion.lora import add_lora
+from hero_ml.diffusion.pipeline import DTYPES
+from hero_ml.diffusion.sampler import Trajectory, per_image_generators, sample_trajectories
+from hero_ml.encoder import FeedbackEncoder, TripletSource, train_encoder
+from hero_ml.feedback import RoundFeedback
+from hero_ml.guidance import guided_initial_noise
+from hero_ml.rewards import mean_similarity_to_good, similarity_to_best
+
+CHECKPOINT_FORMAT = 1
+TENSORS = "state.safetensors"
+STATE = "state.json"  # written last: it commits the checkpoint
+# Each purpose draws from its own stream, so changing how much one consumes never shifts another.
+_PURPOSES = {"guidance": 1, "encoder": 2, "update": 3, "pairs": 4}
+
+
+class EngineError(RuntimeError):
+    """The engine was asked something that does not fit its state (a stale batch, a bad checkpoint)."""
+
+
+@dataclass(frozen=True)
+class RoundBatch:
+    """A generated round: image ids (as annotators see them) and the recorded trajectories."""
+
+    round: int
+    image_ids: tuple[str, ...]
+    trajectory: Trajectory
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    """What one round of learning did, for tracking (every figure is a float or int)."""
+
+    round: int
+    feedbacks: int  # spent so far, this round included
+    good: int
+    bad: int
+    new_best: bool
+    label_agreement: float
+    encoder_loss_first: float | None  # None: the method has no encoder or the round had no triplets
+    encoder_loss_last: float | None
+    reward_good_mean: float | None
+    reward_bad_mean: float | None
+    update_loss: float | None  # None: nothing to learn this round (equal rewards, no pairs)
+    approx_kl: float | None
+    clip_fraction: float | None
+    optimizer_steps: int
+
+    def metrics(self) -> dict[str, float]:
+        return {k: float(v) for k, v in asdict(self).items() if v is not None and k != "round"}
+
+
+class Engine:
+    def __init__(self, config: HeroConfig, pipe: StableDiffusionPipeline):
+        """Attach a fresh LoRA to `pipe` (its UNet must have none) and build the method's learners."""
+        self.config = config
+        self.pipe = pipe
+        self.method = config.method
+        unet_config = pipe.unet.config
+        self.latent_shape = (unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
+        self.encoder: FeedbackEncoder | None = None
+        with torch.random.fork_rng(devices=[]):  # seeded initialisation, the caller's RNG untouched
+            torch.manual_seed(config.sampling.seed)
+            self.lora_params = add_lora(pipe.unet, rank=config.model.lora_rank, alpha=config.model.lora_alpha)
+            if self.method in ("hero", "hero-noguide"):
+                self.encoder = FeedbackEncoder(self.latent_shape).to(pipe.unet.device)
+        lr = config.d3po.lr if self.method == "d3po" else config.ddpo.lr
+        self.lora_optimizer = torch.optim.AdamW(
+            self.lora_params, lr=lr, weight_decay=config.ddpo.weight_decay
+        )
+        self.encoder_optimizer: torch.optim.Optimizer | None = None
+        if self.encoder is not None:
+            self.encoder_optimizer = torch.optim.Adam(self.encoder.parameters(), lr=config.encoder.lr)
+        self.round = 0
+        self.feedbacks = 0
+        self.best_noise: torch.Tensor | None = None  # x_T of the current best
+        self.best_latent: torch.Tensor | None = None  # its encoder input
+        self.best_image: torch.Tensor | None = None  # its pixels, (H, W, 3) uint8, shown to annotators
+        self.good_noises = torch.empty(0, *self.latent_shape)  # x_T of the last round's good images
+        self.replay: list[TripletSource] = []  # earlier rounds' triplet sources, when encoder.replay
+
+    # -- a round -------------------------------------------------------------------------------
+
+    def generate(self, on_step: Callable[[], None] | None = None) -> RoundBatch:
+        """Sample this round's images. Deterministic in (seed, round, state): generating twice gives
+        the same batch, so a crashed round is regenerated identically."""
+        sampling = self.config.sampling
+        count = sampling.images_per_round
+        initial_noise = None
+        if self.method == "hero" and self.best_noise is not None:
+            guidance = self.config.guidance
+            initial_noise = guided_initial_noise(
+                self.best_noise,
+                self.good_noises,
+                count,
+                best_ratio=guidance.best_ratio,
+                eps=guidance.noise_eps,
+                generator=self._generator("guidance"),
+            )
+        trajectory = sample_trajectories(
+            self.pipe,
+            [sampling.prompt] * count,
+            per_image_generators((sampling.seed, self.round), count),
+            num_steps=sampling.num_steps,
+            guidance_scale=sampling.guidance_scale,
+            eta=sampling.eta,
+            initial_noise=initial_noise,
+            negative_prompt=sampling.negative_prompt,
+            sub_batch_size=sampling.sub_batch_size,
+            storage_dtype=DTYPES[sampling.storage_dtype],
+            on_step=on_step,
+        )
+        image_ids = tuple(f"r{self.round:04d}-{i:03d}" for i in range(count))
+        return RoundBatch(round=self.round, image_ids=image_ids, trajectory=trajectory)
+
+    def learn(self, batch: RoundBatch, feedback: RoundFeedback) -> RoundStats:
+        """Learn from the feedback on `batch` and advance to the next round."""
+        if batch.round != self.round:
+            raise EngineError(f"the batch is of round {batch.round}, the engine is at round {self.round}")
+        if feedback.image_ids != batch.image_ids:
+            raise EngineError("the feedback's image ids are not this batch's: it was given for another round")
+        if feedback.best is None and self.best_noise is None:
+            raise EngineError("the first round's feedback must pick a best: there is none to keep")
+        trajectory = batch.trajectory
+        latents = trajectory.final_step_input.float()
+        good, bad = feedback.good_indices, feedback.bad_indices
+        if feedback.best is not None:
+            self.best_noise = trajectory.initial_noise[feedback.best].float().clone()
+            self.best_latent = latents[feedback.best].clone()
+            self.best_image = trajectory.images[feedback.best].clone()
+        self.good_noises = trajectory.initial_noise[good].float().clone()
+
+        encoder_losses: list[float] = []
+        rewards: torch.Tensor | None = None
+        objective: StepObjective | None = None
+        units = len(trajectory)
+        if self.method in ("hero", "hero-noguide"):
+            encoder_losses, rewards = self._encoder_round(latents, good, bad)
+        elif self.method == "ddpo-binary":
+            rewards = torch.tensor(feedback.good, dtype=torch.float32)
+        if rewards is not None:
+            advantage = advantages(rewards, self.config.ddpo.adv_clip_max)
+            if advantage.abs().sum() > 0:
+                objective = ddpo_objective(self.pipe, trajectory, advantage, self.config.ddpo.clip_range)
+        else:  # d3po
+            pairs = preference_pairs(good, bad, self._generator("pairs"))
+            if len(pairs):
+                d3po = self.config.d3po
+                objective = d3po_objective(self.pipe, trajectory, pairs, beta=d3po.beta, eps=d3po.clip_eps)
+                units = len(pairs)
+        update = self._update(objective, units, trajectory.num_steps) if objective is not None else None
+
+        self.round += 1
+        self.feedbacks += feedback.feedbacks
+        return RoundStats(
+            round=batch.round,
+            feedbacks=self.feedbacks,
+            good=len(good),
+            bad=len(bad),
+            new_best=feedback.best is not None,
+            label_agreement=feedback.label_agreement,
+            encoder_loss_first=encoder_losses[0] if encoder_losses else None,
+            encoder_loss_last=encoder_losses[-1] if encoder_losses else None,
+            reward_good_mean=_mean(rewards, good),
+            reward_bad_mean=_mean(rewards, bad),
+            update_loss=update.loss if update else None,
+            approx_kl=update.approx_kl if update else None,
+            clip_fraction=update.clip_fraction if update else None,
+            optimizer_steps=update.optimizer_steps if update else 0,
+        )
+
+    def _encoder_round(
+        self, latents: torch.Tensor, good: list[int], bad: list[int]
+    ) -> tuple[list[float], torch.Tensor]:
+        """Train the encoder on this round's triplets (and earlier ones, with replay); reward every image."""
+        assert (
+            self.encoder is not None and self.encoder_optimizer is not None and self.best_latent is not None
+        )
+        encoder_config = self.config.encoder
+        source = TripletSource(anchor=self.best_latent, good=latents[good], bad=latents[bad])
+        if encoder_config.replay:
+            self.replay.append(source)
+        losses = train_encoder(
+            self.encoder,
+            self.encoder_optimizer,
+            self.replay if encoder_config.replay else [source],
+            epochs=encoder_config.epochs_per_round,
+            triplets_per_epoch=encoder_config.triplets_per_epoch,
+            margin=encoder_config.margin,
+            generator=self._generator("encoder"),
+        )
+        device = next(self.encoder.parameters()).device
+        with torch.no_grad():
+            features = self.encoder.features(latents.to(device)).cpu()
+            best = self.encoder.features(self.best_latent[None].to(device)).cpu()[0]
+        if encoder_config.reward == "best":
+            return losses, similarity_to_best(features, best)
+        # the good images of this round and the best, which is good by definition (it may be older)
+        return losses, mean_similarity_to_good(features, torch.cat([features[good], best[None]]))
+
+    def _update(self, objective: StepObjective, units: int, num_steps: int) -> UpdateStats:
+        ddpo = self.config.ddpo
+        return update_pass(
+            objective,
+            self.lora_optimizer,
+            units=units,
+            num_steps=num_steps,
+            timesteps_per_unit=ddpo.timesteps_per_trajectory,
+            train_batch_size=ddpo.train_batch_size,
+            gradient_accumulation_steps=ddpo.gradient_accumulation_steps,
+            inner_epochs=ddpo.inner_epochs,
+            max_grad_norm=ddpo.max_grad_norm,
+            generator=self._generator("update"),
+        )
+
+    def _generator(self, purpose: str) -> torch.Generator:
+        return per_image_generators((self.config.sampling.seed, self.round, _PURPOSES[purpose]), 1)[0]
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def save(self, store: ArtifactStore, prefix: str) -> None:
+        """Write the whole state under `prefix`: tensors (safetensors), then the JSON that commits them."""
+        tensors: dict[str, torch.Tensor] = {
+            f"lora.{name}": p.detach() for name, p in self.pipe.unet.named_parameters() if p.requires_grad
+        }
+        optimizers = {"lora": _optimizer_to(self.lora_optimizer, "optim.lora", tensors)}
+        if self.encoder is not None and self.encoder_optimizer is not None:
+            tensors |= {f"encoder.{k}": v for k, v in self.encoder.state_dict().items()}
+            optimizers["encoder"] = _optimizer_to(self.encoder_optimizer, "optim.encoder", tensors)
+        tensors["good_noises"] = self.good_noises
+        if self.best_noise is not None:
+            assert self.best_latent is not None and self.best_image is not None
+            tensors |= {
+                "best.noise": self.best_noise,
+                "best.latent": self.best_latent,
+                "best.image": self.best_image,
+            }
+        for index, source in enumerate(self.replay):
+            tensors |= {f"replay.{index}.{part}": getattr(source, part) for part in ("anchor", "good", "bad")}
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "method": self.method,
+            "round": self.round,
+            "feedbacks": self.feedbacks,
+            "replay_rounds": len(self.replay),
+            "optimizers": optimizers,
+        }
+        store.put(f"{prefix}/{TENSORS}", save_tensors({k: v.contiguous().cpu() for k, v in tensors.items()}))
+        store.put(f"{prefix}/{STATE}", json.dumps(state, indent=1).encode())
+
+    @classmethod
+    def load(
+        cls, config: HeroConfig, pipe: StableDiffusionPipeline, store: ArtifactStore, prefix: str
+    ) -> Engine:
+        """An engine on `pipe` (without a LoRA) restored from a checkpoint written by `save`."""
+        try:
+            state = json.loads(store.get(f"{prefix}/{STATE}"))
+            tensors = load_tensors(store.get(f"{prefix}/{TENSORS}"))
+        except KeyError as missing:
+            raise EngineError(f"no committed checkpoint at {prefix!r} (missing {missing})") from None
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise EngineError(
+                f"checkpoint {prefix!r} has format {state.get('format')}, expected {CHECKPOINT_FORMAT}"
+            )
+        if state["method"] != config.method:
+            raise EngineError(
+                f"checkpoint {prefix!r} was trained with method {state['method']!r}, the config says "
+                f"{config.method!r}: resume with the run's own config"
+            )
+        engine = cls(config, pipe)
+        try:
+            engine._restore(state, tensors)
+        except (KeyError, ValueError, RuntimeError) as err:
+            raise EngineError(f"checkpoint {prefix!r} does not fit this engine: {err}") from None
+        return engine
+
+    def _restore(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, p in self.pipe.unet.named_parameters():
+                if p.requires_grad:
+                    p.copy_(tensors[f"lora.{name}"])
+        _optimizer_from(self.lora_optimizer, "optim.lora", state["optimizers"]["lora"], tensors)
+        if self.encoder is not None and self.encoder_optimizer is not None:
+            prefix_len = len("encoder.")
+            self.encoder.load_state_dict(
+                {k[prefix_len:]: v for k, v in tensors.items() if k.startswith("encoder.")}
+            )
+            _optimizer_from(self.encoder_optimizer, "optim.encoder", state["optimizers"]["encoder"], tensors)
+        self.round, self.feedbacks = state["round"], state["feedbacks"]
+        self.good_noises = tensors["good_noises"]
+        if "best.noise" in tensors:
+            self.best_noise, self.best_latent = tensors["best.noise"], tensors["best.latent"]
+            self.best_image = tensors["best.image"]
+        self.replay = [
+            TripletSource(*(tensors[f"replay.{i}.{part}"] for part in ("anchor", "good", "bad")))
+            for i in range(state["replay_rounds"])
+        ]
+
+
+def _mean(values: torch.Tensor | None, indices: list[int]) -> float | None:
+    return float(values[indices].mean()) if values is not None and indices else None
+
+
+def _optimizer_to(optimizer: torch.optim.Optimizer, prefix: str, tensors: dict[str, torch.Tensor]) -> dict:
+    """Put the optimiser's tensor state into `tensors`; return the rest (hyper-parameters) for JSON."""
+    state_dict = optimizer.state_dict()
+    scalars: dict[str, object] = {}
+    for index, entry in state_dict["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{prefix}.{index}.{key}"] = value
+            else:
+                scalars[f"{index}.{key}"] = value
+    return {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from(
+    optimizer: torch.optim.Optimizer, prefix: str, saved: dict, tensors: dict[str, torch.Tensor]
+) -> None:
+    state: dict[int, dict[str, object]] = {}
+    for name, value in tensors.items():
+        if name.startswith(prefix + "."):
+            index, key = name[len(prefix) + 1 :].split(".", 1)
+            state.setdefault(int(index), {})[key] = value
+    for name, value in saved["scalars"].items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})

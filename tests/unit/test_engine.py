@@ -1,0 +1,156 @@
+"""The engine on the tiny random SD: rounds of every method, checkpoints, resume bit for bit."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from hero_ml.adapters.storage import LocalStore
+from hero_ml.config import HeroConfig
+from hero_ml.diffusion.pipeline import build_random_pipeline
+from hero_ml.engine import Engine, EngineError, RoundBatch
+from hero_ml.feedback import AnnotatorFeedback, ImageLabel, RoundFeedback, aggregate
+
+METHODS = ["hero", "hero-noguide", "ddpo-binary", "d3po"]
+
+
+def small_config(method: str = "hero", **encoder: object) -> HeroConfig:
+    return HeroConfig(
+        method=method,
+        model={"source": "random:tiny"},
+        sampling={"prompt": "a red circle", "images_per_round": 6, "num_steps": 4, "sub_batch_size": 6},
+        encoder={"epochs_per_round": 4, "triplets_per_epoch": 8, "lr": 1e-3, **encoder},
+        ddpo={"timesteps_per_trajectory": 2, "train_batch_size": 2, "gradient_accumulation_steps": 2},
+        feedback={"budget": 18},
+    )
+
+
+def brightness_labels(engine: Engine, batch: RoundBatch) -> RoundFeedback:
+    """A deterministic stand-in for an annotator on random-weight images: brighter is better."""
+    brightness = batch.trajectory.images.float().mean(dim=(1, 2, 3))
+    bar = brightness.median()
+    keep = engine.best_image is not None and engine.best_image.float().mean() > brightness.max()
+    best = None if keep else int(brightness.argmax())
+    labels = AnnotatorFeedback(
+        annotator="bright",
+        images=tuple(
+            ImageLabel(image_id=i, label="good" if b > bar or n == best else "bad", best=n == best)
+            for n, (i, b) in enumerate(zip(batch.image_ids, brightness, strict=True))
+        ),
+        keep_best=keep,
+    )
+    return aggregate([labels], batch.image_ids, has_current_best=engine.best_image is not None)
+
+
+def run_rounds(engine: Engine, rounds: int) -> list[RoundBatch]:
+    batches = []
+    for _ in range(rounds):
+        batch = engine.generate()
+        engine.learn(batch, brightness_labels(engine, batch))
+        batches.append(batch)
+    return batches
+
+
+def lora(engine: Engine) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in engine.lora_params]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_rounds_of_every_method(method: str) -> None:
+    engine = Engine(small_config(method), build_random_pipeline("tiny", seed=0))
+    start = lora(engine)
+    batch = engine.generate()
+    assert batch.image_ids == tuple(f"r0000-{i:03d}" for i in range(6)) and len(batch.trajectory) == 6
+    first = engine.learn(batch, brightness_labels(engine, batch))
+    second_batch = engine.generate()
+    second = engine.learn(second_batch, brightness_labels(engine, second_batch))
+    assert (first.round, second.round, engine.round) == (0, 1, 2)
+    assert (first.feedbacks, second.feedbacks) == (6, 12)
+    assert first.good + first.bad == 6 and first.new_best
+    # 6 trajectories (d3po: 3 pairs) in micro-batches of 2, accumulated by 2
+    assert first.optimizer_steps == (1 if method == "d3po" else 2)
+    assert (first.encoder_loss_first is not None) == (method in ("hero", "hero-noguide"))
+    assert (first.reward_good_mean is not None) == (method != "d3po")
+    if method in ("hero", "hero-noguide"):
+        assert 0 <= first.reward_bad_mean <= 1 and first.reward_good_mean > first.reward_bad_mean
+    assert first.update_loss is not None and 0 <= first.clip_fraction <= 1
+    assert any(not torch.equal(a, b) for a, b in zip(start, lora(engine), strict=True))
+    assert all(isinstance(v, float) for v in second.metrics().values())
+
+
+def test_guidance_starts_hero_rounds_near_the_best_noise() -> None:
+    guided = Engine(small_config("hero"), build_random_pipeline("tiny", seed=0))
+    plain = Engine(small_config("hero-noguide"), build_random_pipeline("tiny", seed=0))
+    for engine in (guided, plain):
+        run_rounds(engine, 1)
+    assert guided.best_noise is not None and plain.best_noise is not None
+    near = guided.generate().trajectory.initial_noise[:3]  # best_ratio 0.5: the first half
+    far = plain.generate().trajectory.initial_noise[:3]
+    distance = lambda x, best: (x - best).pow(2).mean(dim=(1, 2, 3))  # noqa: E731
+    assert torch.all(distance(near, guided.best_noise) < 0.05)  # eps^2 = 0.01 per element
+    assert torch.all(distance(far, plain.best_noise) > 1.0)  # independent N(0, I): about 2
+
+
+@pytest.mark.parametrize(("method", "replay"), [("hero", True), ("d3po", False)])
+def test_resume_from_a_checkpoint_is_bit_identical(tmp_path: Path, method: str, replay: bool) -> None:
+    config = small_config(method, replay=replay)
+    straight = Engine(config, build_random_pipeline("tiny", seed=0))
+    straight_batches = run_rounds(straight, 3)
+
+    store = LocalStore(tmp_path)
+    first = Engine(config, build_random_pipeline("tiny", seed=0))
+    run_rounds(first, 1)
+    first.save(store, "runs/t/checkpoints/1")
+    resumed = Engine.load(config, build_random_pipeline("tiny", seed=0), store, "runs/t/checkpoints/1")
+    assert (resumed.round, resumed.feedbacks) == (1, 6)
+    resumed_batches = run_rounds(resumed, 2)
+
+    for a, b in zip(straight_batches[1:], resumed_batches, strict=True):
+        assert torch.equal(a.trajectory.latents, b.trajectory.latents)
+        assert torch.equal(a.trajectory.log_probs, b.trajectory.log_probs)
+    assert all(torch.equal(a, b) for a, b in zip(lora(straight), lora(resumed), strict=True))
+    assert (
+        straight.lora_optimizer.state_dict()["state"][0]["step"]
+        == resumed.lora_optimizer.state_dict()["state"][0]["step"]
+    )
+    if straight.encoder is not None and resumed.encoder is not None:
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(
+                straight.encoder.state_dict().values(), resumed.encoder.state_dict().values(), strict=True
+            )
+        )
+        assert len(resumed.replay) == 3
+
+
+def test_learn_refuses_feedback_that_does_not_fit() -> None:
+    engine = Engine(small_config(), build_random_pipeline("tiny", seed=0))
+    batch = engine.generate()
+    no_best = RoundFeedback(
+        image_ids=batch.image_ids,
+        good=(False,) * 6,
+        best=None,
+        annotators=("a",),
+        label_agreement=1,
+        unanimous_share=1,
+        best_agreement=1,
+    )
+    with pytest.raises(EngineError, match="first round's feedback must pick a best"):
+        engine.learn(batch, no_best)
+    other = no_best.model_copy(update={"image_ids": tuple(f"x{i}" for i in range(6))})
+    with pytest.raises(EngineError, match="not this batch's"):
+        engine.learn(batch, other)
+    engine.learn(batch, brightness_labels(engine, batch))
+    with pytest.raises(EngineError, match="the batch is of round 0, the engine is at round 1"):
+        engine.learn(batch, brightness_labels(engine, batch))
+
+
+def test_a_checkpoint_loads_only_into_its_own_method(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    engine = Engine(small_config("hero"), build_random_pipeline("tiny", seed=0))
+    run_rounds(engine, 1)
+    engine.save(store, "ck")
+    with pytest.raises(EngineError, match="trained with method 'hero', the config says 'd3po'"):
+        Engine.load(small_config("d3po"), build_random_pipeline("tiny", seed=0), store, "ck")
+    with pytest.raises(EngineError, match="no committed checkpoint at 'nothing'"):
+        Engine.load(small_config("hero"), build_random_pipeline("tiny", seed=0), store, "nothing")
