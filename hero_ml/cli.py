@@ -65,6 +65,9 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug lo
         format="%(message)s",
         handlers=[RichHandler(console=err_console, show_path=False)],
     )
+    if not verbose:  # HTTP calls to the ephemeral Prefect API, MLflow's schema checks: not news
+        for name in ("httpx", "mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 @config_app.command("show")
@@ -153,3 +156,154 @@ def sample(config: ConfigOption = None) -> None:
     )
     console.print(f"  grid: {result.folder / 'grid.png'}", highlight=False)
     console.print(f"  note: {manifest['note']}", highlight=False)
+
+
+@app.command("run")
+def run(
+    config: ConfigOption = None,
+    task: Annotated[
+        str | None, typer.Option(help="Toy task the simulated annotators judge; sets its prompt too.")
+    ] = None,
+    method: Annotated[
+        str | None, typer.Option(help="hero | hero-noguide | ddpo-binary | d3po (default: the config's).")
+    ] = None,
+    budget: Annotated[int | None, typer.Option(help="Feedbacks to spend (default: the config's).")] = None,
+    run_id: Annotated[str | None, typer.Option(help="Name of a new run (default: the config's).")] = None,
+    resume: Annotated[
+        str | None, typer.Option(help="Continue the stored run RUN_ID from its latest checkpoint.")
+    ] = None,
+) -> None:
+    """Run a whole HERO training on the embedded defaults and print where to look.
+
+    Toy model, simulated annotators, local storage, MLflow on a local SQLite file and a Prefect flow
+    in ephemeral mode (no server): nothing to set up. Each round is committed as it finishes; a
+    stopped run continues with --resume RUN_ID.
+    """
+    from hero_ml.config import restore_config, with_overrides
+
+    resolved = _load(config)
+    if resume is not None:
+        if task or method or budget or run_id:
+            raise _fail(
+                "--resume continues a run with its own settings: drop --task/--method/--budget/--run-id"
+            )
+        resolved = with_overrides(resolved, {"run_id": resume})
+    else:
+        overrides: dict = {}
+        if run_id:
+            overrides["run_id"] = run_id
+        if method:
+            overrides["method"] = method
+        if budget:
+            overrides["feedback"] = {"budget": budget}
+        if task:
+            from hero_ml.toy.task import TaskError, load_task
+
+            try:
+                spec = load_task(task)
+            except TaskError as err:
+                raise _fail(str(err)) from None
+            overrides["simulation"] = {"task": task}
+            overrides["sampling"] = {"prompt": spec.prompts[0]}
+        try:
+            resolved = with_overrides(resolved, overrides)
+        except ConfigError as err:
+            raise _fail(str(err)) from None
+    if resolved.storage.backend != "local" or resolved.label_studio.enabled:
+        raise _fail("hero run drives the embedded defaults (local storage, simulated annotators) for now")
+
+    from hero_ml.adapters.storage import LocalStore
+    from hero_ml.run_store import RunStore
+
+    store = LocalStore(resolved.storage.local_root)
+    runs = RunStore(store, resolved.run_id)
+    stored = runs.load_config()
+    if resume is not None:
+        if stored is None:
+            raise _fail(f"no run {resume!r} under {resolved.storage.local_root}/runs; start it with hero run")
+        try:
+            resolved = restore_config(stored, resolved)
+        except ConfigError as err:
+            raise _fail(str(err)) from None
+    elif stored is not None:
+        raise _fail(
+            f"run {resolved.run_id!r} already exists under {resolved.storage.local_root}/runs: continue "
+            f"it with `hero run --resume {resolved.run_id}` or start a new one with --run-id NAME"
+        )
+    _run_embedded(resolved)
+
+
+def _run_embedded(config: HeroConfig) -> None:
+    """The training flow on embedded defaults, with progress and a closing summary."""
+    from rich.table import Table
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from hero_ml.engine import RoundStats
+    from hero_ml.training import RunError
+
+    diffusers_logging.disable_progress_bar()  # the model's "Loading …" bars: our own bar says more
+    transformers_logging.disable_progress_bar()
+
+    prefect_home = (config.storage.local_root / "prefect").resolve()
+    prefect_home.mkdir(parents=True, exist_ok=True)  # Prefect makes only the last level itself
+    os.environ.setdefault("PREFECT_HOME", str(prefect_home))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # our own lines say what a round did
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from flows.training import hero_training  # the CLI hands off to flows/; the library never imports Prefect
+
+    derived = config.derived()
+    console.print(
+        f"[bold]run {config.run_id}[/]: method {config.method}, task {config.simulation.task} "
+        f"({config.sampling.prompt!r}), {derived['rounds']} rounds x {derived['feedbacks_per_round']} "
+        f"feedbacks, {derived['ddpo_optimizer_steps_per_round']} optimiser steps a round",
+        highlight=False,
+    )
+    sampling = config.sampling
+    steps_per_round = -(-sampling.images_per_round // sampling.sub_batch_size) * sampling.num_steps
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+    )
+    with progress:
+        bar = progress.add_task("denoising", total=steps_per_round)
+
+        def on_round(stats: RoundStats) -> None:
+            reward = (
+                ""
+                if stats.reward_good_mean is None
+                else f", reward good {stats.reward_good_mean:.3f} / bad {stats.reward_bad_mean or 0:.3f}"
+            )
+            progress.console.print(
+                f"round {stats.round}: {stats.good} good / {stats.bad} bad{reward}, "
+                f"{stats.optimizer_steps} optimiser steps, {stats.feedbacks} feedbacks spent",
+                highlight=False,
+            )
+            progress.reset(bar)
+
+        try:
+            summary = hero_training(config, on_step=lambda: progress.advance(bar), on_round=on_round)
+        except (RunError, FileNotFoundError) as err:
+            raise _fail(str(err)) from None
+        progress.remove_task(bar)
+
+    table = Table("", "value", title=f"run {config.run_id}")
+    table.add_row("method", config.method)
+    table.add_row("rounds (this call)", f"{summary.rounds} ({len(summary.rounds_now)})")
+    table.add_row("feedbacks spent", str(summary.feedbacks))
+    if summary.before is not None and summary.after is not None:
+        table.add_row(
+            f"success rate before ({summary.before.images} images)", f"{summary.before.success_rate:.3f}"
+        )
+        table.add_row(
+            f"success rate after ({summary.after.images} images)", f"{summary.after.success_rate:.3f}"
+        )
+    console.print(table)
+    console.print(f"run folder: {config.storage.local_root / 'runs' / config.run_id}", highlight=False)
+    console.print(f"MLflow: mlflow ui --backend-store-uri {config.tracking.tracking_uri}", highlight=False)

@@ -8,6 +8,7 @@ Validation happens at load: a bad value fails with its dotted path and the reaso
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +32,9 @@ ENV_PREFIX = "HERO_"
 ENV_NESTED_DELIMITER = "__"
 
 
+SECRET_MASK = "**********"  # how pydantic dumps a SecretStr to JSON
+
+
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names every bad field and why."""
 
@@ -42,11 +46,12 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     source: str = Field(
-        "random:tiny",
+        "toy",
         description=(
             "The Stable Diffusion pipeline to fine-tune: a local diffusers folder, a hub id "
-            "(e.g. 'runwayml/stable-diffusion-v1-5'), or 'random:<arch>' for SD-shaped random "
-            "weights ('random:tiny' for tests and demos, 'random:sd15' for compute benchmarks)."
+            "(e.g. 'runwayml/stable-diffusion-v1-5'), 'toy' for the committed toy model (shapes; "
+            "the embedded default), or 'random:<arch>' for SD-shaped random weights ('random:tiny' "
+            "for tests, 'random:sd15' for compute benchmarks)."
         ),
     )
     allow_download: bool = Field(
@@ -208,6 +213,29 @@ class FeedbackConfig(_Section):
     )
 
 
+class SimulationConfig(_Section):
+    # The embedded default's annotators: used when label_studio.enabled is false.
+    task: str = Field(
+        "counting",
+        min_length=1,
+        description=(
+            "Toy task the simulated annotators judge by (a shipped name, as in `hero toy tasks`, or a "
+            "task file path); sampling.prompt must be one of its prompts."
+        ),
+    )
+    flip_probability: float = Field(
+        0.0, ge=0, le=1, description="Chance that a simulated annotator flips an image's good/bad label."
+    )
+    eval_images: int = Field(
+        64,
+        ge=0,
+        description=(
+            "Images judged before the first and after the last round, from fixed plain noises, to "
+            "report the success rate; 0 skips it."
+        ),
+    )
+
+
 class StorageConfig(_Section):
     backend: Literal["local", "s3"] = Field(
         "local", description="Where images, trajectories and checkpoints live."
@@ -320,6 +348,7 @@ class HeroConfig(BaseSettings):
     d3po: D3POConfig = Field(default_factory=D3POConfig)
     guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    simulation: SimulationConfig = Field(default_factory=SimulationConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     label_studio: LabelStudioConfig = Field(default_factory=LabelStudioConfig)
@@ -341,10 +370,10 @@ class HeroConfig(BaseSettings):
                 f"ddpo.timesteps_per_trajectory ({self.ddpo.timesteps_per_trajectory}) exceeds "
                 f"sampling.num_steps ({self.sampling.num_steps}): lower it or sample more steps"
             )
-        if self.feedback.budget < self.sampling.images_per_round:
+        if self.feedback.budget < self.feedbacks_per_round:
             raise ValueError(
                 f"feedback.budget ({self.feedback.budget}) is smaller than one round "
-                f"(sampling.images_per_round = {self.sampling.images_per_round})"
+                f"(sampling.images_per_round x feedback.annotators_per_image = {self.feedbacks_per_round})"
             )
         return self
 
@@ -362,8 +391,12 @@ class HeroConfig(BaseSettings):
 
     # Derived quantities, printed and checked before a run (ddpo-pytorch style).
     @property
+    def feedbacks_per_round(self) -> int:
+        return self.sampling.images_per_round * self.feedback.annotators_per_image
+
+    @property
     def rounds(self) -> int:
-        return self.feedback.budget // self.sampling.images_per_round
+        return self.feedback.budget // self.feedbacks_per_round
 
     @property
     def optimizer_steps_per_round(self) -> int:
@@ -373,8 +406,8 @@ class HeroConfig(BaseSettings):
     def derived(self) -> dict[str, int]:
         return {
             "rounds": self.rounds,
-            "feedbacks_per_round": self.sampling.images_per_round,
-            "feedbacks_spent": self.rounds * self.sampling.images_per_round,
+            "feedbacks_per_round": self.feedbacks_per_round,
+            "feedbacks_spent": self.rounds * self.feedbacks_per_round,
             "ddpo_optimizer_steps_per_round": self.optimizer_steps_per_round,
         }
 
@@ -407,6 +440,36 @@ def _commented_lines(model: BaseModel, values: dict[str, Any], path: tuple[str, 
         dumped = yaml.safe_dump({name: values[name]}, default_flow_style=True, width=10_000)
         lines.append(indent + dumped.strip().removeprefix("{").removesuffix("}"))
     return lines
+
+
+def with_overrides(config: HeroConfig, overrides: dict[str, dict[str, Any] | Any]) -> HeroConfig:
+    """The config with `overrides` ({section: {field: value}} or {field: value}) applied on top of
+    everything else (command-line flags beat the file and the environment), validated again."""
+    data = config.model_dump()
+    for key, value in overrides.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) else value
+    try:
+        return HeroConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"invalid configuration:\n{format_validation_error(err)}") from None
+
+
+def restore_config(stored: dict[str, Any], current: HeroConfig) -> HeroConfig:
+    """A run's stored public config back as a HeroConfig; its masked secrets come from `current`
+    (the environment now), since secrets are never stored."""
+    data = json.loads(json.dumps(stored))
+    secrets = current.model_dump()
+    for section, fields in data.items():
+        if isinstance(fields, dict):
+            for name, value in fields.items():
+                if isinstance(secrets[section][name], SecretStr) or value == SECRET_MASK:
+                    fields[name] = secrets[section][name]
+    try:
+        return HeroConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(
+            f"the stored run config is no longer valid:\n{format_validation_error(err)}"
+        ) from None
 
 
 def load_config(path: Path | None = None) -> HeroConfig:

@@ -19,6 +19,8 @@ from hero_ml.diffusion.architectures import architecture_dir
 log = logging.getLogger(__name__)
 
 RANDOM_PREFIX = "random:"
+TOY_SOURCE = "toy"  # the committed toy model (hero_ml/toy/pretrained), the embedded default
+TOY_FOLDER = Path(__file__).parent.parent / "toy" / "pretrained"
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 
@@ -44,7 +46,8 @@ def load_pipeline(
     """Load an SD-family pipeline.
 
     source: a local diffusers folder, a hub id ('org/name', looked up in the local Hugging Face cache
-    unless allow_download), or 'random:<arch>' for random weights of a named architecture.
+    unless allow_download), 'toy' for the committed toy model, or 'random:<arch>' for random weights
+    of a named architecture.
     """
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -58,7 +61,7 @@ def load_pipeline(
             pipe = pipe.to(dtype=dtype)
         return pipe
 
-    path = Path(source).expanduser()
+    path = TOY_FOLDER if source == TOY_SOURCE else Path(source).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise ModelNotFoundError(

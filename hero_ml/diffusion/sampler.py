@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
 from hero_ml.diffusion.ddim import check_scheduler, ddim_step_mean_std, gaussian_log_prob, step_log_prob
 
@@ -57,32 +58,42 @@ class Trajectory:
         return self.latents[:, -2]
 
     def save(self, path: Path) -> None:
-        """One safetensors file: every tensor, plus prompts and sampling settings as metadata."""
-        tensors = {name: getattr(self, name) for name in _TENSORS}
+        path.write_bytes(self.to_bytes())
+
+    @classmethod
+    def load(cls, path: Path) -> Trajectory:
+        return cls.from_bytes(path.read_bytes(), source=str(path))
+
+    def to_bytes(self) -> bytes:
+        """One safetensors blob: every tensor, plus prompts and sampling settings as metadata."""
+        tensors = {name: getattr(self, name).contiguous() for name in _TENSORS}
         metadata = {
             "format": TRAJECTORY_FORMAT,
             "prompts": json.dumps(self.prompts),
             "eta": repr(self.eta),
             "guidance_scale": repr(self.guidance_scale),
         }
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+        return save_tensors(tensors, metadata=metadata)
 
     @classmethod
-    def load(cls, path: Path) -> Trajectory:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            names = set(f.keys())
+    def from_bytes(cls, data: bytes, source: str = "trajectory") -> Trajectory:
+        try:
+            metadata = _safetensors_metadata(data)
+            tensors = load_tensors(data)
+        except (ValueError, SafetensorError) as err:
+            raise ValueError(f"{source} is not a safetensors file: {err}") from None
         if metadata.get("format") != TRAJECTORY_FORMAT:
-            raise ValueError(f"{path} is not a {TRAJECTORY_FORMAT} file (format={metadata.get('format')!r})")
-        missing = (set(_TENSORS) - names) | ({"prompts", "eta", "guidance_scale"} - set(metadata))
+            raise ValueError(
+                f"{source} is not a {TRAJECTORY_FORMAT} file (format={metadata.get('format')!r})"
+            )
+        missing = (set(_TENSORS) - set(tensors)) | ({"prompts", "eta", "guidance_scale"} - set(metadata))
         if missing:
-            raise ValueError(f"{path} is an incomplete trajectory: missing {sorted(missing)}")
-        tensors = load_file(str(path))
+            raise ValueError(f"{source} is an incomplete trajectory: missing {sorted(missing)}")
         return cls(
             prompts=json.loads(metadata["prompts"]),
             eta=float(metadata["eta"]),
             guidance_scale=float(metadata["guidance_scale"]),
-            **tensors,
+            **{name: tensors[name] for name in _TENSORS},
         )
 
 
@@ -254,3 +265,13 @@ def decode_latents(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> torc
     decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
     images = (decoded.float() / 2 + 0.5).clamp(0, 1)
     return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The __metadata__ of a safetensors blob (its JSON header, read without loading tensors)."""
+    if len(data) < 8:
+        raise ValueError("too short for a safetensors header")
+    size = int.from_bytes(data[:8], "little")
+    if size > len(data) - 8:
+        raise ValueError("header length exceeds the data")
+    return json.loads(data[8 : 8 + size]).get("__metadata__") or {}

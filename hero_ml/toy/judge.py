@@ -99,7 +99,14 @@ def judge(image: np.ndarray, target: Target) -> Verdict:
 class SimulatedAnnotator:
     """A programmatic annotator: the judge, with an optional probability of flipping each good/bad label."""
 
-    def __init__(self, target: Target, *, flip_probability: float = 0.0, seed: int = 0, name: str = "judge"):
+    def __init__(
+        self,
+        target: Target,
+        *,
+        flip_probability: float = 0.0,
+        seed: int | Sequence[int] = 0,
+        name: str = "judge",
+    ):
         if not 0.0 <= flip_probability <= 1.0:
             raise ValueError(f"flip_probability must lie in [0, 1], got {flip_probability}")
         self.target = target

@@ -1,0 +1,22 @@
+"""Experiment tracking: a small protocol and its MLflow implementation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class Tracker(Protocol):
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Flat or nested params (nested keys are joined with '.'); secrets must be masked already."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_image(self, image: np.ndarray, artifact_file: str, step: int) -> None:
+        """An (H, W, 3) uint8 image, e.g. a round's grid."""
+
+    def log_artifacts(self, folder: Path, artifact_path: str) -> None: ...
+
+    def finish(self, status: str = "FINISHED") -> None: ...

@@ -1,0 +1,93 @@
+"""MLflow tracking: one MLflow run per HERO run, found again by its `hero.run_id` tag on resume."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+
+from hero_ml.config import HeroConfig
+
+RUN_ID_TAG = "hero.run_id"
+MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+
+
+class MlflowTracker:
+    def __init__(self, tracking_uri: str, experiment: str, run_id: str, artifact_location: str | None = None):
+        """Open (or create) the experiment and the MLflow run of HERO run `run_id`; resume it if it exists."""
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        found = self.client.get_experiment_by_name(experiment)
+        experiment_id = (
+            found.experiment_id
+            if found is not None
+            else self.client.create_experiment(experiment, artifact_location=artifact_location)
+        )
+        runs = self.client.search_runs([experiment_id], filter_string=f"tags.`{RUN_ID_TAG}` = '{run_id}'")
+        if runs:
+            self.run_id = runs[0].info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            self.run_id = self.client.create_run(
+                experiment_id, run_name=run_id, tags={RUN_ID_TAG: run_id}
+            ).info.run_id
+        self.resumed = bool(runs)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        flat = _flatten(params)
+        existing = self.client.get_run(self.run_id).data.params
+        new = [Param(k, v) for k, v in flat.items() if k not in existing]  # params are write-once
+        changed = sorted(k for k, v in flat.items() if k in existing and existing[k] != v)
+        if changed:
+            raise ValueError(
+                f"the run was started with other values of {', '.join(changed)}; resume with its config"
+            )
+        for start in range(0, len(new), 100):  # MLflow's batch limit
+            self.client.log_batch(self.run_id, params=new[start : start + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        stamp = _now_ms()
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), stamp, step) for k, v in metrics.items()]
+        )
+
+    def log_image(self, image: np.ndarray, artifact_file: str, step: int) -> None:
+        self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+
+    def log_artifacts(self, folder: Path, artifact_path: str) -> None:
+        self.client.log_artifacts(self.run_id, str(folder), artifact_path=artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def open_tracker(config: HeroConfig) -> MlflowTracker:
+    """The run's tracker as configured. A SQLite store keeps its artifacts beside the database file
+    (MLflow would otherwise write them under the current folder)."""
+    tracking = config.tracking
+    artifact_location = None
+    if tracking.tracking_uri.startswith("sqlite:///"):
+        database = Path(tracking.tracking_uri.removeprefix("sqlite:///"))
+        database.parent.mkdir(parents=True, exist_ok=True)
+        artifact_location = (database.parent / "mlartifacts").resolve().as_uri()
+    return MlflowTracker(tracking.tracking_uri, tracking.experiment, config.run_id, artifact_location)
+
+
+def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat |= _flatten(value, name + ".")
+        else:
+            text = value if isinstance(value, str) else json.dumps(value)
+            flat[name] = text[:MAX_PARAM_LENGTH]
+    return flat
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,150 @@
+"""A run's objects in an ArtifactStore, and the order that makes every step crash-safe.
+
+    runs/{run_id}/config.json                          the run's config, secrets masked (written once)
+    runs/{run_id}/rounds/{k}/images/{image_id}.png     the round's images, as annotators see them
+    runs/{run_id}/rounds/{k}/grid.png                  all of them in one picture
+    runs/{run_id}/rounds/{k}/trajectory.safetensors    every denoising step, for learning
+    runs/{run_id}/rounds/{k}/manifest.json             written last: commits the round (sizes, sha256)
+    runs/{run_id}/rounds/{k}/feedback.json             each annotator's labels and their aggregate
+    runs/{run_id}/checkpoints/{k}/state.*              the engine after learning round k (JSON last)
+    runs/{run_id}/progress.json                        the latest committed checkpoint
+
+Objects are written before the object that commits them, so a crash leaves a round or checkpoint that
+is either complete or visibly not there; reads verify sizes and checksums.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from PIL import Image
+
+from hero_ml.adapters.storage import ArtifactStore
+from hero_ml.diffusion.sampler import Trajectory
+from hero_ml.engine import Engine, RoundBatch
+from hero_ml.feedback import AnnotatorFeedback, RoundFeedback
+from hero_ml.images import image_grid
+
+MANIFEST = "manifest.json"
+TRAJECTORY = "trajectory.safetensors"
+GRID = "grid.png"
+FEEDBACK = "feedback.json"
+
+
+class CorruptObjectError(RuntimeError):
+    """A stored object does not match what its manifest recorded."""
+
+
+class RunStore:
+    def __init__(self, store: ArtifactStore, run_id: str):
+        self.store = store
+        self.run_id = run_id
+        self.prefix = f"runs/{run_id}"
+
+    def round_prefix(self, round_index: int) -> str:
+        return f"{self.prefix}/rounds/{round_index}"
+
+    def checkpoint_prefix(self, round_index: int) -> str:
+        return f"{self.prefix}/checkpoints/{round_index}"
+
+    # -- config ------------------------------------------------------------------------------------
+
+    def save_config(self, public_config: dict[str, Any]) -> None:
+        self.store.put(f"{self.prefix}/config.json", json.dumps(public_config, indent=1).encode())
+
+    def load_config(self) -> dict[str, Any] | None:
+        key = f"{self.prefix}/config.json"
+        return json.loads(self.store.get(key)) if self.store.exists(key) else None
+
+    # -- rounds --------------------------------------------------------------------------------------
+
+    def commit_batch(self, batch: RoundBatch, info: dict[str, Any]) -> dict[str, Any]:
+        """Store the round's images, grid and trajectory, then the manifest that commits them."""
+        prefix = self.round_prefix(batch.round)
+        files: dict[str, bytes] = {
+            TRAJECTORY: batch.trajectory.to_bytes(),
+            GRID: _png(image_grid(batch.trajectory.images)),
+        }
+        for image_id, image in zip(batch.image_ids, batch.trajectory.images, strict=True):
+            files[f"images/{image_id}.png"] = _png(Image.fromarray(image.numpy()))
+        for name, data in files.items():
+            self.store.put(f"{prefix}/{name}", data)
+        manifest = {
+            "run_id": self.run_id,
+            "round": batch.round,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "image_ids": list(batch.image_ids),
+            **info,
+            "files": {
+                name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                for name, data in files.items()
+            },
+        }
+        self.store.put(f"{prefix}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
+        return manifest
+
+    def has_batch(self, round_index: int) -> bool:
+        return self.store.exists(f"{self.round_prefix(round_index)}/{MANIFEST}")
+
+    def load_batch(self, round_index: int) -> RoundBatch:
+        """The committed round, every file checked against the manifest."""
+        prefix = self.round_prefix(round_index)
+        manifest = json.loads(self.store.get(f"{prefix}/{MANIFEST}"))
+        trajectory = Trajectory.from_bytes(
+            self.read_verified(round_index, TRAJECTORY, manifest), source=f"{prefix}/{TRAJECTORY}"
+        )
+        return RoundBatch(round=round_index, image_ids=tuple(manifest["image_ids"]), trajectory=trajectory)
+
+    def read_verified(self, round_index: int, name: str, manifest: dict[str, Any] | None = None) -> bytes:
+        prefix = self.round_prefix(round_index)
+        if manifest is None:
+            manifest = json.loads(self.store.get(f"{prefix}/{MANIFEST}"))
+        expected = manifest["files"].get(name)
+        if expected is None:
+            raise CorruptObjectError(f"{prefix}/{name} is not listed in the round's manifest")
+        data = self.store.get(f"{prefix}/{name}")
+        if len(data) != expected["bytes"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
+            raise CorruptObjectError(
+                f"{prefix}/{name} does not match its manifest ({len(data)} bytes, expected "
+                f"{expected['bytes']}): it was changed or truncated after the round was committed"
+            )
+        return data
+
+    # -- feedback ------------------------------------------------------------------------------------
+
+    def save_feedback(
+        self, round_index: int, feedback: RoundFeedback, labels: list[AnnotatorFeedback]
+    ) -> None:
+        record = {
+            "aggregate": feedback.model_dump(mode="json"),
+            "annotators": [item.model_dump(mode="json") for item in labels],
+        }
+        self.store.put(f"{self.round_prefix(round_index)}/{FEEDBACK}", json.dumps(record, indent=1).encode())
+
+    def load_feedback(self, round_index: int) -> RoundFeedback | None:
+        key = f"{self.round_prefix(round_index)}/{FEEDBACK}"
+        if not self.store.exists(key):
+            return None
+        return RoundFeedback.model_validate(json.loads(self.store.get(key))["aggregate"])
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+
+    def save_checkpoint(self, engine: Engine) -> None:
+        """The engine after its last learned round; progress.json then points at it."""
+        learned = engine.round - 1
+        engine.save(self.store, self.checkpoint_prefix(learned))
+        self.store.put(f"{self.prefix}/progress.json", json.dumps({"checkpoint": learned}).encode())
+
+    def latest_checkpoint(self) -> int | None:
+        key = f"{self.prefix}/progress.json"
+        return json.loads(self.store.get(key))["checkpoint"] if self.store.exists(key) else None
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

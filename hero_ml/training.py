@@ -1,0 +1,212 @@
+"""A training run's steps, each idempotent per (run, round), for a flow to chain.
+
+    generate  -> the round's batch; reused from storage when it was committed before a crash
+    feedback  -> the simulated annotators' labels, aggregated; reused when stored
+    learn     -> the engine's update, then a checkpoint that commits the round
+    track     -> metrics, the image grid and (at the end) the LoRA and encoder to the tracker
+
+A run resumes from its latest checkpoint: rounds committed after it are reused, never redone, and
+since every draw is seeded by (seed, round), a resumed run ends where an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors.torch import save_file
+
+from hero_ml.adapters.storage import ArtifactStore
+from hero_ml.adapters.tracking import Tracker
+from hero_ml.config import HeroConfig
+from hero_ml.diffusion.lora import adapters_disabled, save_lora
+from hero_ml.diffusion.pipeline import DTYPES, load_pipeline
+from hero_ml.engine import Engine, RoundBatch, RoundStats
+from hero_ml.feedback import RoundFeedback, aggregate
+from hero_ml.images import image_grid
+from hero_ml.run_store import RunStore
+from hero_ml.toy.evaluate import success_rate
+from hero_ml.toy.judge import SimulatedAnnotator
+from hero_ml.toy.task import Task, load_task
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or go on as configured; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    label: str  # "before" or "after"
+    success_rate: float
+    images: int
+
+
+@dataclass(frozen=True)
+class TrainingSummary:
+    run_id: str
+    rounds: int  # learned in all, earlier sessions included
+    feedbacks: int
+    rounds_now: list[RoundStats]  # learned by this call
+    before: Evaluation | None
+    after: Evaluation | None
+
+
+class TrainingRun:
+    def __init__(
+        self,
+        config: HeroConfig,
+        store: ArtifactStore,
+        tracker: Tracker | None = None,
+        on_step: Callable[[], None] | None = None,
+    ):
+        """Open the run `config.run_id`: a new one, or the stored one from its latest checkpoint.
+
+        A stored run must be resumed with its own config (compared field by field, secrets aside)."""
+        self.config = config
+        self.runs = RunStore(store, config.run_id)
+        self.tracker = tracker
+        self.on_step = on_step
+        self.task = self._task(config)
+        public = config.to_public_dict()
+        stored = self.runs.load_config()
+        if stored is None:
+            self.runs.save_config(public)
+        elif stored != public:
+            changed = sorted(k for k in public if stored.get(k) != public[k])
+            raise RunError(
+                f"run {config.run_id!r} exists with another config (sections differ: {', '.join(changed)}); "
+                "resume it with its own config (hero run --resume) or choose a new run_id"
+            )
+        self.pipe = load_pipeline(
+            config.model.source,
+            dtype=DTYPES[config.model.dtype],
+            device=config.model.device,
+            allow_download=config.model.allow_download,
+            seed=config.model.seed,
+        )
+        self.pipe.set_progress_bar_config(disable=True)
+        latest = self.runs.latest_checkpoint()
+        self.engine = (
+            Engine(config, self.pipe)
+            if latest is None
+            else Engine.load(config, self.pipe, store, self.runs.checkpoint_prefix(latest))
+        )
+        if tracker is not None:
+            tracker.log_params({**public, "derived": config.derived()})
+
+    @staticmethod
+    def _task(config: HeroConfig) -> Task:
+        task = load_task(config.simulation.task)
+        if config.sampling.prompt not in task.prompts:
+            raise RunError(
+                f"sampling.prompt {config.sampling.prompt!r} is not a prompt of task {task.name!r} "
+                f"({list(task.prompts)}): set HERO_SAMPLING__PROMPT to one of them or choose another task"
+            )
+        return task
+
+    @property
+    def done(self) -> bool:
+        """True when another round would overspend the feedback budget."""
+        return self.engine.feedbacks + self.config.feedbacks_per_round > self.config.feedback.budget
+
+    def generate(self) -> RoundBatch:
+        round_index = self.engine.round
+        if self.runs.has_batch(round_index):  # committed before a crash: the same batch, not a second one
+            return self.runs.load_batch(round_index)
+        started = time.perf_counter()
+        batch = self.engine.generate(on_step=self.on_step)
+        self.runs.commit_batch(
+            batch,
+            {
+                "method": self.config.method,
+                "prompt": self.config.sampling.prompt,
+                "model": self.config.model.source,
+                "sampling_seconds": round(time.perf_counter() - started, 3),
+            },
+        )
+        return batch
+
+    def feedback(self, batch: RoundBatch) -> RoundFeedback:
+        stored = self.runs.load_feedback(batch.round)
+        if stored is not None:
+            return stored
+        best = self.engine.best_image
+        images = batch.trajectory.images.numpy()
+        labels = [
+            SimulatedAnnotator(
+                self.task.target,
+                flip_probability=self.config.simulation.flip_probability,
+                seed=(self.config.sampling.seed, batch.round, index),
+                name=f"simulated-{index}",
+            ).label_round(batch.image_ids, images, current_best=None if best is None else best.numpy())
+            for index in range(self.config.feedback.annotators_per_image)
+        ]
+        feedback = aggregate(labels, batch.image_ids, has_current_best=best is not None)
+        self.runs.save_feedback(batch.round, feedback, labels)
+        return feedback
+
+    def learn(self, batch: RoundBatch, feedback: RoundFeedback) -> RoundStats:
+        stats = self.engine.learn(batch, feedback)
+        self.runs.save_checkpoint(self.engine)
+        return stats
+
+    def track(self, batch: RoundBatch, stats: RoundStats) -> None:
+        if self.tracker is None:
+            return
+        self.tracker.log_metrics(stats.metrics(), step=stats.round)
+        grid = np.asarray(image_grid(batch.trajectory.images))
+        self.tracker.log_image(grid, f"rounds/{stats.round:04d}/grid.png", step=stats.round)
+
+    def evaluate(self, label: str) -> Evaluation | None:
+        """Success rate on the task's prompts from fixed plain noises (seed 0: the same for every run
+        and every method), the LoRA as trained ('after') or switched off ('before')."""
+        n = self.config.simulation.eval_images
+        if n == 0:
+            return None
+        key = f"{self.runs.prefix}/eval/{label}.json"
+        if label == "before" and self.runs.store.exists(key):
+            return Evaluation(**json.loads(self.runs.store.get(key)))
+        sampling = self.config.sampling
+
+        def rate() -> float:
+            return success_rate(
+                self.pipe,
+                self.task.prompts,
+                self.task.target,
+                n,
+                seed=0,
+                num_steps=sampling.num_steps,
+                guidance_scale=sampling.guidance_scale,
+                eta=sampling.eta,
+                batch_size=sampling.sub_batch_size,
+            ).rate
+
+        if label == "before":
+            with adapters_disabled(self.pipe.unet):
+                result = Evaluation(label, rate(), n)
+        else:
+            result = Evaluation(label, rate(), n)
+        self.runs.store.put(key, json.dumps(result.__dict__).encode())
+        if self.tracker is not None:
+            self.tracker.log_metrics(
+                {f"eval_success_rate_{label}": result.success_rate}, step=self.engine.round
+            )
+        return result
+
+    def log_final_artifacts(self) -> None:
+        """The LoRA (diffusers format) and the encoder (safetensors) as tracker artifacts."""
+        if self.tracker is None:
+            return
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = Path(scratch)
+            save_lora(self.pipe.unet, folder / "lora")
+            self.tracker.log_artifacts(folder / "lora", "lora")
+            if self.engine.encoder is not None:
+                (folder / "encoder").mkdir()
+                save_file(self.engine.encoder.state_dict(), str(folder / "encoder" / "encoder.safetensors"))
+                self.tracker.log_artifacts(folder / "encoder", "encoder")
