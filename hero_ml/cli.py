@@ -235,9 +235,8 @@ def run(
 
 def _run_embedded(config: HeroConfig) -> None:
     """The training flow on embedded defaults, with progress and a closing summary."""
-    from rich.table import Table
-
     from diffusers.utils import logging as diffusers_logging
+    from rich.table import Table
     from transformers.utils import logging as transformers_logging
 
     from hero_ml.engine import RoundStats
