@@ -84,7 +84,7 @@ class ModelConfig(_Section):
 
 class SamplingConfig(_Section):
     prompt: str = Field(
-        "three red circles",
+        "three purple squares",
         min_length=1,
         description="The prompt every image of a round is sampled from.",
     )

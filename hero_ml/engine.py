@@ -207,7 +207,7 @@ class Engine:
             self.encoder is not None and self.encoder_optimizer is not None and self.best_latent is not None
         )
         encoder_config = self.config.encoder
-        source = TripletSource(anchor=self.best_latent, good=latents[good], bad=latents[bad])
+        source = TripletSource(anchor=self.best_latent.clone(), good=latents[good], bad=latents[bad])
         if encoder_config.replay:
             self.replay.append(source)
         losses = train_encoder(

@@ -1,9 +1,16 @@
 """Shared fixtures. Nothing here downloads: the hub is switched off for the whole test session."""
 
 import os
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Prefect reads its settings once, at import: one scratch home for the whole session, quiet, and
+# patient with the ephemeral server's start on a busy 2-core machine.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="hero-test-prefect-"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 import pytest
 import torch

@@ -121,6 +121,12 @@ def write_card(model: Path, figures: dict, samples: list[str]) -> None:
         for key, r in figures["base_rates"].items()
     )
     size_mb = sum(p.stat().st_size for p in model.rglob("*.safetensors")) / 2**20
+    phases = (
+        f" (data {log['dataset']['seconds']:.0f} s, VAE {log['vae']['seconds']:.0f} s, text encoder + UNet "
+        f"{log['unet']['seconds']:.0f} s)"
+        if "seconds" in log["vae"]
+        else ""
+    )
     acc = figures["judge_accuracy"]
     ev = figures["eval"]
     text = f"""# The toy Stable Diffusion
@@ -138,12 +144,12 @@ hero toy pretrain --seed {config["seed"]} --dataset-size {config["dataset_size"]
     --vae-steps {config["vae_steps"]} --unet-steps {config["unet_steps"]}
 ```
 
-{log["seconds"] / 60:.1f} minutes on the 2-core CPU it was made on. Every figure of the run is in `training.json`.
+{log["seconds"] / 60:.1f} minutes on the 2-core CPU it was made on{phases}. Every figure of the run is in `training.json`.
 
 - **Data:** {log["dataset"]["images"]} random scenes rendered with `hero_ml.toy` (1-2 groups of 1-4 shapes, at most 4
   in all, 6 colours, 3 kinds; {config["region_rate"]:.0%} of captions name a half of the picture, which then holds at most
   2 shapes; each shape malformed with probability {config["defect_rate"]}), each with one paraphrased caption of the grammar
-  in docs/TASKS.md. Seed {config["seed"]}.
+  in docs/TASKS.md, {config.get("colorless_rate", 0):.0%} of groups with their colour left open. Seed {config["seed"]}.
 - **Tokenizer:** word-level BPE over the grammar's words (merges learned deterministically), 20 tokens.
 - **VAE:** {config["vae_steps"]} steps, batch {config["vae_batch"]}, AdamW {config["vae_lr"]}, L1 + {config["kl_weight"]} KL; final L1
   {log["vae"]["final_l1"]}; latent scaling factor {log["vae"]["scaling_factor"]:.4f} (1 / std of the latents).

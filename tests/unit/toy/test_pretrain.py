@@ -110,6 +110,6 @@ def test_model_card_is_written_from_measurements(smoke_model: Path) -> None:
     }
     card = (smoke_model / "README.md").read_text()
     assert "hero toy pretrain --seed 0 --dataset-size 32" in card
-    assert "| counting | counting | training prompts | three red circles |" in card
+    assert "| counting | counting | training prompts | three purple squares |" in card
     assert (smoke_model / "training-curves.png").stat().st_size > 0
     assert (smoke_model / "samples-counting.png").is_file()

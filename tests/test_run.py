@@ -1,0 +1,132 @@
+"""The main job: `hero run` on the toy model end to end, and a run that stops and resumes."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from hero_ml.adapters.storage import LocalStore
+from hero_ml.adapters.tracking.mlflow import RUN_ID_TAG
+from hero_ml.cli import app
+from hero_ml.config import HeroConfig
+from hero_ml.run_store import CorruptObjectError, RunStore
+from hero_ml.training import RunError, TrainingRun
+
+runner = CliRunner()
+
+
+def small(tmp_path: Path, **top: object) -> dict:
+    return {
+        "sampling": {"images_per_round": 6, "num_steps": 4, "sub_batch_size": 6},
+        "encoder": {"epochs_per_round": 3, "triplets_per_epoch": 8},
+        "ddpo": {"timesteps_per_trajectory": 2},
+        "feedback": {"budget": 12},
+        "simulation": {"eval_images": 6},
+        "storage": {"local_root": str(tmp_path / "data")},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        **top,
+    }
+
+
+def test_hero_run_trains_tracks_and_stores_a_whole_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HERO_ORCHESTRATION__WEBHOOK_SECRET", "never-shown-anywhere")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(small(tmp_path)))
+    result = runner.invoke(app, ["run", "-c", str(config), "--run-id", "cli-run", "--task", "binding"])
+    assert result.exit_code == 0, result.output
+    assert "round 0:" in result.output and "round 1:" in result.output
+    assert (
+        "success rate before (6 images)" in result.output and "mlflow ui --backend-store-uri" in result.output
+    )
+
+    root = tmp_path / "data" / "runs" / "cli-run"
+    assert json.loads((root / "progress.json").read_text()) == {"checkpoint": 1}
+    manifest = json.loads((root / "rounds" / "1" / "manifest.json").read_text())
+    assert len(manifest["image_ids"]) == 6 and manifest["prompt"] == "a red circle and a green square"
+    feedback = json.loads((root / "rounds" / "1" / "feedback.json").read_text())
+    assert feedback["aggregate"]["image_ids"] == manifest["image_ids"]
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("hero").experiment_id], f"tags.`{RUN_ID_TAG}` = 'cli-run'"
+    )
+    assert run.info.status == "FINISHED"
+    assert run.data.params["sampling.num_steps"] == "4" and run.data.params["derived.rounds"] == "2"
+    assert "never-shown-anywhere" not in json.dumps(run.data.params)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "good")] == [0, 1]
+    assert "eval_success_rate_after" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"lora", "encoder", "rounds"} <= artifacts
+    lora = {a.path for a in client.list_artifacts(run.info.run_id, "lora")}
+    assert "lora/pytorch_lora_weights.safetensors" in lora
+
+    again = runner.invoke(app, ["run", "-c", str(config), "--run-id", "cli-run"])
+    assert again.exit_code == 1 and "hero run --resume cli-run" in again.output
+    resumed = runner.invoke(app, ["run", "-c", str(config), "--resume", "cli-run"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "2 (0)" in resumed.output  # nothing left to do: the budget is spent
+
+
+def test_hero_run_explains_bad_arguments(tmp_path: Path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(small(tmp_path)))
+    unknown = runner.invoke(app, ["run", "-c", str(config), "--task", "juggling"])
+    assert unknown.exit_code == 1 and "no task named 'juggling'" in unknown.output
+    missing = runner.invoke(app, ["run", "-c", str(config), "--resume", "nothing-here"])
+    assert missing.exit_code == 1 and "no run 'nothing-here'" in missing.output
+    method = runner.invoke(app, ["run", "-c", str(config), "--method", "magic"])
+    assert method.exit_code == 1 and "method" in method.output
+
+
+def final_lora(run: TrainingRun) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in run.engine.lora_params]
+
+
+def test_a_run_stopped_mid_round_resumes_to_the_same_result(tmp_path: Path) -> None:
+    config = HeroConfig.model_validate({**small(tmp_path), "run_id": "steady", "feedback": {"budget": 18}})
+    steady = TrainingRun(config, LocalStore(tmp_path / "steady"))
+    while not steady.done:
+        batch = steady.generate()
+        steady.learn(batch, steady.feedback(batch))
+
+    store = LocalStore(tmp_path / "crashy")
+    first = TrainingRun(config, store)
+    batch = first.generate()
+    first.learn(batch, first.feedback(batch))
+    first.generate()  # round 1 committed, then the process dies before its feedback
+    del first
+    second = TrainingRun(config, store)
+    assert second.engine.round == 1
+    batch = second.generate()
+    assert torch.equal(batch.trajectory.latents, RunStore(store, "steady").load_batch(1).trajectory.latents)
+    second.learn(batch, second.feedback(batch))
+    third = TrainingRun(config, store)  # and once more, between rounds
+    while not third.done:
+        batch = third.generate()
+        third.learn(batch, third.feedback(batch))
+    assert third.engine.feedbacks == steady.engine.feedbacks == 18
+    assert all(torch.equal(a, b) for a, b in zip(final_lora(steady), final_lora(third), strict=True))
+
+
+def test_a_run_refuses_another_config_and_a_tampered_round(tmp_path: Path) -> None:
+    config = HeroConfig.model_validate({**small(tmp_path), "run_id": "r"})
+    store = LocalStore(tmp_path / "s")
+    run = TrainingRun(config, store)
+    run.generate()
+    other = config.model_copy(update={"method": "d3po"})
+    with pytest.raises(RunError, match="exists with another config"):
+        TrainingRun(other, store)
+    path = tmp_path / "s" / "runs" / "r" / "rounds" / "0" / "trajectory.safetensors"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(CorruptObjectError, match="changed or truncated after the round was committed"):
+        RunStore(store, "r").load_batch(0)
+    data = small(tmp_path)
+    data["sampling"]["prompt"] = "a red square"
+    with pytest.raises(RunError, match="not a prompt of task 'counting'"):
+        TrainingRun(HeroConfig.model_validate(data), store)
