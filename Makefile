@@ -19,9 +19,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-## demo: the main job on embedded defaults (today: one round sampled from a tiny random-weight SD)
+## demo: the main job on embedded defaults: a whole HERO training on the toy model (hero run)
 demo: install
-	$(BIN)/hero sample
+	$(BIN)/hero run --run-id demo-$$(date +%Y%m%d-%H%M%S)
 
 ## test: lint, format check, type check, and the whole test suite
 test: lint typecheck unit

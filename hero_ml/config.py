@@ -442,6 +442,22 @@ def _commented_lines(model: BaseModel, values: dict[str, Any], path: tuple[str, 
     return lines
 
 
+class _GivenValuesConfig(HeroConfig):
+    """The same tree validated from the given values alone, the environment not consulted: what is
+    given already went through it (overrides, a stored run's config)."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
 def with_overrides(config: HeroConfig, overrides: dict[str, dict[str, Any] | Any]) -> HeroConfig:
     """The config with `overrides` ({section: {field: value}} or {field: value}) applied on top of
     everything else (command-line flags beat the file and the environment), validated again."""
@@ -449,7 +465,7 @@ def with_overrides(config: HeroConfig, overrides: dict[str, dict[str, Any] | Any
     for key, value in overrides.items():
         data[key] = {**data[key], **value} if isinstance(value, dict) else value
     try:
-        return HeroConfig.model_validate(data)
+        return _GivenValuesConfig(**data)
     except ValidationError as err:
         raise ConfigError(f"invalid configuration:\n{format_validation_error(err)}") from None
 

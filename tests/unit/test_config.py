@@ -132,3 +132,52 @@ def test_a_device_torch_would_not_parse_is_refused(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("HERO_MODEL__DEVICE", "gpu0")
     with pytest.raises(ConfigError, match=r"model\.device: String should match pattern"):
         load_config()
+
+
+def test_defaults_are_the_embedded_ones_and_the_default_prompt_is_the_default_tasks() -> None:
+    from hero_ml.toy.task import load_task
+
+    config = load_config()
+    assert (config.method, config.model.source, config.d3po.beta, config.d3po.clip_eps) == (
+        "hero",
+        "toy",
+        0.1,
+        0.1,
+    )
+    assert config.sampling.prompt in load_task(config.simulation.task).prompts
+
+
+def test_several_annotators_multiply_the_feedback_a_round_costs(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, {"feedback": {"annotators_per_image": 3, "budget": 512}}))
+    assert (config.feedbacks_per_round, config.rounds) == (192, 2)
+    with pytest.raises(ConfigError, match="smaller than one round"):
+        load_config(write(tmp_path, {"feedback": {"annotators_per_image": 9, "budget": 512}}))
+
+
+def test_overrides_beat_the_environment_and_are_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hero_ml.config import with_overrides
+
+    monkeypatch.setenv("HERO_METHOD", "d3po")
+    config = load_config()
+    assert config.method == "d3po"
+    overridden = with_overrides(config, {"method": "hero", "feedback": {"budget": 128}})
+    assert (overridden.method, overridden.feedback.budget, overridden.feedback.annotators_per_image) == (
+        "hero",
+        128,
+        1,
+    )
+    with pytest.raises(ConfigError, match="method"):
+        with_overrides(config, {"method": "magic"})
+
+
+def test_a_stored_config_comes_back_with_todays_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hero_ml.config import restore_config
+
+    monkeypatch.setenv("HERO_ORCHESTRATION__WEBHOOK_SECRET", "first-secret")
+    stored = load_config().to_public_dict()
+    assert "first-secret" not in str(stored)
+    monkeypatch.setenv("HERO_ORCHESTRATION__WEBHOOK_SECRET", "rotated-secret")
+    restored = restore_config(stored, load_config())
+    assert restored.orchestration.webhook_secret is not None
+    assert restored.orchestration.webhook_secret.get_secret_value() == "rotated-secret"
+    assert restored.to_public_dict() == stored
