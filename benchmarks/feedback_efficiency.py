@@ -39,15 +39,14 @@ from hero_ml.training import TrainingRun
 
 METHODS = ("hero", "hero-noguide", "ddpo-binary", "d3po")
 CSV_PATH = RESULTS_DIR / "feedback_efficiency.csv"
-PLOT_PATH = RESULTS_DIR / "feedback_efficiency.png"
 COLUMNS = ("task", "method", "seed", "round", "feedbacks", "success_rate")
 WORK = Path(__file__).parent / ".work"
 
 
-def read_points() -> list[dict]:
-    if not CSV_PATH.exists():
+def read_points(path: Path) -> list[dict]:
+    if not path.exists():
         return []
-    with CSV_PATH.open() as handle:
+    with path.open() as handle:
         return [
             {
                 **row,
@@ -60,10 +59,10 @@ def read_points() -> list[dict]:
         ]
 
 
-def append_point(point: dict) -> None:
-    new = not CSV_PATH.exists()
-    CSV_PATH.parent.mkdir(parents=True, exist_ok=True)
-    with CSV_PATH.open("a", newline="") as handle:
+def append_point(path: Path, point: dict) -> None:
+    new = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         if new:
             writer.writeheader()
@@ -71,7 +70,11 @@ def append_point(point: dict) -> None:
 
 
 def run_one(base: HeroConfig, task: str, method: str, seed: int, args: argparse.Namespace) -> None:
-    done = {p["round"] for p in read_points() if (p["task"], p["method"], p["seed"]) == (task, method, seed)}
+    done = {
+        p["round"]
+        for p in read_points(args.csv)
+        if (p["task"], p["method"], p["seed"]) == (task, method, seed)
+    }
     spec = load_task(task)
     config = with_overrides(
         base,
@@ -92,7 +95,7 @@ def run_one(base: HeroConfig, task: str, method: str, seed: int, args: argparse.
         round_index = run.engine.round
         if round_index in done:
             return
-        shared = [p for p in read_points() if p["task"] == task and p["round"] == 0]
+        shared = [p for p in read_points(args.csv) if p["task"] == task and p["round"] == 0]
         if round_index == 0 and shared:  # the base model: identical for every method and seed
             rate = shared[0]["success_rate"]
         else:
@@ -108,6 +111,7 @@ def run_one(base: HeroConfig, task: str, method: str, seed: int, args: argparse.
                 batch_size=args.eval_batch,
             ).rate
         append_point(
+            args.csv,
             {
                 "task": task,
                 "method": method,
@@ -115,7 +119,7 @@ def run_one(base: HeroConfig, task: str, method: str, seed: int, args: argparse.
                 "round": round_index,
                 "feedbacks": run.engine.feedbacks,
                 "success_rate": rate,
-            }
+            },
         )
         print(
             f"{task:9s} {method:12s} seed {seed} round {round_index:2d} feedbacks {run.engine.feedbacks:5d} "
@@ -146,15 +150,15 @@ def feedbacks_to_reach(curve: dict[int, list[float]], target: float) -> int | No
     return None
 
 
-def report(at: int) -> None:
+def report(path: Path, at: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = read_points()
+    points = read_points(path)
     if not points:
-        print(f"no points yet in {CSV_PATH}")
+        print(f"no points yet in {path}")
         return
     table = curves(points)
     tasks = sorted({t for t, _ in table})
@@ -175,7 +179,7 @@ def report(at: int) -> None:
     axes[0][0].set_ylabel("success rate")
     axes[0][-1].legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(PLOT_PATH, dpi=120)
+    figure.savefig(path.with_suffix(".png"), dpi=120)
 
     figures: dict = {"at_feedbacks": at, "tasks": {}}
     header = " | ".join(f"{m} @{at}" for m in METHODS)
@@ -203,7 +207,9 @@ def report(at: int) -> None:
                     reached = feedbacks_to_reach(curve, entry["methods"]["hero"]["mean"])
                     entry["to_reach_hero"][method] = reached
                     needs.append(
-                        f"{method} {reached} ({reached / at:.1f}x)" if reached else f"{method} > {max(curve)}"
+                        f"{method} {reached} ({reached / at:.1f}x)"
+                        if reached is not None
+                        else f"{method} > {max(curve)}"
                     )
         figures["tasks"][task] = entry
         base_cell = f"{entry['base']:.3f}" if entry["base"] is not None else "—"
@@ -241,6 +247,9 @@ def main() -> None:
     parser.add_argument("--tag", default="default", help="Names the work folder of this grid's checkpoints.")
     parser.add_argument("--at", type=int, default=512, help="Feedbacks of the table's comparison point.")
     parser.add_argument("--report", action="store_true", help="Only write the plot and table from the CSV.")
+    parser.add_argument(
+        "--csv", type=Path, default=CSV_PATH, help="Points file; another than the default skips RESULTS.md."
+    )
     args = parser.parse_args()
     if not args.report:
         base = load_config(args.config)
@@ -248,7 +257,8 @@ def main() -> None:
             for method in args.method:
                 for seed in args.seeds:
                     run_one(base, task, method, seed, args)
-    report(args.at)
+    if args.csv == CSV_PATH:
+        report(args.csv, args.at)
 
 
 if __name__ == "__main__":
