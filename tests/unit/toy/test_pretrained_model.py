@@ -35,3 +35,13 @@ def test_the_committed_model_is_small_safetensors_with_its_training_log() -> Non
     assert not list(PRETRAINED.rglob("*.bin")) and not list(PRETRAINED.rglob("*.pt"))
     log = json.loads((PRETRAINED / TRAINING_LOG).read_text())
     assert {"config", "vae", "unet", "seconds"} <= set(log)
+
+
+def test_the_model_card_holds_the_command_and_measured_figures() -> None:
+    card = (PRETRAINED / "README.md").read_text()
+    assert "hero toy pretrain --seed 0" in card and "hero toy card --n 512" in card
+    figures = json.loads((PRETRAINED / "card.json").read_text())
+    assert figures["judge_accuracy"]["clean"] >= 0.98
+    for key, result in figures["base_rates"].items():
+        if not key.endswith("unseen prompts"):
+            assert 0.05 <= result["rate"] <= 0.5, key
