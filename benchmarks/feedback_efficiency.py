@@ -253,9 +253,10 @@ def main() -> None:
     args = parser.parse_args()
     if not args.report:
         base = load_config(args.config)
-        for task in args.task:
-            for method in args.method:
-                for seed in args.seeds:
+        # seeds outermost: the table has every (task, method) cell at n=1 before any at n=2
+        for seed in args.seeds:
+            for task in args.task:
+                for method in args.method:
                     run_one(base, task, method, seed, args)
     if args.csv == CSV_PATH:
         report(args.csv, args.at)

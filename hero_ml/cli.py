@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -272,22 +273,30 @@ def _run_embedded(config: HeroConfig) -> None:
     )
     with progress:
         bar = progress.add_task("denoising", total=steps_per_round)
+        round_started = [time.perf_counter()]  # from the round's first denoising step
+
+        def on_step() -> None:
+            if progress.tasks[bar].completed == 0:
+                round_started[0] = time.perf_counter()
+            progress.advance(bar)
 
         def on_round(stats: RoundStats) -> None:
+            now = time.perf_counter()
+            seconds, round_started[0] = now - round_started[0], now
             reward = (
                 ""
                 if stats.reward_good_mean is None
                 else f", reward good {stats.reward_good_mean:.3f} / bad {stats.reward_bad_mean or 0:.3f}"
             )
             progress.console.print(
-                f"round {stats.round}: {stats.good} good / {stats.bad} bad{reward}, "
+                f"round {stats.round} ({seconds:.1f} s): {stats.good} good / {stats.bad} bad{reward}, "
                 f"{stats.optimizer_steps} optimiser steps, {stats.feedbacks} feedbacks spent",
                 highlight=False,
             )
             progress.reset(bar)
 
         try:
-            summary = hero_training(config, on_step=lambda: progress.advance(bar), on_round=on_round)
+            summary = hero_training(config, on_step=on_step, on_round=on_round)
         except (RunError, FileNotFoundError) as err:
             raise _fail(str(err)) from None
         progress.remove_task(bar)

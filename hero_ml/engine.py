@@ -26,7 +26,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from hero_ml.adapters.storage import ArtifactStore
-from hero_ml.config import HeroConfig
+from hero_ml.config import HeroConfig, SamplingConfig
 from hero_ml.d3po import d3po_objective, preference_pairs
 from hero_ml.ddpo import StepObjective, UpdateStats, advantages, ddpo_objective, update_pass
 from hero_ml.diffusion.lora import add_lora
@@ -80,6 +80,34 @@ class RoundStats:
         return {k: float(v) for k, v in asdict(self).items() if v is not None and k != "round"}
 
 
+def sample_batch(
+    pipe: StableDiffusionPipeline,
+    sampling: SamplingConfig,
+    round_index: int,
+    *,
+    initial_noise: torch.Tensor | None = None,
+    on_step: Callable[[], None] | None = None,
+) -> RoundBatch:
+    """Sample round `round_index` as configured: `images_per_round` images of the prompt, each with its
+    own random stream seeded by (sampling.seed, round, image), from `initial_noise` or plain N(0, I)."""
+    count = sampling.images_per_round
+    trajectory = sample_trajectories(
+        pipe,
+        [sampling.prompt] * count,
+        per_image_generators((sampling.seed, round_index), count),
+        num_steps=sampling.num_steps,
+        guidance_scale=sampling.guidance_scale,
+        eta=sampling.eta,
+        initial_noise=initial_noise,
+        negative_prompt=sampling.negative_prompt,
+        sub_batch_size=sampling.sub_batch_size,
+        storage_dtype=DTYPES[sampling.storage_dtype],
+        on_step=on_step,
+    )
+    image_ids = tuple(f"r{round_index:04d}-{i:03d}" for i in range(count))
+    return RoundBatch(round=round_index, image_ids=image_ids, trajectory=trajectory)
+
+
 class Engine:
     def __init__(self, config: HeroConfig, pipe: StableDiffusionPipeline):
         """Attach a fresh LoRA to `pipe` (its UNet must have none) and build the method's learners."""
@@ -127,21 +155,7 @@ class Engine:
                 eps=guidance.noise_eps,
                 generator=self._generator("guidance"),
             )
-        trajectory = sample_trajectories(
-            self.pipe,
-            [sampling.prompt] * count,
-            per_image_generators((sampling.seed, self.round), count),
-            num_steps=sampling.num_steps,
-            guidance_scale=sampling.guidance_scale,
-            eta=sampling.eta,
-            initial_noise=initial_noise,
-            negative_prompt=sampling.negative_prompt,
-            sub_batch_size=sampling.sub_batch_size,
-            storage_dtype=DTYPES[sampling.storage_dtype],
-            on_step=on_step,
-        )
-        image_ids = tuple(f"r{self.round:04d}-{i:03d}" for i in range(count))
-        return RoundBatch(round=self.round, image_ids=image_ids, trajectory=trajectory)
+        return sample_batch(self.pipe, sampling, self.round, initial_noise=initial_noise, on_step=on_step)
 
     def learn(self, batch: RoundBatch, feedback: RoundFeedback) -> RoundStats:
         """Learn from the feedback on `batch` and advance to the next round."""

@@ -90,14 +90,14 @@ def test_sample_commits_a_round_with_grid_trajectory_and_manifest(tmp_path: Path
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["images"] == 4 and "random weights" in manifest["note"]
     assert set(manifest["files"]) == {"trajectory.safetensors", "grid.png"} | {
-        f"images/{i:04d}.png" for i in range(4)
+        f"images/r0000-{i:03d}.png" for i in range(4)
     }
     for name, described in manifest["files"].items():
         assert (folder / name).stat().st_size == described["bytes"]
 
     trajectory = Trajectory.load(folder / "trajectory.safetensors")
     assert trajectory.latents.shape == (4, 4, 4, 16, 16) and trajectory.log_probs.shape == (4, 3)
-    first = torch.from_numpy(np.array(Image.open(folder / "images/0000.png")))
+    first = torch.from_numpy(np.array(Image.open(folder / "images/r0000-000.png")))
     assert torch.equal(first, trajectory.images[0])
     assert Image.open(folder / "grid.png").size[0] > 2 * 32
 
@@ -123,11 +123,13 @@ def test_a_missing_model_is_a_readable_error(tmp_path: Path) -> None:
     assert "cannot load model 'someone/missing'" in result.output and "Traceback" not in result.output
 
 
-def test_an_interrupted_round_is_sampled_again_without_leftovers(tmp_path: Path) -> None:
+def test_an_interrupted_round_is_sampled_again_and_its_leftovers_overwritten(tmp_path: Path) -> None:
     folder = tmp_path / "data" / "runs" / "cli-test" / "rounds" / "0"
     (folder / "images").mkdir(parents=True)
-    (folder / "images" / "0063.png").write_bytes(b"half-written by a crashed run")
+    (folder / "images" / "r0000-003.png").write_bytes(b"half-written by a crashed run")
     result = runner.invoke(app, ["sample", "--config", str(small_config(tmp_path))])
     assert result.exit_code == 0, result.output
-    assert not (folder / "images" / "0063.png").exists()
-    assert sorted(p.name for p in (folder / "images").iterdir()) == [f"{i:04d}.png" for i in range(4)]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    rewritten = (folder / "images" / "r0000-003.png").read_bytes()
+    assert len(rewritten) == manifest["files"]["images/r0000-003.png"]["bytes"]
+    assert Image.open(folder / "images" / "r0000-003.png").size == (32, 32)

@@ -40,7 +40,7 @@ def test_hero_run_trains_tracks_and_stores_a_whole_run(
     config.write_text(yaml.safe_dump(small(tmp_path)))
     result = runner.invoke(app, ["run", "-c", str(config), "--run-id", "cli-run", "--task", "binding"])
     assert result.exit_code == 0, result.output
-    assert "round 0:" in result.output and "round 1:" in result.output
+    assert "round 0 (" in result.output and "round 1 (" in result.output
     assert (
         "success rate before (6 images)" in result.output and "mlflow ui --backend-store-uri" in result.output
     )

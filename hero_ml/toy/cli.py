@@ -51,17 +51,25 @@ def pretrain_command(
     )
     with progress:
         bars = {
-            "vae": progress.add_task("VAE", total=config.vae_steps, loss=float("nan")),
-            "unet": progress.add_task("text encoder + UNet", total=config.unet_steps, loss=float("nan")),
+            # started when their phase starts, so each bar's elapsed time is its own phase's
+            "vae": progress.add_task("VAE", total=config.vae_steps, loss=float("nan"), start=False),
+            "unet": progress.add_task(
+                "text encoder + UNet", total=config.unet_steps, loss=float("nan"), start=False
+            ),
         }
 
+        started: set[str] = set()
+
         def report(phase: str, step: int, total: int, loss: float) -> None:
+            if phase not in started:
+                started.add(phase)
+                progress.start_task(bars[phase])
             progress.update(bars[phase], completed=step, loss=loss)
 
         log = pretrain(config, out, on_progress=report)
     console.print(
         f"[green]saved[/] {out}: VAE L1 {log['vae']['final_l1']}, denoiser MSE {log['unet']['final_mse']}, "
-        f"{log['seconds']} s",
+        f"{log['seconds']} s in all",
         highlight=False,
     )
 
