@@ -12,25 +12,50 @@ def write(tmp_path: Path, data: object) -> Path:
     return path
 
 
-def test_defaults_follow_the_hero_reference() -> None:
-    config = load_config()
+PAPER_CONFIG = Path(__file__).parents[2] / "configs" / "sd15-paper.yaml"
+
+
+def test_the_paper_config_follows_the_hero_reference() -> None:
+    config = load_config(PAPER_CONFIG)
     s, d, e, g = config.sampling, config.ddpo, config.encoder, config.guidance
-    assert (s.images_per_round, s.num_steps, s.eta, s.guidance_scale) == (64, 50, 1.0, 5.0)
+    assert config.model.source == "runwayml/stable-diffusion-v1-5" and config.model.dtype == "float16"
+    assert (s.images_per_round, s.num_steps, s.eta, s.guidance_scale, s.sub_batch_size) == (
+        64,
+        50,
+        1.0,
+        5.0,
+        8,
+    )
     assert (config.model.lora_rank, d.lr, d.weight_decay, d.max_grad_norm) == (4, 1e-3, 1e-4, 1.0)
-    assert (d.clip_range, d.adv_clip_max, d.timesteps_per_trajectory) == (1e-4, 5.0, 5)
+    assert (d.clip_range, d.adv_clip_max, d.timesteps_per_trajectory, d.inner_epochs) == (1e-4, 5.0, 5, 1)
     assert (d.train_batch_size, d.gradient_accumulation_steps) == (2, 4)
     assert (e.lr, e.epochs_per_round, e.margin) == (1e-5, 500, 0.5)
     assert (g.best_ratio, g.noise_eps) == (0.5, 0.1)
-
-
-def test_derived_quantities_match_the_reference_round() -> None:
     # 64 images, batch 2, accumulation 4 -> 8 optimiser steps a round; 512 feedbacks -> 8 rounds.
-    assert load_config().derived() == {
+    assert config.derived() == {
         "rounds": 8,
         "feedbacks_per_round": 64,
         "feedbacks_spent": 512,
         "ddpo_optimizer_steps_per_round": 8,
     }
+
+
+def test_the_embedded_defaults_differ_from_the_paper_only_where_the_toy_needs_it() -> None:
+    defaults, paper = load_config().model_dump(), load_config(PAPER_CONFIG).model_dump()
+    changed = {
+        f"{section}.{name}"
+        for section, fields in paper.items()
+        if isinstance(fields, dict)
+        for name, value in fields.items()
+        if defaults[section][name] != value
+    }
+    assert changed == {
+        "model.source", "model.dtype", "model.device", "sampling.prompt", "sampling.num_steps",
+        "sampling.sub_batch_size", "ddpo.lr", "ddpo.clip_range", "ddpo.inner_epochs",
+        "ddpo.train_batch_size", "ddpo.gradient_accumulation_steps",
+    }  # fmt: skip
+    # the same 8 trajectories an optimiser step, 4 passes: 32 steps a round over 8 rounds
+    assert load_config().derived()["ddpo_optimizer_steps_per_round"] == 32
 
 
 def test_every_field_has_a_description() -> None:

@@ -20,7 +20,12 @@ def small_config(method: str = "hero", **encoder: object) -> HeroConfig:
         model={"source": "random:tiny"},
         sampling={"prompt": "a red circle", "images_per_round": 6, "num_steps": 4, "sub_batch_size": 6},
         encoder={"epochs_per_round": 4, "triplets_per_epoch": 8, "lr": 1e-3, **encoder},
-        ddpo={"timesteps_per_trajectory": 2, "train_batch_size": 2, "gradient_accumulation_steps": 2},
+        ddpo={
+            "timesteps_per_trajectory": 2,
+            "train_batch_size": 2,
+            "gradient_accumulation_steps": 2,
+            "inner_epochs": 1,
+        },
         feedback={"budget": 18},
     )
 
