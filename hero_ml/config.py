@@ -209,7 +209,14 @@ class D3POConfig(_Section):
     clip_eps: float = Field(
         0.1, gt=0, lt=1, description="Policy/reference ratios are clipped to [1 - clip_eps, 1 + clip_eps]."
     )
-    lr: float = Field(3e-5, gt=0, description="AdamW learning rate of the LoRA parameters under D3PO.")
+    lr: float = Field(
+        3e-4,
+        gt=0,
+        description=(
+            "AdamW learning rate of the LoRA parameters under D3PO (toy-tuned: 3e-5, the paper's, did "
+            "not move the toy model, 1e-3 diverged; see benchmarks/RESULTS.md)."
+        ),
+    )
 
 
 class GuidanceConfig(_Section):

@@ -30,7 +30,7 @@ def test_the_paper_config_follows_the_hero_reference() -> None:
     assert (d.clip_range, d.adv_clip_max, d.timesteps_per_trajectory, d.inner_epochs) == (1e-4, 5.0, 5, 1)
     assert (d.train_batch_size, d.gradient_accumulation_steps) == (2, 4)
     assert (e.lr, e.epochs_per_round, e.margin) == (1e-5, 500, 0.5)
-    assert (g.best_ratio, g.noise_eps) == (0.5, 0.1)
+    assert (g.best_ratio, g.noise_eps, config.d3po.lr) == (0.5, 0.1, 3e-5)
     # 64 images, batch 2, accumulation 4 -> 8 optimiser steps a round; 512 feedbacks -> 8 rounds.
     assert config.derived() == {
         "rounds": 8,
@@ -52,7 +52,7 @@ def test_the_embedded_defaults_differ_from_the_paper_only_where_the_toy_needs_it
     assert changed == {
         "model.source", "model.dtype", "model.device", "sampling.prompt", "sampling.num_steps",
         "sampling.sub_batch_size", "ddpo.lr", "ddpo.clip_range", "ddpo.inner_epochs",
-        "ddpo.train_batch_size", "ddpo.gradient_accumulation_steps",
+        "ddpo.train_batch_size", "ddpo.gradient_accumulation_steps", "d3po.lr",
     }  # fmt: skip
     # the same 8 trajectories an optimiser step, 4 passes: 32 steps a round over 8 rounds
     assert load_config().derived()["ddpo_optimizer_steps_per_round"] == 32
