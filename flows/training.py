@@ -12,7 +12,7 @@ from collections.abc import Callable
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from hero_ml.adapters.storage import LocalStore
+from hero_ml.adapters.storage import open_store
 from hero_ml.adapters.tracking.mlflow import open_tracker
 from hero_ml.config import HeroConfig
 from hero_ml.engine import RoundBatch, RoundStats
@@ -60,7 +60,7 @@ def hero_training(
     a caller in the same process (progress bars) and may be None."""
     tracker = open_tracker(config)
     try:
-        run = TrainingRun(config, LocalStore(config.storage.local_root), tracker, on_step=on_step)
+        run = TrainingRun(config, open_store(config.storage), tracker, on_step=on_step)
         before = evaluate(run, "before")
         rounds = []
         while not run.done:
@@ -72,7 +72,7 @@ def hero_training(
             if on_round is not None:
                 on_round(stats)
         after = evaluate(run, "after")
-        run.log_final_artifacts()
+        version = run.log_final_artifacts()
     except BaseException:
         tracker.finish("FAILED")
         raise
@@ -84,4 +84,5 @@ def hero_training(
         rounds_now=rounds,
         before=before,
         after=after,
+        registered_version=version,
     )

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from hero_ml.adapters.storage import StorageError, open_store
 from hero_ml.config import ConfigError, HeroConfig, load_config
 from hero_ml.toy.cli import toy_app
 
@@ -31,6 +32,8 @@ model_app = typer.Typer(help="Build and inspect Stable Diffusion pipelines.", no
 app.add_typer(config_app, name="config")
 app.add_typer(model_app, name="model")
 app.add_typer(toy_app, name="toy")
+storage_app = typer.Typer(help="Inspect and verify a run's stored objects.", no_args_is_help=True)
+app.add_typer(storage_app, name="storage")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -146,7 +149,7 @@ def sample(config: ConfigOption = None) -> None:
             result = sample_round(
                 resolved, on_model_loaded=model_loaded, on_step=lambda: progress.advance(task)
             )
-        except (ModelNotFoundError, DeviceUnavailableError, RoundExistsError, NotImplementedError) as err:
+        except (ModelNotFoundError, DeviceUnavailableError, RoundExistsError, StorageError) as err:
             raise _fail(str(err)) from None
 
     manifest = result.manifest
@@ -155,7 +158,7 @@ def sample(config: ConfigOption = None) -> None:
         f"in {manifest['sampling_seconds']} s",
         highlight=False,
     )
-    console.print(f"  grid: {result.folder / 'grid.png'}", highlight=False)
+    console.print(f"  grid: {result.folder}/grid.png", highlight=False)
     console.print(f"  note: {manifest['note']}", highlight=False)
 
 
@@ -210,25 +213,24 @@ def run(
             resolved = with_overrides(resolved, overrides)
         except ConfigError as err:
             raise _fail(str(err)) from None
-    if resolved.storage.backend != "local" or resolved.label_studio.enabled:
-        raise _fail("hero run drives the embedded defaults (local storage, simulated annotators) for now")
+    if resolved.label_studio.enabled:
+        raise _fail("hero run asks the simulated annotators for now: set label_studio.enabled=false")
 
-    from hero_ml.adapters.storage import LocalStore
     from hero_ml.run_store import RunStore
 
-    store = LocalStore(resolved.storage.local_root)
+    store = open_store(resolved.storage)
     runs = RunStore(store, resolved.run_id)
     stored = runs.load_config()
     if resume is not None:
         if stored is None:
-            raise _fail(f"no run {resume!r} under {resolved.storage.local_root}/runs; start it with hero run")
+            raise _fail(f"no run {resume!r} in {store.where('runs')}; start it with hero run")
         try:
             resolved = restore_config(stored, resolved)
         except ConfigError as err:
             raise _fail(str(err)) from None
     elif stored is not None:
         raise _fail(
-            f"run {resolved.run_id!r} already exists under {resolved.storage.local_root}/runs: continue "
+            f"run {resolved.run_id!r} already exists in {store.where('runs')}: continue "
             f"it with `hero run --resume {resolved.run_id}` or start a new one with --run-id NAME"
         )
     _run_embedded(resolved)
@@ -297,7 +299,7 @@ def _run_embedded(config: HeroConfig) -> None:
 
         try:
             summary = hero_training(config, on_step=on_step, on_round=on_round)
-        except (RunError, FileNotFoundError) as err:
+        except (RunError, FileNotFoundError, StorageError) as err:
             raise _fail(str(err)) from None
         progress.remove_task(bar)
 
@@ -313,5 +315,158 @@ def _run_embedded(config: HeroConfig) -> None:
             f"success rate after ({summary.after.images} images)", f"{summary.after.success_rate:.3f}"
         )
     console.print(table)
-    console.print(f"run folder: {config.storage.local_root / 'runs' / config.run_id}", highlight=False)
-    console.print(f"MLflow: mlflow ui --backend-store-uri {config.tracking.tracking_uri}", highlight=False)
+    console.print(
+        f"run objects: {open_store(config.storage).where(f'runs/{config.run_id}')}", highlight=False
+    )
+    if summary.registered_version is not None:
+        console.print(
+            f"registered {config.tracking.registered_model} version {summary.registered_version}: "
+            f"compare it with the champion by `hero promote --version {summary.registered_version}`",
+            highlight=False,
+        )
+    uri = config.tracking.tracking_uri
+    where = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else uri
+    console.print(f"MLflow: {where}", highlight=False)
+
+
+RunIdArgument = Annotated[str | None, typer.Argument(help="The run (default: list the stored runs).")]
+
+
+@storage_app.command("ls")
+def storage_ls(run_id: RunIdArgument = None, config: ConfigOption = None) -> None:
+    """List the stored runs, or one run's rounds: committed or not, images, feedback, checkpoint."""
+    from rich.table import Table
+
+    from hero_ml.run_store import RunStore
+
+    resolved = _load(config)
+    store = open_store(resolved.storage)
+    try:
+        if run_id is None:
+            runs = sorted({key.split("/")[1] for key in store.list("runs")})
+            console.print(f"{len(runs)} runs in {store.where('runs')}", highlight=False)
+            for name in runs:
+                console.print(f"  {name}", highlight=False)
+            return
+        runs_store = RunStore(store, run_id)
+        rounds = runs_store.list_rounds()
+        latest = runs_store.latest_checkpoint()
+    except (StorageError, ValueError) as err:
+        raise _fail(str(err)) from None
+    if not rounds and runs_store.load_config() is None:
+        raise _fail(f"no run {run_id!r} in {store.where('runs')}")
+    table = Table("round", "committed", "images", "MB", "good", "bad", "checkpoint", title=f"run {run_id}")
+    for row in rounds:
+        table.add_row(
+            str(row.round),
+            "yes" if row.committed else "[yellow]no (interrupted)[/]",
+            str(row.images),
+            f"{row.bytes / 1e6:.2f}",
+            "—" if row.good is None else str(row.good),
+            "—" if row.bad is None else str(row.bad),
+            "yes" if row.checkpoint else "—",
+        )
+    console.print(table)
+    console.print(
+        f"latest checkpoint: {latest}; objects in {store.where(runs_store.prefix)}", highlight=False
+    )
+
+
+@storage_app.command("verify")
+def storage_verify(
+    run_id: Annotated[str, typer.Argument(help="The run to verify.")], config: ConfigOption = None
+) -> None:
+    """Check every committed object of a run against its recorded size and sha256 (exit 1 on a problem)."""
+    from hero_ml.run_store import RunStore
+
+    resolved = _load(config)
+    store = open_store(resolved.storage)
+    runs_store = RunStore(store, run_id)
+    try:
+        if runs_store.load_config() is None:
+            raise _fail(f"no run {run_id!r} in {store.where('runs')}")
+        report = runs_store.verify()
+    except (StorageError, ValueError) as err:
+        raise _fail(str(err)) from None
+    for line in report.incomplete:
+        console.print(f"[yellow]uncommitted[/] {line}", highlight=False)
+    for line in report.problems:
+        err_console.print(f"[bold red]corrupt[/] {line}", highlight=False)
+    verdict = "[green]ok[/]" if report.ok else f"[bold red]{len(report.problems)} problems[/]"
+    console.print(
+        f"{verdict}: {report.objects} objects ({report.bytes / 1e6:.2f} MB) match their checksums; "
+        f"{len(report.incomplete)} uncommitted",
+        highlight=False,
+    )
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
+@app.command("promote")
+def promote(
+    version: Annotated[
+        str | None, typer.Option(help="Registry version to evaluate (default: the latest).")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Evaluate a LoRA version against the champion and move the champion alias only on a win.
+
+    Both models generate promotion.eval_images images from the same fixed noises, judged by the
+    version's toy task; with no champion yet the challenger must beat the base model. The decision
+    and its figures are recorded as tags of the version.
+    """
+    from hero_ml.adapters.tracking.registry import RegistryError
+    from hero_ml.promotion import promote_version
+
+    resolved = _load(config)
+    total = 2 * resolved.promotion.eval_images
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        bar = progress.add_task("evaluating challenger and champion (images)", total=total)
+        try:
+            decision = promote_version(resolved, version, on_images=lambda n: progress.advance(bar, n))
+        except RegistryError as err:
+            raise _fail(str(err)) from None
+    alias = resolved.tracking.champion_alias
+    against = "the base model" if decision.incumbent == "base" else f"version {decision.incumbent}"
+    console.print(
+        f"version {decision.challenger}: {decision.challenger_rate:.3f} vs {against}: "
+        f"{decision.incumbent_rate:.3f} (gain {decision.gain:+.3f}, margin {decision.margin:.3f}, "
+        f"{decision.images} images each)",
+        highlight=False,
+    )
+    if decision.promoted:
+        console.print(f"[green]promoted[/]: @{alias} -> version {decision.challenger}", highlight=False)
+    else:
+        console.print(f"[yellow]not promoted[/]: @{alias} stays on {against}", highlight=False)
+
+
+@app.command("generate")
+def generate(
+    model: Annotated[str, typer.Argument(help="models:/NAME@ALIAS or models:/NAME/VERSION.")],
+    prompt: Annotated[str, typer.Option(help="What to draw.")],
+    out: Annotated[Path, typer.Option(help="Folder the PNGs and grid.png are written to.")],
+    count: Annotated[int, typer.Option(min=1, max=1024, help="Images to generate.")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of the images' noises.")] = 0,
+    config: ConfigOption = None,
+) -> None:
+    """Generate images from a registered LoRA, e.g. the production one: models:/hero-lora@champion."""
+    from hero_ml.adapters.tracking.registry import RegistryError
+    from hero_ml.diffusion.pipeline import ModelNotFoundError
+    from hero_ml.promotion import generate_from_registry
+
+    resolved = _load(config)
+    with console.status(f"loading {model} and generating {count} images"):
+        try:
+            version, paths = generate_from_registry(resolved, model, prompt, count, out, seed=seed)
+        except (RegistryError, ModelNotFoundError) as err:
+            raise _fail(str(err)) from None
+    console.print(
+        f"{len(paths)} images of {version.name} version {version.version} in {out} (grid.png: all of them)",
+        highlight=False,
+    )

@@ -26,6 +26,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from hero_ml.adapters.storage.keys import check_prefix
 from hero_ml.diffusion.architectures import ARCHITECTURES
 
 ENV_PREFIX = "HERO_"
@@ -285,6 +286,20 @@ class StorageConfig(_Section):
         None, description="S3 access key id; empty to use the standard AWS credential chain."
     )
     s3_secret_access_key: SecretStr | None = Field(None, description="S3 secret access key.")
+    s3_prefix: str = Field(
+        "", description="Key prefix inside the bucket (e.g. 'hero/' to share a bucket); '' for the root."
+    )
+    s3_addressing_style: Literal["path", "virtual"] | None = Field(
+        None,
+        description=(
+            "Bucket addressing: 'path' (MinIO and most S3-compatible servers) or 'virtual' (AWS); "
+            "empty picks 'path' when s3_endpoint_url is set, else 'virtual'."
+        ),
+    )
+    s3_max_attempts: int = Field(
+        5, ge=1, le=20, description="Attempts per S3 request (botocore 'standard' retries, backoff)."
+    )
+    s3_timeout_s: float = Field(30.0, gt=0, description="Connect and read timeout of one S3 request.")
     presigned_url_ttl_s: int = Field(
         900, ge=1, le=7 * 24 * 3600, description="Lifetime of presigned image URLs for annotators."
     )
@@ -293,6 +308,13 @@ class StorageConfig(_Section):
     def _s3_needs_bucket(self) -> StorageConfig:
         if self.backend == "s3" and not self.s3_bucket:
             raise ValueError("backend 's3' needs s3_bucket (HERO_STORAGE__S3_BUCKET)")
+        if (self.s3_access_key_id is None) != (self.s3_secret_access_key is None):
+            raise ValueError(
+                "s3_access_key_id and s3_secret_access_key go together: set both, or neither to use "
+                "the standard AWS credential chain"
+            )
+        if self.s3_prefix:
+            check_prefix(self.s3_prefix)
         return self
 
 
@@ -307,6 +329,38 @@ class TrackingConfig(_Section):
     )
     champion_alias: str = Field(
         "champion", min_length=1, description="Registry alias of the LoRA in production."
+    )
+    register_lora: bool = Field(
+        True,
+        description=(
+            "Register the run's final LoRA as a new version of registered_model (MLflow's diffusers "
+            "flavour: adapter weights + a reference to model.source, never a copy of the base model)."
+        ),
+    )
+
+
+class PromotionConfig(_Section):
+    """`hero promote`: a challenger version takes the champion alias only on a measured win."""
+
+    eval_images: int = Field(
+        256,
+        ge=16,
+        description=(
+            "Images each model generates for the comparison, from the same fixed noises (plain "
+            "N(0, I), seed eval_seed), judged by the version's toy task. More images, smaller noise."
+        ),
+    )
+    eval_seed: int = Field(1000, ge=0, description="Seed of the fixed evaluation noises.")
+    margin: float = Field(
+        0.03,
+        ge=0,
+        le=1,
+        description=(
+            "Success-rate points the challenger must gain over the champion (over the base model "
+            "when there is no champion yet) to be promoted. A rate on 256 images has a standard "
+            "error of up to 0.03; shared noises make the difference less noisy than that, and the "
+            "margin keeps luck from promoting."
+        ),
     )
 
 
@@ -384,6 +438,7 @@ class HeroConfig(BaseSettings):
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     label_studio: LabelStudioConfig = Field(default_factory=LabelStudioConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 

@@ -16,6 +16,7 @@ Methods (config `method`), all on the same rounds and the same feedback:
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -37,7 +38,7 @@ from hero_ml.feedback import RoundFeedback
 from hero_ml.guidance import guided_initial_noise
 from hero_ml.rewards import mean_similarity_to_good, similarity_to_best
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: state.json records the tensors' size and sha256
 TENSORS = "state.safetensors"
 STATE = "state.json"  # written last: it commits the checkpoint
 # Each purpose draws from its own stream, so changing how much one consumes never shifts another.
@@ -281,15 +282,17 @@ class Engine:
             }
         for index, source in enumerate(self.replay):
             tensors |= {f"replay.{index}.{part}": getattr(source, part) for part in ("anchor", "good", "bad")}
+        blob = save_tensors({k: v.contiguous().cpu() for k, v in tensors.items()})
         state = {
             "format": CHECKPOINT_FORMAT,
+            "tensors": {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()},
             "method": self.method,
             "round": self.round,
             "feedbacks": self.feedbacks,
             "replay_rounds": len(self.replay),
             "optimizers": optimizers,
         }
-        store.put(f"{prefix}/{TENSORS}", save_tensors({k: v.contiguous().cpu() for k, v in tensors.items()}))
+        store.put(f"{prefix}/{TENSORS}", blob)
         store.put(f"{prefix}/{STATE}", json.dumps(state, indent=1).encode())
 
     @classmethod
@@ -299,13 +302,20 @@ class Engine:
         """An engine on `pipe` (without a LoRA) restored from a checkpoint written by `save`."""
         try:
             state = json.loads(store.get(f"{prefix}/{STATE}"))
-            tensors = load_tensors(store.get(f"{prefix}/{TENSORS}"))
+            blob = store.get(f"{prefix}/{TENSORS}")
         except KeyError as missing:
             raise EngineError(f"no committed checkpoint at {prefix!r} (missing {missing})") from None
         if state.get("format") != CHECKPOINT_FORMAT:
             raise EngineError(
                 f"checkpoint {prefix!r} has format {state.get('format')}, expected {CHECKPOINT_FORMAT}"
             )
+        expected = state["tensors"]
+        if len(blob) != expected["bytes"] or hashlib.sha256(blob).hexdigest() != expected["sha256"]:
+            raise EngineError(
+                f"checkpoint {prefix}/{TENSORS} does not match its {STATE} ({len(blob)} bytes, expected "
+                f"{expected['bytes']}): it was changed or truncated after it was written"
+            )
+        tensors = load_tensors(blob)
         if state["method"] != config.method:
             raise EngineError(
                 f"checkpoint {prefix!r} was trained with method {state['method']!r}, the config says "

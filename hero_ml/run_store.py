@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,7 +26,7 @@ from PIL import Image
 
 from hero_ml.adapters.storage import ArtifactStore
 from hero_ml.diffusion.sampler import Trajectory
-from hero_ml.engine import Engine, RoundBatch
+from hero_ml.engine import STATE, TENSORS, Engine, RoundBatch
 from hero_ml.feedback import AnnotatorFeedback, RoundFeedback
 from hero_ml.images import image_grid
 
@@ -37,6 +38,31 @@ FEEDBACK = "feedback.json"
 
 class CorruptObjectError(RuntimeError):
     """A stored object does not match what its manifest recorded."""
+
+
+@dataclass(frozen=True)
+class RoundListing:
+    """One round as stored: what `hero storage ls` shows."""
+
+    round: int
+    committed: bool  # its manifest is there
+    images: int
+    bytes: int
+    good: int | None  # None: no feedback stored yet
+    bad: int | None
+    checkpoint: bool  # the engine after learning this round is committed
+
+
+@dataclass
+class VerifyReport:
+    objects: int = 0  # checked against a recorded size and sha256
+    bytes: int = 0
+    problems: list[str] = field(default_factory=list)  # corrupt, missing or unlisted objects
+    incomplete: list[str] = field(default_factory=list)  # rounds and checkpoints a crash left uncommitted
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
 
 
 class RunStore:
@@ -142,6 +168,89 @@ class RunStore:
     def latest_checkpoint(self) -> int | None:
         key = f"{self.prefix}/progress.json"
         return json.loads(self.store.get(key))["checkpoint"] if self.store.exists(key) else None
+
+    # -- inspection -----------------------------------------------------------------------------------
+
+    def _objects_by_round(self, kind: str) -> dict[int, dict[str, int]]:
+        """rounds/ or checkpoints/ objects: round -> {name inside the round's folder: size}."""
+        grouped: dict[int, dict[str, int]] = {}
+        for key, size in self.store.list(f"{self.prefix}/{kind}").items():
+            index, _, name = key.removeprefix(f"{self.prefix}/{kind}/").partition("/")
+            if index.isdigit():
+                grouped.setdefault(int(index), {})[name] = size
+        return grouped
+
+    def list_rounds(self) -> list[RoundListing]:
+        checkpoints = self._objects_by_round("checkpoints")
+        listing = []
+        for index, objects in sorted(self._objects_by_round("rounds").items()):
+            good = bad = None
+            if FEEDBACK in objects:
+                labels = json.loads(self.store.get(f"{self.round_prefix(index)}/{FEEDBACK}"))["aggregate"]
+                good, bad = sum(labels["good"]), len(labels["good"]) - sum(labels["good"])
+            listing.append(
+                RoundListing(
+                    round=index,
+                    committed=MANIFEST in objects,
+                    images=sum(name.startswith("images/") for name in objects),
+                    bytes=sum(objects.values()),
+                    good=good,
+                    bad=bad,
+                    checkpoint=STATE in checkpoints.get(index, {}),
+                )
+            )
+        return listing
+
+    def verify(self) -> VerifyReport:
+        """Check every committed object against its recorded size and sha256: each round's files
+        against its manifest, each checkpoint's tensors against its state.json, and progress.json's
+        checkpoint exists. Uncommitted rounds and checkpoints (a crash before the commit) are listed
+        apart: they are not corruption, the run redoes them."""
+        report = VerifyReport()
+
+        def check(key: str, expected: dict[str, Any]) -> None:
+            try:
+                data = self.store.get(key)
+            except KeyError:
+                report.problems.append(f"{key}: missing, though its commit record lists it")
+                return
+            report.objects += 1
+            report.bytes += len(data)
+            if not _sha256_matches(data, expected):
+                report.problems.append(
+                    f"{key}: {len(data)} bytes do not match the recorded {expected['bytes']} bytes and "
+                    "sha256 (changed or truncated after commit)"
+                )
+
+        for index, objects in sorted(self._objects_by_round("rounds").items()):
+            prefix = self.round_prefix(index)
+            if MANIFEST not in objects:
+                report.incomplete.append(
+                    f"{prefix}: no {MANIFEST} ({len(objects)} objects of an interrupted round)"
+                )
+                continue
+            listed = json.loads(self.store.get(f"{prefix}/{MANIFEST}"))["files"]
+            for name, expected in listed.items():
+                check(f"{prefix}/{name}", expected)
+            for name in sorted(set(objects) - set(listed) - {MANIFEST, FEEDBACK}):
+                report.problems.append(f"{prefix}/{name}: not listed in the round's manifest")
+        checkpoints = self._objects_by_round("checkpoints")
+        for index, objects in sorted(checkpoints.items()):
+            prefix = self.checkpoint_prefix(index)
+            if STATE not in objects:
+                report.incomplete.append(f"{prefix}: no {STATE} (a checkpoint interrupted while written)")
+                continue
+            check(f"{prefix}/{TENSORS}", json.loads(self.store.get(f"{prefix}/{STATE}"))["tensors"])
+        latest = self.latest_checkpoint()
+        if latest is not None and STATE not in checkpoints.get(latest, {}):
+            report.problems.append(
+                f"{self.prefix}/progress.json points at checkpoint {latest}, which is not committed"
+            )
+        return report
+
+
+def _sha256_matches(data: bytes, expected: dict[str, Any]) -> bool:
+    return len(data) == expected["bytes"] and hashlib.sha256(data).hexdigest() == expected["sha256"]
 
 
 def _png(image: Image.Image) -> bytes:

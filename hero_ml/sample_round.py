@@ -11,12 +11,11 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from hero_ml import __version__
-from hero_ml.adapters.storage import LocalStore
+from hero_ml.adapters.storage import open_store
 from hero_ml.config import HeroConfig
 from hero_ml.diffusion.pipeline import DTYPES, RANDOM_PREFIX, load_pipeline
 from hero_ml.engine import RoundBatch, sample_batch
@@ -29,7 +28,7 @@ class RoundExistsError(FileExistsError):
 
 @dataclass(frozen=True)
 class SampledRound:
-    folder: Path
+    folder: str  # where the round lives: a path or an s3:// URI
     batch: RoundBatch
     manifest: dict
 
@@ -42,10 +41,9 @@ def sample_round(
     on_step: Callable[[], None] | None = None,
 ) -> SampledRound:
     """Load the configured model, sample `images_per_round` images of the prompt, commit the round."""
-    if config.storage.backend != "local":
-        raise NotImplementedError("the s3 storage backend is not implemented yet; use storage.backend=local")
-    runs = RunStore(LocalStore(config.storage.local_root), config.run_id)
-    folder = config.storage.local_root / runs.round_prefix(round_index)
+    store = open_store(config.storage)
+    runs = RunStore(store, config.run_id)
+    folder = store.where(runs.round_prefix(round_index))
     if runs.has_batch(round_index):
         raise RoundExistsError(
             f"round {round_index} of run {config.run_id!r} is already committed at {folder}; "

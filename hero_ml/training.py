@@ -54,6 +54,7 @@ class TrainingSummary:
     rounds_now: list[RoundStats]  # learned by this call
     before: Evaluation | None
     after: Evaluation | None
+    registered_version: str | None  # the LoRA's version in the model registry, when registered
 
 
 class TrainingRun:
@@ -198,15 +199,29 @@ class TrainingRun:
             )
         return result
 
-    def log_final_artifacts(self) -> None:
-        """The LoRA (diffusers format) and the encoder (safetensors) as tracker artifacts."""
+    def log_final_artifacts(self) -> str | None:
+        """The LoRA (a model referencing the base model) and the encoder (safetensors) as tracker
+        artifacts; with tracking.register, the LoRA becomes a registry version. Returns the version."""
         if self.tracker is None:
-            return
+            return None
         with tempfile.TemporaryDirectory() as scratch:
             folder = Path(scratch)
             save_lora(self.pipe.unet, folder / "lora")
-            self.tracker.log_artifacts(folder / "lora", "lora")
+            self.tracker.log_lora(folder / "lora", self.config.model.source)
             if self.engine.encoder is not None:
                 (folder / "encoder").mkdir()
                 save_file(self.engine.encoder.state_dict(), str(folder / "encoder" / "encoder.safetensors"))
                 self.tracker.log_artifacts(folder / "encoder", "encoder")
+        if not self.config.tracking.register_lora:
+            return None
+        return self.tracker.register_lora(
+            self.config.tracking.registered_model,
+            {
+                "hero.run_id": self.config.run_id,
+                "hero.rounds": str(self.engine.round),
+                "hero.feedbacks": str(self.engine.feedbacks),
+                "hero.method": self.config.method,
+                "hero.task": self.config.simulation.task,
+                "hero.base_model": self.config.model.source,
+            },
+        )

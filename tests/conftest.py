@@ -1,7 +1,14 @@
 """Shared fixtures. Nothing here downloads: the hub is switched off for the whole test session."""
 
 import os
+import socket
+import subprocess
+import sys
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -12,6 +19,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
+import boto3
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -33,3 +41,74 @@ def _clean_hero_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("HERO_"):
             monkeypatch.delenv(name)
+
+
+# -- real services on loopback, started by the infra/ scripts -------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class Service:
+    url: str
+    env: dict[str, str]  # what the infra script was started with (stop needs the same)
+
+
+def _infra(script: str, action: str, env: dict[str, str], *args: str) -> None:
+    result = subprocess.run(
+        ["bash", str(REPO / "infra" / script), action, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"infra/{script} {action} failed:\n{result.stdout}\n{result.stderr}")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """moto's S3 server on a free loopback port, with the buckets `hero-test` and `hero-mlflow`."""
+    env = {
+        **os.environ,
+        **S3_CREDENTIALS,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "HERO_INFRA_STATE": str(tmp_path_factory.mktemp("infra")),
+        "HERO_S3_PORT": str(_free_port()),
+    }
+    _infra("s3-server.sh", "start", env, "hero-test", "hero-mlflow")
+    try:
+        yield Service(f"http://127.0.0.1:{env['HERO_S3_PORT']}", env)
+    finally:
+        _infra("s3-server.sh", "stop", env)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server: Service) -> Iterator[Service]:
+    """An MLflow server (SQLite backend, registry) whose artifacts go to s3://hero-mlflow on s3_server."""
+    env = {**s3_server.env, "HERO_MLFLOW_PORT": str(_free_port()), "HERO_MLFLOW_BUCKET": "hero-mlflow"}
+    _infra("mlflow-server.sh", "start", env)
+    try:
+        yield Service(f"http://127.0.0.1:{env['HERO_MLFLOW_PORT']}", env)
+    finally:
+        _infra("mlflow-server.sh", "stop", env)
+
+
+@pytest.fixture
+def s3_client(s3_server: Service) -> Any:
+    """A plain boto3 client on the test server: to look at and tamper with objects behind our back."""
+    return boto3.client("s3", endpoint_url=s3_server.url, region_name="us-east-1", **_boto_keys())
+
+
+def _boto_keys() -> dict[str, str]:
+    return {
+        "aws_access_key_id": S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+    }

@@ -1,13 +1,28 @@
-"""Artifact storage: one small protocol and its implementations (the local directory for now)."""
+"""Artifact storage: one small protocol, a local-directory store (the embedded default) and an S3 store."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from hero_ml.adapters.storage.keys import InvalidKeyError, check_key
+from hero_ml.adapters.storage.keys import InvalidKeyError, check_key, check_prefix
 from hero_ml.adapters.storage.local import LocalStore
 
-__all__ = ["ArtifactStore", "InvalidKeyError", "LocalStore", "check_key"]
+if TYPE_CHECKING:
+    from hero_ml.config import StorageConfig
+
+__all__ = [
+    "ArtifactStore",
+    "InvalidKeyError",
+    "LocalStore",
+    "StorageError",
+    "check_key",
+    "check_prefix",
+    "open_store",
+]
+
+
+class StorageError(RuntimeError):
+    """A storage operation that failed (after the backend's retries); the message names the object."""
 
 
 class ArtifactStore(Protocol):
@@ -18,3 +33,22 @@ class ArtifactStore(Protocol):
         """The object's bytes; KeyError when there is none."""
 
     def exists(self, key: str) -> bool: ...
+
+    def list(self, prefix: str) -> dict[str, int]:
+        """Every object under `prefix` (a key prefix ending at a '/' boundary): key -> size in bytes."""
+
+    def url(self, key: str, expires_s: int) -> str:
+        """A URL a browser can fetch the object from, valid for at least `expires_s` seconds where the
+        backend can expire it (S3: a presigned GET; the local store: a file URI)."""
+
+    def where(self, key: str = "") -> str:
+        """Where a key lives, for people: a path or an s3:// URI (never a credential)."""
+
+
+def open_store(config: StorageConfig) -> ArtifactStore:
+    """The store the config selects: the local directory or an S3 bucket."""
+    if config.backend == "local":
+        return LocalStore(config.local_root)
+    from hero_ml.adapters.storage.s3 import S3Store  # boto3 is imported only when S3 is used
+
+    return S3Store.from_config(config)

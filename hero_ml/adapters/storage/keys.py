@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import re
 
-_SAFE_PART = re.compile(r"^[A-Za-z0-9_.=-]+$")
+# No leading dot: hidden names are reserved for writes in flight (the local store's temp files).
+_SAFE_PART = re.compile(r"^[A-Za-z0-9_=-][A-Za-z0-9_.=-]*$")
 
 
 class InvalidKeyError(ValueError):
@@ -17,7 +18,15 @@ def check_key(key: str) -> str:
     for part in key.split("/"):
         if part in ("", ".", "..") or not _SAFE_PART.match(part):
             raise InvalidKeyError(
-                f"storage key {key!r} is not a plain relative path: part {part!r} must be ASCII letters, "
-                "digits, '_', '.', '=' or '-' (no '..', no leading '/', no empty parts)"
+                f"storage key {key!r} is not a plain relative path: part {part!r} must be ASCII "
+                "letters, digits, '_', '.', '=' or '-', not starting with '.' (no '..', no leading '/', "
+                "no empty parts)"
             )
     return key
+
+
+def check_prefix(prefix: str) -> str:
+    """A listing prefix: '' (everything) or a checked key, given with or without its trailing '/'.
+    Returned with the trailing '/', so `runs/a` never lists `runs/ab/...`."""
+    prefix = prefix.removesuffix("/")
+    return "" if prefix == "" else check_key(prefix) + "/"

@@ -6,7 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from hero_ml.adapters.storage.keys import check_key
+from hero_ml.adapters.storage.keys import check_key, check_prefix
 
 
 class LocalStore:
@@ -40,3 +40,21 @@ class LocalStore:
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def list(self, prefix: str) -> dict[str, int]:
+        prefix = check_prefix(prefix)
+        folder = self.root / prefix
+        if not folder.is_dir():
+            return {}
+        return {
+            path.relative_to(self.root).as_posix(): path.stat().st_size
+            for path in sorted(folder.rglob("*"))
+            if path.is_file() and not path.name.startswith(".")  # dot files: writes in flight
+        }
+
+    def where(self, key: str = "") -> str:
+        return str(self.root / check_key(key)) if key else str(self.root)
+
+    def url(self, key: str, expires_s: int) -> str:
+        """A file URI: it does not expire, and only a browser on this machine can open it."""
+        return self._path(key).resolve().as_uri()

@@ -19,4 +19,11 @@ class Tracker(Protocol):
 
     def log_artifacts(self, folder: Path, artifact_path: str) -> None: ...
 
+    def log_lora(self, lora_folder: Path, base_model: str) -> None:
+        """The LoRA saved by `save_lora`, as a model that references (never copies) `base_model`."""
+
+    def register_lora(self, registered_model: str, tags: dict[str, str]) -> str:
+        """Register the logged LoRA as a version of `registered_model` (once per run and round: a
+        second call returns the version the first made). Returns the version."""
+
     def finish(self, status: str = "FINISHED") -> None: ...

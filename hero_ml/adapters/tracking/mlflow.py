@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
+from hero_ml.adapters.tracking.registry import MODEL_ARTIFACT, Registry, save_lora_model
 from hero_ml.config import HeroConfig
 
 RUN_ID_TAG = "hero.run_id"
@@ -20,6 +22,7 @@ MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 class MlflowTracker:
     def __init__(self, tracking_uri: str, experiment: str, run_id: str, artifact_location: str | None = None):
         """Open (or create) the experiment and the MLflow run of HERO run `run_id`; resume it if it exists."""
+        self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
         found = self.client.get_experiment_by_name(experiment)
         experiment_id = (
@@ -60,6 +63,15 @@ class MlflowTracker:
 
     def log_artifacts(self, folder: Path, artifact_path: str) -> None:
         self.client.log_artifacts(self.run_id, str(folder), artifact_path=artifact_path)
+
+    def log_lora(self, lora_folder: Path, base_model: str) -> None:
+        with tempfile.TemporaryDirectory() as scratch:
+            save_lora_model(lora_folder, base_model, Path(scratch) / MODEL_ARTIFACT)
+            self.client.log_artifacts(self.run_id, str(Path(scratch) / MODEL_ARTIFACT), MODEL_ARTIFACT)
+
+    def register_lora(self, registered_model: str, tags: dict[str, str]) -> str:
+        registry = Registry(self.tracking_uri, registered_model, alias="")
+        return registry.register(self.run_id, tags).version
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)

@@ -1,0 +1,116 @@
+"""The S3 store: AWS S3 or any S3-compatible server (MinIO in the compose stack, moto in tests).
+
+Objects live at `s3://{bucket}/{prefix}{key}`. A PUT is atomic in S3 (a reader sees the old object or
+the new one), which is all the run store's commit order needs. Transient failures (throttling, 5xx,
+timeouts, dropped connections) are retried by botocore with exponential backoff ("standard" mode);
+what is left after the retries is raised as a StorageError naming the bucket and key, never the
+credentials.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from hero_ml.adapters.storage import StorageError
+from hero_ml.adapters.storage.keys import check_key, check_prefix
+
+if TYPE_CHECKING:
+    from hero_ml.config import StorageConfig
+
+_MISSING = {"404", "NoSuchKey", "NotFound"}
+
+
+class S3Store:
+    def __init__(self, bucket: str, client: Any, prefix: str = ""):
+        """A store on `bucket` through a boto3 S3 `client`; keys are placed below `prefix`."""
+        self.bucket = bucket
+        self.client = client
+        self.prefix = check_prefix(prefix)
+
+    @classmethod
+    def from_config(cls, config: StorageConfig) -> S3Store:
+        assert config.s3_bucket is not None  # the config validator requires it for backend s3
+        endpoint = str(config.s3_endpoint_url) if config.s3_endpoint_url else None
+        addressing = config.s3_addressing_style or ("path" if endpoint else "virtual")
+        client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name=config.s3_region,
+            # None: boto3's own chain (environment, ~/.aws, instance role)
+            aws_access_key_id=config.s3_access_key_id.get_secret_value() if config.s3_access_key_id else None,
+            aws_secret_access_key=(
+                config.s3_secret_access_key.get_secret_value() if config.s3_secret_access_key else None
+            ),
+            config=Config(
+                retries={"max_attempts": config.s3_max_attempts, "mode": "standard"},
+                connect_timeout=config.s3_timeout_s,
+                read_timeout=config.s3_timeout_s,
+                s3={"addressing_style": addressing},
+                signature_version="s3v4",
+            ),
+        )
+        return cls(config.s3_bucket, client, prefix=config.s3_prefix)
+
+    def _key(self, key: str) -> str:
+        return self.prefix + check_key(key)
+
+    def _fail(self, action: str, key: str, err: Exception) -> StorageError:
+        detail = err.response.get("Error", {}) if isinstance(err, ClientError) else {}
+        what = f"{detail.get('Code')}: {detail.get('Message')}" if detail else type(err).__name__
+        return StorageError(
+            f"S3 {action} of s3://{self.bucket}/{self._key(key)} failed after retries ({what})"
+        )
+
+    def put(self, key: str, data: bytes) -> None:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        except (ClientError, BotoCoreError) as err:
+            raise self._fail("PUT", key, err) from None
+
+    def get(self, key: str) -> bytes:
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return response["Body"].read()
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in _MISSING:
+                raise KeyError(key) from None
+            raise self._fail("GET", key, err) from None
+        except BotoCoreError as err:
+            raise self._fail("GET", key, err) from None
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in _MISSING:
+                return False
+            raise self._fail("HEAD", key, err) from None
+        except BotoCoreError as err:
+            raise self._fail("HEAD", key, err) from None
+
+    def list(self, prefix: str) -> dict[str, int]:
+        full = self.prefix + check_prefix(prefix)
+        found: dict[str, int] = {}
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=full
+            ):
+                for item in page.get("Contents", []):
+                    found[item["Key"][len(self.prefix) :]] = int(item["Size"])
+        except (ClientError, BotoCoreError) as err:
+            raise self._fail("LIST", prefix or ".", err) from None
+        return dict(sorted(found.items()))
+
+    def where(self, key: str = "") -> str:
+        return f"s3://{self.bucket}/{self._key(key) if key else self.prefix}"
+
+    def url(self, key: str, expires_s: int) -> str:
+        """A presigned GET URL that expires after `expires_s` seconds."""
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires_s
+        )

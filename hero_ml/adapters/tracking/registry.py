@@ -1,0 +1,187 @@
+"""The model registry: LoRAs as versions of an MLflow registered model, promotion by alias.
+
+A version is MLflow's diffusers flavour: the adapter weights (diffusers format) plus a reference to
+the base model, never a copy of it. `mlflow.pyfunc.load_model("models:/NAME@champion")` generates
+images with plain diffusers; `load_version` here loads the same weights onto our pipeline loader
+(which also knows `toy` and `random:<arch>` sources) for evaluation and `hero generate`.
+
+Promotion moves the champion alias to a challenger only when it beats the champion (or, with no
+champion yet, the base model) by a margin on a fixed evaluation; every decision and its figures are
+recorded as tags of the challenger version.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow.diffusers
+from diffusers import StableDiffusionPipeline
+from mlflow import MlflowClient
+from mlflow.artifacts import download_artifacts
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model
+
+from hero_ml.diffusion.lora import load_lora
+from hero_ml.diffusion.pipeline import TOY_FOLDER, TOY_SOURCE, load_pipeline
+
+MODEL_ARTIFACT = "lora"  # the run artifact holding the diffusers-flavour model
+ROUND_TAG = "hero.rounds"  # rounds the LoRA learned: with the MLflow run, names a version uniquely
+BASE_MODEL_KEY = "hero_base_model"  # MLmodel metadata: model.source as configured (e.g. "toy")
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
+
+
+class RegistryError(RuntimeError):
+    """A registry request that cannot be served; the message says what is missing or wrong."""
+
+
+def save_lora_model(lora_folder: Path, base_source: str, out: Path) -> None:
+    """Write the diffusers-flavour MLflow model of a saved LoRA to `out`.
+
+    The flavour's base model must be something `DiffusionPipeline.from_pretrained` resolves, so the
+    toy model is referenced by its folder; `base_source` itself travels in the metadata."""
+    base = str(TOY_FOLDER) if base_source == TOY_SOURCE else base_source
+    mlflow.diffusers.save_model(
+        adapter_path=str(lora_folder), path=str(out), base_model=base, metadata={BASE_MODEL_KEY: base_source}
+    )
+
+
+class Registry:
+    """Registered model `name` on an MLflow tracking server (or SQLite store) and its champion alias."""
+
+    def __init__(self, tracking_uri: str, name: str, alias: str):
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.name = name
+        self.alias = alias
+
+    def register(self, mlflow_run_id: str, tags: dict[str, str]) -> ModelVersion:
+        """A new version from the run's logged LoRA model (the registered model is created if new)."""
+        try:
+            self.client.get_registered_model(self.name)
+        except MlflowException:
+            self.client.create_registered_model(
+                self.name, description="HERO LoRAs (diffusers flavour); the champion alias serves production."
+            )
+        for existing in self.client.search_model_versions(
+            f"name = '{self.name}' and run_id = '{mlflow_run_id}'"
+        ):
+            if existing.tags.get(ROUND_TAG) == tags.get(ROUND_TAG):
+                return existing  # a resumed run registering what it registered before
+        source = f"{self.client.get_run(mlflow_run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
+        return self.client.create_model_version(self.name, source, run_id=mlflow_run_id, tags=tags)
+
+    def resolve(self, uri: str) -> ModelVersion:
+        """The version a `models:/NAME@ALIAS` or `models:/NAME/VERSION` URI names."""
+        match = _MODEL_URI.match(uri)
+        if match is None:
+            raise RegistryError(
+                f"{uri!r} is not a model URI: write models:/NAME@ALIAS or models:/NAME/VERSION"
+            )
+        try:
+            if match["alias"]:
+                return self.client.get_model_version_by_alias(match["name"], match["alias"])
+            return self.client.get_model_version(match["name"], match["version"])
+        except MlflowException as err:
+            raise RegistryError(f"{uri}: {err.message}") from None
+
+    def version(self, version: str | None = None) -> ModelVersion:
+        """Version `version` of the registered model, or its latest when None."""
+        if version is not None:
+            return self.resolve(f"models:/{self.name}/{version}")
+        try:
+            versions = self.client.search_model_versions(f"name = '{self.name}'")
+        except MlflowException as err:
+            raise RegistryError(f"registered model {self.name!r}: {err.message}") from None
+        if not versions:
+            raise RegistryError(f"registered model {self.name!r} has no versions: finish a hero run first")
+        return max(versions, key=lambda v: int(v.version))
+
+    def champion(self) -> ModelVersion | None:
+        try:
+            return self.client.get_model_version_by_alias(self.name, self.alias)
+        except MlflowException:
+            return None  # no registered model yet, or the alias was never set
+
+    def load(
+        self, version: ModelVersion, *, device: str = "cpu", base_source: str | None = None
+    ) -> StableDiffusionPipeline:
+        """The base pipeline with the version's LoRA loaded. base_source overrides the recorded base
+        model (when it has moved since registration)."""
+        with tempfile.TemporaryDirectory() as scratch:
+            local = Path(
+                download_artifacts(
+                    artifact_uri=version.source, dst_path=scratch, tracking_uri=self.tracking_uri
+                )
+            )
+            model = Model.load(str(local))
+            source = base_source or (model.metadata or {}).get(BASE_MODEL_KEY)
+            if source is None:
+                raise RegistryError(
+                    f"version {version.version} of {version.name} records no base model; pass one explicitly"
+                )
+            pipe = load_pipeline(source, device=device)
+            load_lora(pipe, local / model.flavors["diffusers"]["adapter_weights"])
+        return pipe
+
+    def promote(
+        self,
+        challenger: ModelVersion,
+        *,
+        margin: float,
+        images: int,
+        evaluate: Callable[[ModelVersion | None], float],
+    ) -> PromotionDecision:
+        """Evaluate the challenger and the incumbent (the champion, else the base model: `evaluate`
+        gets None), move the alias when the challenger gains at least `margin` (and more than 0),
+        record the decision and its figures as tags of the challenger version."""
+        current = self.champion()
+        if current is not None and current.version == challenger.version:
+            raise RegistryError(f"version {challenger.version} of {self.name} already holds @{self.alias}")
+        challenger_rate, incumbent_rate = evaluate(challenger), evaluate(current)
+        gain = round(challenger_rate - incumbent_rate, 9)  # rates are k/n: no float dust decides
+        decision = PromotionDecision(
+            promoted=gain > 0 and gain >= margin,
+            challenger=challenger.version,
+            incumbent="base" if current is None else current.version,
+            challenger_rate=challenger_rate,
+            incumbent_rate=incumbent_rate,
+            margin=margin,
+            images=images,
+        )
+        for key, value in decision.tags().items():
+            self.client.set_model_version_tag(self.name, challenger.version, key, value)
+        if decision.promoted:
+            self.client.set_registered_model_alias(self.name, self.alias, challenger.version)
+        return decision
+
+
+@dataclass(frozen=True)
+class PromotionDecision:
+    promoted: bool
+    challenger: str  # version
+    incumbent: str  # the champion's version, or "base" (the base model without a LoRA)
+    challenger_rate: float
+    incumbent_rate: float
+    margin: float
+    images: int
+
+    @property
+    def gain(self) -> float:
+        return self.challenger_rate - self.incumbent_rate
+
+    def tags(self) -> dict[str, str]:
+        return {
+            "hero.promotion.decision": "promoted" if self.promoted else "rejected",
+            "hero.promotion.against": self.incumbent,
+            "hero.promotion.challenger_rate": f"{self.challenger_rate:.4f}",
+            "hero.promotion.incumbent_rate": f"{self.incumbent_rate:.4f}",
+            "hero.promotion.margin": f"{self.margin:.4f}",
+            "hero.promotion.images": str(self.images),
+            "hero.promotion.at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }

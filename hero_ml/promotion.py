@@ -1,0 +1,106 @@
+"""Jobs on the model registry: promote a LoRA version to champion on a measured win, and generate
+images from a registered version (`models:/NAME@champion`).
+
+A toy version is judged on its task (recorded as the version's `hero.task` tag) by the task's judge,
+every model on the same fixed noises. Production versions need a human-evaluated or held-out
+evaluation in place of the judge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from mlflow.entities.model_registry import ModelVersion
+from PIL import Image
+
+from hero_ml.adapters.tracking.registry import PromotionDecision, Registry, RegistryError
+from hero_ml.config import HeroConfig
+from hero_ml.diffusion.pipeline import load_pipeline
+from hero_ml.diffusion.sampler import per_image_generators, sample_trajectories
+from hero_ml.images import image_grid
+from hero_ml.toy.evaluate import success_rate
+from hero_ml.toy.task import load_task
+
+
+def open_registry(config: HeroConfig) -> Registry:
+    tracking = config.tracking
+    return Registry(tracking.tracking_uri, tracking.registered_model, tracking.champion_alias)
+
+
+def promote_version(
+    config: HeroConfig, version: str | None = None, on_images: Callable[[int], None] | None = None
+) -> PromotionDecision:
+    """Compare `version` (default: the latest) against the champion, or the base model when there is
+    none, on config.promotion's fixed evaluation; move the champion alias on a win by the margin."""
+    registry = open_registry(config)
+    challenger = registry.version(version)
+    current = registry.champion()
+    task_name = challenger.tags.get("hero.task")
+    if task_name is None:
+        raise RegistryError(
+            f"version {challenger.version} has no hero.task tag: only toy-task versions have an "
+            "automatic judge; evaluate it with people and set the alias in MLflow"
+        )
+    if current is not None and current.tags.get("hero.task") != task_name:
+        raise RegistryError(
+            f"the champion (version {current.version}) was trained for task "
+            f"{current.tags.get('hero.task')!r}, the challenger for {task_name!r}: they are not comparable"
+        )
+    task = load_task(task_name)
+    sampling, promotion = config.sampling, config.promotion
+
+    def evaluate(candidate: ModelVersion | None) -> float:
+        pipe = (
+            registry.load(candidate, device=config.model.device)
+            if candidate is not None
+            else load_pipeline(challenger.tags["hero.base_model"], device=config.model.device)
+        )
+        return success_rate(
+            pipe,
+            task.prompts,
+            task.target,
+            promotion.eval_images,
+            seed=promotion.eval_seed,
+            num_steps=sampling.num_steps,
+            guidance_scale=sampling.guidance_scale,
+            eta=sampling.eta,
+            batch_size=sampling.sub_batch_size,
+            on_batch=on_images,
+        ).rate
+
+    return registry.promote(
+        challenger, margin=promotion.margin, images=promotion.eval_images, evaluate=evaluate
+    )
+
+
+def generate_from_registry(
+    config: HeroConfig, model_uri: str, prompt: str, count: int, out: Path, seed: int = 0
+) -> tuple[ModelVersion, list[Path]]:
+    """`count` images of `prompt` from the registered version `model_uri`, written as PNGs (and a
+    grid) to `out`; sampled as HERO samples (config.sampling: DDIM steps, CFG, eta)."""
+    registry = open_registry(config)
+    version = registry.resolve(model_uri)
+    pipe: StableDiffusionPipeline = registry.load(version, device=config.model.device)
+    sampling = config.sampling
+    with torch.no_grad():
+        images = sample_trajectories(
+            pipe,
+            [prompt] * count,
+            per_image_generators(seed, count),
+            num_steps=sampling.num_steps,
+            guidance_scale=sampling.guidance_scale,
+            eta=sampling.eta,
+            negative_prompt=sampling.negative_prompt,
+            sub_batch_size=sampling.sub_batch_size,
+        ).images
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, image in enumerate(images.numpy()):
+        path = out / f"{index:03d}.png"
+        Image.fromarray(image).save(path)
+        paths.append(path)
+    image_grid(images).save(out / "grid.png")
+    return version, paths

@@ -1,0 +1,63 @@
+# Shared by the service scripts: start a process in the background with its pid and log in
+# $HERO_INFRA_STATE (default .infra/ under the repository), wait until it answers, stop it.
+# Services bind to 127.0.0.1 only.
+
+HERO_INFRA_STATE="${HERO_INFRA_STATE:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.infra}"
+mkdir -p "$HERO_INFRA_STATE"
+
+# need TOOL: fail with a hint when a command is missing (the repository's venv holds them all)
+need() {
+    command -v "$1" >/dev/null 2>&1 || {
+        echo "error: '$1' not found on PATH; run 'make install' and 'source .venv/bin/activate'" >&2
+        exit 2
+    }
+}
+
+# start_service NAME URL_TO_POLL TIMEOUT_S COMMAND... : start unless already answering, wait for URL
+start_service() {
+    local name=$1 url=$2 timeout=$3
+    shift 3
+    local pidfile="$HERO_INFRA_STATE/$name.pid" log="$HERO_INFRA_STATE/$name.log"
+    if [[ -f $pidfile ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+        echo "$name already running (pid $(cat "$pidfile"))"
+        return 0
+    fi
+    # setsid: the service gets its own process group, so stop kills its children too
+    setsid "$@" >"$log" 2>&1 < /dev/null &
+    echo $! >"$pidfile"
+    local waited=0
+    until curl -sf -o /dev/null "$url"; do
+        if ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+            echo "error: $name exited during start; its log ($log) ends with:" >&2
+            tail -n 20 "$log" >&2
+            rm -f "$pidfile"
+            exit 1
+        fi
+        if ((waited >= timeout * 2)); then
+            echo "error: $name did not answer $url within ${timeout}s; log: $log" >&2
+            stop_service "$name"
+            exit 1
+        fi
+        sleep 0.5
+        waited=$((waited + 1))
+    done
+    echo "$name up (pid $(cat "$pidfile")), log $log"
+}
+
+stop_service() {
+    local name=$1 pidfile="$HERO_INFRA_STATE/$1.pid"
+    if [[ ! -f $pidfile ]]; then
+        echo "$name not running"
+        return 0
+    fi
+    local pid
+    pid=$(cat "$pidfile")
+    kill -TERM -- "-$pid" 2>/dev/null || true
+    for _ in $(seq 1 40); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.25
+    done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+    rm -f "$pidfile"
+    echo "$name stopped"
+}

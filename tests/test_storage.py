@@ -1,0 +1,199 @@
+"""Artifact stores against a real S3 server (moto on loopback, started by infra/s3-server.sh) and the
+local directory: one contract for both, S3's own failures, and a run's objects verified end to end."""
+
+import json
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from hero_ml.adapters.storage import ArtifactStore, InvalidKeyError, LocalStore, StorageError, open_store
+from hero_ml.adapters.storage.s3 import S3Store
+from hero_ml.cli import app
+from hero_ml.config import HeroConfig, StorageConfig
+from hero_ml.diffusion.pipeline import build_random_pipeline
+from hero_ml.engine import RoundBatch, sample_batch
+from hero_ml.run_store import RunStore
+from tests.conftest import Service
+
+runner = CliRunner()
+
+
+def s3_config(server: Service, **fields: Any) -> StorageConfig:
+    return StorageConfig(
+        backend="s3",
+        s3_bucket="hero-test",
+        s3_endpoint_url=server.url,
+        s3_access_key_id="test",
+        s3_secret_access_key="s3cr3t-never-shown",
+        s3_prefix=f"t-{uuid.uuid4().hex[:8]}/",  # each test its own corner of the shared bucket
+        **fields,
+    )
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> ArtifactStore:
+    if request.param == "local":
+        return LocalStore(tmp_path / "store")
+    return open_store(s3_config(request.getfixturevalue("s3_server")))
+
+
+def test_store_contract(store: ArtifactStore) -> None:
+    store.put("runs/a/x.bin", b"one")
+    store.put("runs/a/x.bin", b"two!")  # overwrite
+    store.put("runs/a/deep/y.json", b"{}")
+    store.put("runs/ab/z", b"12345")
+    assert store.get("runs/a/x.bin") == b"two!"
+    assert store.exists("runs/a/x.bin") and not store.exists("runs/a/missing")
+    with pytest.raises(KeyError):
+        store.get("runs/a/missing")
+    # a prefix is a folder: runs/a never lists runs/ab
+    assert store.list("runs/a") == {"runs/a/deep/y.json": 2, "runs/a/x.bin": 4}
+    assert store.list("runs/a/") == store.list("runs/a")
+    assert set(store.list("")) == {"runs/a/deep/y.json", "runs/a/x.bin", "runs/ab/z"}
+    assert store.list("runs/none") == {}
+    assert "runs/a/x.bin" in store.where("runs/a/x.bin")
+
+
+@pytest.mark.parametrize(
+    "key", ["../escape", "/etc/passwd", "runs//x", "runs/./x", "runs/ü", "runs/.hidden", "a\\b"]
+)
+def test_store_refuses_keys_that_could_escape(store: ArtifactStore, key: str) -> None:
+    with pytest.raises(InvalidKeyError, match="not a plain relative path"):
+        store.put(key, b"x")
+    with pytest.raises(InvalidKeyError):
+        store.get(key)
+    with pytest.raises(InvalidKeyError):
+        store.list(key)
+
+
+def test_s3_objects_live_under_the_prefix_in_the_bucket(s3_server: Service, s3_client: Any) -> None:
+    config = s3_config(s3_server)
+    open_store(config).put("runs/r/k.txt", b"hello")
+    body = s3_client.get_object(Bucket="hero-test", Key=f"{config.s3_prefix}runs/r/k.txt")["Body"].read()
+    assert body == b"hello"
+
+
+def test_s3_presigned_url_serves_the_object_and_carries_its_expiry(s3_server: Service) -> None:
+    store = open_store(s3_config(s3_server))
+    store.put("runs/r/images/r0000-000.png", b"\x89PNG fake")
+    url = store.url("runs/r/images/r0000-000.png", expires_s=120)
+    # the expiry is signed into the URL; enforcing it is the server's job (AWS and MinIO do, moto does not)
+    assert "X-Amz-Expires=120" in url and "X-Amz-Signature=" in url
+    with urllib.request.urlopen(url, timeout=10) as response:  # a plain HTTP GET, as a browser does
+        assert response.read() == b"\x89PNG fake"
+    assert "s3cr3t-never-shown" not in url
+
+
+def test_s3_failures_are_storage_errors_that_name_the_object_not_the_secret(s3_server: Service) -> None:
+    missing_bucket = open_store(s3_config(s3_server).model_copy(update={"s3_bucket": "no-such-bucket"}))
+    with pytest.raises(
+        StorageError, match=r"PUT of s3://no-such-bucket/.*runs/r/x failed.*NoSuchBucket"
+    ) as err:
+        missing_bucket.put("runs/r/x", b"x")
+    assert "s3cr3t" not in str(err.value)
+
+    # nothing listens on this port: connection refused, retried, then reported
+    from tests.conftest import _free_port
+
+    dead = S3Store.from_config(
+        s3_config(s3_server).model_copy(
+            update={
+                "s3_endpoint_url": f"http://127.0.0.1:{_free_port()}",
+                "s3_max_attempts": 2,
+                "s3_timeout_s": 1,
+            }
+        )
+    )
+    with pytest.raises(StorageError, match=r"GET of s3://hero-test/.*runs/r/x failed after retries"):
+        dead.get("runs/r/x")
+
+
+def test_s3_config_explains_what_is_missing() -> None:
+    with pytest.raises(ValueError, match="needs s3_bucket"):
+        StorageConfig(backend="s3")
+    with pytest.raises(ValueError, match="go together"):
+        StorageConfig(backend="s3", s3_bucket="b", s3_access_key_id="only-the-id")
+    with pytest.raises(ValueError, match="not a plain relative path"):
+        StorageConfig(backend="s3", s3_bucket="b", s3_prefix="../other-team")
+
+
+# -- a run's objects -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def batch() -> RoundBatch:
+    config = HeroConfig(
+        model={"source": "random:tiny"},
+        sampling={"prompt": "a red circle", "images_per_round": 4, "num_steps": 2, "sub_batch_size": 4},
+        ddpo={"timesteps_per_trajectory": 1},
+    )
+    return sample_batch(build_random_pipeline("tiny", seed=0), config.sampling, 0)
+
+
+class FailingStore:
+    """Fault injection: the store fails (as S3 would after its retries) from the `after`-th PUT on.
+    A real server cannot be made to drop one chosen request mid-round."""
+
+    def __init__(self, inner: ArtifactStore, after: int):
+        self.inner, self.left = inner, after
+
+    def put(self, key: str, data: bytes) -> None:
+        if self.left == 0:
+            raise StorageError(f"injected: PUT of {key} failed")
+        self.left -= 1
+        self.inner.put(key, data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_an_interrupted_upload_leaves_no_committed_round(s3_server: Service, batch: RoundBatch) -> None:
+    store = open_store(s3_config(s3_server))
+    with pytest.raises(StorageError, match="injected"):
+        RunStore(FailingStore(store, after=3), "r").commit_batch(batch, {})
+    runs = RunStore(store, "r")
+    assert not runs.has_batch(0)
+    report = runs.verify()
+    assert report.ok and report.objects == 0 and len(report.incomplete) == 1
+    assert "interrupted round" in report.incomplete[0]
+    assert runs.list_rounds()[0].committed is False
+
+    runs.commit_batch(batch, {})  # the retry writes the whole round, then commits it
+    report = runs.verify()
+    assert report.ok and report.incomplete == [] and report.objects == 4 + 2  # images, grid, trajectory
+    assert runs.load_batch(0).image_ids == batch.image_ids
+
+
+def test_verify_finds_tampered_missing_and_unlisted_objects(
+    s3_server: Service, s3_client: Any, batch: RoundBatch, tmp_path: Path
+) -> None:
+    config = s3_config(s3_server)
+    runs = RunStore(open_store(config), "r")
+    runs.save_config({"run_id": "r"})
+    runs.commit_batch(batch, {})
+    prefix = f"{config.s3_prefix}runs/r/rounds/0"
+    s3_client.put_object(Bucket="hero-test", Key=f"{prefix}/images/r0000-001.png", Body=b"swapped")
+    s3_client.delete_object(Bucket="hero-test", Key=f"{prefix}/grid.png")
+    s3_client.put_object(Bucket="hero-test", Key=f"{prefix}/images/stray.png", Body=b"?")
+
+    report = runs.verify()
+    assert not report.ok
+    assert len(report.problems) == 3
+    text = "\n".join(report.problems)
+    assert "r0000-001.png: 7 bytes do not match" in text
+    assert "grid.png: missing" in text
+    assert "stray.png: not listed in the round's manifest" in text
+
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text(json.dumps({"storage": json.loads(config.model_dump_json())}))
+    env = {"HERO_STORAGE__S3_SECRET_ACCESS_KEY": "s3cr3t-never-shown"}  # the dump masks the secret
+    result = runner.invoke(app, ["storage", "verify", "r", "-c", str(yaml_file)], env=env)
+    assert result.exit_code == 1, result.output
+    assert "3 problems" in result.output and "s3cr3t" not in result.output
+    listing = runner.invoke(app, ["storage", "ls", "r", "-c", str(yaml_file)], env=env)
+    assert listing.exit_code == 0, listing.output
+    assert "run r" in listing.output and f"s3://hero-test/{config.s3_prefix}runs/r" in listing.output
