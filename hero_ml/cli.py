@@ -177,11 +177,12 @@ def run(
         str | None, typer.Option(help="Continue the stored run RUN_ID from its latest checkpoint.")
     ] = None,
 ) -> None:
-    """Run a whole HERO training on the embedded defaults and print where to look.
+    """Run a whole HERO training, register its LoRA, and print where to look.
 
-    Toy model, simulated annotators, local storage, MLflow on a local SQLite file and a Prefect flow
-    in ephemeral mode (no server): nothing to set up. Each round is committed as it finishes; a
-    stopped run continues with --resume RUN_ID.
+    By default: toy model, simulated annotators, local storage, MLflow on a local SQLite file and a
+    Prefect flow in ephemeral mode (no server): nothing to set up. storage.backend=s3 and an MLflow
+    server URI (tracking.tracking_uri) run the same against production services. Each round is
+    committed as it finishes; a stopped run continues with --resume RUN_ID.
     """
     from hero_ml.config import restore_config, with_overrides
 

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
-from mlflow.entities.model_registry import ModelVersion
 from PIL import Image
 
-from hero_ml.adapters.tracking.registry import PromotionDecision, Registry, RegistryError
+from hero_ml.adapters.tracking.registry import ModelVersion, PromotionDecision, Registry, RegistryError
 from hero_ml.config import HeroConfig
 from hero_ml.diffusion.pipeline import load_pipeline
 from hero_ml.diffusion.sampler import per_image_generators, sample_trajectories

@@ -200,14 +200,17 @@ class TrainingRun:
         return result
 
     def log_final_artifacts(self) -> str | None:
-        """The LoRA (a model referencing the base model) and the encoder (safetensors) as tracker
-        artifacts; with tracking.register, the LoRA becomes a registry version. Returns the version."""
+        """The LoRA (a model referencing the base model), the config and the encoder (safetensors) as
+        tracker artifacts; with tracking.register_lora, the LoRA becomes a registry version (returned)."""
         if self.tracker is None:
             return None
         with tempfile.TemporaryDirectory() as scratch:
             folder = Path(scratch)
             save_lora(self.pipe.unet, folder / "lora")
             self.tracker.log_lora(folder / "lora", self.config.model.source)
+            (folder / "config").mkdir()  # the resolved config, secrets masked, as a file to rerun from
+            (folder / "config" / "config.json").write_text(json.dumps(self.config.to_public_dict(), indent=1))
+            self.tracker.log_artifacts(folder / "config", "config")
             if self.engine.encoder is not None:
                 (folder / "encoder").mkdir()
                 save_file(self.engine.encoder.state_dict(), str(folder / "encoder" / "encoder.safetensors"))

@@ -38,3 +38,13 @@ def test_config_imports_without_torch() -> None:
     code = "import sys, hero_ml.config; hero_ml.config.load_config(); print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_only_adapters_talk_to_services() -> None:
+    homes = {"boto3": "hero_ml/adapters/storage/", "botocore": "hero_ml/adapters/storage/"}
+    homes |= {"mlflow": "hero_ml/adapters/tracking/"}
+    for path in [*(ROOT / "hero_ml").rglob("*.py"), *(ROOT / "flows").rglob("*.py")]:
+        relative = str(path.relative_to(ROOT))
+        for name in imported_modules(path):
+            home = homes.get(name.split(".")[0])
+            assert home is None or relative.startswith(home), f"{relative} imports {name}"

@@ -64,7 +64,9 @@ def test_hero_run_trains_tracks_and_stores_a_whole_run(
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"lora", "encoder", "rounds"} <= artifacts
     lora = {a.path for a in client.list_artifacts(run.info.run_id, "lora")}
-    assert "lora/pytorch_lora_weights.safetensors" in lora
+    assert {"lora/MLmodel", "lora/adapter_weights"} <= lora  # MLflow's diffusers flavour
+    (version,) = client.search_model_versions("name = 'hero-lora'")
+    assert version.run_id == run.info.run_id and version.tags["hero.task"] == "binding"
 
     again = runner.invoke(app, ["run", "-c", str(config), "--run-id", "cli-run"])
     assert again.exit_code == 1 and "hero run --resume cli-run" in again.output

@@ -30,6 +30,8 @@ from mlflow.models import Model
 from hero_ml.diffusion.lora import load_lora
 from hero_ml.diffusion.pipeline import TOY_FOLDER, TOY_SOURCE, load_pipeline
 
+__all__ = ["ModelVersion", "PromotionDecision", "Registry", "RegistryError", "save_lora_model"]
+
 MODEL_ARTIFACT = "lora"  # the run artifact holding the diffusers-flavour model
 ROUND_TAG = "hero.rounds"  # rounds the LoRA learned: with the MLflow run, names a version uniquely
 BASE_MODEL_KEY = "hero_base_model"  # MLmodel metadata: model.source as configured (e.g. "toy")

@@ -1,0 +1,221 @@
+"""Production wiring end to end on loopback: `hero run` with S3 storage and an MLflow server whose
+artifacts live in S3, the LoRA registered as a model version, and promotion that moves `champion`
+only on a real win (a LoRA that measurably improves the toy model, tests/data/README.md)."""
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from hero_ml.adapters.storage import open_store
+from hero_ml.adapters.tracking.mlflow import RUN_ID_TAG, MlflowTracker
+from hero_ml.adapters.tracking.registry import Registry, RegistryError
+from hero_ml.cli import app
+from hero_ml.config import load_config
+from hero_ml.diffusion.lora import add_lora, save_lora
+from hero_ml.diffusion.pipeline import load_pipeline
+from hero_ml.run_store import RunStore
+from tests.conftest import Service
+
+runner = CliRunner()
+WINNING_LORA = Path(__file__).parent / "data" / "anomaly-lora"
+SECRET = "s3cr3t-never-shown"
+
+
+def production_config(tmp_path: Path, s3: Service, mlflow: Service, **top: Any) -> Path:
+    """A small run on the toy model: S3 storage (its own prefix) and the MLflow server."""
+    data = {
+        "sampling": {"images_per_round": 6, "num_steps": 4, "sub_batch_size": 6},
+        "encoder": {"epochs_per_round": 3, "triplets_per_epoch": 8},
+        "ddpo": {"timesteps_per_trajectory": 2},
+        "feedback": {"budget": 12},
+        "simulation": {"eval_images": 6},
+        "storage": {
+            "backend": "s3",
+            "s3_bucket": "hero-test",
+            "s3_endpoint_url": s3.url,
+            "s3_prefix": f"t-{uuid.uuid4().hex[:8]}/",
+        },
+        "tracking": {"tracking_uri": mlflow.url, "registered_model": f"lora-{uuid.uuid4().hex[:6]}"},
+        **top,
+    }
+    path = tmp_path / "production.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HERO_STORAGE__S3_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("HERO_STORAGE__S3_SECRET_ACCESS_KEY", SECRET)
+
+
+def test_hero_run_on_s3_and_an_mlflow_server(
+    tmp_path: Path, s3_server: Service, mlflow_server: Service, s3_client: Any, secrets: None
+) -> None:
+    path = production_config(tmp_path, s3_server, mlflow_server)
+    config = load_config(path)
+    result = runner.invoke(app, ["run", "-c", str(path), "--run-id", "prod", "--task", "counting"])
+    assert result.exit_code == 0, result.output
+    assert f"s3://hero-test/{config.storage.s3_prefix}runs/prod" in result.output
+    assert f"registered {config.tracking.registered_model} version 1" in result.output
+
+    # every object of the run is in the bucket and matches its recorded checksum
+    runs = RunStore(open_store(config.storage), "prod")
+    report = runs.verify()
+    assert report.ok and report.incomplete == []
+    assert report.objects == 2 * (6 + 2) + 2  # 2 rounds x (6 images, grid, trajectory) + 2 checkpoints
+    assert [(r.round, r.committed, r.images, r.checkpoint) for r in runs.list_rounds()] == [
+        (0, True, 6, True),
+        (1, True, 6, True),
+    ]
+
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("hero").experiment_id], f"tags.`{RUN_ID_TAG}` = 'prod'"
+    )
+    assert run.info.status == "FINISHED"
+    for metric in (
+        "good",
+        "bad",
+        "feedbacks",
+        "encoder_loss_last",
+        "update_loss",
+        "approx_kl",
+        "clip_fraction",
+    ):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [0, 1], metric
+    assert {"eval_success_rate_before", "eval_success_rate_after"} <= set(run.data.metrics)
+    assert run.data.params["storage.s3_bucket"] == "hero-test"
+    assert run.data.params["storage.s3_secret_access_key"] == "**********"
+    assert SECRET not in json.dumps(run.data.params) + json.dumps(run.data.tags)
+
+    # artifacts went through the server into its S3 bucket
+    stored = {item["Key"] for item in s3_client.list_objects_v2(Bucket="hero-mlflow").get("Contents", [])}
+    for name in (
+        "lora/MLmodel",
+        "lora/adapter_weights/pytorch_lora_weights.safetensors",
+        "encoder/encoder.safetensors",
+        "config/config.json",
+        "rounds/0001/grid.png",
+    ):
+        assert any(key.endswith(f"{run.info.run_id}/artifacts/{name}") for key in stored), name
+
+    # no object of the run, in either bucket, holds the S3 secret
+    run_keys = [key for key in stored if run.info.run_id in key]
+    prefix = config.storage.s3_prefix
+    data_keys = [
+        item["Key"] for item in s3_client.list_objects_v2(Bucket="hero-test", Prefix=prefix)["Contents"]
+    ]
+    for bucket, keys in (("hero-mlflow", run_keys), ("hero-test", data_keys)):
+        for key in keys:
+            assert SECRET.encode() not in s3_client.get_object(Bucket=bucket, Key=key)["Body"].read(), key
+
+    (version,) = client.search_model_versions(f"name = '{config.tracking.registered_model}'")
+    assert version.run_id == run.info.run_id
+    assert {k: v for k, v in version.tags.items() if k.startswith("hero.")} == {
+        "hero.run_id": "prod",
+        "hero.rounds": "2",
+        "hero.feedbacks": "12",
+        "hero.method": "hero",
+        "hero.task": "counting",
+        "hero.base_model": "toy",
+    }
+    resumed = runner.invoke(app, ["run", "-c", str(path), "--resume", "prod"])
+    assert resumed.exit_code == 0, resumed.output
+    assert len(client.search_model_versions(f"name = '{config.tracking.registered_model}'")) == 1
+
+
+def register(config_path: Path, lora_folder: Path, run_id: str) -> str:
+    """Log and register a LoRA as `hero run` does at its end (the tracker's real code path)."""
+    config = load_config(config_path)
+    tracker = MlflowTracker(config.tracking.tracking_uri, config.tracking.experiment, run_id)
+    tracker.log_lora(lora_folder, "toy")
+    version = tracker.register_lora(
+        config.tracking.registered_model,
+        {"hero.run_id": run_id, "hero.rounds": "4", "hero.task": "anomaly", "hero.base_model": "toy"},
+    )
+    tracker.finish()
+    return version
+
+
+def test_promotion_moves_champion_only_on_a_real_win(
+    tmp_path: Path, mlflow_server: Service, s3_server: Service
+) -> None:
+    # promotion samples as configured: the default 20 steps, not the 4 of the small runs
+    path = production_config(
+        tmp_path,
+        s3_server,
+        mlflow_server,
+        sampling={},
+        feedback={},
+        promotion={"eval_images": 64, "margin": 0.05},
+    )
+    config = load_config(path)
+    name, client = config.tracking.registered_model, MlflowClient(tracking_uri=mlflow_server.url)
+
+    winner = register(path, WINNING_LORA, "winner")
+    result = runner.invoke(app, ["promote", "-c", str(path), "--version", winner])
+    assert result.exit_code == 0, result.output
+    assert "promoted" in result.output and "not promoted" not in result.output
+    assert client.get_model_version_by_alias(name, "champion").version == winner
+    tags = client.get_model_version(name, winner).tags
+    assert tags["hero.promotion.decision"] == "promoted" and tags["hero.promotion.against"] == "base"
+    assert (
+        float(tags["hero.promotion.challenger_rate"]) >= float(tags["hero.promotion.incumbent_rate"]) + 0.05
+    )
+
+    # a LoRA that is still the identity draws exactly what the base model draws: no win over the champion
+    pipe = load_pipeline("toy")
+    add_lora(pipe.unet, rank=4, alpha=4.0)
+    identity = register(path, save_lora(pipe.unet, tmp_path / "identity").parent, "identity")
+    result = runner.invoke(app, ["promote", "-c", str(path)])  # the latest version
+    assert result.exit_code == 0, result.output
+    assert "not promoted" in result.output and f"stays on version {winner}" in result.output
+    assert client.get_model_version_by_alias(name, "champion").version == winner
+    tags = client.get_model_version(name, identity).tags
+    assert tags["hero.promotion.decision"] == "rejected" and tags["hero.promotion.against"] == winner
+    assert float(tags["hero.promotion.challenger_rate"]) < float(tags["hero.promotion.incumbent_rate"])
+
+    again = runner.invoke(app, ["promote", "-c", str(path), "--version", winner])
+    assert again.exit_code == 1 and "already holds @champion" in again.output
+
+    out = tmp_path / "champion-images"
+    generated = runner.invoke(
+        app,
+        [
+            "generate",
+            f"models:/{name}@champion",
+            "--prompt",
+            "three green squares",
+            "--out",
+            str(out),
+            "--count",
+            "3",
+            "-c",
+            str(path),
+        ],
+    )
+    assert generated.exit_code == 0, generated.output
+    assert sorted(p.name for p in out.iterdir()) == ["000.png", "001.png", "002.png", "grid.png"]
+
+    # MLflow's own load path resolves the alias to the adapter and the base model it references
+    import mlflow.diffusers
+
+    registry = Registry(mlflow_server.url, name, "champion")
+    assert registry.resolve(f"models:/{name}@champion").version == winner
+    with pytest.raises(RegistryError, match="not a model URI"):
+        registry.resolve("runs:/abc/lora")
+    (tmp_path / "dl").mkdir()
+    mlflow.set_tracking_uri(mlflow_server.url)
+    try:
+        loaded = mlflow.diffusers.load_model(f"models:/{name}@champion", dst_path=str(tmp_path / "dl"))
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert Path(loaded.base_model, "model_index.json").is_file()
+    assert Path(loaded.adapter_path, "pytorch_lora_weights.safetensors").is_file()
