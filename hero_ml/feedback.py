@@ -50,8 +50,9 @@ class AnnotatorFeedback(BaseModel):
         picked = [label.image_id for label in self.images if label.best]
         return picked[0] if picked else KEEP
 
-    def check(self, image_ids: Sequence[str], has_current_best: bool) -> None:
-        """Raise FeedbackError unless these labels cover exactly the round's images and pick one best."""
+    def check(self, image_ids: Sequence[str], has_current_best: bool, complete: bool = True) -> None:
+        """Raise FeedbackError unless these labels are of the round's images (all of them when
+        `complete`) and pick at most one best, which is labelled good."""
         who = f"annotator {self.annotator!r}"
         seen = Counter(label.image_id for label in self.images)
         twice = sorted(i for i, n in seen.items() if n > 1)
@@ -61,7 +62,7 @@ class AnnotatorFeedback(BaseModel):
         if unknown:
             raise FeedbackError(f"{who} labelled images that are not in this round: {_few(unknown)}")
         missing = [i for i in image_ids if i not in seen]
-        if missing:
+        if missing and complete:
             raise FeedbackError(
                 f"incomplete round: {who} left {len(missing)} of {len(image_ids)} images unlabelled "
                 f"({_few(missing)}); every image needs good or bad"
@@ -94,6 +95,7 @@ class RoundFeedback(BaseModel):
     good: tuple[bool, ...] = Field(description="good (True) or bad, aligned with image_ids.")
     best: int | None = Field(description="Index of the new best in image_ids; None keeps the current best.")
     annotators: tuple[str, ...] = Field(min_length=1, description="Who labelled.")
+    labels: int = Field(ge=1, description="Image labels given in all: the feedbacks this round spent.")
     label_agreement: float = Field(
         ge=0, le=1, description="Mean over images of the share of annotators who gave the majority label."
     )
@@ -111,12 +113,14 @@ class RoundFeedback(BaseModel):
                 )
             if not self.good[self.best]:
                 raise ValueError(f"best image {self.image_ids[self.best]!r} is not good")
+        if self.labels < len(self.image_ids):
+            raise ValueError(f"{self.labels} labels cannot cover the round's {len(self.image_ids)} images")
         return self
 
     @property
     def feedbacks(self) -> int:
-        """Labels spent on this round: images x annotators."""
-        return len(self.image_ids) * len(self.annotators)
+        """Labels spent on this round (images x annotators when each labelled every image)."""
+        return self.labels
 
     @property
     def good_indices(self) -> list[int]:
@@ -128,11 +132,19 @@ class RoundFeedback(BaseModel):
 
 
 def aggregate(
-    feedback: Sequence[AnnotatorFeedback], image_ids: Sequence[str], *, has_current_best: bool
+    feedback: Sequence[AnnotatorFeedback],
+    image_ids: Sequence[str],
+    *,
+    has_current_best: bool,
+    complete: bool = True,
 ) -> RoundFeedback:
     """Combine several annotators' labels of a round into one verdict.
 
-    good: a strict majority of good labels (a tie is bad: "as good as the best" needs a majority).
+    complete: every annotator labelled every image (the simulated annotators, one task per round);
+    otherwise each annotator labelled some images (a team sharing a round's image tasks) and every
+    image must have at least one label.
+    good: a strict majority of the image's good labels (a tie is bad: "as good as the best" needs a
+    majority).
     best: the plurality of best votes among the aggregated-good images and KEEP (when there is a
     current best). Ties go to KEEP, then to the image with more good labels, then to the earlier
     image. When no vote lands on a candidate: KEEP if there is a current best, else the most-voted
@@ -145,12 +157,19 @@ def aggregate(
     if repeated:
         raise FeedbackError(f"annotators appear more than once: {_few(repeated)}; keep one submission each")
     for annotator_feedback in feedback:
-        annotator_feedback.check(image_ids, has_current_best)
+        annotator_feedback.check(image_ids, has_current_best, complete)
 
     n = len(feedback)
     labels = [{label.image_id: label.label == "good" for label in f.images} for f in feedback]
-    good_votes = [sum(votes[i] for votes in labels) for i in image_ids]
-    good = [2 * votes > n for votes in good_votes]
+    good_votes = [sum(votes.get(i, False) for votes in labels) for i in image_ids]
+    label_counts = [sum(i in votes for votes in labels) for i in image_ids]
+    unlabelled = [i for i, count in zip(image_ids, label_counts, strict=True) if count == 0]
+    if unlabelled:
+        raise FeedbackError(
+            f"incomplete round: {len(unlabelled)} of {len(image_ids)} images have no label "
+            f"({_few(unlabelled)}); every image needs good or bad"
+        )
+    good = [2 * votes > count for votes, count in zip(good_votes, label_counts, strict=True)]
     best_votes = Counter(f.best_vote for f in feedback)
     position = {image_id: index for index, image_id in enumerate(image_ids)}
 
@@ -170,12 +189,15 @@ def aggregate(
     if best is not None:
         good[best] = True
 
-    majority = [max(votes, n - votes) / n for votes in good_votes]
+    majority = [
+        max(votes, count - votes) / count for votes, count in zip(good_votes, label_counts, strict=True)
+    ]
     return RoundFeedback(
         image_ids=tuple(image_ids),
         good=tuple(good),
         best=best,
         annotators=tuple(f.annotator for f in feedback),
+        labels=sum(label_counts),
         label_agreement=sum(majority) / len(majority),
         unanimous_share=sum(share == 1 for share in majority) / len(majority),
         best_agreement=best_votes[winner] / n,

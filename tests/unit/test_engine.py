@@ -136,6 +136,7 @@ def test_learn_refuses_feedback_that_does_not_fit() -> None:
         good=(False,) * 6,
         best=None,
         annotators=("a",),
+        labels=6,
         label_agreement=1,
         unanimous_share=1,
         best_agreement=1,

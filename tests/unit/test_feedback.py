@@ -9,12 +9,13 @@ IDS = ["img-0", "img-1", "img-2", "img-3"]
 
 
 def labels(annotator: str, marks: str, best: int | None = None) -> AnnotatorFeedback:
-    """marks: one character per image, g (good) or b (bad); best: index, or None to keep."""
+    """marks: one character per image, g (good), b (bad) or - (not labelled); best: index, or None to keep."""
     return AnnotatorFeedback(
         annotator=annotator,
         images=tuple(
             ImageLabel(image_id=IDS[i], label="good" if m == "g" else "bad", best=i == best)
             for i, m in enumerate(marks)
+            if m != "-"
         ),
         keep_best=best is None,
     )
@@ -122,13 +123,15 @@ def test_no_feedback_and_repeated_annotators_are_refused() -> None:
 
 
 def test_round_feedback_refuses_a_bad_best_and_misaligned_labels() -> None:
-    common = dict(annotators=("a",), label_agreement=1, unanimous_share=1, best_agreement=1)
+    common = dict(annotators=("a",), labels=2, label_agreement=1, unanimous_share=1, best_agreement=1)
     with pytest.raises(ValidationError, match="best image 'x' is not good"):
         RoundFeedback(image_ids=("x", "y"), good=(False, True), best=0, **common)
     with pytest.raises(ValidationError, match="good has 1 entries for 2 images"):
         RoundFeedback(image_ids=("x", "y"), good=(True,), best=None, **common)
     with pytest.raises(ValidationError, match="outside the round"):
         RoundFeedback(image_ids=("x", "y"), good=(True, True), best=5, **common)
+    with pytest.raises(ValidationError, match="1 labels cannot cover the round's 2 images"):
+        RoundFeedback(image_ids=("x", "y"), good=(True, True), best=0, **{**common, "labels": 1})
 
 
 @st.composite
@@ -163,3 +166,49 @@ def test_aggregates_of_valid_annotations_are_valid_and_order_free(case: tuple[li
     assert (shuffled.good, shuffled.best) == (verdict.good, verdict.best)
     winner = KEEP if verdict.best is None else IDS[verdict.best]
     assert verdict.best_agreement == sum(f.best_vote == winner for f in feedback) / n
+
+
+def test_a_team_sharing_a_round_is_aggregated_per_image() -> None:
+    team = [labels("a", "gg--", best=0), labels("b", "--gb", best=2), labels("c", "bbg-")]
+    with pytest.raises(FeedbackError, match="incomplete round: annotator 'a' left 2 of 4 images"):
+        aggregate(team, IDS, has_current_best=True)  # complete is the default: one task per annotator
+    verdict = aggregate(team, IDS, has_current_best=True, complete=False)
+    # img-0: g b (a tie: bad), img-1: g b (bad), img-2: g g, img-3: b
+    assert verdict.good == (False, False, True, False)
+    # votes: img-0 (not good: no candidate), img-2, KEEP: one each -> KEEP wins the tie
+    assert verdict.best is None
+    assert verdict.feedbacks == 7
+    assert verdict.label_agreement == pytest.approx((1 / 2 + 1 / 2 + 1 + 1) / 4)
+    assert verdict.unanimous_share == 0.5
+    with pytest.raises(FeedbackError, match=r"incomplete round: 1 of 4 images have no label \('img-3'\)"):
+        aggregate([labels("a", "ggg-", best=0)], IDS, has_current_best=False, complete=False)
+
+
+@st.composite
+def team_annotations(draw: st.DrawFn) -> list[AnnotatorFeedback]:
+    """A team sharing a round with a current best: each annotator labels some images, every image gets
+    at least one label, bests among each annotator's own good labels or KEEP."""
+    marks = [
+        list(draw(st.text("gb-", min_size=len(IDS), max_size=len(IDS))))
+        for _ in range(draw(st.integers(1, 5)))
+    ]
+    for i in range(len(IDS)):
+        if all(m[i] == "-" for m in marks):
+            marks[draw(st.integers(0, len(marks) - 1))][i] = draw(st.sampled_from("gb"))
+    team = []
+    for a, m in enumerate(marks):
+        goods = [i for i, c in enumerate(m) if c == "g"]
+        team.append(labels(f"a{a}", "".join(m), best=draw(st.sampled_from([*goods, None]))))
+    return team
+
+
+@settings(max_examples=300, deadline=None)
+@given(team_annotations())
+def test_team_aggregates_take_each_images_majority(team: list[AnnotatorFeedback]) -> None:
+    verdict = aggregate(team, IDS, has_current_best=True, complete=False)
+    for index, image_id in enumerate(IDS):
+        given = [x.label == "good" for f in team for x in f.images if x.image_id == image_id]
+        assert given, image_id
+        assert verdict.good[index] == (2 * sum(given) > len(given) or index == verdict.best)
+    assert verdict.feedbacks == sum(len(f.images) for f in team)
+    assert 0.5 <= verdict.label_agreement <= 1
