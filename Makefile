@@ -6,10 +6,13 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Label Studio pins packages that break the app's (STACK-NOTES): it gets its own environment.
+LS_VENV ?= .venv-label-studio
+LS_STAMP := $(LS_VENV)/.installed
 TORCH_PIP_ARGS ?=
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test lint typecheck unit bench constraints clean
+.PHONY: install label-studio demo test lint typecheck unit bench constraints clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +21,14 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 install: $(STAMP)
+
+$(LS_STAMP): infra/label-studio-constraints.txt
+	$(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/pip install --quiet -c infra/label-studio-constraints.txt label-studio
+	touch $@
+
+## label-studio: the Label Studio server's own environment (infra/label-studio.sh runs it)
+label-studio: $(LS_STAMP)
 
 ## demo: the main job on embedded defaults: a whole HERO training on the toy model (hero run)
 demo: install
@@ -33,7 +44,7 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-unit: install
+unit: install label-studio
 	$(BIN)/pytest
 
 ## bench: the sampler benchmark (writes benchmarks/results/sampler.json and RESULTS.md)
@@ -46,4 +57,4 @@ constraints: install
 	mv constraints.new constraints.txt
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LS_VENV) .pytest_cache .mypy_cache .ruff_cache

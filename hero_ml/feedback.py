@@ -45,10 +45,10 @@ class AnnotatorFeedback(BaseModel):
     keep_best: bool = Field(False, description="No image of this round beats the current best.")
 
     @property
-    def best_vote(self) -> str:
-        """The image id voted best, or KEEP."""
+    def best_vote(self) -> str | None:
+        """The image id voted best, KEEP, or None: no vote (a team member who only labelled images)."""
         picked = [label.image_id for label in self.images if label.best]
-        return picked[0] if picked else KEEP
+        return picked[0] if picked else KEEP if self.keep_best else None
 
     def check(self, image_ids: Sequence[str], has_current_best: bool, complete: bool = True) -> None:
         """Raise FeedbackError unless these labels are of the round's images (all of them when
@@ -79,7 +79,7 @@ class AnnotatorFeedback(BaseModel):
             )
         if bests and self.keep_best:
             raise FeedbackError(f"{who} both picked a best and kept the current one; choose one of the two")
-        if not bests and not self.keep_best:
+        if not bests and not self.keep_best and complete:
             raise FeedbackError(f"{who} picked no best; pick one image or keep the current best")
         if self.keep_best and not has_current_best:
             raise FeedbackError(
@@ -100,7 +100,7 @@ class RoundFeedback(BaseModel):
         ge=0, le=1, description="Mean over images of the share of annotators who gave the majority label."
     )
     unanimous_share: float = Field(ge=0, le=1, description="Share of images on which all annotators agree.")
-    best_agreement: float = Field(ge=0, le=1, description="Share of annotators whose best vote won.")
+    best_agreement: float = Field(ge=0, le=1, description="Share of best votes that went to the winner.")
 
     @model_validator(mode="after")
     def _consistent(self) -> RoundFeedback:
@@ -159,7 +159,6 @@ def aggregate(
     for annotator_feedback in feedback:
         annotator_feedback.check(image_ids, has_current_best, complete)
 
-    n = len(feedback)
     labels = [{label.image_id: label.label == "good" for label in f.images} for f in feedback]
     good_votes = [sum(votes.get(i, False) for votes in labels) for i in image_ids]
     label_counts = [sum(i in votes for votes in labels) for i in image_ids]
@@ -170,7 +169,11 @@ def aggregate(
             f"({_few(unlabelled)}); every image needs good or bad"
         )
     good = [2 * votes > count for votes, count in zip(good_votes, label_counts, strict=True)]
-    best_votes = Counter(f.best_vote for f in feedback)
+    best_votes = Counter(vote for f in feedback if (vote := f.best_vote) is not None)
+    if not best_votes and not has_current_best:
+        raise FeedbackError(
+            "nobody picked a best, and the first round must pick one: the best task needs a vote"
+        )
     position = {image_id: index for index, image_id in enumerate(image_ids)}
 
     def rank(vote: str) -> tuple[int, int, int, int]:  # max() wins: votes, then KEEP, good labels, earlier
@@ -200,7 +203,7 @@ def aggregate(
         labels=sum(label_counts),
         label_agreement=sum(majority) / len(majority),
         unanimous_share=sum(share == 1 for share in majority) / len(majority),
-        best_agreement=best_votes[winner] / n,
+        best_agreement=best_votes[winner] / max(1, sum(best_votes.values())),
     )
 
 

@@ -6,6 +6,8 @@
     runs/{run_id}/rounds/{k}/trajectory.safetensors    every denoising step, for learning
     runs/{run_id}/rounds/{k}/manifest.json             written last: commits the round (sizes, sha256)
     runs/{run_id}/rounds/{k}/feedback.json             each annotator's labels and their aggregate
+    runs/{run_id}/rounds/{k}/current_best.png          Label Studio: the best shown beside the images
+    runs/{run_id}/rounds/{k}/annotations.json          Label Studio: raw annotations, stored before use
     runs/{run_id}/checkpoints/{k}/state.*              the engine after learning round k (JSON last)
     runs/{run_id}/progress.json                        the latest committed checkpoint
 
@@ -34,6 +36,10 @@ MANIFEST = "manifest.json"
 TRAJECTORY = "trajectory.safetensors"
 GRID = "grid.png"
 FEEDBACK = "feedback.json"
+CURRENT_BEST = "current_best.png"  # the best annotators compared this round's images with (Label Studio)
+ANNOTATIONS = "annotations.json"  # the raw annotations the feedback was aggregated from (Label Studio)
+# written after the manifest, by the labelling of a committed round
+_AFTER_COMMIT = {MANIFEST, FEEDBACK, CURRENT_BEST, ANNOTATIONS}
 
 
 class CorruptObjectError(RuntimeError):
@@ -151,6 +157,17 @@ class RunStore:
         }
         self.store.put(f"{self.round_prefix(round_index)}/{FEEDBACK}", json.dumps(record, indent=1).encode())
 
+    def put_round_object(self, round_index: int, name: str, data: bytes) -> str:
+        """Write an object of a committed round's labelling (CURRENT_BEST, ANNOTATIONS); its key."""
+        if name not in (CURRENT_BEST, ANNOTATIONS):
+            raise ValueError(f"{name!r} is not a labelling object of a round")
+        key = f"{self.round_prefix(round_index)}/{name}"
+        self.store.put(key, data)
+        return key
+
+    def load_manifest(self, round_index: int) -> dict[str, Any]:
+        return json.loads(self.store.get(f"{self.round_prefix(round_index)}/{MANIFEST}"))
+
     def load_feedback(self, round_index: int) -> RoundFeedback | None:
         key = f"{self.round_prefix(round_index)}/{FEEDBACK}"
         if not self.store.exists(key):
@@ -232,7 +249,7 @@ class RunStore:
             listed = json.loads(self.store.get(f"{prefix}/{MANIFEST}"))["files"]
             for name, expected in listed.items():
                 check(f"{prefix}/{name}", expected)
-            for name in sorted(set(objects) - set(listed) - {MANIFEST, FEEDBACK}):
+            for name in sorted(set(objects) - set(listed) - _AFTER_COMMIT):
                 report.problems.append(f"{prefix}/{name}: not listed in the round's manifest")
         checkpoints = self._objects_by_round("checkpoints")
         for index, objects in sorted(checkpoints.items()):

@@ -1,0 +1,1 @@
+"""Label Studio: HERO rounds as tasks (rounds.py, pure), the server through label-studio-sdk (client.py)."""

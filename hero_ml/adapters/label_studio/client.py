@@ -1,0 +1,134 @@
+"""Label Studio through label-studio-sdk: a project per run, idempotent task import, an S3 source
+storage connection, and the round's tasks with their annotations. Errors become LabelStudioError with
+the status and Label Studio's own explanation, never the API token."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import httpx
+from label_studio_sdk import LabelStudio
+from label_studio_sdk.core.api_error import ApiError
+from pydantic import SecretStr
+
+from hero_ml.adapters.label_studio.rounds import INSTRUCTIONS, LABEL_CONFIG, task_key
+
+T = TypeVar("T")
+
+
+class LabelStudioError(RuntimeError):
+    """Label Studio refused a request or could not be reached; the message says which and why."""
+
+
+class LabelStudioProjects:
+    def __init__(self, url: str, api_key: SecretStr, title_prefix: str = "HERO", timeout_s: float = 60.0):
+        self.url = url.rstrip("/")
+        self.title_prefix = title_prefix
+        self.client = LabelStudio(base_url=self.url, api_key=api_key.get_secret_value(), timeout=timeout_s)
+
+    @contextmanager
+    def _calling(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except ApiError as err:
+            raise LabelStudioError(
+                f"Label Studio refused to {what} (HTTP {err.status_code}): {err.body}"
+            ) from None
+        except httpx.HTTPError as err:
+            raise LabelStudioError(f"cannot reach Label Studio at {self.url} to {what}: {err}") from None
+
+    def _call(self, what: str, request: Callable[[], T]) -> T:
+        with self._calling(what):
+            return request()
+
+    def title(self, run_id: str) -> str:
+        return f"{self.title_prefix} {run_id}"
+
+    def ensure_project(self, run_id: str, annotators_per_image: int) -> int:
+        """The run's project, created on first use with HERO's labeling config (Label Studio
+        validates it then) and `annotators_per_image` annotations wanted per task."""
+        title = self.title(run_id)
+        projects: list[Any] = self._call(
+            "list projects", lambda: list(self.client.projects.list(title=title))
+        )
+        for project in projects:
+            if project.title == title:
+                return int(project.id)
+        project = self._call(
+            f"create project {title!r}",
+            lambda: self.client.projects.create(
+                title=title,
+                description=f"HERO run {run_id}: image tasks (good/bad) and one best task per round.",
+                label_config=LABEL_CONFIG,
+                expert_instruction=INSTRUCTIONS,
+                show_instruction=True,
+                show_skip_button=True,
+                maximum_annotations=annotators_per_image,
+            ),
+        )
+        return int(project.id)  # type: ignore[arg-type]
+
+    def connect_s3(
+        self,
+        project_id: int,
+        *,
+        bucket: str,
+        prefix: str,
+        endpoint_url: str | None,
+        region: str,
+        access_key_id: SecretStr | None,
+        secret_access_key: SecretStr | None,
+        presign_ttl_s: int,
+    ) -> None:
+        """Let Label Studio show `s3://bucket/…` task images: it answers each image request with a
+        presigned URL of its own (fresh at every view, so tasks never outlive their links)."""
+        existing = self._call(
+            "list S3 storages", lambda: list(self.client.import_storage.s3.list(project=project_id))
+        )
+        if any(storage.bucket == bucket and (storage.prefix or "") == prefix for storage in existing):
+            return
+        self._call(
+            "connect S3 storage",
+            lambda: self.client.import_storage.s3.create(
+                project=project_id,
+                title=f"HERO images s3://{bucket}/{prefix}",
+                bucket=bucket,
+                prefix=prefix,
+                s3endpoint=endpoint_url,
+                region_name=region,
+                aws_access_key_id=access_key_id.get_secret_value() if access_key_id else None,
+                aws_secret_access_key=secret_access_key.get_secret_value() if secret_access_key else None,
+                presign=True,
+                presign_ttl=max(1, math.ceil(presign_ttl_s / 60)),  # Label Studio counts minutes
+                use_blob_urls=False,
+                recursive_scan=True,
+            ),
+        )
+
+    def tasks(self, project_id: int) -> list[dict[str, Any]]:
+        """Every task of the project with its annotations, as JSON dicts."""
+        with self._calling("list tasks"):
+            found: list[Any] = list(self.client.tasks.list(project=project_id, fields="all"))
+            return [task.model_dump() for task in found]
+
+    def publish(self, project_id: int, tasks: list[dict[str, Any]]) -> tuple[int, int]:
+        """Import the tasks the project does not hold yet (by run, round, kind and image id), so
+        publishing a round twice creates nothing the second time. Returns (created, already there)."""
+        present = {task_key(task["data"]) for task in self.tasks(project_id)}
+        new = [task for task in tasks if task_key(task) not in present]
+        if new:
+            self._call(
+                f"import {len(new)} tasks",
+                lambda: self.client.projects.import_tasks(
+                    id=project_id,
+                    request=new,  # type: ignore[arg-type]  # task data: plain JSON objects
+                    return_task_ids=True,
+                ),
+            )
+        return len(new), len(tasks) - len(new)
+
+    def project_url(self, project_id: int) -> str:
+        return f"{self.url}/projects/{project_id}/data"

@@ -1,0 +1,251 @@
+"""A HERO round as Label Studio tasks, and Label Studio annotations back as the round's feedback.
+
+Pure functions on plain dicts (the JSON Label Studio speaks): no HTTP, no SDK. The labeling interface
+is `label_studio/hero_round.xml`; the task granularity and its reasons are in label_studio/README.md.
+
+A round is published as one *image task* per image (good / bad, hotkeys 1 / 2, beside the current best)
+and one *best task* (the round's numbered grid: pick the best or keep the current one). Every task
+carries `hero` metadata (run id, round, kind, image id, the flow run to resume) that maps its labels
+back. Collecting reads every annotation of the round's tasks, reports each one it cannot use (and why)
+instead of dropping it, keeps an annotator's latest annotation of a task, and turns the rest into one
+AnnotatorFeedback per annotator for feedback.aggregate.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hero_ml.feedback import KEEP, AnnotatorFeedback, FeedbackError, ImageLabel, RoundFeedback, aggregate
+
+_HERE = Path(__file__).parent
+LABEL_CONFIG = (_HERE / "hero_round.xml").read_text()
+INSTRUCTIONS = (_HERE / "instructions.html").read_text()
+IMAGE, BEST = "image", "best"
+LABEL_OPTIONS = [{"value": "good", "hotkey": "1"}, {"value": "bad", "hotkey": "2"}]
+
+
+def image_task(
+    *,
+    run_id: str,
+    round_index: int,
+    image_id: str,
+    position: int,
+    prompt: str,
+    image_url: str,
+    best_url: str,
+    flow_run_id: str | None = None,
+) -> dict[str, Any]:
+    """The task asking whether one image is as good as the current best."""
+    return {
+        "prompt": prompt,
+        "question": "Is this image as good as or better than the current best? 1 = good, 2 = bad.",
+        "image_title": f"Image #{position} of round {round_index}",
+        "image": image_url,
+        "current_best": best_url,
+        "label_options": LABEL_OPTIONS,
+        "best_options": [],
+        "hero": _meta(run_id, round_index, IMAGE, flow_run_id, image_id=image_id),
+    }
+
+
+def best_task(
+    *,
+    run_id: str,
+    round_index: int,
+    image_ids: list[str],
+    prompt: str,
+    grid_url: str,
+    best_url: str,
+    has_current_best: bool,
+    flow_run_id: str | None = None,
+) -> dict[str, Any]:
+    """The task picking the round's best (tiles of the grid are numbered by position)."""
+    options = [{"value": image_id, "html": f"#{n}"} for n, image_id in enumerate(image_ids)]
+    if has_current_best:
+        options.append({"value": KEEP, "html": "Keep the current best"})
+    return {
+        "prompt": prompt,
+        "question": (
+            "Which image matches the prompt best? Pick its number"
+            + (", or keep the current best if none beats it." if has_current_best else ".")
+        ),
+        "image_title": f"Round {round_index}: all {len(image_ids)} images",
+        "image": grid_url,
+        "current_best": best_url,
+        "label_options": [],
+        "best_options": options,
+        "hero": _meta(run_id, round_index, BEST, flow_run_id, image_ids=list(image_ids)),
+    }
+
+
+def _meta(run_id: str, round_index: int, kind: str, flow_run_id: str | None, **extra: Any) -> dict[str, Any]:
+    return {"run_id": run_id, "round": round_index, "kind": kind, "flow_run_id": flow_run_id, **extra}
+
+
+def task_key(data: dict[str, Any]) -> tuple[str, int, str, str] | None:
+    """What makes a task unique within a run's project: (run, round, kind, image id or '')."""
+    hero = data.get("hero")
+    if not isinstance(hero, dict):
+        return None
+    return (
+        str(hero.get("run_id")),
+        int(hero.get("round", -1)),
+        str(hero.get("kind")),
+        str(hero.get("image_id", "")),
+    )
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a round's labelling is, for the orchestration layer's completion check."""
+
+    images: int
+    labels_required: int  # images x annotators_per_image
+    labels: int  # usable labels, at most annotators_per_image counted per image
+    best_votes_required: int
+    best_votes: int
+
+    @property
+    def complete(self) -> bool:
+        return self.labels >= self.labels_required and self.best_votes >= self.best_votes_required
+
+    def __str__(self) -> str:
+        labels = f"{self.labels}/{self.labels_required} labels"
+        return f"{labels}, {self.best_votes}/{self.best_votes_required} best votes"
+
+
+@dataclass
+class CollectedRound:
+    feedback: list[AnnotatorFeedback]  # one per annotator with usable labels
+    progress: Progress
+    problems: list[str] = field(default_factory=list)  # annotations that could not be used, and why
+    cancelled: int = 0  # annotations the annotator skipped
+    replaced: int = 0  # earlier annotations of a task by the same annotator (their latest counts)
+    labels_by_annotator: dict[str, int] = field(default_factory=dict)
+
+    def round_feedback(self, image_ids: list[str], has_current_best: bool) -> RoundFeedback:
+        """The aggregate the engine learns from (FeedbackError when images lack labels)."""
+        if not self.feedback:
+            raise FeedbackError("no usable annotation yet: the round cannot be aggregated")
+        return aggregate(self.feedback, image_ids, has_current_best=has_current_best, complete=False)
+
+
+def collect(
+    tasks: list[dict[str, Any]],
+    *,
+    run_id: str,
+    round_index: int,
+    image_ids: list[str],
+    has_current_best: bool,
+    annotators_per_image: int,
+) -> CollectedRound:
+    """Turn the round's tasks with their annotations (Label Studio task JSON) into per-annotator
+    feedback. Tasks of other runs or rounds are ignored when they belong to this project's other
+    rounds, reported when their metadata is broken."""
+    problems: list[str] = []
+    cancelled = replaced = 0
+    labels: dict[str, dict[str, str]] = {}  # annotator -> image id -> good/bad
+    best_votes: dict[str, str] = {}  # annotator -> image id or KEEP
+    known = set(image_ids)
+
+    for task in tasks:
+        data, task_id = task.get("data") or {}, task.get("id")
+        key = task_key(data)
+        if key is None or key[2] not in (IMAGE, BEST):
+            problems.append(
+                f"task {task_id}: no valid hero metadata (kind image or best); its labels cannot be mapped"
+            )
+            continue
+        if key[0] != run_id or key[1] != round_index:
+            continue  # another round of the run: not this collection's business
+        if key[2] == IMAGE and key[3] not in known:
+            problems.append(f"task {task_id}: image {key[3]!r} is not in round {round_index}; labels ignored")
+            continue
+        latest: dict[str, dict[str, Any]] = {}
+        for annotation in task.get("annotations") or []:
+            who = str(annotation.get("completed_by"))
+            if annotation.get("was_cancelled"):
+                cancelled += 1
+                continue
+            if who in latest:
+                replaced += 1
+                if _stamp(annotation) < _stamp(latest[who]):
+                    continue
+            latest[who] = annotation
+        for who, annotation in latest.items():
+            where = f"task {task_id}, annotation {annotation.get('id')} by annotator {who}"
+            choice = _choice(annotation, "label" if key[2] == IMAGE else "best")
+            if key[2] == IMAGE:
+                if choice not in ("good", "bad"):
+                    problems.append(
+                        f"{where}: no good/bad choice (got {choice!r}); the image stays unlabelled by them"
+                    )
+                    continue
+                labels.setdefault(who, {})[key[3]] = choice
+            elif choice == KEEP and not has_current_best:
+                problems.append(f"{where}: kept the current best in the first round, where there is none")
+            elif choice != KEEP and choice not in known:
+                problems.append(f"{where}: best {choice!r} is not an image of round {round_index}")
+            else:
+                best_votes[who] = str(choice)
+
+    feedback = []
+    for who in sorted(set(labels) | set(best_votes)):
+        given = dict(labels.get(who, {}))
+        vote = best_votes.get(who)
+        if vote is not None and vote != KEEP:
+            if given.get(vote) == "bad":
+                problems.append(
+                    f"annotator {who} picked {vote!r} as best but labelled it bad; "
+                    "their best vote is not counted"
+                )
+                vote = None
+            else:
+                given[vote] = "good"  # picking an image as best says it is good (the protocol's rule)
+        if not given and vote in (None, KEEP):
+            if vote == KEEP:  # a keep vote with no labels still counts as a best vote
+                feedback.append(AnnotatorFeedback(annotator=who, images=(), keep_best=True))
+            continue
+        feedback.append(
+            AnnotatorFeedback(
+                annotator=who,
+                images=tuple(
+                    ImageLabel(image_id=i, label=given[i], best=i == vote) for i in image_ids if i in given
+                ),
+                keep_best=vote == KEEP,
+            )
+        )
+    per_image = Counter(i for given in labels.values() for i in given)
+    progress = Progress(
+        images=len(image_ids),
+        labels_required=len(image_ids) * annotators_per_image,
+        labels=sum(min(per_image[i], annotators_per_image) for i in image_ids),
+        best_votes_required=annotators_per_image,
+        best_votes=len(best_votes),
+    )
+    return CollectedRound(
+        feedback=feedback,
+        progress=progress,
+        problems=problems,
+        cancelled=cancelled,
+        replaced=replaced,
+        labels_by_annotator={who: len(given) for who, given in labels.items()},
+    )
+
+
+def _choice(annotation: dict[str, Any], from_name: str) -> str | None:
+    """The single choice an annotation made in control `from_name`, or None."""
+    chosen = [
+        choice
+        for result in annotation.get("result") or []
+        if isinstance(result, dict) and result.get("from_name") == from_name
+        for choice in (result.get("value") or {}).get("choices") or []
+    ]
+    return chosen[0] if len(chosen) == 1 and isinstance(chosen[0], str) else None
+
+
+def _stamp(annotation: dict[str, Any]) -> tuple[str, int]:
+    return (str(annotation.get("updated_at") or ""), int(annotation.get("id") or 0))

@@ -1,0 +1,171 @@
+"""Human feedback through Label Studio for a committed round: publish it, watch its progress, collect it.
+
+publish   the run's project (created once), then the round's image tasks and best task; publishing
+          again creates nothing. Images: `s3://` URIs that Label Studio presigns itself at every view
+          (S3 storage, through a source storage connection), or inline PNG data (the local store,
+          which a browser elsewhere cannot reach).
+progress  labels and best votes so far against what the round needs (annotators_per_image each).
+collect   the round's raw annotations are stored with the round first (annotations.json, with every
+          problem found), then aggregated into the RoundFeedback the engine learns from.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from hero_ml.adapters.label_studio.client import LabelStudioError, LabelStudioProjects
+from hero_ml.adapters.label_studio.rounds import (
+    CollectedRound,
+    Progress,
+    best_task,
+    collect,
+    image_task,
+    task_key,
+)
+from hero_ml.config import HeroConfig
+from hero_ml.feedback import RoundFeedback
+from hero_ml.run_store import ANNOTATIONS, CURRENT_BEST, GRID, RunStore
+
+__all__ = ["LabelStudioError", "LabelStudioRounds", "Progress", "Published", "open_projects"]
+
+
+@dataclass(frozen=True)
+class Published:
+    project_id: int
+    created: int
+    existing: int
+    url: str
+
+
+def open_projects(config: HeroConfig) -> LabelStudioProjects:
+    settings = config.label_studio
+    if settings.api_key is None:
+        raise LabelStudioError("Label Studio needs an API token: set HERO_LABEL_STUDIO__API_KEY")
+    return LabelStudioProjects(str(settings.url), settings.api_key, settings.project_title_prefix)
+
+
+class LabelStudioRounds:
+    def __init__(self, config: HeroConfig, runs: RunStore, projects: LabelStudioProjects):
+        self.config = config
+        self.runs = runs
+        self.projects = projects
+
+    def project(self) -> int:
+        project_id = self.projects.ensure_project(self.runs.run_id, self.config.feedback.annotators_per_image)
+        storage = self.config.storage
+        if storage.backend == "s3":
+            assert storage.s3_bucket is not None
+            self.projects.connect_s3(
+                project_id,
+                bucket=storage.s3_bucket,
+                prefix=storage.s3_prefix,
+                endpoint_url=str(storage.s3_endpoint_url) if storage.s3_endpoint_url else None,
+                region=storage.s3_region,
+                access_key_id=storage.s3_access_key_id,
+                secret_access_key=storage.s3_secret_access_key,
+                presign_ttl_s=storage.presigned_url_ttl_s,
+            )
+        return project_id
+
+    def _url(self, key: str) -> str:
+        storage = self.config.storage
+        if storage.backend == "s3":
+            return f"s3://{storage.s3_bucket}/{storage.s3_prefix}{key}"
+        return "data:image/png;base64," + base64.b64encode(self.runs.store.get(key)).decode()
+
+    def publish(
+        self, round_index: int, current_best: np.ndarray | None, flow_run_id: str | None = None
+    ) -> Published:
+        """Publish committed round `round_index`; current_best: the best's pixels (None in round 0)."""
+        manifest = self.runs.load_manifest(round_index)
+        image_ids = list(manifest["image_ids"])
+        prefix = self.runs.round_prefix(round_index)
+        best_key = f"{prefix}/{CURRENT_BEST}"
+        if not self.runs.store.exists(best_key):  # written once: what annotators of this round saw
+            self.runs.put_round_object(round_index, CURRENT_BEST, _png(current_best))
+        best_url = self._url(best_key)
+        common = {"run_id": self.runs.run_id, "round_index": round_index, "prompt": manifest["prompt"]}
+        tasks = [
+            image_task(
+                **common,
+                image_id=image_id,
+                position=position,
+                image_url=self._url(f"{prefix}/images/{image_id}.png"),
+                best_url=best_url,
+                flow_run_id=flow_run_id,
+            )
+            for position, image_id in enumerate(image_ids)
+        ]
+        tasks.append(
+            best_task(
+                **common,
+                image_ids=image_ids,
+                grid_url=self._url(f"{prefix}/{GRID}"),
+                best_url=best_url,
+                has_current_best=current_best is not None,
+                flow_run_id=flow_run_id,
+            )
+        )
+        project_id = self.project()
+        created, existing = self.projects.publish(project_id, tasks)
+        return Published(project_id, created, existing, self.projects.project_url(project_id))
+
+    def _collect(self, round_index: int) -> tuple[CollectedRound, list[dict]]:
+        project_id = self.project()
+        tasks = [
+            task
+            for task in self.projects.tasks(project_id)
+            if (key := task_key(task.get("data") or {})) is None
+            or (key[0] == self.runs.run_id and key[1] == round_index)
+        ]
+        collected = collect(
+            tasks,
+            run_id=self.runs.run_id,
+            round_index=round_index,
+            image_ids=list(self.runs.load_manifest(round_index)["image_ids"]),
+            has_current_best=round_index > 0,
+            annotators_per_image=self.config.feedback.annotators_per_image,
+        )
+        return collected, tasks
+
+    def progress(self, round_index: int) -> CollectedRound:
+        """Where the round's labelling stands (nothing is stored)."""
+        return self._collect(round_index)[0]
+
+    def collect(self, round_index: int) -> tuple[RoundFeedback, CollectedRound]:
+        """Store the round's raw annotations, then aggregate them (FeedbackError if images lack labels)."""
+        collected, tasks = self._collect(round_index)
+        record = {
+            "collected_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "progress": str(collected.progress),
+            "problems": collected.problems,
+            "cancelled": collected.cancelled,
+            "replaced": collected.replaced,
+            "tasks": tasks,
+        }
+        self.runs.put_round_object(
+            round_index, ANNOTATIONS, json.dumps(record, indent=1, default=str).encode()
+        )
+        image_ids = list(self.runs.load_manifest(round_index)["image_ids"])
+        feedback = collected.round_feedback(image_ids, has_current_best=round_index > 0)
+        self.runs.save_feedback(round_index, feedback, collected.feedback)
+        return feedback, collected
+
+
+def _png(pixels: np.ndarray | None) -> bytes:
+    """The current best as PNG, or a placeholder saying there is none yet (round 0)."""
+    if pixels is not None:
+        image = Image.fromarray(np.asarray(pixels, dtype=np.uint8))
+    else:
+        image = Image.new("RGB", (128, 128), (235, 235, 235))
+        ImageDraw.Draw(image).text((12, 56), "no best yet", fill=(90, 90, 90))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

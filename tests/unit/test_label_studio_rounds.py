@@ -1,0 +1,180 @@
+"""A round as Label Studio tasks and annotations back as feedback: the pure half of the adapter."""
+
+from typing import Any
+
+import pytest
+
+from hero_ml.adapters.label_studio.rounds import (
+    LABEL_CONFIG,
+    best_task,
+    collect,
+    image_task,
+    task_key,
+)
+from hero_ml.feedback import FeedbackError
+
+IDS = ["r0001-000", "r0001-001", "r0001-002"]
+
+
+def tasks() -> list[dict[str, Any]]:
+    common = {"run_id": "run", "round_index": 1, "prompt": "three red circles", "best_url": "s3://b/best.png"}
+    images = [
+        {"id": 10 + n, "data": image_task(**common, image_id=i, position=n, image_url=f"s3://b/{i}.png")}
+        for n, i in enumerate(IDS)
+    ]
+    best = best_task(**common, image_ids=IDS, grid_url="s3://b/grid.png", has_current_best=True)
+    return [*images, {"id": 20, "data": best}]
+
+
+def annotation(
+    who: int,
+    choice: str,
+    *,
+    ident: int = 0,
+    when: str = "2026-01-01T00:00",
+    cancelled: bool = False,
+    control: str = "label",
+) -> dict[str, Any]:
+    result = [{"from_name": control, "to_name": "image", "type": "choices", "value": {"choices": [choice]}}]
+    return {
+        "id": ident,
+        "completed_by": who,
+        "was_cancelled": cancelled,
+        "updated_at": when,
+        "result": result,
+    }
+
+
+def test_tasks_carry_what_maps_labels_back() -> None:
+    image, best = tasks()[0]["data"], tasks()[-1]["data"]
+    assert image["hero"] == {
+        "run_id": "run",
+        "round": 1,
+        "kind": "image",
+        "flow_run_id": None,
+        "image_id": IDS[0],
+    }
+    assert [o["hotkey"] for o in image["label_options"]] == ["1", "2"] and image["best_options"] == []
+    assert [o["value"] for o in best["best_options"]] == [*IDS, "keep"]
+    assert best["hero"]["image_ids"] == IDS and best["label_options"] == []
+    assert task_key(image) == ("run", 1, "image", IDS[0]) and task_key(best) == ("run", 1, "best", "")
+    first = best_task(
+        run_id="run",
+        round_index=0,
+        image_ids=IDS,
+        prompt="p",
+        grid_url="g",
+        best_url="b",
+        has_current_best=False,
+    )
+    assert "keep" not in [o["value"] for o in first["best_options"]]  # nothing to keep in round 0
+    for name in ('name="label"', 'name="best"', 'value="$label_options"', 'value="$current_best"'):
+        assert name in LABEL_CONFIG
+
+
+def test_collect_a_round_labelled_by_a_team() -> None:
+    round_tasks = tasks()
+    # image 0: annotators 1 and 2 say good, 3 says bad (a disagreement)
+    round_tasks[0]["annotations"] = [
+        annotation(1, "good", ident=1),
+        annotation(2, "good", ident=2),
+        annotation(3, "bad", ident=3),
+    ]
+    # image 1: annotator 1 first said good, then updated to bad (the late update wins); 2 skipped it
+    round_tasks[1]["annotations"] = [
+        annotation(1, "good", ident=4, when="2026-01-01T00:00"),
+        annotation(1, "bad", ident=9, when="2026-01-01T00:05"),
+        annotation(2, "", ident=5, cancelled=True),
+        annotation(3, "bad", ident=6),
+    ]
+    # image 2: only annotator 2, who submitted nothing usable (no choice): reported, not dropped silently
+    round_tasks[2]["annotations"] = [{"id": 7, "completed_by": 2, "was_cancelled": False, "result": []}]
+    # best: 1 and 2 pick image 0, 3 keeps the current best
+    round_tasks[3]["annotations"] = [
+        annotation(1, IDS[0], ident=11, control="best"),
+        annotation(2, IDS[0], ident=12, control="best"),
+        annotation(3, "keep", ident=13, control="best"),
+    ]
+    collected = collect(
+        round_tasks, run_id="run", round_index=1, image_ids=IDS, has_current_best=True, annotators_per_image=2
+    )
+    assert collected.cancelled == 1 and collected.replaced == 1
+    assert collected.problems == [
+        "task 12, annotation 7 by annotator 2: no good/bad choice (got None); "
+        "the image stays unlabelled by them"
+    ]
+    assert collected.labels_by_annotator == {"1": 2, "2": 1, "3": 2}
+    progress = collected.progress
+    assert (progress.labels, progress.labels_required, progress.best_votes) == (4, 6, 3)
+    assert not progress.complete and str(progress) == "4/6 labels, 3/2 best votes"
+    with pytest.raises(FeedbackError, match=r"1 of 3 images have no label \('r0001-002'\)"):
+        collected.round_feedback(IDS, has_current_best=True)
+
+    round_tasks[2]["annotations"].append(annotation(3, "good", ident=8))
+    round_tasks[2]["annotations"].append(annotation(1, "bad", ident=14))
+    collected = collect(
+        round_tasks, run_id="run", round_index=1, image_ids=IDS, has_current_best=True, annotators_per_image=2
+    )
+    assert collected.progress.complete
+    verdict = collected.round_feedback(IDS, has_current_best=True)
+    # image 0: 2 good of 3; image 1: 0 of 2; image 2: 1 good of 2 is a tie (bad)
+    assert verdict.good == (True, False, False)
+    assert verdict.best == 0 and verdict.best_agreement == pytest.approx(2 / 3)
+    assert verdict.feedbacks == 3 + 2 + 2 and verdict.annotators == ("1", "2", "3")
+
+
+def test_collect_reports_what_it_cannot_map() -> None:
+    round_tasks = tasks()
+    for task in round_tasks[:3]:
+        task["annotations"] = [annotation(1, "bad", ident=task["id"])]
+    round_tasks[0]["annotations"] = [annotation(1, "good", ident=1)]
+    round_tasks[3]["annotations"] = [annotation(1, IDS[1], ident=2, control="best")]  # best it called bad
+    stranger = {"id": 30, "data": {"image": "x"}, "annotations": [annotation(5, "good")]}
+    other_round = {
+        "id": 31,
+        "data": {**tasks()[0]["data"], "hero": {**tasks()[0]["data"]["hero"], "round": 0}},
+        "annotations": [annotation(6, "good")],
+    }
+    unknown = {
+        "id": 32,
+        "data": {**tasks()[0]["data"], "hero": {**tasks()[0]["data"]["hero"], "image_id": "x"}},
+        "annotations": [annotation(7, "good")],
+    }
+    collected = collect(
+        [*round_tasks, stranger, other_round, unknown],
+        run_id="run",
+        round_index=1,
+        image_ids=IDS,
+        has_current_best=True,
+        annotators_per_image=1,
+    )
+    assert collected.problems == [
+        "task 30: no valid hero metadata (kind image or best); its labels cannot be mapped",
+        "task 32: image 'x' is not in round 1; labels ignored",
+        "annotator 1 picked 'r0001-001' as best but labelled it bad; their best vote is not counted",
+    ]
+    verdict = collected.round_feedback(IDS, has_current_best=True)
+    assert verdict.good == (True, False, False) and verdict.best is None  # no valid best vote: keep
+
+    first = collect(
+        tasks()[3:],
+        run_id="run",
+        round_index=1,
+        image_ids=IDS,
+        has_current_best=False,
+        annotators_per_image=1,
+    )
+    assert first.problems == []
+    keep_in_round_0 = tasks()[3:]
+    keep_in_round_0[0]["annotations"] = [annotation(1, "keep", ident=3, control="best")]
+    collected = collect(
+        keep_in_round_0,
+        run_id="run",
+        round_index=1,
+        image_ids=IDS,
+        has_current_best=False,
+        annotators_per_image=1,
+    )
+    assert collected.problems == [
+        "task 20, annotation 3 by annotator 1: kept the current best in the first round, where there is none"
+    ]
