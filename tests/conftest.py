@@ -21,6 +21,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 import boto3
 import pytest
+import requests
 import torch
 from diffusers import StableDiffusionPipeline
 
@@ -112,3 +113,46 @@ def _boto_keys() -> dict[str, str]:
         "aws_access_key_id": S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
         "aws_secret_access_key": S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
     }
+
+
+@dataclass(frozen=True)
+class LabelStudioServer(Service):
+    admin_token: str
+
+
+@pytest.fixture(scope="session")
+def label_studio_server(s3_server: Service) -> Iterator[LabelStudioServer]:
+    """Label Studio (its own venv, `make label-studio`) on a free loopback port, allowed to reach the
+    loopback S3 server; an admin with a legacy API token."""
+    token = "hero-test-admin-token-0123456789"
+    env = {
+        **s3_server.env,
+        "HERO_LABEL_STUDIO_PORT": str(_free_port()),
+        "HERO_LABEL_STUDIO_ALLOW_LOOPBACK": "true",
+        "LABEL_STUDIO_USER_TOKEN": token,
+    }
+    _infra("label-studio.sh", "start", env)
+    try:
+        yield LabelStudioServer(f"http://127.0.0.1:{env['HERO_LABEL_STUDIO_PORT']}", env, token)
+    finally:
+        _infra("label-studio.sh", "stop", env)
+
+
+def create_annotator(server: LabelStudioServer, email: str, password: str) -> str:
+    """An annotator account made as a person makes one (the invite link, the signup form), and its API
+    token. Label Studio's users API creates accounts that cannot log in (STACK-NOTES)."""
+    invite = requests.get(
+        f"{server.url}/api/invite", headers={"Authorization": f"Token {server.admin_token}"}, timeout=30
+    ).json()
+    session = requests.Session()
+    signup = f"{server.url}/user/signup/?token={invite['token']}"
+    session.get(signup, timeout=30)
+    response = session.post(
+        signup,
+        data={"email": email, "password": password, "csrfmiddlewaretoken": session.cookies["csrftoken"]},
+        headers={"Referer": signup},
+        allow_redirects=False,
+        timeout=30,
+    )
+    assert response.status_code == 302, f"signup of {email} failed: {response.status_code}"
+    return session.get(f"{server.url}/api/current-user/token", timeout=30).json()["token"]

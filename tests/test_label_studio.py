@@ -1,0 +1,161 @@
+"""Human feedback through a real Label Studio server (its own venv, on loopback): a round published
+from S3 storage, annotators with their own accounts posting annotations through the API as the web
+page does, the round collected, aggregated and stored for audit."""
+
+import base64
+import uuid
+from typing import Any
+
+import pytest
+import requests
+from label_studio_sdk import LabelStudio
+from pydantic import SecretStr
+
+from hero_ml.adapters.label_studio.client import LabelStudioError, LabelStudioProjects
+from hero_ml.adapters.storage import open_store
+from hero_ml.config import HeroConfig
+from hero_ml.diffusion.pipeline import build_random_pipeline
+from hero_ml.engine import sample_batch
+from hero_ml.labelling import LabelStudioRounds
+from hero_ml.run_store import ANNOTATIONS, RunStore
+from tests.conftest import LabelStudioServer, Service, create_annotator
+
+PROMPT = "three red circles"
+
+
+@pytest.fixture(scope="module")
+def run(s3_server: Service, label_studio_server: LabelStudioServer) -> tuple[HeroConfig, RunStore]:
+    """A committed round of 4 images in S3, and the config that publishes it to Label Studio."""
+    config = HeroConfig(
+        run_id=f"ls-{uuid.uuid4().hex[:6]}",
+        model={"source": "random:tiny"},
+        sampling={"prompt": PROMPT, "images_per_round": 4, "num_steps": 2, "sub_batch_size": 4},
+        ddpo={"timesteps_per_trajectory": 1},
+        feedback={"budget": 8, "annotators_per_image": 2},
+        storage={
+            "backend": "s3",
+            "s3_bucket": "hero-test",
+            "s3_endpoint_url": s3_server.url,
+            "s3_access_key_id": "test",
+            "s3_secret_access_key": "test",
+            "s3_prefix": f"t-{uuid.uuid4().hex[:8]}/",
+        },
+        label_studio={
+            "enabled": True,
+            "url": label_studio_server.url,
+            "api_key": label_studio_server.admin_token,
+        },
+    )
+    runs = RunStore(open_store(config.storage), config.run_id)
+    batch = sample_batch(build_random_pipeline("tiny", seed=0), config.sampling, 0)
+    runs.commit_batch(batch, {"prompt": PROMPT})
+    return config, runs
+
+
+def rounds(config: HeroConfig, runs: RunStore) -> LabelStudioRounds:
+    assert config.label_studio.api_key is not None
+    projects = LabelStudioProjects(str(config.label_studio.url), config.label_studio.api_key)
+    return LabelStudioRounds(config, runs, projects)
+
+
+def choice(control: str, value: str) -> list[dict[str, Any]]:
+    return [{"from_name": control, "to_name": "image", "type": "choices", "value": {"choices": [value]}}]
+
+
+def test_publish_is_idempotent_and_images_display_through_s3(
+    run: tuple[HeroConfig, RunStore], label_studio_server: LabelStudioServer
+) -> None:
+    config, runs = run
+    published = rounds(config, runs).publish(0, current_best=None, flow_run_id="flow-123")
+    assert (published.created, published.existing) == (5, 0)  # 4 image tasks + the best task
+    again = rounds(config, runs).publish(0, current_best=None, flow_run_id="flow-123")
+    assert (again.project_id, again.created, again.existing) == (published.project_id, 0, 5)
+
+    admin = LabelStudio(base_url=label_studio_server.url, api_key=label_studio_server.admin_token)
+    tasks = list(admin.tasks.list(project=published.project_id, fields="all"))
+    assert len(tasks) == 5
+    image_task = next(t for t in tasks if t.data["hero"]["kind"] == "image")
+    assert image_task.data["hero"]["flow_run_id"] == "flow-123"
+    # Label Studio hands the page a resolve URL for the task's s3:// URI ...
+    resolve = image_task.data["image"]
+    assert resolve.startswith(f"{label_studio_server.url}/tasks/{image_task.id}/resolve/?fileuri=")
+    s3_uri = base64.b64decode(resolve.split("fileuri=")[1]).decode()
+    assert s3_uri.startswith(
+        f"s3://hero-test/{config.storage.s3_prefix}runs/{config.run_id}/rounds/0/images/"
+    )
+    # ... and answers it with a redirect to a fresh presigned S3 URL: what the browser's <img> loads
+    headers = {"Authorization": f"Token {label_studio_server.admin_token}"}
+    image = requests.get(resolve, headers=headers, timeout=30)
+    image_id = image_task.data["hero"]["image_id"]
+    assert image.status_code == 200
+    assert image.content == runs.store.get(f"runs/{config.run_id}/rounds/0/images/{image_id}.png")
+    assert image.content.startswith(b"\x89PNG")
+
+
+def test_a_team_labels_a_round_and_the_pipeline_reads_exactly_that(
+    run: tuple[HeroConfig, RunStore], label_studio_server: LabelStudioServer
+) -> None:
+    config, runs = run
+    labelling = rounds(config, runs)
+    project = labelling.publish(0, current_best=None).project_id
+    tag = uuid.uuid4().hex[:6]
+    clients = {
+        name: LabelStudio(
+            base_url=label_studio_server.url,
+            api_key=create_annotator(label_studio_server, f"{name}-{tag}@hero.local", f"{name}-password-123"),
+        )
+        for name in ("ann", "bob", "cat")
+    }
+    ids = {name: str(client.users.whoami().id) for name, client in clients.items()}
+    tasks = {
+        (t.data["hero"]["kind"], t.data["hero"].get("image_id", "")): t.id
+        for t in clients["ann"].tasks.list(project=project, fields="all")
+    }
+    image_ids = list(runs.load_manifest(0)["image_ids"])
+    image = {n: tasks[("image", i)] for n, i in enumerate(image_ids)}
+
+    def label(who: str, n: int, value: str) -> Any:
+        return clients[who].annotations.create(
+            id=image[n], result=choice("label", value), was_cancelled=False
+        )
+
+    label("ann", 0, "good"), label("bob", 0, "good"), label("cat", 0, "bad")  # a disagreement
+    label("ann", 1, "bad"), label("bob", 1, "bad")
+    clients["cat"].annotations.create(id=image[1], result=[], was_cancelled=True)  # cat skipped it
+    first = label("ann", 2, "bad")
+    label("bob", 2, "good")
+    label("ann", 3, "good")  # image 3 has one label of the two wanted
+    clients["ann"].annotations.create(id=tasks[("best", "")], result=choice("best", image_ids[0]))
+    clients["bob"].annotations.create(id=tasks[("best", "")], result=choice("best", image_ids[3]))
+
+    progress = labelling.progress(0)
+    assert str(progress.progress) == "7/8 labels, 2/2 best votes" and not progress.progress.complete
+    assert progress.cancelled == 1 and progress.problems == []
+
+    clients["ann"].annotations.update(id=first.id, result=choice("label", "good"))  # a late change of mind
+    label("cat", 3, "good")
+    feedback, collected = labelling.collect(0)
+    assert collected.progress.complete and collected.problems == [] and collected.cancelled == 1
+    # image 0: good 2/3; image 1: bad 0/2; image 2: good 2/2 after ann's update; image 3: good 2/2
+    assert feedback.good == (True, False, True, True)
+    # ann voted image 0, bob image 3: one vote each. Bob had not labelled image 3: picking it as best
+    # labels it good (the best is good by definition), so image 3 has 3 good labels to image 0's 2 and
+    # wins the tie
+    assert feedback.best == 3 and feedback.best_agreement == 0.5
+    assert set(feedback.annotators) == set(ids.values())
+    assert feedback.feedbacks == 3 + 2 + 2 + 3
+
+    record = runs.store.get(f"{runs.round_prefix(0)}/{ANNOTATIONS}")
+    assert all(f'"completed_by": {ids[name]}'.encode() in record for name in ids)  # raw, for audit
+    assert runs.load_feedback(0) == feedback
+    assert runs.verify().ok
+
+
+def test_label_studio_errors_name_the_problem_not_the_token(label_studio_server: LabelStudioServer) -> None:
+    wrong = LabelStudioProjects(label_studio_server.url, SecretStr("not-the-token-0123456789"))
+    with pytest.raises(LabelStudioError, match=r"refused to list projects \(HTTP 401\)") as err:
+        wrong.ensure_project("x", 1)
+    assert "not-the-token" not in str(err.value)
+    nowhere = LabelStudioProjects("http://127.0.0.1:9", SecretStr("t" * 20), timeout_s=2)
+    with pytest.raises(LabelStudioError, match=r"cannot reach Label Studio at http://127\.0\.0\.1:9"):
+        nowhere.ensure_project("x", 1)
