@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from hero_ml.adapters.storage import StorageError, open_store
 from hero_ml.config import ConfigError, HeroConfig, load_config
+from hero_ml.labelling_cli import labelstudio_app
 from hero_ml.toy.cli import toy_app
 
 # transformers warns at import about optional image backends the pipeline never uses.
@@ -32,6 +33,7 @@ model_app = typer.Typer(help="Build and inspect Stable Diffusion pipelines.", no
 app.add_typer(config_app, name="config")
 app.add_typer(model_app, name="model")
 app.add_typer(toy_app, name="toy")
+app.add_typer(labelstudio_app, name="labelstudio")
 storage_app = typer.Typer(help="Inspect and verify a run's stored objects.", no_args_is_help=True)
 app.add_typer(storage_app, name="storage")
 

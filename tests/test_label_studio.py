@@ -3,16 +3,21 @@ from S3 storage, annotators with their own accounts posting annotations through 
 page does, the round collected, aggregated and stored for audit."""
 
 import base64
+import json
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+import yaml
 from label_studio_sdk import LabelStudio
 from pydantic import SecretStr
+from typer.testing import CliRunner
 
 from hero_ml.adapters.label_studio.client import LabelStudioError, LabelStudioProjects
 from hero_ml.adapters.storage import open_store
+from hero_ml.cli import app
 from hero_ml.config import HeroConfig
 from hero_ml.diffusion.pipeline import build_random_pipeline
 from hero_ml.engine import sample_batch
@@ -21,6 +26,7 @@ from hero_ml.run_store import ANNOTATIONS, RunStore
 from tests.conftest import LabelStudioServer, Service, create_annotator
 
 PROMPT = "three red circles"
+runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +99,7 @@ def test_publish_is_idempotent_and_images_display_through_s3(
 
 
 def test_a_team_labels_a_round_and_the_pipeline_reads_exactly_that(
-    run: tuple[HeroConfig, RunStore], label_studio_server: LabelStudioServer
+    run: tuple[HeroConfig, RunStore], label_studio_server: LabelStudioServer, tmp_path: Path
 ) -> None:
     config, runs = run
     labelling = rounds(config, runs)
@@ -149,6 +155,60 @@ def test_a_team_labels_a_round_and_the_pipeline_reads_exactly_that(
     assert all(f'"completed_by": {ids[name]}'.encode() in record for name in ids)  # raw, for audit
     assert runs.load_feedback(0) == feedback
     assert runs.verify().ok
+
+    path, env = cli_config(config, tmp_path)
+    status = runner.invoke(app, ["labelstudio", "status", config.run_id, "-c", str(path)], env=env)
+    assert status.exit_code == 0, status.output
+    assert "8/8" in status.output and "2/2" in status.output and "yes" in status.output
+    assert f"annotator {ids['ann']}: 4 labels" in status.output  # images 0-3 (2 updated in place)
+
+
+def cli_config(config: HeroConfig, tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """The config as a YAML file (secrets masked in it) and the environment that carries the secrets."""
+    path = tmp_path / "hero.yaml"
+    data = json.loads(config.model_dump_json())
+    data["storage"].pop("s3_access_key_id"), data["storage"].pop("s3_secret_access_key")
+    data["label_studio"].pop("api_key")
+    path.write_text(yaml.safe_dump(data))
+    assert config.label_studio.api_key is not None
+    return path, {
+        "HERO_STORAGE__S3_ACCESS_KEY_ID": "test",
+        "HERO_STORAGE__S3_SECRET_ACCESS_KEY": "test",
+        "HERO_LABEL_STUDIO__API_KEY": config.label_studio.api_key.get_secret_value(),
+        "HERO_ORCHESTRATION__WEBHOOK_SECRET": "hook-secret-0123456789",
+    }
+
+
+def test_setup_creates_the_project_and_its_webhook_once(
+    run: tuple[HeroConfig, RunStore], label_studio_server: LabelStudioServer, tmp_path: Path
+) -> None:
+    config, _ = run
+    path, env = cli_config(config, tmp_path)
+    args = [
+        "labelstudio",
+        "setup",
+        "--run-id",
+        "setup-run",
+        "--webhook-url",
+        "http://127.0.0.1:9/hooks",
+        "-c",
+        str(path),
+    ]
+    first = runner.invoke(app, args, env=env)
+    assert first.exit_code == 0, first.output
+    assert "project 'HERO setup-run'" in first.output and "webhook registered" in first.output
+    again = runner.invoke(app, args, env=env)
+    assert again.exit_code == 0 and "already registered" in again.output
+
+    admin = LabelStudio(base_url=label_studio_server.url, api_key=label_studio_server.admin_token)
+    (project,) = [p for p in admin.projects.list() if p.title == "HERO setup-run"]
+    (hook,) = admin.webhooks.list(project=str(project.id))
+    assert hook.url == "http://127.0.0.1:9/hooks" and set(hook.actions) == {
+        "ANNOTATION_CREATED",
+        "ANNOTATION_UPDATED",
+    }
+    assert hook.headers == {"X-Hero-Webhook-Secret": "hook-secret-0123456789"}
+    assert "hook-secret" not in first.output + again.output
 
 
 def test_label_studio_errors_name_the_problem_not_the_token(label_studio_server: LabelStudioServer) -> None:

@@ -17,6 +17,7 @@ from pydantic import SecretStr
 from hero_ml.adapters.label_studio.rounds import INSTRUCTIONS, LABEL_CONFIG, task_key
 
 T = TypeVar("T")
+WEBHOOK_SECRET_HEADER = "X-Hero-Webhook-Secret"
 
 
 class LabelStudioError(RuntimeError):
@@ -107,6 +108,29 @@ class LabelStudioProjects:
                 recursive_scan=True,
             ),
         )
+
+    def ensure_webhook(self, project_id: int, url: str, secret: SecretStr | None) -> bool:
+        """Label Studio posts the project's ANNOTATION_CREATED / _UPDATED events to `url`, carrying
+        the shared secret in WEBHOOK_SECRET_HEADER (Label Studio signs nothing). True when created."""
+        existing = self._call(
+            "list webhooks", lambda: list(self.client.webhooks.list(project=str(project_id)))
+        )
+        if any(hook.url == url for hook in existing):
+            return False
+        headers = {WEBHOOK_SECRET_HEADER: secret.get_secret_value()} if secret is not None else {}
+        self._call(
+            "create webhook",
+            lambda: self.client.webhooks.create(
+                url=url,
+                project=project_id,
+                actions=["ANNOTATION_CREATED", "ANNOTATION_UPDATED"],
+                headers=headers,
+                send_payload=True,
+                send_for_all_actions=False,
+                is_active=True,
+            ),
+        )
+        return True
 
     def tasks(self, project_id: int) -> list[dict[str, Any]]:
         """Every task of the project with its annotations, as JSON dicts."""

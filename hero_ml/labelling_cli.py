@@ -1,0 +1,121 @@
+"""`hero labelstudio …`: set up a run's Label Studio project and watch its rounds' labelling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hero_ml.adapters.storage import StorageError, open_store
+from hero_ml.config import ConfigError, HeroConfig, load_config
+
+if TYPE_CHECKING:
+    from hero_ml.labelling import LabelStudioRounds
+
+labelstudio_app = typer.Typer(
+    help="Human feedback in Label Studio: a project per run, round progress.", no_args_is_help=True
+)
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", "-c", help="YAML config file (HERO_* variables override it).", exists=True, dir_okay=False
+    ),
+]
+
+
+def _fail(message: str) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code=1)
+
+
+def _rounds(config_path: Path | None, run_id: str | None) -> tuple[HeroConfig, LabelStudioRounds]:
+    from hero_ml.labelling import LabelStudioError, LabelStudioRounds, open_projects
+    from hero_ml.run_store import RunStore
+
+    try:
+        config: HeroConfig = load_config(config_path)
+        if run_id is not None:
+            config = config.model_copy(update={"run_id": run_id})
+        projects = open_projects(config)
+    except (ConfigError, LabelStudioError) as err:
+        raise _fail(str(err)) from None
+    return config, LabelStudioRounds(config, RunStore(open_store(config.storage), config.run_id), projects)
+
+
+@labelstudio_app.command("setup")
+def setup(
+    run_id: Annotated[str | None, typer.Option(help="The run (default: the config's run_id).")] = None,
+    webhook_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Where Label Studio posts annotation events (hero serve-webhooks); none: no webhook."
+        ),
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Create (or find) the run's project with HERO's labeling interface, connect it to the S3 images,
+    register the annotation webhook, and print the project's URL."""
+    from hero_ml.labelling import LabelStudioError
+
+    resolved, rounds = _rounds(config, run_id)
+    try:
+        project_id = rounds.project()
+        hooked = (
+            rounds.projects.ensure_webhook(project_id, webhook_url, resolved.orchestration.webhook_secret)
+            if webhook_url
+            else None
+        )
+    except (LabelStudioError, StorageError) as err:
+        raise _fail(str(err)) from None
+    console.print(
+        f"project {rounds.projects.title(resolved.run_id)!r}: {rounds.projects.project_url(project_id)}"
+    )
+    if hooked is not None:
+        secret = "with" if resolved.orchestration.webhook_secret else "[yellow]without[/]"
+        state = "registered" if hooked else "already registered"
+        console.print(f"webhook {state}: {webhook_url} ({secret} the shared secret header)", highlight=False)
+
+
+@labelstudio_app.command("status")
+def status(
+    run_id: Annotated[str, typer.Argument(help="The run.")],
+    config: ConfigOption = None,
+) -> None:
+    """Each committed round's labelling: labels and best votes against what it needs, skips, problems,
+    and the labels of each annotator."""
+    from hero_ml.labelling import LabelStudioError
+
+    _, rounds = _rounds(config, run_id)
+    try:
+        committed = [r.round for r in rounds.runs.list_rounds() if r.committed]
+        progress = {k: rounds.progress(k) for k in committed}
+    except (LabelStudioError, StorageError) as err:
+        raise _fail(str(err)) from None
+    if not committed:
+        raise _fail(f"run {run_id!r} has no committed round in {rounds.runs.store.where('runs')}")
+    table = Table("round", "labels", "best votes", "complete", "skipped", "problems", title=f"run {run_id}")
+    annotators: dict[str, int] = {}
+    for k, collected in progress.items():
+        p = collected.progress
+        table.add_row(
+            str(k),
+            f"{p.labels}/{p.labels_required}",
+            f"{p.best_votes}/{p.best_votes_required}",
+            "[green]yes[/]" if p.complete else "no",
+            str(collected.cancelled),
+            str(len(collected.problems)),
+        )
+        for who, count in collected.labels_by_annotator.items():
+            annotators[who] = annotators.get(who, 0) + count
+    console.print(table)
+    for who, count in sorted(annotators.items(), key=lambda item: -item[1]):
+        console.print(f"  annotator {who}: {count} labels", highlight=False)
+    for k, collected in progress.items():
+        for problem in collected.problems:
+            console.print(f"  [yellow]round {k}[/]: {problem}", highlight=False)
