@@ -12,7 +12,7 @@ LS_STAMP := $(LS_VENV)/.installed
 TORCH_PIP_ARGS ?=
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install label-studio demo test lint typecheck unit bench constraints clean
+.PHONY: install label-studio browser demo test lint typecheck unit bench constraints clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ $(LS_STAMP): infra/label-studio-constraints.txt
 ## label-studio: the Label Studio server's own environment (infra/label-studio.sh runs it)
 label-studio: $(LS_STAMP)
 
+## browser: Debian's Chromium and its driver, for the labeling-page test (needs apt and root)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		echo "installing Debian's chromium and chromium-driver"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
 ## demo: the main job on embedded defaults: a whole HERO training on the toy model (hero run)
 demo: install
 	$(BIN)/hero run --run-id demo-$$(date +%Y%m%d-%H%M%S)
@@ -44,7 +50,7 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-unit: install label-studio
+unit: install label-studio browser
 	$(BIN)/pytest
 
 ## bench: the sampler benchmark (writes benchmarks/results/sampler.json and RESULTS.md)

@@ -5,6 +5,7 @@ page does, the round collected, aggregated and stored for audit."""
 import base64
 import json
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,7 @@ PROMPT = "three red circles"
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def run(s3_server: Service, label_studio_server: LabelStudioServer) -> tuple[HeroConfig, RunStore]:
+def make_run(s3_server: Service, label_studio_server: LabelStudioServer) -> tuple[HeroConfig, RunStore]:
     """A committed round of 4 images in S3, and the config that publishes it to Label Studio."""
     config = HeroConfig(
         run_id=f"ls-{uuid.uuid4().hex[:6]}",
@@ -56,6 +56,11 @@ def run(s3_server: Service, label_studio_server: LabelStudioServer) -> tuple[Her
     batch = sample_batch(build_random_pipeline("tiny", seed=0), config.sampling, 0)
     runs.commit_batch(batch, {"prompt": PROMPT})
     return config, runs
+
+
+@pytest.fixture(scope="module")
+def run(s3_server: Service, label_studio_server: LabelStudioServer) -> tuple[HeroConfig, RunStore]:
+    return make_run(s3_server, label_studio_server)
 
 
 def rounds(config: HeroConfig, runs: RunStore) -> LabelStudioRounds:
@@ -219,3 +224,107 @@ def test_label_studio_errors_name_the_problem_not_the_token(label_studio_server:
     nowhere = LabelStudioProjects("http://127.0.0.1:9", SecretStr("t" * 20), timeout_s=2)
     with pytest.raises(LabelStudioError, match=r"cannot reach Label Studio at http://127\.0\.0\.1:9"):
         nowhere.ensure_project("x", 1)
+
+
+# -- in a real browser ----------------------------------------------------------------------------------
+
+OUTPUT = Path(__file__).parent / "output"  # git-ignored: screenshots for a person to look at
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    """Headless Debian Chromium driven by Selenium (`make browser` installs both Debian packages)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service as DriverService
+
+    assert CHROMIUM.exists() and CHROMEDRIVER.exists(), "no Chromium: run `make browser` (Debian packages)"
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=DriverService(str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def open_task(driver: Any, server: LabelStudioServer, project: int, task: int) -> None:
+    """Open a task's labeling page and wait until its images have loaded."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(f"{server.url}/projects/{project}/data?task={task}")
+    WebDriverWait(driver, 60).until(
+        lambda d: d.execute_script(
+            "return Array.from(document.querySelectorAll('button')).some(b => b.innerText === 'Submit')"
+            " && Array.from(document.images).filter(i => i.src.startsWith('blob:')).length >= 2"
+            " && Array.from(document.images).filter(i => i.src.startsWith('blob:')).every(i => i.complete)"
+        )
+    )
+
+
+def loaded_widths(driver: Any) -> list[int]:
+    """naturalWidth of the labeling panel's images (Label Studio shows them as blob: URLs)."""
+    return driver.execute_script(
+        "return Array.from(document.images).filter(i => i.src.startsWith('blob:')).map(i => i.naturalWidth)"
+    )
+
+
+def submit(driver: Any) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.find_element(By.XPATH, "//button[normalize-space()='Submit']").click()
+    WebDriverWait(driver, 30).until(
+        lambda d: d.execute_script(
+            "return Array.from(document.querySelectorAll('button')).some(b => b.innerText === 'Update')"
+        )
+    )
+
+
+def test_an_annotator_labels_in_the_browser_and_the_pipeline_reads_it(
+    s3_server: Service, label_studio_server: LabelStudioServer, browser: Any
+) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    config, runs = make_run(s3_server, label_studio_server)
+    labelling = rounds(config, runs)
+    project = labelling.publish(0, current_best=None).project_id
+    email, password = f"web-{uuid.uuid4().hex[:6]}@hero.local", "web-annotator-password"
+    create_annotator(label_studio_server, email, password)
+    browser.get(f"{label_studio_server.url}/user/login/")
+    browser.find_element(By.NAME, "email").send_keys(email)
+    browser.find_element(By.NAME, "password").send_keys(password)
+    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+
+    admin = LabelStudio(base_url=label_studio_server.url, api_key=label_studio_server.admin_token)
+    tasks = {
+        (t.data["hero"]["kind"], t.data["hero"].get("image_id", "")): t.id
+        for t in admin.tasks.list(project=project, fields="all")
+    }
+    image_ids = list(runs.load_manifest(0)["image_ids"])
+    OUTPUT.mkdir(exist_ok=True)
+
+    # an image task: the image and the current best load from S3 (through Label Studio's presigning)
+    open_task(browser, label_studio_server, project, tasks[("image", image_ids[1])])
+    browser.save_screenshot(str(OUTPUT / "label_studio_image_task.png"))
+    assert sorted(loaded_widths(browser)) == [32, 128]  # the 32 px toy image, the 128 px "no best yet"
+    ActionChains(browser).send_keys("1").perform()  # hotkey 1: good
+    submit(browser)
+
+    # the best task: the round's grid; click image #1
+    open_task(browser, label_studio_server, project, tasks[("best", "")])
+    browser.find_element(By.XPATH, "//label[.//*[normalize-space()='#1'] or normalize-space()='#1']").click()
+    browser.save_screenshot(str(OUTPUT / "label_studio_best_task.png"))
+    assert all(width > 0 for width in loaded_widths(browser))
+    submit(browser)
+
+    collected = labelling.progress(0)
+    assert collected.problems == [] and len(collected.feedback) == 1
+    (mine,) = collected.feedback
+    assert [(label.image_id, label.label, label.best) for label in mine.images] == [
+        (image_ids[1], "good", True)
+    ]
+    assert str(collected.progress) == "1/8 labels, 1/2 best votes"
