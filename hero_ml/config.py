@@ -375,6 +375,14 @@ class LabelStudioConfig(_Section):
     project_title_prefix: str = Field(
         "HERO", description="Projects are named '<prefix> <run_id>', one per run."
     )
+    suggestions: bool = Field(
+        False,
+        description=(
+            "Pre-annotate image tasks from the encoder's reward ranking (good above the round's "
+            "median similarity to the current best), shown as suggestions to confirm or change. "
+            "Off by default, as suggestions sway annotators; methods without an encoder have none."
+        ),
+    )
 
     @model_validator(mode="after")
     def _enabled_needs_key(self) -> LabelStudioConfig:

@@ -214,6 +214,17 @@ class Engine:
             optimizer_steps=update.optimizer_steps if update else 0,
         )
 
+    def predicted_rewards(self, batch: RoundBatch) -> list[float] | None:
+        """The current encoder's reward of each image of a batch before any feedback on it (for
+        suggestions to annotators); None without an encoder or before the first best."""
+        if self.encoder is None or self.best_latent is None:
+            return None
+        device = next(self.encoder.parameters()).device
+        with torch.no_grad():
+            features = self.encoder.features(batch.trajectory.final_step_input.float().to(device)).cpu()
+            best = self.encoder.features(self.best_latent[None].to(device)).cpu()[0]
+        return similarity_to_best(features, best).tolist()
+
     def _encoder_round(
         self, latents: torch.Tensor, good: list[int], bad: list[int]
     ) -> tuple[list[float], torch.Tensor]:

@@ -27,6 +27,7 @@ from hero_ml.adapters.label_studio.rounds import (
     best_task,
     collect,
     image_task,
+    suggestions,
     task_key,
 )
 from hero_ml.config import HeroConfig
@@ -81,9 +82,15 @@ class LabelStudioRounds:
         return "data:image/png;base64," + base64.b64encode(self.runs.store.get(key)).decode()
 
     def publish(
-        self, round_index: int, current_best: np.ndarray | None, flow_run_id: str | None = None
+        self,
+        round_index: int,
+        current_best: np.ndarray | None,
+        flow_run_id: str | None = None,
+        rewards: list[float] | None = None,
     ) -> Published:
-        """Publish committed round `round_index`; current_best: the best's pixels (None in round 0)."""
+        """Publish committed round `round_index`; current_best: the best's pixels (None in round 0);
+        rewards: the encoder's reward of each image (Engine.predicted_rewards), turned into suggestions
+        when label_studio.suggestions is on."""
         manifest = self.runs.load_manifest(round_index)
         image_ids = list(manifest["image_ids"])
         prefix = self.runs.round_prefix(round_index)
@@ -92,6 +99,11 @@ class LabelStudioRounds:
             self.runs.put_round_object(round_index, CURRENT_BEST, _png(current_best))
         best_url = self._url(best_key)
         common = {"run_id": self.runs.run_id, "round_index": round_index, "prompt": manifest["prompt"]}
+        suggested = (
+            suggestions(rewards)
+            if self.config.label_studio.suggestions and rewards is not None
+            else [None] * len(image_ids)
+        )
         tasks = [
             image_task(
                 **common,
@@ -100,6 +112,7 @@ class LabelStudioRounds:
                 image_url=self._url(f"{prefix}/images/{image_id}.png"),
                 best_url=best_url,
                 flow_run_id=flow_run_id,
+                suggestion=suggested[position],
             )
             for position, image_id in enumerate(image_ids)
         ]

@@ -30,7 +30,9 @@ PROMPT = "three red circles"
 runner = CliRunner()
 
 
-def make_run(s3_server: Service, label_studio_server: LabelStudioServer) -> tuple[HeroConfig, RunStore]:
+def make_run(
+    s3_server: Service, label_studio_server: LabelStudioServer, **label_studio: Any
+) -> tuple[HeroConfig, RunStore]:
     """A committed round of 4 images in S3, and the config that publishes it to Label Studio."""
     config = HeroConfig(
         run_id=f"ls-{uuid.uuid4().hex[:6]}",
@@ -50,6 +52,7 @@ def make_run(s3_server: Service, label_studio_server: LabelStudioServer) -> tupl
             "enabled": True,
             "url": label_studio_server.url,
             "api_key": label_studio_server.admin_token,
+            **label_studio,
         },
     )
     runs = RunStore(open_store(config.storage), config.run_id)
@@ -214,6 +217,23 @@ def test_setup_creates_the_project_and_its_webhook_once(
     }
     assert hook.headers == {"X-Hero-Webhook-Secret": "hook-secret-0123456789"}
     assert "hook-secret" not in first.output + again.output
+
+
+def test_suggestions_arrive_as_predictions_when_asked_for(
+    s3_server: Service, label_studio_server: LabelStudioServer
+) -> None:
+    config, runs = make_run(s3_server, label_studio_server, suggestions=True)
+    project = rounds(config, runs).publish(0, current_best=None, rewards=[0.1, 0.8, 0.3, 0.6]).project_id
+    admin = LabelStudio(base_url=label_studio_server.url, api_key=label_studio_server.admin_token)
+    suggested = {
+        t.data["hero"]["image_id"]: [
+            p.result[0]["value"]["choices"][0] for p in admin.predictions.list(task=t.id)
+        ]
+        for t in admin.tasks.list(project=project, fields="all")
+        if t.data["hero"]["kind"] == "image"
+    }
+    image_ids = list(runs.load_manifest(0)["image_ids"])
+    assert [suggested[i] for i in image_ids] == [["bad"], ["good"], ["bad"], ["good"]]
 
 
 def test_label_studio_errors_name_the_problem_not_the_token(label_studio_server: LabelStudioServer) -> None:

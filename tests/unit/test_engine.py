@@ -160,3 +160,21 @@ def test_a_checkpoint_loads_only_into_its_own_method(tmp_path: Path) -> None:
         Engine.load(small_config("d3po"), build_random_pipeline("tiny", seed=0), store, "ck")
     with pytest.raises(EngineError, match="no committed checkpoint at 'nothing'"):
         Engine.load(small_config("hero"), build_random_pipeline("tiny", seed=0), store, "nothing")
+
+
+def test_predicted_rewards_rank_a_batch_before_its_feedback() -> None:
+    engine = Engine(small_config(), build_random_pipeline("tiny", seed=0))
+    first = engine.generate()
+    assert engine.predicted_rewards(first) is None  # no best to compare with yet
+    engine.learn(first, brightness_labels(engine, first))
+    second = engine.generate()
+    rewards = engine.predicted_rewards(second)
+    assert rewards is not None and len(rewards) == 6 and all(0 <= r <= 1 for r in rewards)
+    assert engine.encoder is not None and engine.best_latent is not None
+    with torch.no_grad():
+        features = engine.encoder.features(second.trajectory.final_step_input.float())
+        best = engine.encoder.features(engine.best_latent[None])[0]
+    expected = (torch.nn.functional.cosine_similarity(features, best[None], dim=1) + 1) / 2
+    assert rewards == pytest.approx(expected.tolist(), abs=1e-6)
+    binary = Engine(small_config("ddpo-binary"), build_random_pipeline("tiny", seed=0))
+    assert binary.predicted_rewards(first) is None  # no encoder

@@ -6,9 +6,11 @@ import pytest
 
 from hero_ml.adapters.label_studio.rounds import (
     LABEL_CONFIG,
+    SUGGESTION_MODEL,
     best_task,
     collect,
     image_task,
+    suggestions,
     task_key,
 )
 from hero_ml.feedback import FeedbackError
@@ -19,11 +21,11 @@ IDS = ["r0001-000", "r0001-001", "r0001-002"]
 def tasks() -> list[dict[str, Any]]:
     common = {"run_id": "run", "round_index": 1, "prompt": "three red circles", "best_url": "s3://b/best.png"}
     images = [
-        {"id": 10 + n, "data": image_task(**common, image_id=i, position=n, image_url=f"s3://b/{i}.png")}
+        {"id": 10 + n, **image_task(**common, image_id=i, position=n, image_url=f"s3://b/{i}.png")}
         for n, i in enumerate(IDS)
     ]
     best = best_task(**common, image_ids=IDS, grid_url="s3://b/grid.png", has_current_best=True)
-    return [*images, {"id": 20, "data": best}]
+    return [*images, {"id": 20, **best}]
 
 
 def annotation(
@@ -66,7 +68,8 @@ def test_tasks_carry_what_maps_labels_back() -> None:
         grid_url="g",
         best_url="b",
         has_current_best=False,
-    )
+    )["data"]
+    assert "predictions" not in tasks()[0]  # suggestions are off unless asked for
     assert "keep" not in [o["value"] for o in first["best_options"]]  # nothing to keep in round 0
     for name in ('name="label"', 'name="best"', 'value="$label_options"', 'value="$current_best"'):
         assert name in LABEL_CONFIG
@@ -178,3 +181,21 @@ def test_collect_reports_what_it_cannot_map() -> None:
     assert collected.problems == [
         "task 20, annotation 3 by annotator 1: kept the current best in the first round, where there is none"
     ]
+
+
+def test_suggestions_split_the_encoder_ranking_at_the_median() -> None:
+    assert suggestions([0.2, 0.9, 0.5, 0.7]) == [("bad", 0.2), ("good", 0.9), ("bad", 0.5), ("good", 0.7)]
+    task = image_task(
+        run_id="r",
+        round_index=1,
+        image_id="i",
+        position=0,
+        prompt="p",
+        image_url="u",
+        best_url="b",
+        suggestion=("good", 0.9),
+    )
+    (prediction,) = task["predictions"]
+    assert prediction["model_version"] == SUGGESTION_MODEL and prediction["score"] == 0.9
+    assert prediction["result"][0]["from_name"] == "label"
+    assert prediction["result"][0]["value"] == {"choices": ["good"]}

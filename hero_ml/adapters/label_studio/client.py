@@ -139,10 +139,11 @@ class LabelStudioProjects:
             return [task.model_dump() for task in found]
 
     def publish(self, project_id: int, tasks: list[dict[str, Any]]) -> tuple[int, int]:
-        """Import the tasks the project does not hold yet (by run, round, kind and image id), so
-        publishing a round twice creates nothing the second time. Returns (created, already there)."""
+        """Import the tasks (Label Studio's import form: {"data": …, "predictions": […]}) the project
+        does not hold yet (by run, round, kind and image id), so publishing a round twice creates
+        nothing the second time. Returns (created, already there)."""
         present = {task_key(task["data"]) for task in self.tasks(project_id)}
-        new = [task for task in tasks if task_key(task) not in present]
+        new = [task for task in tasks if task_key(task["data"]) not in present]
         if new:
             self._call(
                 f"import {len(new)} tasks",

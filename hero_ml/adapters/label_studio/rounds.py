@@ -24,6 +24,7 @@ _HERE = Path(__file__).parent
 LABEL_CONFIG = (_HERE / "hero_round.xml").read_text()
 INSTRUCTIONS = (_HERE / "instructions.html").read_text()
 IMAGE, BEST = "image", "best"
+SUGGESTION_MODEL = "hero-encoder"  # the model_version of pre-annotations
 LABEL_OPTIONS = [{"value": "good", "hotkey": "1"}, {"value": "bad", "hotkey": "2"}]
 
 
@@ -37,9 +38,11 @@ def image_task(
     image_url: str,
     best_url: str,
     flow_run_id: str | None = None,
+    suggestion: tuple[str, float] | None = None,
 ) -> dict[str, Any]:
-    """The task asking whether one image is as good as the current best."""
-    return {
+    """The task asking whether one image is as good as the current best, in Label Studio's import
+    form. suggestion: (good or bad, score) shown as a pre-annotation the annotator confirms or changes."""
+    data = {
         "prompt": prompt,
         "question": "Is this image as good as or better than the current best? 1 = good, 2 = bad.",
         "image_title": f"Image #{position} of round {round_index}",
@@ -48,6 +51,15 @@ def image_task(
         "label_options": LABEL_OPTIONS,
         "best_options": [],
         "hero": _meta(run_id, round_index, IMAGE, flow_run_id, image_id=image_id),
+    }
+    if suggestion is None:
+        return {"data": data}
+    label, score = suggestion
+    return {
+        "data": data,
+        "predictions": [
+            {"model_version": SUGGESTION_MODEL, "score": score, "result": _choices("label", label)}
+        ],
     }
 
 
@@ -66,7 +78,7 @@ def best_task(
     options = [{"value": image_id, "html": f"#{n}"} for n, image_id in enumerate(image_ids)]
     if has_current_best:
         options.append({"value": KEEP, "html": "Keep the current best"})
-    return {
+    data = {
         "prompt": prompt,
         "question": (
             "Which image matches the prompt best? Pick its number"
@@ -79,6 +91,19 @@ def best_task(
         "best_options": options,
         "hero": _meta(run_id, round_index, BEST, flow_run_id, image_ids=list(image_ids)),
     }
+    return {"data": data}
+
+
+def suggestions(rewards: list[float]) -> list[tuple[str, float]]:
+    """Pre-annotations from the encoder's rewards (similarity to the current best): good for the images
+    above the round's median reward, bad for the rest, each with its reward as the score. A ranking,
+    not a verdict: the encoder has no calibrated threshold, annotators decide."""
+    median = sorted(rewards)[len(rewards) // 2]
+    return [("good" if reward >= median else "bad", round(float(reward), 4)) for reward in rewards]
+
+
+def _choices(control: str, value: str) -> list[dict[str, Any]]:
+    return [{"from_name": control, "to_name": "image", "type": "choices", "value": {"choices": [value]}}]
 
 
 def _meta(run_id: str, round_index: int, kind: str, flow_run_id: str | None, **extra: Any) -> dict[str, Any]:
