@@ -17,6 +17,7 @@ from pydantic import SecretStr
 from typer.testing import CliRunner
 
 from hero_ml.adapters.label_studio.client import LabelStudioError, LabelStudioProjects
+from hero_ml.adapters.label_studio.rounds import LABEL_CONFIG
 from hero_ml.adapters.storage import open_store
 from hero_ml.cli import app
 from hero_ml.config import HeroConfig
@@ -234,6 +235,23 @@ def test_suggestions_arrive_as_predictions_when_asked_for(
     }
     image_ids = list(runs.load_manifest(0)["image_ids"])
     assert [suggested[i] for i in image_ids] == [["bad"], ["good"], ["bad"], ["good"]]
+
+
+def test_label_studio_validates_the_labeling_config_when_a_project_is_created(
+    label_studio_server: LabelStudioServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hero_ml.adapters.label_studio import client
+
+    broken = LABEL_CONFIG.replace(
+        'toName="image" value="$label_options"', 'toName="no-such-image" value="$label_options"'
+    )
+    assert broken != LABEL_CONFIG
+    monkeypatch.setattr(client, "LABEL_CONFIG", broken)
+    projects = LabelStudioProjects(label_studio_server.url, SecretStr(label_studio_server.admin_token))
+    with pytest.raises(
+        LabelStudioError, match=r"refused to create project 'HERO broken' \(HTTP 400\).*no-such-image"
+    ):
+        projects.ensure_project("broken", 1)
 
 
 def test_label_studio_errors_name_the_problem_not_the_token(label_studio_server: LabelStudioServer) -> None:
