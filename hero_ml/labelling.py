@@ -30,6 +30,7 @@ from hero_ml.adapters.label_studio.rounds import (
     suggestions,
     task_key,
 )
+from hero_ml.adapters.tracking import Tracker
 from hero_ml.config import HeroConfig
 from hero_ml.feedback import RoundFeedback
 from hero_ml.run_store import ANNOTATIONS, CURRENT_BEST, GRID, RunStore
@@ -53,10 +54,17 @@ def open_projects(config: HeroConfig) -> LabelStudioProjects:
 
 
 class LabelStudioRounds:
-    def __init__(self, config: HeroConfig, runs: RunStore, projects: LabelStudioProjects):
+    def __init__(
+        self,
+        config: HeroConfig,
+        runs: RunStore,
+        projects: LabelStudioProjects,
+        tracker: Tracker | None = None,
+    ):
         self.config = config
         self.runs = runs
         self.projects = projects
+        self.tracker = tracker
 
     def project(self) -> int:
         project_id = self.projects.ensure_project(self.runs.run_id, self.config.feedback.annotators_per_image)
@@ -169,6 +177,18 @@ class LabelStudioRounds:
         image_ids = list(self.runs.load_manifest(round_index)["image_ids"])
         feedback = collected.round_feedback(image_ids, has_current_best=round_index > 0)
         self.runs.save_feedback(round_index, feedback, collected.feedback)
+        if self.tracker is not None:
+            self.tracker.log_metrics(
+                {
+                    "labelling_label_agreement": feedback.label_agreement,
+                    "labelling_unanimous_share": feedback.unanimous_share,
+                    "labelling_best_agreement": feedback.best_agreement,
+                    "labelling_annotators": len(feedback.annotators),
+                    "labelling_skipped": collected.cancelled,
+                    "labelling_problems": len(collected.problems),
+                },
+                step=round_index,
+            )
         return feedback, collected
 
 

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from hero_ml.adapters.label_studio.client import LabelStudioError, LabelStudioProjects
 from hero_ml.adapters.label_studio.rounds import LABEL_CONFIG
 from hero_ml.adapters.storage import open_store
+from hero_ml.adapters.tracking.mlflow import MlflowTracker
 from hero_ml.cli import app
 from hero_ml.config import HeroConfig
 from hero_ml.diffusion.pipeline import build_random_pipeline
@@ -112,6 +113,7 @@ def test_a_team_labels_a_round_and_the_pipeline_reads_exactly_that(
 ) -> None:
     config, runs = run
     labelling = rounds(config, runs)
+    labelling.tracker = MlflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "hero", config.run_id)
     project = labelling.publish(0, current_best=None).project_id
     tag = uuid.uuid4().hex[:6]
     clients = {
@@ -164,6 +166,9 @@ def test_a_team_labels_a_round_and_the_pipeline_reads_exactly_that(
     assert all(f'"completed_by": {ids[name]}'.encode() in record for name in ids)  # raw, for audit
     assert runs.load_feedback(0) == feedback
     assert runs.verify().ok
+    logged = labelling.tracker.client.get_run(labelling.tracker.run_id).data.metrics
+    assert logged["labelling_label_agreement"] == pytest.approx(feedback.label_agreement)
+    assert logged["labelling_best_agreement"] == 0.5 and logged["labelling_skipped"] == 1
 
     path, env = cli_config(config, tmp_path)
     status = runner.invoke(app, ["labelstudio", "status", config.run_id, "-c", str(path)], env=env)
