@@ -20,7 +20,9 @@ def test_compose_services_bind_to_loopback_and_pin_their_images() -> None:
             assert str(port).startswith("127.0.0.1:"), f"{name}: port {port!r} is exposed beyond loopback"
 
 
-@pytest.mark.parametrize("script", ["s3-server.sh", "mlflow-server.sh"])
+@pytest.mark.parametrize(
+    "script", ["s3-server.sh", "mlflow-server.sh", "label-studio.sh", "prefect-server.sh"]
+)
 def test_service_scripts_explain_their_usage(script: str) -> None:
     result = subprocess.run(["bash", str(INFRA / script), "restart"], capture_output=True, text=True)
     assert result.returncode == 2 and "usage:" in result.stderr
