@@ -33,7 +33,7 @@ from results_io import RESULTS_DIR, write_result
 
 from hero_ml.adapters.storage import LocalStore
 from hero_ml.config import HeroConfig, load_config, with_overrides
-from hero_ml.toy.evaluate import success_rate
+from hero_ml.toy.evaluate import task_success_rate
 from hero_ml.toy.task import load_task, task_names
 from hero_ml.training import TrainingRun
 
@@ -99,17 +99,9 @@ def run_one(base: HeroConfig, task: str, method: str, seed: int, args: argparse.
         if round_index == 0 and shared:  # the base model: identical for every method and seed
             rate = shared[0]["success_rate"]
         else:
-            rate = success_rate(
-                run.pipe,
-                spec.prompts,
-                spec.target,
-                args.eval_images,
-                seed=0,
-                num_steps=config.sampling.num_steps,
-                guidance_scale=config.sampling.guidance_scale,
-                eta=config.sampling.eta,
-                batch_size=args.eval_batch,
-            ).rate
+            rate = task_success_rate(
+                run.pipe, spec, args.eval_images, config.sampling, seed=0, batch_size=args.eval_batch
+            )
         append_point(
             args.csv,
             {

@@ -30,7 +30,7 @@ from results_io import RESULTS_DIR, write_result
 
 from hero_ml.adapters.storage import LocalStore
 from hero_ml.config import load_config, with_overrides
-from hero_ml.toy.evaluate import success_rate
+from hero_ml.toy.evaluate import task_success_rate
 from hero_ml.toy.task import load_task
 from hero_ml.training import TrainingRun
 
@@ -76,17 +76,7 @@ def probe(args: argparse.Namespace) -> dict:
                 f"bad {stats.reward_bad_mean}, kl {stats.approx_kl}, clip {stats.clip_fraction}",
                 flush=True,
             )
-        rate = success_rate(
-            run.pipe,
-            spec.prompts,
-            spec.target,
-            args.eval_images,
-            seed=0,
-            num_steps=config.sampling.num_steps,
-            guidance_scale=config.sampling.guidance_scale,
-            eta=config.sampling.eta,
-            batch_size=config.sampling.sub_batch_size,
-        ).rate
+        rate = task_success_rate(run.pipe, spec, args.eval_images, config.sampling, seed=0)
     finally:
         shutil.rmtree(work)
     return {

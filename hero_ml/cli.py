@@ -11,12 +11,12 @@ from typing import Annotated
 
 import typer
 import yaml
-from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hero_ml.adapters.storage import StorageError, open_store
-from hero_ml.config import ConfigError, HeroConfig, load_config
+from hero_ml.cli_support import ConfigOption, console, err_console, fail, load
+from hero_ml.config import ConfigError, HeroConfig
 from hero_ml.labelling_cli import labelstudio_app
 from hero_ml.toy.cli import toy_app
 
@@ -36,32 +36,6 @@ app.add_typer(toy_app, name="toy")
 app.add_typer(labelstudio_app, name="labelstudio")
 storage_app = typer.Typer(help="Inspect and verify a run's stored objects.", no_args_is_help=True)
 app.add_typer(storage_app, name="storage")
-
-console = Console()
-err_console = Console(stderr=True)
-
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        help="YAML config file; HERO_<SECTION>__<FIELD> environment variables override it.",
-        exists=True,
-        dir_okay=False,
-    ),
-]
-
-
-def _fail(message: str) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(code=1)
-
-
-def _load(path: Path | None) -> HeroConfig:
-    try:
-        return load_config(path)
-    except ConfigError as err:
-        raise _fail(str(err)) from None
 
 
 @app.callback()
@@ -85,7 +59,7 @@ def config_show(
 
     The output is itself a valid config file: `hero config show > hero.yaml` starts a new one.
     """
-    resolved = _load(config)
+    resolved = load(config)
     if comments:
         text = resolved.to_commented_yaml()
     else:
@@ -99,7 +73,7 @@ def config_validate(
     file: Annotated[Path, typer.Argument(help="The YAML config file to check.", exists=True, dir_okay=False)],
 ) -> None:
     """Check a config file (with the current environment's overrides); exit 1 with every problem."""
-    resolved = _load(file)
+    resolved = load(file)
     derived = ", ".join(f"{k}={v}" for k, v in resolved.derived().items())
     console.print(f"[green]ok[/] {file}: {derived}", highlight=False)
 
@@ -115,7 +89,7 @@ def model_build(
     from hero_ml.diffusion.pipeline import build_random_pipeline
 
     if arch not in ARCHITECTURES:
-        raise _fail(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+        raise fail(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     with console.status(f"building {arch} with random weights"):
         build_random_pipeline(arch, seed=seed).save_pretrained(out)
     console.print(f"[green]wrote[/] {out} (random weights, seed {seed})", highlight=False)
@@ -131,7 +105,7 @@ def sample(config: ConfigOption = None) -> None:
     from hero_ml.diffusion.pipeline import DeviceUnavailableError, ModelNotFoundError
     from hero_ml.sample_round import RoundExistsError, sample_round
 
-    resolved = _load(config)
+    resolved = load(config)
     steps = resolved.sampling.num_steps
     sub_batches = -(-resolved.sampling.images_per_round // resolved.sampling.sub_batch_size)
     progress = Progress(
@@ -152,7 +126,7 @@ def sample(config: ConfigOption = None) -> None:
                 resolved, on_model_loaded=model_loaded, on_step=lambda: progress.advance(task)
             )
         except (ModelNotFoundError, DeviceUnavailableError, RoundExistsError, StorageError) as err:
-            raise _fail(str(err)) from None
+            raise fail(str(err)) from None
 
     manifest = result.manifest
     console.print(
@@ -188,10 +162,10 @@ def run(
     """
     from hero_ml.config import restore_config, with_overrides
 
-    resolved = _load(config)
+    resolved = load(config)
     if resume is not None:
         if task or method or budget or run_id:
-            raise _fail(
+            raise fail(
                 "--resume continues a run with its own settings: drop --task/--method/--budget/--run-id"
             )
         resolved = with_overrides(resolved, {"run_id": resume})
@@ -209,15 +183,15 @@ def run(
             try:
                 spec = load_task(task)
             except TaskError as err:
-                raise _fail(str(err)) from None
+                raise fail(str(err)) from None
             overrides["simulation"] = {"task": task}
             overrides["sampling"] = {"prompt": spec.prompts[0]}
         try:
             resolved = with_overrides(resolved, overrides)
         except ConfigError as err:
-            raise _fail(str(err)) from None
+            raise fail(str(err)) from None
     if resolved.label_studio.enabled:
-        raise _fail("hero run asks the simulated annotators for now: set label_studio.enabled=false")
+        raise fail("hero run asks the simulated annotators for now: set label_studio.enabled=false")
 
     from hero_ml.run_store import RunStore
 
@@ -226,13 +200,13 @@ def run(
     stored = runs.load_config()
     if resume is not None:
         if stored is None:
-            raise _fail(f"no run {resume!r} in {store.where('runs')}; start it with hero run")
+            raise fail(f"no run {resume!r} in {store.where('runs')}; start it with hero run")
         try:
             resolved = restore_config(stored, resolved)
         except ConfigError as err:
-            raise _fail(str(err)) from None
+            raise fail(str(err)) from None
     elif stored is not None:
-        raise _fail(
+        raise fail(
             f"run {resolved.run_id!r} already exists in {store.where('runs')}: continue "
             f"it with `hero run --resume {resolved.run_id}` or start a new one with --run-id NAME"
         )
@@ -303,7 +277,7 @@ def _run_embedded(config: HeroConfig) -> None:
         try:
             summary = hero_training(config, on_step=on_step, on_round=on_round)
         except (RunError, FileNotFoundError, StorageError) as err:
-            raise _fail(str(err)) from None
+            raise fail(str(err)) from None
         progress.remove_task(bar)
 
     table = Table("", "value", title=f"run {config.run_id}")
@@ -342,7 +316,7 @@ def storage_ls(run_id: RunIdArgument = None, config: ConfigOption = None) -> Non
 
     from hero_ml.run_store import RunStore
 
-    resolved = _load(config)
+    resolved = load(config)
     store = open_store(resolved.storage)
     try:
         if run_id is None:
@@ -355,9 +329,9 @@ def storage_ls(run_id: RunIdArgument = None, config: ConfigOption = None) -> Non
         rounds = runs_store.list_rounds()
         latest = runs_store.latest_checkpoint()
     except (StorageError, ValueError) as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     if not rounds and runs_store.load_config() is None:
-        raise _fail(f"no run {run_id!r} in {store.where('runs')}")
+        raise fail(f"no run {run_id!r} in {store.where('runs')}")
     table = Table("round", "committed", "images", "MB", "good", "bad", "checkpoint", title=f"run {run_id}")
     for row in rounds:
         table.add_row(
@@ -382,15 +356,15 @@ def storage_verify(
     """Check every committed object of a run against its recorded size and sha256 (exit 1 on a problem)."""
     from hero_ml.run_store import RunStore
 
-    resolved = _load(config)
+    resolved = load(config)
     store = open_store(resolved.storage)
     runs_store = RunStore(store, run_id)
     try:
         if runs_store.load_config() is None:
-            raise _fail(f"no run {run_id!r} in {store.where('runs')}")
+            raise fail(f"no run {run_id!r} in {store.where('runs')}")
         report = runs_store.verify()
     except (StorageError, ValueError) as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     for line in report.incomplete:
         console.print(f"[yellow]uncommitted[/] {line}", highlight=False)
     for line in report.problems:
@@ -421,7 +395,7 @@ def promote(
     from hero_ml.adapters.tracking.registry import RegistryError
     from hero_ml.promotion import promote_version
 
-    resolved = _load(config)
+    resolved = load(config)
     total = 2 * resolved.promotion.eval_images
     with Progress(
         TextColumn("{task.description}"),
@@ -434,7 +408,7 @@ def promote(
         try:
             decision = promote_version(resolved, version, on_images=lambda n: progress.advance(bar, n))
         except RegistryError as err:
-            raise _fail(str(err)) from None
+            raise fail(str(err)) from None
     alias = resolved.tracking.champion_alias
     against = "the base model" if decision.incumbent == "base" else f"version {decision.incumbent}"
     console.print(
@@ -463,12 +437,12 @@ def generate(
     from hero_ml.diffusion.pipeline import ModelNotFoundError
     from hero_ml.promotion import generate_from_registry
 
-    resolved = _load(config)
+    resolved = load(config)
     with console.status(f"loading {model} and generating {count} images"):
         try:
             version, paths = generate_from_registry(resolved, model, prompt, count, out, seed=seed)
         except (RegistryError, ModelNotFoundError) as err:
-            raise _fail(str(err)) from None
+            raise fail(str(err)) from None
     console.print(
         f"{len(paths)} images of {version.name} version {version.version} in {out} (grid.png: all of them)",
         highlight=False,

@@ -219,11 +219,17 @@ class Engine:
         suggestions to annotators); None without an encoder or before the first best."""
         if self.encoder is None or self.best_latent is None:
             return None
+        features, best = self._features(batch.trajectory.final_step_input.float())
+        return similarity_to_best(features, best).tolist()
+
+    def _features(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's pre-head features of `latents` and of the current best, on the CPU."""
+        assert self.encoder is not None and self.best_latent is not None
         device = next(self.encoder.parameters()).device
         with torch.no_grad():
-            features = self.encoder.features(batch.trajectory.final_step_input.float().to(device)).cpu()
+            features = self.encoder.features(latents.to(device)).cpu()
             best = self.encoder.features(self.best_latent[None].to(device)).cpu()[0]
-        return similarity_to_best(features, best).tolist()
+        return features, best
 
     def _encoder_round(
         self, latents: torch.Tensor, good: list[int], bad: list[int]
@@ -245,10 +251,7 @@ class Engine:
             margin=encoder_config.margin,
             generator=self._generator("encoder"),
         )
-        device = next(self.encoder.parameters()).device
-        with torch.no_grad():
-            features = self.encoder.features(latents.to(device)).cpu()
-            best = self.encoder.features(self.best_latent[None].to(device)).cpu()[0]
+        features, best = self._features(latents)
         if encoder_config.reward == "best":
             return losses, similarity_to_best(features, best)
         # the good images of this round and the best, which is good by definition (it may be older)

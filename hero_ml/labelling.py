@@ -65,8 +65,12 @@ class LabelStudioRounds:
         self.runs = runs
         self.projects = projects
         self.tracker = tracker
+        self._project_id: int | None = None
 
     def project(self) -> int:
+        """The run's project, set up (created, connected to S3) on first use by this object."""
+        if self._project_id is not None:
+            return self._project_id
         project_id = self.projects.ensure_project(self.runs.run_id, self.config.feedback.annotators_per_image)
         storage = self.config.storage
         if storage.backend == "s3":
@@ -81,6 +85,7 @@ class LabelStudioRounds:
                 secret_access_key=storage.s3_secret_access_key,
                 presign_ttl_s=storage.presigned_url_ttl_s,
             )
+        self._project_id = project_id
         return project_id
 
     def _url(self, key: str) -> str:
@@ -138,11 +143,13 @@ class LabelStudioRounds:
         created, existing = self.projects.publish(project_id, tasks)
         return Published(project_id, created, existing, self.projects.project_url(project_id))
 
-    def _collect(self, round_index: int) -> tuple[CollectedRound, list[dict]]:
-        project_id = self.project()
+    def _collect(
+        self, round_index: int, image_ids: list[str], project_tasks: list[dict]
+    ) -> tuple[CollectedRound, list[dict]]:
+        """The round's tasks among the project's (tasks without HERO metadata kept: they are reported)."""
         tasks = [
             task
-            for task in self.projects.tasks(project_id)
+            for task in project_tasks
             if (key := task_key(task.get("data") or {})) is None
             or (key[0] == self.runs.run_id and key[1] == round_index)
         ]
@@ -150,19 +157,24 @@ class LabelStudioRounds:
             tasks,
             run_id=self.runs.run_id,
             round_index=round_index,
-            image_ids=list(self.runs.load_manifest(round_index)["image_ids"]),
+            image_ids=image_ids,
             has_current_best=round_index > 0,
             annotators_per_image=self.config.feedback.annotators_per_image,
         )
         return collected, tasks
 
-    def progress(self, round_index: int) -> CollectedRound:
-        """Where the round's labelling stands (nothing is stored)."""
-        return self._collect(round_index)[0]
+    def _image_ids(self, round_index: int) -> list[str]:
+        return list(self.runs.load_manifest(round_index)["image_ids"])
+
+    def progress(self, round_indices: list[int]) -> dict[int, CollectedRound]:
+        """Where each round's labelling stands, from one read of the project's tasks (nothing stored)."""
+        project_tasks = self.projects.tasks(self.project())
+        return {k: self._collect(k, self._image_ids(k), project_tasks)[0] for k in round_indices}
 
     def collect(self, round_index: int) -> tuple[RoundFeedback, CollectedRound]:
         """Store the round's raw annotations, then aggregate them (FeedbackError if images lack labels)."""
-        collected, tasks = self._collect(round_index)
+        image_ids = self._image_ids(round_index)
+        collected, tasks = self._collect(round_index, image_ids, self.projects.tasks(self.project()))
         record = {
             "collected_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "progress": str(collected.progress),
@@ -174,7 +186,6 @@ class LabelStudioRounds:
         self.runs.put_round_object(
             round_index, ANNOTATIONS, json.dumps(record, indent=1, default=str).encode()
         )
-        image_ids = list(self.runs.load_manifest(round_index)["image_ids"])
         feedback = collected.round_feedback(image_ids, has_current_best=round_index > 0)
         self.runs.save_feedback(round_index, feedback, collected.feedback)
         if self.tracker is not None:

@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from hero_ml.adapters.storage import StorageError, open_store
+from hero_ml.cli_support import ConfigOption, console, fail
 from hero_ml.config import ConfigError, HeroConfig, load_config
 
 if TYPE_CHECKING:
@@ -18,20 +18,6 @@ if TYPE_CHECKING:
 labelstudio_app = typer.Typer(
     help="Human feedback in Label Studio: a project per run, round progress.", no_args_is_help=True
 )
-console = Console()
-err_console = Console(stderr=True)
-
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--config", "-c", help="YAML config file (HERO_* variables override it).", exists=True, dir_okay=False
-    ),
-]
-
-
-def _fail(message: str) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(code=1)
 
 
 def _rounds(config_path: Path | None, run_id: str | None) -> tuple[HeroConfig, LabelStudioRounds]:
@@ -44,7 +30,7 @@ def _rounds(config_path: Path | None, run_id: str | None) -> tuple[HeroConfig, L
             config = config.model_copy(update={"run_id": run_id})
         projects = open_projects(config)
     except (ConfigError, LabelStudioError) as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     return config, LabelStudioRounds(config, RunStore(open_store(config.storage), config.run_id), projects)
 
 
@@ -72,7 +58,7 @@ def setup(
             else None
         )
     except (LabelStudioError, StorageError) as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     console.print(
         f"project {rounds.projects.title(resolved.run_id)!r}: {rounds.projects.project_url(project_id)}"
     )
@@ -94,11 +80,11 @@ def status(
     _, rounds = _rounds(config, run_id)
     try:
         committed = [r.round for r in rounds.runs.list_rounds() if r.committed]
-        progress = {k: rounds.progress(k) for k in committed}
+        progress = rounds.progress(committed)
     except (LabelStudioError, StorageError) as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     if not committed:
-        raise _fail(f"run {run_id!r} has no committed round in {rounds.runs.store.where('runs')}")
+        raise fail(f"run {run_id!r} has no committed round in {rounds.runs.store.where('runs')}")
     table = Table("round", "labels", "best votes", "complete", "skipped", "problems", title=f"run {run_id}")
     annotators: dict[str, int] = {}
     for k, collected in progress.items():

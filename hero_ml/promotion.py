@@ -20,7 +20,7 @@ from hero_ml.config import HeroConfig
 from hero_ml.diffusion.pipeline import load_pipeline
 from hero_ml.diffusion.sampler import per_image_generators, sample_trajectories
 from hero_ml.images import image_grid
-from hero_ml.toy.evaluate import success_rate
+from hero_ml.toy.evaluate import task_success_rate
 from hero_ml.toy.task import load_task
 
 
@@ -49,7 +49,7 @@ def promote_version(
             f"{current.tags.get('hero.task')!r}, the challenger for {task_name!r}: they are not comparable"
         )
     task = load_task(task_name)
-    sampling, promotion = config.sampling, config.promotion
+    promotion = config.promotion
 
     def evaluate(candidate: ModelVersion | None) -> float:
         pipe = (
@@ -57,18 +57,9 @@ def promote_version(
             if candidate is not None
             else load_pipeline(challenger.tags["hero.base_model"], device=config.model.device)
         )
-        return success_rate(
-            pipe,
-            task.prompts,
-            task.target,
-            promotion.eval_images,
-            seed=promotion.eval_seed,
-            num_steps=sampling.num_steps,
-            guidance_scale=sampling.guidance_scale,
-            eta=sampling.eta,
-            batch_size=sampling.sub_batch_size,
-            on_batch=on_images,
-        ).rate
+        return task_success_rate(
+            pipe, task, promotion.eval_images, config.sampling, seed=promotion.eval_seed, on_batch=on_images
+        )
 
     return registry.promote(
         challenger, margin=promotion.margin, images=promotion.eval_images, evaluate=evaluate

@@ -30,7 +30,7 @@ from hero_ml.engine import Engine, RoundBatch, RoundStats
 from hero_ml.feedback import RoundFeedback, aggregate
 from hero_ml.images import image_grid
 from hero_ml.run_store import RunStore
-from hero_ml.toy.evaluate import success_rate
+from hero_ml.toy.evaluate import task_success_rate
 from hero_ml.toy.judge import SimulatedAnnotator
 from hero_ml.toy.task import Task, load_task
 
@@ -172,20 +172,9 @@ class TrainingRun:
         key = f"{self.runs.prefix}/eval/{label}.json"
         if label == "before" and self.runs.store.exists(key):
             return Evaluation(**json.loads(self.runs.store.get(key)))
-        sampling = self.config.sampling
 
         def rate() -> float:
-            return success_rate(
-                self.pipe,
-                self.task.prompts,
-                self.task.target,
-                n,
-                seed=0,
-                num_steps=sampling.num_steps,
-                guidance_scale=sampling.guidance_scale,
-                eta=sampling.eta,
-                batch_size=sampling.sub_batch_size,
-            ).rate
+            return task_success_rate(self.pipe, self.task, n, self.config.sampling, seed=0)
 
         if label == "before":
             with adapters_disabled(self.pipe.unet):

@@ -145,7 +145,7 @@ def test_a_team_labels_a_round_and_the_pipeline_reads_exactly_that(
     clients["ann"].annotations.create(id=tasks[("best", "")], result=choice("best", image_ids[0]))
     clients["bob"].annotations.create(id=tasks[("best", "")], result=choice("best", image_ids[3]))
 
-    progress = labelling.progress(0)
+    progress = labelling.progress([0])[0]
     assert str(progress.progress) == "7/8 labels, 2/2 best votes" and not progress.progress.complete
     assert progress.cancelled == 1 and progress.problems == []
 
@@ -364,7 +364,7 @@ def test_an_annotator_labels_in_the_browser_and_the_pipeline_reads_it(
     assert all(width > 0 for width in loaded_widths(browser))
     submit(browser)
 
-    collected = labelling.progress(0)
+    collected = labelling.progress([0])[0]
     assert collected.problems == [] and len(collected.feedback) == 1
     (mine,) = collected.feedback
     assert [(label.image_id, label.label, label.best) for label in mine.images] == [

@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 
 from diffusers import StableDiffusionPipeline
 
+from hero_ml.config import SamplingConfig
 from hero_ml.diffusion.sampler import per_image_generators, sample_trajectories
 from hero_ml.toy.judge import Target, judge
 from hero_ml.toy.perceive import perceive
 from hero_ml.toy.render import render
 from hero_ml.toy.scene import Scene
+from hero_ml.toy.task import Task
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,32 @@ def success_rate(
         if on_batch is not None:
             on_batch(count)
     return EvalResult(n=n, successes=successes, violations=dict(violations))
+
+
+def task_success_rate(
+    pipe: StableDiffusionPipeline,
+    task: Task,
+    n: int,
+    sampling: SamplingConfig,
+    *,
+    seed: int,
+    batch_size: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> float:
+    """The success rate on a task's prompts, images sampled as a run samples them (DDIM steps, CFG
+    and eta of `sampling`; batch_size defaults to its sub-batch size)."""
+    return success_rate(
+        pipe,
+        task.prompts,
+        task.target,
+        n,
+        seed=seed,
+        num_steps=sampling.num_steps,
+        guidance_scale=sampling.guidance_scale,
+        eta=sampling.eta,
+        batch_size=batch_size or sampling.sub_batch_size,
+        on_batch=on_batch,
+    ).rate
 
 
 def judge_accuracy(scenes: Sequence[Scene]) -> float:

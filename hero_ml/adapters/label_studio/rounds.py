@@ -230,10 +230,8 @@ def collect(
                 vote = None
             else:
                 given[vote] = "good"  # picking an image as best says it is good (the protocol's rule)
-        if not given and vote in (None, KEEP):
-            if vote == KEEP:  # a keep vote with no labels still counts as a best vote
-                feedback.append(AnnotatorFeedback(annotator=who, images=(), keep_best=True))
-            continue
+        if not given and vote is None:
+            continue  # their only answer was dropped above
         feedback.append(
             AnnotatorFeedback(
                 annotator=who,

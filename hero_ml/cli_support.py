@@ -1,0 +1,37 @@
+"""What every `hero` command module shares: the consoles, the --config option, failing readably."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from hero_ml.config import ConfigError, HeroConfig, load_config
+
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="YAML config file; HERO_<SECTION>__<FIELD> environment variables override it.",
+        exists=True,
+        dir_okay=False,
+    ),
+]
+
+
+def fail(message: str) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code=1)
+
+
+def load(path: Path | None) -> HeroConfig:
+    try:
+        return load_config(path)
+    except ConfigError as err:
+        raise fail(str(err)) from None
