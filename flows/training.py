@@ -1,46 +1,66 @@
-"""The `hero-training` flow: rounds of generate -> feedback -> learn -> track until the budget is spent.
+"""The `hero-training` flow: hero-round after hero-round until the feedback budget is spent.
 
-It only orchestrates hero_ml.training.TrainingRun, whose steps are idempotent per (run, round): a
-retried or resumed step reuses what was committed. On embedded defaults (no Prefect server) the flow
-runs in Prefect's ephemeral mode inside the calling process.
+It only orchestrates hero_ml. On embedded defaults (simulated annotators, no Prefect server) it runs
+in Prefect's ephemeral mode inside the calling process. With Label Studio, a round that waits for
+annotators *suspends* the flow run when it runs from a deployment: the process (and its GPU) is
+released, and the webhook receiver or the poller (flows/waiting.py) resumes it once the round may
+close. A resumed run starts again from the top in a new process: the run reopens at its latest
+checkpoint and the waiting round's steps find their committed work (see flows/round.py). Run outside
+a deployment, the flow waits in its process instead, checking every orchestration.poll_interval_s.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import Pause
+from prefect.flow_runs import suspend_flow_run
+from prefect.runtime import deployment, flow_run
 
+from flows.round import check_labelling, hero_round
+from hero_ml.adapters.label_studio.client import LabelStudioError
 from hero_ml.adapters.storage import open_store
 from hero_ml.adapters.tracking.mlflow import open_tracker
-from hero_ml.config import HeroConfig
-from hero_ml.engine import RoundBatch, RoundStats
-from hero_ml.feedback import RoundFeedback
+from hero_ml.config import HeroConfig, load_config, with_overrides
+from hero_ml.engine import RoundStats
+from hero_ml.labelling import LabelStudioRounds, open_projects
 from hero_ml.training import Evaluation, TrainingRun, TrainingSummary
 
-# Tasks take the live run (models, optimisers): nothing to cache across processes, so no result
-# persistence here; crash safety comes from the run's own storage (see hero_ml/run_store.py).
+CONFIG_FILE_ENV = "HERO_CONFIG_FILE"  # a worker's base config file (YAML); HERO_* variables beat it
+PAUSE_KEY_PREFIX = "hero-round-"  # a suspended run's pause key names its round: hero-round-<k>-<nonce>
 
 
-@task(name="generate", cache_policy=NO_CACHE)
-def generate_round(run: TrainingRun) -> RoundBatch:
-    return run.generate()
+def pause_key(round_index: int) -> str:
+    # A fresh nonce each time: a flow run re-entered after a resume must be able to suspend again
+    # (Prefect treats a key it has seen as already resumed).
+    return f"{PAUSE_KEY_PREFIX}{round_index}-{uuid4().hex[:8]}"
 
 
-@task(name="collect-feedback", cache_policy=NO_CACHE)
-def collect_feedback(run: TrainingRun, batch: RoundBatch) -> RoundFeedback:
-    return run.feedback(batch)
+def round_of_pause_key(key: str | None) -> int | None:
+    """The round a suspended hero-training run waits for, from its pause key (None: not ours)."""
+    if not key or not key.startswith(PAUSE_KEY_PREFIX):
+        return None
+    index = key.removeprefix(PAUSE_KEY_PREFIX).partition("-")[0]
+    return int(index) if index.isdigit() else None
 
 
-@task(name="learn", cache_policy=NO_CACHE)
-def learn_round(run: TrainingRun, batch: RoundBatch, feedback: RoundFeedback) -> RoundStats:
-    return run.learn(batch, feedback)
-
-
-@task(name="track", cache_policy=NO_CACHE)
-def track_round(run: TrainingRun, batch: RoundBatch, stats: RoundStats) -> None:
-    run.track(batch, stats)
+def resolve_config(run_id: str | None, config: HeroConfig | dict[str, Any] | None) -> HeroConfig:
+    """A HeroConfig passed in process is used as it is. From a deployment, `config` is a dict of
+    overrides (public values only: Prefect stores flow parameters) on top of the worker's own config:
+    the file named by HERO_CONFIG_FILE, then HERO_* variables, which carry the secrets."""
+    if isinstance(config, HeroConfig):
+        resolved = config
+    else:
+        file = os.environ.get(CONFIG_FILE_ENV)
+        resolved = with_overrides(load_config(Path(file) if file else None), config or {})
+    return resolved if run_id is None else with_overrides(resolved, {"run_id": run_id})
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -48,37 +68,60 @@ def evaluate(run: TrainingRun, label: str) -> Evaluation | None:
     return run.evaluate(label)
 
 
+@task(name="log-final-artifacts", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=30)
+def log_final_artifacts(run: TrainingRun) -> str | None:
+    return run.log_final_artifacts()
+
+
 @flow(name="hero-training", validate_parameters=False)
 def hero_training(
-    config: HeroConfig,
+    run_id: str | None = None,
+    config: HeroConfig | dict[str, Any] | None = None,
     on_step: Callable[[], None] | None = None,
     on_round: Callable[[RoundStats], None] | None = None,
+    on_wait: Callable[[int, str], None] | None = None,
 ) -> TrainingSummary:
-    """Train run `config.run_id` until its feedback budget is spent, from its latest checkpoint.
+    """Train run `run_id` (default: the config's) until its feedback budget is spent, from its latest
+    checkpoint. config: a HeroConfig (in process) or overrides of the worker's config (deployments).
 
-    Prefect records the parameters with secrets masked (they are SecretStr); the callbacks are for
-    a caller in the same process (progress bars) and may be None."""
-    tracker = open_tracker(config)
+    The callbacks are for a caller in the same process (progress bars, a waiting round's reason) and
+    may be None."""
+    resolved = resolve_config(run_id, config)
+    logger = get_run_logger()
+    tracker = open_tracker(resolved)
     try:
-        run = TrainingRun(config, open_store(config.storage), tracker, on_step=on_step)
+        run = TrainingRun(resolved, open_store(resolved.storage), tracker, on_step=on_step)
+        humans = (
+            LabelStudioRounds(resolved, run.runs, open_projects(resolved), tracker)
+            if resolved.label_studio.enabled
+            else None
+        )
+        this_run = None if flow_run.id is None else str(flow_run.id)
         before = evaluate(run, "before")
         rounds = []
         while not run.done:
-            batch = generate_round(run)
-            feedback = collect_feedback(run, batch)
-            stats = learn_round(run, batch, feedback)
-            track_round(run, batch, stats)
-            rounds.append(stats)
+            k = run.engine.round
+            outcome = hero_round(run, k, humans, this_run)
+            if outcome.stats is None:
+                assert humans is not None and outcome.waiting is not None
+                logger.info("round %d waits for annotators: %s", k, outcome.waiting.reason)
+                if on_wait is not None:
+                    on_wait(k, outcome.waiting.reason)
+                _wait_for_annotators(humans, k, resolved)
+                continue  # the same round again: it now collects and learns
+            rounds.append(outcome.stats)
             if on_round is not None:
-                on_round(stats)
+                on_round(outcome.stats)
         after = evaluate(run, "after")
-        version = run.log_final_artifacts()
+        version = log_final_artifacts(run)
+    except Pause:
+        raise  # suspended for annotators: the MLflow run goes on when the flow run resumes
     except BaseException:
         tracker.finish("FAILED")
         raise
     tracker.finish()
     return TrainingSummary(
-        run_id=config.run_id,
+        run_id=resolved.run_id,
         rounds=run.engine.round,
         feedbacks=run.engine.feedbacks,
         rounds_now=rounds,
@@ -86,3 +129,18 @@ def hero_training(
         after=after,
         registered_version=version,
     )
+
+
+def _wait_for_annotators(humans: LabelStudioRounds, round_index: int, config: HeroConfig) -> None:
+    """Suspend the deployment's flow run (this raises Pause: the process ends); outside a
+    deployment, wait here, checking every poll_interval_s, until the round may close."""
+    if deployment.id is not None:
+        suspend_flow_run(key=pause_key(round_index), timeout=None)
+        return  # resumed within this process: re-enter the round
+    while True:
+        time.sleep(config.orchestration.poll_interval_s)
+        try:
+            if check_labelling(humans, round_index).ready:
+                return
+        except LabelStudioError as err:  # a restart of Label Studio must not end a run that waits
+            get_run_logger().warning("cannot check round %d yet: %s", round_index, err)

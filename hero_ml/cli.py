@@ -157,8 +157,10 @@ def run(
 
     By default: toy model, simulated annotators, local storage, MLflow on a local SQLite file and a
     Prefect flow in ephemeral mode (no server): nothing to set up. storage.backend=s3 and an MLflow
-    server URI (tracking.tracking_uri) run the same against production services. Each round is
-    committed as it finishes; a stopped run continues with --resume RUN_ID.
+    server URI (tracking.tracking_uri) run the same against production services. With
+    label_studio.enabled, rounds go to Label Studio and this process waits for the annotators (a
+    deployment suspends instead: see docs/OPERATIONS.md). Each round is committed as it finishes; a
+    stopped run continues with --resume RUN_ID.
     """
     from hero_ml.config import restore_config, with_overrides
 
@@ -190,9 +192,6 @@ def run(
             resolved = with_overrides(resolved, overrides)
         except ConfigError as err:
             raise fail(str(err)) from None
-    if resolved.label_studio.enabled:
-        raise fail("hero run asks the simulated annotators for now: set label_studio.enabled=false")
-
     from hero_ml.run_store import RunStore
 
     store = open_store(resolved.storage)
@@ -274,8 +273,15 @@ def _run_embedded(config: HeroConfig) -> None:
             )
             progress.reset(bar)
 
+        def on_wait(round_index: int, reason: str) -> None:
+            progress.console.print(
+                f"round {round_index} is in Label Studio: {reason}; checking every "
+                f"{config.orchestration.poll_interval_s} s (Ctrl+C stops; --resume continues)",
+                highlight=False,
+            )
+
         try:
-            summary = hero_training(config, on_step=on_step, on_round=on_round)
+            summary = hero_training(config=config, on_step=on_step, on_round=on_round, on_wait=on_wait)
         except (RunError, FileNotFoundError, StorageError) as err:
             raise fail(str(err)) from None
         progress.remove_task(bar)

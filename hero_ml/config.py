@@ -399,10 +399,33 @@ class OrchestrationConfig(_Section):
     api_url: HttpUrl | None = Field(None, description="Prefect API URL in 'server' mode.")
     work_pool: str = Field("hero-gpu", description="Prefect work pool that runs GPU steps.")
     webhook_secret: SecretStr | None = Field(
-        None, description="Shared secret Label Studio webhooks must carry (HERO_ORCHESTRATION__...)."
+        None,
+        description=(
+            "Shared secret Label Studio webhooks must carry (HERO_ORCHESTRATION__WEBHOOK_SECRET); "
+            "`hero serve-webhooks` refuses to start without one."
+        ),
     )
-    round_timeout_h: float = Field(
-        72.0, gt=0, description="Hours a round waits for annotations before it is flagged."
+    round_deadline_h: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Hours after publishing after which a round closes with fewer labels than wanted, once "
+            "every image has deadline_min_labels (and round 0 a best vote). None: wait for all "
+            "feedback.annotators_per_image labels of every image, however long it takes."
+        ),
+    )
+    deadline_min_labels: int = Field(
+        1,
+        ge=1,
+        description="Labels every image needs to close a round at its deadline (<= annotators_per_image).",
+    )
+    poll_interval_s: int = Field(
+        300,
+        ge=10,
+        description=(
+            "Seconds between the fallback checks of waiting rounds (`hero rounds poll`, the "
+            "hero-poll-rounds deployment): they resume rounds whose webhook events were lost."
+        ),
     )
 
     @model_validator(mode="after")
@@ -465,6 +488,12 @@ class HeroConfig(BaseSettings):
             raise ValueError(
                 f"ddpo.timesteps_per_trajectory ({self.ddpo.timesteps_per_trajectory}) exceeds "
                 f"sampling.num_steps ({self.sampling.num_steps}): lower it or sample more steps"
+            )
+        if self.orchestration.deadline_min_labels > self.feedback.annotators_per_image:
+            raise ValueError(
+                f"orchestration.deadline_min_labels ({self.orchestration.deadline_min_labels}) exceeds "
+                f"feedback.annotators_per_image ({self.feedback.annotators_per_image}): a deadline "
+                "cannot ask for more labels than a complete round"
             )
         if self.feedback.budget < self.feedbacks_per_round:
             raise ValueError(

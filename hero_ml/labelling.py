@@ -24,18 +24,20 @@ from hero_ml.adapters.label_studio.client import LabelStudioError, LabelStudioPr
 from hero_ml.adapters.label_studio.rounds import (
     CollectedRound,
     Progress,
+    Readiness,
     best_task,
     collect,
     image_task,
+    readiness,
     suggestions,
     task_key,
 )
 from hero_ml.adapters.tracking import Tracker
 from hero_ml.config import HeroConfig
 from hero_ml.feedback import RoundFeedback
-from hero_ml.run_store import ANNOTATIONS, CURRENT_BEST, GRID, RunStore
+from hero_ml.run_store import ANNOTATIONS, CURRENT_BEST, GRID, PUBLISHED, RunStore
 
-__all__ = ["LabelStudioError", "LabelStudioRounds", "Progress", "Published", "open_projects"]
+__all__ = ["LabelStudioError", "LabelStudioRounds", "Progress", "Published", "Readiness", "open_projects"]
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,37 @@ class LabelStudioRounds:
         )
         project_id = self.project()
         created, existing = self.projects.publish(project_id, tasks)
+        if not self.runs.store.exists(f"{prefix}/{PUBLISHED}"):  # the first publication starts the clock
+            record = {
+                "published_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "project_id": project_id,
+                "flow_run_id": flow_run_id,
+                "tasks": len(tasks),
+            }
+            self.runs.put_round_object(round_index, PUBLISHED, json.dumps(record).encode())
         return Published(project_id, created, existing, self.projects.project_url(project_id))
+
+    def published_at(self, round_index: int) -> datetime | None:
+        """When the round's tasks first went out; None when they have not."""
+        key = f"{self.runs.round_prefix(round_index)}/{PUBLISHED}"
+        if not self.runs.store.exists(key):
+            return None
+        return datetime.fromisoformat(json.loads(self.runs.store.get(key))["published_at"])
+
+    def readiness(self, round_index: int, now: datetime | None = None) -> Readiness:
+        """Whether the published round may close now, by the run's policy (orchestration section)."""
+        published_at = self.published_at(round_index)
+        if published_at is None:
+            return Readiness(False, f"round {round_index} is not published")
+        policy = self.config.orchestration
+        return readiness(
+            self.progress([round_index])[round_index].progress,
+            first_round=round_index == 0,
+            published_at=published_at,
+            now=now or datetime.now(UTC),
+            deadline_h=policy.round_deadline_h,
+            deadline_min_labels=policy.deadline_min_labels,
+        )
 
     def _collect(
         self, round_index: int, image_ids: list[str], project_tasks: list[dict]

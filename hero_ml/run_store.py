@@ -38,8 +38,10 @@ GRID = "grid.png"
 FEEDBACK = "feedback.json"
 CURRENT_BEST = "current_best.png"  # the best annotators compared this round's images with (Label Studio)
 ANNOTATIONS = "annotations.json"  # the raw annotations the feedback was aggregated from (Label Studio)
+PUBLISHED = "published.json"  # when and where the round's tasks went out (Label Studio)
 # written after the manifest, by the labelling of a committed round
-_AFTER_COMMIT = {MANIFEST, FEEDBACK, CURRENT_BEST, ANNOTATIONS}
+_LABELLING = (CURRENT_BEST, ANNOTATIONS, PUBLISHED)
+_AFTER_COMMIT = {MANIFEST, FEEDBACK, *_LABELLING}
 
 
 class CorruptObjectError(RuntimeError):
@@ -158,8 +160,8 @@ class RunStore:
         self.store.put(f"{self.round_prefix(round_index)}/{FEEDBACK}", json.dumps(record, indent=1).encode())
 
     def put_round_object(self, round_index: int, name: str, data: bytes) -> str:
-        """Write an object of a committed round's labelling (CURRENT_BEST, ANNOTATIONS); its key."""
-        if name not in (CURRENT_BEST, ANNOTATIONS):
+        """Write a labelling object of a committed round (CURRENT_BEST, ANNOTATIONS, PUBLISHED); its key."""
+        if name not in _LABELLING:
             raise ValueError(f"{name!r} is not a labelling object of a round")
         key = f"{self.round_prefix(round_index)}/{name}"
         self.store.put(key, data)

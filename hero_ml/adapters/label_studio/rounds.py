@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,7 @@ class Progress:
     labels: int  # usable labels, at most annotators_per_image counted per image
     best_votes_required: int
     best_votes: int
+    least_labels: int  # usable labels of the least-labelled image
 
     @property
     def complete(self) -> bool:
@@ -140,6 +142,40 @@ class Progress:
     def __str__(self) -> str:
         labels = f"{self.labels}/{self.labels_required} labels"
         return f"{labels}, {self.best_votes}/{self.best_votes_required} best votes"
+
+
+@dataclass(frozen=True)
+class Readiness:
+    ready: bool
+    reason: str  # why it may close ("complete", "deadline …") or what it still lacks
+
+
+def readiness(
+    progress: Progress,
+    *,
+    first_round: bool,
+    published_at: datetime,
+    now: datetime,
+    deadline_h: float | None,
+    deadline_min_labels: int,
+) -> Readiness:
+    """Whether a waiting round may close: every label it wants is in, or its deadline has passed and
+    every image has at least `deadline_min_labels` labels (and the first round, which has no current
+    best to keep, a best vote)."""
+    if progress.complete:
+        return Readiness(True, "complete")
+    if deadline_h is None:
+        return Readiness(False, f"waiting for {progress}")
+    deadline = published_at + timedelta(hours=deadline_h)
+    if now < deadline:
+        return Readiness(False, f"waiting for {progress} (deadline {deadline.isoformat(timespec='seconds')})")
+    if progress.least_labels < deadline_min_labels or (first_round and progress.best_votes == 0):
+        return Readiness(
+            False,
+            f"deadline passed, but the minimum is not met yet ({deadline_min_labels} labels on every "
+            f"image{' and a best vote' if first_round else ''}): {progress}",
+        )
+    return Readiness(True, f"deadline {deadline.isoformat(timespec='seconds')} passed with {progress}")
 
 
 @dataclass
@@ -248,6 +284,7 @@ def collect(
         labels=sum(min(per_image[i], annotators_per_image) for i in image_ids),
         best_votes_required=annotators_per_image,
         best_votes=len(best_votes),
+        least_labels=min((per_image[i] for i in image_ids), default=0),
     )
     return CollectedRound(
         feedback=feedback,
