@@ -11,10 +11,8 @@ a deployment, the flow waits in its process instead, checking every orchestratio
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
@@ -33,7 +31,6 @@ from hero_ml.engine import RoundStats
 from hero_ml.labelling import LabelStudioRounds, open_projects
 from hero_ml.training import Evaluation, TrainingRun, TrainingSummary
 
-CONFIG_FILE_ENV = "HERO_CONFIG_FILE"  # a worker's base config file (YAML); HERO_* variables beat it
 PAUSE_KEY_PREFIX = "hero-round-"  # a suspended run's pause key names its round: hero-round-<k>-<nonce>
 
 
@@ -55,11 +52,7 @@ def resolve_config(run_id: str | None, config: HeroConfig | dict[str, Any] | Non
     """A HeroConfig passed in process is used as it is. From a deployment, `config` is a dict of
     overrides (public values only: Prefect stores flow parameters) on top of the worker's own config:
     the file named by HERO_CONFIG_FILE, then HERO_* variables, which carry the secrets."""
-    if isinstance(config, HeroConfig):
-        resolved = config
-    else:
-        file = os.environ.get(CONFIG_FILE_ENV)
-        resolved = with_overrides(load_config(Path(file) if file else None), config or {})
+    resolved = config if isinstance(config, HeroConfig) else with_overrides(load_config(), config or {})
     return resolved if run_id is None else with_overrides(resolved, {"run_id": run_id})
 
 
@@ -81,11 +74,14 @@ def hero_training(
     on_round: Callable[[RoundStats], None] | None = None,
     on_wait: Callable[[int, str], None] | None = None,
 ) -> TrainingSummary:
-    """Train run `run_id` (default: the config's) until its feedback budget is spent, from its latest
-    checkpoint. config: a HeroConfig (in process) or overrides of the worker's config (deployments).
+    """Train run `run_id` until its feedback budget is spent, from its latest checkpoint. run_id
+    defaults to the config's in process, to the flow run's name from a deployment. config: a
+    HeroConfig (in process) or overrides of the worker's config (deployments).
 
     The callbacks are for a caller in the same process (progress bars, a waiting round's reason) and
     may be None."""
+    if run_id is None and deployment.id is not None and not isinstance(config, HeroConfig):
+        run_id = flow_run.name  # a deployment's run names its HERO run unless told (e.g. on a schedule)
     resolved = resolve_config(run_id, config)
     logger = get_run_logger()
     tracker = open_tracker(resolved)

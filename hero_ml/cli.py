@@ -18,6 +18,7 @@ from hero_ml.adapters.storage import StorageError, open_store
 from hero_ml.cli_support import ConfigOption, console, err_console, fail, load
 from hero_ml.config import ConfigError, HeroConfig
 from hero_ml.labelling_cli import labelstudio_app
+from hero_ml.orchestration_cli import deploy, rounds_app, serve_webhooks
 from hero_ml.toy.cli import toy_app
 
 # transformers warns at import about optional image backends the pipeline never uses.
@@ -36,6 +37,9 @@ app.add_typer(toy_app, name="toy")
 app.add_typer(labelstudio_app, name="labelstudio")
 storage_app = typer.Typer(help="Inspect and verify a run's stored objects.", no_args_is_help=True)
 app.add_typer(storage_app, name="storage")
+app.add_typer(rounds_app, name="rounds")
+app.command("deploy")(deploy)
+app.command("serve-webhooks")(serve_webhooks)
 
 
 @app.callback()

@@ -9,6 +9,7 @@ Validation happens at load: a bad value fails with its dotted path and the reaso
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +32,7 @@ from hero_ml.diffusion.architectures import ARCHITECTURES
 
 ENV_PREFIX = "HERO_"
 ENV_NESTED_DELIMITER = "__"
+CONFIG_FILE_ENV = "HERO_CONFIG_FILE"  # a base config file for services and workers
 
 
 SECRET_MASK = "**********"  # how pydantic dumps a SecretStr to JSON
@@ -405,6 +407,13 @@ class OrchestrationConfig(_Section):
             "`hero serve-webhooks` refuses to start without one."
         ),
     )
+    webhook_url: HttpUrl | None = Field(
+        None,
+        description=(
+            "Where Label Studio posts annotation events (`hero serve-webhooks`, reachable from Label "
+            "Studio); the run registers it on its project. None: rounds resume by the poller alone."
+        ),
+    )
     round_deadline_h: float | None = Field(
         None,
         gt=0,
@@ -614,8 +623,11 @@ def restore_config(stored: dict[str, Any], current: HeroConfig) -> HeroConfig:
 
 
 def load_config(path: Path | None = None) -> HeroConfig:
-    """Load a config: defaults <- YAML file (optional) <- HERO_* environment variables."""
+    """Load a config: defaults <- YAML file (optional) <- HERO_* environment variables. Without a
+    path, the file named by HERO_CONFIG_FILE is read when set (a worker's or service's base config)."""
     data: dict[str, Any] = {}
+    if path is None and os.environ.get(CONFIG_FILE_ENV):
+        path = Path(os.environ[CONFIG_FILE_ENV])
     if path is not None:
         data = _read_yaml(path)
     try:

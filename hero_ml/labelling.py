@@ -70,7 +70,8 @@ class LabelStudioRounds:
         self._project_id: int | None = None
 
     def project(self) -> int:
-        """The run's project, set up (created, connected to S3) on first use by this object."""
+        """The run's project, set up (created, connected to S3, its webhook registered) on first use
+        by this object."""
         if self._project_id is not None:
             return self._project_id
         project_id = self.projects.ensure_project(self.runs.run_id, self.config.feedback.annotators_per_image)
@@ -87,6 +88,9 @@ class LabelStudioRounds:
                 secret_access_key=storage.s3_secret_access_key,
                 presign_ttl_s=storage.presigned_url_ttl_s,
             )
+        hook = self.config.orchestration.webhook_url
+        if hook is not None:
+            self.projects.ensure_webhook(project_id, str(hook), self.config.orchestration.webhook_secret)
         self._project_id = project_id
         return project_id
 

@@ -156,3 +156,22 @@ def create_annotator(server: LabelStudioServer, email: str, password: str) -> st
     )
     assert response.status_code == 302, f"signup of {email} failed: {response.status_code}"
     return session.get(f"{server.url}/api/current-user/token", timeout=30).json()["token"]
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """A Prefect API server (SQLite) on a free loopback port; env points clients at it."""
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "HERO_INFRA_STATE": str(tmp_path_factory.mktemp("prefect-infra")),
+        "HERO_PREFECT_PORT": str(port),
+        "PREFECT_UI_ENABLED": "false",
+    }
+    _infra("prefect-server.sh", "start", env)
+    try:
+        api = f"http://127.0.0.1:{port}/api"
+        yield Service(api, {**env, "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    finally:
+        _infra("prefect-server.sh", "stop", env)

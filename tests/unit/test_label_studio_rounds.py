@@ -1,5 +1,6 @@
 """A round as Label Studio tasks and annotations back as feedback: the pure half of the adapter."""
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -7,9 +8,12 @@ import pytest
 from hero_ml.adapters.label_studio.rounds import (
     LABEL_CONFIG,
     SUGGESTION_MODEL,
+    Progress,
+    Readiness,
     best_task,
     collect,
     image_task,
+    readiness,
     suggestions,
     task_key,
 )
@@ -109,6 +113,7 @@ def test_collect_a_round_labelled_by_a_team() -> None:
     assert collected.labels_by_annotator == {"1": 2, "2": 1, "3": 2}
     progress = collected.progress
     assert (progress.labels, progress.labels_required, progress.best_votes) == (4, 6, 3)
+    assert progress.least_labels == 0  # image 2
     assert not progress.complete and str(progress) == "4/6 labels, 3/2 best votes"
     with pytest.raises(FeedbackError, match=r"1 of 3 images have no label \('r0001-002'\)"):
         collected.round_feedback(IDS, has_current_best=True)
@@ -118,7 +123,7 @@ def test_collect_a_round_labelled_by_a_team() -> None:
     collected = collect(
         round_tasks, run_id="run", round_index=1, image_ids=IDS, has_current_best=True, annotators_per_image=2
     )
-    assert collected.progress.complete
+    assert collected.progress.complete and collected.progress.least_labels == 2
     verdict = collected.round_feedback(IDS, has_current_best=True)
     # image 0: 2 good of 3; image 1: 0 of 2; image 2: 1 good of 2 is a tie (bad)
     assert verdict.good == (True, False, False)
@@ -199,3 +204,47 @@ def test_suggestions_split_the_encoder_ranking_at_the_median() -> None:
     assert prediction["model_version"] == SUGGESTION_MODEL and prediction["score"] == 0.9
     assert prediction["result"][0]["from_name"] == "label"
     assert prediction["result"][0]["value"] == {"choices": ["good"]}
+
+
+def test_a_round_closes_when_complete_or_at_its_deadline_with_the_minimum() -> None:
+    published = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+    def progress(labels: int, least: int, best_votes: int) -> Progress:
+        return Progress(
+            images=4,
+            labels_required=8,
+            labels=labels,
+            best_votes_required=2,
+            best_votes=best_votes,
+            least_labels=least,
+        )
+
+    def ready(
+        p: Progress, hours_later: float, deadline_h: float | None = 24, first: bool = False
+    ) -> Readiness:
+        return readiness(
+            p,
+            first_round=first,
+            published_at=published,
+            now=published + timedelta(hours=hours_later),
+            deadline_h=deadline_h,
+            deadline_min_labels=1,
+        )
+
+    assert ready(progress(8, 2, 2), 0.1) == Readiness(True, "complete")
+    # no deadline: an incomplete round waits however long it takes
+    assert ready(progress(7, 1, 2), 1000, deadline_h=None) == Readiness(
+        False, "waiting for 7/8 labels, 2/2 best votes"
+    )
+    # before the deadline it waits; after it, every image needs the minimum (1 label)
+    assert ready(progress(7, 1, 2), 23.9) == Readiness(
+        False, "waiting for 7/8 labels, 2/2 best votes (deadline 2026-01-02T12:00:00+00:00)"
+    )
+    assert ready(progress(7, 1, 2), 24) == Readiness(
+        True, "deadline 2026-01-02T12:00:00+00:00 passed with 7/8 labels, 2/2 best votes"
+    )
+    late = ready(progress(7, 0, 2), 48)
+    assert not late.ready and "1 labels on every image" in late.reason
+    # the first round has no current best to keep: it needs a best vote even at the deadline
+    assert not ready(progress(4, 1, 0), 48, first=True).ready
+    assert ready(progress(4, 1, 0), 48).ready

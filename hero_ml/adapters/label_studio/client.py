@@ -110,8 +110,9 @@ class LabelStudioProjects:
         )
 
     def ensure_webhook(self, project_id: int, url: str, secret: SecretStr | None) -> bool:
-        """Label Studio posts the project's ANNOTATION_CREATED / _UPDATED events to `url`, carrying
-        the shared secret in WEBHOOK_SECRET_HEADER (Label Studio signs nothing). True when created."""
+        """Label Studio posts the project's annotation events (created, bulk-created, updated) to
+        `url`, carrying the shared secret in WEBHOOK_SECRET_HEADER (Label Studio signs nothing). True
+        when created."""
         existing = self._call(
             "list webhooks", lambda: list(self.client.webhooks.list(project=str(project_id)))
         )
@@ -123,7 +124,7 @@ class LabelStudioProjects:
             lambda: self.client.webhooks.create(
                 url=url,
                 project=project_id,
-                actions=["ANNOTATION_CREATED", "ANNOTATION_UPDATED"],
+                actions=["ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED"],
                 headers=headers,
                 send_payload=True,
                 send_for_all_actions=False,

@@ -1,0 +1,136 @@
+"""The deployments of a HERO installation, created against a Prefect server by `hero deploy`.
+
+    hero-training/on-demand     a training run when triggered (parameters: run_id, config overrides)
+    hero-training/scheduled     the same on a cron schedule (only with --training-cron); each run is
+                                named after its flow run
+    hero-promote/after-training evaluate the newest LoRA against the champion whenever a
+                                hero-training run completes (an event trigger)
+    hero-generate-samples/on-demand
+    hero-poll-rounds/every-<n>s resume suspended rounds whose webhook events were lost
+
+GPU work goes to the GPU pool, whose concurrency limit is its number of GPUs: a suspended run holds
+no slot, so one GPU runs one round at a time however many runs wait for annotators. The poller runs
+on a small service pool. Workers need the HERO_* environment (service URLs and secrets) and
+optionally HERO_CONFIG_FILE; parameters carry only public per-run choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+from uuid import UUID
+
+from prefect import Flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+from prefect.events import DeploymentEventTrigger
+from prefect.exceptions import ObjectAlreadyExists
+from prefect.workers.process import ProcessWorker
+
+from flows.registry import generate_samples, promote
+from flows.training import hero_training
+from flows.waiting import poll_rounds
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class DeployPlan:
+    gpu_pool: str = "hero-gpu"
+    service_pool: str = "hero-services"
+    gpus: int = 1  # the GPU pool's concurrency limit
+    poll_interval_s: int = 300
+    training_cron: str | None = None  # e.g. "0 2 * * 1": Mondays at 02:00 (the server's time zone)
+    source: str = str(REPO_ROOT)  # where workers find flows/ (the image's /app in production)
+
+
+def ensure_process_pool(name: str, concurrency_limit: int | None) -> bool:
+    """A process work pool `name` with this concurrency limit; True when it was created."""
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(
+                WorkPoolCreate(
+                    name=name,
+                    type="process",
+                    base_job_template=ProcessWorker.get_default_base_job_template(),
+                    concurrency_limit=concurrency_limit,
+                )
+            )
+            return True
+        except ObjectAlreadyExists:
+            client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=concurrency_limit))
+            return False
+
+
+def _deploy(
+    plan: DeployPlan, flow_object: Flow[..., Any], entrypoint: str, name: str, **options: Any
+) -> UUID:
+    deployment = cast(Flow[..., Any], flow_object.from_source(source=plan.source, entrypoint=entrypoint))
+    deployed = deployment.deploy(
+        name=name,
+        tags=["hero"],
+        build=False,  # no image: workers run the source in place (a process pool, or an image of it)
+        push=False,
+        print_next_steps=False,
+        enforce_parameter_schema=False,  # config overrides are free-form; hero_ml validates them
+        **options,
+    )
+    return cast(UUID, deployed)
+
+
+def deploy(plan: DeployPlan) -> dict[str, UUID]:
+    """Create or update every deployment (idempotent: deploying again updates them in place)."""
+    ids = {
+        "hero-training/on-demand": _deploy(
+            plan,
+            hero_training,
+            "flows/training.py:hero_training",
+            "on-demand",
+            work_pool_name=plan.gpu_pool,
+            description="A HERO training run: rounds until the feedback budget is spent.",
+        ),
+        "hero-promote/after-training": _deploy(
+            plan,
+            promote,
+            "flows/registry.py:promote",
+            "after-training",
+            work_pool_name=plan.gpu_pool,
+            description="Promote the newest LoRA if it beats the champion; runs after each training.",
+            triggers=[
+                DeploymentEventTrigger(
+                    expect={"prefect.flow-run.Completed"},
+                    match_related={"prefect.resource.role": "flow", "prefect.resource.name": "hero-training"},
+                )
+            ],
+        ),
+        "hero-generate-samples/on-demand": _deploy(
+            plan,
+            generate_samples,
+            "flows/registry.py:generate_samples",
+            "on-demand",
+            work_pool_name=plan.gpu_pool,
+            description="Images from a registered LoRA (default: the champion).",
+        ),
+        f"hero-poll-rounds/every-{plan.poll_interval_s}s": _deploy(
+            plan,
+            poll_rounds,
+            "flows/waiting.py:poll_rounds",
+            f"every-{plan.poll_interval_s}s",
+            work_pool_name=plan.service_pool,
+            interval=plan.poll_interval_s,
+            concurrency_limit=1,
+            description="Resume suspended rounds whose webhook events were lost.",
+        ),
+    }
+    if plan.training_cron:
+        ids["hero-training/scheduled"] = _deploy(
+            plan,
+            hero_training,
+            "flows/training.py:hero_training",
+            "scheduled",
+            work_pool_name=plan.gpu_pool,
+            cron=plan.training_cron,
+            description="A HERO training run on a schedule, named after its flow run.",
+        )
+    return ids

@@ -1,0 +1,137 @@
+"""Resuming hero-training flow runs whose round waits for annotators, once the round may close.
+
+Two triggers share one check: the webhook receiver (flows/webhooks.py) on Label Studio's annotation
+events, and the poller (`hero rounds poll`, the hero-poll-rounds deployment) for events that were
+lost. Either may fire any number of times for a round: the flow run is resumed only while it is
+suspended for exactly that round, and Prefect accepts one resume of a pause (a second is refused as
+"not paused"), so duplicates and late events do nothing.
+
+The check runs with the service's own config (the environment: storage, Label Studio, secrets) and
+the waiting run's stored config for its policy (annotators per image, deadline).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from uuid import UUID
+
+from prefect import flow, get_run_logger
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterStateName
+from prefect.exceptions import ObjectNotFound
+from prefect.flow_runs import NotPausedError, resume_flow_run
+
+from flows.training import resolve_config, round_of_pause_key
+from hero_ml.adapters.storage import ArtifactStore, open_store
+from hero_ml.config import ConfigError, HeroConfig, restore_config, with_overrides
+from hero_ml.labelling import LabelStudioError, LabelStudioRounds, open_projects
+from hero_ml.run_store import RunStore
+
+
+@dataclass(frozen=True)
+class ResumeResult:
+    flow_run_id: str
+    run_id: str | None
+    round: int | None
+    resumed: bool
+    reason: str  # why it was resumed, or why not
+
+
+class RoundResumer:
+    def __init__(self, config: HeroConfig, store: ArtifactStore | None = None):
+        self.config = config
+        self.store = store if store is not None else open_store(config.storage)
+        self.projects = open_projects(config)
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def _lock(self, flow_run_id: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(flow_run_id, threading.Lock())
+
+    def run_config(self, run_id: str) -> HeroConfig:
+        """The waiting run's config (stored with the run), with the service's secrets."""
+        runs = RunStore(self.store, run_id)
+        stored = runs.load_config()
+        if stored is None:
+            raise ConfigError(f"no run {run_id!r} in {self.store.where('runs')}")
+        return restore_config(stored, with_overrides(self.config, {"run_id": run_id}))
+
+    def resume_if_ready(self, flow_run_id: str, run_id: str, round_index: int | None = None) -> ResumeResult:
+        """Resume flow run `flow_run_id` if it is suspended for a round of `run_id` (for round_index,
+        when given: the round an event is about) and that round may close now."""
+
+        def result(resumed: bool, reason: str, k: int | None = round_index) -> ResumeResult:
+            return ResumeResult(flow_run_id, run_id, k, resumed, reason)
+
+        with self._lock(flow_run_id):
+            with get_client(sync_client=True) as client:
+                try:
+                    flow_run = client.read_flow_run(UUID(flow_run_id))
+                except (ObjectNotFound, ValueError):
+                    return result(False, "no such flow run")
+            state = flow_run.state
+            if state is None or not state.is_paused():
+                return result(False, f"not waiting (state {state.name if state else None})")
+            waiting_for = round_of_pause_key(state.state_details.pause_key)
+            if waiting_for is None:
+                return result(False, "paused, but not for a HERO round")
+            if round_index is not None and waiting_for != round_index:
+                return result(False, f"waits for round {waiting_for}, not {round_index}", waiting_for)
+            try:
+                config = self.run_config(run_id)
+                humans = LabelStudioRounds(config, RunStore(self.store, run_id), self.projects)
+                readiness = humans.readiness(waiting_for)
+            except (ConfigError, LabelStudioError, KeyError) as err:
+                return result(False, f"cannot check round {waiting_for}: {err}", waiting_for)
+            if not readiness.ready:
+                return result(False, readiness.reason, waiting_for)
+            try:
+                resume_flow_run(UUID(flow_run_id))
+            except NotPausedError:
+                return result(False, "resumed already", waiting_for)
+            except RuntimeError as err:  # Prefect refused: e.g. resumed by another process meanwhile
+                return result(False, f"Prefect refused to resume: {err}", waiting_for)
+            return result(True, readiness.reason, waiting_for)
+
+    def suspended_runs(self) -> list[tuple[str, str]]:
+        """(flow run id, HERO run id) of every suspended hero-training flow run (a run without a
+        run_id parameter trains the run named after it: see hero_training)."""
+        with get_client(sync_client=True) as client:
+            flow_runs = client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=["hero-training"])),
+                flow_run_filter=FlowRunFilter(state=dict(name=FlowRunFilterStateName(any_=["Suspended"]))),
+            )
+        return [(str(run.id), hero_run_id(run.parameters) or run.name) for run in flow_runs]
+
+    def poll(self) -> list[ResumeResult]:
+        """Check every suspended hero-training run once; resume those whose round may close."""
+        return [self.resume_if_ready(flow_run_id, run_id) for flow_run_id, run_id in self.suspended_runs()]
+
+
+def hero_run_id(parameters: dict) -> str | None:
+    """The HERO run a hero-training flow run trains, from its parameters."""
+    if isinstance(parameters.get("run_id"), str):
+        return parameters["run_id"]
+    config = parameters.get("config")
+    if isinstance(config, dict) and isinstance(config.get("run_id"), str):
+        return config["run_id"]
+    return None
+
+
+@flow(name="hero-poll-rounds")
+def poll_rounds() -> list[ResumeResult]:
+    """The fallback for lost webhook events: resume every suspended run whose round may close."""
+    logger = get_run_logger()
+    results = RoundResumer(resolve_config(None, None)).poll()
+    for item in results:
+        logger.info(
+            "flow run %s (run %s, round %s): %s%s",
+            item.flow_run_id,
+            item.run_id,
+            item.round,
+            "resumed, " if item.resumed else "",
+            item.reason,
+        )
+    return results

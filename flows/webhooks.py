@@ -1,0 +1,234 @@
+"""The webhook receiver: Label Studio's annotation events resume the flow runs waiting for them.
+
+    POST /webhooks/label-studio   ANNOTATION_CREATED / ANNOTATIONS_CREATED / ANNOTATION_UPDATED
+    GET  /health                  liveness and counters
+
+A request is accepted only with the shared secret in the X-Hero-Webhook-Secret header (compared in
+constant time) and a body of at most max_body_bytes; rejections are logged without what was sent.
+An accepted event answers 202 at once: the rounds its tasks belong to are queued for a check, and
+events for a round already queued fold into that one check, so a burst of annotations costs one
+Label Studio read per round, not one per event. The check (flows/waiting.py) resumes the run only if
+it is suspended for that round and the round may close; anything else is a harmless no-op.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from flows.waiting import ResumeResult
+from hero_ml.adapters.label_studio.client import WEBHOOK_SECRET_HEADER
+
+log = logging.getLogger("hero.webhooks")
+ANNOTATION_ACTIONS = frozenset({"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED"})
+RECHECK_DELAYS_S = (5.0, 30.0, 120.0)  # a run still Running may be about to suspend: look again
+
+
+class HeroTaskMeta(BaseModel):
+    """The `hero` metadata every HERO task carries (see adapters/label_studio/rounds.py)."""
+
+    run_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    round: int = Field(ge=0)
+    flow_run_id: str | None = None
+
+
+class EventTask(BaseModel):
+    id: int | None = None
+    data: dict = Field(default_factory=dict)
+
+
+class AnnotationEvent(BaseModel):
+    action: str
+    task: EventTask | list[EventTask] | None = None
+
+
+@dataclass(frozen=True)
+class RoundCheck:
+    flow_run_id: str
+    run_id: str
+    round: int
+
+
+@dataclass
+class Counters:
+    accepted: int = 0  # events with a valid secret and body
+    rejected: int = 0  # unauthenticated, oversized or malformed requests
+    ignored: int = 0  # accepted events about nothing HERO waits for (other actions, foreign tasks)
+    queued: int = 0  # round checks queued
+    folded: int = 0  # events folded into a check already queued
+    checked: int = 0
+    resumed: int = 0
+    failed: int = 0  # checks that raised (logged; the poller covers the round)
+    last_results: list[dict] = field(default_factory=list)
+
+
+class RoundChecks:
+    """A queue of round checks run one at a time by a worker thread; a check already queued absorbs
+    new events for its round. `check` is RoundResumer.resume_if_ready."""
+
+    def __init__(
+        self,
+        check: Callable[[str, str, int], ResumeResult],
+        counters: Counters,
+        recheck_delays_s: tuple[float, ...] = RECHECK_DELAYS_S,
+    ):
+        self.check = check
+        self.counters = counters
+        self.recheck_delays_s = recheck_delays_s
+        self._pending: dict[RoundCheck, float] = {}  # check -> not before (monotonic seconds)
+        self._attempts: dict[RoundCheck, int] = {}
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._busy = False  # a check is running
+        self._thread = threading.Thread(target=self._work, name="hero-round-checks", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+
+    def submit(self, item: RoundCheck, delay_s: float = 0.0) -> None:
+        with self._cond:
+            if item in self._pending:
+                self.counters.folded += 1
+                return
+            self._pending[item] = time.monotonic() + delay_s
+            self.counters.queued += 1
+            self._cond.notify_all()
+
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._pending and not self._busy
+
+    def _next(self) -> RoundCheck | None:
+        with self._cond:
+            while not self._stopping:
+                now = time.monotonic()
+                due = [item for item, at in self._pending.items() if at <= now]
+                if due:
+                    del self._pending[due[0]]
+                    self._busy = True
+                    return due[0]
+                wait = min(self._pending.values(), default=now + 60) - now
+                self._cond.wait(timeout=max(wait, 0.01))
+            return None
+
+    def _work(self) -> None:
+        while (item := self._next()) is not None:
+            try:
+                result = self.check(item.flow_run_id, item.run_id, item.round)
+            except Exception:  # a bug or an outage must not stop the receiver
+                self.counters.failed += 1
+                log.exception("checking round %d of run %s failed", item.round, item.run_id)
+                result = None
+            with self._cond:
+                self._busy = False
+                self.counters.checked += 1
+            if result is None:
+                continue
+            self.counters.resumed += result.resumed
+            self.counters.last_results = [*self.counters.last_results[-19:], result.__dict__]
+            log.info(
+                "run %s round %d (flow run %s): %s%s",
+                item.run_id,
+                item.round,
+                item.flow_run_id,
+                "resumed, " if result.resumed else "",
+                result.reason,
+            )
+            attempt = self._attempts.get(item, 0)
+            if result.reason.startswith("not waiting (state Running") and attempt < len(
+                self.recheck_delays_s
+            ):
+                self._attempts[item] = attempt + 1  # the last event may beat the flow's suspension
+                self.submit(item, self.recheck_delays_s[attempt])
+
+
+def rounds_of(event: AnnotationEvent) -> set[RoundCheck]:
+    """The (flow run, run, round) triples an event's tasks belong to; foreign tasks give none."""
+    tasks = event.task if isinstance(event.task, list) else [event.task] if event.task else []
+    found = set()
+    for task in tasks:
+        try:
+            meta = HeroTaskMeta.model_validate(task.data.get("hero"))
+        except ValidationError:
+            continue
+        if meta.flow_run_id:
+            found.add(RoundCheck(meta.flow_run_id, meta.run_id, meta.round))
+    return found
+
+
+def create_app(
+    check: Callable[[str, str, int], ResumeResult],
+    secret: SecretStr,
+    max_body_bytes: int = 1 << 20,
+    recheck_delays_s: tuple[float, ...] = RECHECK_DELAYS_S,
+) -> Starlette:
+    """The receiver; `check` resumes a run if its round may close (RoundResumer.resume_if_ready)."""
+    counters = Counters()
+    checks = RoundChecks(check, counters, recheck_delays_s)
+    expected = secret.get_secret_value().encode()
+
+    def reject(request: Request, status: int, why: str) -> JSONResponse:
+        counters.rejected += 1
+        client = request.client.host if request.client else "?"
+        log.warning("rejected webhook request from %s: %s", client, why)
+        return JSONResponse({"error": why}, status_code=status)
+
+    async def label_studio(request: Request) -> JSONResponse:
+        given = request.headers.get(WEBHOOK_SECRET_HEADER, "").encode()
+        if not hmac.compare_digest(given, expected):
+            return reject(request, 401, f"missing or wrong {WEBHOOK_SECRET_HEADER} header")
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > max_body_bytes):
+            return reject(request, 413, f"body over {max_body_bytes} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_body_bytes:
+                return reject(request, 413, f"body over {max_body_bytes} bytes")
+        try:
+            event = AnnotationEvent.model_validate(json.loads(body))
+        except (ValueError, ValidationError) as err:
+            return reject(request, 400, f"not a Label Studio event: {str(err).splitlines()[0]}")
+        counters.accepted += 1
+        found = rounds_of(event) if event.action in ANNOTATION_ACTIONS else set()
+        if not found:
+            counters.ignored += 1
+            return JSONResponse({"queued": 0}, status_code=202)
+        for item in found:
+            checks.submit(item)
+        return JSONResponse({"queued": len(found)}, status_code=202)
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True, "idle": checks.idle(), **counters.__dict__})
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        checks.start()
+        yield
+        checks.stop()
+
+    return Starlette(
+        routes=[
+            Route("/webhooks/label-studio", label_studio, methods=["POST"]),
+            Route("/health", health, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )

@@ -1,0 +1,122 @@
+"""`hero deploy`, `hero serve-webhooks` and `hero rounds poll`: running HERO on a Prefect server.
+
+These commands hand off to flows/ (imported when called: hero_ml itself never imports Prefect). They
+need PREFECT_API_URL pointing at the server (docs/OPERATIONS.md).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from hero_ml.cli_support import ConfigOption, console, fail, load
+
+rounds_app = typer.Typer(help="Rounds waiting for annotators on a Prefect server.", no_args_is_help=True)
+
+
+def _need_prefect_server() -> None:
+    if not os.environ.get("PREFECT_API_URL"):
+        raise fail(
+            "no Prefect server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api; "
+            "infra/prefect-server.sh start runs one)"
+        )
+
+
+def deploy(
+    gpu_pool: Annotated[
+        str | None, typer.Option(help="Work pool of GPU work (default: orchestration.work_pool).")
+    ] = None,
+    service_pool: Annotated[
+        str, typer.Option(help="Work pool of the round poller (no GPU).")
+    ] = "hero-services",
+    gpus: Annotated[int, typer.Option(min=1, help="GPUs of the GPU pool: runs at once.")] = 1,
+    training_cron: Annotated[
+        str | None, typer.Option(help="Also train on this cron schedule, e.g. '0 2 * * 1'.")
+    ] = None,
+    source: Annotated[
+        str | None, typer.Option(help="Where workers find flows/ (default: this checkout).")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Create (or update) the work pools and every HERO deployment on the Prefect server."""
+    _need_prefect_server()
+    from flows.deploy import DeployPlan, deploy, ensure_process_pool
+
+    resolved = load(config)
+    plan = DeployPlan(
+        gpu_pool=gpu_pool or resolved.orchestration.work_pool,
+        service_pool=service_pool,
+        gpus=gpus,
+        poll_interval_s=resolved.orchestration.poll_interval_s,
+        training_cron=training_cron,
+        **({"source": source} if source else {}),
+    )
+    for pool, limit in ((plan.gpu_pool, plan.gpus), (plan.service_pool, None)):
+        created = ensure_process_pool(pool, limit)
+        console.print(
+            f"work pool {pool}: {'created' if created else 'exists'} (concurrency {limit or 'any'})"
+        )
+    table = Table("deployment", "id", title="deployments")
+    for name, deployment_id in deploy(plan).items():
+        table.add_row(name, str(deployment_id))
+    console.print(table)
+    console.print(
+        f"start workers: prefect worker start --pool {plan.gpu_pool} (and --pool {plan.service_pool}); "
+        "run: prefect deployment run hero-training/on-demand --param run_id=NAME",
+        highlight=False,
+    )
+
+
+def serve_webhooks(
+    host: Annotated[
+        str, typer.Option(help="Address to bind (loopback unless you mean otherwise).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8765,
+    config: ConfigOption = None,
+) -> None:
+    """Receive Label Studio's annotation events and resume the rounds they complete.
+
+    Needs orchestration.webhook_secret (Label Studio sends it in a header) and the same storage and
+    Label Studio settings as the workers."""
+    _need_prefect_server()
+    import uvicorn
+
+    from flows.waiting import RoundResumer
+    from flows.webhooks import create_app
+    from hero_ml.labelling import LabelStudioError
+
+    resolved = load(config)
+    secret = resolved.orchestration.webhook_secret
+    if secret is None:
+        raise fail("set HERO_ORCHESTRATION__WEBHOOK_SECRET: the receiver accepts only events that carry it")
+    try:
+        resumer = RoundResumer(resolved)
+    except LabelStudioError as err:
+        raise fail(str(err)) from None
+    console.print(
+        f"receiving Label Studio webhooks at http://{host}:{port}/webhooks/label-studio", highlight=False
+    )
+    uvicorn.run(create_app(resumer.resume_if_ready, secret), host=host, port=port, log_level="info")
+
+
+@rounds_app.command("poll")
+def poll(config: ConfigOption = None) -> None:
+    """Check every suspended training run once and resume those whose round may close (what the
+    hero-poll-rounds deployment does on its schedule)."""
+    _need_prefect_server()
+    from flows.waiting import RoundResumer
+    from hero_ml.labelling import LabelStudioError
+
+    try:
+        results = RoundResumer(load(config)).poll()
+    except LabelStudioError as err:
+        raise fail(str(err)) from None
+    table = Table("flow run", "run", "round", "resumed", "why", title="suspended training runs")
+    for item in results:
+        table.add_row(
+            item.flow_run_id, item.run_id, str(item.round), "yes" if item.resumed else "no", item.reason
+        )
+    console.print(table)

@@ -1,0 +1,274 @@
+"""Production orchestration end to end: a Prefect server, a process worker, Label Studio, S3 and MLflow
+servers on loopback, the webhook receiver. A deployment trains two rounds of the toy model; each round
+suspends (no process waits) until two annotators, one slow, have labelled it through Label Studio's API;
+Label Studio's webhook resumes the run; the run ends with its LoRA registered, every object in S3, and
+the stored feedback equal to what the annotators submitted."""
+
+import json
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+from label_studio_sdk import LabelStudio
+from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import FlowRun
+from prefect.deployments import run_deployment
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from flows.training import round_of_pause_key
+from hero_ml.adapters.storage import open_store
+from hero_ml.config import HeroConfig
+from hero_ml.feedback import KEEP
+from hero_ml.run_store import RunStore
+from tests.conftest import LabelStudioServer, Service, _free_port, _infra, create_annotator
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@dataclass
+class Stack:
+    env: dict[str, str]
+    config: HeroConfig  # what the worker resolves (file + environment)
+    webhook_url: str
+    logs: Path
+
+    def hero(self, *args: str) -> str:
+        result = subprocess.run(
+            ["hero", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, f"hero {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+        return result.stdout
+
+    def log_tails(self) -> str:
+        return "\n".join(
+            f"--- {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-40:])
+            for path in sorted(self.logs.glob("*.log"))
+        )
+
+
+@pytest.fixture
+def stack(
+    prefect_server: Service,
+    label_studio_server: LabelStudioServer,
+    s3_server: Service,
+    mlflow_server: Service,
+    tmp_path: Path,
+) -> Iterator[Stack]:
+    """Deployments on fresh work pools, a worker and the webhook receiver, all set up as
+    docs/OPERATIONS.md says: public settings in HERO_CONFIG_FILE, secrets in the environment."""
+    tag = uuid.uuid4().hex[:6]
+    webhook_port, worker_port = _free_port(), _free_port()
+    settings = {
+        "sampling": {"images_per_round": 4, "num_steps": 4, "sub_batch_size": 4},
+        "encoder": {"epochs_per_round": 3, "triplets_per_epoch": 8},
+        "ddpo": {"timesteps_per_trajectory": 2},
+        "feedback": {"budget": 16, "annotators_per_image": 2},
+        "simulation": {"eval_images": 0},
+        "promotion": {"eval_images": 16},
+        "storage": {
+            "backend": "s3",
+            "s3_bucket": "hero-test",
+            "s3_endpoint_url": s3_server.url,
+            "s3_prefix": f"e2e-{tag}/",
+        },
+        "tracking": {"tracking_uri": mlflow_server.url, "registered_model": f"hero-e2e-{tag}"},
+        "label_studio": {"enabled": True, "url": label_studio_server.url},
+        "orchestration": {
+            "webhook_url": f"http://127.0.0.1:{webhook_port}/webhooks/label-studio",
+            "poll_interval_s": 600,  # the webhook must do the resuming here
+        },
+    }
+    config_file = tmp_path / "worker.yaml"
+    config_file.write_text(yaml.safe_dump(settings))
+    secrets = {
+        "HERO_STORAGE__S3_ACCESS_KEY_ID": "test",
+        "HERO_STORAGE__S3_SECRET_ACCESS_KEY": "test",
+        "HERO_LABEL_STUDIO__API_KEY": label_studio_server.admin_token,
+        "HERO_ORCHESTRATION__WEBHOOK_SECRET": f"webhook-secret-{tag}",
+    }
+    logs = tmp_path / "infra"
+    env = {
+        **prefect_server.env,
+        **secrets,
+        "HERO_CONFIG_FILE": str(config_file),
+        "HERO_INFRA_STATE": str(logs),
+        "HERO_WEBHOOK_PORT": str(webhook_port),
+        "HERO_WORKER_PORT": str(worker_port),
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+    }
+    config = HeroConfig(
+        **{
+            **settings,
+            "storage": {**settings["storage"], "s3_access_key_id": "test", "s3_secret_access_key": "test"},
+            "label_studio": {**settings["label_studio"], "api_key": label_studio_server.admin_token},
+        }
+    )
+    stack = Stack(env, config, str(settings["orchestration"]["webhook_url"]), logs)
+    gpu_pool = f"e2e-gpu-{tag}"
+    stack.hero("deploy", "--gpu-pool", gpu_pool, "--service-pool", f"e2e-services-{tag}")
+    _infra("webhook-receiver.sh", "start", env)
+    _infra("prefect-worker.sh", "start", env, gpu_pool)
+    try:
+        yield stack
+    finally:
+        _infra("prefect-worker.sh", "stop", env, gpu_pool)
+        _infra("webhook-receiver.sh", "stop", env)
+
+
+def wait_for(what: str, condition: Callable[[], Any], stack: Stack, timeout_s: float = 300) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(1)
+    pytest.fail(f"timed out after {timeout_s} s waiting for {what}\n{stack.log_tails()}")
+
+
+def read_flow_run(flow_run_id: Any) -> FlowRun:
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id)
+
+
+def waiting_round(flow_run_id: Any) -> int | None:
+    state = read_flow_run(flow_run_id).state
+    if state is None or state.name != "Suspended":
+        return None
+    return round_of_pause_key(state.state_details.pause_key)
+
+
+def choice(control: str, value: str) -> list[dict[str, Any]]:
+    return [{"from_name": control, "to_name": "image", "type": "choices", "value": {"choices": [value]}}]
+
+
+def round_tasks(admin: LabelStudio, project_id: int, round_index: int) -> dict[str, int]:
+    """Task ids of a round by image id, and the best task as 'best'."""
+    found = {}
+    for task in admin.tasks.list(project=project_id, fields="all"):
+        hero = task.data["hero"]
+        if hero["round"] == round_index:
+            found[hero.get("image_id", "best") if hero["kind"] == "image" else "best"] = task.id
+    return found
+
+
+def test_a_deployment_suspends_each_round_until_its_annotators_are_done(
+    stack: Stack, label_studio_server: LabelStudioServer
+) -> None:
+    config = stack.config
+    runs = RunStore(open_store(config.storage), "e2e-" + uuid.uuid4().hex[:6])
+    admin = LabelStudio(base_url=label_studio_server.url, api_key=label_studio_server.admin_token)
+    tag = uuid.uuid4().hex[:6]
+    people = {
+        name: LabelStudio(
+            base_url=label_studio_server.url,
+            api_key=create_annotator(label_studio_server, f"{name}-{tag}@hero.local", f"{name}-password-123"),
+        )
+        for name in ("fast", "slow")
+    }
+    ids = {name: str(client.users.whoami().id) for name, client in people.items()}
+    receiver = stack.webhook_url.removesuffix("/webhooks/label-studio") + "/health"
+    # what each annotator answers, by image position, and their best pick (round 1 keeps the best)
+    answers = {
+        0: {"fast": (["good", "good", "bad", "bad"], 0), "slow": (["good", "bad", "bad", "good"], 0)},
+        1: {"fast": (["bad", "bad", "bad", "bad"], KEEP), "slow": (["bad", "good", "bad", "bad"], KEEP)},
+    }
+
+    def label_round(name: str, round_index: int) -> None:
+        project_id = json.loads(runs.store.get(f"{runs.round_prefix(round_index)}/published.json"))[
+            "project_id"
+        ]
+        tasks = round_tasks(admin, project_id, round_index)
+        image_ids = runs.load_manifest(round_index)["image_ids"]
+        labels, best = answers[round_index][name]
+        for image_id, label in zip(image_ids, labels, strict=True):
+            people[name].annotations.create(
+                id=tasks[image_id], result=choice("label", label), was_cancelled=False
+            )
+        pick = best if best == KEEP else image_ids[best]
+        people[name].annotations.create(id=tasks["best"], result=choice("best", pick), was_cancelled=False)
+
+    with temporary_settings(updates={PREFECT_API_URL: stack.env["PREFECT_API_URL"]}):
+        started = run_deployment("hero-training/on-demand", parameters={"run_id": runs.run_id}, timeout=0)
+        assert isinstance(started, FlowRun)
+        for round_index in (0, 1):
+            wait_for(
+                f"the run to suspend for round {round_index}",
+                lambda k=round_index: waiting_round(started.id) == k,
+                stack,
+            )
+            checked = requests.get(receiver, timeout=10).json()["checked"]
+
+            def checked_again(before: int = checked) -> bool:
+                health = requests.get(receiver, timeout=10).json()
+                return bool(health["checked"] > before and health["idle"])
+
+            label_round("fast", round_index)
+            # the fast annotator's events are checked, and the round goes on waiting for the slow one
+            wait_for(
+                "the receiver to check the fast annotator's round",
+                checked_again,
+                stack,
+                timeout_s=60,
+            )
+            assert waiting_round(started.id) == round_index
+            label_round("slow", round_index)
+        final = wait_for(
+            "the run to finish",
+            lambda: (run := read_flow_run(started.id)).state and run.state.is_final() and run,
+            stack,
+        )
+        assert final.state.is_completed(), f"{final.state}\n{stack.log_tails()}"
+        with get_client(sync_client=True) as client:
+            states = [state.name for state in client.read_flow_run_states(started.id)]
+    assert states.count("Suspended") == 2, states
+    health = requests.get(receiver, timeout=10).json()
+    assert health["resumed"] == 2 and health["rejected"] == 0, health
+
+    # every object in S3, each round committed and learned once
+    report = runs.verify()
+    assert report.ok and not report.incomplete, report
+    listing = runs.list_rounds()
+    assert [(r.round, r.committed, r.checkpoint) for r in listing] == [(0, True, True), (1, True, True)]
+    assert json.loads(runs.store.get(f"{runs.prefix}/progress.json")) == {"checkpoint": 1}
+    # Label Studio holds one set of tasks per round, and the stored feedback is what people submitted
+    project_id = json.loads(runs.store.get(f"{runs.round_prefix(0)}/published.json"))["project_id"]
+    assert len(list(admin.tasks.list(project=project_id))) == 2 * (4 + 1)
+    for round_index, given in answers.items():
+        image_ids = runs.load_manifest(round_index)["image_ids"]
+        stored = json.loads(runs.store.get(f"{runs.round_prefix(round_index)}/feedback.json"))
+        by_annotator = {item["annotator"]: item for item in stored["annotators"]}
+        assert set(by_annotator) == set(ids.values())
+        for name, (labels, best) in given.items():
+            mine = by_annotator[ids[name]]
+            assert {i["image_id"]: i["label"] for i in mine["images"]} == dict(
+                zip(image_ids, labels, strict=True)
+            )
+            assert mine["keep_best"] == (best == KEEP)
+    round0 = json.loads(runs.store.get(f"{runs.round_prefix(0)}/feedback.json"))["aggregate"]
+    assert round0["good"] == [True, False, False, False] and round0["best"] == 0  # a tie is bad
+
+    # the MLflow run finished with both rounds tracked, and its LoRA is a registry version
+    tracking = MlflowClient(tracking_uri=config.tracking.tracking_uri)
+    (run,) = tracking.search_runs(
+        [tracking.get_experiment_by_name(config.tracking.experiment).experiment_id],
+        f"tags.`hero.run_id` = '{runs.run_id}'",
+    )
+    assert run.info.status == "FINISHED"
+    annotators = tracking.get_metric_history(run.info.run_id, "labelling_annotators")
+    assert sorted((m.step, m.value) for m in annotators) == [(0, 2.0), (1, 2.0)]
+    (version,) = tracking.search_model_versions(f"name = '{config.tracking.registered_model}'")
+    assert version.tags["hero.run_id"] == runs.run_id and version.tags["hero.rounds"] == "2"

@@ -1,0 +1,177 @@
+"""The webhook receiver over real HTTP on loopback (uvicorn): who it lets in, what it refuses, and how
+a burst of annotation events folds into one check per round. The check it calls is recorded here;
+what a check does against Prefect and Label Studio is the end-to-end test's (test_orchestration.py)."""
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+import requests
+import uvicorn
+from pydantic import SecretStr
+
+from flows.training import pause_key, round_of_pause_key
+from flows.waiting import ResumeResult, hero_run_id
+from flows.webhooks import create_app
+from tests.conftest import _free_port
+
+SECRET = "s3cr3t-webhook-value"
+HEADER = "X-Hero-Webhook-Secret"
+
+
+class Recorder:
+    """A check that records its calls; `answer` decides each result."""
+
+    def __init__(self, answer: Callable[[int], ResumeResult] | None = None, pause_s: float = 0.0):
+        self.calls: list[tuple[str, str, int]] = []
+        self.answer = answer
+        self.pause_s = pause_s
+        self.lock = threading.Lock()
+
+    def __call__(self, flow_run_id: str, run_id: str, round_index: int) -> ResumeResult:
+        time.sleep(self.pause_s)
+        with self.lock:
+            self.calls.append((flow_run_id, run_id, round_index))
+            count = len(self.calls)
+        if self.answer is not None:
+            return self.answer(count)
+        return ResumeResult(flow_run_id, run_id, round_index, False, "waiting for 1/8 labels")
+
+
+def serve(app: Any) -> Iterator[str]:
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "the receiver did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder(pause_s=0.2)
+
+
+@pytest.fixture
+def receiver(recorder: Recorder) -> Iterator[str]:
+    yield from serve(create_app(recorder, SecretStr(SECRET), max_body_bytes=64 * 1024))
+
+
+def event(round_index: int = 0, action: str = "ANNOTATION_CREATED", **hero: Any) -> dict[str, Any]:
+    meta = {"run_id": "run-a", "round": round_index, "kind": "image", "flow_run_id": "flow-1", **hero}
+    return {
+        "action": action,
+        "annotation": {"id": 7, "result": []},
+        "task": {"id": 3, "data": {"image": "s3://b/k.png", "hero": meta}},
+        "project": {"id": 1},
+    }
+
+
+def post(url: str, body: Any, secret: str | None = SECRET, raw: bytes | None = None) -> requests.Response:
+    headers = {"Content-Type": "application/json"}
+    if secret is not None:
+        headers[HEADER] = secret
+    data = raw if raw is not None else json.dumps(body).encode()
+    return requests.post(f"{url}/webhooks/label-studio", data=data, headers=headers, timeout=10)
+
+
+def health(url: str) -> dict[str, Any]:
+    return requests.get(f"{url}/health", timeout=10).json()
+
+
+def settle(url: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 20
+    while not (state := health(url))["idle"]:
+        assert time.monotonic() < deadline, state
+        time.sleep(0.05)
+    return state
+
+
+def test_requests_without_the_secret_are_refused_and_logged_without_it(
+    receiver: str, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="hero.webhooks")
+    assert post(receiver, event(), secret=None).status_code == 401
+    wrong = post(receiver, event(), secret=SECRET[:-1] + "X")
+    assert wrong.status_code == 401 and SECRET not in wrong.text
+    assert post(receiver, event(), secret=SECRET + "-longer").status_code == 401
+    assert health(receiver)["rejected"] == 3 and recorder.calls == []
+    assert len([r for r in caplog.records if "rejected webhook request" in r.getMessage()]) == 3
+    assert all(SECRET not in r.getMessage() and "X-Hero" in r.getMessage() for r in caplog.records)
+
+
+def test_oversized_malformed_and_foreign_events_do_nothing(receiver: str, recorder: Recorder) -> None:
+    big = event()
+    big["task"]["data"]["padding"] = "x" * 70_000
+    assert post(receiver, big).status_code == 413
+    assert post(receiver, None, raw=b"{not json").status_code == 400
+    assert post(receiver, {"task": {}}).status_code == 400  # no action
+    assert post(receiver, {"action": "ANNOTATION_CREATED", "task": "a string"}).status_code == 400
+    # accepted, but about nothing HERO waits for: another action, a task without hero metadata,
+    # metadata naming no flow run, a broken run id
+    assert post(receiver, event(action="PROJECT_UPDATED")).json() == {"queued": 0}
+    foreign = event()
+    del foreign["task"]["data"]["hero"]
+    assert post(receiver, foreign).json() == {"queued": 0}
+    assert post(receiver, event(flow_run_id=None)).json() == {"queued": 0}
+    assert post(receiver, event(run_id="../etc")).json() == {"queued": 0}
+    state = settle(receiver)
+    assert (state["rejected"], state["accepted"], state["ignored"]) == (4, 4, 4)
+    assert recorder.calls == []
+
+
+def test_a_burst_of_events_folds_into_few_checks_per_round(receiver: str, recorder: Recorder) -> None:
+    bodies = [event(round_index=n % 2) for n in range(200)]
+    bulk = event(round_index=1, action="ANNOTATIONS_CREATED")
+    bulk["task"] = [bulk["task"], {**bulk["task"], "id": 4}]  # the bulk form: a list of tasks
+    bodies.append(bulk)
+    with ThreadPoolExecutor(10) as pool:
+        statuses = list(pool.map(lambda body: post(receiver, body).status_code, bodies))
+    assert statuses == [202] * len(bodies)
+    state = settle(receiver)
+    assert state["accepted"] == len(bodies) and state["queued"] + state["folded"] == len(bodies)
+    assert {call[2] for call in recorder.calls} == {0, 1}
+    assert len(recorder.calls) == state["checked"] <= 20  # each check takes 0.2 s: events fold meanwhile
+
+
+def test_a_run_not_suspended_yet_is_checked_again() -> None:
+    """The last annotation may arrive before the flow run has suspended: look again a little later."""
+
+    def answer(count: int) -> ResumeResult:
+        if count == 1:
+            return ResumeResult("flow-1", "run-a", 0, False, "not waiting (state Running)")
+        return ResumeResult("flow-1", "run-a", 0, True, "complete")
+
+    recorder = Recorder(answer)
+    for url in serve(create_app(recorder, SecretStr(SECRET), recheck_delays_s=(0.3,))):
+        assert post(url, event()).status_code == 202
+        deadline = time.monotonic() + 20
+        while health(url)["resumed"] == 0:
+            assert time.monotonic() < deadline, health(url)
+            time.sleep(0.05)
+        state = settle(url)
+        assert (state["checked"], state["resumed"]) == (2, 1)
+        assert state["last_results"][-1]["reason"] == "complete"
+
+
+def test_pause_keys_name_their_round_and_flow_runs_their_hero_run() -> None:
+    key = pause_key(12)
+    assert key.startswith("hero-round-12-") and key != pause_key(12)  # a fresh key each suspension
+    assert round_of_pause_key(key) == 12
+    assert round_of_pause_key("1") is None and round_of_pause_key(None) is None
+    assert round_of_pause_key("hero-round-x-1") is None
+    assert hero_run_id({"run_id": "a"}) == "a"
+    assert hero_run_id({"config": {"run_id": "b"}}) == "b"
+    assert hero_run_id({"run_id": None, "config": {}}) is None
