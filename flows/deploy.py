@@ -16,6 +16,7 @@ optionally HERO_CONFIG_FILE; parameters carry only public per-run choices.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -33,11 +34,13 @@ from flows.training import hero_training
 from flows.waiting import poll_rounds
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+TEMPLATES = Path(__file__).resolve().parent / "work_pools"
 
 
 @dataclass(frozen=True)
 class DeployPlan:
     gpu_pool: str = "hero-gpu"
+    gpu_pool_type: str = "process"  # process | docker | kubernetes (see base_job_template)
     service_pool: str = "hero-services"
     gpus: int = 1  # the GPU pool's concurrency limit
     poll_interval_s: int = 300
@@ -45,15 +48,32 @@ class DeployPlan:
     source: str = str(REPO_ROOT)  # where workers find flows/ (the image's /app in production)
 
 
-def ensure_process_pool(name: str, concurrency_limit: int | None) -> bool:
-    """A process work pool `name` with this concurrency limit; True when it was created."""
+POOL_TYPES = ("process", "docker", "kubernetes")
+
+
+def base_job_template(pool_type: str) -> dict[str, Any]:
+    """How a pool's worker starts a flow run. process: in the worker's environment; docker and
+    kubernetes: a container of the HERO worker image with one NVIDIA GPU and the HERO secrets
+    (flows/work_pools/, written from the Prefect workers' own templates by
+    infra/make-work-pool-templates.py)."""
+    if pool_type == "process":
+        return ProcessWorker.get_default_base_job_template()
+    if pool_type not in POOL_TYPES:
+        raise ValueError(f"pool type {pool_type!r}: choose one of {', '.join(POOL_TYPES)}")
+    return cast(dict[str, Any], json.loads((TEMPLATES / f"{pool_type}-gpu.json").read_text()))
+
+
+def ensure_pool(name: str, concurrency_limit: int | None, pool_type: str = "process") -> bool:
+    """A work pool `name` of `pool_type` with this concurrency limit; True when it was created (an
+    existing pool keeps its type and template, and gets the limit)."""
+    template = base_job_template(pool_type)
     with get_client(sync_client=True) as client:
         try:
             client.create_work_pool(
                 WorkPoolCreate(
                     name=name,
-                    type="process",
-                    base_job_template=ProcessWorker.get_default_base_job_template(),
+                    type=pool_type,
+                    base_job_template=template,
                     concurrency_limit=concurrency_limit,
                 )
             )

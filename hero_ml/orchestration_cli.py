@@ -29,6 +29,9 @@ def deploy(
     gpu_pool: Annotated[
         str | None, typer.Option(help="Work pool of GPU work (default: orchestration.work_pool).")
     ] = None,
+    pool_type: Annotated[
+        str, typer.Option(help="GPU pool type: process (workers on GPU machines), docker or kubernetes.")
+    ] = "process",
     service_pool: Annotated[
         str, typer.Option(help="Work pool of the round poller (no GPU).")
     ] = "hero-services",
@@ -43,21 +46,25 @@ def deploy(
 ) -> None:
     """Create (or update) the work pools and every HERO deployment on the Prefect server."""
     _need_prefect_server()
-    from flows.deploy import DeployPlan, deploy, ensure_process_pool
+    from flows.deploy import POOL_TYPES, DeployPlan, deploy, ensure_pool
+
+    if pool_type not in POOL_TYPES:
+        raise fail(f"--pool-type {pool_type!r}: choose one of {', '.join(POOL_TYPES)}")
 
     resolved = load(config)
     plan = DeployPlan(
         gpu_pool=gpu_pool or resolved.orchestration.work_pool,
+        gpu_pool_type=pool_type,
         service_pool=service_pool,
         gpus=gpus,
         poll_interval_s=resolved.orchestration.poll_interval_s,
         training_cron=training_cron,
         **({"source": source} if source else {}),
     )
-    for pool, limit in ((plan.gpu_pool, plan.gpus), (plan.service_pool, None)):
-        created = ensure_process_pool(pool, limit)
+    for pool, kind, limit in ((plan.gpu_pool, pool_type, plan.gpus), (plan.service_pool, "process", None)):
+        created = ensure_pool(pool, limit, kind)
         console.print(
-            f"work pool {pool}: {'created' if created else 'exists'} (concurrency {limit or 'any'})"
+            f"work pool {pool} ({kind}): {'created' if created else 'exists'} (concurrency {limit or 'any'})"
         )
     table = Table("deployment", "id", title="deployments")
     for name, deployment_id in deploy(plan).items():

@@ -13,12 +13,19 @@ need() {
     }
 }
 
+# alive PID: the process exists and is not a zombie (a killed service nobody reaped is gone)
+alive() {
+    local state
+    state=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
+    [[ -n $state && $state != Z* ]]
+}
+
 # start_service NAME URL_TO_POLL TIMEOUT_S COMMAND... : start unless already answering, wait for URL
 start_service() {
     local name=$1 url=$2 timeout=$3
     shift 3
     local pidfile="$HERO_INFRA_STATE/$name.pid" log="$HERO_INFRA_STATE/$name.log"
-    if [[ -f $pidfile ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+    if [[ -f $pidfile ]] && alive "$(cat "$pidfile")"; then
         echo "$name already running (pid $(cat "$pidfile"))"
         return 0
     fi
@@ -27,7 +34,7 @@ start_service() {
     echo $! >"$pidfile"
     local waited=0
     until curl -sf -o /dev/null "$url"; do
-        if ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+        if ! alive "$(cat "$pidfile")"; then
             echo "error: $name exited during start; its log ($log) ends with:" >&2
             tail -n 20 "$log" >&2
             rm -f "$pidfile"
@@ -54,7 +61,7 @@ stop_service() {
     pid=$(cat "$pidfile")
     kill -TERM -- "-$pid" 2>/dev/null || true
     for _ in $(seq 1 40); do
-        kill -0 "$pid" 2>/dev/null || break
+        alive "$pid" || break
         sleep 0.25
     done
     kill -KILL -- "-$pid" 2>/dev/null || true

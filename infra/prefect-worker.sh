@@ -6,7 +6,11 @@
 #   infra/prefect-worker.sh stop POOL
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
-POOL="${2:?usage: $0 start|stop POOL}"
+POOL="${2:-}"
+if [[ -z $POOL || ! ${1:-} =~ ^(start|stop)$ ]]; then
+    echo "usage: $0 start | stop POOL" >&2
+    exit 2
+fi
 PORT="${HERO_WORKER_PORT:-8181}"
 
 case "${1:-}" in
@@ -18,8 +22,4 @@ start)
         prefect worker start --pool "$POOL" --type process --with-healthcheck
     ;;
 stop) stop_service "worker-$POOL" ;;
-*)
-    echo "usage: $0 start | stop POOL" >&2
-    exit 2
-    ;;
 esac

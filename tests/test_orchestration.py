@@ -5,6 +5,8 @@ Label Studio's webhook resumes the run; the run ends with its LoRA registered, e
 the stored feedback equal to what the annotators submitted."""
 
 import json
+import os
+import signal
 import subprocess
 import time
 import uuid
@@ -22,12 +24,15 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.states import Crashed
 
+from flows.deploy import base_job_template, ensure_pool
 from flows.training import round_of_pause_key
-from hero_ml.adapters.storage import open_store
-from hero_ml.config import HeroConfig
+from hero_ml.adapters.storage import LocalStore, open_store
+from hero_ml.config import HeroConfig, with_overrides
 from hero_ml.feedback import KEEP
 from hero_ml.run_store import RunStore
+from hero_ml.training import TrainingRun
 from tests.conftest import LabelStudioServer, Service, _free_port, _infra, create_annotator
 
 pytestmark = pytest.mark.timeout(900)
@@ -39,11 +44,24 @@ class Stack:
     config: HeroConfig  # what the worker resolves (file + environment)
     webhook_url: str
     logs: Path
+    gpu_pool: str
+
+    def start_worker(self) -> None:
+        _infra("prefect-worker.sh", "start", self.env, self.gpu_pool)
+
+    def kill_worker(self) -> None:
+        """SIGKILL the worker's process group (the worker and the flow run it runs): a crash."""
+        pid = int((self.logs / f"worker-{self.gpu_pool}.pid").read_text())
+        os.killpg(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(pid)
 
     def hero(self, *args: str) -> str:
         result = subprocess.run(
             ["hero", *args],
-            env=self.env,
+            env={**self.env, "COLUMNS": "250"},  # rich tables unwrapped
             capture_output=True,
             text=True,
             timeout=300,
@@ -117,16 +135,23 @@ def stack(
             "label_studio": {**settings["label_studio"], "api_key": label_studio_server.admin_token},
         }
     )
-    stack = Stack(env, config, str(settings["orchestration"]["webhook_url"]), logs)
-    gpu_pool = f"e2e-gpu-{tag}"
-    stack.hero("deploy", "--gpu-pool", gpu_pool, "--service-pool", f"e2e-services-{tag}")
+    stack = Stack(env, config, str(settings["orchestration"]["webhook_url"]), logs, f"e2e-gpu-{tag}")
+    stack.hero("deploy", "--gpu-pool", stack.gpu_pool, "--service-pool", f"e2e-services-{tag}")
     _infra("webhook-receiver.sh", "start", env)
-    _infra("prefect-worker.sh", "start", env, gpu_pool)
+    stack.start_worker()
     try:
         yield stack
     finally:
-        _infra("prefect-worker.sh", "stop", env, gpu_pool)
+        _infra("prefect-worker.sh", "stop", env, stack.gpu_pool)
         _infra("webhook-receiver.sh", "stop", env)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # a zombie is dead
 
 
 def wait_for(what: str, condition: Callable[[], Any], stack: Stack, timeout_s: float = 300) -> Any:
@@ -165,41 +190,86 @@ def round_tasks(admin: LabelStudio, project_id: int, round_index: int) -> dict[s
     return found
 
 
+# what each annotator answers, by image position, and their best pick (round 1 keeps the current best)
+ANSWERS = {
+    0: {"fast": (["good", "good", "bad", "bad"], 0), "slow": (["good", "bad", "bad", "good"], 0)},
+    1: {"fast": (["bad", "bad", "bad", "bad"], KEEP), "slow": (["bad", "good", "bad", "bad"], KEEP)},
+}
+
+
+class Team:
+    """Two annotators with their own Label Studio accounts, labelling as the web page does."""
+
+    def __init__(self, server: LabelStudioServer, runs: RunStore):
+        self.runs = runs
+        self.admin = LabelStudio(base_url=server.url, api_key=server.admin_token)
+        tag = uuid.uuid4().hex[:6]
+        self.people = {
+            name: LabelStudio(
+                base_url=server.url,
+                api_key=create_annotator(server, f"{name}-{tag}@hero.local", f"{name}-password-123"),
+            )
+            for name in ("fast", "slow")
+        }
+        self.ids = {name: str(client.users.whoami().id) for name, client in self.people.items()}
+
+    def project_id(self) -> int:
+        return int(
+            json.loads(self.runs.store.get(f"{self.runs.round_prefix(0)}/published.json"))["project_id"]
+        )
+
+    def label(self, name: str, round_index: int) -> None:
+        tasks = round_tasks(self.admin, self.project_id(), round_index)
+        image_ids = self.runs.load_manifest(round_index)["image_ids"]
+        labels, best = ANSWERS[round_index][name]
+        for image_id, label in zip(image_ids, labels, strict=True):
+            self.people[name].annotations.create(
+                id=tasks[image_id], result=choice("label", label), was_cancelled=False
+            )
+        pick = best if best == KEEP else image_ids[best]
+        self.people[name].annotations.create(
+            id=tasks["best"], result=choice("best", pick), was_cancelled=False
+        )
+
+    def check_stored_feedback(self) -> None:
+        """One set of tasks per round in Label Studio; the stored labels are what each person gave."""
+        assert len(list(self.admin.tasks.list(project=self.project_id()))) == 2 * (4 + 1)
+        for round_index, given in ANSWERS.items():
+            image_ids = self.runs.load_manifest(round_index)["image_ids"]
+            stored = json.loads(self.runs.store.get(f"{self.runs.round_prefix(round_index)}/feedback.json"))
+            by_annotator = {item["annotator"]: item for item in stored["annotators"]}
+            assert set(by_annotator) == set(self.ids.values())
+            for name, (labels, best) in given.items():
+                mine = by_annotator[self.ids[name]]
+                assert {i["image_id"]: i["label"] for i in mine["images"]} == dict(
+                    zip(image_ids, labels, strict=True)
+                )
+                assert mine["keep_best"] == (best == KEEP)
+        round0 = json.loads(self.runs.store.get(f"{self.runs.round_prefix(0)}/feedback.json"))["aggregate"]
+        assert round0["good"] == [True, False, False, False] and round0["best"] == 0  # a tie is bad
+
+
+def health(stack: Stack) -> dict[str, Any]:
+    return requests.get(
+        stack.webhook_url.removesuffix("/webhooks/label-studio") + "/health", timeout=10
+    ).json()
+
+
+def check_run_committed(runs: RunStore) -> None:
+    """Every object in S3 as recorded, each round committed and learned once."""
+    report = runs.verify()
+    assert report.ok and not report.incomplete, report
+    listing = runs.list_rounds()
+    assert [(r.round, r.committed, r.checkpoint) for r in listing] == [(0, True, True), (1, True, True)]
+    assert json.loads(runs.store.get(f"{runs.prefix}/progress.json")) == {"checkpoint": 1}
+
+
 def test_a_deployment_suspends_each_round_until_its_annotators_are_done(
     stack: Stack, label_studio_server: LabelStudioServer
 ) -> None:
     config = stack.config
     runs = RunStore(open_store(config.storage), "e2e-" + uuid.uuid4().hex[:6])
-    admin = LabelStudio(base_url=label_studio_server.url, api_key=label_studio_server.admin_token)
-    tag = uuid.uuid4().hex[:6]
-    people = {
-        name: LabelStudio(
-            base_url=label_studio_server.url,
-            api_key=create_annotator(label_studio_server, f"{name}-{tag}@hero.local", f"{name}-password-123"),
-        )
-        for name in ("fast", "slow")
-    }
-    ids = {name: str(client.users.whoami().id) for name, client in people.items()}
-    receiver = stack.webhook_url.removesuffix("/webhooks/label-studio") + "/health"
-    # what each annotator answers, by image position, and their best pick (round 1 keeps the best)
-    answers = {
-        0: {"fast": (["good", "good", "bad", "bad"], 0), "slow": (["good", "bad", "bad", "good"], 0)},
-        1: {"fast": (["bad", "bad", "bad", "bad"], KEEP), "slow": (["bad", "good", "bad", "bad"], KEEP)},
-    }
-
-    def label_round(name: str, round_index: int) -> None:
-        project_id = json.loads(runs.store.get(f"{runs.round_prefix(round_index)}/published.json"))[
-            "project_id"
-        ]
-        tasks = round_tasks(admin, project_id, round_index)
-        image_ids = runs.load_manifest(round_index)["image_ids"]
-        labels, best = answers[round_index][name]
-        for image_id, label in zip(image_ids, labels, strict=True):
-            people[name].annotations.create(
-                id=tasks[image_id], result=choice("label", label), was_cancelled=False
-            )
-        pick = best if best == KEEP else image_ids[best]
-        people[name].annotations.create(id=tasks["best"], result=choice("best", pick), was_cancelled=False)
+    team = Team(label_studio_server, runs)
 
     with temporary_settings(updates={PREFECT_API_URL: stack.env["PREFECT_API_URL"]}):
         started = run_deployment("hero-training/on-demand", parameters={"run_id": runs.run_id}, timeout=0)
@@ -210,22 +280,17 @@ def test_a_deployment_suspends_each_round_until_its_annotators_are_done(
                 lambda k=round_index: waiting_round(started.id) == k,
                 stack,
             )
-            checked = requests.get(receiver, timeout=10).json()["checked"]
+            checked = health(stack)["checked"]
 
             def checked_again(before: int = checked) -> bool:
-                health = requests.get(receiver, timeout=10).json()
-                return bool(health["checked"] > before and health["idle"])
+                now = health(stack)
+                return bool(now["checked"] > before and now["idle"])
 
-            label_round("fast", round_index)
+            team.label("fast", round_index)
             # the fast annotator's events are checked, and the round goes on waiting for the slow one
-            wait_for(
-                "the receiver to check the fast annotator's round",
-                checked_again,
-                stack,
-                timeout_s=60,
-            )
+            wait_for("the receiver to check the fast annotator's round", checked_again, stack, timeout_s=60)
             assert waiting_round(started.id) == round_index
-            label_round("slow", round_index)
+            team.label("slow", round_index)
         final = wait_for(
             "the run to finish",
             lambda: (run := read_flow_run(started.id)).state and run.state.is_final() and run,
@@ -234,41 +299,114 @@ def test_a_deployment_suspends_each_round_until_its_annotators_are_done(
         assert final.state.is_completed(), f"{final.state}\n{stack.log_tails()}"
         with get_client(sync_client=True) as client:
             states = [state.name for state in client.read_flow_run_states(started.id)]
-    assert states.count("Suspended") == 2, states
-    health = requests.get(receiver, timeout=10).json()
-    assert health["resumed"] == 2 and health["rejected"] == 0, health
+        assert states.count("Suspended") == 2, states
+        now = health(stack)
+        assert now["resumed"] == 2 and now["rejected"] == 0, now
+        check_run_committed(runs)
+        team.check_stored_feedback()
 
-    # every object in S3, each round committed and learned once
-    report = runs.verify()
-    assert report.ok and not report.incomplete, report
-    listing = runs.list_rounds()
-    assert [(r.round, r.committed, r.checkpoint) for r in listing] == [(0, True, True), (1, True, True)]
-    assert json.loads(runs.store.get(f"{runs.prefix}/progress.json")) == {"checkpoint": 1}
-    # Label Studio holds one set of tasks per round, and the stored feedback is what people submitted
-    project_id = json.loads(runs.store.get(f"{runs.round_prefix(0)}/published.json"))["project_id"]
-    assert len(list(admin.tasks.list(project=project_id))) == 2 * (4 + 1)
-    for round_index, given in answers.items():
-        image_ids = runs.load_manifest(round_index)["image_ids"]
-        stored = json.loads(runs.store.get(f"{runs.round_prefix(round_index)}/feedback.json"))
-        by_annotator = {item["annotator"]: item for item in stored["annotators"]}
-        assert set(by_annotator) == set(ids.values())
-        for name, (labels, best) in given.items():
-            mine = by_annotator[ids[name]]
-            assert {i["image_id"]: i["label"] for i in mine["images"]} == dict(
-                zip(image_ids, labels, strict=True)
-            )
-            assert mine["keep_best"] == (best == KEEP)
-    round0 = json.loads(runs.store.get(f"{runs.round_prefix(0)}/feedback.json"))["aggregate"]
-    assert round0["good"] == [True, False, False, False] and round0["best"] == 0  # a tie is bad
+        # the MLflow run finished with both rounds tracked, and its LoRA is a registry version ...
+        tracking = MlflowClient(tracking_uri=config.tracking.tracking_uri)
+        (run,) = tracking.search_runs(
+            [tracking.get_experiment_by_name(config.tracking.experiment).experiment_id],
+            f"tags.`hero.run_id` = '{runs.run_id}'",
+        )
+        assert run.info.status == "FINISHED"
+        annotators = tracking.get_metric_history(run.info.run_id, "labelling_annotators")
+        assert sorted((m.step, m.value) for m in annotators) == [(0, 2.0), (1, 2.0)]
+        (version,) = tracking.search_model_versions(f"name = '{config.tracking.registered_model}'")
+        assert version.tags["hero.run_id"] == runs.run_id and version.tags["hero.rounds"] == "2"
 
-    # the MLflow run finished with both rounds tracked, and its LoRA is a registry version
-    tracking = MlflowClient(tracking_uri=config.tracking.tracking_uri)
-    (run,) = tracking.search_runs(
-        [tracking.get_experiment_by_name(config.tracking.experiment).experiment_id],
-        f"tags.`hero.run_id` = '{runs.run_id}'",
+        # ... which the promotion deployment, triggered by the finished training, judged
+        def promotion_decided() -> bool:
+            tags = tracking.get_model_version(config.tracking.registered_model, version.version).tags
+            return "hero.promotion.decision" in tags
+
+        wait_for("the promotion triggered by the finished run", promotion_decided, stack, timeout_s=240)
+
+
+def test_a_worker_killed_mid_round_loses_nothing_and_redoes_nothing(
+    stack: Stack, label_studio_server: LabelStudioServer
+) -> None:
+    """Round 0: the worker dies after collecting; a new flow run of the same run picks up there.
+    Round 1: the webhook receiver is down; the poller (`hero rounds poll`) resumes the round."""
+    config = stack.config
+    runs = RunStore(open_store(config.storage), "crash-" + uuid.uuid4().hex[:6])
+    team = Team(label_studio_server, runs)
+    feedback_key = f"{runs.round_prefix(0)}/feedback.json"
+
+    with temporary_settings(updates={PREFECT_API_URL: stack.env["PREFECT_API_URL"]}):
+        first = run_deployment("hero-training/on-demand", parameters={"run_id": runs.run_id}, timeout=0)
+        assert isinstance(first, FlowRun)
+        wait_for("the run to suspend for round 0", lambda: waiting_round(first.id) == 0, stack)
+        team.label("fast", 0)
+        team.label("slow", 0)
+        # the webhook resumes the run; once it has collected round 0, the worker dies with its flow run
+        wait_for("round 0's annotations to be collected", lambda: runs.store.exists(feedback_key), stack)
+        stack.kill_worker()
+        assert read_flow_run(first.id).state.name == "Running"  # a dead process cannot say it crashed
+        # recovery as docs/OPERATIONS.md says: mark the orphan crashed, start a worker, run again
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(first.id, Crashed(message="worker killed by the test"), force=True)
+        stack.start_worker()
+        second = run_deployment("hero-training/on-demand", parameters={"run_id": runs.run_id}, timeout=0)
+        assert isinstance(second, FlowRun)
+        wait_for("the second run to suspend for round 1", lambda: waiting_round(second.id) == 1, stack)
+        # round 1's events are lost (the receiver is down): the poller resumes the round instead
+        _infra("webhook-receiver.sh", "stop", stack.env)
+        team.label("fast", 1)
+        team.label("slow", 1)
+        time.sleep(2)
+        assert waiting_round(second.id) == 1
+        polled = stack.hero("rounds", "poll")
+        assert str(second.id) in polled and "yes" in polled and "complete" in polled, polled
+        final = wait_for(
+            "the second run to finish",
+            lambda: (run := read_flow_run(second.id)).state and run.state.is_final() and run,
+            stack,
+        )
+        assert final.state.is_completed(), f"{final.state}\n{stack.log_tails()}"
+    check_run_committed(runs)
+    team.check_stored_feedback()  # nothing lost, and one set of tasks: nothing published twice
+
+    # nothing learned twice: the final engine equals one trained without interruption on the same labels
+    reference = RunStore(LocalStore(stack.logs / "reference"), runs.run_id)
+    local = with_overrides(
+        config,
+        {"run_id": runs.run_id, "storage": {"backend": "local", "local_root": str(stack.logs / "reference")}},
     )
-    assert run.info.status == "FINISHED"
-    annotators = tracking.get_metric_history(run.info.run_id, "labelling_annotators")
-    assert sorted((m.step, m.value) for m in annotators) == [(0, 2.0), (1, 2.0)]
-    (version,) = tracking.search_model_versions(f"name = '{config.tracking.registered_model}'")
-    assert version.tags["hero.run_id"] == runs.run_id and version.tags["hero.rounds"] == "2"
+    local = with_overrides(local, {"label_studio": {"enabled": False}, "tracking": {"register_lora": False}})
+    replay = TrainingRun(local, reference.store)
+    while not replay.done:
+        batch = replay.generate()
+        replay.learn(batch, runs.load_feedback(batch.round))
+    final_state = runs.store.get(f"{runs.checkpoint_prefix(1)}/state.json")
+    assert (
+        json.loads(final_state)["tensors"]
+        == json.loads(reference.store.get(f"{reference.checkpoint_prefix(1)}/state.json"))["tensors"]
+    )
+
+
+def test_gpu_work_pools_run_the_worker_image_with_a_gpu(prefect_server: Service) -> None:
+    tag = uuid.uuid4().hex[:6]
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server.env["PREFECT_API_URL"]}):
+        for kind in ("docker", "kubernetes"):
+            name = f"gpu-{kind}-{tag}"
+            assert ensure_pool(name, 2, kind)
+            assert not ensure_pool(name, 1, kind)  # exists: the limit follows the latest deploy
+            with get_client(sync_client=True) as client:
+                pool = client.read_work_pool(name)
+            assert (pool.type, pool.concurrency_limit) == (kind, 1)
+            variables = pool.base_job_template["variables"]["properties"]
+            assert variables["image"]["default"] == "hero-worker:0.1.0"
+            if kind == "kubernetes":
+                job = pool.base_job_template["job_configuration"]["job_manifest"]
+                (container,) = job["spec"]["template"]["spec"]["containers"]
+                assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpus }}"
+                assert variables["gpus"]["default"] == 1
+                assert container["envFrom"] == [{"secretRef": {"name": "{{ secret_name }}"}}]
+            else:
+                (request,) = variables["container_create_kwargs"]["default"]["device_requests"]
+                assert request == {"Driver": "nvidia", "Count": 1, "Capabilities": [["gpu"]]}
+    with pytest.raises(ValueError, match="choose one of process, docker, kubernetes"):
+        base_job_template("ecs")
