@@ -394,12 +394,9 @@ class LabelStudioConfig(_Section):
 
 
 class OrchestrationConfig(_Section):
-    mode: Literal["embedded", "server"] = Field(
-        "embedded",
-        description="'embedded': ephemeral Prefect, no server; 'server': a Prefect API (api_url).",
-    )
-    api_url: HttpUrl | None = Field(None, description="Prefect API URL in 'server' mode.")
-    work_pool: str = Field("hero-gpu", description="Prefect work pool that runs GPU steps.")
+    """Prefect itself is found by PREFECT_API_URL: unset, flows run in Prefect's ephemeral mode."""
+
+    work_pool: str = Field("hero-gpu", description="Prefect work pool of GPU work (`hero deploy`).")
     webhook_secret: SecretStr | None = Field(
         None,
         description=(
@@ -436,12 +433,6 @@ class OrchestrationConfig(_Section):
             "hero-poll-rounds deployment): they resume rounds whose webhook events were lost."
         ),
     )
-
-    @model_validator(mode="after")
-    def _server_needs_url(self) -> OrchestrationConfig:
-        if self.mode == "server" and self.api_url is None:
-            raise ValueError("mode 'server' needs api_url (HERO_ORCHESTRATION__API_URL)")
-        return self
 
 
 class HeroConfig(BaseSettings):
