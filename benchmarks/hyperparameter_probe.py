@@ -3,7 +3,8 @@
 The feedback-efficiency grid measures after every round; tuning needs many cheaper runs. This trains
 one (task, method) for a budget with the given overrides, then measures the success rate on the same
 fixed evaluation set the grid uses (plain N(0, I) noises, seed 0), and appends one row with every
-per-round learning figure (rewards of good and bad, DDPO approx-KL and clip fraction, encoder loss) to
+per-round learning figure (rewards of good and bad, DDPO approx-KL and clip fraction, encoder loss, and
+the reward's AUC of good vs bad on the round before and after the encoder learned it) to
 benchmarks/results/hyperparameter_probe.csv. The table in RESULTS.md is written from that file.
 
     python benchmarks/hyperparameter_probe.py --task counting --method hero \
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from results_io import RESULTS_DIR, write_result
+from scipy.stats import mannwhitneyu
 
 from hero_ml.adapters.storage import LocalStore
 from hero_ml.config import load_config, with_overrides
@@ -49,6 +51,18 @@ COLUMNS = (
 )
 
 
+def reward_auc(rewards: list[float] | None, good: tuple[bool, ...]) -> float | None:
+    """How well the encoder's reward ranks the round's good images above its bad ones: the share of
+    (good, bad) pairs it orders right (ties count half; Mann-Whitney U / n_good n_bad). None: no
+    encoder or best yet, or a round without good or without bad images."""
+    if rewards is None or all(good) or not any(good):
+        return None
+    positive = [r for r, g in zip(rewards, good, strict=True) if g]
+    negative = [r for r, g in zip(rewards, good, strict=True) if not g]
+    result = mannwhitneyu(positive, negative, alternative="greater")
+    return round(float(result.statistic) / (len(positive) * len(negative)), 4)
+
+
 def probe(args: argparse.Namespace) -> dict:
     spec = load_task(args.task)
     config = with_overrides(
@@ -69,11 +83,15 @@ def probe(args: argparse.Namespace) -> dict:
         rounds = []
         while not run.done:
             batch = run.generate()
-            stats = run.learn(batch, run.feedback(batch))
-            rounds.append(stats.metrics())
+            feedback = run.feedback(batch)
+            fresh = reward_auc(run.engine.predicted_rewards(batch), feedback.good)  # before learning it
+            stats = run.learn(batch, feedback)
+            trained = reward_auc(run.engine.predicted_rewards(batch), feedback.good)
+            rounds.append({**stats.metrics(), "reward_auc_fresh": fresh, "reward_auc_trained": trained})
             print(
                 f"round {stats.round}: {stats.good} good, reward good {stats.reward_good_mean} "
-                f"bad {stats.reward_bad_mean}, kl {stats.approx_kl}, clip {stats.clip_fraction}",
+                f"bad {stats.reward_bad_mean}, AUC fresh {fresh} trained {trained}, kl {stats.approx_kl}, "
+                f"clip {stats.clip_fraction}",
                 flush=True,
             )
         rate = task_success_rate(run.pipe, spec, args.eval_images, config.sampling, seed=0)

@@ -6,6 +6,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 
 import feedback_efficiency as fe
+import hyperparameter_probe as hp
 
 
 def test_curves_group_seeds_and_the_first_crossing_of_the_mean_is_found() -> None:
@@ -28,3 +29,13 @@ def test_points_round_trip_through_the_csv(tmp_path: Path) -> None:
     fe.append_point(path, {**point, "round": 4, "feedbacks": 256})
     assert fe.read_points(path) == [point, {**point, "round": 4, "feedbacks": 256}]
     assert path.read_text().splitlines()[0] == ",".join(fe.COLUMNS)
+
+
+def test_reward_auc_counts_the_good_bad_pairs_ordered_right() -> None:
+    good = (True, True, False, False)
+    assert hp.reward_auc([0.9, 0.8, 0.1, 0.2], good) == 1.0
+    # good 0.1 and 0.8 against bad 0.9 and 0.2: only 0.8 > 0.2 of the four pairs
+    assert hp.reward_auc([0.1, 0.8, 0.9, 0.2], good) == 0.25
+    assert hp.reward_auc([0.5, 0.7, 0.5, 0.1], good) == 0.875  # the tie 0.5 = 0.5 counts half
+    assert hp.reward_auc([0.5, 0.5], (True, True)) is None  # nothing bad to rank against
+    assert hp.reward_auc(None, (True, False)) is None

@@ -219,6 +219,7 @@ def test_setup_creates_the_project_and_its_webhook_once(
     (hook,) = admin.webhooks.list(project=str(project.id))
     assert hook.url == "http://127.0.0.1:9/hooks" and set(hook.actions) == {
         "ANNOTATION_CREATED",
+        "ANNOTATIONS_CREATED",
         "ANNOTATION_UPDATED",
     }
     assert hook.headers == {"X-Hero-Webhook-Secret": "hook-secret-0123456789"}
