@@ -4,6 +4,8 @@ page does, the round collected, aggregated and stored for audit."""
 
 import base64
 import json
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,9 +23,10 @@ from hero_ml.adapters.label_studio.rounds import LABEL_CONFIG
 from hero_ml.adapters.storage import open_store
 from hero_ml.adapters.tracking.mlflow import MlflowTracker
 from hero_ml.cli import app
-from hero_ml.config import HeroConfig
+from hero_ml.config import HeroConfig, StorageConfig
 from hero_ml.diffusion.pipeline import build_random_pipeline
 from hero_ml.engine import sample_batch
+from hero_ml.feedback import RoundFeedback
 from hero_ml.labelling import LabelStudioRounds
 from hero_ml.run_store import ANNOTATIONS, RunStore
 from tests.conftest import LabelStudioServer, Service, create_annotator
@@ -372,3 +375,73 @@ def test_an_annotator_labels_in_the_browser_and_the_pipeline_reads_it(
         (image_ids[1], "good", True)
     ]
     assert str(collected.progress) == "1/8 labels, 1/2 best votes"
+
+
+def test_hero_run_with_label_studio_waits_in_its_process_until_the_round_is_labelled(
+    s3_server: Service, label_studio_server: LabelStudioServer, tmp_path: Path
+) -> None:
+    """Outside a deployment nothing can suspend: `hero run` publishes, checks every poll_interval_s,
+    and learns once the round is labelled."""
+    run_id = f"wait-{uuid.uuid4().hex[:6]}"
+    settings = {
+        "sampling": {"images_per_round": 4, "num_steps": 4, "sub_batch_size": 4},
+        "encoder": {"epochs_per_round": 3, "triplets_per_epoch": 8},
+        "ddpo": {"timesteps_per_trajectory": 2},
+        "feedback": {"budget": 4},
+        "simulation": {"eval_images": 0},
+        "storage": {
+            "backend": "s3",
+            "s3_bucket": "hero-test",
+            "s3_endpoint_url": s3_server.url,
+            "s3_prefix": f"w-{uuid.uuid4().hex[:8]}/",
+            "local_root": str(tmp_path / "data"),
+        },
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        "label_studio": {"enabled": True, "url": label_studio_server.url},
+        "orchestration": {"poll_interval_s": 10},
+    }
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(settings))
+    env = {
+        **s3_server.env,
+        "HERO_STORAGE__S3_ACCESS_KEY_ID": "test",
+        "HERO_STORAGE__S3_SECRET_ACCESS_KEY": "test",
+        "HERO_LABEL_STUDIO__API_KEY": label_studio_server.admin_token,
+        "COLUMNS": "200",
+    }
+    storage = StorageConfig(**settings["storage"], s3_access_key_id="test", s3_secret_access_key="test")
+    runs = RunStore(open_store(storage), run_id)
+    run = subprocess.Popen(
+        ["hero", "run", "-c", str(config_file), "--run-id", run_id],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not runs.store.exists(f"{runs.round_prefix(0)}/published.json"):
+            assert run.poll() is None, run.communicate()[0]
+            assert time.monotonic() < deadline, "round 0 was never published"
+            time.sleep(1)
+        project = json.loads(runs.store.get(f"{runs.round_prefix(0)}/published.json"))["project_id"]
+        admin = LabelStudio(base_url=label_studio_server.url, api_key=label_studio_server.admin_token)
+        tasks = {
+            t.data["hero"].get("image_id", "best"): t.id
+            for t in admin.tasks.list(project=project, fields="all")
+        }
+        image_ids = runs.load_manifest(0)["image_ids"]
+        for n, image_id in enumerate(image_ids):
+            admin.annotations.create(id=tasks[image_id], result=choice("label", "good" if n < 2 else "bad"))
+        admin.annotations.create(id=tasks["best"], result=choice("best", image_ids[1]))
+        output, _ = run.communicate(timeout=180)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, output
+    assert "round 0 is in Label Studio: waiting for 0/4 labels" in output and "round 0 (" in output
+    stored = RoundFeedback.model_validate(
+        json.loads(runs.store.get(f"{runs.round_prefix(0)}/feedback.json"))["aggregate"]
+    )
+    assert stored.good == (True, True, False, False) and stored.best == 1
+    assert json.loads(runs.store.get(f"{runs.prefix}/progress.json")) == {"checkpoint": 0}
