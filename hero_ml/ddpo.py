@@ -11,11 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import StableDiffusionPipeline
 
 from hero_ml.diffusion.sampler import Trajectory, recompute_log_probs
+
+if TYPE_CHECKING:
+    from hero_ml.parallel import DataParallel
 
 
 def advantages(rewards: torch.Tensor, clip: float) -> torch.Tensor:
@@ -79,13 +83,18 @@ def update_pass(
     inner_epochs: int,
     max_grad_norm: float,
     generator: torch.Generator,
+    parallel: DataParallel | None = None,
 ) -> UpdateStats:
     """`inner_epochs` passes over `units` in random order, each training `timesteps_per_unit` distinct
     random steps of its `num_steps`.
 
     The loss of a micro-batch is weighted by its share of the accumulation group, so each optimiser
     step follows the mean loss of its group whatever the batch sizes. The optimiser must hold only the
-    trainable (LoRA) parameters; their gradient norm is clipped to max_grad_norm before each step."""
+    trainable (LoRA) parameters; their gradient norm is clipped to max_grad_norm before each step.
+
+    parallel: this process's share in data-parallel learning (hero_ml/parallel.py); each process
+    trains its share of every micro-batch and the gradients are summed before each step. The returned
+    figures are then this process's."""
     if timesteps_per_unit > num_steps:
         raise ValueError(
             f"{timesteps_per_unit} timesteps per unit exceed the {num_steps} steps of a trajectory"
@@ -102,19 +111,28 @@ def update_pass(
             group_units = sum(len(batch) for batch in group)
             optimizer.zero_grad(set_to_none=True)
             for batch in group:
-                weight = len(batch) / (group_units * timesteps_per_unit)
+                mine = batch if parallel is None else parallel.share(batch)
+                if len(mine) == 0:
+                    continue
+                weight = len(mine) / (group_units * timesteps_per_unit)
                 for j in range(timesteps_per_unit):
-                    loss, approx_kl, clip_fraction = objective(batch, steps[batch, j])
+                    loss, approx_kl, clip_fraction = objective(mine, steps[mine, j])
                     (loss * weight).backward()
                     losses.append(loss.item())
                     kls.append(approx_kl.item())
                     clip_fractions.append(clip_fraction.item())
+            if parallel is not None:
+                parallel.sum_gradients(params)
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
             optimizer_steps += 1
+
+    def mean(values: list[float]) -> float:  # nan: a process that had no unit to train
+        return sum(values) / len(values) if values else float("nan")
+
     return UpdateStats(
-        loss=sum(losses) / len(losses),
-        approx_kl=sum(kls) / len(kls),
-        clip_fraction=sum(clip_fractions) / len(clip_fractions),
+        loss=mean(losses),
+        approx_kl=mean(kls),
+        clip_fraction=mean(clip_fractions),
         optimizer_steps=optimizer_steps,
     )
