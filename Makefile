@@ -51,7 +51,7 @@ typecheck: install
 	$(BIN)/mypy
 
 unit: install label-studio browser
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=15  # the slowest tests, to keep the whole run under 25 minutes
 
 ## bench: the sampler benchmark (writes benchmarks/results/sampler.json and RESULTS.md)
 bench: install
