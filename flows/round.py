@@ -54,10 +54,7 @@ def check_labelling(humans: LabelStudioRounds, round_index: int) -> Readiness:
 
 
 @task(name="collect-annotations", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[5, 30, 120])
-def collect_annotations(humans: LabelStudioRounds, run: TrainingRun, round_index: int) -> RoundFeedback:
-    stored = run.runs.load_feedback(round_index)  # collected before a crash: learn from the same labels
-    if stored is not None:
-        return stored
+def collect_annotations(humans: LabelStudioRounds, round_index: int) -> RoundFeedback:
     return humans.collect(round_index)[0]
 
 
@@ -94,12 +91,13 @@ def hero_round(
     if humans is None:
         feedback = simulated_feedback(run, batch)
     else:
-        if run.runs.load_feedback(round_index) is None:
+        stored = run.runs.load_feedback(round_index)  # collected before a crash: the same labels again
+        if stored is None:
             publish_round(humans, run, batch, resume_flow_run_id)
             readiness = check_labelling(humans, round_index)
             if not readiness.ready:
                 return RoundOutcome(round_index, None, readiness)
-        feedback = collect_annotations(humans, run, round_index)
+        feedback = stored or collect_annotations(humans, round_index)
     stats = learn_round(run, batch, feedback)
     track_round(run, batch, stats)
     return RoundOutcome(round_index, stats)

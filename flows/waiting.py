@@ -2,9 +2,9 @@
 
 Two triggers share one check: the webhook receiver (flows/webhooks.py) on Label Studio's annotation
 events, and the poller (`hero rounds poll`, the hero-poll-rounds deployment) for events that were
-lost. Either may fire any number of times for a round: the flow run is resumed only while it is
-suspended for exactly that round, and Prefect accepts one resume of a pause (a second is refused as
-"not paused"), so duplicates and late events do nothing.
+lost. Either may fire any number of times for a round, from any process: the flow run is resumed
+only while it is suspended for exactly that round, and Prefect accepts one resume of a pause (a second
+is refused as "not paused"), so duplicates and late events do nothing.
 
 The check runs with the service's own config (the environment: storage, Label Studio, secrets) and
 the waiting run's stored config for its policy (annotators per image, deadline).
@@ -12,7 +12,6 @@ the waiting run's stored config for its policy (annotators per image, deadline).
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from uuid import UUID
 
@@ -43,12 +42,6 @@ class RoundResumer:
         self.config = config
         self.store = store if store is not None else open_store(config.storage)
         self.projects = open_projects(config)
-        self._locks: dict[str, threading.Lock] = {}
-        self._locks_guard = threading.Lock()
-
-    def _lock(self, flow_run_id: str) -> threading.Lock:
-        with self._locks_guard:
-            return self._locks.setdefault(flow_run_id, threading.Lock())
 
     def run_config(self, run_id: str) -> HeroConfig:
         """The waiting run's config (stored with the run), with the service's secrets."""
@@ -65,35 +58,34 @@ class RoundResumer:
         def result(resumed: bool, reason: str, k: int | None = round_index) -> ResumeResult:
             return ResumeResult(flow_run_id, run_id, k, resumed, reason)
 
-        with self._lock(flow_run_id):
-            with get_client(sync_client=True) as client:
-                try:
-                    flow_run = client.read_flow_run(UUID(flow_run_id))
-                except (ObjectNotFound, ValueError):
-                    return result(False, "no such flow run")
-            state = flow_run.state
-            if state is None or not state.is_paused():
-                return result(False, f"not waiting (state {state.name if state else None})")
-            waiting_for = round_of_pause_key(state.state_details.pause_key)
-            if waiting_for is None:
-                return result(False, "paused, but not for a HERO round")
-            if round_index is not None and waiting_for != round_index:
-                return result(False, f"waits for round {waiting_for}, not {round_index}", waiting_for)
+        with get_client(sync_client=True) as client:
             try:
-                config = self.run_config(run_id)
-                humans = LabelStudioRounds(config, RunStore(self.store, run_id), self.projects)
-                readiness = humans.readiness(waiting_for)
-            except (ConfigError, LabelStudioError, KeyError) as err:
-                return result(False, f"cannot check round {waiting_for}: {err}", waiting_for)
-            if not readiness.ready:
-                return result(False, readiness.reason, waiting_for)
-            try:
-                resume_flow_run(UUID(flow_run_id))
-            except NotPausedError:
-                return result(False, "resumed already", waiting_for)
-            except RuntimeError as err:  # Prefect refused: e.g. resumed by another process meanwhile
-                return result(False, f"Prefect refused to resume: {err}", waiting_for)
-            return result(True, readiness.reason, waiting_for)
+                flow_run = client.read_flow_run(UUID(flow_run_id))
+            except (ObjectNotFound, ValueError):
+                return result(False, "no such flow run")
+        state = flow_run.state
+        if state is None or not state.is_paused():
+            return result(False, f"not waiting (state {state.name if state else None})")
+        waiting_for = round_of_pause_key(state.state_details.pause_key)
+        if waiting_for is None:
+            return result(False, "paused, but not for a HERO round")
+        if round_index is not None and waiting_for != round_index:
+            return result(False, f"waits for round {waiting_for}, not {round_index}", waiting_for)
+        try:
+            config = self.run_config(run_id)
+            humans = LabelStudioRounds(config, RunStore(self.store, run_id), self.projects)
+            readiness = humans.readiness(waiting_for)
+        except (ConfigError, LabelStudioError, KeyError) as err:
+            return result(False, f"cannot check round {waiting_for}: {err}", waiting_for)
+        if not readiness.ready:
+            return result(False, readiness.reason, waiting_for)
+        try:
+            resume_flow_run(UUID(flow_run_id))
+        except NotPausedError:
+            return result(False, "resumed already", waiting_for)
+        except RuntimeError as err:  # Prefect refused: e.g. resumed by another process meanwhile
+            return result(False, f"Prefect refused to resume: {err}", waiting_for)
+        return result(True, readiness.reason, waiting_for)
 
     def suspended_runs(self) -> list[tuple[str, str]]:
         """(flow run id, HERO run id) of every suspended hero-training flow run (a run without a

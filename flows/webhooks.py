@@ -152,7 +152,7 @@ class RoundChecks:
                 "resumed, " if result.resumed else "",
                 result.reason,
             )
-            attempt = self._attempts.get(item, 0)
+            attempt = self._attempts.pop(item, 0)
             if result.reason.startswith("not waiting (state Running") and attempt < len(
                 self.recheck_delays_s
             ):

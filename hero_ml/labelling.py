@@ -147,7 +147,7 @@ class LabelStudioRounds:
         )
         project_id = self.project()
         created, existing = self.projects.publish(project_id, tasks)
-        if not self.runs.store.exists(f"{prefix}/{PUBLISHED}"):  # the first publication starts the clock
+        if self.published(round_index) is None:  # the first publication starts the clock
             record = {
                 "published_at": datetime.now(UTC).isoformat(timespec="seconds"),
                 "project_id": project_id,
@@ -157,23 +157,24 @@ class LabelStudioRounds:
             self.runs.put_round_object(round_index, PUBLISHED, json.dumps(record).encode())
         return Published(project_id, created, existing, self.projects.project_url(project_id))
 
-    def published_at(self, round_index: int) -> datetime | None:
-        """When the round's tasks first went out; None when they have not."""
+    def published(self, round_index: int) -> dict | None:
+        """When and to which project the round's tasks first went out (published.json); None: not yet."""
         key = f"{self.runs.round_prefix(round_index)}/{PUBLISHED}"
-        if not self.runs.store.exists(key):
-            return None
-        return datetime.fromisoformat(json.loads(self.runs.store.get(key))["published_at"])
+        return json.loads(self.runs.store.get(key)) if self.runs.store.exists(key) else None
 
     def readiness(self, round_index: int, now: datetime | None = None) -> Readiness:
-        """Whether the published round may close now, by the run's policy (orchestration section)."""
-        published_at = self.published_at(round_index)
-        if published_at is None:
+        """Whether the published round may close now, by the run's policy (orchestration section).
+        Reads the round's project as published: no project set-up, so a check costs one task read."""
+        published = self.published(round_index)
+        if published is None:
             return Readiness(False, f"round {round_index} is not published")
+        project_tasks = self.projects.tasks(int(published["project_id"]))
+        collected, _ = self._collect(round_index, self._image_ids(round_index), project_tasks)
         policy = self.config.orchestration
         return readiness(
-            self.progress([round_index])[round_index].progress,
+            collected.progress,
             first_round=round_index == 0,
-            published_at=published_at,
+            published_at=datetime.fromisoformat(published["published_at"]),
             now=now or datetime.now(UTC),
             deadline_h=policy.round_deadline_h,
             deadline_min_labels=policy.deadline_min_labels,

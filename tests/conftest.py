@@ -175,3 +175,18 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service
         yield Service(api, {**env, "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
     finally:
         _infra("prefect-server.sh", "stop", env)
+
+
+def tiny_run(images: int) -> dict[str, Any]:
+    """Config sections of the smallest run the toy model learns in: `images` a round, 4 DDIM steps,
+    a few encoder epochs, 2 trained timesteps a trajectory."""
+    return {
+        "sampling": {"images_per_round": images, "num_steps": 4, "sub_batch_size": images},
+        "encoder": {"epochs_per_round": 3, "triplets_per_epoch": 8},
+        "ddpo": {"timesteps_per_trajectory": 2},
+    }
+
+
+def s3_storage(s3: Service, prefix: str, **more: Any) -> dict[str, Any]:
+    """The storage section of a run on the test S3 server under its own key prefix."""
+    return {"backend": "s3", "s3_bucket": "hero-test", "s3_endpoint_url": s3.url, "s3_prefix": prefix, **more}

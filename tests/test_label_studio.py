@@ -29,7 +29,7 @@ from hero_ml.engine import sample_batch
 from hero_ml.feedback import RoundFeedback
 from hero_ml.labelling import LabelStudioRounds
 from hero_ml.run_store import ANNOTATIONS, RunStore
-from tests.conftest import LabelStudioServer, Service, create_annotator
+from tests.conftest import LabelStudioServer, Service, create_annotator, s3_storage, tiny_run
 
 PROMPT = "three red circles"
 runner = CliRunner()
@@ -384,18 +384,10 @@ def test_hero_run_with_label_studio_waits_in_its_process_until_the_round_is_labe
     and learns once the round is labelled."""
     run_id = f"wait-{uuid.uuid4().hex[:6]}"
     settings = {
-        "sampling": {"images_per_round": 4, "num_steps": 4, "sub_batch_size": 4},
-        "encoder": {"epochs_per_round": 3, "triplets_per_epoch": 8},
-        "ddpo": {"timesteps_per_trajectory": 2},
+        **tiny_run(images=4),
         "feedback": {"budget": 4},
         "simulation": {"eval_images": 0},
-        "storage": {
-            "backend": "s3",
-            "s3_bucket": "hero-test",
-            "s3_endpoint_url": s3_server.url,
-            "s3_prefix": f"w-{uuid.uuid4().hex[:8]}/",
-            "local_root": str(tmp_path / "data"),
-        },
+        "storage": s3_storage(s3_server, f"w-{uuid.uuid4().hex[:8]}/", local_root=str(tmp_path / "data")),
         "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
         "label_studio": {"enabled": True, "url": label_studio_server.url},
         "orchestration": {"poll_interval_s": 10},

@@ -33,7 +33,15 @@ from hero_ml.config import HeroConfig, with_overrides
 from hero_ml.feedback import KEEP
 from hero_ml.run_store import RunStore
 from hero_ml.training import TrainingRun
-from tests.conftest import LabelStudioServer, Service, _free_port, _infra, create_annotator
+from tests.conftest import (
+    LabelStudioServer,
+    Service,
+    _free_port,
+    _infra,
+    create_annotator,
+    s3_storage,
+    tiny_run,
+)
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -89,18 +97,11 @@ def stack(
     tag = uuid.uuid4().hex[:6]
     webhook_port, worker_port = _free_port(), _free_port()
     settings = {
-        "sampling": {"images_per_round": 4, "num_steps": 4, "sub_batch_size": 4},
-        "encoder": {"epochs_per_round": 3, "triplets_per_epoch": 8},
-        "ddpo": {"timesteps_per_trajectory": 2},
+        **tiny_run(images=4),
         "feedback": {"budget": 16, "annotators_per_image": 2},
         "simulation": {"eval_images": 0},
         "promotion": {"eval_images": 16},
-        "storage": {
-            "backend": "s3",
-            "s3_bucket": "hero-test",
-            "s3_endpoint_url": s3_server.url,
-            "s3_prefix": f"e2e-{tag}/",
-        },
+        "storage": s3_storage(s3_server, f"e2e-{tag}/"),
         "tracking": {"tracking_uri": mlflow_server.url, "registered_model": f"hero-e2e-{tag}"},
         "label_studio": {"enabled": True, "url": label_studio_server.url},
         "orchestration": {

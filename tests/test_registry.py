@@ -20,7 +20,7 @@ from hero_ml.config import load_config
 from hero_ml.diffusion.lora import add_lora, save_lora
 from hero_ml.diffusion.pipeline import load_pipeline
 from hero_ml.run_store import RunStore
-from tests.conftest import Service
+from tests.conftest import Service, s3_storage, tiny_run
 
 runner = CliRunner()
 WINNING_LORA = Path(__file__).parent / "data" / "anomaly-lora"
@@ -30,17 +30,10 @@ SECRET = "s3cr3t-never-shown"
 def production_config(tmp_path: Path, s3: Service, mlflow: Service, **top: Any) -> Path:
     """A small run on the toy model: S3 storage (its own prefix) and the MLflow server."""
     data = {
-        "sampling": {"images_per_round": 6, "num_steps": 4, "sub_batch_size": 6},
-        "encoder": {"epochs_per_round": 3, "triplets_per_epoch": 8},
-        "ddpo": {"timesteps_per_trajectory": 2},
+        **tiny_run(images=6),
         "feedback": {"budget": 12},
         "simulation": {"eval_images": 6},
-        "storage": {
-            "backend": "s3",
-            "s3_bucket": "hero-test",
-            "s3_endpoint_url": s3.url,
-            "s3_prefix": f"t-{uuid.uuid4().hex[:8]}/",
-        },
+        "storage": s3_storage(s3, f"t-{uuid.uuid4().hex[:8]}/"),
         "tracking": {"tracking_uri": mlflow.url, "registered_model": f"lora-{uuid.uuid4().hex[:6]}"},
         **top,
     }

@@ -15,15 +15,14 @@ from hero_ml.cli import app
 from hero_ml.config import HeroConfig
 from hero_ml.run_store import CorruptObjectError, RunStore
 from hero_ml.training import RunError, TrainingRun
+from tests.conftest import tiny_run
 
 runner = CliRunner()
 
 
 def small(tmp_path: Path, **top: object) -> dict:
     return {
-        "sampling": {"images_per_round": 6, "num_steps": 4, "sub_batch_size": 6},
-        "encoder": {"epochs_per_round": 3, "triplets_per_epoch": 8},
-        "ddpo": {"timesteps_per_trajectory": 2},
+        **tiny_run(images=6),
         "feedback": {"budget": 12},
         "simulation": {"eval_images": 6},
         "storage": {"local_root": str(tmp_path / "data")},
