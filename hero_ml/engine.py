@@ -19,7 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import StableDiffusionPipeline
@@ -32,11 +33,19 @@ from hero_ml.d3po import d3po_objective, preference_pairs
 from hero_ml.ddpo import StepObjective, UpdateStats, advantages, ddpo_objective, update_pass
 from hero_ml.diffusion.lora import add_lora
 from hero_ml.diffusion.pipeline import DTYPES
-from hero_ml.diffusion.sampler import Trajectory, per_image_generators, sample_trajectories
+from hero_ml.diffusion.sampler import (
+    PER_IMAGE_TENSORS,
+    Trajectory,
+    per_image_generators,
+    sample_trajectories,
+)
 from hero_ml.encoder import FeedbackEncoder, TripletSource, train_encoder
 from hero_ml.feedback import RoundFeedback
 from hero_ml.guidance import guided_initial_noise
 from hero_ml.rewards import mean_similarity_to_good, similarity_to_best
+
+if TYPE_CHECKING:
+    from hero_ml.parallel import DataParallel
 
 CHECKPOINT_FORMAT = 2  # 2: state.json records the tensors' size and sha256
 TENSORS = "state.safetensors"
@@ -88,32 +97,51 @@ def sample_batch(
     *,
     initial_noise: torch.Tensor | None = None,
     on_step: Callable[[], None] | None = None,
+    parallel: DataParallel | None = None,
 ) -> RoundBatch:
     """Sample round `round_index` as configured: `images_per_round` images of the prompt, each with its
-    own random stream seeded by (sampling.seed, round, image), from `initial_noise` or plain N(0, I)."""
+    own random stream seeded by (sampling.seed, round, image), from `initial_noise` or plain N(0, I).
+
+    parallel: each process samples its share of the images and every process gets the whole round."""
     count = sampling.images_per_round
+    prompts = [sampling.prompt] * count
+    mine = slice(0, count) if parallel is None else parallel.images(count)
     trajectory = sample_trajectories(
         pipe,
-        [sampling.prompt] * count,
-        per_image_generators((sampling.seed, round_index), count),
+        prompts[mine],
+        per_image_generators((sampling.seed, round_index), count)[mine],
         num_steps=sampling.num_steps,
         guidance_scale=sampling.guidance_scale,
         eta=sampling.eta,
-        initial_noise=initial_noise,
+        initial_noise=None if initial_noise is None else initial_noise[mine],
         negative_prompt=sampling.negative_prompt,
         sub_batch_size=sampling.sub_batch_size,
         storage_dtype=DTYPES[sampling.storage_dtype],
         on_step=on_step,
     )
+    if parallel is not None:
+        trajectory = _gather(trajectory, parallel, prompts)
     image_ids = tuple(f"r{round_index:04d}-{i:03d}" for i in range(count))
     return RoundBatch(round=round_index, image_ids=image_ids, trajectory=trajectory)
 
 
+def _gather(share: Trajectory, parallel: DataParallel, prompts: list[str]) -> Trajectory:
+    """The whole round of `prompts` from every process's share of it, in image order, on the CPU."""
+    per_image = {name: parallel.gather(getattr(share, name)).cpu() for name in PER_IMAGE_TENSORS}
+    return replace(share, prompts=prompts, **per_image)  # type: ignore[arg-type]
+
+
 class Engine:
-    def __init__(self, config: HeroConfig, pipe: StableDiffusionPipeline):
-        """Attach a fresh LoRA to `pipe` (its UNet must have none) and build the method's learners."""
+    def __init__(
+        self, config: HeroConfig, pipe: StableDiffusionPipeline, parallel: DataParallel | None = None
+    ):
+        """Attach a fresh LoRA to `pipe` (its UNet must have none) and build the method's learners.
+
+        parallel: this process's place in a data-parallel run (hero_ml/parallel.py); every process
+        holds the same engine and sees the whole round, and each computes its share of it."""
         self.config = config
         self.pipe = pipe
+        self.parallel = parallel
         self.method = config.method
         unet_config = pipe.unet.config
         self.latent_shape = (unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
@@ -156,7 +184,14 @@ class Engine:
                 eps=guidance.noise_eps,
                 generator=self._generator("guidance"),
             )
-        return sample_batch(self.pipe, sampling, self.round, initial_noise=initial_noise, on_step=on_step)
+        return sample_batch(
+            self.pipe,
+            sampling,
+            self.round,
+            initial_noise=initial_noise,
+            on_step=on_step,
+            parallel=self.parallel,
+        )
 
     def learn(self, batch: RoundBatch, feedback: RoundFeedback) -> RoundStats:
         """Learn from the feedback on `batch` and advance to the next round."""
@@ -251,6 +286,10 @@ class Engine:
             margin=encoder_config.margin,
             generator=self._generator("encoder"),
         )
+        if self.parallel is not None:  # rank 0's encoder everywhere: the rewards must agree
+            with torch.no_grad():
+                for tensor in self.encoder.state_dict().values():
+                    tensor.copy_(self.parallel.broadcast(tensor))
         features, best = self._features(latents)
         if encoder_config.reward == "best":
             return losses, similarity_to_best(features, best)
@@ -270,6 +309,7 @@ class Engine:
             inner_epochs=ddpo.inner_epochs,
             max_grad_norm=ddpo.max_grad_norm,
             generator=self._generator("update"),
+            parallel=self.parallel,
         )
 
     def _generator(self, purpose: str) -> torch.Generator:

@@ -1,17 +1,25 @@
-"""Data-parallel learning over several processes (one per GPU) with accelerate.
+"""Data parallelism over several processes (one per GPU) with accelerate: sampling and learning.
 
-Every process runs the same update pass from the same seeds, so they agree on the order of units and on
-the timesteps trained; each computes the loss of its share of every micro-batch (units rank, rank +
-world, ...), weighted by the *global* group size, and before each optimiser step the LoRA gradients are
-summed over the processes. Every process then holds the gradient of the whole group, clips and steps
-identically, and the adapters stay equal without being broadcast. Launch with `accelerate launch` or
-`torchrun`; a single process needs none of this (update_pass's `parallel=None`).
+Sampling: each process denoises a contiguous share of the round's images (every image has its own
+random stream, so which process samples it does not change it) and the shares are gathered, so every
+process ends with the whole round, as one process would have sampled it.
+
+Learning: every process runs the same update pass from the same seeds, so they agree on the order of
+units and on the timesteps trained; each computes the loss of its share of every micro-batch (units
+rank, rank + world, ...), weighted by the *global* group size, and before each optimiser step the LoRA
+gradients are summed over the processes. Every process then holds the gradient of the whole group,
+clips and steps identically, and the adapters stay equal without being broadcast. What is computed on
+every process from the same inputs but not summed (the encoder, the rewards) is broadcast from rank 0,
+so that kernel nondeterminism on one GPU cannot make the processes drift apart.
+
+Launch with `accelerate launch` or `torchrun`; a single process needs none of this (`parallel=None`).
 """
 
 from __future__ import annotations
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast
 
 
 class DataParallel:
@@ -19,6 +27,29 @@ class DataParallel:
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
+
+    @property
+    def device(self) -> torch.device:
+        """This process's device (its GPU under a multi-GPU launch)."""
+        return self.accelerator.device
+
+    def images(self, count: int) -> slice:
+        """This process's contiguous share of a round of `count` images."""
+        if count % self.world:
+            raise ValueError(
+                f"images_per_round ({count}) must be a multiple of the number of processes "
+                f"({self.world}) to share a round between them"
+            )
+        share = count // self.world
+        return slice(self.rank * share, (self.rank + 1) * share)
+
+    def gather(self, share: torch.Tensor) -> torch.Tensor:
+        """Every process's share concatenated in rank order (dim 0), on this process's device."""
+        return self.accelerator.gather(share.to(self.device).contiguous())
+
+    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's value of `tensor`, on every process."""
+        return broadcast(tensor.to(self.device).contiguous(), from_process=0)
 
     def share(self, units: torch.Tensor) -> torch.Tensor:
         """This process's units of a micro-batch."""

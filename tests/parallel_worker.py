@@ -1,6 +1,9 @@
-"""One process of the data-parallel test (tests/test_parallel.py launches two with torchrun, gloo on
-the CPU): the same round and LoRA as the single-process reference, one update pass over this
-process's share, then the LoRA parameters written to OUT/rank<k>.safetensors."""
+"""One process of the data-parallel tests (tests/test_parallel.py launches two with torchrun, gloo on
+the CPU), writing what it ends with to OUT/rank<k>.safetensors:
+- default: the same round and LoRA as the single-process reference, one update pass over this
+  process's share, then the LoRA parameters;
+- --engine: two whole HERO rounds of the engine (sampling shared, encoder, DDPO), then the rounds'
+  latents and images, the LoRA and the encoder."""
 
 import argparse
 from pathlib import Path
@@ -12,7 +15,9 @@ from hero_ml.ddpo import ddpo_objective, update_pass
 from hero_ml.diffusion.lora import add_lora
 from hero_ml.diffusion.pipeline import build_random_pipeline
 from hero_ml.diffusion.sampler import per_image_generators, sample_trajectories
+from hero_ml.engine import Engine
 from hero_ml.parallel import DataParallel
+from tests.unit.test_engine import run_rounds, small_config
 
 ADVANTAGE = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])
 
@@ -50,16 +55,30 @@ def train(parallel: DataParallel | None) -> list[torch.nn.Parameter]:
     return params
 
 
+def engine_rounds(parallel: DataParallel | None, rounds: int = 2) -> dict[str, torch.Tensor]:
+    """`rounds` HERO rounds of the unit tests' small engine; what they sampled and what it learned."""
+    engine = Engine(small_config("hero"), build_random_pipeline("tiny", seed=0), parallel=parallel)
+    batches = run_rounds(engine, rounds)
+    assert engine.encoder is not None
+    return {
+        **{f"latents.{b.round}": b.trajectory.latents for b in batches},
+        **{f"images.{b.round}": b.trajectory.images for b in batches},
+        **{f"lora.{i}": p.detach() for i, p in enumerate(engine.lora_params)},
+        **{f"encoder.{k}": v for k, v in engine.encoder.state_dict().items()},
+    }
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--no-sum", action="store_true", help="skip the all-reduce (the test's control)")
+    parser.add_argument("--engine", action="store_true", help="two engine rounds instead of one pass")
     args = parser.parse_args()
     parallel = DataParallel()
     if args.no_sum:
         parallel.sum_gradients = lambda params: None  # type: ignore[method-assign]
-    trained = train(parallel)
-    save_file(
-        {f"p{i}": p.detach().contiguous() for i, p in enumerate(trained)},
-        args.out / f"rank{parallel.rank}.safetensors",
-    )
+    if args.engine:
+        result = engine_rounds(parallel)
+    else:
+        result = {f"p{i}": p.detach() for i, p in enumerate(train(parallel))}
+    save_file({k: v.contiguous() for k, v in result.items()}, args.out / f"rank{parallel.rank}.safetensors")

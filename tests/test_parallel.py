@@ -1,6 +1,7 @@
-"""Data-parallel learning: two processes (torchrun, gloo on the CPU), each training its half of every
+"""Data parallelism: two processes (torchrun, gloo on the CPU), each training its half of every
 micro-batch, end with the LoRA a single process trains on the whole batch; without the gradient sum
-they would not (the control)."""
+they would not (the control). Whole engine rounds shared by two processes (each samples half the
+images) sample and learn what one process does."""
 
 import os
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from tests.parallel_worker import setting, train
+from tests.parallel_worker import engine_rounds, setting, train
 
 WORKER = Path(__file__).parent / "parallel_worker.py"
 
@@ -56,3 +57,19 @@ def test_two_processes_sum_their_gradients_into_the_single_process_update(tmp_pa
     alone = launch(tmp_path / "unsummed", "--no-sum")  # control: each process steps on its half only
     assert not all(torch.equal(alone[0][n], alone[1][n]) for n in reference)
     assert relative_error(alone[0], reference, start) > 0.1
+
+
+def test_two_processes_share_whole_rounds_and_end_as_one_process(tmp_path: Path) -> None:
+    reference = engine_rounds(parallel=None)
+    ranks = launch(tmp_path / "engine", "--engine")
+    assert all(torch.equal(ranks[0][n], ranks[1][n]) for n in reference)  # every process holds the same
+    for round_index in (0, 1):  # each process sampled half: gathered, the round is one process's
+        latents = ranks[0][f"latents.{round_index}"]
+        assert latents.shape == reference[f"latents.{round_index}"].shape
+        torch.testing.assert_close(latents, reference[f"latents.{round_index}"], rtol=0, atol=1e-4)
+        images = ranks[0][f"images.{round_index}"].int() - reference[f"images.{round_index}"].int()
+        assert images.abs().max() <= 1  # uint8 rounding of near-equal pixels
+    for part in ("lora", "encoder"):
+        names = [n for n in reference if n.startswith(part)]
+        error = torch.cat([(ranks[0][n] - reference[n]).reshape(-1) for n in names]).norm()
+        assert error / torch.cat([reference[n].reshape(-1) for n in names]).norm() < 1e-4

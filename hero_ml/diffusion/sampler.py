@@ -23,7 +23,8 @@ from safetensors.torch import save as save_tensors
 from hero_ml.diffusion.ddim import check_scheduler, ddim_step_mean_std, gaussian_log_prob, step_log_prob
 
 TRAJECTORY_FORMAT = "hero-trajectory/1"
-_TENSORS = ("latents", "log_probs", "timesteps", "prompt_embeds", "negative_prompt_embeds", "images")
+PER_IMAGE_TENSORS = ("latents", "log_probs", "prompt_embeds", "negative_prompt_embeds", "images")
+_TENSORS = (*PER_IMAGE_TENSORS, "timesteps")
 
 
 @dataclass(frozen=True)
