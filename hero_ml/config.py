@@ -76,6 +76,22 @@ class ModelConfig(_Section):
         pattern=r"^(cpu|mps|cuda(:\d+)?)$",
         description="Torch device of the pipeline: 'cpu', 'cuda', 'cuda:1', 'mps'.",
     )
+    channels_last: bool = Field(
+        False,
+        description=(
+            "Keep the UNet and VAE weights channels-last: convolutions then run on GPU tensor cores "
+            "without layout transposes (see docs/PERFORMANCE.md for what it gains). Results change "
+            "only by rounding."
+        ),
+    )
+    compile: bool = Field(
+        False,
+        description=(
+            "torch.compile the UNet. The first round pays the compile time (minutes for SD 1.5) and "
+            "each new batch shape or adapter state (d3po's reference policy) compiles once more; "
+            "worth it for long runs on a GPU, not on the CPU."
+        ),
+    )
     lora_rank: int = Field(4, ge=1, description="LoRA rank on the UNet attention projections.")
     lora_alpha: float = Field(
         4.0,

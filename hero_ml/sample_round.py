@@ -17,7 +17,7 @@ import torch
 from hero_ml import __version__
 from hero_ml.adapters.storage import open_store
 from hero_ml.config import HeroConfig
-from hero_ml.diffusion.pipeline import DTYPES, RANDOM_PREFIX, load_pipeline
+from hero_ml.diffusion.pipeline import RANDOM_PREFIX, load_configured_pipeline
 from hero_ml.engine import RoundBatch, sample_batch
 from hero_ml.run_store import RunStore
 
@@ -49,14 +49,7 @@ def sample_round(
             f"round {round_index} of run {config.run_id!r} is already committed at {folder}; "
             "rounds are immutable: choose another run_id (HERO_RUN_ID) to sample again"
         )
-    pipe = load_pipeline(
-        config.model.source,
-        dtype=DTYPES[config.model.dtype],
-        device=config.model.device,
-        allow_download=config.model.allow_download,
-        seed=config.model.seed,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_configured_pipeline(config.model)
     if on_model_loaded is not None:
         on_model_loaded()
 

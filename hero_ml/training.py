@@ -25,7 +25,7 @@ from hero_ml.adapters.storage import ArtifactStore
 from hero_ml.adapters.tracking import Tracker
 from hero_ml.config import HeroConfig
 from hero_ml.diffusion.lora import adapters_disabled, save_lora
-from hero_ml.diffusion.pipeline import DTYPES, load_pipeline
+from hero_ml.diffusion.pipeline import load_configured_pipeline
 from hero_ml.engine import Engine, RoundBatch, RoundStats
 from hero_ml.feedback import RoundFeedback, aggregate
 from hero_ml.images import image_grid
@@ -83,14 +83,7 @@ class TrainingRun:
                 f"run {config.run_id!r} exists with another config (sections differ: {', '.join(changed)}); "
                 "resume it with its own config (hero run --resume) or choose a new run_id"
             )
-        self.pipe = load_pipeline(
-            config.model.source,
-            dtype=DTYPES[config.model.dtype],
-            device=config.model.device,
-            allow_download=config.model.allow_download,
-            seed=config.model.seed,
-        )
-        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe = load_configured_pipeline(config.model)
         latest = self.runs.latest_checkpoint()
         self.engine = (
             Engine(config, self.pipe)

@@ -2,24 +2,39 @@
 # A Prefect process worker for work pool POOL: it runs the deployments' flow runs as subprocesses
 # with this environment (PREFECT_API_URL, HERO_* settings and secrets, HERO_CONFIG_FILE).
 #
-#   infra/prefect-worker.sh start POOL   # health on $HERO_WORKER_PORT (default 8181)
-#   infra/prefect-worker.sh stop POOL
+#   infra/prefect-worker.sh start POOL       # health on $HERO_WORKER_PORT (default 8181)
+#   infra/prefect-worker.sh start POOL GPU   # one worker per GPU: sees only GPU (CUDA_VISIBLE_DEVICES),
+#                                            # runs one flow run at a time; health on port + GPU
+#   infra/prefect-worker.sh stop POOL [GPU]
+#
+# Several runs share a machine's GPUs with one worker per GPU: the pool's concurrency limit (hero
+# deploy --gpus N) caps the runs in flight, each worker's limit of 1 keeps two runs off one GPU, and a
+# suspended run (waiting for its annotators) holds neither.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 POOL="${2:-}"
-if [[ -z $POOL || ! ${1:-} =~ ^(start|stop)$ ]]; then
-    echo "usage: $0 start | stop POOL" >&2
+GPU="${3:-}"
+if [[ -z $POOL || ! ${1:-} =~ ^(start|stop)$ || ! $GPU =~ ^[0-9]*$ ]]; then
+    echo "usage: $0 start | stop POOL [GPU index]" >&2
     exit 2
 fi
 PORT="${HERO_WORKER_PORT:-8181}"
+NAME="worker-$POOL"
+LIMIT=()
+if [[ -n $GPU ]]; then
+    NAME="worker-$POOL-gpu$GPU"
+    PORT=$((PORT + GPU))
+    LIMIT=(--limit 1 --name "$(hostname)-$POOL-gpu$GPU")
+    export CUDA_VISIBLE_DEVICES="$GPU"
+fi
 
 case "${1:-}" in
 start)
     need prefect
     : "${PREFECT_API_URL:?set PREFECT_API_URL to the Prefect server (infra/prefect-server.sh)}"
     PREFECT_WORKER_WEBSERVER_HOST=127.0.0.1 PREFECT_WORKER_WEBSERVER_PORT="$PORT" \
-        start_service "worker-$POOL" "http://127.0.0.1:$PORT/health" 120 \
-        prefect worker start --pool "$POOL" --type process --with-healthcheck
+        start_service "$NAME" "http://127.0.0.1:$PORT/health" 120 \
+        prefect worker start --pool "$POOL" --type process --with-healthcheck "${LIMIT[@]}"
     ;;
-stop) stop_service "worker-$POOL" ;;
+stop) stop_service "$NAME" ;;
 esac

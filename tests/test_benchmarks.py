@@ -6,7 +6,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 
 import feedback_efficiency as fe
+import gpu_round as gr
 import hyperparameter_probe as hp
+import pytest
+
+from hero_ml.config import HeroConfig
 
 
 def test_curves_group_seeds_and_the_first_crossing_of_the_mean_is_found() -> None:
@@ -39,3 +43,36 @@ def test_reward_auc_counts_the_good_bad_pairs_ordered_right() -> None:
     assert hp.reward_auc([0.5, 0.7, 0.5, 0.1], good) == 0.875  # the tie 0.5 = 0.5 counts half
     assert hp.reward_auc([0.5, 0.5], (True, True)) is None  # nothing bad to rank against
     assert hp.reward_auc(None, (True, False)) is None
+
+
+def test_a_guided_step_counts_both_branches_and_training_adds_the_backward(tiny_pipe) -> None:
+    processors = dict(tiny_pipe.unet.attn_processors)
+    unconditional = gr.unet_flops(tiny_pipe, 1.0, backward=False)  # one branch: CFG off
+    guided = gr.unet_flops(tiny_pipe, 5.0, backward=False)
+    trained = gr.unet_flops(tiny_pipe, 5.0, backward=True)
+    assert guided == 2 * unconditional > 0
+    assert 2 * guided < trained < 4 * guided  # the backward of a frozen UNet: 1-2x its forward
+    assert {k: type(v) for k, v in tiny_pipe.unet.attn_processors.items()} == {
+        k: type(v) for k, v in processors.items()
+    }  # SDPA is back after counting with math attention
+
+
+def test_a_rounds_work_and_its_share_of_the_peak() -> None:
+    config = HeroConfig(
+        sampling={"images_per_round": 4, "num_steps": 10},
+        ddpo={"timesteps_per_trajectory": 5, "inner_epochs": 2},
+    )
+    flops = {"unet_sampling_step": 3, "unet_training_step": 7, "vae_decode": 11}
+    assert gr.round_work(config, flops) == {"sampling": 4 * 10 * 3, "decode": 4 * 11, "ddpo": 4 * 5 * 2 * 7}
+    result = {
+        "first_round_s": 9.0,
+        "seconds": 4.0,
+        "phases": {"sampling": 2.0, "decode": 0.5, "encoder": 0.5, "ddpo": 7.0},
+        "peak_gib": {"generate": 1.0, "encoder": 0.1, "ddpo": 2.0},
+    }
+    figures = gr.figures_of("hero", result, config, flops, peak=60e-12, world=2)  # 60 FLOP/s a GPU
+    assert figures["tflops_achieved"]["sampling"] == pytest.approx(120 / 2.0 / 1e12)
+    # achieved FLOP/s over the peak of both GPUs (120): 60, 88 and 40 FLOP/s
+    assert figures["share_of_bf16_peak"] == {"sampling": 0.5, "decode": 0.733, "ddpo": 0.333}
+    assert figures["sampling_lower_bound_s"] == 1.0 and figures["sampling_over_lower_bound"] == 2.0
+    assert figures["images_per_s"] == {"sampling": 2.0, "decode": 8.0}

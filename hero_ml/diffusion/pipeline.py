@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -15,6 +16,9 @@ from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from hero_ml.diffusion.architectures import architecture_dir
+
+if TYPE_CHECKING:
+    from hero_ml.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +46,42 @@ def load_pipeline(
     device: str | torch.device = "cpu",
     allow_download: bool = False,
     seed: int = 0,
+    channels_last: bool = False,
+    compile_unet: bool = False,
 ) -> StableDiffusionPipeline:
     """Load an SD-family pipeline.
 
     source: a local diffusers folder, a hub id ('org/name', looked up in the local Hugging Face cache
     unless allow_download), 'toy' for the committed toy model, or 'random:<arch>' for random weights
-    of a named architecture.
+    of a named architecture. channels_last and compile_unet: see ModelConfig.
     """
+    pipe = _load(source, dtype=dtype, device=device, allow_download=allow_download, seed=seed)
+    if channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if compile_unet:
+        pipe.unet.compile()  # in place: parameter names (and so checkpoints) stay those of the UNet
+    return pipe
+
+
+def load_configured_pipeline(model: ModelConfig) -> StableDiffusionPipeline:
+    """The pipeline a run's `model` config section describes, progress bars off."""
+    pipe = load_pipeline(
+        model.source,
+        dtype=DTYPES[model.dtype],
+        device=model.device,
+        allow_download=model.allow_download,
+        seed=model.seed,
+        channels_last=model.channels_last,
+        compile_unet=model.compile,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _load(
+    source: str, *, dtype: torch.dtype, device: str | torch.device, allow_download: bool, seed: int
+) -> StableDiffusionPipeline:
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceUnavailableError(

@@ -210,9 +210,11 @@ def sample_trajectories(
             if on_step is not None:
                 on_step()
 
-        latents.append(torch.stack(part_latents, dim=1).cpu())
-        log_probs.append(torch.stack(part_log_probs, dim=1).cpu())
-        images.append(decode_latents(pipe, x))
+        latents.append(_offload(torch.stack(part_latents, dim=1)))
+        log_probs.append(_offload(torch.stack(part_log_probs, dim=1)))
+        images.append(_offload(decode_latents(pipe, x)))
+    if device.type == "cuda":  # the offloads were queued behind the sampling; wait for them once
+        torch.cuda.current_stream(device).synchronize()
 
     return Trajectory(
         prompts=list(prompts),
@@ -261,11 +263,21 @@ def recompute_log_probs(
 
 @torch.no_grad()
 def decode_latents(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> torch.Tensor:
-    """VAE-decode x_0 latents to uint8 images of shape (B, H, W, 3)."""
+    """VAE-decode x_0 latents to uint8 images of shape (B, H, W, 3), on the latents' device."""
     vae = pipe.vae
     decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
     images = (decoded.float() / 2 + 0.5).clamp(0, 1)
-    return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def _offload(tensor: torch.Tensor) -> torch.Tensor:
+    """A host copy of `tensor`. From a GPU the copy is queued into pinned memory and not waited for,
+    so the next sub-batch's kernels are launched at once; synchronise the stream before reading it."""
+    if tensor.device.type != "cuda":
+        return tensor.cpu()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:

@@ -13,14 +13,16 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from hero_ml.config import ModelConfig
 from hero_ml.diffusion.architectures import architecture_dir
 from hero_ml.diffusion.pipeline import (
     DeviceUnavailableError,
     ModelNotFoundError,
     build_random_pipeline,
+    load_configured_pipeline,
     load_pipeline,
 )
-from hero_ml.diffusion.sampler import guided_noise_pred
+from hero_ml.diffusion.sampler import guided_noise_pred, per_image_generators, sample_trajectories
 
 
 def test_sd15_configs_have_the_published_parameter_counts() -> None:
@@ -122,3 +124,18 @@ def test_a_failed_download_says_so() -> None:
     # HF_HUB_OFFLINE=1 (set for every test) makes the download fail as a closed network would.
     with pytest.raises(ModelNotFoundError, match="the download failed"):
         load_pipeline("nobody-here/no-such-model", allow_download=True)
+
+
+def test_channels_last_changes_the_layout_not_the_samples() -> None:
+    plain = load_configured_pipeline(ModelConfig(source="random:tiny"))
+    fast = load_configured_pipeline(ModelConfig(source="random:tiny", channels_last=True))
+    for pipe, expected in ((plain, False), (fast, True)):
+        for conv in (pipe.unet.conv_in.weight, pipe.vae.decoder.conv_in.weight):
+            assert conv.is_contiguous(memory_format=torch.channels_last) is expected
+
+    def sample(pipe: StableDiffusionPipeline) -> torch.Tensor:
+        return sample_trajectories(
+            pipe, ["a red circle"] * 2, per_image_generators(0, 2), num_steps=3, guidance_scale=5.0, eta=1.0
+        ).latents
+
+    torch.testing.assert_close(sample(fast), sample(plain), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,67 @@
+"""Several runs share a machine's GPUs through the GPU pool: one process worker per GPU
+(infra/prefect-worker.sh start POOL GPU), each running one flow run at a time on the GPU it was
+given, and the pool's concurrency limit. Five runs submitted at once on a two-GPU pool: never more
+than two at a time, never two at a time on one GPU, and both GPUs used."""
+
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any, cast
+
+from prefect import Flow
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from flows.deploy import REPO_ROOT, ensure_pool
+from tests.conftest import Service, _free_port, _infra
+from tests.gpu_pool_probe import probe
+
+RUNS = 5
+
+
+def test_runs_share_two_gpus_one_run_per_gpu_at_a_time(prefect_server: Service, tmp_path: Path) -> None:
+    pool = f"gpu-share-{uuid.uuid4().hex[:6]}"
+    base_port = _free_port()  # worker GPU k serves its health check on base_port + k
+    env = {
+        **prefect_server.env,
+        "HERO_INFRA_STATE": str(tmp_path / "infra"),
+        "HERO_WORKER_PORT": str(base_port),
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+    }
+    with temporary_settings({PREFECT_API_URL: prefect_server.url}):
+        ensure_pool(pool, concurrency_limit=2)
+        deployment = cast(
+            Flow[..., Any],
+            probe.from_source(source=str(REPO_ROOT), entrypoint="tests/gpu_pool_probe.py:probe"),
+        ).deploy(name="probe", work_pool_name=pool, build=False, push=False, print_next_steps=False)
+        runs = [
+            run_deployment(deployment, parameters={"out": str(tmp_path / f"run{i}.json")}, timeout=0)
+            for i in range(RUNS)
+        ]
+        for gpu in ("0", "1"):
+            _infra("prefect-worker.sh", "start", env, pool, gpu)
+        try:
+            deadline = time.monotonic() + 300
+            states: list[str] = []
+            while time.monotonic() < deadline:
+                with get_client(sync_client=True) as client:
+                    states = [client.read_flow_run(run.id).state_type.value for run in runs]
+                if all(state in ("COMPLETED", "FAILED", "CRASHED") for state in states):
+                    break
+                time.sleep(1)
+        finally:
+            for gpu in ("0", "1"):
+                _infra("prefect-worker.sh", "stop", env, pool, gpu)
+    assert states == ["COMPLETED"] * RUNS, states
+
+    records = [json.loads((tmp_path / f"run{i}.json").read_text()) for i in range(RUNS)]
+    assert {r["gpu"] for r in records} == {"0", "1"}  # both GPUs used, and only through the workers
+    for i, a in enumerate(records):
+        overlapping = [b for b in records[i + 1 :] if a["started"] < b["ended"] and b["started"] < a["ended"]]
+        assert all(b["gpu"] != a["gpu"] for b in overlapping), (a, overlapping)  # one run per GPU
+    moments = sorted(t for r in records for t in (r["started"], r["ended"]))
+    most = max(sum(r["started"] <= m < r["ended"] for r in records) for m in moments)
+    assert most == 2  # the two GPUs ran runs side by side, and never more than two at a time
