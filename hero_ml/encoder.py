@@ -93,26 +93,43 @@ def train_encoder(
     generator: torch.Generator,
 ) -> list[float]:
     """Train on triplets drawn anew each epoch (source uniformly, then a random good and bad of it);
-    one optimiser step per epoch. Returns the loss of every epoch; empty when no source has a bad image."""
+    one optimiser step per epoch. Returns the loss of every epoch; empty when no source has a bad image.
+
+    The latents go to the encoder's device once, and an epoch embeds each distinct latent it uses once
+    (a round has one anchor and some 64 labelled latents, an epoch 3 x 64 triplet rows): the loss and
+    its gradient are those of embedding every row, at a third of the cost."""
     usable = [source for source in sources if len(source.bad)]
     if not usable:
         return []
     device = next(encoder.parameters()).device
+    # one table of every latent: per source its anchor, its positive pool, its bad images
+    parts, anchor_row, pool_rows, bad_rows = [], [], [], []
+    offset = 0
+    for source in usable:
+        pool = source.good if len(source.good) else source.anchor[None]
+        parts += [source.anchor[None], pool, source.bad]
+        anchor_row.append(offset)
+        pool_rows.append(torch.arange(offset + 1, offset + 1 + len(pool)))
+        bad_rows.append(torch.arange(offset + 1 + len(pool), offset + 1 + len(pool) + len(source.bad)))
+        offset += 1 + len(pool) + len(source.bad)
+    table = torch.cat(parts).to(device)
     encoder.train()
     losses = []
     for _ in range(epochs):
         which = torch.randint(len(usable), (triplets_per_epoch,), generator=generator)
         anchors, positives, negatives = [], [], []
-        for index, source in enumerate(usable):
+        for index in range(len(usable)):
             count = int((which == index).sum())
             if count == 0:
                 continue
-            pool = source.good if len(source.good) else source.anchor[None]
-            anchors.append(source.anchor.expand(count, *source.anchor.shape))
+            pool, bad = pool_rows[index], bad_rows[index]
+            anchors.append(torch.full((count,), anchor_row[index]))
             positives.append(pool[torch.randint(len(pool), (count,), generator=generator)])
-            negatives.append(source.bad[torch.randint(len(source.bad), (count,), generator=generator)])
-        batch = torch.cat([torch.cat(anchors), torch.cat(positives), torch.cat(negatives)]).to(device)
-        anchor, positive, negative = encoder(batch).chunk(3)
+            negatives.append(bad[torch.randint(len(bad), (count,), generator=generator)])
+        rows = torch.cat([torch.cat(anchors), torch.cat(positives), torch.cat(negatives)])
+        used, position = torch.unique(rows, return_inverse=True)
+        embedded = encoder(table[used.to(device)])
+        anchor, positive, negative = embedded[position.to(device)].chunk(3)
         loss = triplet_loss(anchor, positive, negative, margin)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

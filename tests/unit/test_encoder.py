@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -92,3 +93,24 @@ def test_rounds_without_bad_images_give_no_triplets_and_without_good_use_the_anc
     assert train_encoder(encoder, optimizer, [no_bad], **kwargs) == []
     no_good = TripletSource(anchor=source.anchor, good=source.good[:0], bad=source.bad)
     assert len(train_encoder(encoder, optimizer, [no_good], **kwargs)) == 3
+
+
+def test_an_epoch_embeds_each_latent_once_with_the_gradient_of_every_triplet_row() -> None:
+    torch.manual_seed(0)
+    shape = (4, 8, 8)
+    source = TripletSource(anchor=torch.randn(shape), good=torch.randn(3, *shape), bad=torch.randn(4, *shape))
+    encoder = FeedbackEncoder(shape)
+    reference = copy.deepcopy(encoder)
+    optimizer = torch.optim.SGD(encoder.parameters(), lr=1.0)  # the step is minus the gradient
+    kwargs = {"epochs": 1, "triplets_per_epoch": 16, "margin": 0.5}
+    train_encoder(encoder, optimizer, [source], generator=torch.Generator().manual_seed(3), **kwargs)
+
+    draws = torch.Generator().manual_seed(3)  # the same triplets, every row embedded
+    torch.randint(1, (16,), generator=draws)  # which source: there is one
+    positive = source.good[torch.randint(3, (16,), generator=draws)]
+    negative = source.bad[torch.randint(4, (16,), generator=draws)]
+    anchor = source.anchor.expand(16, *shape)
+    triplet_loss(*reference(torch.cat([anchor, positive, negative])).chunk(3), margin=0.5).backward()
+    for trained, start in zip(encoder.parameters(), reference.parameters(), strict=True):
+        assert start.grad is not None
+        torch.testing.assert_close(trained, start - start.grad, rtol=1e-5, atol=1e-6)
