@@ -12,7 +12,7 @@ LS_STAMP := $(LS_VENV)/.installed
 TORCH_PIP_ARGS ?=
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install label-studio browser demo test lint typecheck unit bench constraints clean
+.PHONY: install label-studio browser demo test test-long lint typecheck unit bench constraints clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,10 @@ typecheck: install
 
 unit: install label-studio browser
 	$(BIN)/pytest --durations=15  # the slowest tests, to keep the whole run under 25 minutes
+
+## test-long: only the long variants of the tests (every crash point); CI runs them after `make test`
+test-long: install label-studio browser
+	$(BIN)/pytest --long -m long --durations=15
 
 ## bench: the sampler benchmark (writes benchmarks/results/sampler.json and RESULTS.md)
 bench: install

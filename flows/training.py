@@ -93,6 +93,8 @@ def hero_training(
             else None
         )
         this_run = None if flow_run.id is None else str(flow_run.id)
+        for k in run.track_interrupted():
+            logger.info("round %d was learned but its tracking was interrupted: tracked again", k)
         before = evaluate(run, "before")
         rounds = []
         while not run.done:

@@ -17,6 +17,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from hero_ml.diffusion.sampler import Trajectory, recompute_log_probs
+from hero_ml.faults import crash_point
 
 if TYPE_CHECKING:
     from hero_ml.parallel import DataParallel
@@ -126,6 +127,7 @@ def update_pass(
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
             optimizer_steps += 1
+            crash_point("ddpo.step")
 
     def mean(values: list[float]) -> float:  # nan: a process that had no unit to train
         return sum(values) / len(values) if values else float("nan")

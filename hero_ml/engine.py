@@ -40,6 +40,7 @@ from hero_ml.diffusion.sampler import (
     sample_trajectories,
 )
 from hero_ml.encoder import FeedbackEncoder, TripletSource, train_encoder
+from hero_ml.faults import crash_point
 from hero_ml.feedback import RoundFeedback
 from hero_ml.guidance import guided_initial_noise
 from hero_ml.rewards import mean_similarity_to_good, similarity_to_best
@@ -216,6 +217,7 @@ class Engine:
         units = len(trajectory)
         if self.method in ("hero", "hero-noguide"):
             encoder_losses, rewards = self._encoder_round(latents, good, bad)
+            crash_point("encoder")
         elif self.method == "ddpo-binary":
             rewards = torch.tensor(feedback.good, dtype=torch.float32)
         if rewards is not None:
@@ -347,6 +349,7 @@ class Engine:
             "optimizers": optimizers,
         }
         store.put(f"{prefix}/{TENSORS}", blob)
+        crash_point("checkpoint.tensors")
         store.put(f"{prefix}/{STATE}", json.dumps(state, indent=1).encode())
 
     @classmethod

@@ -34,6 +34,7 @@ from hero_ml.adapters.label_studio.rounds import (
 )
 from hero_ml.adapters.tracking import Tracker
 from hero_ml.config import HeroConfig
+from hero_ml.faults import crash_point
 from hero_ml.feedback import RoundFeedback
 from hero_ml.run_store import ANNOTATIONS, CURRENT_BEST, GRID, PUBLISHED, RunStore
 
@@ -223,6 +224,7 @@ class LabelStudioRounds:
         self.runs.put_round_object(
             round_index, ANNOTATIONS, json.dumps(record, indent=1, default=str).encode()
         )
+        crash_point("collect")
         feedback = collected.round_feedback(image_ids, has_current_best=round_index > 0)
         self.runs.save_feedback(round_index, feedback, collected.feedback)
         if self.tracker is not None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,7 +28,8 @@ from PIL import Image
 
 from hero_ml.adapters.storage import ArtifactStore
 from hero_ml.diffusion.sampler import Trajectory
-from hero_ml.engine import STATE, TENSORS, Engine, RoundBatch
+from hero_ml.engine import STATE, TENSORS, Engine, RoundBatch, RoundStats
+from hero_ml.faults import crash_point
 from hero_ml.feedback import AnnotatorFeedback, RoundFeedback
 from hero_ml.images import image_grid
 
@@ -39,9 +40,11 @@ FEEDBACK = "feedback.json"
 CURRENT_BEST = "current_best.png"  # the best annotators compared this round's images with (Label Studio)
 ANNOTATIONS = "annotations.json"  # the raw annotations the feedback was aggregated from (Label Studio)
 PUBLISHED = "published.json"  # when and where the round's tasks went out (Label Studio)
+STATS = "stats.json"  # what learning the round did (RoundStats), written before its checkpoint
+TRACKED = "tracked.json"  # the round's metrics and grid reached the tracker
 # written after the manifest, by the labelling of a committed round
 _LABELLING = (CURRENT_BEST, ANNOTATIONS, PUBLISHED)
-_AFTER_COMMIT = {MANIFEST, FEEDBACK, *_LABELLING}
+_AFTER_COMMIT = {MANIFEST, FEEDBACK, STATS, TRACKED, *_LABELLING}
 
 
 class CorruptObjectError(RuntimeError):
@@ -107,6 +110,9 @@ class RunStore:
             files[f"images/{image_id}.png"] = _png(Image.fromarray(image.numpy()))
         for name, data in files.items():
             self.store.put(f"{prefix}/{name}", data)
+            if name.startswith("images/"):
+                crash_point("commit.images")
+        crash_point("commit.manifest")
         manifest = {
             "run_id": self.run_id,
             "round": batch.round,
@@ -159,6 +165,30 @@ class RunStore:
         }
         self.store.put(f"{self.round_prefix(round_index)}/{FEEDBACK}", json.dumps(record, indent=1).encode())
 
+    # -- learning and tracking ---------------------------------------------------------------------
+
+    def save_stats(self, stats: RoundStats) -> None:
+        self.store.put(f"{self.round_prefix(stats.round)}/{STATS}", json.dumps(asdict(stats)).encode())
+
+    def load_stats(self, round_index: int) -> RoundStats:
+        return RoundStats(**json.loads(self.store.get(f"{self.round_prefix(round_index)}/{STATS}")))
+
+    def mark_tracked(self, round_index: int) -> None:
+        self.store.put(f"{self.round_prefix(round_index)}/{TRACKED}", b"{}")
+
+    def untracked_rounds(self) -> list[int]:
+        """Learned rounds (up to the latest checkpoint) whose tracking did not finish: a crash while
+        tracking. Each has its stats stored, so it can be tracked again."""
+        latest = self.latest_checkpoint()
+        if latest is None:
+            return []
+        return [
+            k
+            for k in range(latest + 1)
+            if self.store.exists(f"{self.round_prefix(k)}/{STATS}")
+            and not self.store.exists(f"{self.round_prefix(k)}/{TRACKED}")
+        ]
+
     def put_round_object(self, round_index: int, name: str, data: bytes) -> str:
         """Write a labelling object of a committed round (CURRENT_BEST, ANNOTATIONS, PUBLISHED); its key."""
         if name not in _LABELLING:
@@ -182,6 +212,7 @@ class RunStore:
         """The engine after its last learned round; progress.json then points at it."""
         learned = engine.round - 1
         engine.save(self.store, self.checkpoint_prefix(learned))
+        crash_point("checkpoint.progress")
         self.store.put(f"{self.prefix}/progress.json", json.dumps({"checkpoint": learned}).encode())
 
     def latest_checkpoint(self) -> int | None:

@@ -27,6 +27,7 @@ from hero_ml.config import HeroConfig
 from hero_ml.diffusion.lora import adapters_disabled, save_lora
 from hero_ml.diffusion.pipeline import load_configured_pipeline
 from hero_ml.engine import Engine, RoundBatch, RoundStats
+from hero_ml.faults import crash_point
 from hero_ml.feedback import RoundFeedback, aggregate
 from hero_ml.images import image_grid
 from hero_ml.run_store import RunStore
@@ -113,7 +114,7 @@ class TrainingRun:
         if self.runs.has_batch(round_index):  # committed before a crash: the same batch, not a second one
             return self.runs.load_batch(round_index)
         started = time.perf_counter()
-        batch = self.engine.generate(on_step=self.on_step)
+        batch = self.engine.generate(on_step=self._on_step)
         self.runs.commit_batch(
             batch,
             {
@@ -124,6 +125,11 @@ class TrainingRun:
             },
         )
         return batch
+
+    def _on_step(self) -> None:
+        crash_point("sampling")
+        if self.on_step is not None:
+            self.on_step()
 
     def feedback(self, batch: RoundBatch) -> RoundFeedback:
         stored = self.runs.load_feedback(batch.round)
@@ -145,16 +151,30 @@ class TrainingRun:
         return feedback
 
     def learn(self, batch: RoundBatch, feedback: RoundFeedback) -> RoundStats:
+        """Learn the round and commit it: its stats, then the checkpoint (a crash before the checkpoint
+        learns the round again, from the same batch and feedback, to the same result)."""
+        crash_point("feedback")
         stats = self.engine.learn(batch, feedback)
+        self.runs.save_stats(stats)
         self.runs.save_checkpoint(self.engine)
         return stats
 
     def track(self, batch: RoundBatch, stats: RoundStats) -> None:
-        if self.tracker is None:
-            return
-        self.tracker.log_metrics(stats.metrics(), step=stats.round)
-        grid = np.asarray(image_grid(batch.trajectory.images))
-        self.tracker.log_image(grid, f"rounds/{stats.round:04d}/grid.png", step=stats.round)
+        """The round's metrics and image grid to the tracker, then the mark that they got there."""
+        if self.tracker is not None:
+            self.tracker.log_metrics(stats.metrics(), step=stats.round)
+            crash_point("track")
+            grid = np.asarray(image_grid(batch.trajectory.images))
+            self.tracker.log_image(grid, f"rounds/{stats.round:04d}/grid.png", step=stats.round)
+        self.runs.mark_tracked(stats.round)
+
+    def track_interrupted(self) -> list[int]:
+        """Track again the learned rounds whose tracking a crash interrupted (their metrics may then
+        be logged twice, with the same values); the rounds tracked."""
+        rounds = self.runs.untracked_rounds()
+        for k in rounds:
+            self.track(self.runs.load_batch(k), self.runs.load_stats(k))
+        return rounds
 
     def evaluate(self, label: str) -> Evaluation | None:
         """Success rate on the task's prompts from fixed plain noises (seed 0: the same for every run

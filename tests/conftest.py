@@ -30,6 +30,27 @@ from hero_ml.diffusion.pipeline import build_random_pipeline
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--long",
+        action="store_true",
+        help="also run the long variants (every crash point, the full load test): make test-long",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "long: a long variant, run with --long (make test-long)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--long"):
+        return
+    skip = pytest.mark.skip(reason="long variant: run with `pytest --long` (make test-long)")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def tiny_pipe() -> StableDiffusionPipeline:
     """A fresh tiny SD with seeded random weights, built from the real diffusers classes (0.1 s)."""

@@ -3,7 +3,10 @@ from S3 storage, annotators with their own accounts posting annotations through 
 page does, the round collected, aggregated and stored for audit."""
 
 import base64
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import time
 import uuid
@@ -18,7 +21,7 @@ from label_studio_sdk import LabelStudio
 from pydantic import SecretStr
 from typer.testing import CliRunner
 
-from hero_ml.adapters.label_studio.client import LabelStudioError, LabelStudioProjects
+from hero_ml.adapters.label_studio.client import IMPORT_CHUNK, LabelStudioError, LabelStudioProjects
 from hero_ml.adapters.label_studio.rounds import LABEL_CONFIG
 from hero_ml.adapters.storage import open_store
 from hero_ml.adapters.tracking.mlflow import MlflowTracker
@@ -26,7 +29,7 @@ from hero_ml.cli import app
 from hero_ml.config import HeroConfig, StorageConfig
 from hero_ml.diffusion.pipeline import build_random_pipeline
 from hero_ml.engine import sample_batch
-from hero_ml.feedback import RoundFeedback
+from hero_ml.faults import CRASH_ENV
 from hero_ml.labelling import LabelStudioRounds
 from hero_ml.run_store import ANNOTATIONS, RunStore
 from tests.conftest import LabelStudioServer, Service, create_annotator, s3_storage, tiny_run
@@ -377,15 +380,18 @@ def test_an_annotator_labels_in_the_browser_and_the_pipeline_reads_it(
     assert str(collected.progress) == "1/8 labels, 1/2 best votes"
 
 
-def test_hero_run_with_label_studio_waits_in_its_process_until_the_round_is_labelled(
+def test_hero_run_with_label_studio_waits_in_its_process_and_survives_crashes_while_publishing_and_collecting(
     s3_server: Service, label_studio_server: LabelStudioServer, tmp_path: Path
 ) -> None:
     """Outside a deployment nothing can suspend: `hero run` publishes, checks every poll_interval_s,
-    and learns once the round is labelled."""
+    and learns once the round is labelled. Killed (SIGKILL) after the first of its task imports, the
+    resumed run publishes the rest and no task twice; killed after it stored the raw annotations but
+    before the feedback, the resumed run collects them again: nothing lost, nothing duplicated."""
     run_id = f"wait-{uuid.uuid4().hex[:6]}"
+    images = IMPORT_CHUNK + 4  # two import calls: the crash falls between them
     settings = {
-        **tiny_run(images=4),
-        "feedback": {"budget": 4},
+        **tiny_run(images=images),
+        "feedback": {"budget": images},
         "simulation": {"eval_images": 0},
         "storage": s3_storage(s3_server, f"w-{uuid.uuid4().hex[:8]}/", local_root=str(tmp_path / "data")),
         "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
@@ -403,37 +409,75 @@ def test_hero_run_with_label_studio_waits_in_its_process_until_the_round_is_labe
     }
     storage = StorageConfig(**settings["storage"], s3_access_key_id="test", s3_secret_access_key="test")
     runs = RunStore(open_store(storage), run_id)
-    run = subprocess.Popen(
-        ["hero", "run", "-c", str(config_file), "--run-id", run_id],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    admin = LabelStudio(base_url=label_studio_server.url, api_key=label_studio_server.admin_token)
+
+    logs = iter(range(3))
+
+    def hero_run(*args: str, crash_at: str | None = None) -> tuple[subprocess.Popen, Path]:
+        """Output to a file, not a pipe: a killed run's orphan (its ephemeral Prefect server) would hold
+        a pipe open; its own session, so that the crash takes the orphan with it."""
+        log = tmp_path / f"hero-run-{next(logs)}.log"
+        with log.open("w") as out:
+            process = subprocess.Popen(
+                ["hero", "run", "-c", str(config_file), *args],
+                env={**env, CRASH_ENV: crash_at} if crash_at else env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return process, log
+
+    def finish(run: tuple[subprocess.Popen, Path], timeout: float = 400) -> tuple[int | None, str]:
+        """The run's return code (None: it did not end within `timeout`) and output; it is gone after."""
+        process, log = run
+        try:
+            code: int | None = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            code = None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        return code, log.read_text()
+
+    def project_tasks() -> dict[str, list[int]]:
+        (project,) = [p for p in admin.projects.list() if p.title == f"HERO {run_id}"]
+        found: dict[str, list[int]] = {}
+        for task in admin.tasks.list(project=project.id, fields="all"):
+            found.setdefault(task.data["hero"].get("image_id", "best"), []).append(task.id)
+        return found
+
+    code, output = finish(hero_run("--run-id", run_id, crash_at="publish:1"))
+    assert code == -signal.SIGKILL, output
+    assert len(project_tasks()) == IMPORT_CHUNK and not runs.store.exists(
+        f"{runs.round_prefix(0)}/published.json"
     )
+
+    run = hero_run("--resume", run_id, crash_at="collect:1")
     try:
         deadline = time.monotonic() + 180
         while not runs.store.exists(f"{runs.round_prefix(0)}/published.json"):
-            assert run.poll() is None, run.communicate()[0]
+            assert run[0].poll() is None, finish(run)[1]
             assert time.monotonic() < deadline, "round 0 was never published"
             time.sleep(1)
-        project = json.loads(runs.store.get(f"{runs.round_prefix(0)}/published.json"))["project_id"]
-        admin = LabelStudio(base_url=label_studio_server.url, api_key=label_studio_server.admin_token)
-        tasks = {
-            t.data["hero"].get("image_id", "best"): t.id
-            for t in admin.tasks.list(project=project, fields="all")
-        }
+        tasks = project_tasks()
+        assert len(tasks) == images + 1 and all(len(ids) == 1 for ids in tasks.values())  # none twice
         image_ids = runs.load_manifest(0)["image_ids"]
         for n, image_id in enumerate(image_ids):
-            admin.annotations.create(id=tasks[image_id], result=choice("label", "good" if n < 2 else "bad"))
-        admin.annotations.create(id=tasks["best"], result=choice("best", image_ids[1]))
-        output, _ = run.communicate(timeout=180)
+            admin.annotations.create(
+                id=tasks[image_id][0], result=choice("label", "good" if n < 2 else "bad")
+            )
+        admin.annotations.create(id=tasks["best"][0], result=choice("best", image_ids[1]))
     finally:
-        if run.poll() is None:
-            run.kill()
-    assert run.returncode == 0, output
-    assert "round 0 is in Label Studio: waiting for 0/4 labels" in output and "round 0 (" in output
-    stored = RoundFeedback.model_validate(
-        json.loads(runs.store.get(f"{runs.round_prefix(0)}/feedback.json"))["aggregate"]
-    )
-    assert stored.good == (True, True, False, False) and stored.best == 1
+        code, output = finish(run)
+    assert code == -signal.SIGKILL, output
+    assert f"round 0 is in Label Studio: waiting for 0/{images} labels" in output
+    assert runs.store.exists(f"{runs.round_prefix(0)}/annotations.json")
+    assert runs.load_feedback(0) is None  # killed between the raw annotations and the feedback
+
+    code, output = finish(hero_run("--resume", run_id))
+    assert code == 0, output
+    assert "round 0 (" in output
+    stored = runs.load_feedback(0)
+    assert stored is not None and stored.best == 1
+    assert stored.good == (True, True) + (False,) * (images - 2)
     assert json.loads(runs.store.get(f"{runs.prefix}/progress.json")) == {"checkpoint": 0}
+    assert len(project_tasks()) == images + 1

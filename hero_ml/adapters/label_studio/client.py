@@ -15,9 +15,11 @@ from label_studio_sdk.core.api_error import ApiError
 from pydantic import SecretStr
 
 from hero_ml.adapters.label_studio.rounds import INSTRUCTIONS, LABEL_CONFIG, task_key
+from hero_ml.faults import crash_point
 
 T = TypeVar("T")
 WEBHOOK_SECRET_HEADER = "X-Hero-Webhook-Secret"
+IMPORT_CHUNK = 32  # tasks per import call: a large round goes out in several requests
 
 
 class LabelStudioError(RuntimeError):
@@ -145,15 +147,17 @@ class LabelStudioProjects:
         nothing the second time. Returns (created, already there)."""
         present = {task_key(task["data"]) for task in self.tasks(project_id)}
         new = [task for task in tasks if task_key(task["data"]) not in present]
-        if new:
+        for start in range(0, len(new), IMPORT_CHUNK):
+            chunk = new[start : start + IMPORT_CHUNK]
             self._call(
-                f"import {len(new)} tasks",
-                lambda: self.client.projects.import_tasks(
+                f"import {len(chunk)} tasks",
+                lambda chunk=chunk: self.client.projects.import_tasks(  # type: ignore[misc]
                     id=project_id,
-                    request=new,  # type: ignore[arg-type]  # task data: plain JSON objects
+                    request=chunk,  # task data: plain JSON objects
                     return_task_ids=True,
                 ),
             )
+            crash_point("publish")
         return len(new), len(tasks) - len(new)
 
     def project_url(self, project_id: int) -> str:
