@@ -30,7 +30,7 @@ pytestmark = pytest.mark.timeout(900)
 ROUNDS = 3
 HERO = str(Path(sys.executable).parent / "hero")
 # (point, which pass): each kills the run inside a round, not only in the first one
-DEFAULT = [("commit.manifest", 2), ("ddpo.step", 3), ("checkpoint.tensors", 2)]
+DEFAULT = [("commit.manifest", 2), ("ddpo.step", 3), ("checkpoint.tensors", 2)]  # round 1, 0, 1
 LONG = [
     ("sampling", 6),  # round 1, mid-sampling
     ("commit.images", 7),  # round 1, three of its four images stored
