@@ -5,6 +5,10 @@
 
 A request is accepted only with the shared secret in the X-Hero-Webhook-Secret header (compared in
 constant time) and a body of at most max_body_bytes; rejections are logged without what was sent.
+A client whose requests keep being rejected is throttled: past a burst of rejections it gets 429 (and
+no log line) until its budget refills, so guessing the secret or flooding the log costs time.
+Authenticated events are never throttled: Label Studio does not retry a refused delivery, and they
+are cheap (they fold into one check per round).
 An accepted event answers 202 at once: the rounds its tasks belong to are queued for a check, and
 events for a round already queued fold into that one check, so a burst of annotations costs one
 Label Studio read per round, not one per event. The check (flows/waiting.py) resumes the run only if
@@ -16,6 +20,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -65,6 +70,7 @@ class RoundCheck:
 class Counters:
     accepted: int = 0  # events with a valid secret and body
     rejected: int = 0  # unauthenticated, oversized or malformed requests
+    throttled: int = 0  # rejections answered 429 unlogged: the client was over its rejection budget
     ignored: int = 0  # accepted events about nothing HERO waits for (other actions, foreign tasks)
     queued: int = 0  # round checks queued
     folded: int = 0  # events folded into a check already queued
@@ -72,6 +78,27 @@ class Counters:
     resumed: int = 0
     failed: int = 0  # checks that raised (logged; the poller covers the round)
     last_results: list[dict] = field(default_factory=list)
+
+
+class RejectionBudget:
+    """A token bucket per client address: `burst` rejections at once, refilled at `per_s` a second."""
+
+    def __init__(self, burst: int, per_s: float, clock: Callable[[], float] = time.monotonic):
+        self.burst, self.per_s, self.clock = burst, per_s, clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, when)
+        self._lock = threading.Lock()
+
+    def spend(self, client: str) -> float:
+        """Take a token for `client`: 0.0 if it had one, else the seconds until it will."""
+        with self._lock:
+            now = self.clock()
+            tokens, when = self._buckets.get(client, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - when) * self.per_s)
+            if tokens >= 1:
+                self._buckets[client] = (tokens - 1, now)
+                return 0.0
+            self._buckets[client] = (tokens, now)
+            return (1 - tokens) / self.per_s
 
 
 class RoundChecks:
@@ -179,15 +206,28 @@ def create_app(
     secret: SecretStr,
     max_body_bytes: int = 1 << 20,
     recheck_delays_s: tuple[float, ...] = RECHECK_DELAYS_S,
+    rejection_burst: int = 20,
+    rejections_per_s: float = 0.5,
 ) -> Starlette:
-    """The receiver; `check` resumes a run if its round may close (RoundResumer.resume_if_ready)."""
+    """The receiver; `check` resumes a run if its round may close (RoundResumer.resume_if_ready).
+    A client may have `rejection_burst` requests rejected at once, then one every 1/rejections_per_s
+    seconds; past that its rejected requests are answered 429."""
     counters = Counters()
     checks = RoundChecks(check, counters, recheck_delays_s)
+    budget = RejectionBudget(rejection_burst, rejections_per_s)
     expected = secret.get_secret_value().encode()
 
     def reject(request: Request, status: int, why: str) -> JSONResponse:
-        counters.rejected += 1
         client = request.client.host if request.client else "?"
+        wait_s = budget.spend(client)
+        if wait_s > 0:
+            counters.throttled += 1
+            return JSONResponse(
+                {"error": "too many rejected requests"},
+                status_code=429,
+                headers={"Retry-After": str(math.ceil(wait_s))},
+            )
+        counters.rejected += 1
         log.warning("rejected webhook request from %s: %s", client, why)
         return JSONResponse({"error": why}, status_code=status)
 

@@ -17,7 +17,7 @@ from pydantic import SecretStr
 
 from flows.training import pause_key, round_of_pause_key
 from flows.waiting import ResumeResult, hero_run_id
-from flows.webhooks import create_app
+from flows.webhooks import RejectionBudget, create_app
 from tests.conftest import _free_port
 
 SECRET = "s3cr3t-webhook-value"
@@ -175,3 +175,31 @@ def test_pause_keys_name_their_round_and_flow_runs_their_hero_run() -> None:
     assert hero_run_id({"run_id": "a"}) == "a"
     assert hero_run_id({"config": {"run_id": "b"}}) == "b"
     assert hero_run_id({"run_id": None, "config": {}}) is None
+
+
+def test_a_client_whose_requests_keep_failing_is_throttled_but_its_events_are_not() -> None:
+    recorder = Recorder()
+    app = create_app(recorder, SecretStr(SECRET), rejection_burst=5, rejections_per_s=0.2)
+    for url in serve(app):
+        answers = [post(url, event(), secret="guess-" + str(n)).status_code for n in range(8)]
+        assert answers == [401] * 5 + [429] * 3
+        throttled = post(url, event(), secret="one-more")
+        assert 1 <= int(throttled.headers["Retry-After"]) <= 5  # one token back in 5 s at 0.2/s
+        assert post(url, event()).status_code == 202  # an authenticated event still gets through
+        state = settle(url)
+        assert (state["rejected"], state["throttled"], state["accepted"]) == (5, 4, 1)
+        assert recorder.calls == [("flow-1", "run-a", 0)]
+
+
+def test_a_rejection_budget_refills_with_time() -> None:
+    now = [0.0]
+    budget = RejectionBudget(burst=2, per_s=0.5, clock=lambda: now[0])
+    assert [budget.spend("a"), budget.spend("a")] == [0.0, 0.0]
+    assert budget.spend("a") == 2.0  # empty: one token in 1 / 0.5 s
+    assert budget.spend("b") == 0.0  # clients are apart
+    now[0] = 1.0
+    assert budget.spend("a") == 1.0  # half a token back
+    now[0] = 3.0
+    assert budget.spend("a") == 0.0
+    now[0] = 100.0
+    assert [budget.spend("a") for _ in range(3)] == [0.0, 0.0, 2.0]  # never more than the burst
