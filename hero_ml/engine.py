@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from diffusers import StableDiffusionPipeline
+from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
@@ -362,26 +363,34 @@ class Engine:
             blob = store.get(f"{prefix}/{TENSORS}")
         except KeyError as missing:
             raise EngineError(f"no committed checkpoint at {prefix!r} (missing {missing})") from None
-        if state.get("format") != CHECKPOINT_FORMAT:
+        except ValueError as err:
+            raise EngineError(f"{prefix}/{STATE} is not JSON: {err}") from None
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise EngineError(f"checkpoint {prefix!r} has format {found!r}, expected {CHECKPOINT_FORMAT}")
+        expected = state.get("tensors")
+        if (
+            not isinstance(expected, dict)
+            or len(blob) != expected.get("bytes")
+            or hashlib.sha256(blob).hexdigest() != expected.get("sha256")
+        ):
             raise EngineError(
-                f"checkpoint {prefix!r} has format {state.get('format')}, expected {CHECKPOINT_FORMAT}"
+                f"checkpoint {prefix}/{TENSORS} does not match its {STATE} ({len(blob)} bytes): it was "
+                "changed or truncated after it was written"
             )
-        expected = state["tensors"]
-        if len(blob) != expected["bytes"] or hashlib.sha256(blob).hexdigest() != expected["sha256"]:
+        try:  # parsed, never unpickled: a checkpoint's bytes cannot run code
+            tensors = load_tensors(blob)
+        except (SafetensorError, ValueError) as err:
+            raise EngineError(f"{prefix}/{TENSORS} is not a safetensors file: {err}") from None
+        if state.get("method") != config.method:
             raise EngineError(
-                f"checkpoint {prefix}/{TENSORS} does not match its {STATE} ({len(blob)} bytes, expected "
-                f"{expected['bytes']}): it was changed or truncated after it was written"
-            )
-        tensors = load_tensors(blob)
-        if state["method"] != config.method:
-            raise EngineError(
-                f"checkpoint {prefix!r} was trained with method {state['method']!r}, the config says "
+                f"checkpoint {prefix!r} was trained with method {state.get('method')!r}, the config says "
                 f"{config.method!r}: resume with the run's own config"
             )
         engine = cls(config, pipe)
         try:
             engine._restore(state, tensors)
-        except (KeyError, ValueError, RuntimeError) as err:
+        except (KeyError, ValueError, RuntimeError, TypeError) as err:
             raise EngineError(f"checkpoint {prefix!r} does not fit this engine: {err}") from None
         return engine
 

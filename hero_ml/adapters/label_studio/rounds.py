@@ -111,17 +111,22 @@ def _meta(run_id: str, round_index: int, kind: str, flow_run_id: str | None, **e
     return {"run_id": run_id, "round": round_index, "kind": kind, "flow_run_id": flow_run_id, **extra}
 
 
-def task_key(data: dict[str, Any]) -> tuple[str, int, str, str] | None:
-    """What makes a task unique within a run's project: (run, round, kind, image id or '')."""
-    hero = data.get("hero")
+def task_key(data: Any) -> tuple[str, int, str, str] | None:
+    """What makes a task unique within a run's project: (run, round, kind, image id or ''); None when
+    the task's `hero` metadata is missing or malformed (task data can be edited in Label Studio)."""
+    hero = data.get("hero") if isinstance(data, dict) else None
     if not isinstance(hero, dict):
         return None
-    return (
-        str(hero.get("run_id")),
-        int(hero.get("round", -1)),
-        str(hero.get("kind")),
-        str(hero.get("image_id", "")),
-    )
+    run_id, round_index, kind, image_id = (hero.get(k) for k in ("run_id", "round", "kind", "image_id"))
+    if (
+        not isinstance(run_id, str)
+        or type(round_index) is not int
+        or round_index < 0
+        or not isinstance(kind, str)
+        or not isinstance(image_id, str | None)
+    ):
+        return None
+    return run_id, round_index, kind, image_id or ""
 
 
 @dataclass(frozen=True)
@@ -213,6 +218,9 @@ def collect(
     known = set(image_ids)
 
     for task in tasks:
+        if not isinstance(task, dict):
+            problems.append(f"a task that is not a JSON object ({type(task).__name__}); skipped")
+            continue
         data, task_id = task.get("data") or {}, task.get("id")
         key = task_key(data)
         if key is None or key[2] not in (IMAGE, BEST):
@@ -226,7 +234,14 @@ def collect(
             problems.append(f"task {task_id}: image {key[3]!r} is not in round {round_index}; labels ignored")
             continue
         latest: dict[str, dict[str, Any]] = {}
-        for annotation in task.get("annotations") or []:
+        annotations = task.get("annotations") or []
+        if not isinstance(annotations, list):
+            problems.append(f"task {task_id}: its annotations are not a list; none read")
+            annotations = []
+        for annotation in annotations:
+            if not isinstance(annotation, dict):
+                problems.append(f"task {task_id}: an annotation that is not a JSON object; skipped")
+                continue
             who = str(annotation.get("completed_by"))
             if annotation.get("was_cancelled"):
                 cancelled += 1
@@ -298,14 +313,19 @@ def collect(
 
 def _choice(annotation: dict[str, Any], from_name: str) -> str | None:
     """The single choice an annotation made in control `from_name`, or None."""
+    results = annotation.get("result")
     chosen = [
         choice
-        for result in annotation.get("result") or []
-        if isinstance(result, dict) and result.get("from_name") == from_name
-        for choice in (result.get("value") or {}).get("choices") or []
+        for result in (results if isinstance(results, list) else [])
+        if isinstance(result, dict)
+        and result.get("from_name") == from_name
+        and isinstance(result.get("value"), dict)
+        and isinstance(result["value"].get("choices"), list)
+        for choice in result["value"]["choices"]
     ]
     return chosen[0] if len(chosen) == 1 and isinstance(chosen[0], str) else None
 
 
 def _stamp(annotation: dict[str, Any]) -> tuple[str, int]:
-    return (str(annotation.get("updated_at") or ""), int(annotation.get("id") or 0))
+    number = annotation.get("id")
+    return (str(annotation.get("updated_at") or ""), number if type(number) is int else 0)

@@ -1,0 +1,309 @@
+"""Hostile and malformed input from outside: for each kind, a corpus of known tricks and random cases
+(hypothesis). Each gets an error of its own kind that says what is wrong, never a crash of another
+kind, and nothing is written, queued or executed because of it. Counts of cases: docs/RELIABILITY.md.
+"""
+
+import hashlib
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import SecretStr
+from starlette.testclient import TestClient
+
+from flows.webhooks import create_app
+from hero_ml.adapters.label_studio.rounds import collect
+from hero_ml.adapters.storage import LocalStore
+from hero_ml.adapters.storage.keys import InvalidKeyError, check_key
+from hero_ml.config import ConfigError, HeroConfig, load_config
+from hero_ml.diffusion.sampler import Trajectory
+from hero_ml.engine import STATE, TENSORS, Engine, EngineError
+from tests.unit.test_engine import small_config
+
+EXAMPLES = 200
+SECRET = "hostile-input-secret-0123456789"
+HEADER = "X-Hero-Webhook-Secret"
+quick = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=24,
+)
+
+# -- storage keys ----------------------------------------------------------------------------------
+
+KEY_TRICKS = [
+    "",
+    "/etc/passwd",
+    "../outside",
+    "runs/../../outside",
+    "runs/./a",
+    "runs//a",
+    "runs/a/",
+    ".hidden",
+    "runs/.git/config",
+    "runs\\..\\outside",
+    "C:\\Windows",
+    "~/.ssh/id_rsa",
+    "%2e%2e/outside",
+    "runs/a\x00b",
+    "runs/a\nb",
+    " runs",
+    "\uff0e\uff0e/outside",  # fullwidth dots
+    "runs/\u202egnp.exe",  # right-to-left override
+    "r\u0075\u0308ns",  # combining diaeresis
+    "runs/\u2024\u2024/x",  # one-dot leaders
+    "file:///etc/passwd",
+    "s3://other-bucket/key",
+]
+
+
+def test_key_tricks_are_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "root")
+    for key in KEY_TRICKS:
+        with pytest.raises(InvalidKeyError, match="not a plain relative path"):
+            store.put(key, b"x")
+        with pytest.raises(InvalidKeyError):
+            store.get(key)
+    assert not (tmp_path / "root").exists() or not any((tmp_path / "root").rglob("*"))
+
+
+@quick
+@given(st.text(max_size=60))
+def test_a_key_is_refused_or_stays_inside_the_root(key: str) -> None:
+    root = Path("/srv/hero-store")
+    try:
+        check_key(key)
+    except InvalidKeyError:
+        return
+    assert key.isascii() and (root / key).resolve().is_relative_to(root)
+
+
+# -- webhook requests ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Any:
+    calls: list[tuple[str, str, int]] = []
+
+    def check(flow_run_id: str, run_id: str, round_index: int) -> Any:
+        calls.append((flow_run_id, run_id, round_index))
+
+    app = create_app(check, SecretStr(SECRET), max_body_bytes=4096, rejection_burst=10**9)
+    with TestClient(app) as client:
+        yield client, calls
+
+
+def post(client: TestClient, body: bytes, secret: str | None = SECRET) -> Any:
+    headers = {"Content-Type": "application/json"} | ({HEADER: secret} if secret is not None else {})
+    return client.post("/webhooks/label-studio", content=body, headers=headers)
+
+
+@settings(quick, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(body=json_values)
+def test_any_json_body_is_accepted_or_refused_never_a_server_error(receiver: Any, body: Any) -> None:
+    client, _ = receiver
+    assert post(client, json.dumps(body).encode()).status_code in (202, 400, 413)
+
+
+@settings(quick, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(body=st.binary(max_size=6000))
+def test_any_bytes_are_refused_as_malformed_or_oversized(receiver: Any, body: bytes) -> None:
+    client, _ = receiver
+    answer = post(client, body)
+    assert answer.status_code in (202, 400, 413)
+    if len(body) > 4096:
+        assert answer.status_code == 413
+
+
+hero_meta = st.fixed_dictionaries(
+    {},
+    optional={
+        "run_id": st.text(max_size=70) | json_values,
+        "round": st.integers(-5, 10**12) | json_values,
+        "flow_run_id": st.text(max_size=40) | st.none(),
+        "kind": st.sampled_from(["image", "best", "other"]),
+    },
+)
+
+
+@settings(quick, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(meta=hero_meta, action=st.sampled_from(["ANNOTATION_CREATED", "ANNOTATION_UPDATED", "TASK_DELETED"]))
+def test_events_with_forged_metadata_queue_only_well_formed_rounds(
+    receiver: Any, meta: dict, action: str
+) -> None:
+    client, calls = receiver
+    calls.clear()
+    event = {"action": action, "task": {"id": 1, "data": {"hero": meta}}}
+    answer = post(client, json.dumps(event).encode())
+    assert answer.status_code == 202
+    if answer.json()["queued"]:
+        assert action != "TASK_DELETED" and meta.get("flow_run_id")
+        assert isinstance(meta["round"], int) and meta["round"] >= 0
+        assert check_key(meta["run_id"]) == meta["run_id"] and len(meta["run_id"]) <= 64
+
+
+@settings(quick, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(secret=st.text(max_size=80) | st.none())
+def test_any_wrong_secret_is_refused(receiver: Any, secret: str | None) -> None:
+    client, calls = receiver
+    if secret == SECRET:
+        return
+    calls.clear()
+    event = {"action": "ANNOTATION_CREATED", "task": {"data": {"hero": {"run_id": "a", "round": 0}}}}
+    try:
+        answer = post(client, json.dumps(event).encode(), secret=secret)
+    except UnicodeEncodeError:
+        return  # not even sendable as an HTTP header
+    assert answer.status_code == 401 and SECRET not in answer.text and calls == []
+
+
+# -- Label Studio annotations ------------------------------------------------------------------------
+
+annotation = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": json_values,
+        "completed_by": json_values,
+        "was_cancelled": json_values,
+        "updated_at": json_values,
+        "result": st.lists(
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "from_name": st.sampled_from(["label", "best", "other"]) | json_values,
+                    "type": json_values,
+                    "value": json_values
+                    | st.fixed_dictionaries(
+                        {"choices": st.lists(st.text(max_size=12) | json_values, max_size=3)}
+                    ),
+                },
+            ),
+            max_size=3,
+        )
+        | json_values,
+    },
+)
+task = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": json_values,
+        "data": st.fixed_dictionaries({"hero": hero_meta | json_values}) | json_values,
+        "annotations": st.lists(annotation, max_size=4) | json_values,
+    },
+)
+
+
+@quick
+@given(tasks=st.lists(task, max_size=6))
+def test_any_label_studio_export_is_collected_or_reported_never_a_crash(tasks: list) -> None:
+    collected = collect(
+        tasks,
+        run_id="r",
+        round_index=0,
+        image_ids=["r0000-000", "r0000-001"],
+        has_current_best=False,
+        annotators_per_image=1,
+    )
+    for feedback in collected.feedback:
+        assert {label.image_id for label in feedback.images} <= {"r0000-000", "r0000-001"}
+
+
+# -- config files ------------------------------------------------------------------------------------
+
+
+@quick
+@given(data=json_values | st.dictionaries(st.sampled_from(list(HeroConfig.model_fields)), json_values))
+def test_any_config_file_loads_or_names_its_problem(
+    tmp_path_factory: pytest.TempPathFactory, data: Any
+) -> None:
+    path = tmp_path_factory.mktemp("config") / "hero.yaml"
+    path.write_text(yaml.safe_dump(data))
+    try:
+        load_config(path)
+    except ConfigError as err:
+        assert str(path) in str(err)
+
+
+# -- checkpoints and trajectories --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes]:
+    from hero_ml.diffusion.pipeline import build_random_pipeline
+
+    root = tmp_path_factory.mktemp("checkpoint")
+    Engine(small_config(), build_random_pipeline("tiny", seed=0)).save(LocalStore(root), "ck")
+    return (root / "ck" / TENSORS).read_bytes(), (root / "ck" / STATE).read_bytes()
+
+
+def load(tmp: Path, tensors: bytes, state: bytes) -> None:
+    store = LocalStore(tmp)
+    store.put(f"ck/{TENSORS}", tensors)
+    store.put(f"ck/{STATE}", state)
+    Engine.load(small_config(), None, store, "ck")  # type: ignore[arg-type]  # refused before the model
+
+
+@settings(quick, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(cut=st.integers(0, 10**6), flip=st.integers(0, 10**6))
+def test_a_truncated_or_tampered_checkpoint_is_refused(
+    checkpoint: tuple[bytes, bytes], tmp_path_factory: pytest.TempPathFactory, cut: int, flip: int
+) -> None:
+    tensors, state = checkpoint
+    tmp = tmp_path_factory.mktemp("tampered")
+    truncated = tensors[: cut % len(tensors)]
+    with pytest.raises(EngineError, match="changed or truncated"):
+        load(tmp, truncated, state)
+    at = flip % len(tensors)
+    tampered = tensors[:at] + bytes([tensors[at] ^ 0x01]) + tensors[at + 1 :]
+    with pytest.raises(EngineError, match="changed or truncated"):
+        load(tmp, tampered, state)
+
+
+@settings(quick, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(state=json_values)
+def test_a_forged_state_file_is_refused(
+    checkpoint: tuple[bytes, bytes], tmp_path_factory: pytest.TempPathFactory, state: Any
+) -> None:
+    with pytest.raises(EngineError):
+        load(tmp_path_factory.mktemp("forged"), checkpoint[0], json.dumps(state).encode())
+
+
+class Payload:
+    """Unpickling this runs a command: what a pickle-based checkpoint would let a file do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_loading_a_checkpoint_never_executes_what_it_holds(
+    checkpoint: tuple[bytes, bytes], tmp_path: Path
+) -> None:
+    """An attacker who rewrites both files (the tensors as a pickle, state.json with its sha256) gets
+    a refusal: checkpoints are safetensors, parsed, never unpickled."""
+    marker = tmp_path / "executed"
+    blob = pickle.dumps(Payload(marker))
+    state = json.loads(checkpoint[1])
+    state["tensors"] = {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    with pytest.raises(EngineError, match="not a safetensors file"):
+        load(tmp_path / "store", blob, json.dumps(state).encode())
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        Trajectory.from_bytes(blob)
+    assert not marker.exists()
+
+
+@quick
+@given(data=st.binary(max_size=400))
+def test_any_bytes_as_a_trajectory_are_refused(data: bytes) -> None:
+    with pytest.raises(ValueError):
+        Trajectory.from_bytes(data)
