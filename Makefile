@@ -12,7 +12,7 @@ LS_STAMP := $(LS_VENV)/.installed
 TORCH_PIP_ARGS ?=
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install label-studio browser demo test test-long lint typecheck unit bench constraints clean
+.PHONY: install label-studio browser demo test test-long audit lint typecheck unit bench constraints clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,12 @@ unit: install label-studio browser
 ## test-long: only the long variants of the tests (every crash point); CI runs them after `make test`
 test-long: install label-studio browser
 	$(BIN)/pytest --long -m long --durations=15
+
+## audit: known vulnerabilities of the pinned dependencies (pip-audit; needs PyPI's JSON API or OSV,
+## which the CI machine cannot reach: run it where they are)
+audit: install
+	$(BIN)/pip install --quiet pip-audit
+	$(BIN)/pip-audit --requirement constraints.txt --no-deps --disable-pip --progress-spinner off
 
 ## bench: the sampler benchmark (writes benchmarks/results/sampler.json and RESULTS.md)
 bench: install

@@ -34,7 +34,14 @@ def small(tmp_path: Path, **top: object) -> dict:
 def test_hero_run_trains_tracks_and_stores_a_whole_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("HERO_ORCHESTRATION__WEBHOOK_SECRET", "never-shown-anywhere")
+    secrets = {
+        "HERO_ORCHESTRATION__WEBHOOK_SECRET": "never-shown-anywhere",
+        "HERO_STORAGE__S3_ACCESS_KEY_ID": "s3-key-id-never-shown",
+        "HERO_STORAGE__S3_SECRET_ACCESS_KEY": "s3-secret-never-shown",
+        "HERO_LABEL_STUDIO__API_KEY": "label-studio-token-never-shown",
+    }
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(small(tmp_path)))
     result = runner.invoke(app, ["run", "-c", str(config), "--run-id", "cli-run", "--task", "binding"])
@@ -66,6 +73,12 @@ def test_hero_run_trains_tracks_and_stores_a_whole_run(
     assert {"lora/MLmodel", "lora/adapter_weights"} <= lora  # MLflow's diffusers flavour
     (version,) = client.search_model_versions("name = 'hero-lora'")
     assert version.run_id == run.info.run_id and version.tags["hero.task"] == "binding"
+
+    # no secret in the output, the run's objects, MLflow's database or its artifacts
+    for value in secrets.values():
+        assert value not in result.output
+        leaks = [p for p in tmp_path.rglob("*") if p.is_file() and value.encode() in p.read_bytes()]
+        assert leaks == [], f"{value!r} written to {leaks}"
 
     again = runner.invoke(app, ["run", "-c", str(config), "--run-id", "cli-run"])
     assert again.exit_code == 1 and "hero run --resume cli-run" in again.output
