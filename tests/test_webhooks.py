@@ -4,10 +4,12 @@ what a check does against Prefect and Label Studio is the end-to-end test's (tes
 
 import json
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +21,9 @@ from flows.training import pause_key, round_of_pause_key
 from flows.waiting import ResumeResult, hero_run_id
 from flows.webhooks import RejectionBudget, create_app
 from tests.conftest import _free_port
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+import webhook_load
 
 SECRET = "s3cr3t-webhook-value"
 HEADER = "X-Hero-Webhook-Secret"
@@ -203,3 +208,21 @@ def test_a_rejection_budget_refills_with_time() -> None:
     assert budget.spend("a") == 0.0
     now[0] = 100.0
     assert [budget.spend("a") for _ in range(3)] == [0.0, 0.0, 2.0]  # never more than the burst
+
+
+def burst(events: int) -> None:
+    figures = webhook_load.run_load(events, clients=10, rounds=20)
+    assert figures["statuses"] == {"202": events}  # every event accepted
+    assert figures["rounds_left_waiting"] == 0 and figures["rounds_resumed"] == 20  # none lost
+    assert figures["rounds_resumed_twice"] == 0
+    assert figures["checks"] < events  # events folded into queued checks
+    assert figures["health_latency_ms"]["probes"] > 0  # it answered health checks throughout
+
+
+def test_a_burst_of_a_thousand_events_from_ten_clients_resumes_every_round() -> None:
+    burst(1000)
+
+
+@pytest.mark.long
+def test_a_burst_of_five_thousand_events_from_ten_clients_resumes_every_round() -> None:
+    burst(5000)
