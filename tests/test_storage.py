@@ -2,8 +2,10 @@
 local directory: one contract for both, S3's own failures, and a run's objects verified end to end."""
 
 import json
+import subprocess
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from hero_ml.diffusion.pipeline import build_random_pipeline
 from hero_ml.engine import RoundBatch, sample_batch
 from hero_ml.run_store import RunStore
 from tests.conftest import Service
+from tests.fault_proxy import FaultProxy
 
 runner = CliRunner()
 
@@ -197,3 +200,80 @@ def test_verify_finds_tampered_missing_and_unlisted_objects(
     listing = runner.invoke(app, ["storage", "ls", "r", "-c", str(yaml_file)], env=env)
     assert listing.exit_code == 0, listing.output
     assert "run r" in listing.output and f"s3://hero-test/{config.s3_prefix}runs/r" in listing.output
+
+
+# -- storage faults: S3 errors and timeouts at the HTTP level, a full local disk ---------------------
+
+
+def through(proxy: FaultProxy, s3_server: Service, **fields: Any) -> ArtifactStore:
+    config = s3_config(s3_server).model_copy(update={"s3_endpoint_url": proxy.url, **fields})
+    return open_store(config)
+
+
+def test_s3_throttling_and_timeouts_are_retried_and_the_round_commits(
+    s3_server: Service, batch: RoundBatch
+) -> None:
+    stalled: set[str] = set()
+
+    def plan(n: int, method: str, path: str) -> str | None:
+        if method == "PUT" and path not in stalled and len(stalled) < 2:
+            stalled.add(path)  # the first two objects' first PUT: past the read timeout
+            return "stall"
+        return "503" if n % 3 == 0 else None  # every third request: SlowDown
+
+    with FaultProxy(s3_server.url, plan, stall_s=4) as proxy:
+        runs = RunStore(through(proxy, s3_server, s3_max_attempts=5, s3_timeout_s=1), "flaky")
+        runs.commit_batch(batch, {})
+        report = runs.verify()
+        assert runs.load_batch(0).image_ids == batch.image_ids
+    assert report.ok and report.incomplete == [] and report.objects == 6
+    faults = [fault for *_, fault in proxy.injected]
+    assert faults.count("stall") == 2 and faults.count("503") >= 3
+
+
+def test_s3_that_keeps_failing_fails_clearly_and_commits_nothing(
+    s3_server: Service, batch: RoundBatch
+) -> None:
+    def plan(n: int, method: str, path: str) -> str | None:
+        return "503" if method == "PUT" and path.endswith("manifest.json") else None
+
+    with FaultProxy(s3_server.url, plan) as proxy:
+        runs = RunStore(through(proxy, s3_server, s3_max_attempts=3), "down")
+        with pytest.raises(
+            StorageError, match=r"PUT of s3://hero-test/.*manifest.json failed after retries.*SlowDown"
+        ):
+            runs.commit_batch(batch, {})
+        assert len(proxy.injected) >= 3  # every attempt was answered 503
+        assert not runs.has_batch(0) and len(runs.verify().incomplete) == 1  # no committed-looking round
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 160 KiB tmpfs, a real full disk (ENOSPC) for the local store: a round's trajectory fits on
+    it (141 KB), the rest of the round does not."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mount)], capture_output=True, text=True
+    )
+    if made.returncode != 0:
+        pytest.skip(f"mounting a small tmpfs needs CAP_SYS_ADMIN (root): {made.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_fails_clearly_leaves_no_partial_object_and_commits_nothing(
+    small_disk: Path, batch: RoundBatch
+) -> None:
+    runs = RunStore(LocalStore(small_disk), "full")
+    with pytest.raises(StorageError, match=r"cannot write runs/full/rounds/0/.* No space left on device"):
+        runs.commit_batch(batch, {})
+    assert not runs.has_batch(0)
+    assert len(runs.verify().incomplete) == 1 and runs.verify().problems == []
+    assert list(small_disk.rglob(".*.tmp")) == []  # no half-written temporary file left behind
+
+    subprocess.run(["mount", "-o", "remount,size=1m", str(small_disk)], check=True)  # space again
+    runs.commit_batch(batch, {})  # the same round, whole, then committed
+    assert runs.verify().ok and runs.load_batch(0).image_ids == batch.image_ids

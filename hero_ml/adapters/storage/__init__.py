@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
+from hero_ml.adapters.storage.errors import StorageError
 from hero_ml.adapters.storage.keys import InvalidKeyError, check_key, check_prefix
 from hero_ml.adapters.storage.local import LocalStore
 
@@ -19,10 +20,6 @@ __all__ = [
     "check_prefix",
     "open_store",
 ]
-
-
-class StorageError(RuntimeError):
-    """A storage operation that failed (after the backend's retries); the message names the object."""
 
 
 class ArtifactStore(Protocol):

@@ -6,6 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from hero_ml.adapters.storage.errors import StorageError
 from hero_ml.adapters.storage.keys import check_key, check_prefix
 
 
@@ -17,19 +18,24 @@ class LocalStore:
         return self.root / check_key(key)
 
     def put(self, key: str, data: bytes) -> None:
+        """Write beside, fsync, then rename: a crash leaves the old object or none, never a part; a
+        failed write (a full disk, no permission) leaves no temporary file and raises StorageError."""
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # write beside, fsync, then rename: a crash leaves the old object or none, never a part
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp: str | None = None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            tmp = None
+        except OSError as err:
+            raise StorageError(f"cannot write {key} in {self.root}: {err.strerror or err}") from None
+        finally:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
 
     def get(self, key: str) -> bytes:
         path = self._path(key)

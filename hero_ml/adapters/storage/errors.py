@@ -1,0 +1,5 @@
+"""The storage adapters' error (its own module: both stores raise it, and the package imports them)."""
+
+
+class StorageError(RuntimeError):
+    """A storage operation that failed (after the backend's retries); the message names the object."""
