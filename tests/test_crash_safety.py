@@ -3,8 +3,8 @@ on SQLite) is SIGKILLed at a named crash point of a round (hero_ml/faults.py), t
 `hero run --resume`. For every point: the resumed run finishes, every round's stored feedback is the
 uninterrupted run's (nothing lost), the store verifies (no half round looks committed), every round's
 metrics and grid reach MLflow, and the final checkpoint is byte for byte the uninterrupted run's
-(nothing learned twice, nothing skipped). The default suite kills at one point; `pytest --long`
-kills at every point a run without Label Studio passes (docs/RELIABILITY.md has the table)."""
+(nothing learned twice, nothing skipped), at every point a run without Label Studio passes
+(`pytest --long`, make test-long; docs/RELIABILITY.md has the table)."""
 
 import contextlib
 import json
@@ -30,10 +30,10 @@ pytestmark = pytest.mark.timeout(900)
 ROUNDS = 3
 HERO = str(Path(sys.executable).parent / "hero")
 # (point, which pass): each kills the run inside a round, not only in the first one
-# Each point is two `hero run` processes (about a minute here): the default suite tries one, the
-# others run with --long (CI runs both).
-DEFAULT = [("checkpoint.tensors", 2)]  # round 1
+# Each point is two `hero run` processes plus the uninterrupted run (a minute or two each here): all
+# run with --long (CI runs them after `make test`, whose fault injection is test_label_studio.py's).
 LONG = [
+    ("checkpoint.tensors", 2),  # round 1
     ("commit.manifest", 2),  # round 1
     ("ddpo.step", 3),  # round 0
     ("sampling", 6),  # round 1, mid-sampling
@@ -43,7 +43,7 @@ LONG = [
     ("checkpoint.progress", 3),
     ("track", 2),
 ]
-SIMULATED_POINTS = {point for point, _ in DEFAULT + LONG}
+SIMULATED_POINTS = {point for point, _ in LONG}
 
 
 def test_every_point_but_label_studios_is_tried() -> None:
@@ -120,7 +120,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.mark.parametrize(
     ("point", "nth"),
-    [*DEFAULT, *(pytest.param(point, nth, marks=pytest.mark.long) for point, nth in LONG)],
+    [pytest.param(point, nth, marks=pytest.mark.long) for point, nth in LONG],
 )
 def test_a_run_killed_at_a_crash_point_resumes_to_the_uninterrupted_result(
     point: str, nth: int, reference: dict, tmp_path: Path

@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 from typing import Any, cast
 
+import pytest
 from prefect import Flow
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
@@ -21,6 +22,7 @@ from tests.gpu_pool_probe import probe
 RUNS = 5
 
 
+@pytest.mark.long  # about a minute: make test-long (CI runs it)
 def test_runs_share_two_gpus_one_run_per_gpu_at_a_time(prefect_server: Service, tmp_path: Path) -> None:
     pool = f"gpu-share-{uuid.uuid4().hex[:6]}"
     base_port = _free_port()  # worker GPU k serves its health check on base_port + k

@@ -326,6 +326,7 @@ def test_a_deployment_suspends_each_round_until_its_annotators_are_done(
         wait_for("the promotion triggered by the finished run", promotion_decided, stack, timeout_s=240)
 
 
+@pytest.mark.long  # about 3 minutes: make test-long (CI runs it)
 def test_a_worker_killed_mid_round_loses_nothing_and_redoes_nothing(
     stack: Stack, label_studio_server: LabelStudioServer
 ) -> None:
