@@ -182,11 +182,11 @@ class RunStore:
         latest = self.latest_checkpoint()
         if latest is None:
             return []
+        # One listing, not two HEAD requests per round: a long run on S3 has hundreds of rounds.
         return [
             k
-            for k in range(latest + 1)
-            if self.store.exists(f"{self.round_prefix(k)}/{STATS}")
-            and not self.store.exists(f"{self.round_prefix(k)}/{TRACKED}")
+            for k, objects in sorted(self._objects_by_round("rounds").items())
+            if k <= latest and STATS in objects and TRACKED not in objects
         ]
 
     def put_round_object(self, round_index: int, name: str, data: bytes) -> str:

@@ -17,7 +17,7 @@ from hero_ml.adapters.storage.s3 import S3Store
 from hero_ml.cli import app
 from hero_ml.config import HeroConfig, StorageConfig
 from hero_ml.diffusion.pipeline import build_random_pipeline
-from hero_ml.engine import RoundBatch, sample_batch
+from hero_ml.engine import RoundBatch, RoundStats, sample_batch
 from hero_ml.run_store import RunStore
 from tests.conftest import Service
 from tests.fault_proxy import FaultProxy
@@ -169,6 +169,35 @@ def test_an_interrupted_upload_leaves_no_committed_round(s3_server: Service, bat
     report = runs.verify()
     assert report.ok and report.incomplete == [] and report.objects == 4 + 2  # images, grid, trajectory
     assert runs.load_batch(0).image_ids == batch.image_ids
+
+
+class CountingStore:
+    """A store that counts the requests made of it, to check what an operation costs on S3."""
+
+    def __init__(self, inner: ArtifactStore) -> None:
+        self.inner = inner
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        self.calls.append(name)
+        return getattr(self.inner, name)
+
+
+def test_untracked_rounds_are_found_with_one_listing(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    runs = RunStore(store, "r")
+    assert runs.untracked_rounds() == []  # no checkpoint yet: nothing learned
+    for k in range(5):
+        stats = dict.fromkeys(RoundStats.__dataclass_fields__, None) | {"round": k}
+        runs.save_stats(RoundStats(**stats))
+    for k in (0, 2):
+        runs.mark_tracked(k)
+    store.put(f"{runs.prefix}/progress.json", json.dumps({"checkpoint": 3}).encode())  # 4 not learned
+
+    counting = CountingStore(store)
+    assert RunStore(counting, "r").untracked_rounds() == [1, 3]
+    assert counting.calls.count("list") == 1 and "exists" in counting.calls  # progress.json only
+    assert counting.calls.count("exists") == 1
 
 
 def test_verify_finds_tampered_missing_and_unlisted_objects(
