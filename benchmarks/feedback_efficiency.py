@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import sys
 from collections import defaultdict
@@ -41,6 +42,15 @@ METHODS = ("hero", "hero-noguide", "ddpo-binary", "d3po")
 CSV_PATH = RESULTS_DIR / "feedback_efficiency.csv"
 COLUMNS = ("task", "method", "seed", "round", "feedbacks", "success_rate")
 WORK = Path(__file__).parent / ".work"
+# What a point's value depends on: the learning sections of the config, less what each run sets
+# itself (prompt, seed, budget, task) and what changes speed only. Points of two settings never mix.
+LEARNING_SECTIONS = ("model", "sampling", "encoder", "ddpo", "d3po", "guidance", "feedback", "simulation")
+NOT_LEARNING = {
+    "model": {"device", "compile", "channels_last", "allow_download"},
+    "sampling": {"prompt", "seed", "sub_batch_size"},
+    "feedback": {"budget"},
+    "simulation": {"task", "eval_images"},
+}
 
 
 def read_points(path: Path) -> list[dict]:
@@ -67,6 +77,38 @@ def append_point(path: Path, point: dict) -> None:
         if new:
             writer.writeheader()
         writer.writerow({k: point[k] for k in COLUMNS})
+
+
+def learning_settings(config: HeroConfig) -> dict:
+    dump = config.model_dump(mode="json", include=set(LEARNING_SECTIONS))
+    return {
+        section: {k: v for k, v in fields.items() if k not in NOT_LEARNING.get(section, set())}
+        for section, fields in dump.items()
+    }
+
+
+def check_settings(points_path: Path, config: HeroConfig) -> None:
+    """The points file's settings are the config's; recorded beside it on first use. Differing
+    settings stop the run before a point of another config is appended."""
+    path = points_path.with_suffix(".settings.json")
+    settings = learning_settings(config)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
+        return
+    recorded = json.loads(path.read_text())
+    changed = [
+        f"{section}.{key}: {recorded.get(section, {}).get(key)!r} in {path.name}, {value!r} now"
+        for section, fields in settings.items()
+        for key, value in fields.items()
+        if recorded.get(section, {}).get(key) != value
+    ]
+    if changed:
+        raise SystemExit(
+            f"{points_path} holds points of other settings: {'; '.join(changed)}. Pass --csv with "
+            f"another file (and --tag with another work folder) for these settings, or move the old "
+            f"points away to start the grid again."
+        )
 
 
 def run_one(base: HeroConfig, task: str, method: str, seed: int, args: argparse.Namespace) -> None:
@@ -245,6 +287,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.report:
         base = load_config(args.config)
+        check_settings(args.csv, base)
         # seeds outermost: the table has every (task, method) cell at n=1 before any at n=2
         for seed in args.seeds:
             for task in args.task:

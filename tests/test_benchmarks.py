@@ -1,5 +1,6 @@
 """The benchmark scripts' own arithmetic (their runs live in benchmarks/, not in the test suite)."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -33,6 +34,17 @@ def test_points_round_trip_through_the_csv(tmp_path: Path) -> None:
     fe.append_point(path, {**point, "round": 4, "feedbacks": 256})
     assert fe.read_points(path) == [point, {**point, "round": 4, "feedbacks": 256}]
     assert path.read_text().splitlines()[0] == ",".join(fe.COLUMNS)
+
+
+def test_points_of_other_learning_settings_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "points.csv"
+    fe.check_settings(path, HeroConfig())
+    recorded = json.loads(path.with_suffix(".settings.json").read_text())
+    assert recorded["encoder"]["lr"] == HeroConfig().encoder.lr
+    # what each run sets itself, and speed-only settings, do not change the points
+    fe.check_settings(path, HeroConfig(sampling={"seed": 3, "sub_batch_size": 8}, model={"device": "cuda"}))
+    with pytest.raises(SystemExit, match=r"encoder.lr: 1e-05 in points.settings.json, 0.001 now"):
+        fe.check_settings(path, HeroConfig(encoder={"lr": 1e-3}))
 
 
 def test_reward_auc_counts_the_good_bad_pairs_ordered_right() -> None:
