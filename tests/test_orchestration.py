@@ -53,6 +53,7 @@ class Stack:
     webhook_url: str
     logs: Path
     gpu_pool: str
+    secrets: dict[str, str]  # environment variable -> value, each distinctive so a leak is findable
 
     def start_worker(self) -> None:
         _infra("prefect-worker.sh", "start", self.env, self.gpu_pool)
@@ -112,8 +113,8 @@ def stack(
     config_file = tmp_path / "worker.yaml"
     config_file.write_text(yaml.safe_dump(settings))
     secrets = {
-        "HERO_STORAGE__S3_ACCESS_KEY_ID": "test",
-        "HERO_STORAGE__S3_SECRET_ACCESS_KEY": "test",
+        "HERO_STORAGE__S3_ACCESS_KEY_ID": f"s3-key-id-{tag}",  # the test S3 server takes any key
+        "HERO_STORAGE__S3_SECRET_ACCESS_KEY": f"s3-secret-key-{tag}",
         "HERO_LABEL_STUDIO__API_KEY": label_studio_server.admin_token,
         "HERO_ORCHESTRATION__WEBHOOK_SECRET": f"webhook-secret-{tag}",
     }
@@ -132,11 +133,15 @@ def stack(
     config = HeroConfig(
         **{
             **settings,
-            "storage": {**settings["storage"], "s3_access_key_id": "test", "s3_secret_access_key": "test"},
+            "storage": {
+                **settings["storage"],
+                "s3_access_key_id": secrets["HERO_STORAGE__S3_ACCESS_KEY_ID"],
+                "s3_secret_access_key": secrets["HERO_STORAGE__S3_SECRET_ACCESS_KEY"],
+            },
             "label_studio": {**settings["label_studio"], "api_key": label_studio_server.admin_token},
         }
     )
-    stack = Stack(env, config, str(settings["orchestration"]["webhook_url"]), logs, f"e2e-gpu-{tag}")
+    stack = Stack(env, config, str(settings["orchestration"]["webhook_url"]), logs, f"e2e-gpu-{tag}", secrets)
     stack.hero("deploy", "--gpu-pool", stack.gpu_pool, "--service-pool", f"e2e-services-{tag}")
     _infra("webhook-receiver.sh", "start", env)
     stack.start_worker()
@@ -324,6 +329,47 @@ def test_a_deployment_suspends_each_round_until_its_annotators_are_done(
             return "hero.promotion.decision" in tags
 
         wait_for("the promotion triggered by the finished run", promotion_decided, stack, timeout_s=240)
+        check_no_secret_leaked(stack, runs, tracking, run.info.run_id)
+
+
+def check_no_secret_leaked(stack: Stack, runs: RunStore, tracking: MlflowClient, mlflow_run_id: str) -> None:
+    """No secret of the stack in what its services wrote: the worker's and the receiver's logs (flow
+    runs' output included); every log, flow run (parameters, states), deployment and work pool stored
+    in Prefect; the run's MLflow params and tags and its registered version's tags; the run's objects
+    in S3."""
+    places: dict[str, bytes] = {
+        f"file {path.name}": path.read_bytes() for path in stack.logs.rglob("*") if path.is_file()
+    }
+
+    def every(read: Callable[..., list[Any]]) -> list[Any]:
+        found: list[Any] = []
+        while page := read(limit=200, offset=len(found)):
+            found += page
+        return found
+
+    with get_client(sync_client=True) as client:
+        logs = every(client.read_logs)
+        places["Prefect logs"] = "\n".join(log.message for log in logs).encode()
+        for item in every(client.read_flow_runs) + client.read_deployments() + client.read_work_pools():
+            places[f"Prefect {type(item).__name__} {item.name}"] = item.model_dump_json().encode()
+    run = tracking.get_run(mlflow_run_id)
+    places["MLflow params and tags"] = json.dumps([run.data.params, run.data.tags]).encode()
+    for version in tracking.search_model_versions(f"name = '{stack.config.tracking.registered_model}'"):
+        places[f"model version {version.version}"] = json.dumps(version.tags).encode()
+    for key in runs.store.list(runs.prefix):
+        places[key] = runs.store.get(key)
+    assert any(name.startswith("file worker-") for name in places) and "file webhook-receiver.log" in places
+    assert logs and len(places) > 20
+    # the scan reads what was written: the run's id (not secret) shows in every kind of place
+    seen = {
+        name.split()[0] if " " in name else "S3"
+        for name, data in places.items()
+        if runs.run_id.encode() in data
+    }
+    assert {"file", "Prefect", "MLflow", "S3"} <= seen, seen
+    for variable, value in stack.secrets.items():
+        leaks = [name for name, data in places.items() if value.encode() in data]
+        assert leaks == [], f"{variable} leaked into {leaks}"
 
 
 @pytest.mark.long  # about 3 minutes: make test-long (CI runs it)
