@@ -43,8 +43,11 @@ def test_points_of_other_learning_settings_are_refused(tmp_path: Path) -> None:
     assert recorded["encoder"]["lr"] == HeroConfig().encoder.lr
     # what each run sets itself, and speed-only settings, do not change the points
     fe.check_settings(path, HeroConfig(sampling={"seed": 3, "sub_batch_size": 8}, model={"device": "cuda"}))
-    with pytest.raises(SystemExit, match=r"encoder.lr: 1e-05 in points.settings.json, 0.001 now"):
-        fe.check_settings(path, HeroConfig(encoder={"lr": 1e-3}))
+    other = HeroConfig().encoder.lr / 10
+    with pytest.raises(
+        SystemExit, match=rf"encoder.lr: {HeroConfig().encoder.lr!r} in points.settings.json, {other!r} now"
+    ):
+        fe.check_settings(path, HeroConfig(encoder={"lr": other}))
 
 
 def test_reward_auc_counts_the_good_bad_pairs_ordered_right() -> None:
