@@ -8,7 +8,7 @@ peak GPU memory, and the UNet's achieved share of the GPU's bf16 dense peak. FLO
 the model (torch.utils.flop_counter on one guided UNet call, with math attention so that every matmul
 is seen), not guessed. Setups:
 
-- hero: bf16 weights (fp32 LoRA masters), channels-last, the whole round in one sampling sub-batch,
+- hero: bf16 weights (fp32 LoRA masters), the whole round in one sampling sub-batch,
   DDPO micro-batches of 8 (one optimiser step each: the same 8 optimiser steps as the reference);
 - hero-compiled: the same with torch.compile on the UNet (compile time is in first_round_s);
 - reference: the reference code's way: fp16, sampling and decoding in batches of 8, DDPO 2 x 4;
@@ -64,8 +64,8 @@ def setups(images: int) -> dict[str, dict[str, Any]]:
         "ddpo": {"train_batch_size": 8, "gradient_accumulation_steps": 1},
     }
     return {
-        "hero": {**fast, "model": {"dtype": "bfloat16", "channels_last": True}},
-        "hero-compiled": {**fast, "model": {"dtype": "bfloat16", "channels_last": True, "compile": True}},
+        "hero": {**fast, "model": {"dtype": "bfloat16"}},
+        "hero-compiled": {**fast, "model": {"dtype": "bfloat16", "compile": True}},
         "reference": {
             "model": {"dtype": "float16"},
             "sampling": {"sub_batch_size": 8},

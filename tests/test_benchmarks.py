@@ -10,8 +10,11 @@ import feedback_efficiency as fe
 import gpu_round as gr
 import hyperparameter_probe as hp
 import pytest
+import torch
+import unet_step
 
 from hero_ml.config import HeroConfig
+from hero_ml.diffusion.lora import add_lora
 
 
 def test_curves_group_seeds_and_the_first_crossing_of_the_mean_is_found() -> None:
@@ -91,3 +94,17 @@ def test_a_rounds_work_and_its_share_of_the_peak() -> None:
     assert figures["share_of_bf16_peak"] == {"sampling": 0.5, "decode": 0.733, "ddpo": 0.333}
     assert figures["sampling_lower_bound_s"] == 1.0 and figures["sampling_over_lower_bound"] == 2.0
     assert figures["images_per_s"] == {"sampling": 2.0, "decode": 8.0}
+
+
+def test_a_unet_step_variant_casts_the_base_and_the_lora_apart_and_sets_the_layout(tiny_pipe) -> None:
+    unet = tiny_pipe.unet
+    unet.requires_grad_(False)
+    lora = add_lora(unet, rank=2, alpha=2)
+    unet_step.apply_variant(unet, torch.bfloat16, torch.float32, channels_last=True)
+    assert {p.dtype for p in lora} == {torch.float32}
+    assert {p.dtype for p in unet.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    unet_step.apply_variant(unet, torch.float16, torch.bfloat16, channels_last=False)
+    assert {p.dtype for p in lora} == {torch.bfloat16}
+    assert {p.dtype for p in unet.parameters() if not p.requires_grad} == {torch.float16}
+    assert unet.conv_in.weight.is_contiguous()
