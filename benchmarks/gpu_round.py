@@ -45,7 +45,7 @@ from results_io import write_result
 import hero_ml.diffusion.sampler as sampler_module
 from hero_ml.config import HeroConfig, load_config, with_overrides
 from hero_ml.diffusion.pipeline import DTYPES, load_configured_pipeline, load_pipeline
-from hero_ml.diffusion.sampler import guided_noise_pred, per_image_generators
+from hero_ml.diffusion.sampler import guided_noise_pred, per_image_generators, recompute_log_probs
 from hero_ml.engine import Engine, RoundBatch, sample_batch
 from hero_ml.feedback import AnnotatorFeedback, ImageLabel, RoundFeedback, aggregate
 from hero_ml.parallel import DataParallel
@@ -151,6 +151,34 @@ def vae_decode_flops(pipe: StableDiffusionPipeline) -> int:
     return int(counter.get_total_flops())
 
 
+def log_prob_mismatch(engine: Engine, batch: RoundBatch, micro_batch: int) -> dict[str, float]:
+    """How far DDPO's first look at a round is from the log-probs recorded while sampling, before any
+    update: the same policy, recomputed in training's micro-batches (on a GPU the kernels differ with
+    the batch). A difference beyond ddpo.clip_range clips a sample that has not been learnt from yet."""
+    trajectory = batch.trajectory
+    images = min(len(trajectory), micro_batch)
+    steps_trained = engine.config.ddpo.timesteps_per_trajectory
+    rows = torch.arange(images).repeat_interleave(steps_trained)
+    steps = torch.linspace(0, trajectory.num_steps - 1, steps_trained).round().long().repeat(images)
+    with torch.no_grad():
+        new = torch.cat(
+            [
+                recompute_log_probs(
+                    engine.pipe, trajectory, rows[i : i + micro_batch], steps[i : i + micro_batch]
+                )
+                for i in range(0, len(rows), micro_batch)
+            ]
+        ).cpu()
+    difference = (new - trajectory.log_probs[rows, steps]).abs()
+    beyond = (difference.exp() - 1) > engine.config.ddpo.clip_range  # |ratio - 1| > clip, to first order
+    return {
+        "mean_abs": float(difference.mean()),
+        "max_abs": float(difference.max()),
+        "beyond_clip_range": float(beyond.float().mean()),
+        "clip_range": engine.config.ddpo.clip_range,
+    }
+
+
 def synthetic_feedback(batch: RoundBatch, has_best: bool) -> RoundFeedback:
     """Every other image good, the first one best: one annotator, fixed, so every setup learns alike."""
     labels = AnnotatorFeedback(
@@ -200,6 +228,11 @@ def run_setup(config: HeroConfig, parallel: DataParallel | None, flop_counts: di
             clock.sync()
             started = time.perf_counter()
             batch = clock.wrap("generate", engine.generate)()
+            if index == 1:  # outside the phase clocks, before the update
+                clock.sync()
+                paused = time.perf_counter()
+                mismatch = log_prob_mismatch(engine, batch, config.ddpo.train_batch_size)
+                started += time.perf_counter() - paused
             engine.learn(batch, synthetic_feedback(batch, has_best=index > 0))
             clock.sync()
             total = time.perf_counter() - started
@@ -218,7 +251,7 @@ def run_setup(config: HeroConfig, parallel: DataParallel | None, flop_counts: di
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"first_round_s": rounds[0]["seconds"], **rounds[1]}
+    return {"first_round_s": rounds[0]["seconds"], **rounds[1], "log_prob_mismatch": mismatch}
 
 
 def plain_diffusers(args: argparse.Namespace, config: HeroConfig) -> dict:
@@ -299,6 +332,7 @@ def figures_of(
         "phases_s": {p: round(s, 3) for p, s in phases.items()},
         "peak_memory_gib": {p: round(g, 2) for p, g in result["peak_gib"].items()},
         "images_per_s": {p: round(images / phases[p], 2) for p in ("sampling", "decode") if phases[p] > 0},
+        "log_prob_mismatch": result["log_prob_mismatch"],
         "tflops_achieved": {},
         "share_of_bf16_peak": {},
     }
@@ -476,6 +510,17 @@ def main() -> None:
             ratios.append(f"{r['setup']} sampling / FLOP lower bound: {r['sampling_over_lower_bound']}x")
     if ratios:
         lines += ["", "; ".join(ratios) + "."]
+    mismatches = [(r["setup"], r["log_prob_mismatch"]) for r in results]
+    lines += [
+        "",
+        "Recorded vs recomputed log-probs before any update (DDPO's first look at the round, in its "
+        "micro-batches; mean |difference|, and the share beyond ddpo.clip_range): "
+        + "; ".join(
+            f"{name} {m['mean_abs']:.2g}, {m['beyond_clip_range']:.0%} beyond {m['clip_range']:g}"
+            for name, m in mismatches
+        )
+        + ".",
+    ]
     if sweep:
         lines += ["", "Peak memory of sampling at a fixed sub-batch of 8 (hero setup): "]
         lines += [f"{p['images']} images: {p['peak_gib']:.2f} GiB ({p['seconds']:.1f} s)" for p in sweep]

@@ -15,6 +15,7 @@ import unet_step
 
 from hero_ml.config import HeroConfig
 from hero_ml.diffusion.lora import add_lora
+from hero_ml.engine import Engine
 
 
 def test_curves_group_seeds_and_the_first_crossing_of_the_mean_is_found() -> None:
@@ -87,6 +88,7 @@ def test_a_rounds_work_and_its_share_of_the_peak() -> None:
         "seconds": 4.0,
         "phases": {"sampling": 2.0, "decode": 0.5, "encoder": 0.5, "ddpo": 7.0},
         "peak_gib": {"generate": 1.0, "encoder": 0.1, "ddpo": 2.0},
+        "log_prob_mismatch": {"mean_abs": 0.5},
     }
     figures = gr.figures_of("hero", result, config, flops, peak=60e-12, world=2)  # 60 FLOP/s a GPU
     assert figures["tflops_achieved"]["sampling"] == pytest.approx(120 / 2.0 / 1e12)
@@ -94,6 +96,7 @@ def test_a_rounds_work_and_its_share_of_the_peak() -> None:
     assert figures["share_of_bf16_peak"] == {"sampling": 0.5, "decode": 0.733, "ddpo": 0.333}
     assert figures["sampling_lower_bound_s"] == 1.0 and figures["sampling_over_lower_bound"] == 2.0
     assert figures["images_per_s"] == {"sampling": 2.0, "decode": 8.0}
+    assert figures["log_prob_mismatch"] == {"mean_abs": 0.5}
 
 
 def test_a_unet_step_variant_casts_the_base_and_the_lora_apart_and_sets_the_layout(tiny_pipe) -> None:
@@ -108,3 +111,24 @@ def test_a_unet_step_variant_casts_the_base_and_the_lora_apart_and_sets_the_layo
     assert {p.dtype for p in lora} == {torch.bfloat16}
     assert {p.dtype for p in unet.parameters() if not p.requires_grad} == {torch.float16}
     assert unet.conv_in.weight.is_contiguous()
+
+
+def test_recorded_log_probs_match_their_recomputation_in_float32(tiny_pipe) -> None:
+    config = HeroConfig(
+        model={"source": "random:tiny"},
+        sampling={"images_per_round": 4, "num_steps": 4, "sub_batch_size": 4},
+        ddpo={"timesteps_per_trajectory": 3, "clip_range": 1e-4},
+    )
+    engine = Engine(config, tiny_pipe)
+    with torch.no_grad():  # a non-zero LoRA, so the adapter is part of what is recomputed
+        for p in engine.lora_params:
+            p.normal_(0, 0.1)
+    batch = engine.generate()
+    mismatch = gr.log_prob_mismatch(engine, batch, micro_batch=2)
+    assert mismatch["clip_range"] == 1e-4
+    assert mismatch["mean_abs"] < 1e-6 and mismatch["beyond_clip_range"] == 0.0
+    with torch.no_grad():  # the policy moves after sampling: the difference is seen and counted
+        for p in engine.lora_params:
+            p.add_(0.5)
+    moved = gr.log_prob_mismatch(engine, batch, micro_batch=2)
+    assert moved["max_abs"] >= moved["mean_abs"] > 1e-3 and moved["beyond_clip_range"] > 0.5
