@@ -232,6 +232,16 @@ class DDPOConfig(_Section):
             "costs a round's worth of UNet forward and backward passes on the trained timesteps."
         ),
     )
+    target_kl: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Stop a round's update before an optimiser step whose samples' mean approx-KL to the "
+            "sampling policy exceeds this (PPO's early stop); the rest of the round's passes are "
+            "skipped. Bounds how far one round moves the policy whatever lr and inner_epochs ask. "
+            "DDPO methods only. None (default, as in the paper): every step is taken."
+        ),
+    )
 
 
 class D3POConfig(_Section):
@@ -511,6 +521,11 @@ class HeroConfig(BaseSettings):
 
     @model_validator(mode="after")
     def _cross_section_checks(self) -> HeroConfig:
+        if self.method == "d3po" and self.ddpo.target_kl is not None:
+            raise ValueError(
+                "ddpo.target_kl bounds the KL to the sampling policy, which D3PO does not measure "
+                "(its KL is to the base model): unset ddpo.target_kl or pick a DDPO method"
+            )
         if self.ddpo.timesteps_per_trajectory > self.sampling.num_steps:
             raise ValueError(
                 f"ddpo.timesteps_per_trajectory ({self.ddpo.timesteps_per_trajectory}) exceeds "

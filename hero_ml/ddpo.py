@@ -84,6 +84,7 @@ def update_pass(
     inner_epochs: int,
     max_grad_norm: float,
     generator: torch.Generator,
+    target_kl: float | None = None,
     parallel: DataParallel | None = None,
 ) -> UpdateStats:
     """`inner_epochs` passes over `units` in random order, each training `timesteps_per_unit` distinct
@@ -92,6 +93,10 @@ def update_pass(
     The loss of a micro-batch is weighted by its share of the accumulation group, so each optimiser
     step follows the mean loss of its group whatever the batch sizes. The optimiser must hold only the
     trainable (LoRA) parameters; their gradient norm is clipped to max_grad_norm before each step.
+
+    target_kl: the update stops (no more steps, in this pass or later ones) before an optimiser step
+    whose group's mean approx-KL to the sampling policy exceeds it, as PPO implementations bound how
+    far one batch of samples moves the policy. None: every step is taken.
 
     parallel: this process's share in data-parallel learning (hero_ml/parallel.py); each process
     trains its share of every micro-batch and the gradients are summed before each step. The returned
@@ -102,13 +107,17 @@ def update_pass(
         )
     params = [p for group in optimizer.param_groups for p in group["params"]]
     losses, kls, clip_fractions, optimizer_steps = [], [], [], 0
+    stopped = False
     for _ in range(inner_epochs):
+        if stopped:
+            break
         order = torch.randperm(units, generator=generator)
         steps = torch.stack([torch.randperm(num_steps, generator=generator) for _ in range(units)])
         steps = steps[:, :timesteps_per_unit]
         micro_batches = list(order.split(train_batch_size))
         for start in range(0, len(micro_batches), gradient_accumulation_steps):
             group = micro_batches[start : start + gradient_accumulation_steps]
+            group_kls = len(kls)
             group_units = sum(len(batch) for batch in group)
             optimizer.zero_grad(set_to_none=True)
             for batch in group:
@@ -122,6 +131,10 @@ def update_pass(
                     losses.append(loss.item())
                     kls.append(approx_kl.item())
                     clip_fractions.append(clip_fraction.item())
+            if target_kl is not None and _group_kl(kls[group_kls:], parallel) > target_kl:
+                optimizer.zero_grad(set_to_none=True)
+                stopped = True
+                break
             if parallel is not None:
                 parallel.sum_gradients(params)
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -138,3 +151,11 @@ def update_pass(
         clip_fraction=mean(clip_fractions),
         optimizer_steps=optimizer_steps,
     )
+
+
+def _group_kl(kls: list[float], parallel: DataParallel | None) -> float:
+    """Mean approx-KL of an accumulation group, over every process's share (all agree to stop)."""
+    if parallel is None:
+        return sum(kls) / len(kls) if kls else 0.0
+    totals = parallel.gather(torch.tensor([[sum(kls), float(len(kls))]], dtype=torch.float64)).sum(dim=0)
+    return float(totals[0] / totals[1]) if totals[1] > 0 else 0.0

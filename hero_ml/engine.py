@@ -312,6 +312,7 @@ class Engine:
             inner_epochs=ddpo.inner_epochs,
             max_grad_norm=ddpo.max_grad_norm,
             generator=self._generator("update"),
+            target_kl=ddpo.target_kl,
             parallel=self.parallel,
         )
 

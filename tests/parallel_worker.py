@@ -1,7 +1,8 @@
 """One process of the data-parallel tests (tests/test_parallel.py launches two with torchrun, gloo on
 the CPU), writing what it ends with to OUT/rank<k>.safetensors:
 - default: the same round and LoRA as the single-process reference, one update pass over this
-  process's share, then the LoRA parameters;
+  process's share, then the LoRA parameters and the optimiser steps taken (--target-kl: two passes
+  under that KL bound, which every process must stop at together);
 - --engine: two whole HERO rounds of the engine (sampling shared, encoder, DDPO), then the rounds'
   latents and images, the LoRA and the encoder."""
 
@@ -37,9 +38,12 @@ def setting() -> tuple[list[torch.nn.Parameter], object, object]:
     return params, pipe, trajectory
 
 
-def train(parallel: DataParallel | None) -> list[torch.nn.Parameter]:
+def train(
+    parallel: DataParallel | None, target_kl: float | None = None
+) -> tuple[list[torch.nn.Parameter], int]:
+    """One pass (two with target_kl, which may stop them); the LoRA parameters and the steps taken."""
     params, pipe, trajectory = setting()
-    update_pass(
+    stats = update_pass(
         ddpo_objective(pipe, trajectory, ADVANTAGE, clip_range=10.0),  # type: ignore[arg-type]
         torch.optim.SGD(params, lr=0.5),  # plain SGD: the step is the gradient, nothing hides a wrong sum
         units=6,
@@ -47,12 +51,13 @@ def train(parallel: DataParallel | None) -> list[torch.nn.Parameter]:
         timesteps_per_unit=2,
         train_batch_size=3,
         gradient_accumulation_steps=2,
-        inner_epochs=1,
+        inner_epochs=1 if target_kl is None else 2,
         max_grad_norm=1e6,  # no clipping: compare raw gradients
         generator=torch.Generator().manual_seed(0),
+        target_kl=target_kl,
         parallel=parallel,
     )
-    return params
+    return params, stats.optimizer_steps
 
 
 def engine_rounds(parallel: DataParallel | None, rounds: int = 2) -> dict[str, torch.Tensor]:
@@ -73,6 +78,7 @@ if __name__ == "__main__":
     parser.add_argument("out", type=Path)
     parser.add_argument("--no-sum", action="store_true", help="skip the all-reduce (the test's control)")
     parser.add_argument("--engine", action="store_true", help="two engine rounds instead of one pass")
+    parser.add_argument("--target-kl", type=float, default=None, help="two passes under this KL bound")
     args = parser.parse_args()
     parallel = DataParallel()
     if args.no_sum:
@@ -80,5 +86,6 @@ if __name__ == "__main__":
     if args.engine:
         result = engine_rounds(parallel)
     else:
-        result = {f"p{i}": p.detach() for i, p in enumerate(train(parallel))}
+        params, steps = train(parallel, args.target_kl)
+        result = {f"p{i}": p.detach() for i, p in enumerate(params)} | {"steps": torch.tensor(steps)}
     save_file({k: v.contiguous() for k, v in result.items()}, args.out / f"rank{parallel.rank}.safetensors")

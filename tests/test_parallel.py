@@ -48,7 +48,7 @@ def relative_error(trained: dict[str, torch.Tensor], expected: dict[str, torch.T
 
 
 def test_two_processes_sum_their_gradients_into_the_single_process_update(tmp_path: Path) -> None:
-    reference = {f"p{i}": p.detach() for i, p in enumerate(train(parallel=None))}
+    reference = {f"p{i}": p.detach() for i, p in enumerate(train(parallel=None)[0])}
     start = {f"p{i}": p.detach() for i, p in enumerate(setting()[0])}
     ranks = launch(tmp_path / "summed")
     assert all(torch.equal(ranks[0][n], ranks[1][n]) for n in reference)  # the processes stay in step
@@ -57,6 +57,17 @@ def test_two_processes_sum_their_gradients_into_the_single_process_update(tmp_pa
     alone = launch(tmp_path / "unsummed", "--no-sum")  # control: each process steps on its half only
     assert not all(torch.equal(alone[0][n], alone[1][n]) for n in reference)
     assert relative_error(alone[0], reference, start) > 0.1
+
+
+def test_two_processes_stop_at_the_kl_bound_together_where_one_process_stops(tmp_path: Path) -> None:
+    params, steps = train(parallel=None, target_kl=1e-12)  # the first step is taken, the second refused
+    assert steps == 1
+    reference = {f"p{i}": p.detach() for i, p in enumerate(params)}
+    start = {f"p{i}": p.detach() for i, p in enumerate(setting()[0])}
+    ranks = launch(tmp_path / "bounded", "--target-kl", "1e-12")
+    assert [int(rank["steps"]) for rank in ranks] == [1, 1]
+    assert all(torch.equal(ranks[0][n], ranks[1][n]) for n in reference)
+    assert relative_error(ranks[0], reference, start) < 1e-3
 
 
 def test_two_processes_share_whole_rounds_and_end_as_one_process(tmp_path: Path) -> None:

@@ -112,6 +112,12 @@ def test_cross_section_constraints_are_checked(tmp_path: Path) -> None:
     path = write(tmp_path, {"sampling": {"num_steps": 3}})
     with pytest.raises(ConfigError, match=r"timesteps_per_trajectory \(5\) exceeds sampling.num_steps \(3\)"):
         load_config(path)
+    path = write(tmp_path, {"method": "d3po", "ddpo": {"target_kl": 0.001}})
+    with pytest.raises(ConfigError, match=r"ddpo.target_kl bounds the KL to the sampling policy"):
+        load_config(path)
+    path = write(tmp_path, {"ddpo": {"target_kl": 0}})
+    with pytest.raises(ConfigError, match=r"ddpo\.target_kl: Input should be greater than 0"):
+        load_config(path)
 
 
 def test_unknown_random_architecture_is_refused(tmp_path: Path) -> None:

@@ -67,6 +67,47 @@ def test_update_pass_steps_the_optimiser_as_configured_and_trains_only_lora(roun
     assert all(not torch.equal(p, before) for p, before in zip(params, lora_before, strict=True))
 
 
+def _pass(pipe, params, trajectory, target_kl):
+    """Two passes of 2 optimiser steps at a large lr; the parameters after, and the stats."""
+    with torch.no_grad():
+        start = [p.detach().clone() for p in params]
+    stats = update_pass(
+        ddpo_objective(pipe, trajectory, torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0]), clip_range=10.0),
+        torch.optim.SGD(params, lr=0.5),
+        units=6,
+        num_steps=4,
+        timesteps_per_unit=2,
+        train_batch_size=3,
+        gradient_accumulation_steps=1,
+        inner_epochs=2,
+        max_grad_norm=1e9,
+        generator=torch.Generator().manual_seed(0),
+        target_kl=target_kl,
+    )
+    after = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, s in zip(params, start, strict=True):
+            p.copy_(s)
+    return after, stats
+
+
+def test_update_stops_before_the_step_whose_kl_to_the_sampling_policy_exceeds_target_kl(round_of_six) -> None:
+    pipe, params, trajectory = round_of_six
+    unbounded, all_steps = _pass(pipe, params, trajectory, target_kl=None)
+    assert all_steps.optimizer_steps == 4 and all_steps.approx_kl > 0
+    loose, loose_stats = _pass(pipe, params, trajectory, target_kl=1e9)  # never reached: the same update
+    assert loose_stats.optimizer_steps == 4
+    assert all(torch.equal(a, b) for a, b in zip(loose, unbounded, strict=True))
+    # The first step sees the sampling policy itself (KL exactly 0 on a CPU) and is taken; the second
+    # sees the moved policy and is not, nor anything after it in this pass or the next.
+    one_step, stats = _pass(pipe, params, trajectory, target_kl=1e-12)
+    assert stats.optimizer_steps == 1
+    assert all(p.grad is None for p in params)  # the refused step's gradients are dropped
+    start = [p.detach().clone() for p in params]
+    assert not any(torch.equal(a, b) for a, b in zip(one_step, start, strict=True))  # it moved...
+    assert not all(torch.equal(a, b) for a, b in zip(one_step, unbounded, strict=True))  # ...less far
+
+
 def test_update_pass_raises_the_likelihood_of_advantaged_samples(round_of_six) -> None:
     pipe, params, trajectory = round_of_six
     advantage = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
