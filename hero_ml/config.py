@@ -232,6 +232,16 @@ class DDPOConfig(_Section):
             "costs a round's worth of UNet forward and backward passes on the trained timesteps."
         ),
     )
+    kl_to_base: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "Weight of a penalty on each trained step's KL (per latent element, like the log-probs) "
+            "from the base model's step (the UNet with its adapters off). It holds what the labels "
+            "never told apart (all images had it) where the reward would trade it away; it costs one "
+            "more forward pass per trained step. 0 (default, as in the paper): off."
+        ),
+    )
     target_kl: float | None = Field(
         None,
         gt=0,
@@ -525,6 +535,11 @@ class HeroConfig(BaseSettings):
             raise ValueError(
                 "ddpo.target_kl bounds the KL to the sampling policy, which D3PO does not measure "
                 "(its KL is to the base model): unset ddpo.target_kl or pick a DDPO method"
+            )
+        if self.method == "d3po" and self.ddpo.kl_to_base > 0:
+            raise ValueError(
+                "ddpo.kl_to_base is a DDPO penalty; D3PO holds the policy near the base model with "
+                "its own d3po.beta: set ddpo.kl_to_base to 0 or pick a DDPO method"
             )
         if self.ddpo.timesteps_per_trajectory > self.sampling.num_steps:
             raise ValueError(

@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING
 import torch
 from diffusers import StableDiffusionPipeline
 
-from hero_ml.diffusion.sampler import Trajectory, recompute_log_probs
+from hero_ml.diffusion.ddim import gaussian_kl, gaussian_log_prob
+from hero_ml.diffusion.lora import adapters_disabled
+from hero_ml.diffusion.sampler import Trajectory, recompute_step
 from hero_ml.faults import crash_point
 
 if TYPE_CHECKING:
@@ -52,14 +54,30 @@ StepObjective = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch
 
 
 def ddpo_objective(
-    pipe: StableDiffusionPipeline, trajectory: Trajectory, advantage: torch.Tensor, clip_range: float
+    pipe: StableDiffusionPipeline,
+    trajectory: Trajectory,
+    advantage: torch.Tensor,
+    clip_range: float,
+    kl_to_base: float = 0.0,
 ) -> StepObjective:
-    """PPO's clipped loss of trajectories `rows` at `steps`, new log-probs from the current UNet."""
+    """PPO's clipped loss of trajectories `rows` at `steps`, new log-probs from the current UNet.
+
+    kl_to_base > 0 adds kl_to_base x the KL from the current step's Gaussian to the base model's
+    (the UNet with its adapters off) at the same x_t: a pull back towards what the base model does,
+    at the cost of one more forward pass without gradients per trained step."""
 
     def objective(rows: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        log_prob = recompute_log_probs(pipe, trajectory, rows, steps)
+        mean, std, prev_sample = recompute_step(pipe, trajectory, rows, steps)
+        log_prob = gaussian_log_prob(prev_sample, mean, std)
         old = trajectory.log_probs[rows, steps].to(log_prob.device)
-        return ppo_clipped_loss(log_prob, old, advantage[rows].to(log_prob.device), clip_range)
+        loss, approx_kl, clip_fraction = ppo_clipped_loss(
+            log_prob, old, advantage[rows].to(log_prob.device), clip_range
+        )
+        if kl_to_base > 0:
+            with torch.no_grad(), adapters_disabled(pipe.unet):
+                base_mean, _, _ = recompute_step(pipe, trajectory, rows, steps)
+            loss = loss + kl_to_base * gaussian_kl(mean, base_mean, std).mean()
+        return loss, approx_kl, clip_fraction
 
     return objective
 

@@ -224,7 +224,13 @@ class Engine:
         if rewards is not None:
             advantage = advantages(rewards, self.config.ddpo.adv_clip_max)
             if advantage.abs().sum() > 0:
-                objective = ddpo_objective(self.pipe, trajectory, advantage, self.config.ddpo.clip_range)
+                objective = ddpo_objective(
+                    self.pipe,
+                    trajectory,
+                    advantage,
+                    self.config.ddpo.clip_range,
+                    kl_to_base=self.config.ddpo.kl_to_base,
+                )
         else:  # d3po
             pairs = preference_pairs(good, bad, self._generator("pairs"))
             if len(pairs):

@@ -79,16 +79,8 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
     return log_density.mean(dim=tuple(range(1, x.ndim)))
 
 
-def step_log_prob(
-    scheduler: DDIMScheduler,
-    model_output: torch.Tensor,
-    timesteps: torch.Tensor,
-    sample: torch.Tensor,
-    prev_sample: torch.Tensor,
-    eta: float,
-) -> torch.Tensor:
-    """Log-density of the given x_{t-1} (prev_sample) under the DDIM step from x_t (sample); shape (B,)."""
-    if eta <= 0:
-        raise ValueError("eta must be > 0: the DDIM step with eta = 0 is deterministic and has no density")
-    mean, std = ddim_step_mean_std(scheduler, model_output, timesteps, sample, eta)
-    return gaussian_log_prob(prev_sample, mean, std)
+def gaussian_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean_p, std^2) || N(mean_q, std^2)) per element, averaged over all but the batch dimension.
+
+    Two DDIM steps from the same x_t share their std, so only the means differ."""
+    return ((mean_p - mean_q) ** 2 / (2 * std**2)).mean(dim=tuple(range(1, mean_p.ndim)))

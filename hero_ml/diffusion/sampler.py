@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from hero_ml.diffusion.ddim import check_scheduler, ddim_step_mean_std, gaussian_log_prob, step_log_prob
+from hero_ml.diffusion.ddim import check_scheduler, ddim_step_mean_std, gaussian_log_prob
 
 TRAJECTORY_FORMAT = "hero-trajectory/1"
 PER_IMAGE_TENSORS = ("latents", "log_probs", "prompt_embeds", "negative_prompt_embeds", "images")
@@ -229,17 +229,17 @@ def sample_trajectories(
     )
 
 
-def recompute_log_probs(
+def recompute_step(
     pipe: StableDiffusionPipeline,
     trajectory: Trajectory,
     rows: torch.Tensor,
     steps: torch.Tensor,
-) -> torch.Tensor:
-    """Log-probs of transitions (rows[i], steps[i]) of a trajectory under the pipeline's current UNet.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean and std of the DDIM step under the pipeline's current UNet at transitions (rows[i],
+    steps[i]) of a trajectory, and the recorded x_{t-1} of each.
 
-    DDPO's new policy: with gradients unless the caller disables them, on a batch that mixes steps
-    of several trajectories. Guidance and eta are the trajectory's own. Returns shape (len(rows),).
-    """
+    With gradients unless the caller disables them, on a batch that mixes steps of several
+    trajectories. Guidance and eta are the trajectory's own."""
     scheduler = pipe.scheduler
     scheduler.set_timesteps(trajectory.num_steps)
     check_scheduler(scheduler)
@@ -258,7 +258,20 @@ def recompute_log_probs(
         trajectory.negative_prompt_embeds[rows].to(device),
         trajectory.guidance_scale,
     )
-    return step_log_prob(scheduler, prediction, timesteps, sample, prev_sample, trajectory.eta)
+    mean, std = ddim_step_mean_std(scheduler, prediction, timesteps, sample, trajectory.eta)
+    return mean, std, prev_sample
+
+
+def recompute_log_probs(
+    pipe: StableDiffusionPipeline,
+    trajectory: Trajectory,
+    rows: torch.Tensor,
+    steps: torch.Tensor,
+) -> torch.Tensor:
+    """Log-probs of transitions (rows[i], steps[i]) of a trajectory under the pipeline's current UNet
+    (DDPO's new policy; see recompute_step). Returns shape (len(rows),)."""
+    mean, std, prev_sample = recompute_step(pipe, trajectory, rows, steps)
+    return gaussian_log_prob(prev_sample, mean, std)
 
 
 @torch.no_grad()

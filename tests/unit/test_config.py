@@ -115,6 +115,9 @@ def test_cross_section_constraints_are_checked(tmp_path: Path) -> None:
     path = write(tmp_path, {"method": "d3po", "ddpo": {"target_kl": 0.001}})
     with pytest.raises(ConfigError, match=r"ddpo.target_kl bounds the KL to the sampling policy"):
         load_config(path)
+    path = write(tmp_path, {"method": "d3po", "ddpo": {"kl_to_base": 0.5}})
+    with pytest.raises(ConfigError, match=r"ddpo.kl_to_base is a DDPO penalty"):
+        load_config(path)
     path = write(tmp_path, {"ddpo": {"target_kl": 0}})
     with pytest.raises(ConfigError, match=r"ddpo\.target_kl: Input should be greater than 0"):
         load_config(path)

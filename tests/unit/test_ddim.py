@@ -3,14 +3,9 @@ import math
 import pytest
 import torch
 from diffusers import DDIMScheduler
-from torch.distributions import Normal
+from torch.distributions import Normal, kl_divergence
 
-from hero_ml.diffusion.ddim import (
-    check_scheduler,
-    ddim_step_mean_std,
-    gaussian_log_prob,
-    step_log_prob,
-)
+from hero_ml.diffusion.ddim import check_scheduler, ddim_step_mean_std, gaussian_kl, gaussian_log_prob
 
 SD_SCHEDULER = {
     "beta_start": 0.00085,
@@ -72,16 +67,21 @@ def test_std_is_eta_times_ddim_sigma_hand_computed() -> None:
     assert std.item() == pytest.approx(0.5 * sigma, rel=1e-5)
 
 
+def step_log_prob(scheduler, output, timesteps, sample, prev) -> torch.Tensor:
+    mean, std = ddim_step_mean_std(scheduler, output, timesteps, sample, eta=1.0)
+    return gaussian_log_prob(prev, mean, std)
+
+
 def test_mixed_timesteps_in_one_batch_equal_one_at_a_time() -> None:
     scheduler = make_scheduler()
     gen = torch.Generator().manual_seed(2)
     timesteps = scheduler.timesteps[torch.tensor([0, 4, 9])]
     sample, output, prev = (torch.randn(3, 4, 6, 6, generator=gen) for _ in range(3))
-    together = step_log_prob(scheduler, output, timesteps, sample, prev, eta=1.0)
+    together = step_log_prob(scheduler, output, timesteps, sample, prev)
     alone = torch.cat(
         [
             step_log_prob(
-                scheduler, output[i : i + 1], timesteps[i : i + 1], sample[i : i + 1], prev[i : i + 1], 1.0
+                scheduler, output[i : i + 1], timesteps[i : i + 1], sample[i : i + 1], prev[i : i + 1]
             )
             for i in range(3)
         ]
@@ -90,21 +90,14 @@ def test_mixed_timesteps_in_one_batch_equal_one_at_a_time() -> None:
     assert together.shape == (3,)
 
 
-def test_step_log_prob_is_the_normal_density_of_the_step() -> None:
-    scheduler = make_scheduler()
-    gen = torch.Generator().manual_seed(3)
-    t = scheduler.timesteps[3].expand(2)
-    sample, output, prev = (torch.randn(2, 4, 4, 4, generator=gen) for _ in range(3))
-    mean, std = ddim_step_mean_std(scheduler, output, t, sample, eta=1.0)
-    expected = Normal(mean, std.expand_as(mean)).log_prob(prev).mean(dim=(1, 2, 3))
-    torch.testing.assert_close(step_log_prob(scheduler, output, t, sample, prev, eta=1.0), expected)
-
-
-def test_eta_zero_has_no_density() -> None:
-    scheduler = make_scheduler()
-    x = torch.zeros(1, 4, 2, 2)
-    with pytest.raises(ValueError, match="eta must be > 0"):
-        step_log_prob(scheduler, x, scheduler.timesteps[:1], x, x, eta=0.0)
+def test_gaussian_kl_is_the_normal_kl_averaged_over_elements() -> None:
+    mean_p = torch.tensor([[[[0.0, 1.0]]], [[[2.0, -1.0]]]])
+    mean_q = torch.tensor([[[[0.5, 1.0]]], [[[0.0, 0.0]]]])
+    std = torch.tensor([0.5, 2.0]).reshape(2, 1, 1, 1)
+    # (0.25 / 0.5 + 0) / 2 = 0.25; (4 / 8 + 1 / 8) / 2 = 0.3125
+    assert gaussian_kl(mean_p, mean_q, std).tolist() == [0.25, 0.3125]
+    expected = kl_divergence(Normal(mean_p, std.expand_as(mean_p)), Normal(mean_q, std.expand_as(mean_q)))
+    torch.testing.assert_close(gaussian_kl(mean_p, mean_q, std), expected.mean(dim=(1, 2, 3)))
 
 
 def test_scheduler_settings_outside_the_math_are_refused() -> None:

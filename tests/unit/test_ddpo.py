@@ -5,8 +5,14 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from hero_ml.ddpo import advantages, ddpo_objective, ppo_clipped_loss, update_pass
-from hero_ml.diffusion.lora import add_lora
-from hero_ml.diffusion.sampler import per_image_generators, recompute_log_probs, sample_trajectories
+from hero_ml.diffusion.ddim import gaussian_kl
+from hero_ml.diffusion.lora import adapters_disabled, add_lora
+from hero_ml.diffusion.sampler import (
+    per_image_generators,
+    recompute_log_probs,
+    recompute_step,
+    sample_trajectories,
+)
 
 
 def test_advantages_normalise_with_the_population_std_and_clip() -> None:
@@ -148,3 +154,25 @@ def test_update_pass_refuses_more_timesteps_than_the_trajectory_has(round_of_six
             max_grad_norm=1.0,
             generator=torch.Generator(),
         )
+
+
+def test_the_kl_to_base_penalty_pulls_the_policy_back_to_the_base_model(round_of_six) -> None:
+    pipe, params, trajectory = round_of_six
+    rows, steps = torch.arange(6).repeat_interleave(4), torch.arange(4).repeat(6)
+
+    def kl_to_base() -> float:
+        with torch.no_grad():
+            mean, std, _ = recompute_step(pipe, trajectory, rows, steps)
+            with adapters_disabled(pipe.unet):
+                base, _, _ = recompute_step(pipe, trajectory, rows, steps)
+        return gaussian_kl(mean, base, std).mean().item()
+
+    before = kl_to_base()
+    assert before > 0  # the fixture's LoRA is not the identity
+    no_advantage = torch.zeros(6)
+    assert ddpo_objective(pipe, trajectory, no_advantage, clip_range=1e-4)(rows, steps)[0].item() == 0.0
+    loss, _, _ = ddpo_objective(pipe, trajectory, no_advantage, clip_range=1e-4, kl_to_base=2.0)(rows, steps)
+    assert loss.item() == pytest.approx(2.0 * before, rel=1e-5)  # the penalty alone
+    loss.backward()
+    torch.optim.SGD(params, lr=0.1).step()
+    assert kl_to_base() < before
