@@ -124,7 +124,10 @@ def update_pass(
             f"{timesteps_per_unit} timesteps per unit exceed the {num_steps} steps of a trajectory"
         )
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    losses, kls, clip_fractions, optimizer_steps = [], [], [], 0
+    losses: list[float] = []
+    kls: list[float] = []
+    clip_fractions: list[float] = []
+    optimizer_steps = 0
     stopped = False
     for _ in range(inner_epochs):
         if stopped:
