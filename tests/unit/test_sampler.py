@@ -5,13 +5,14 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
-from hero_ml.diffusion.ddim import step_log_prob
+from hero_ml.diffusion.ddim import ddim_step_mean_std, gaussian_log_prob
 from hero_ml.diffusion.pipeline import load_pipeline
 from hero_ml.diffusion.sampler import (
     Trajectory,
     guided_noise_pred,
     per_image_generators,
     recompute_log_probs,
+    recompute_step,
     sample_trajectories,
 )
 
@@ -76,7 +77,7 @@ def test_recorded_log_probs_equal_recomputed_on_a_mixed_timestep_batch(
     torch.testing.assert_close(recomputed, trajectory.log_probs[rows, steps], rtol=1e-5, atol=1e-5)
 
 
-def test_recompute_is_step_log_prob_of_the_guided_prediction(tiny_pipe: StableDiffusionPipeline) -> None:
+def test_recompute_is_the_ddim_step_of_the_guided_prediction(tiny_pipe: StableDiffusionPipeline) -> None:
     trajectory = sample(tiny_pipe)
     rows, steps = torch.tensor([3, 1]), torch.tensor([2, 2])
     t = trajectory.timesteps[steps]
@@ -90,7 +91,9 @@ def test_recompute_is_step_log_prob_of_the_guided_prediction(tiny_pipe: StableDi
             CFG,
         )
         x_t, x_prev = trajectory.latents[rows, steps], trajectory.latents[rows, steps + 1]
-        expected = step_log_prob(tiny_pipe.scheduler, prediction, t, x_t, x_prev, 1.0)
+        mean, std = ddim_step_mean_std(tiny_pipe.scheduler, prediction, t, x_t, eta=1.0)
+        torch.testing.assert_close(recompute_step(tiny_pipe, trajectory, rows, steps), (mean, std, x_prev))
+        expected = gaussian_log_prob(x_prev, mean, std)
         torch.testing.assert_close(recompute_log_probs(tiny_pipe, trajectory, rows, steps), expected)
 
 
