@@ -97,11 +97,14 @@ def check_settings(points_path: Path, config: HeroConfig) -> None:
         path.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
         return
     recorded = json.loads(path.read_text())
+    # A field added after the file was written is read at its default: new fields default to the
+    # behaviour from before they existed.
+    defaults = learning_settings(HeroConfig())
     changed = [
-        f"{section}.{key}: {recorded.get(section, {}).get(key)!r} in {path.name}, {value!r} now"
+        f"{section}.{key}: {was!r} in {path.name}, {value!r} now"
         for section, fields in settings.items()
         for key, value in fields.items()
-        if recorded.get(section, {}).get(key) != value
+        if (was := recorded.get(section, {}).get(key, defaults[section][key])) != value
     ]
     if changed:
         raise SystemExit(

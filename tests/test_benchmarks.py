@@ -54,6 +54,18 @@ def test_points_of_other_learning_settings_are_refused(tmp_path: Path) -> None:
         fe.check_settings(path, HeroConfig(encoder={"lr": other}))
 
 
+def test_a_field_newer_than_the_points_counts_at_its_default(tmp_path: Path) -> None:
+    path = tmp_path / "points.csv"
+    fe.check_settings(path, HeroConfig())
+    settings = path.with_suffix(".settings.json")
+    recorded = json.loads(settings.read_text())
+    del recorded["ddpo"]["kl_to_base"]  # points written before the field existed
+    settings.write_text(json.dumps(recorded))
+    fe.check_settings(path, HeroConfig())
+    with pytest.raises(SystemExit, match=r"ddpo.kl_to_base: 0.0 in points.settings.json, 2.0 now"):
+        fe.check_settings(path, HeroConfig(ddpo={"kl_to_base": 2.0}))
+
+
 def test_reward_auc_counts_the_good_bad_pairs_ordered_right() -> None:
     good = (True, True, False, False)
     assert hp.reward_auc([0.9, 0.8, 0.1, 0.2], good) == 1.0
