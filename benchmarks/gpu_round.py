@@ -211,11 +211,14 @@ def run_setup(config: HeroConfig, parallel: DataParallel | None, flop_counts: di
     pipe = load_configured_pipeline(config.model)
     device = pipe.unet.device
     engine = Engine(config, pipe, parallel=parallel)
-    if not flop_counts:  # the same model in every setup: count once, before any compile runs
+    if not flop_counts:  # the same model in every setup: count once
         cfg = config.sampling.guidance_scale
-        flop_counts["unet_sampling_step"] = unet_flops(pipe, cfg, backward=False)
-        flop_counts["unet_training_step"] = unet_flops(pipe, cfg, backward=True)
-        flop_counts["vae_decode"] = vae_decode_flops(pipe)
+        # eager even in a compiled setup: compiling under the FLOP counter, at batch 1, would fill
+        # dynamo's cache with graphs the round never uses (and mark the batch dimension dynamic)
+        with torch.compiler.set_stance("force_eager"):
+            flop_counts["unet_sampling_step"] = unet_flops(pipe, cfg, backward=False)
+            flop_counts["unet_training_step"] = unet_flops(pipe, cfg, backward=True)
+            flop_counts["vae_decode"] = vae_decode_flops(pipe)
     clock = PhaseClock(device)
     decode = sampler_module.decode_latents
     sampler_module.decode_latents = clock.wrap("decode", decode)
