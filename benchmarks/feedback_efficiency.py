@@ -9,6 +9,8 @@ already in the CSV are skipped. Slices run alone (--task, --method, --seeds), so
 spread over sessions or machines.
 
     python benchmarks/feedback_efficiency.py --task counting --method hero d3po --seeds 0 1 2
+    python benchmarks/feedback_efficiency.py --jobs 2      # two runs at a time, one thread each
+    HERO_MODEL__DEVICE=cuda python benchmarks/feedback_efficiency.py --jobs 12   # the grid on a GPU
     python benchmarks/feedback_efficiency.py --report      # plot + table from the CSV only
 
 Round 0 is the base model: a fresh LoRA is the identity, so its rate is measured once per task and
@@ -19,10 +21,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
+import io
 import json
+import multiprocessing
 import os
 import sys
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -70,13 +76,16 @@ def read_points(path: Path) -> list[dict]:
 
 
 def append_point(path: Path, point: dict) -> None:
-    new = not path.exists()
+    """Append one row, under an exclusive lock: parallel runs (--jobs) share the file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        if new:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        row = io.StringIO()
+        writer = csv.DictWriter(row, fieldnames=COLUMNS)
+        if handle.seek(0, os.SEEK_END) == 0:  # after the lock: another run may have written since open
             writer.writeheader()
         writer.writerow({k: point[k] for k in COLUMNS})
+        handle.write(row.getvalue())
 
 
 def learning_settings(config: HeroConfig) -> dict:
@@ -134,7 +143,7 @@ def run_one(base: HeroConfig, task: str, method: str, seed: int, args: argparse.
     rounds = config.rounds
     if done >= set(range(rounds + 1)):
         return
-    run = TrainingRun(config, LocalStore(WORK / args.tag))
+    run = TrainingRun(config, LocalStore(args.work / args.tag))
 
     def measure() -> None:
         round_index = run.engine.round
@@ -268,6 +277,30 @@ def report(path: Path, at: int) -> None:
     print(table_md)
 
 
+def _set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_in_parallel(base: HeroConfig, runs: list[tuple[str, str, int]], args: argparse.Namespace) -> None:
+    """Each run in its own process (spawned: CUDA does not survive a fork), --jobs at a time, in the
+    grid's order. A failed run is reported and the others go on; the exit status says whether any failed."""
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    context = multiprocessing.get_context("spawn")
+    failed = []
+    with ProcessPoolExecutor(
+        args.jobs, mp_context=context, initializer=_set_threads, initargs=(threads,)
+    ) as pool:
+        futures = {pool.submit(run_one, base, *run, args): run for run in runs}
+        for future in as_completed(futures):
+            if future.exception() is not None:
+                failed.append(futures[future])
+                print(f"run {futures[future]} failed: {future.exception()!r}", file=sys.stderr, flush=True)
+    if failed:
+        raise SystemExit(f"{len(failed)} of {len(runs)} runs failed: {failed}; their points so far are kept")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -282,20 +315,29 @@ def main() -> None:
         "--config", type=Path, help="HERO config with the hyper-parameters (default: the defaults)."
     )
     parser.add_argument("--tag", default="default", help="Names the work folder of this grid's checkpoints.")
+    parser.add_argument("--work", type=Path, default=WORK, help="Folder of the work folders.")
+    parser.add_argument("--jobs", type=int, default=1, help="Runs at a time, each in its own process.")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="Torch threads of each parallel run (default: CPUs / jobs)."
+    )
     parser.add_argument("--at", type=int, default=512, help="Feedbacks of the table's comparison point.")
     parser.add_argument("--report", action="store_true", help="Only write the plot and table from the CSV.")
     parser.add_argument(
         "--csv", type=Path, default=CSV_PATH, help="Points file; another than the default skips RESULTS.md."
     )
     args = parser.parse_args()
+    if args.jobs < 1 or args.threads < 0:
+        parser.error("--jobs must be at least 1 and --threads at least 0 (0: CPUs / jobs)")
     if not args.report:
         base = load_config(args.config)
         check_settings(args.csv, base)
         # seeds outermost: the table has every (task, method) cell at n=1 before any at n=2
-        for seed in args.seeds:
-            for task in args.task:
-                for method in args.method:
-                    run_one(base, task, method, seed, args)
+        runs = [(task, method, seed) for seed in args.seeds for task in args.task for method in args.method]
+        if args.jobs == 1:
+            for run in runs:
+                run_one(base, *run, args)
+        else:
+            run_in_parallel(base, runs, args)
     if args.csv == CSV_PATH:
         report(args.csv, args.at)
 

@@ -144,3 +144,30 @@ def test_recorded_log_probs_match_their_recomputation_in_float32(tiny_pipe) -> N
             p.add_(0.5)
     moved = gr.log_prob_mismatch(engine, batch, micro_batch=2)
     assert moved["max_abs"] >= moved["mean_abs"] > 1e-3 and moved["beyond_clip_range"] > 0.5
+
+
+def test_the_grid_runs_in_parallel_processes_and_a_second_call_skips_its_points(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "sampling: {images_per_round: 4, num_steps: 2, sub_batch_size: 4}\n"
+        "encoder: {epochs_per_round: 2, triplets_per_epoch: 4}\n"
+        "ddpo: {timesteps_per_trajectory: 1, train_batch_size: 4, inner_epochs: 1}\n"
+    )
+    points = tmp_path / "points.csv"
+    argv = [
+        "feedback_efficiency.py", "--task", "counting", "binding", "--method", "hero", "--seeds", "0",
+        "--budget", "8", "--eval-images", "4", "--eval-batch", "4", "--config", str(config),
+        "--csv", str(points), "--work", str(tmp_path / "work"), "--jobs", "2", "--threads", "1",
+    ]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    fe.main()
+    rows = fe.read_points(points)
+    assert sorted((p["task"], p["round"], p["feedbacks"]) for p in rows) == [
+        (task, r, 4 * r) for task in ("binding", "counting") for r in range(3)
+    ]
+    assert points.read_text().count("task,method") == 1  # one header, whichever run wrote first
+    before = points.read_text()
+    fe.main()  # every point is there: nothing runs, nothing is appended
+    assert points.read_text() == before
