@@ -270,9 +270,10 @@ def _run_embedded(config: HeroConfig) -> None:
                 if stats.reward_good_mean is None
                 else f", reward good {stats.reward_good_mean:.3f} / bad {stats.reward_bad_mean or 0:.3f}"
             )
+            moved = "" if stats.lora_step_norm is None else f" (LoRA moved {stats.lora_step_norm:.3g})"
             progress.console.print(
                 f"round {stats.round} ({seconds:.1f} s): {stats.good} good / {stats.bad} bad{reward}, "
-                f"{stats.optimizer_steps} optimiser steps, {stats.feedbacks} feedbacks spent",
+                f"{stats.optimizer_steps} optimiser steps{moved}, {stats.feedbacks} feedbacks spent",
                 highlight=False,
             )
             progress.reset(bar)

@@ -88,6 +88,10 @@ class UpdateStats:
     approx_kl: float
     clip_fraction: float
     optimizer_steps: int
+    # L2 norm of the pass's change to the trained parameters: how far the round moved them. With
+    # Adam each step has about the size lr whatever the loss says, so this grows with lr x steps
+    # (consistent gradients) or lr x sqrt(steps) (noisy ones); the clip range does not bound it.
+    step_norm: float
 
 
 def update_pass(
@@ -124,6 +128,7 @@ def update_pass(
             f"{timesteps_per_unit} timesteps per unit exceed the {num_steps} steps of a trajectory"
         )
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    initial = [p.detach().clone() for p in params]
     losses: list[float] = []
     kls: list[float] = []
     clip_fractions: list[float] = []
@@ -171,6 +176,9 @@ def update_pass(
         approx_kl=mean(kls),
         clip_fraction=mean(clip_fractions),
         optimizer_steps=optimizer_steps,
+        step_norm=float(
+            torch.stack([(p.detach() - p0).norm() for p, p0 in zip(params, initial, strict=True)]).norm()
+        ),
     )
 
 

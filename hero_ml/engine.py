@@ -87,6 +87,9 @@ class RoundStats:
     approx_kl: float | None
     clip_fraction: float | None
     optimizer_steps: int
+    # How far this round's update moved the LoRA (L2 norm of the change); None: no update, or a
+    # round recorded before the figure existed.
+    lora_step_norm: float | None = None
 
     def metrics(self) -> dict[str, float]:
         return {k: float(v) for k, v in asdict(self).items() if v is not None and k != "round"}
@@ -256,6 +259,7 @@ class Engine:
             approx_kl=update.approx_kl if update else None,
             clip_fraction=update.clip_fraction if update else None,
             optimizer_steps=update.optimizer_steps if update else 0,
+            lora_step_norm=update.step_norm if update else None,
         )
 
     def predicted_rewards(self, batch: RoundBatch) -> list[float] | None:

@@ -81,6 +81,7 @@ def test_hero_run_on_s3_and_an_mlflow_server(
         "update_loss",
         "approx_kl",
         "clip_fraction",
+        "lora_step_norm",
     ):
         assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [0, 1], metric
     assert {"eval_success_rate_before", "eval_success_rate_after"} <= set(run.data.metrics)

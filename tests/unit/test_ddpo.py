@@ -71,6 +71,37 @@ def test_update_pass_steps_the_optimiser_as_configured_and_trains_only_lora(roun
     assert 0 <= stats.clip_fraction <= 1 and stats.approx_kl >= 0
     assert all(torch.equal(p, frozen[n]) for n, p in pipe.unet.named_parameters() if not p.requires_grad)
     assert all(not torch.equal(p, before) for p, before in zip(params, lora_before, strict=True))
+    moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(params, lora_before, strict=True)])
+    assert stats.step_norm == pytest.approx(moved.norm().item(), rel=1e-6)
+
+
+def test_an_adam_step_moves_every_parameter_by_lr_whatever_the_loss_scale(round_of_six) -> None:
+    # Adam's first step is lr * g / (|g| + eps): the step's size does not follow the gradient's, so a
+    # round's movement is set by lr and the number of steps (what lora_step_norm shows in tracking).
+    pipe, params, trajectory = round_of_six
+    norms = []
+    for scale in (1.0, 1e-3):
+        with torch.no_grad():
+            start = [p.detach().clone() for p in params]
+        stats = update_pass(
+            ddpo_objective(pipe, trajectory, scale * torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0]), 10.0),
+            torch.optim.Adam(params, lr=1e-4, eps=1e-12),
+            units=6,
+            num_steps=4,
+            timesteps_per_unit=1,
+            train_batch_size=6,
+            gradient_accumulation_steps=1,
+            inner_epochs=1,
+            max_grad_norm=1e9,
+            generator=torch.Generator().manual_seed(0),
+        )
+        assert stats.optimizer_steps == 1
+        norms.append(stats.step_norm)
+        with torch.no_grad():
+            for p, s in zip(params, start, strict=True):
+                p.copy_(s)
+    count = sum(p.numel() for p in params)
+    assert norms == pytest.approx([1e-4 * count**0.5] * 2, rel=1e-3)
 
 
 def _pass(pipe, params, trajectory, target_kl):
