@@ -39,6 +39,17 @@ def launch(out: Path, *flags: str) -> list[dict[str, torch.Tensor]]:
     return [load_file(out / f"rank{rank}.safetensors") for rank in (0, 1)]
 
 
+def one_process(run, *args, **kwargs):
+    """`run` here, at the workers' one thread: a reduction split over threads rounds differently
+    (1.4e-4 of the encoder's norm after two rounds on a 2-core Xeon), which is not what is compared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run(*args, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def relative_error(trained: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], start: dict) -> float:
     """|trained update - expected update| / |expected update|, over all LoRA parameters."""
     error = torch.cat([(trained[n] - expected[n]).reshape(-1) for n in expected]).norm()
@@ -48,7 +59,7 @@ def relative_error(trained: dict[str, torch.Tensor], expected: dict[str, torch.T
 
 
 def test_two_processes_sum_their_gradients_into_the_single_process_update(tmp_path: Path) -> None:
-    reference = {f"p{i}": p.detach() for i, p in enumerate(train(parallel=None)[0])}
+    reference = {f"p{i}": p.detach() for i, p in enumerate(one_process(train, parallel=None)[0])}
     start = {f"p{i}": p.detach() for i, p in enumerate(setting()[0])}
     ranks = launch(tmp_path / "summed")
     assert all(torch.equal(ranks[0][n], ranks[1][n]) for n in reference)  # the processes stay in step
@@ -60,7 +71,8 @@ def test_two_processes_sum_their_gradients_into_the_single_process_update(tmp_pa
 
 
 def test_two_processes_stop_at_the_kl_bound_together_where_one_process_stops(tmp_path: Path) -> None:
-    params, steps = train(parallel=None, target_kl=1e-12)  # the first step is taken, the second refused
+    # the first step is taken, the second refused
+    params, steps = one_process(train, parallel=None, target_kl=1e-12)
     assert steps == 1
     reference = {f"p{i}": p.detach() for i, p in enumerate(params)}
     start = {f"p{i}": p.detach() for i, p in enumerate(setting()[0])}
@@ -71,7 +83,7 @@ def test_two_processes_stop_at_the_kl_bound_together_where_one_process_stops(tmp
 
 
 def test_two_processes_share_whole_rounds_and_end_as_one_process(tmp_path: Path) -> None:
-    reference = engine_rounds(parallel=None)
+    reference = one_process(engine_rounds, parallel=None)
     ranks = launch(tmp_path / "engine", "--engine")
     assert all(torch.equal(ranks[0][n], ranks[1][n]) for n in reference)  # every process holds the same
     for round_index in (0, 1):  # each process sampled half: gathered, the round is one process's
