@@ -321,11 +321,22 @@ def loaded_widths(driver: Any) -> list[int]:
     )
 
 
-def submit(driver: Any) -> None:
+def click(driver: Any, xpath: str) -> None:
+    """Click the element at xpath, finding it again while the page re-renders it (a React panel can
+    replace an element between finding and clicking it: a stale reference)."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver.find_element(By.XPATH, "//button[normalize-space()='Submit']").click()
+    WebDriverWait(driver, 30, ignored_exceptions=(StaleElementReferenceException,)).until(
+        lambda d: d.find_element(By.XPATH, xpath).click() or True
+    )
+
+
+def submit(driver: Any) -> None:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    click(driver, "//button[normalize-space()='Submit']")
     WebDriverWait(driver, 30).until(
         lambda d: d.execute_script(
             "return Array.from(document.querySelectorAll('button')).some(b => b.innerText === 'Update')"
@@ -366,7 +377,7 @@ def test_an_annotator_labels_in_the_browser_and_the_pipeline_reads_it(
 
     # the best task: the round's grid; click image #1
     open_task(browser, label_studio_server, project, tasks[("best", "")])
-    browser.find_element(By.XPATH, "//label[.//*[normalize-space()='#1'] or normalize-space()='#1']").click()
+    click(browser, "//label[.//*[normalize-space()='#1'] or normalize-space()='#1']")
     browser.save_screenshot(str(OUTPUT / "label_studio_best_task.png"))
     assert all(width > 0 for width in loaded_widths(browser))
     submit(browser)
