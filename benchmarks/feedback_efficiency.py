@@ -32,6 +32,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -277,12 +278,6 @@ def report(path: Path, at: int) -> None:
     print(table_md)
 
 
-def _set_threads(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
 def run_in_parallel(base: HeroConfig, runs: list[tuple[str, str, int]], args: argparse.Namespace) -> None:
     """Each run in its own process (spawned: CUDA does not survive a fork), --jobs at a time, in the
     grid's order. A failed run is reported and the others go on; the exit status says whether any failed."""
@@ -290,7 +285,7 @@ def run_in_parallel(base: HeroConfig, runs: list[tuple[str, str, int]], args: ar
     context = multiprocessing.get_context("spawn")
     failed = []
     with ProcessPoolExecutor(
-        args.jobs, mp_context=context, initializer=_set_threads, initargs=(threads,)
+        args.jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(threads,)
     ) as pool:
         futures = {pool.submit(run_one, base, *run, args): run for run in runs}
         for future in as_completed(futures):
