@@ -8,6 +8,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 
 import feedback_efficiency as fe
 import gpu_round as gr
+import guidance_gap as gg
 import hyperparameter_probe as hp
 import pytest
 import torch
@@ -171,3 +172,45 @@ def test_the_grid_runs_in_parallel_processes_and_a_second_call_skips_its_points(
     before = points.read_text()
     fe.main()  # every point is there: nothing runs, nothing is appended
     assert points.read_text() == before
+
+
+def test_guidance_gap_pairs_each_rounds_batch_with_the_same_policys_evaluation(tmp_path: Path) -> None:
+    from hero_ml.adapters.storage import LocalStore
+    from hero_ml.engine import RoundStats
+    from hero_ml.run_store import RunStore
+
+    store = LocalStore(tmp_path)
+    good = {"hero": [16, 32, 48], "hero-noguide": [8, 16, 24]}  # rounds 0, 1, 2 of 64 images
+    points = []
+    for method, goods in good.items():
+        run = RunStore(store, f"t-{method}-0")
+        for r, g in enumerate(goods):
+            stats = RoundStats(
+                round=r, feedbacks=64 * (r + 1), good=g, bad=64 - g, new_best=True, label_agreement=1.0,
+                encoder_loss_first=None, encoder_loss_last=None, reward_good_mean=None, reward_bad_mean=None,
+                update_loss=None, approx_kl=None, clip_fraction=None, optimizer_steps=32,
+            )  # fmt: skip
+            run.save_stats(stats)
+            points.append(
+                {
+                    "task": "t",
+                    "method": method,
+                    "seed": 0,
+                    "round": r,
+                    "feedbacks": 64 * r,
+                    "success_rate": 0.25,
+                }
+            )
+        store.put(f"{run.prefix}/progress.json", json.dumps({"checkpoint": 2}).encode())
+    # a run with round 2 not yet evaluated is left out, not half-counted
+    points = [p for p in points if (p["method"], p["round"]) != ("hero-noguide", 2)]
+    pairs = gg.paired_rounds(points, store, rounds=2)
+    assert pairs == {
+        ("t", "hero", 0): [
+            {"round": 1, "batch_good": 0.5, "evaluation": 0.25},
+            {"round": 2, "batch_good": 0.75, "evaluation": 0.25},
+        ]
+    }
+    assert gg.summary(pairs) == {
+        ("t", "hero"): {"seeds": 1, "batch_good": 0.625, "evaluation": 0.25, "gap": 0.375, "gap_std": 0.0}
+    }

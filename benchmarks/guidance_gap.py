@@ -1,0 +1,132 @@
+"""Guided training batches against the plain-noise evaluation: what annotators see, what the LoRA does.
+
+HERO samples each round's training batch from feedback-guided noise (near the best and good images'
+x_T); the feedback-efficiency benchmark evaluates every round on plain N(0, I) noise. For each run of
+that benchmark (its work folder), this pairs, round by round, the share of good images in the training
+batch (the simulated annotator's labels, the round's stats.json) with the evaluation success rate of
+the same policy: the batch of round r and the CSV's point of round r are both sampled after r updates.
+Without guidance the two estimate one rate; with it, the gap says how much better the policy does
+near the guided noises than from plain noise, where a user of the LoRA samples.
+
+    python benchmarks/guidance_gap.py      # after feedback_efficiency.py, beside its work folder
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from feedback_efficiency import CSV_PATH, METHODS, WORK, read_points
+from results_io import write_result
+
+from hero_ml.adapters.storage import LocalStore
+from hero_ml.run_store import RunStore
+
+
+def paired_rounds(
+    points: list[dict], store: LocalStore, rounds: int
+) -> dict[tuple[str, str, int], list[dict]]:
+    """(task, method, seed) -> per round 1..rounds: {round, batch_good, evaluation}, for the runs whose
+    rounds are all learned and measured (a run still going is left out, not half-counted)."""
+    evaluation = {(p["task"], p["method"], p["seed"], p["round"]): p["success_rate"] for p in points}
+    pairs = {}
+    for task, method, seed in sorted({(p["task"], p["method"], p["seed"]) for p in points}):
+        run = RunStore(store, f"{task}-{method}-{seed}")
+        latest = run.latest_checkpoint()
+        wanted = range(1, rounds + 1)
+        if (
+            latest is None
+            or latest < rounds
+            or any((task, method, seed, r) not in evaluation for r in wanted)
+        ):
+            continue
+        rows = []
+        for r in wanted:
+            stats = run.load_stats(r)
+            rows.append(
+                {
+                    "round": r,
+                    "batch_good": stats.good / (stats.good + stats.bad),
+                    "evaluation": evaluation[(task, method, seed, r)],
+                }
+            )
+        pairs[(task, method, seed)] = rows
+    return pairs
+
+
+def summary(pairs: dict[tuple[str, str, int], list[dict]]) -> dict[tuple[str, str], dict]:
+    """(task, method) -> means over rounds, then mean and std over seeds, of both rates and the gap."""
+    by_cell: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
+    for (task, method, _), rows in pairs.items():
+        by_cell[(task, method)].append(
+            (float(np.mean([r["batch_good"] for r in rows])), float(np.mean([r["evaluation"] for r in rows])))
+        )
+    table = {}
+    for cell, seeds in by_cell.items():
+        batch, evaluation = np.array(seeds).T
+        table[cell] = {
+            "seeds": len(seeds),
+            "batch_good": float(batch.mean()),
+            "evaluation": float(evaluation.mean()),
+            "gap": float((batch - evaluation).mean()),
+            "gap_std": float((batch - evaluation).std()),
+        }
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--csv", type=Path, default=CSV_PATH, help="The feedback-efficiency points.")
+    parser.add_argument(
+        "--work", type=Path, default=WORK / "default", help="That grid's work folder (--work/--tag)."
+    )
+    parser.add_argument("--at", type=int, default=512, help="Pair the rounds up to this many feedbacks.")
+    parser.add_argument("--images-per-round", type=int, default=64, help="The grid's images a round.")
+    args = parser.parse_args()
+    if not args.work.is_dir():
+        parser.error(
+            f"--work {args.work} is not a folder: run feedback_efficiency.py first or name its work folder"
+        )
+    rounds = args.at // args.images_per_round
+    pairs = paired_rounds(read_points(args.csv), LocalStore(args.work), rounds)
+    if not pairs:
+        raise SystemExit(f"no run in {args.work} has its first {rounds} rounds learned and measured yet")
+    table = summary(pairs)
+    rows = [
+        "| task | method | seeds | good in training batches | evaluation success | gap |",
+        "|---|---|---|---|---|---|",
+    ]
+    for task, method in sorted(table, key=lambda c: (c[0], METHODS.index(c[1]))):
+        cell = table[(task, method)]
+        rows.append(
+            f"| {task} | {method} | {cell['seeds']} | {cell['batch_good']:.3f} | {cell['evaluation']:.3f} "
+            f"| {cell['gap']:+.3f} ± {cell['gap_std']:.3f} |"
+        )
+    markdown = "\n".join(
+        [
+            f"### Guided training batches against the plain-noise evaluation (rounds 1-{rounds})",
+            "",
+            f"Per run, the mean over rounds 1-{rounds} (up to {args.at} feedbacks) of the share of good",
+            "images in the round's training batch and of the evaluation success rate of the same policy",
+            "(fixed plain noises); then the mean over seeds, and the gap's std over seeds.",
+            "",
+            *rows,
+        ]
+    )
+    figures = {
+        "at_feedbacks": args.at,
+        "cells": {f"{t}/{m}": v for (t, m), v in table.items()},
+        "runs": {f"{t}/{m}/{s}": rows for (t, m, s), rows in pairs.items()},
+    }
+    write_result("guidance_gap", figures, markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
