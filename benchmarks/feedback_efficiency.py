@@ -248,6 +248,11 @@ def report(path: Path, at: int) -> None:
                 cells.append("—")
         needs = []
         if "hero" in entry["methods"]:
+            # where HERO's own curve first reached its rate at `at`: on a curve that swings, a
+            # baseline's crossing reads against this, not against `at`
+            first = feedbacks_to_reach(table[(task, "hero")], entry["methods"]["hero"]["mean"])
+            entry["hero_first_reached"] = first
+            needs.append(f"(hero itself {first})")
             for method in METHODS[1:]:
                 curve = table.get((task, method))
                 if curve:
@@ -267,7 +272,9 @@ def report(path: Path, at: int) -> None:
             "",
             f"Success rate after {at} feedbacks (mean ± std over seeds; the judge on a fixed evaluation",
             "set from fixed plain noises), and the feedbacks each baseline needs to reach HERO's rate",
-            "there. Every point: `results/feedback_efficiency.csv`.",
+            "there (the first crossing of the seeds' mean curve; in brackets, where HERO's own curve",
+            f"first reached that rate: on a curve that swings it can be long before {at}).",
+            "Every point: `results/feedback_efficiency.csv`.",
             "",
             *rows,
             "",
