@@ -29,22 +29,20 @@ from hero_ml.adapters.storage import LocalStore
 from hero_ml.run_store import RunStore
 
 
-def paired_rounds(
-    points: list[dict], store: LocalStore, rounds: int
-) -> dict[tuple[str, str, int], list[dict]]:
-    """(task, method, seed) -> per round 1..rounds: {round, batch_good, evaluation}, for the runs whose
-    rounds are all learned and measured (a run still going is left out, not half-counted)."""
-    evaluation = {(p["task"], p["method"], p["seed"], p["round"]): p["success_rate"] for p in points}
+def paired_rounds(points: list[dict], store: LocalStore, at: int) -> dict[tuple[str, str, int], list[dict]]:
+    """(task, method, seed) -> per round from 1 up to `at` feedbacks: {round, batch_good, evaluation},
+    for the runs measured at `at` (a run still short of it is left out, not half-counted)."""
     pairs = {}
     for task, method, seed in sorted({(p["task"], p["method"], p["seed"]) for p in points}):
+        measured = {
+            p["round"]: p
+            for p in points
+            if (p["task"], p["method"], p["seed"]) == (task, method, seed) and p["feedbacks"] <= at
+        }
         run = RunStore(store, f"{task}-{method}-{seed}")
         latest = run.latest_checkpoint()
-        wanted = range(1, rounds + 1)
-        if (
-            latest is None
-            or latest < rounds
-            or any((task, method, seed, r) not in evaluation for r in wanted)
-        ):
+        wanted = sorted(r for r in measured if r >= 1)
+        if not any(measured[r]["feedbacks"] == at for r in wanted) or latest is None or latest < wanted[-1]:
             continue
         rows = []
         for r in wanted:
@@ -53,7 +51,7 @@ def paired_rounds(
                 {
                     "round": r,
                     "batch_good": stats.good / (stats.good + stats.bad),
-                    "evaluation": evaluation[(task, method, seed, r)],
+                    "evaluation": measured[r]["success_rate"],
                 }
             )
         pairs[(task, method, seed)] = rows
@@ -87,16 +85,14 @@ def main() -> None:
         "--work", type=Path, default=WORK / "default", help="That grid's work folder (--work/--tag)."
     )
     parser.add_argument("--at", type=int, default=512, help="Pair the rounds up to this many feedbacks.")
-    parser.add_argument("--images-per-round", type=int, default=64, help="The grid's images a round.")
     args = parser.parse_args()
     if not args.work.is_dir():
         parser.error(
             f"--work {args.work} is not a folder: run feedback_efficiency.py first or name its work folder"
         )
-    rounds = args.at // args.images_per_round
-    pairs = paired_rounds(read_points(args.csv), LocalStore(args.work), rounds)
+    pairs = paired_rounds(read_points(args.csv), LocalStore(args.work), args.at)
     if not pairs:
-        raise SystemExit(f"no run in {args.work} has its first {rounds} rounds learned and measured yet")
+        raise SystemExit(f"no run in {args.work} is learned and measured up to {args.at} feedbacks yet")
     table = summary(pairs)
     rows = [
         "| task | method | seeds | good in training batches | evaluation success | gap |",
@@ -110,9 +106,9 @@ def main() -> None:
         )
     markdown = "\n".join(
         [
-            f"### Guided training batches against the plain-noise evaluation (rounds 1-{rounds})",
+            f"### Guided training batches against the plain-noise evaluation (to {args.at} feedbacks)",
             "",
-            f"Per run, the mean over rounds 1-{rounds} (up to {args.at} feedbacks) of the share of good",
+            f"Per run, the mean over its rounds from 1 to {args.at} feedbacks of the share of good",
             "images in the round's training batch and of the evaluation success rate of the same policy",
             "(fixed plain noises); then the mean over seeds, and the gap's std over seeds.",
             "",

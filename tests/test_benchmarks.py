@@ -202,9 +202,9 @@ def test_guidance_gap_pairs_each_rounds_batch_with_the_same_policys_evaluation(t
                 }
             )
         store.put(f"{run.prefix}/progress.json", json.dumps({"checkpoint": 2}).encode())
-    # a run with round 2 not yet evaluated is left out, not half-counted
+    # a run not yet evaluated at 128 feedbacks (round 2) is left out, not half-counted
     points = [p for p in points if (p["method"], p["round"]) != ("hero-noguide", 2)]
-    pairs = gg.paired_rounds(points, store, rounds=2)
+    pairs = gg.paired_rounds(points, store, at=128)  # rounds 1 and 2
     assert pairs == {
         ("t", "hero", 0): [
             {"round": 1, "batch_good": 0.5, "evaluation": 0.25},
