@@ -108,9 +108,10 @@ def main() -> None:
         [
             f"### Guided training batches against the plain-noise evaluation (to {args.at} feedbacks)",
             "",
-            f"Per run, the mean over its rounds from 1 to {args.at} feedbacks of the share of good",
-            "images in the round's training batch and of the evaluation success rate of the same policy",
-            "(fixed plain noises); then the mean over seeds, and the gap's std over seeds.",
+            f"Per run, the mean over its rounds 1, 2, ... up to {args.at} feedbacks (round 0 is the base",
+            "model's) of the share of good images in the round's training batch and of the evaluation",
+            "success rate of the same policy (fixed plain noises); then the mean over seeds, and the",
+            "gap's std over seeds.",
             "",
             *rows,
         ]
