@@ -32,13 +32,12 @@ from hero_ml.run_store import RunStore
 def paired_rounds(points: list[dict], store: LocalStore, at: int) -> dict[tuple[str, str, int], list[dict]]:
     """(task, method, seed) -> per round from 1 up to `at` feedbacks: {round, batch_good, evaluation},
     for the runs measured at `at` (a run still short of it is left out, not half-counted)."""
+    by_run: dict[tuple[str, str, int], dict[int, dict]] = defaultdict(dict)
+    for p in points:
+        if p["feedbacks"] <= at:
+            by_run[(p["task"], p["method"], p["seed"])][p["round"]] = p
     pairs = {}
-    for task, method, seed in sorted({(p["task"], p["method"], p["seed"]) for p in points}):
-        measured = {
-            p["round"]: p
-            for p in points
-            if (p["task"], p["method"], p["seed"]) == (task, method, seed) and p["feedbacks"] <= at
-        }
+    for (task, method, seed), measured in sorted(by_run.items()):
         run = RunStore(store, f"{task}-{method}-{seed}")
         latest = run.latest_checkpoint()
         wanted = sorted(r for r in measured if r >= 1)
