@@ -9,6 +9,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 import feedback_efficiency as fe
 import gpu_round as gr
 import guidance_gap as gg
+import guided_evaluation as ge
 import hyperparameter_probe as hp
 import pytest
 import torch
@@ -214,3 +215,66 @@ def test_guidance_gap_pairs_each_rounds_batch_with_the_same_policys_evaluation(t
     assert gg.summary(pairs) == {
         ("t", "hero"): {"seeds": 1, "batch_good": 0.625, "evaluation": 0.25, "gap": 0.375, "gap_std": 0.0}
     }
+
+
+def test_guided_evaluation_samples_each_hero_run_from_its_own_pool_at_the_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors.torch import load as load_tensors
+
+    from hero_ml.adapters.storage import LocalStore
+    from hero_ml.config import ModelConfig
+    from hero_ml.diffusion.pipeline import load_configured_pipeline
+    from hero_ml.engine import TENSORS
+    from hero_ml.guidance import guided_initial_noise
+    from hero_ml.run_store import RunStore
+    from hero_ml.toy.evaluate import success_rate
+    from hero_ml.toy.task import load_task
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "sampling: {images_per_round: 4, num_steps: 2, sub_batch_size: 4}\n"
+        "encoder: {epochs_per_round: 2, triplets_per_epoch: 4}\n"
+        "ddpo: {timesteps_per_trajectory: 1, train_batch_size: 4, inner_epochs: 1}\n"
+    )
+    points, work, results = tmp_path / "points.csv", tmp_path / "work", tmp_path / "guided.json"
+    monkeypatch.setattr(sys, "argv", [
+        "feedback_efficiency.py", "--task", "counting", "--method", "hero", "hero-noguide", "--seeds", "0",
+        "--budget", "8", "--eval-images", "4", "--eval-batch", "4", "--config", str(config),
+        "--csv", str(points), "--work", str(work),
+    ])  # fmt: skip
+    fe.main()
+    argv = ["guided_evaluation.py", "--csv", str(points), "--work", str(work / "default"), "--at", "8",
+            "--eval-images", "4", "--results", str(results)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    ge.main()
+
+    figures = json.loads(results.read_text())
+    assert list(figures["runs"]) == ["counting/0"]  # hero-noguide has no guided distribution
+    run = figures["runs"]["counting/0"]
+    plain = {(p["method"], p["feedbacks"]): p["success_rate"] for p in fe.read_points(points)}
+    assert (run["base_plain"], run["lora_plain"]) == (plain[("hero", 0)], plain[("hero", 8)])
+    store = LocalStore(work / "default")
+    runs = RunStore(store, "counting-hero-0")
+    assert run["checkpoint"] == 1  # learned rounds 0 and 1: 8 feedbacks
+    assert run["pool"] == runs.load_stats(1).good + 1
+    # the base model's rate on the run's guided noises, by hand: a fresh pipe that never had a LoRA
+    tensors = load_tensors(store.get(f"{runs.checkpoint_prefix(1)}/{TENSORS}"))
+    noise = guided_initial_noise(
+        tensors["best.noise"], tensors["good_noises"], 4, best_ratio=0.5, eps=0.1,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    assert (HeroConfig().guidance.best_ratio, HeroConfig().guidance.noise_eps) == (0.5, 0.1)
+    task = load_task("counting")
+    expected = success_rate(
+        load_configured_pipeline(ModelConfig()), task.prompts, task.target, 4, num_steps=2, batch_size=4,
+        initial_noise=noise,
+    )  # fmt: skip
+    assert run["base_guided"] == expected.rate
+    assert figures["cells"]["counting"]["seeds"] == 1
+
+    # a second call keeps the runs it measured (same --at and --eval-images) and samples nothing again
+    run["lora_guided"] = 2.0
+    results.write_text(json.dumps(figures))
+    ge.main()
+    assert json.loads(results.read_text())["cells"]["counting"]["lora_guided"] == 2.0

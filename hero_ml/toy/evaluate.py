@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from diffusers import StableDiffusionPipeline
 
 from hero_ml.config import SamplingConfig
@@ -44,9 +45,15 @@ def success_rate(
     guidance_scale: float = 5.0,
     eta: float = 1.0,
     batch_size: int = 64,
+    initial_noise: torch.Tensor | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> EvalResult:
-    """Sample n images (prompts in turn) and count those the judge finds good."""
+    """Sample n images (prompts in turn) and count those the judge finds good.
+
+    initial_noise: the n images' x_T (n, C, h, w), e.g. feedback-guided ones; by default each image's
+    own generator draws it. The generators draw the denoising steps' noise either way."""
+    if initial_noise is not None and len(initial_noise) != n:
+        raise ValueError(f"initial_noise holds {len(initial_noise)} noises for {n} images")
     successes = 0
     violations: Counter[str] = Counter()
     generators = per_image_generators(seed, n)
@@ -60,6 +67,7 @@ def success_rate(
             guidance_scale=guidance_scale,
             eta=eta,
             sub_batch_size=batch_size,
+            initial_noise=None if initial_noise is None else initial_noise[start : start + count],
         )
         for image in trajectory.images.numpy():
             verdict = judge(image, target)

@@ -1,0 +1,189 @@
+"""HERO judged from its own feedback-guided noises, beside the plain-noise evaluation.
+
+feedback_efficiency.py evaluates every policy from fixed plain N(0, I) noises, as a user who samples
+the LoRA does. HERO trains from feedback-guided noises (near the best and good images' x_T), and the
+paper's authors appear to have sampled their evaluation images from that distribution too (RESULTS.md,
+"Feedback efficiency: status and findings"). For each HERO run of the grid that has learned `--at`
+feedbacks, this samples `--eval-images` images from the run's guided distribution at that checkpoint
+(its best and good noises, the config's best ratio and eps), once with the LoRA and once with the
+base model (adapters off, the same noises), and sets them beside the grid's plain-noise rates of the
+two: what the noises select, what the LoRA learned, and both together.
+
+    python benchmarks/guided_evaluation.py      # after feedback_efficiency.py, beside its work folder
+
+Runs already in results/guided_evaluation.json at the same --at and --eval-images are kept, not
+sampled again: call it again as the grid's runs pass --at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from feedback_efficiency import CSV_PATH, WORK, read_points
+from results_io import RESULTS_DIR, write_result
+
+from hero_ml.adapters.storage import LocalStore
+from hero_ml.config import HeroConfig, restore_config
+from hero_ml.diffusion.lora import adapters_disabled
+from hero_ml.diffusion.pipeline import load_configured_pipeline
+from hero_ml.engine import Engine
+from hero_ml.guidance import guided_initial_noise
+from hero_ml.run_store import RunStore
+from hero_ml.toy.evaluate import success_rate
+from hero_ml.toy.task import load_task
+
+NAME = "guided_evaluation"
+KINDS = ("base_plain", "base_guided", "lora_plain", "lora_guided")
+
+
+def guided_rates(store: LocalStore, run_id: str, at: int, n: int, *, seed: int = 0) -> dict | None:
+    """The success rates of run `run_id`'s LoRA after `at` feedbacks and of its base model, both on
+    n images from the run's guided noise distribution there; None while the run has not learned them.
+
+    The guided noises come from a generator seeded `seed`; the denoising steps draw from each image's
+    generator (seed, i), as in the plain-noise evaluation."""
+    runs = RunStore(store, run_id)
+    stored = runs.load_config()
+    latest = runs.latest_checkpoint()
+    if stored is None or latest is None:
+        return None
+    config = restore_config(stored, HeroConfig())
+    learned = at // config.feedbacks_per_round - 1  # the checkpoint after the round that spent `at`
+    if at % config.feedbacks_per_round or learned > latest:
+        return None
+    pipe = load_configured_pipeline(config.model)
+    engine = Engine.load(config, pipe, store, runs.checkpoint_prefix(learned))
+    if engine.feedbacks != at or engine.best_noise is None:
+        raise SystemExit(f"{run_id}: checkpoint {learned} holds {engine.feedbacks} feedbacks, expected {at}")
+    noise = guided_initial_noise(
+        engine.best_noise,
+        engine.good_noises,
+        n,
+        best_ratio=config.guidance.best_ratio,
+        eps=config.guidance.noise_eps,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    task = load_task(config.simulation.task)
+    sampling = config.sampling
+
+    def rate() -> float:
+        return success_rate(
+            pipe,
+            task.prompts,
+            task.target,
+            n,
+            seed=seed,
+            num_steps=sampling.num_steps,
+            guidance_scale=sampling.guidance_scale,
+            eta=sampling.eta,
+            batch_size=sampling.sub_batch_size,
+            initial_noise=noise,
+        ).rate
+
+    lora = rate()
+    with adapters_disabled(pipe.unet):
+        base = rate()
+    return {
+        "lora_guided": lora,
+        "base_guided": base,
+        "checkpoint": learned,
+        "pool": len(engine.good_noises) + 1,
+    }
+
+
+def summary(runs: dict[str, dict]) -> dict[str, dict]:
+    """task -> per kind of rate, the mean and std over the task's seeds."""
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    for key, figures in runs.items():
+        by_task[key.split("/")[0]].append(figures)
+    return {
+        task: {"seeds": len(rows)}
+        | {kind: float(np.mean([r[kind] for r in rows])) for kind in KINDS}
+        | {f"{kind}_std": float(np.std([r[kind] for r in rows])) for kind in KINDS}
+        for task, rows in sorted(by_task.items())
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--csv", type=Path, default=CSV_PATH, help="The feedback-efficiency points.")
+    parser.add_argument(
+        "--work", type=Path, default=WORK / "default", help="That grid's work folder (--work/--tag)."
+    )
+    parser.add_argument(
+        "--at", type=int, default=512, help="Evaluate the checkpoints at this many feedbacks."
+    )
+    parser.add_argument("--eval-images", type=int, default=256, help="Images from each guided distribution.")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=RESULTS_DIR / f"{NAME}.json",
+        help="Where the figures go and are kept.",
+    )
+    args = parser.parse_args()
+    if not args.work.is_dir():
+        parser.error(
+            f"--work {args.work} is not a folder: run feedback_efficiency.py first or name its work folder"
+        )
+    kept = json.loads(args.results.read_text()) if args.results.exists() else {}
+    runs = (
+        kept.get("runs", {})
+        if (kept.get("at_feedbacks"), kept.get("eval_images")) == (args.at, args.eval_images)
+        else {}
+    )
+    points = read_points(args.csv)
+    base_plain = {p["task"]: p["success_rate"] for p in points if p["round"] == 0}
+    store = LocalStore(args.work)
+    for p in points:
+        key = f"{p['task']}/{p['seed']}"
+        if p["method"] != "hero" or p["feedbacks"] != args.at or key in runs:
+            continue
+        guided = guided_rates(store, f"{p['task']}-hero-{p['seed']}", args.at, args.eval_images)
+        if guided is None:
+            continue
+        runs[key] = {"base_plain": base_plain[p["task"]], "lora_plain": p["success_rate"], **guided}
+        print(f"{key}: " + ", ".join(f"{kind} {runs[key][kind]:.3f}" for kind in KINDS), flush=True)
+    if not runs:
+        raise SystemExit(
+            f"no HERO run in {args.work} has learned and been measured at {args.at} feedbacks yet"
+        )
+    table = summary(runs)
+    rows = [
+        "| task | seeds | base, plain noise | base, guided noise | LoRA, plain noise (the grid's) "
+        "| LoRA, guided noise |",
+        "|---|---|---|---|---|---|",
+    ]
+    for task, cell in table.items():
+        rates = " | ".join(f"{cell[kind]:.3f} ± {cell[f'{kind}_std']:.3f}" for kind in KINDS)
+        rows.append(f"| {task} | {cell['seeds']} | {rates} |")
+    markdown = "\n".join(
+        [
+            f"### HERO from its own guided noises (after {args.at} feedbacks)",
+            "",
+            f"Per HERO run, {args.eval_images} images from the run's feedback-guided noise distribution",
+            f"after {args.at} feedbacks (its best and good images' x_T, perturbed as in training), sampled",
+            "with the LoRA and with the base model (adapters off, the same noises), beside the grid's",
+            "plain-noise rates; mean ± std over seeds. Base, guided: what the choice of noises alone buys.",
+            "",
+            *rows,
+        ]
+    )
+    figures = {"at_feedbacks": args.at, "eval_images": args.eval_images, "cells": table, "runs": runs}
+    if args.results == RESULTS_DIR / f"{NAME}.json":
+        write_result(NAME, figures, markdown)
+    else:
+        args.results.write_text(json.dumps(figures, indent=2) + "\n")
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
