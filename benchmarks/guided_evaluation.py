@@ -36,7 +36,6 @@ from hero_ml.config import HeroConfig, restore_config
 from hero_ml.diffusion.lora import adapters_disabled
 from hero_ml.diffusion.pipeline import load_configured_pipeline
 from hero_ml.engine import Engine
-from hero_ml.guidance import guided_initial_noise
 from hero_ml.run_store import RunStore
 from hero_ml.toy.evaluate import success_rate
 from hero_ml.toy.task import load_task
@@ -62,16 +61,10 @@ def guided_rates(store: LocalStore, run_id: str, at: int, n: int, *, seed: int =
         return None
     pipe = load_configured_pipeline(config.model)
     engine = Engine.load(config, pipe, store, runs.checkpoint_prefix(learned))
-    if engine.feedbacks != at or engine.best_noise is None:
+    pool = engine.noise_pool()
+    if engine.feedbacks != at or pool is None:
         raise SystemExit(f"{run_id}: checkpoint {learned} holds {engine.feedbacks} feedbacks, expected {at}")
-    noise = guided_initial_noise(
-        engine.best_noise,
-        engine.good_noises,
-        n,
-        best_ratio=config.guidance.best_ratio,
-        eps=config.guidance.noise_eps,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    noise = pool.sample(n, torch.Generator().manual_seed(seed))
     task = load_task(config.simulation.task)
     sampling = config.sampling
 
@@ -96,7 +89,7 @@ def guided_rates(store: LocalStore, run_id: str, at: int, n: int, *, seed: int =
         "lora_guided": lora,
         "base_guided": base,
         "checkpoint": learned,
-        "pool": len(engine.good_noises) + 1,
+        "pool": len(pool.good) + 1,
     }
 
 

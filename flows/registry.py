@@ -37,13 +37,14 @@ def generate_samples(
     model_uri: str | None = None,
     count: int = 8,
     seed: int = 0,
+    guided: bool = False,
     config: dict[str, Any] | None = None,
 ) -> list[str]:
     """`count` images of `prompt` from `model_uri` (default: the champion), written as PNGs and a
-    grid to folder `out`."""
+    grid to folder `out`; guided: from the noise pool the version's run left, not plain noise."""
     resolved = resolve_config(None, config)
     tracking = resolved.tracking
     uri = model_uri or f"models:/{tracking.registered_model}@{tracking.champion_alias}"
-    version, paths = generate_from_registry(resolved, uri, prompt, count, Path(out), seed)
+    version, paths, _ = generate_from_registry(resolved, uri, prompt, count, Path(out), seed, guided)
     get_run_logger().info("%d images of %s version %s in %s", len(paths), version.name, version.version, out)
     return [str(path) for path in paths]

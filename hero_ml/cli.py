@@ -441,6 +441,14 @@ def generate(
     out: Annotated[Path, typer.Option(help="Folder the PNGs and grid.png are written to.")],
     count: Annotated[int, typer.Option(min=1, max=1024, help="Images to generate.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the images' noises.")] = 0,
+    guided: Annotated[
+        bool,
+        typer.Option(
+            help="Start from the noises the run's annotators liked last (its noise pool, as HERO samples "
+            "its rounds) instead of plain N(0, I): near what the LoRA was trained on; best with the "
+            "run's own prompt."
+        ),
+    ] = False,
     config: ConfigOption = None,
 ) -> None:
     """Generate images from a registered LoRA, e.g. the production one: models:/hero-lora@champion."""
@@ -451,9 +459,15 @@ def generate(
     resolved = load(config)
     with console.status(f"loading {model} and generating {count} images"):
         try:
-            version, paths = generate_from_registry(resolved, model, prompt, count, out, seed=seed)
+            version, paths, pool = generate_from_registry(
+                resolved, model, prompt, count, out, seed=seed, guided=guided
+            )
         except (RegistryError, ModelNotFoundError) as err:
             raise fail(str(err)) from None
+    if pool is not None and pool.prompt != prompt:
+        console.print(
+            f"note: the noise pool was liked for the prompt {pool.prompt!r}, not {prompt!r}", highlight=False
+        )
     console.print(
         f"{len(paths)} images of {version.name} version {version.version} in {out} (grid.png: all of them)",
         highlight=False,

@@ -43,7 +43,7 @@ from hero_ml.diffusion.sampler import (
 from hero_ml.encoder import FeedbackEncoder, TripletSource, train_encoder
 from hero_ml.faults import crash_point
 from hero_ml.feedback import RoundFeedback
-from hero_ml.guidance import guided_initial_noise
+from hero_ml.guidance import NoisePool
 from hero_ml.rewards import mean_similarity_to_good, similarity_to_best
 
 if TYPE_CHECKING:
@@ -179,16 +179,8 @@ class Engine:
         sampling = self.config.sampling
         count = sampling.images_per_round
         initial_noise = None
-        if self.method == "hero" and self.best_noise is not None:
-            guidance = self.config.guidance
-            initial_noise = guided_initial_noise(
-                self.best_noise,
-                self.good_noises,
-                count,
-                best_ratio=guidance.best_ratio,
-                eps=guidance.noise_eps,
-                generator=self._generator("guidance"),
-            )
+        if (pool := self.noise_pool()) is not None:
+            initial_noise = pool.sample(count, self._generator("guidance"))
         return sample_batch(
             self.pipe,
             sampling,
@@ -324,6 +316,19 @@ class Engine:
             generator=self._generator("update"),
             target_kl=ddpo.target_kl,
             parallel=self.parallel,
+        )
+
+    def noise_pool(self) -> NoisePool | None:
+        """What the next round's guided noises are drawn from (hero after a round; None otherwise)."""
+        if self.method != "hero" or self.best_noise is None:
+            return None
+        guidance = self.config.guidance
+        return NoisePool(
+            self.best_noise,
+            self.good_noises,
+            guidance.best_ratio,
+            guidance.noise_eps,
+            self.config.sampling.prompt,
         )
 
     def _generator(self, purpose: str) -> torch.Generator:

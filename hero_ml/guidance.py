@@ -8,13 +8,23 @@ the marginal stays the prior the model was trained on, only correlated with like
 Degenerate cases: a round with no good image leaves the pool = the best alone; a best kept from an
 earlier round is passed in as `best` like a new one. The first round has no best: the caller
 samples plain N(0, I) (as does guidance off).
+
+A finished run leaves its last pool as a NoisePool, logged beside the LoRA: the LoRA sampled from
+it is what HERO's training batches measure (and, most likely, the paper's evaluation: RESULTS.md).
 """
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 
 def guided_initial_noise(
@@ -37,3 +47,53 @@ def guided_initial_noise(
     centres = torch.cat([best.expand(n_best, *best.shape), pool[picks]])
     perturbation = torch.randn(centres.shape, generator=generator, dtype=centres.dtype)
     return math.sqrt(1 - eps**2) * centres + eps * perturbation
+
+
+@dataclass(frozen=True)
+class NoisePool:
+    """A run's last guidance pool: the best image's x_T (C, h, w), the good images' (G, C, h, w), how
+    to mix them, and the prompt those images were drawn for. Saved as safetensors + JSON."""
+
+    best: torch.Tensor
+    good: torch.Tensor
+    best_ratio: float
+    eps: float
+    prompt: str
+
+    TENSORS: ClassVar[str] = "noise_pool.safetensors"
+    SETTINGS: ClassVar[str] = "noise_pool.json"
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return guided_initial_noise(
+            self.best, self.good, n, best_ratio=self.best_ratio, eps=self.eps, generator=generator
+        )
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {"best": self.best.contiguous().cpu(), "good": self.good.contiguous().cpu()},
+            folder / self.TENSORS,
+        )
+        settings = {"best_ratio": self.best_ratio, "eps": self.eps, "prompt": self.prompt}
+        (folder / self.SETTINGS).write_text(json.dumps(settings, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, folder: Path) -> NoisePool:
+        """The pool `save` wrote to `folder`; ValueError says what is missing or wrong."""
+        try:
+            tensors = load_file(folder / cls.TENSORS)
+            settings = _PoolSettings.model_validate_json((folder / cls.SETTINGS).read_text())
+            pool = cls(tensors["best"], tensors["good"], **settings.model_dump())
+            pool.sample(1, torch.Generator())  # the shapes guided_initial_noise checks
+        except (OSError, SafetensorError, ValueError, KeyError) as err:  # ValidationError is a ValueError
+            raise ValueError(
+                f"{folder} holds no readable noise pool ({cls.TENSORS} + {cls.SETTINGS}): {err}"
+            ) from None
+        return pool
+
+
+class _PoolSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    best_ratio: float = Field(ge=0, le=1)
+    eps: float = Field(ge=0, le=1)
+    prompt: str

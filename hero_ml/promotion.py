@@ -19,6 +19,7 @@ from hero_ml.adapters.tracking.registry import ModelVersion, PromotionDecision, 
 from hero_ml.config import HeroConfig
 from hero_ml.diffusion.pipeline import load_pipeline
 from hero_ml.diffusion.sampler import per_image_generators, sample_trajectories
+from hero_ml.guidance import NoisePool
 from hero_ml.images import image_grid
 from hero_ml.toy.evaluate import task_success_rate
 from hero_ml.toy.task import load_task
@@ -67,12 +68,23 @@ def promote_version(
 
 
 def generate_from_registry(
-    config: HeroConfig, model_uri: str, prompt: str, count: int, out: Path, seed: int = 0
-) -> tuple[ModelVersion, list[Path]]:
+    config: HeroConfig,
+    model_uri: str,
+    prompt: str,
+    count: int,
+    out: Path,
+    seed: int = 0,
+    guided: bool = False,
+) -> tuple[ModelVersion, list[Path], NoisePool | None]:
     """`count` images of `prompt` from the registered version `model_uri`, written as PNGs (and a
-    grid) to `out`; sampled as HERO samples (config.sampling: DDIM steps, CFG, eta)."""
+    grid) to `out`; sampled as HERO samples (config.sampling: DDIM steps, CFG, eta).
+
+    guided: start from the noise pool the version's run left (as HERO samples its training batches),
+    returned too (its prompt may not be `prompt`), instead of plain N(0, I)."""
     registry = open_registry(config)
     version = registry.resolve(model_uri)
+    pool = registry.noise_pool(version) if guided else None
+    initial_noise = None if pool is None else pool.sample(count, torch.Generator().manual_seed(seed))
     pipe: StableDiffusionPipeline = registry.load(version, device=config.model.device)
     sampling = config.sampling
     with torch.no_grad():
@@ -83,6 +95,7 @@ def generate_from_registry(
             num_steps=sampling.num_steps,
             guidance_scale=sampling.guidance_scale,
             eta=sampling.eta,
+            initial_noise=initial_noise,
             negative_prompt=sampling.negative_prompt,
             sub_batch_size=sampling.sub_batch_size,
         ).images
@@ -93,4 +106,4 @@ def generate_from_registry(
         Image.fromarray(image).save(path)
         paths.append(path)
     image_grid(images).save(out / "grid.png")
-    return version, paths
+    return version, paths, pool

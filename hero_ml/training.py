@@ -22,7 +22,7 @@ import numpy as np
 from safetensors.torch import save_file
 
 from hero_ml.adapters.storage import ArtifactStore
-from hero_ml.adapters.tracking import Tracker
+from hero_ml.adapters.tracking import NOISE_POOL_ARTIFACT, Tracker
 from hero_ml.config import HeroConfig
 from hero_ml.diffusion.lora import adapters_disabled, save_lora
 from hero_ml.diffusion.pipeline import load_configured_pipeline
@@ -202,7 +202,8 @@ class TrainingRun:
         return result
 
     def log_final_artifacts(self) -> str | None:
-        """The LoRA (a model referencing the base model), the config and the encoder (safetensors) as
+        """The LoRA (a model referencing the base model), the config, the encoder (safetensors) and
+        HERO's last noise pool (safetensors + JSON: what `hero generate --guided` samples from) as
         tracker artifacts; with tracking.register_lora, the LoRA becomes a registry version (returned)."""
         if self.tracker is None:
             return None
@@ -217,6 +218,9 @@ class TrainingRun:
                 (folder / "encoder").mkdir()
                 save_file(self.engine.encoder.state_dict(), str(folder / "encoder" / "encoder.safetensors"))
                 self.tracker.log_artifacts(folder / "encoder", "encoder")
+            if (pool := self.engine.noise_pool()) is not None:
+                pool.save(folder / NOISE_POOL_ARTIFACT)
+                self.tracker.log_artifacts(folder / NOISE_POOL_ARTIFACT, NOISE_POOL_ARTIFACT)
         if not self.config.tracking.register_lora:
             return None
         return self.tracker.register_lora(

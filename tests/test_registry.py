@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
+from safetensors.torch import load as load_tensors
 from typer.testing import CliRunner
 
 from hero_ml.adapters.storage import open_store
@@ -19,6 +21,7 @@ from hero_ml.cli import app
 from hero_ml.config import load_config
 from hero_ml.diffusion.lora import add_lora, save_lora
 from hero_ml.diffusion.pipeline import load_pipeline
+from hero_ml.engine import TENSORS
 from hero_ml.run_store import RunStore
 from tests.conftest import Service, s3_storage, tiny_run
 
@@ -124,6 +127,28 @@ def test_hero_run_on_s3_and_an_mlflow_server(
     assert resumed.exit_code == 0, resumed.output
     assert len(client.search_model_versions(f"name = '{config.tracking.registered_model}'")) == 1
 
+    # the run's last noise pool went beside the LoRA: the final checkpoint's best and good noises
+    pool = Registry(mlflow_server.url, version.name, "champion").noise_pool(version)
+    final = load_tensors(runs.store.get(f"{runs.checkpoint_prefix(1)}/{TENSORS}"))
+    assert torch.equal(pool.best, final["best.noise"]) and torch.equal(pool.good, final["good_noises"])
+    assert (pool.prompt, pool.best_ratio, pool.eps) == ("three purple squares", 0.5, 0.1)
+    # generate --guided starts from it (other images than plain noise's, same seed) and says when the
+    # prompt is not the one the pool's images were liked for
+    images = {}
+    for flags in ([], ["--guided"]):
+        out = tmp_path / f"generated{len(flags)}"
+        generated = runner.invoke(
+            app,
+            ["generate", f"models:/{version.name}/1", "--prompt", "three green squares", "--out", str(out),
+             "--count", "2", "-c", str(path), *flags],
+        )  # fmt: skip
+        assert generated.exit_code == 0, generated.output
+        assert sorted(p.name for p in out.iterdir()) == ["000.png", "001.png", "grid.png"]
+        images[bool(flags)] = (out / "000.png").read_bytes()
+        noted = "note: the noise pool was liked for the prompt 'three purple squares'" in generated.output
+        assert noted == bool(flags), generated.output
+    assert images[True] != images[False]
+
 
 def register(config_path: Path, lora_folder: Path, run_id: str) -> str:
     """Log and register a LoRA as `hero run` does at its end (the tracker's real code path)."""
@@ -197,6 +222,14 @@ def test_promotion_moves_champion_only_on_a_real_win(
     )
     assert generated.exit_code == 0, generated.output
     assert sorted(p.name for p in out.iterdir()) == ["000.png", "001.png", "002.png", "grid.png"]
+    # a LoRA logged without a run's noise pool cannot be sampled --guided: said, nothing written
+    guided = runner.invoke(
+        app,
+        ["generate", f"models:/{name}@champion", "--prompt", "three green squares", "--out",
+         str(tmp_path / "guided"), "--guided", "-c", str(path)],
+    )  # fmt: skip
+    assert guided.exit_code == 1 and f"version {winner} of {name} has no noise pool" in guided.output
+    assert not (tmp_path / "guided").exists()
 
     # MLflow's own load path resolves the alias to the adapter and the base model it references
     import mlflow.diffusers

@@ -1,9 +1,11 @@
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from hero_ml.guidance import guided_initial_noise
+from hero_ml.guidance import NoisePool, guided_initial_noise
 from hero_ml.rewards import mean_similarity_to_good, similarity_to_best
 
 
@@ -62,6 +64,37 @@ def test_guided_noise_refuses_bad_arguments() -> None:
 
 
 FEATURES = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]])
+
+
+def test_a_noise_pool_saves_loads_and_samples_as_the_round_does(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(0)
+    best, good = torch.randn(4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)
+    pool = NoisePool(best, good, best_ratio=0.25, eps=0.2, prompt="a blue circle")
+    pool.save(tmp_path / "pool")
+    loaded = NoisePool.load(tmp_path / "pool")
+    assert torch.equal(loaded.best, best) and torch.equal(loaded.good, good)
+    assert (loaded.best_ratio, loaded.eps, loaded.prompt) == (0.25, 0.2, "a blue circle")
+    expected = guided_initial_noise(
+        best, good, 6, best_ratio=0.25, eps=0.2, generator=torch.Generator().manual_seed(5)
+    )
+    assert torch.equal(loaded.sample(6, torch.Generator().manual_seed(5)), expected)
+
+
+def test_a_broken_noise_pool_is_refused_with_what_is_wrong(tmp_path: Path) -> None:
+    folder = tmp_path / "pool"
+    with pytest.raises(ValueError, match="holds no readable noise pool"):
+        NoisePool.load(folder)  # nothing there
+    NoisePool(torch.zeros(4, 8, 8), torch.zeros(0, 4, 8, 8), 0.5, 0.1, "p").save(folder)
+    settings = folder / NoisePool.SETTINGS
+    settings.write_text(json.dumps({"best_ratio": 0.5, "eps": 1.5, "prompt": "p"}))
+    with pytest.raises(ValueError, match=r"eps\n  Input should be less than or equal to 1"):
+        NoisePool.load(folder)
+    settings.write_text(json.dumps({"best_ratio": 0.5, "eps": 0.1}))
+    with pytest.raises(ValueError, match=r"prompt\n  Field required"):
+        NoisePool.load(folder)
+    NoisePool(torch.zeros(4, 8, 8), torch.zeros(2, 4, 4, 4), 0.5, 0.1, "p").save(folder)
+    with pytest.raises(ValueError, match=r"good noises have shape \(4, 4, 4\), the best \(4, 8, 8\)"):
+        NoisePool.load(folder)
 
 
 def test_similarity_to_best_on_hand_computed_cases() -> None:

@@ -7,6 +7,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+NOISE_POOL_ARTIFACT = "noise_pool"  # a HERO run's last guidance pool, beside its LoRA (hero_ml/guidance.py)
+
 
 class Tracker(Protocol):
     def log_params(self, params: dict[str, Any]) -> None:

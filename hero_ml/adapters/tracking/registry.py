@@ -27,8 +27,10 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 
+from hero_ml.adapters.tracking import NOISE_POOL_ARTIFACT
 from hero_ml.diffusion.lora import load_lora
 from hero_ml.diffusion.pipeline import TOY_FOLDER, TOY_SOURCE, load_pipeline
+from hero_ml.guidance import NoisePool
 
 __all__ = ["ModelVersion", "PromotionDecision", "Registry", "RegistryError", "save_lora_model"]
 
@@ -130,6 +132,26 @@ class Registry:
             pipe = load_pipeline(source, device=device)
             load_lora(pipe, local / model.flavors["diffusers"]["adapter_weights"])
         return pipe
+
+    def noise_pool(self, version: ModelVersion) -> NoisePool:
+        """The noise pool the version's run left beside its LoRA (HERO runs only)."""
+        with tempfile.TemporaryDirectory() as scratch:
+            try:
+                local = download_artifacts(
+                    run_id=version.run_id,
+                    artifact_path=NOISE_POOL_ARTIFACT,
+                    dst_path=scratch,
+                    tracking_uri=self.tracking_uri,
+                )
+            except (MlflowException, OSError):
+                raise RegistryError(
+                    f"version {version.version} of {version.name} has no noise pool: its run was not a "
+                    "HERO run with guidance, or predates pools; generate from plain noise (drop --guided)"
+                ) from None
+            try:
+                return NoisePool.load(Path(local))
+            except ValueError as err:
+                raise RegistryError(f"version {version.version} of {version.name}: {err}") from None
 
     def promote(
         self,
