@@ -217,6 +217,24 @@ def test_guidance_gap_pairs_each_rounds_batch_with_the_same_policys_evaluation(t
     }
 
 
+def test_baselines_are_set_against_heros_guided_rate_on_their_mean_curves() -> None:
+    points = [
+        {"task": t, "method": m, "seed": s, "round": r, "feedbacks": 64 * r, "success_rate": v}
+        for t, m, s, values in [
+            ("a", "d3po", 0, (0.1, 0.3, 0.5)),
+            ("a", "d3po", 1, (0.1, 0.5, 0.5)),  # mean 0.4 at 64
+            ("a", "ddpo-binary", 0, (0.1, 0.2, 0.3)),
+            ("a", "hero", 0, (0.1, 0.9, 0.9)),  # HERO's own curve is not a baseline
+            ("b", "d3po", 0, (0.2, 0.2, 0.2)),
+        ]
+        for r, v in enumerate(values)
+    ]
+    assert ge.baselines_to_reach(points, {"a": 0.4, "b": 0.3}) == {
+        "a": {"ddpo-binary": None, "d3po": 64},
+        "b": {"d3po": None},
+    }
+
+
 def test_guided_evaluation_samples_each_hero_run_from_its_own_pool_at_the_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
