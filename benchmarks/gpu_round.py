@@ -469,8 +469,10 @@ def main() -> None:
         results.append(figures_of(name, result, setup_config, flops, peak, world))
         print(f"{name}: {results[-1]}", flush=True)
     sweep = memory_sweep(args, config, sub_batch=8) if args.memory_sweep and args.device != "cpu" else None
-    if parallel is not None and parallel.rank != 0:
-        return
+    if parallel is not None:
+        parallel.close()
+        if parallel.rank != 0:
+            return
 
     lines = [
         f"### One HERO round on {args.arch} ({args.images} images, {args.steps} DDIM steps, CFG "

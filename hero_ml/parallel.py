@@ -55,6 +55,11 @@ class DataParallel:
         """This process's units of a micro-batch."""
         return units[self.rank :: self.world]
 
+    def close(self) -> None:
+        """Leave the process group, in every process at its end: a process that exits without it can
+        abort (SIGABRT) while the interpreter tears down the backend's threads (pytorch#190489)."""
+        self.accelerator.end_training()
+
     def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Replace each parameter's gradient by its sum over the processes (one all-reduce for all)."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]

@@ -93,3 +93,4 @@ if __name__ == "__main__":
         params, steps = train(parallel, args.target_kl)
         result = {f"p{i}": p.detach() for i, p in enumerate(params)} | {"steps": torch.tensor(steps)}
     save_file({k: v.contiguous() for k, v in result.items()}, args.out / f"rank{parallel.rank}.safetensors")
+    parallel.close()
