@@ -111,6 +111,7 @@ def hero_training(
             if on_round is not None:
                 on_round(outcome.stats)
         after = evaluate(run, "after")
+        after_guided = evaluate(run, "after_guided")
         version = log_final_artifacts(run)
     except Pause:
         raise  # suspended for annotators: the MLflow run goes on when the flow run resumes
@@ -125,6 +126,7 @@ def hero_training(
         rounds_now=rounds,
         before=before,
         after=after,
+        after_guided=after_guided,
         registered_version=version,
     )
 

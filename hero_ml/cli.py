@@ -302,6 +302,12 @@ def _run_embedded(config: HeroConfig) -> None:
         table.add_row(
             f"success rate after ({summary.after.images} images)", f"{summary.after.success_rate:.3f}"
         )
+    if summary.after_guided is not None:
+        table.add_row(
+            f"success rate after, from the run's noise pool ({summary.after_guided.images} images; "
+            "hero generate --guided)",
+            f"{summary.after_guided.success_rate:.3f}",
+        )
     console.print(table)
     console.print(
         f"run objects: {open_store(config.storage).where(f'runs/{config.run_id}')}", highlight=False

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from safetensors.torch import save_file
 
 from hero_ml.adapters.storage import ArtifactStore
@@ -42,7 +43,7 @@ class RunError(RuntimeError):
 
 @dataclass(frozen=True)
 class Evaluation:
-    label: str  # "before" or "after"
+    label: str  # "before", "after" (plain noise) or "after_guided" (from the run's noise pool)
     success_rate: float
     images: int
 
@@ -55,6 +56,9 @@ class TrainingSummary:
     rounds_now: list[RoundStats]  # learned by this call
     before: Evaluation | None
     after: Evaluation | None
+    after_guided: (
+        Evaluation | None
+    )  # HERO only: the LoRA from its run's noise pool (`hero generate --guided`)
     registered_version: str | None  # the LoRA's version in the model registry, when registered
 
 
@@ -178,16 +182,25 @@ class TrainingRun:
 
     def evaluate(self, label: str) -> Evaluation | None:
         """Success rate on the task's prompts from fixed plain noises (seed 0: the same for every run
-        and every method), the LoRA as trained ('after') or switched off ('before')."""
+        and every method), the LoRA as trained ('after') or switched off ('before'); 'after_guided':
+        the LoRA from noises drawn from the run's noise pool (seed 0), None without one."""
         n = self.config.simulation.eval_images
-        if n == 0:
+        pool = self.engine.noise_pool()
+        if n == 0 or (label == "after_guided" and pool is None):
             return None
+        initial_noise = (
+            None
+            if pool is None or label != "after_guided"
+            else pool.sample(n, torch.Generator().manual_seed(0))
+        )
         key = f"{self.runs.prefix}/eval/{label}.json"
         if label == "before" and self.runs.store.exists(key):
             return Evaluation(**json.loads(self.runs.store.get(key)))
 
         def rate() -> float:
-            return task_success_rate(self.pipe, self.task, n, self.config.sampling, seed=0)
+            return task_success_rate(
+                self.pipe, self.task, n, self.config.sampling, seed=0, initial_noise=initial_noise
+            )
 
         if label == "before":
             with adapters_disabled(self.pipe.unet):

@@ -50,6 +50,7 @@ def test_hero_run_trains_tracks_and_stores_a_whole_run(
     assert (
         "success rate before (6 images)" in result.output and "mlflow ui --backend-store-uri" in result.output
     )
+    assert "success rate after, from the run's noise pool (6 images" in result.output
 
     root = tmp_path / "data" / "runs" / "cli-run"
     assert json.loads((root / "progress.json").read_text()) == {"checkpoint": 1}
@@ -66,9 +67,11 @@ def test_hero_run_trains_tracks_and_stores_a_whole_run(
     assert run.data.params["sampling.num_steps"] == "4" and run.data.params["derived.rounds"] == "2"
     assert "never-shown-anywhere" not in json.dumps(run.data.params)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "good")] == [0, 1]
-    assert "eval_success_rate_after" in run.data.metrics
+    assert {"eval_success_rate_after", "eval_success_rate_after_guided"} <= set(run.data.metrics)
+    stored = json.loads((root / "eval" / "after_guided.json").read_text())
+    assert run.data.metrics["eval_success_rate_after_guided"] == stored["success_rate"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"lora", "encoder", "rounds"} <= artifacts
+    assert {"lora", "encoder", "rounds", "noise_pool"} <= artifacts
     lora = {a.path for a in client.list_artifacts(run.info.run_id, "lora")}
     assert {"lora/MLmodel", "lora/adapter_weights"} <= lora  # MLflow's diffusers flavour
     (version,) = client.search_model_versions("name = 'hero-lora'")

@@ -86,10 +86,12 @@ def task_success_rate(
     *,
     seed: int,
     batch_size: int | None = None,
+    initial_noise: torch.Tensor | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> float:
     """The success rate on a task's prompts, images sampled as a run samples them (DDIM steps, CFG
-    and eta of `sampling`; batch_size defaults to its sub-batch size)."""
+    and eta of `sampling`; batch_size defaults to its sub-batch size), from plain noise or the n
+    images' `initial_noise`."""
     return success_rate(
         pipe,
         task.prompts,
@@ -100,6 +102,7 @@ def task_success_rate(
         guidance_scale=sampling.guidance_scale,
         eta=sampling.eta,
         batch_size=batch_size or sampling.sub_batch_size,
+        initial_noise=initial_noise,
         on_batch=on_batch,
     ).rate
 

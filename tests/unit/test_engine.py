@@ -94,6 +94,11 @@ def test_guidance_starts_hero_rounds_near_the_best_noise() -> None:
     distance = lambda x, best: (x - best).pow(2).mean(dim=(1, 2, 3))  # noqa: E731
     assert torch.all(distance(near, guided.best_noise) < 0.05)  # eps^2 = 0.01 per element
     assert torch.all(distance(far, plain.best_noise) > 1.0)  # independent N(0, I): about 2
+    # only guided HERO has a pool to leave, and it is the next round's: the best and the good noises
+    assert plain.noise_pool() is None
+    pool = guided.noise_pool()
+    assert pool is not None and torch.equal(pool.best, guided.best_noise)
+    assert torch.equal(pool.good, guided.good_noises) and pool.prompt == guided.config.sampling.prompt
 
 
 @pytest.mark.parametrize(("method", "replay"), [("hero", True), ("d3po", False)])
