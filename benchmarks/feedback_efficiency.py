@@ -77,10 +77,14 @@ def read_points(path: Path) -> list[dict]:
 
 
 def append_point(path: Path, point: dict) -> None:
-    """Append one row, under an exclusive lock: parallel runs (--jobs) share the file."""
+    """Append one row, under an exclusive lock: parallel runs (--jobs) share the file. A point already
+    there (the same run and round, e.g. from a worker left running by a killed grid) is not repeated."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", newline="") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
+        key = ("task", "method", "seed", "round")
+        if any(all(p[k] == point[k] for k in key) for p in read_points(path)):
+            return
         row = io.StringIO()
         writer = csv.DictWriter(row, fieldnames=COLUMNS)
         if handle.seek(0, os.SEEK_END) == 0:  # after the lock: another run may have written since open

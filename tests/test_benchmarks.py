@@ -38,6 +38,7 @@ def test_points_round_trip_through_the_csv(tmp_path: Path) -> None:
     point = {"task": "t", "method": "hero", "seed": 2, "round": 3, "feedbacks": 192, "success_rate": 0.25}
     fe.append_point(path, point)
     fe.append_point(path, {**point, "round": 4, "feedbacks": 256})
+    fe.append_point(path, point)  # measured twice (two processes on one run): kept once
     assert fe.read_points(path) == [point, {**point, "round": 4, "feedbacks": 256}]
     assert path.read_text().splitlines()[0] == ",".join(fe.COLUMNS)
 
