@@ -185,14 +185,10 @@ class TrainingRun:
         and every method), the LoRA as trained ('after') or switched off ('before'); 'after_guided':
         the LoRA from noises drawn from the run's noise pool (seed 0), None without one."""
         n = self.config.simulation.eval_images
-        pool = self.engine.noise_pool()
+        pool = self.engine.noise_pool() if label == "after_guided" else None
         if n == 0 or (label == "after_guided" and pool is None):
             return None
-        initial_noise = (
-            None
-            if pool is None or label != "after_guided"
-            else pool.sample(n, torch.Generator().manual_seed(0))
-        )
+        initial_noise = None if pool is None else pool.sample(n, torch.Generator().manual_seed(0))
         key = f"{self.runs.prefix}/eval/{label}.json"
         if label == "before" and self.runs.store.exists(key):
             return Evaluation(**json.loads(self.runs.store.get(key)))
