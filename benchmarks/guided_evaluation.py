@@ -37,7 +37,7 @@ from hero_ml.diffusion.lora import adapters_disabled
 from hero_ml.diffusion.pipeline import load_configured_pipeline
 from hero_ml.engine import Engine
 from hero_ml.run_store import RunStore
-from hero_ml.toy.evaluate import success_rate
+from hero_ml.toy.evaluate import task_success_rate
 from hero_ml.toy.task import load_task
 
 NAME = "guided_evaluation"
@@ -66,21 +66,9 @@ def guided_rates(store: LocalStore, run_id: str, at: int, n: int, *, seed: int =
         raise SystemExit(f"{run_id}: checkpoint {learned} holds {engine.feedbacks} feedbacks, expected {at}")
     noise = pool.sample(n, torch.Generator().manual_seed(seed))
     task = load_task(config.simulation.task)
-    sampling = config.sampling
 
     def rate() -> float:
-        return success_rate(
-            pipe,
-            task.prompts,
-            task.target,
-            n,
-            seed=seed,
-            num_steps=sampling.num_steps,
-            guidance_scale=sampling.guidance_scale,
-            eta=sampling.eta,
-            batch_size=sampling.sub_batch_size,
-            initial_noise=noise,
-        ).rate
+        return task_success_rate(pipe, task, n, config.sampling, seed=seed, initial_noise=noise)
 
     lora = rate()
     with adapters_disabled(pipe.unet):

@@ -149,15 +149,21 @@ def test_recorded_log_probs_match_their_recomputation_in_float32(tiny_pipe) -> N
     assert moved["max_abs"] >= moved["mean_abs"] > 1e-3 and moved["beyond_clip_range"] > 0.5
 
 
-def test_the_grid_runs_in_parallel_processes_and_a_second_call_skips_its_points(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def tiny_grid_config(tmp_path: Path) -> Path:
+    """A config file for grid runs of seconds: 4 images a round, 2 steps, a few encoder epochs."""
     config = tmp_path / "tiny.yaml"
     config.write_text(
         "sampling: {images_per_round: 4, num_steps: 2, sub_batch_size: 4}\n"
         "encoder: {epochs_per_round: 2, triplets_per_epoch: 4}\n"
         "ddpo: {timesteps_per_trajectory: 1, train_batch_size: 4, inner_epochs: 1}\n"
     )
+    return config
+
+
+def test_the_grid_runs_in_parallel_processes_and_a_second_call_skips_its_points(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tiny_grid_config(tmp_path)
     points = tmp_path / "points.csv"
     argv = [
         "feedback_efficiency.py", "--task", "counting", "binding", "--method", "hero", "--seeds", "0",
@@ -250,12 +256,7 @@ def test_guided_evaluation_samples_each_hero_run_from_its_own_pool_at_the_checkp
     from hero_ml.toy.evaluate import success_rate
     from hero_ml.toy.task import load_task
 
-    config = tmp_path / "tiny.yaml"
-    config.write_text(
-        "sampling: {images_per_round: 4, num_steps: 2, sub_batch_size: 4}\n"
-        "encoder: {epochs_per_round: 2, triplets_per_epoch: 4}\n"
-        "ddpo: {timesteps_per_trajectory: 1, train_batch_size: 4, inner_epochs: 1}\n"
-    )
+    config = tiny_grid_config(tmp_path)
     points, work, results = tmp_path / "points.csv", tmp_path / "work", tmp_path / "guided.json"
     monkeypatch.setattr(sys, "argv", [
         "feedback_efficiency.py", "--task", "counting", "--method", "hero", "hero-noguide", "--seeds", "0",
