@@ -94,7 +94,13 @@ def eval_command(
     lora: Annotated[Path | None, typer.Option(help="A LoRA folder (diffusers format) to apply.")] = None,
     unseen: Annotated[bool, typer.Option(help="Use the task's eval_prompts (transfer) instead.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the fixed initial noises.")] = 0,
-    steps: Annotated[int, typer.Option(help="DDIM steps.", min=1)] = 50,
+    steps: Annotated[
+        int,
+        typer.Option(
+            help="DDIM steps. 50: as the model card; `hero run` evaluates at sampling.num_steps (20).",
+            min=1,
+        ),
+    ] = 50,
     cfg: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 5.0,
     eta: Annotated[float, typer.Option(help="DDIM eta (> 0).")] = 1.0,
 ) -> None:
