@@ -72,10 +72,12 @@ def triplet_loss(
 
 @dataclass(frozen=True)
 class TripletSource:
-    """One round's labelled latents: anchor = the best (C, h, w), good (G, C, h, w), bad (B, C, h, w).
+    """One round's labelled latents: anchor = the best (C, h, w), good (G, C, h, w): the good images
+    other than the anchor, bad (B, C, h, w).
 
-    A round with no good image uses the anchor itself as the positive (the loss then only pushes the
-    bad ones away); a round with no bad image has nothing to push away and yields no triplets."""
+    A round with no good image but the anchor uses the anchor itself as the positive (the loss then
+    only pushes the bad ones away); a round with no bad image has nothing to push away and yields no
+    triplets."""
 
     anchor: torch.Tensor
     good: torch.Tensor

@@ -168,7 +168,8 @@ class Engine:
         self.best_noise: torch.Tensor | None = None  # x_T of the current best
         self.best_latent: torch.Tensor | None = None  # its encoder input
         self.best_image: torch.Tensor | None = None  # its pixels, (H, W, 3) uint8, shown to annotators
-        self.good_noises = torch.empty(0, *self.latent_shape)  # x_T of the last round's good images
+        # x_T of the last round's good images but a new best (the best's is best_noise)
+        self.good_noises = torch.empty(0, *self.latent_shape)
         self.replay: list[TripletSource] = []  # earlier rounds' triplet sources, when encoder.replay
 
     # -- a round -------------------------------------------------------------------------------
@@ -201,18 +202,21 @@ class Engine:
         trajectory = batch.trajectory
         latents = trajectory.final_step_input.float()
         good, bad = feedback.good_indices, feedback.bad_indices
+        # The good images besides a new best: the guidance pool's and the triplets' positives. The best
+        # enters both as itself (once), as in the reference, which removes the new best from them.
+        positives = [i for i in good if i != feedback.best]
         if feedback.best is not None:
             self.best_noise = trajectory.initial_noise[feedback.best].float().clone()
             self.best_latent = latents[feedback.best].clone()
             self.best_image = trajectory.images[feedback.best].clone()
-        self.good_noises = trajectory.initial_noise[good].float().clone()
+        self.good_noises = trajectory.initial_noise[positives].float().clone()
 
         encoder_losses: list[float] = []
         rewards: torch.Tensor | None = None
         objective: StepObjective | None = None
         units = len(trajectory)
         if self.method in ("hero", "hero-noguide"):
-            encoder_losses, rewards = self._encoder_round(latents, good, bad)
+            encoder_losses, rewards = self._encoder_round(latents, positives, bad)
             crash_point("encoder")
         elif self.method == "ddpo-binary":
             rewards = torch.tensor(feedback.good, dtype=torch.float32)
@@ -272,14 +276,15 @@ class Engine:
         return features, best
 
     def _encoder_round(
-        self, latents: torch.Tensor, good: list[int], bad: list[int]
+        self, latents: torch.Tensor, positives: list[int], bad: list[int]
     ) -> tuple[list[float], torch.Tensor]:
-        """Train the encoder on this round's triplets (and earlier ones, with replay); reward every image."""
+        """Train the encoder on this round's triplets (and earlier ones, with replay); reward every image.
+        positives: the good images other than the best (the anchor)."""
         assert (
             self.encoder is not None and self.encoder_optimizer is not None and self.best_latent is not None
         )
         encoder_config = self.config.encoder
-        source = TripletSource(anchor=self.best_latent.clone(), good=latents[good], bad=latents[bad])
+        source = TripletSource(anchor=self.best_latent.clone(), good=latents[positives], bad=latents[bad])
         if encoder_config.replay:
             self.replay.append(source)
         losses = train_encoder(
@@ -299,7 +304,7 @@ class Engine:
         if encoder_config.reward == "best":
             return losses, similarity_to_best(features, best)
         # the good images of this round and the best, which is good by definition (it may be older)
-        return losses, mean_similarity_to_good(features, torch.cat([features[good], best[None]]))
+        return losses, mean_similarity_to_good(features, torch.cat([features[positives], best[None]]))
 
     def _update(self, objective: StepObjective, units: int, num_steps: int) -> UpdateStats:
         ddpo = self.config.ddpo

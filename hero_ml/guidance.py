@@ -1,7 +1,8 @@
 """Feedback-guided initial noise: the next round starts near the initial noises of liked images.
 
 HERO-REFERENCE.md: floor(n * best_ratio) images start from the best image's x_T, the others from
-an x_T drawn uniformly, with replacement, from the pool = the good images' x_T plus the best's; each
+an x_T drawn uniformly, with replacement, from the pool = the good images' x_T plus the best's (the
+engine passes the good images other than a new best: each liked noise is in the pool once); each
 is perturbed as sqrt(1 - eps^2) * x + eps * n, n ~ N(0, I). Since x ~ N(0, I), so is the result:
 the marginal stays the prior the model was trained on, only correlated with liked noises.
 

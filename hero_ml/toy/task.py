@@ -30,7 +30,10 @@ class Task(BaseModel):
         "counting", "attribute-binding", "anomaly-correction", "personalization", "content-safety"
     ]
     description: str = Field(min_length=1, description="What a good image is, for people.")
-    prompts: tuple[str, ...] = Field(min_length=1, description="Prompts of the task: training uses one (sampling.prompt), evaluation takes them in turn.")
+    prompts: tuple[str, ...] = Field(
+        min_length=1,
+        description="The task's prompts: training uses one (sampling.prompt), evaluation all in turn.",
+    )
     target: Target = Field(description="What the judge accepts on the training prompts.")
     eval_prompts: tuple[str, ...] = Field((), description="Unseen prompts to measure transfer.")
     eval_target: Target | None = Field(None, description="Judge target on eval_prompts (default: target).")

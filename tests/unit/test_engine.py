@@ -86,8 +86,16 @@ def test_two_rounds_of_every_method(method: str) -> None:
 def test_guidance_starts_hero_rounds_near_the_best_noise() -> None:
     guided = Engine(small_config("hero"), build_random_pipeline("tiny", seed=0))
     plain = Engine(small_config("hero-noguide"), build_random_pipeline("tiny", seed=0))
-    for engine in (guided, plain):
-        run_rounds(engine, 1)
+    first = guided.generate()
+    feedback = brightness_labels(guided, first)
+    guided.learn(first, feedback)
+    run_rounds(plain, 1)
+    # the pool holds the good noises other than the new best, which enters it as itself (the reference)
+    assert feedback.best is not None and feedback.best in feedback.good_indices
+    others = [i for i in feedback.good_indices if i != feedback.best]
+    assert len(others) == len(feedback.good_indices) - 1
+    assert torch.equal(guided.good_noises, first.trajectory.initial_noise[others])
+    assert torch.equal(guided.best_noise, first.trajectory.initial_noise[feedback.best])
     assert guided.best_noise is not None and plain.best_noise is not None
     near = guided.generate().trajectory.initial_noise[:3]  # best_ratio 0.5: the first half
     far = plain.generate().trajectory.initial_noise[:3]
@@ -99,6 +107,19 @@ def test_guidance_starts_hero_rounds_near_the_best_noise() -> None:
     pool = guided.noise_pool()
     assert pool is not None and torch.equal(pool.best, guided.best_noise)
     assert torch.equal(pool.good, guided.good_noises) and pool.prompt == guided.config.sampling.prompt
+
+
+def test_triplets_take_the_best_as_anchor_and_the_other_good_images_as_positives() -> None:
+    engine = Engine(small_config("hero", replay=True), build_random_pipeline("tiny", seed=0))
+    batch = engine.generate()
+    feedback = brightness_labels(engine, batch)
+    engine.learn(batch, feedback)
+    latents = batch.trajectory.final_step_input.float()
+    (source,) = engine.replay
+    others = [i for i in feedback.good_indices if i != feedback.best]
+    assert torch.equal(source.anchor, latents[feedback.best])
+    assert torch.equal(source.good, latents[others])
+    assert torch.equal(source.bad, latents[feedback.bad_indices])
 
 
 @pytest.mark.parametrize(("method", "replay"), [("hero", True), ("d3po", False)])
