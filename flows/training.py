@@ -48,6 +48,18 @@ def round_of_pause_key(key: str | None) -> int | None:
     return int(index) if index.isdigit() else None
 
 
+def deployed_run_id(parameters: dict[str, Any], flow_run_name: str) -> str:
+    """The HERO run a deployment's hero-training flow run trains: its run_id parameter, else the run_id
+    of its config overrides, else the flow run's name (e.g. a scheduled run). The flow and the poller
+    both read it here, so they cannot disagree."""
+    if isinstance(parameters.get("run_id"), str):
+        return parameters["run_id"]
+    config = parameters.get("config")
+    if isinstance(config, dict) and isinstance(config.get("run_id"), str):
+        return config["run_id"]
+    return flow_run_name
+
+
 def resolve_config(run_id: str | None, config: HeroConfig | dict[str, Any] | None) -> HeroConfig:
     """A HeroConfig passed in process is used as it is. From a deployment, `config` is a dict of
     overrides (public values only: Prefect stores flow parameters) on top of the worker's own config:
@@ -75,13 +87,14 @@ def hero_training(
     on_wait: Callable[[int, str], None] | None = None,
 ) -> TrainingSummary:
     """Train run `run_id` until its feedback budget is spent, from its latest checkpoint. run_id
-    defaults to the config's in process, to the flow run's name from a deployment. config: a
+    defaults to the config's; from a deployment, to the flow run's name when the config overrides
+    name none (deployed_run_id). config: a
     HeroConfig (in process) or overrides of the worker's config (deployments).
 
     The callbacks are for a caller in the same process (progress bars, a waiting round's reason) and
     may be None."""
-    if run_id is None and deployment.id is not None and not isinstance(config, HeroConfig):
-        run_id = flow_run.name  # a deployment's run names its HERO run unless told (e.g. on a schedule)
+    if deployment.id is not None and not isinstance(config, HeroConfig):
+        run_id = deployed_run_id({"run_id": run_id, "config": config}, flow_run.name)
     resolved = resolve_config(run_id, config)
     logger = get_run_logger()
     tracker = open_tracker(resolved)

@@ -21,7 +21,7 @@ from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFi
 from prefect.exceptions import ObjectNotFound
 from prefect.flow_runs import NotPausedError, resume_flow_run
 
-from flows.training import resolve_config, round_of_pause_key
+from flows.training import deployed_run_id, resolve_config, round_of_pause_key
 from hero_ml.adapters.storage import ArtifactStore, open_store
 from hero_ml.config import ConfigError, HeroConfig, restore_config, with_overrides
 from hero_ml.labelling import LabelStudioError, LabelStudioRounds, open_projects
@@ -88,28 +88,17 @@ class RoundResumer:
         return result(True, readiness.reason, waiting_for)
 
     def suspended_runs(self) -> list[tuple[str, str]]:
-        """(flow run id, HERO run id) of every suspended hero-training flow run (a run without a
-        run_id parameter trains the run named after it: see hero_training)."""
+        """(flow run id, HERO run id) of every suspended hero-training flow run."""
         with get_client(sync_client=True) as client:
             flow_runs = client.read_flow_runs(
                 flow_filter=FlowFilter(name=FlowFilterName(any_=["hero-training"])),
                 flow_run_filter=FlowRunFilter(state=dict(name=FlowRunFilterStateName(any_=["Suspended"]))),
             )
-        return [(str(run.id), hero_run_id(run.parameters) or run.name) for run in flow_runs]
+        return [(str(run.id), deployed_run_id(run.parameters, run.name)) for run in flow_runs]
 
     def poll(self) -> list[ResumeResult]:
         """Check every suspended hero-training run once; resume those whose round may close."""
         return [self.resume_if_ready(flow_run_id, run_id) for flow_run_id, run_id in self.suspended_runs()]
-
-
-def hero_run_id(parameters: dict) -> str | None:
-    """The HERO run a hero-training flow run trains, from its parameters."""
-    if isinstance(parameters.get("run_id"), str):
-        return parameters["run_id"]
-    config = parameters.get("config")
-    if isinstance(config, dict) and isinstance(config.get("run_id"), str):
-        return config["run_id"]
-    return None
 
 
 @flow(name="hero-poll-rounds")

@@ -365,9 +365,13 @@ class StorageConfig(_Section):
                 "s3_access_key_id and s3_secret_access_key go together: set both, or neither to use "
                 "the standard AWS credential chain"
             )
-        if self.s3_prefix:
-            check_prefix(self.s3_prefix)
         return self
+
+    @field_validator("s3_prefix")
+    @classmethod
+    def _prefix_as_stored(cls, prefix: str) -> str:
+        # one spelling everywhere: the store and Label Studio's image links both put keys after it
+        return check_prefix(prefix)
 
 
 class TrackingConfig(_Section):
@@ -657,7 +661,8 @@ def with_overrides(config: HeroConfig, overrides: dict[str, dict[str, Any] | Any
 
 def restore_config(stored: dict[str, Any], current: HeroConfig) -> HeroConfig:
     """A run's stored public config back as a HeroConfig; its masked secrets come from `current`
-    (the environment now), since secrets are never stored."""
+    (the environment now), since secrets are never stored. Its other values are the stored ones: the
+    environment of the process resuming it (a service's, another worker's) does not change them."""
     data = json.loads(json.dumps(stored))
     secrets = current.model_dump()
     for section, fields in data.items():
@@ -666,7 +671,7 @@ def restore_config(stored: dict[str, Any], current: HeroConfig) -> HeroConfig:
                 if isinstance(secrets[section][name], SecretStr) or value == SECRET_MASK:
                     fields[name] = secrets[section][name]
     try:
-        return HeroConfig.model_validate(data)
+        return _GivenValuesConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(
             f"the stored run config is no longer valid:\n{format_validation_error(err)}"

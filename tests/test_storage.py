@@ -124,6 +124,13 @@ def test_s3_config_explains_what_is_missing() -> None:
         StorageConfig(backend="s3", s3_bucket="b", s3_prefix="../other-team")
 
 
+def test_an_s3_prefix_is_kept_in_the_spelling_keys_are_joined_to() -> None:
+    # Label Studio's image links are s3://bucket/{s3_prefix}{key}: the prefix must end in '/'
+    assert StorageConfig(backend="s3", s3_bucket="b", s3_prefix="team/hero").s3_prefix == "team/hero/"
+    assert StorageConfig(backend="s3", s3_bucket="b", s3_prefix="team/hero/").s3_prefix == "team/hero/"
+    assert StorageConfig(backend="s3", s3_bucket="b", s3_prefix="").s3_prefix == ""
+
+
 # -- a run's objects -------------------------------------------------------------------------------------
 
 

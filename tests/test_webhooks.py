@@ -17,8 +17,8 @@ import requests
 import uvicorn
 from pydantic import SecretStr
 
-from flows.training import pause_key, round_of_pause_key
-from flows.waiting import ResumeResult, hero_run_id
+from flows.training import deployed_run_id, pause_key, round_of_pause_key
+from flows.waiting import ResumeResult
 from flows.webhooks import RejectionBudget, create_app
 from tests.conftest import _free_port
 
@@ -177,9 +177,10 @@ def test_pause_keys_name_their_round_and_flow_runs_their_hero_run() -> None:
     assert round_of_pause_key(key) == 12
     assert round_of_pause_key("1") is None and round_of_pause_key(None) is None
     assert round_of_pause_key("hero-round-x-1") is None
-    assert hero_run_id({"run_id": "a"}) == "a"
-    assert hero_run_id({"config": {"run_id": "b"}}) == "b"
-    assert hero_run_id({"run_id": None, "config": {}}) is None
+    assert deployed_run_id({"run_id": "a", "config": {"run_id": "b"}}, "flow-run") == "a"
+    assert deployed_run_id({"run_id": None, "config": {"run_id": "b"}}, "flow-run") == "b"
+    assert deployed_run_id({"run_id": None, "config": {}}, "flow-run") == "flow-run"
+    assert deployed_run_id({"config": None}, "flow-run") == "flow-run"
 
 
 def test_a_client_whose_requests_keep_failing_is_throttled_but_its_events_are_not() -> None:

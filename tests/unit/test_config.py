@@ -215,3 +215,19 @@ def test_a_stored_config_comes_back_with_todays_secrets(monkeypatch: pytest.Monk
     assert restored.orchestration.webhook_secret is not None
     assert restored.orchestration.webhook_secret.get_secret_value() == "rotated-secret"
     assert restored.to_public_dict() == stored
+
+
+def test_a_stored_config_keeps_its_values_whatever_the_environment_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a service resuming rounds of many runs has settings of its own: a run keeps those it was started with
+    from hero_ml.config import restore_config
+
+    stored = load_config().to_public_dict()
+    monkeypatch.setenv("HERO_FEEDBACK__ANNOTATORS_PER_IMAGE", "3")
+    monkeypatch.setenv("HERO_ORCHESTRATION__ROUND_DEADLINE_H", "2")
+    current = load_config()
+    assert current.feedback.annotators_per_image == 3
+    restored = restore_config(stored, current)
+    assert restored.feedback.annotators_per_image == stored["feedback"]["annotators_per_image"] == 1
+    assert restored.to_public_dict() == stored
