@@ -116,11 +116,12 @@ def deploy(plan: DeployPlan) -> dict[str, UUID]:
             "flows/registry.py:promote",
             "after-training",
             work_pool_name=plan.gpu_pool,
-            description="Promote the newest LoRA if it beats the champion; runs after each training.",
+            description="Promote a training's LoRA if it beats the champion; runs after each training.",
             triggers=[
                 DeploymentEventTrigger(
                     expect={"prefect.flow-run.Completed"},
                     match_related={"prefect.resource.role": "flow", "prefect.resource.name": "hero-training"},
+                    parameters={"after_flow_run": "{{ event.resource.id }}"},  # prefect.flow-run.<id>
                 )
             ],
         ),

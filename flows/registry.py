@@ -1,23 +1,50 @@
-"""Flows on the model registry: `hero-promote` (evaluate the latest LoRA against the champion, move
-the alias on a win) and `hero-generate-samples` (images from a registered LoRA, e.g. @champion)."""
+"""Flows on the model registry: `hero-promote` (evaluate a LoRA against the champion, move the alias
+on a win; after each training, the LoRA that training registered) and `hero-generate-samples` (images
+from a registered LoRA, e.g. @champion)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from prefect import flow, get_run_logger
+from prefect.client.orchestration import get_client
+from prefect.exceptions import ObjectNotFound
 
-from flows.training import resolve_config
+from flows.training import deployed_run_id, resolve_config
 from hero_ml.adapters.tracking.registry import PromotionDecision
-from hero_ml.promotion import generate_from_registry, promote_version
+from hero_ml.promotion import generate_from_registry, open_registry, promote_version
+
+FLOW_RUN_RESOURCE = "prefect.flow-run."  # how an event names a flow run: prefect.flow-run.<id>
 
 
 @flow(name="hero-promote", validate_parameters=False)
-def promote(version: str | None = None, config: dict[str, Any] | None = None) -> PromotionDecision:
-    """Compare registry `version` (default: the latest) with the champion (hero_ml.promotion)."""
-    decision = promote_version(resolve_config(None, config), version)
-    get_run_logger().info(
+def promote(
+    version: str | None = None, config: dict[str, Any] | None = None, after_flow_run: str | None = None
+) -> PromotionDecision | None:
+    """Compare registry `version` (default: the latest) with the champion (hero_ml.promotion).
+
+    after_flow_run: a finished hero-training flow run (its id, or the event resource the after-training
+    trigger passes): the version that run registered is the challenger, so runs that finish together
+    each have their own judged. Nothing to do (None) when it registered none or it is the champion."""
+    resolved = resolve_config(None, config)
+    logger = get_run_logger()
+    if after_flow_run is not None:
+        run_id = trained_run(after_flow_run)
+        registry = open_registry(resolved)
+        mine = registry.version_of_run(run_id)
+        champion = registry.champion()
+        if mine is None or (champion is not None and champion.version == mine.version):
+            logger.info(
+                "run %s: %s, nothing to promote",
+                run_id,
+                "no LoRA version registered" if mine is None else f"version {mine.version} is the champion",
+            )
+            return None
+        version = mine.version
+    decision = promote_version(resolved, version)
+    logger.info(
         "version %s: %.3f vs %s: %.3f (gain %+.3f, margin %.3f): %s",
         decision.challenger,
         decision.challenger_rate,
@@ -28,6 +55,22 @@ def promote(version: str | None = None, config: dict[str, Any] | None = None) ->
         "promoted" if decision.promoted else "not promoted",
     )
     return decision
+
+
+def trained_run(flow_run: str) -> str:
+    """The HERO run a hero-training flow run (`<id>` or `prefect.flow-run.<id>`) trained."""
+    try:
+        flow_run_id = UUID(flow_run.removeprefix(FLOW_RUN_RESOURCE))
+    except ValueError:
+        raise ValueError(
+            f"after_flow_run {flow_run!r} is not a flow run id: pass its UUID or prefect.flow-run.<UUID>"
+        ) from None
+    with get_client(sync_client=True) as client:
+        try:
+            found = client.read_flow_run(flow_run_id)
+        except ObjectNotFound:
+            raise ValueError(f"after_flow_run {flow_run!r}: no such flow run on the Prefect server") from None
+    return deployed_run_id(found.parameters, found.name)
 
 
 @flow(name="hero-generate-samples", validate_parameters=False)

@@ -329,6 +329,10 @@ def test_a_deployment_suspends_each_round_until_its_annotators_are_done(
             return "hero.promotion.decision" in tags
 
         wait_for("the promotion triggered by the finished run", promotion_decided, stack, timeout_s=240)
+        with get_client(sync_client=True) as client:
+            parameters = [run.parameters for run in client.read_flow_runs()]
+        # the trigger named the finished training, so the promotion judged that run's own version
+        assert {"after_flow_run": f"prefect.flow-run.{started.id}"} in parameters, parameters
         check_no_secret_leaked(stack, runs, tracking, run.info.run_id)
 
 

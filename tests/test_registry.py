@@ -11,9 +11,12 @@ import pytest
 import torch
 import yaml
 from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
 from safetensors.torch import load as load_tensors
 from typer.testing import CliRunner
 
+from flows.registry import promote
+from flows.training import hero_training
 from hero_ml.adapters.storage import open_store
 from hero_ml.adapters.tracking.mlflow import RUN_ID_TAG, MlflowTracker
 from hero_ml.adapters.tracking.registry import Registry, RegistryError
@@ -164,7 +167,7 @@ def register(config_path: Path, lora_folder: Path, run_id: str) -> str:
 
 
 def test_promotion_moves_champion_only_on_a_real_win(
-    tmp_path: Path, mlflow_server: Service, s3_server: Service
+    tmp_path: Path, mlflow_server: Service, s3_server: Service, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # promotion samples as configured: the default 20 steps, not the 4 of the small runs
     path = production_config(
@@ -203,6 +206,22 @@ def test_promotion_moves_champion_only_on_a_real_win(
 
     again = runner.invoke(app, ["promote", "-c", str(path), "--version", winner])
     assert again.exit_code == 1 and "already holds @champion" in again.output
+
+    # after a training (the deployment's trigger): that run's version, not the latest; nothing to do
+    # when its version is already the champion or it registered none
+    registry = Registry(mlflow_server.url, name, "champion")
+    assert registry.version_of_run("identity").version == identity
+    assert registry.version_of_run("never-registered") is None
+    monkeypatch.setenv("HERO_CONFIG_FILE", str(path))
+    with get_client(sync_client=True) as prefect:
+        trained = {
+            run_id: prefect.create_flow_run(hero_training, parameters={"config": {"run_id": run_id}}).id
+            for run_id in ("winner", "never-registered")
+        }
+    assert promote(after_flow_run=f"prefect.flow-run.{trained['winner']}") is None
+    assert promote(after_flow_run=str(trained["never-registered"])) is None
+    with pytest.raises(ValueError, match="after_flow_run 'run-7' is not a flow run id"):
+        promote(after_flow_run="run-7")
 
     out = tmp_path / "champion-images"
     generated = runner.invoke(

@@ -98,13 +98,21 @@ class Registry:
         """Version `version` of the registered model, or its latest when None."""
         if version is not None:
             return self.resolve(f"models:/{self.name}/{version}")
-        try:
-            versions = self.client.search_model_versions(f"name = '{self.name}'")
-        except MlflowException as err:
-            raise RegistryError(f"registered model {self.name!r}: {err.message}") from None
+        versions = self._versions()
         if not versions:
             raise RegistryError(f"registered model {self.name!r} has no versions: finish a hero run first")
         return max(versions, key=lambda v: int(v.version))
+
+    def version_of_run(self, run_id: str) -> ModelVersion | None:
+        """The newest version HERO run `run_id` registered (tag hero.run_id), None if it registered none."""
+        mine = [v for v in self._versions() if v.tags.get("hero.run_id") == run_id]
+        return max(mine, key=lambda v: int(v.version)) if mine else None
+
+    def _versions(self) -> list[ModelVersion]:
+        try:
+            return list(self.client.search_model_versions(f"name = '{self.name}'"))
+        except MlflowException as err:
+            raise RegistryError(f"registered model {self.name!r}: {err.message}") from None
 
     def champion(self) -> ModelVersion | None:
         try:
