@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from hero_ml.adapters.storage import StorageError, open_store
 from hero_ml.cli_support import ConfigOption, console, err_console, fail, load
 from hero_ml.config import ConfigError, HeroConfig
+from hero_ml.errors import HeroError
 from hero_ml.labelling_cli import labelstudio_app
 from hero_ml.orchestration_cli import deploy, rounds_app, serve_webhooks
 from hero_ml.toy.cli import toy_app
@@ -30,7 +31,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 config_app = typer.Typer(help="Inspect and check configuration files.", no_args_is_help=True)
-model_app = typer.Typer(help="Build and inspect Stable Diffusion pipelines.", no_args_is_help=True)
+model_app = typer.Typer(help="Build Stable Diffusion pipelines.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(model_app, name="model")
 app.add_typer(toy_app, name="toy")
@@ -478,3 +479,13 @@ def generate(
         f"{len(paths)} images of {version.name} version {version.version} in {out} (grid.png: all of them)",
         highlight=False,
     )
+
+
+def run_cli() -> None:
+    """The `hero` command: the app, with HERO's own errors (HeroError: the message says what to fix)
+    printed as one line instead of a traceback, wherever in a command they arise."""
+    try:
+        app()
+    except HeroError as err:
+        err_console.print(f"[bold red]error:[/] {err}", highlight=False)
+        raise SystemExit(1) from None

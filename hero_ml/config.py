@@ -12,7 +12,7 @@ import json
 import os
 import textwrap
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -29,6 +29,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from hero_ml.adapters.storage.keys import check_prefix
 from hero_ml.diffusion.architectures import ARCHITECTURES
+from hero_ml.errors import HeroError
 
 ENV_PREFIX = "HERO_"
 ENV_NESTED_DELIMITER = "__"
@@ -38,7 +39,7 @@ CONFIG_FILE_ENV = "HERO_CONFIG_FILE"  # a base config file for services and work
 SECRET_MASK = "**********"  # how pydantic dumps a SecretStr to JSON
 
 
-class ConfigError(ValueError):
+class ConfigError(HeroError, ValueError):
     """A configuration that cannot be used; the message names every bad field and why."""
 
 
@@ -647,12 +648,37 @@ class _GivenValuesConfig(HeroConfig):
         return (init_settings,)
 
 
+def _secret_fields(section: str) -> set[str]:
+    """The fields of a config section typed SecretStr (set or not)."""
+    model = HeroConfig.model_fields[section].annotation
+    assert isinstance(model, type) and issubclass(model, BaseModel)
+    fields = model.model_fields.items()
+    return {name for name, field in fields if SecretStr in (field.annotation, *get_args(field.annotation))}
+
+
 def with_overrides(config: HeroConfig, overrides: dict[str, dict[str, Any] | Any]) -> HeroConfig:
     """The config with `overrides` ({section: {field: value}} or {field: value}) applied on top of
-    everything else (command-line flags beat the file and the environment), validated again."""
+    everything else (command-line flags beat the file and the environment), validated again.
+
+    Overrides come from command-line flags and deployment parameters, which Prefect stores in plain
+    text: a secret is refused there (it belongs in the worker's environment)."""
     data = config.model_dump()
     for key, value in overrides.items():
-        data[key] = {**data[key], **value} if isinstance(value, dict) else value
+        if key not in data:
+            raise ConfigError(f"override {key!r}: no such setting (the top level has {', '.join(data)})")
+        if not isinstance(data[key], dict):
+            data[key] = value
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"override {key!r}: a section takes a mapping of its fields, got {value!r}")
+        for name in value:
+            if name in _secret_fields(key):
+                variable = ENV_PREFIX + ENV_NESTED_DELIMITER.join((key, name)).upper()
+                raise ConfigError(
+                    f"override {key}.{name}: a secret is not taken as an override (deployment parameters "
+                    f"are stored in plain text); set {variable} in the worker's environment"
+                )
+        data[key] = {**data[key], **value}
     try:
         return _GivenValuesConfig(**data)
     except ValidationError as err:

@@ -41,6 +41,7 @@ from hero_ml.diffusion.sampler import (
     sample_trajectories,
 )
 from hero_ml.encoder import FeedbackEncoder, TripletSource, train_encoder
+from hero_ml.errors import HeroError
 from hero_ml.faults import crash_point
 from hero_ml.feedback import RoundFeedback
 from hero_ml.guidance import NoisePool
@@ -56,7 +57,7 @@ STATE = "state.json"  # written last: it commits the checkpoint
 _PURPOSES = {"guidance": 1, "encoder": 2, "update": 3, "pairs": 4}
 
 
-class EngineError(RuntimeError):
+class EngineError(HeroError, RuntimeError):
     """The engine was asked something that does not fit its state (a stale batch, a bad checkpoint)."""
 
 

@@ -22,10 +22,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from hero_ml.errors import HeroError
+
 KEEP = "keep"  # a best vote for the current best rather than an image of this round
 
 
-class FeedbackError(ValueError):
+class FeedbackError(HeroError, ValueError):
     """Feedback that cannot be used as it is; the message names the annotator, the image and the rule."""
 
 

@@ -29,6 +29,7 @@ from PIL import Image
 from hero_ml.adapters.storage import ArtifactStore
 from hero_ml.diffusion.sampler import Trajectory
 from hero_ml.engine import STATE, TENSORS, Engine, RoundBatch, RoundStats
+from hero_ml.errors import HeroError
 from hero_ml.faults import crash_point
 from hero_ml.feedback import AnnotatorFeedback, RoundFeedback
 from hero_ml.images import image_grid
@@ -47,7 +48,7 @@ _LABELLING = (CURRENT_BEST, ANNOTATIONS, PUBLISHED)
 _AFTER_COMMIT = {MANIFEST, FEEDBACK, STATS, TRACKED, *_LABELLING}
 
 
-class CorruptObjectError(RuntimeError):
+class CorruptObjectError(HeroError, RuntimeError):
     """A stored object does not match what its manifest recorded."""
 
 

@@ -19,10 +19,11 @@ from hero_ml.adapters.storage import open_store
 from hero_ml.config import HeroConfig
 from hero_ml.diffusion.pipeline import RANDOM_PREFIX, load_configured_pipeline
 from hero_ml.engine import RoundBatch, sample_batch
+from hero_ml.errors import HeroError
 from hero_ml.run_store import RunStore
 
 
-class RoundExistsError(FileExistsError):
+class RoundExistsError(HeroError, FileExistsError):
     """The round is already committed; rounds are immutable."""
 
 

@@ -28,6 +28,7 @@ from hero_ml.config import HeroConfig
 from hero_ml.diffusion.lora import adapters_disabled, save_lora
 from hero_ml.diffusion.pipeline import load_configured_pipeline
 from hero_ml.engine import Engine, RoundBatch, RoundStats
+from hero_ml.errors import HeroError
 from hero_ml.faults import crash_point
 from hero_ml.feedback import RoundFeedback, aggregate
 from hero_ml.images import image_grid
@@ -37,7 +38,7 @@ from hero_ml.toy.judge import SimulatedAnnotator
 from hero_ml.toy.task import Task, load_task
 
 
-class RunError(RuntimeError):
+class RunError(HeroError, RuntimeError):
     """A run that cannot start or go on as configured; the message says what to change."""
 
 

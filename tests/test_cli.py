@@ -1,11 +1,15 @@
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import typer
 import yaml
 from PIL import Image
+from typer.core import TyperGroup
 from typer.testing import CliRunner
 
 from hero_ml.cli import app
@@ -13,6 +17,7 @@ from hero_ml.config import load_config
 from hero_ml.diffusion.sampler import Trajectory
 
 runner = CliRunner()
+HERO = str(Path(sys.executable).parent / "hero")  # the installed entry point beside this interpreter
 
 
 def small_config(tmp_path: Path, **model: object) -> Path:
@@ -29,13 +34,38 @@ def small_config(tmp_path: Path, **model: object) -> Path:
     return path
 
 
-@pytest.mark.parametrize(
-    "args", [[], ["config"], ["model"], ["sample"], ["config", "show"], ["model", "build"]]
-)
-def test_every_command_has_help(args: list[str]) -> None:
-    result = runner.invoke(app, [*args, "--help"])
-    assert result.exit_code == 0, result.output
-    assert "Usage" in result.output
+def command_paths(group: TyperGroup, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], str]]:
+    """(words, help text) of every command and group under `group`, itself included."""
+    found = [(path, group.help or "")]
+    for name, command in group.commands.items():
+        if isinstance(command, TyperGroup):
+            found += command_paths(command, (*path, name))
+        else:
+            found.append(((*path, name), command.help or ""))
+    return found
+
+
+def test_every_command_has_help() -> None:
+    top = typer.main.get_command(app)
+    assert isinstance(top, TyperGroup)
+    commands = command_paths(top)
+    # every command of every group, found by walking the app, not a hand-kept list
+    assert {("run",), ("config", "validate"), ("toy", "eval"), ("rounds", "poll")} <= {w for w, _ in commands}
+    for words, text in commands:
+        assert text.strip(), f"`hero {' '.join(words)}` has no help text"
+        result = runner.invoke(app, [*words, "--help"])
+        assert result.exit_code == 0 and "Usage" in result.output, (words, result.output)
+        assert text.split()[0] in result.output
+
+
+def test_the_hero_command_prints_an_error_it_can_explain_without_a_traceback(tmp_path: Path) -> None:
+    # the installed entry point, as a user runs it: a bad run id is a message, exit 1
+    result = subprocess.run(
+        [HERO, "run", "--resume", "bad id"], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
+    assert result.returncode == 1
+    assert "error:" in result.stderr and "run_id" in result.stderr and "bad id" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
 
 
 def test_top_level_help_lists_the_commands() -> None:

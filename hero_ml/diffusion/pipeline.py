@@ -16,6 +16,7 @@ from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from hero_ml.diffusion.architectures import architecture_dir
+from hero_ml.errors import HeroError
 
 if TYPE_CHECKING:
     from hero_ml.config import ModelConfig
@@ -31,11 +32,11 @@ EOS_TOKEN = "<|endoftext|>"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(HeroError, FileNotFoundError):
     """The requested pipeline is neither a local folder nor available offline."""
 
 
-class DeviceUnavailableError(RuntimeError):
+class DeviceUnavailableError(HeroError, RuntimeError):
     """The configured torch device does not exist on this machine."""
 
 

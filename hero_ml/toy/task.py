@@ -13,13 +13,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from hero_ml.config import format_validation_error
+from hero_ml.errors import HeroError
 from hero_ml.toy.captions import parse_caption
 from hero_ml.toy.judge import Target
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 
 
-class TaskError(ValueError):
+class TaskError(HeroError, ValueError):
     """A task file that cannot be used; the message says which field and why."""
 
 

@@ -204,6 +204,26 @@ def test_overrides_beat_the_environment_and_are_validated(monkeypatch: pytest.Mo
         with_overrides(config, {"method": "magic"})
 
 
+def test_overrides_name_what_is_wrong_and_refuse_secrets() -> None:
+    # deployment parameters are outside input, and Prefect stores them in plain text
+    from hero_ml.config import with_overrides
+
+    config = load_config()
+    with pytest.raises(ConfigError, match="override 'sampling ': no such setting"):
+        with_overrides(config, {"sampling ": {"seed": 1}})
+    with pytest.raises(
+        ConfigError, match="override 'feedback': a section takes a mapping of its fields, got 3"
+    ):
+        with_overrides(config, {"feedback": 3})
+    with pytest.raises(ConfigError, match=r"sampling\.promt"):
+        with_overrides(config, {"sampling": {"promt": "a cat"}})
+    for section, name in [("label_studio", "api_key"), ("storage", "s3_secret_access_key")]:
+        variable = f"HERO_{section}__{name}".upper()
+        with pytest.raises(ConfigError, match=f"{section}.{name}: a secret .* set {variable}") as refused:
+            with_overrides(config, {section: {name: "hunter2-secret"}})
+        assert "hunter2" not in str(refused.value)
+
+
 def test_a_stored_config_comes_back_with_todays_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     from hero_ml.config import restore_config
 

@@ -15,6 +15,7 @@ from label_studio_sdk.core.api_error import ApiError
 from pydantic import SecretStr
 
 from hero_ml.adapters.label_studio.rounds import INSTRUCTIONS, LABEL_CONFIG, task_key
+from hero_ml.errors import HeroError
 from hero_ml.faults import crash_point
 
 T = TypeVar("T")
@@ -22,7 +23,7 @@ WEBHOOK_SECRET_HEADER = "X-Hero-Webhook-Secret"
 IMPORT_CHUNK = 32  # tasks per import call: a large round goes out in several requests
 
 
-class LabelStudioError(RuntimeError):
+class LabelStudioError(HeroError, RuntimeError):
     """Label Studio refused a request or could not be reached; the message says which and why."""
 
 

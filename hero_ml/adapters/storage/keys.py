@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import re
 
+from hero_ml.errors import HeroError
+
 # No leading dot: hidden names are reserved for writes in flight (the local store's temp files).
 _SAFE_PART = re.compile(r"^[A-Za-z0-9_=-][A-Za-z0-9_.=-]*$")
 
 
-class InvalidKeyError(ValueError):
+class InvalidKeyError(HeroError, ValueError):
     """A storage key that is not a plain relative path."""
 
 

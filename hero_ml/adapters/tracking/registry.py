@@ -30,6 +30,7 @@ from mlflow.models import Model
 from hero_ml.adapters.tracking import NOISE_POOL_ARTIFACT
 from hero_ml.diffusion.lora import load_lora
 from hero_ml.diffusion.pipeline import TOY_FOLDER, TOY_SOURCE, load_pipeline
+from hero_ml.errors import HeroError
 from hero_ml.guidance import NoisePool
 
 __all__ = ["ModelVersion", "PromotionDecision", "Registry", "RegistryError", "save_lora_model"]
@@ -40,7 +41,7 @@ BASE_MODEL_KEY = "hero_base_model"  # MLmodel metadata: model.source as configur
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
 
-class RegistryError(RuntimeError):
+class RegistryError(HeroError, RuntimeError):
     """A registry request that cannot be served; the message says what is missing or wrong."""
 
 
