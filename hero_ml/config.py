@@ -13,6 +13,7 @@ import os
 import textwrap
 from pathlib import Path
 from typing import Any, Literal, get_args
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -25,6 +26,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from hero_ml.adapters.storage.keys import check_prefix
@@ -37,6 +39,7 @@ CONFIG_FILE_ENV = "HERO_CONFIG_FILE"  # a base config file for services and work
 
 
 SECRET_MASK = "**********"  # how pydantic dumps a SecretStr to JSON
+SECRET_IN_VALUE = "secret_in_value"  # an error type whose input holds a secret: never echoed
 
 
 class ConfigError(HeroError, ValueError):
@@ -381,6 +384,19 @@ class TrackingConfig(_Section):
         description="MLflow tracking URI: a local SQLite file by default, or an MLflow server URL.",
     )
     experiment: str = Field("hero", min_length=1, description="MLflow experiment name.")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_password_in_uri(cls, uri: str) -> str:
+        # the URI is public (MLflow params, the stored config): a password in it would be published
+        if urlsplit(uri).password is not None:
+            raise PydanticCustomError(
+                SECRET_IN_VALUE,
+                "holds a password: remove it from the URI and give it through the environment "
+                "(MLFLOW_TRACKING_PASSWORD for an MLflow server; PGPASSWORD or ~/.pgpass for PostgreSQL)",
+            )
+        return uri
+
     registered_model: str = Field(
         "hero-lora", min_length=1, description="Registry name LoRAs are registered under."
     )
@@ -498,6 +514,9 @@ class HeroConfig(BaseSettings):
         env_nested_delimiter=ENV_NESTED_DELIMITER,
         extra="forbid",
         validate_default=True,
+        # pydantic's own error text never repeats an input (it may be a secret, or hold one);
+        # format_validation_error shows the inputs that are safe to show
+        hide_input_in_errors=True,
     )
 
     run_id: str = Field(
@@ -747,7 +766,7 @@ def format_validation_error(err: ValidationError, root: type[BaseModel] | None =
         path = ".".join(str(part) for part in problem["loc"]) or "(top level)"
         line = f"  {path}: {problem['msg']}"
         secret = _is_secret(problem["loc"], root or HeroConfig)
-        if problem["type"] not in {"missing", "extra_forbidden"} and not secret:
+        if problem["type"] not in {"missing", "extra_forbidden", SECRET_IN_VALUE} and not secret:
             line += f" (got {problem['input']!r})"
         lines.append(line)
     return "\n".join(lines)

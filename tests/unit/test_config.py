@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from hero_ml.config import ConfigError, HeroConfig, load_config
 
@@ -155,6 +156,21 @@ def test_secrets_are_masked_in_dumps_and_errors(tmp_path: Path, monkeypatch: pyt
         load_config(bad)
     message = str(caught.value)
     assert "storage.s3_secret_access_key" in message and "s3cr3t" not in message
+
+
+def test_a_tracking_uri_with_a_password_is_refused_without_repeating_it(tmp_path: Path) -> None:
+    # the URI is published (MLflow params, the stored config): its password would be too
+    uri = "postgresql://hero:pw-hunter2@db.internal/mlflow"
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, {"tracking": {"tracking_uri": uri}}))
+    message = str(caught.value)
+    assert "tracking.tracking_uri: holds a password" in message and "PGPASSWORD" in message
+    assert "hunter2" not in message
+    with pytest.raises(ValidationError) as raw:  # pydantic's own text, for callers of HeroConfig(...)
+        HeroConfig(tracking={"tracking_uri": uri})
+    assert "hunter2" not in str(raw.value)
+    user_only = "postgresql://hero@db.internal/mlflow"  # the password from PGPASSWORD / ~/.pgpass
+    assert HeroConfig(tracking={"tracking_uri": user_only}).tracking.tracking_uri == user_only
 
 
 def test_enabled_label_studio_needs_a_key(tmp_path: Path) -> None:
