@@ -113,6 +113,23 @@ def test_publish_is_idempotent_and_images_display_through_s3(
     assert image.content == runs.store.get(f"runs/{config.run_id}/rounds/0/images/{image_id}.png")
     assert image.content.startswith(b"\x89PNG")
 
+    # the run restarted in a new flow run (a dead worker's recovery) with rotated S3 keys: the tasks
+    # now name the live flow run, whose annotation events must resume it, and Label Studio's storage
+    # gets today's settings (Label Studio never shows keys: the link lifetime, sent with them, shows)
+    (connected,) = admin.import_storage.s3.list(project=published.project_id)
+    assert connected.presign_ttl == 15  # storage.presigned_url_ttl_s 900 s, in minutes
+    storage = config.storage.model_copy(
+        update={"s3_access_key_id": SecretStr("rotated-key-id"), "presigned_url_ttl_s": 1800}
+    )
+    restarted = rounds(config.model_copy(update={"storage": storage}), runs)
+    moved = restarted.publish(0, current_best=None, flow_run_id="flow-456")
+    assert (moved.created, moved.existing) == (0, 5)
+    tasks = list(admin.tasks.list(project=published.project_id, fields="all"))
+    assert {t.data["hero"]["flow_run_id"] for t in tasks} == {"flow-456"}
+    (connected,) = admin.import_storage.s3.list(project=published.project_id)
+    assert connected.presign_ttl == 30
+    assert requests.get(resolve, headers=headers, timeout=30).content == image.content
+
 
 def test_a_team_labels_a_round_and_the_pipeline_reads_exactly_that(
     run: tuple[HeroConfig, RunStore], label_studio_server: LabelStudioServer, tmp_path: Path
@@ -230,6 +247,13 @@ def test_setup_creates_the_project_and_its_webhook_once(
     }
     assert hook.headers == {"X-Hero-Webhook-Secret": "hook-secret-0123456789"}
     assert "hook-secret" not in first.output + again.output
+
+    # a rotated secret reaches the registered webhook: else every event would be refused with 401
+    rotated_env = {**env, "HERO_ORCHESTRATION__WEBHOOK_SECRET": "rotated-secret-987"}
+    rotated = runner.invoke(app, args, env=rotated_env)
+    assert rotated.exit_code == 0, rotated.output
+    (hook,) = admin.webhooks.list(project=str(project.id))
+    assert hook.headers == {"X-Hero-Webhook-Secret": "rotated-secret-987"}
 
 
 def test_suggestions_arrive_as_predictions_when_asked_for(

@@ -88,11 +88,27 @@ class LabelStudioProjects:
         presign_ttl_s: int,
     ) -> None:
         """Let Label Studio show `s3://bucket/…` task images: it answers each image request with a
-        presigned URL of its own (fresh at every view, so tasks never outlive their links)."""
+        presigned URL of its own (fresh at every view, so tasks never outlive their links). A storage
+        already connected gets today's credentials and settings (keys may have been rotated since)."""
         existing = self._call(
             "list S3 storages", lambda: list(self.client.import_storage.s3.list(project=project_id))
         )
-        if any(storage.bucket == bucket and (storage.prefix or "") == prefix for storage in existing):
+        settings: dict[str, Any] = {
+            "s3endpoint": endpoint_url,
+            "region_name": region,
+            "aws_access_key_id": access_key_id.get_secret_value() if access_key_id else None,
+            "aws_secret_access_key": secret_access_key.get_secret_value() if secret_access_key else None,
+            "presign": True,
+            "presign_ttl": max(1, math.ceil(presign_ttl_s / 60)),  # Label Studio counts minutes
+            "use_blob_urls": False,
+            "recursive_scan": True,
+        }
+        connected = [s.id for s in existing if s.bucket == bucket and (s.prefix or "") == prefix and s.id]
+        if connected:
+            storage_id = connected[0]
+            self._call(
+                "update S3 storage", lambda: self.client.import_storage.s3.update(id=storage_id, **settings)
+            )
             return
         self._call(
             "connect S3 storage",
@@ -101,27 +117,26 @@ class LabelStudioProjects:
                 title=f"HERO images s3://{bucket}/{prefix}",
                 bucket=bucket,
                 prefix=prefix,
-                s3endpoint=endpoint_url,
-                region_name=region,
-                aws_access_key_id=access_key_id.get_secret_value() if access_key_id else None,
-                aws_secret_access_key=secret_access_key.get_secret_value() if secret_access_key else None,
-                presign=True,
-                presign_ttl=max(1, math.ceil(presign_ttl_s / 60)),  # Label Studio counts minutes
-                use_blob_urls=False,
-                recursive_scan=True,
+                **settings,
             ),
         )
 
     def ensure_webhook(self, project_id: int, url: str, secret: SecretStr | None) -> bool:
         """Label Studio posts the project's annotation events (created, bulk-created, updated) to
         `url`, carrying the shared secret in WEBHOOK_SECRET_HEADER (Label Studio signs nothing). True
-        when created."""
+        when created; a webhook already there gets today's secret (it may have been rotated since)."""
         existing = self._call(
             "list webhooks", lambda: list(self.client.webhooks.list(project=str(project_id)))
         )
-        if any(hook.url == url for hook in existing):
-            return False
         headers = {WEBHOOK_SECRET_HEADER: secret.get_secret_value()} if secret is not None else {}
+        registered = [hook for hook in existing if hook.url == url]
+        if registered:
+            hook_id = registered[0].id
+            if (registered[0].headers or {}) != headers and hook_id is not None:
+                self._call(
+                    "update webhook secret", lambda: self.client.webhooks.update(id=hook_id, headers=headers)
+                )
+            return False
         self._call(
             "create webhook",
             lambda: self.client.webhooks.create(
@@ -145,9 +160,20 @@ class LabelStudioProjects:
     def publish(self, project_id: int, tasks: list[dict[str, Any]]) -> tuple[int, int]:
         """Import the tasks (Label Studio's import form: {"data": …, "predictions": […]}) the project
         does not hold yet (by run, round, kind and image id), so publishing a round twice creates
-        nothing the second time. Returns (created, already there)."""
-        present = {task_key(task["data"]) for task in self.tasks(project_id)}
+        nothing the second time. A task already there that names another flow run (a run restarted
+        in a new one) is pointed at this one: its annotation events must resume the live flow run.
+        Returns (created, already there)."""
+        present = {task_key(task["data"]): task for task in self.tasks(project_id)}
         new = [task for task in tasks if task_key(task["data"]) not in present]
+        for task in tasks:
+            held = present.get(task_key(task["data"]))
+            flow_run = task["data"]["hero"].get("flow_run_id")
+            if held is not None and held["data"].get("hero", {}).get("flow_run_id") != flow_run:
+                data = {**held["data"], "hero": {**held["data"]["hero"], "flow_run_id": flow_run}}
+                self._call(
+                    "point a task at this flow run",
+                    lambda held=held, data=data: self.client.tasks.update(id=held["id"], data=data),  # type: ignore[misc]
+                )
         for start in range(0, len(new), IMPORT_CHUNK):
             chunk = new[start : start + IMPORT_CHUNK]
             self._call(
