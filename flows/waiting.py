@@ -24,7 +24,8 @@ from prefect.flow_runs import NotPausedError, resume_flow_run
 from flows.training import deployed_run_id, resolve_config, round_of_pause_key
 from hero_ml.adapters.storage import ArtifactStore, open_store
 from hero_ml.config import ConfigError, HeroConfig, restore_config, with_overrides
-from hero_ml.labelling import LabelStudioError, LabelStudioRounds, open_projects
+from hero_ml.errors import HeroError
+from hero_ml.labelling import LabelStudioRounds, open_projects
 from hero_ml.run_store import RunStore
 
 
@@ -75,7 +76,7 @@ class RoundResumer:
             config = self.run_config(run_id)
             humans = LabelStudioRounds(config, RunStore(self.store, run_id), self.projects)
             readiness = humans.readiness(waiting_for)
-        except (ConfigError, LabelStudioError, KeyError) as err:
+        except (HeroError, KeyError) as err:  # e.g. Label Studio or S3 down, a run id no store takes
             return result(False, f"cannot check round {waiting_for}: {err}", waiting_for)
         if not readiness.ready:
             return result(False, readiness.reason, waiting_for)

@@ -235,3 +235,27 @@ def test_a_burst_of_five_thousand_events_from_ten_clients_resumes_every_round() 
     figures = burst(5000)
     assert figures["events"] == 5000
     check_burst(figures, 5000)
+
+
+def test_a_suspended_run_that_cannot_be_checked_is_reported_and_the_poll_goes_on(tmp_path: Path) -> None:
+    # a flow run's parameters are outside input: a run id no store accepts must not end the poll
+    from prefect.client.orchestration import get_client
+    from prefect.states import Suspended
+
+    from flows.training import hero_training
+    from flows.waiting import RoundResumer
+    from hero_ml.adapters.storage import LocalStore
+    from hero_ml.config import HeroConfig
+
+    with get_client(sync_client=True) as client:
+        waiting = client.create_flow_run(hero_training, parameters={"run_id": "../other-team/run"})
+        client.set_flow_run_state(
+            waiting.id, Suspended(pause_key=pause_key(0), timeout_seconds=3600), force=True
+        )
+    config = HeroConfig(storage={"local_root": str(tmp_path)}, label_studio={"api_key": "unused-here"})
+    resumer = RoundResumer(config, LocalStore(tmp_path))
+    results = resumer.poll()
+    mine = [r for r in results if r.flow_run_id == str(waiting.id)]
+    assert len(mine) == 1 and not mine[0].resumed and mine[0].round == 0
+    assert mine[0].run_id == "../other-team/run"
+    assert mine[0].reason.startswith("cannot check round 0:") and "other-team" in mine[0].reason
