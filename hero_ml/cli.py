@@ -272,6 +272,8 @@ def _run_embedded(config: HeroConfig) -> None:
                 else f", reward good {stats.reward_good_mean:.3f} / bad {stats.reward_bad_mean or 0:.3f}"
             )
             moved = "" if stats.lora_step_norm is None else f" (LoRA moved {stats.lora_step_norm:.3g})"
+            if stats.skipped_steps:
+                moved += f", {stats.skipped_steps} skipped (gradient not finite)"
             progress.console.print(
                 f"round {stats.round} ({seconds:.1f} s): {stats.good} good / {stats.bad} bad{reward}, "
                 f"{stats.optimizer_steps} optimiser steps{moved}, {stats.feedbacks} feedbacks spent",

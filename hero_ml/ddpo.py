@@ -84,14 +84,17 @@ def ddpo_objective(
 
 @dataclass(frozen=True)
 class UpdateStats:
-    loss: float  # mean over every (unit, step) trained
+    loss: float  # mean of the micro-batches' losses (each a mean over its units at one step)
     approx_kl: float
     clip_fraction: float
-    optimizer_steps: int
+    optimizer_steps: int  # taken
     # L2 norm of the pass's change to the trained parameters: how far the round moved them. With
     # Adam each step has about the size lr whatever the loss says, so this grows with lr x steps
     # (consistent gradients) or lr x sqrt(steps) (noisy ones); the clip range does not bound it.
     step_norm: float
+    # Steps not taken because their gradient was not finite (an fp16 overflow, a step of std 0): one
+    # NaN would spread through every LoRA weight and stay in every later checkpoint.
+    skipped_steps: int = 0
 
 
 def update_pass(
@@ -114,7 +117,8 @@ def update_pass(
 
     The loss of a micro-batch is weighted by its share of the accumulation group, so each optimiser
     step follows the mean loss of its group whatever the batch sizes. The optimiser must hold only the
-    trainable (LoRA) parameters; their gradient norm is clipped to max_grad_norm before each step.
+    trainable (LoRA) parameters; their gradient norm is clipped to max_grad_norm before each step, and
+    a step whose gradient is not finite is skipped (counted in skipped_steps).
 
     target_kl: the update stops (no more steps, in this pass or later ones) before an optimiser step
     whose group's mean approx-KL to the sampling policy exceeds it, as PPO implementations bound how
@@ -132,7 +136,7 @@ def update_pass(
     losses: list[float] = []
     kls: list[float] = []
     clip_fractions: list[float] = []
-    optimizer_steps = 0
+    optimizer_steps = skipped_steps = 0
     stopped = False
     for _ in range(inner_epochs):
         if stopped:
@@ -163,7 +167,11 @@ def update_pass(
                 break
             if parallel is not None:
                 parallel.sum_gradients(params)
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            if not torch.isfinite(grad_norm):  # every process sees the same summed gradient
+                optimizer.zero_grad(set_to_none=True)
+                skipped_steps += 1
+                continue
             optimizer.step()
             optimizer_steps += 1
             crash_point("ddpo.step")
@@ -176,6 +184,7 @@ def update_pass(
         approx_kl=mean(kls),
         clip_fraction=mean(clip_fractions),
         optimizer_steps=optimizer_steps,
+        skipped_steps=skipped_steps,
         step_norm=float(
             torch.stack([(p.detach() - p0).norm() for p, p0 in zip(params, initial, strict=True)]).norm()
         ),

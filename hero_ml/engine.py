@@ -91,6 +91,7 @@ class RoundStats:
     # How far this round's update moved the LoRA (L2 norm of the change); None: no update, or a
     # round recorded before the figure existed.
     lora_step_norm: float | None = None
+    skipped_steps: int = 0  # optimiser steps not taken: their gradient was not finite
 
     def metrics(self) -> dict[str, float]:
         return {k: float(v) for k, v in asdict(self).items() if v is not None and k != "round"}
@@ -257,6 +258,7 @@ class Engine:
             clip_fraction=update.clip_fraction if update else None,
             optimizer_steps=update.optimizer_steps if update else 0,
             lora_step_norm=update.step_norm if update else None,
+            skipped_steps=update.skipped_steps if update else 0,
         )
 
     def predicted_rewards(self, batch: RoundBatch) -> list[float] | None:

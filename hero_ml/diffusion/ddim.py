@@ -25,6 +25,16 @@ def check_scheduler(scheduler: DDIMScheduler) -> None:
         raise ValueError("DDIM log-probs need clip_sample=False and thresholding=False (SD's settings)")
     if config.prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"unsupported prediction_type {config.prediction_type!r}")
+    if config.set_alpha_to_one:
+        raise ValueError(
+            "set_alpha_to_one=True makes the last DDIM step deterministic (std 0): its log-prob is "
+            "undefined and DDPO's update would turn to NaN; use set_alpha_to_one=False (SD's setting)"
+        )
+    if config.get("rescale_betas_zero_snr") and config.prediction_type == "epsilon":
+        raise ValueError(
+            "rescale_betas_zero_snr=True with prediction_type 'epsilon' divides by alpha_bar_T = 0 at "
+            "the first step; zero terminal SNR needs prediction_type 'v_prediction'"
+        )
     if scheduler.num_inference_steps is None:
         raise ValueError("call scheduler.set_timesteps(num_steps) first")
 

@@ -105,6 +105,11 @@ def test_scheduler_settings_outside_the_math_are_refused() -> None:
         check_scheduler(make_scheduler(clip_sample=True))
     with pytest.raises(ValueError, match="prediction_type"):
         check_scheduler(make_scheduler(prediction_type="sample"))
+    with pytest.raises(ValueError, match="set_alpha_to_one=True makes the last DDIM step deterministic"):
+        check_scheduler(make_scheduler(set_alpha_to_one=True))
+    with pytest.raises(ValueError, match="zero terminal SNR needs prediction_type 'v_prediction'"):
+        check_scheduler(make_scheduler(rescale_betas_zero_snr=True))
+    check_scheduler(make_scheduler(rescale_betas_zero_snr=True, prediction_type="v_prediction"))
     unset = DDIMScheduler(**SD_SCHEDULER)
     with pytest.raises(ValueError, match="set_timesteps"):
         check_scheduler(unset)

@@ -75,6 +75,31 @@ def test_update_pass_steps_the_optimiser_as_configured_and_trains_only_lora(roun
     assert stats.step_norm == pytest.approx(moved.norm().item(), rel=1e-6)
 
 
+def test_a_step_whose_gradient_is_not_finite_is_skipped_not_taken() -> None:
+    # an fp16 overflow in one accumulation group must not write inf/NaN into the LoRA for good
+    w = torch.nn.Parameter(torch.ones(3))
+
+    def objective(units: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        scale = float("inf") if bool((units == 0).any()) else 1.0  # the group holding unit 0 overflows
+        return (w * scale).sum(), torch.tensor(0.0), torch.tensor(0.0)
+
+    stats = update_pass(
+        objective,
+        torch.optim.SGD([w], lr=0.1),
+        units=4,
+        num_steps=1,
+        timesteps_per_unit=1,
+        train_batch_size=2,
+        gradient_accumulation_steps=1,
+        inner_epochs=1,
+        max_grad_norm=10.0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert (stats.optimizer_steps, stats.skipped_steps) == (1, 1)
+    # the finite group's step alone: gradient 1 per element (norm sqrt(3) < 10, unclipped), lr 0.1
+    assert torch.equal(w.detach(), torch.full((3,), 1.0) - 0.1)
+
+
 def test_an_adam_step_moves_every_parameter_by_lr_whatever_the_loss_scale(round_of_six) -> None:
     # Adam's first step is lr * g / (|g| + eps): the step's size does not follow the gradient's, so a
     # round's movement is set by lr and the number of steps (what lora_step_norm shows in tracking).
