@@ -20,16 +20,17 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import StableDiffusionPipeline
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from hero_ml.adapters.storage import ArtifactStore
-from hero_ml.config import HeroConfig, SamplingConfig
+from hero_ml.config import HeroConfig, SamplingConfig, format_validation_error
 from hero_ml.d3po import d3po_objective, preference_pairs
 from hero_ml.ddpo import StepObjective, UpdateStats, advantages, ddpo_objective, update_pass
 from hero_ml.diffusion.lora import add_lora
@@ -55,6 +56,25 @@ TENSORS = "state.safetensors"
 STATE = "state.json"  # written last: it commits the checkpoint
 # Each purpose draws from its own stream, so changing how much one consumes never shifts another.
 _PURPOSES = {"guidance": 1, "encoder": 2, "update": 3, "pairs": 4}
+
+
+class CheckpointTensors(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    bytes: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class CheckpointState(BaseModel):
+    """state.json of a checkpoint, as `Engine.save` writes it: read back only when it is this."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    format: int
+    tensors: CheckpointTensors
+    method: str
+    round: int = Field(ge=0)
+    feedbacks: int = Field(ge=0)
+    replay_rounds: int = Field(ge=0)
+    optimizers: dict[str, dict[str, Any]]
 
 
 class EngineError(HeroError, RuntimeError):
@@ -197,6 +217,10 @@ class Engine:
         """Learn from the feedback on `batch` and advance to the next round."""
         if batch.round != self.round:
             raise EngineError(f"the batch is of round {batch.round}, the engine is at round {self.round}")
+        if len(batch.trajectory) != len(batch.image_ids):
+            raise EngineError(
+                f"the batch holds {len(batch.trajectory)} trajectories for {len(batch.image_ids)} image ids"
+            )
         if feedback.image_ids != batch.image_ids:
             raise EngineError("the feedback's image ids are not this batch's: it was given for another round")
         if feedback.best is None and self.best_noise is None:
@@ -383,21 +407,23 @@ class Engine:
     ) -> Engine:
         """An engine on `pipe` (without a LoRA) restored from a checkpoint written by `save`."""
         try:
-            state = json.loads(store.get(f"{prefix}/{STATE}"))
+            raw = json.loads(store.get(f"{prefix}/{STATE}"))
             blob = store.get(f"{prefix}/{TENSORS}")
         except KeyError as missing:
             raise EngineError(f"no committed checkpoint at {prefix!r} (missing {missing})") from None
         except ValueError as err:
             raise EngineError(f"{prefix}/{STATE} is not JSON: {err}") from None
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT:
+            found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
             raise EngineError(f"checkpoint {prefix!r} has format {found!r}, expected {CHECKPOINT_FORMAT}")
-        expected = state.get("tensors")
-        if (
-            not isinstance(expected, dict)
-            or len(blob) != expected.get("bytes")
-            or hashlib.sha256(blob).hexdigest() != expected.get("sha256")
-        ):
+        try:
+            state = CheckpointState.model_validate(raw)
+        except ValidationError as err:
+            raise EngineError(
+                f"{prefix}/{STATE} is not a checkpoint's state (edited, or written by another program):\n"
+                f"{format_validation_error(err, CheckpointState)}\nresume from an earlier checkpoint"
+            ) from None
+        if len(blob) != state.tensors.bytes or hashlib.sha256(blob).hexdigest() != state.tensors.sha256:
             raise EngineError(
                 f"checkpoint {prefix}/{TENSORS} does not match its {STATE} ({len(blob)} bytes): it was "
                 "changed or truncated after it was written"
@@ -406,38 +432,43 @@ class Engine:
             tensors = load_tensors(blob)
         except (SafetensorError, ValueError) as err:
             raise EngineError(f"{prefix}/{TENSORS} is not a safetensors file: {err}") from None
-        if state.get("method") != config.method:
+        if state.method != config.method:
             raise EngineError(
-                f"checkpoint {prefix!r} was trained with method {state.get('method')!r}, the config says "
+                f"checkpoint {prefix!r} was trained with method {state.method!r}, the config says "
                 f"{config.method!r}: resume with the run's own config"
             )
         engine = cls(config, pipe)
         try:
             engine._restore(state, tensors)
-        except (KeyError, ValueError, RuntimeError, TypeError) as err:
+        except KeyError as missing:
+            raise EngineError(
+                f"checkpoint {prefix!r} lacks {missing}, which this config's engine needs (another "
+                "method's or an edited checkpoint): resume with the run's own config"
+            ) from None
+        except (ValueError, RuntimeError, TypeError) as err:
             raise EngineError(f"checkpoint {prefix!r} does not fit this engine: {err}") from None
         return engine
 
-    def _restore(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
+    def _restore(self, state: CheckpointState, tensors: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for name, p in self.pipe.unet.named_parameters():
                 if p.requires_grad:
                     p.copy_(tensors[f"lora.{name}"])
-        _optimizer_from(self.lora_optimizer, "optim.lora", state["optimizers"]["lora"], tensors)
+        _optimizer_from(self.lora_optimizer, "optim.lora", state.optimizers["lora"], tensors)
         if self.encoder is not None and self.encoder_optimizer is not None:
             prefix_len = len("encoder.")
             self.encoder.load_state_dict(
                 {k[prefix_len:]: v for k, v in tensors.items() if k.startswith("encoder.")}
             )
-            _optimizer_from(self.encoder_optimizer, "optim.encoder", state["optimizers"]["encoder"], tensors)
-        self.round, self.feedbacks = state["round"], state["feedbacks"]
+            _optimizer_from(self.encoder_optimizer, "optim.encoder", state.optimizers["encoder"], tensors)
+        self.round, self.feedbacks = state.round, state.feedbacks
         self.good_noises = tensors["good_noises"]
         if "best.noise" in tensors:
             self.best_noise, self.best_latent = tensors["best.noise"], tensors["best.latent"]
             self.best_image = tensors["best.image"]
         self.replay = [
             TripletSource(*(tensors[f"replay.{i}.{part}"] for part in ("anchor", "good", "bad")))
-            for i in range(state["replay_rounds"])
+            for i in range(state.replay_rounds)
         ]
 
 

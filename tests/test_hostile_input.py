@@ -307,3 +307,37 @@ def test_loading_a_checkpoint_never_executes_what_it_holds(
 def test_any_bytes_as_a_trajectory_are_refused(data: bytes) -> None:
     with pytest.raises(ValueError):
         Trajectory.from_bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        ("round", -1, "round: Input should be greater than or equal to 0"),
+        ("feedbacks", "64", "feedbacks: Input should be a valid integer"),
+        ("replay_rounds", None, "replay_rounds: Input should be a valid integer"),
+        ("optimizers", [], "optimizers: Input should be a valid dictionary"),
+    ],
+)
+def test_a_state_file_with_its_tensors_hash_but_bad_fields_names_the_field(
+    checkpoint: tuple[bytes, bytes], tmp_path: Path, field: str, value: Any, says: str
+) -> None:
+    # the hash covers the tensors, not state.json: its fields are checked on their own
+    state = {**json.loads(checkpoint[1]), field: value}
+    with pytest.raises(EngineError, match="is not a checkpoint's state") as refused:
+        load(tmp_path, checkpoint[0], json.dumps(state).encode())
+    assert says in str(refused.value)
+
+
+def test_a_trajectory_whose_tensors_disagree_is_refused_with_the_shapes(tmp_path: Path) -> None:
+    from hero_ml.diffusion.pipeline import build_random_pipeline
+    from hero_ml.engine import sample_batch
+
+    trajectory = sample_batch(build_random_pipeline("tiny", seed=0), small_config().sampling, 0).trajectory
+    assert Trajectory.from_bytes(trajectory.to_bytes()).prompts == trajectory.prompts
+    steps = trajectory.num_steps
+    short = Trajectory(**{**trajectory.__dict__, "log_probs": trajectory.log_probs[:, :-1]})
+    with pytest.raises(ValueError, match=rf"log_probs has shape \(6, {steps - 1}\), expected it to start"):
+        Trajectory.from_bytes(short.to_bytes(), source="rounds/0/trajectory.safetensors")
+    fewer_prompts = Trajectory(**{**trajectory.__dict__, "prompts": trajectory.prompts[:-1]})
+    with pytest.raises(ValueError, match=r"latents has shape \(6,"):
+        Trajectory.from_bytes(fewer_prompts.to_bytes())

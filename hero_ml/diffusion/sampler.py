@@ -90,12 +90,41 @@ class Trajectory:
         missing = (set(_TENSORS) - set(tensors)) | ({"prompts", "eta", "guidance_scale"} - set(metadata))
         if missing:
             raise ValueError(f"{source} is an incomplete trajectory: missing {sorted(missing)}")
-        return cls(
-            prompts=json.loads(metadata["prompts"]),
-            eta=float(metadata["eta"]),
-            guidance_scale=float(metadata["guidance_scale"]),
+        try:
+            prompts = json.loads(metadata["prompts"])
+            eta, guidance_scale = float(metadata["eta"]), float(metadata["guidance_scale"])
+        except ValueError as err:
+            raise ValueError(f"{source}: unreadable metadata (prompts, eta, guidance_scale): {err}") from None
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"{source}: metadata 'prompts' is not a list of strings")
+        trajectory = cls(
+            prompts=prompts,
+            eta=eta,
+            guidance_scale=guidance_scale,
             **{name: tensors[name] for name in _TENSORS},
         )
+        trajectory.check_shapes(source)
+        return trajectory
+
+    def check_shapes(self, source: str = "trajectory") -> None:
+        """The tensors agree with each other: B images, T steps (a file's may not)."""
+        batch, steps = len(self.prompts), self.num_steps
+        expected = {
+            "latents": (batch, steps + 1),
+            "log_probs": (batch, steps),
+            "prompt_embeds": (batch,),
+            "negative_prompt_embeds": (batch,),
+            "images": (batch,),
+        }
+        for name, leading in expected.items():
+            shape = tuple(getattr(self, name).shape)
+            if shape[: len(leading)] != leading:
+                raise ValueError(
+                    f"{source}: {name} has shape {shape}, expected it to start with {leading} "
+                    f"({batch} prompts, {steps} timesteps)"
+                )
+        if self.timesteps.ndim != 1:
+            raise ValueError(f"{source}: timesteps has shape {tuple(self.timesteps.shape)}, expected (T,)")
 
 
 def per_image_generators(seed: int | Sequence[int], count: int) -> list[torch.Generator]:
