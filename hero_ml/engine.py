@@ -173,7 +173,9 @@ class Engine:
         unet_config = pipe.unet.config
         self.latent_shape = (unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
         self.encoder: FeedbackEncoder | None = None
-        with torch.random.fork_rng(devices=[]):  # seeded initialisation, the caller's RNG untouched
+        # seeded initialisation; the caller's RNG (the CPU's and the model's GPU's) left as it was
+        device = pipe.unet.device
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
             torch.manual_seed(config.sampling.seed)
             self.lora_params = add_lora(pipe.unet, rank=config.model.lora_rank, alpha=config.model.lora_alpha)
             if self.method in ("hero", "hero-noguide"):
@@ -214,7 +216,8 @@ class Engine:
         )
 
     def learn(self, batch: RoundBatch, feedback: RoundFeedback) -> RoundStats:
-        """Learn from the feedback on `batch` and advance to the next round."""
+        """Learn from the feedback on `batch` and advance to the next round. An exception leaves the
+        engine part-way through the round: reload it from its last checkpoint (a resumed run does)."""
         if batch.round != self.round:
             raise EngineError(f"the batch is of round {batch.round}, the engine is at round {self.round}")
         if len(batch.trajectory) != len(batch.image_ids):
@@ -403,9 +406,15 @@ class Engine:
 
     @classmethod
     def load(
-        cls, config: HeroConfig, pipe: StableDiffusionPipeline, store: ArtifactStore, prefix: str
+        cls,
+        config: HeroConfig,
+        pipe: StableDiffusionPipeline,
+        store: ArtifactStore,
+        prefix: str,
+        parallel: DataParallel | None = None,
     ) -> Engine:
-        """An engine on `pipe` (without a LoRA) restored from a checkpoint written by `save`."""
+        """An engine on `pipe` (without a LoRA) restored from a checkpoint written by `save`; parallel:
+        as for a new engine (every process loads the same checkpoint)."""
         try:
             raw = json.loads(store.get(f"{prefix}/{STATE}"))
             blob = store.get(f"{prefix}/{TENSORS}")
@@ -437,7 +446,7 @@ class Engine:
                 f"checkpoint {prefix!r} was trained with method {state.method!r}, the config says "
                 f"{config.method!r}: resume with the run's own config"
             )
-        engine = cls(config, pipe)
+        engine = cls(config, pipe, parallel)
         try:
             engine._restore(state, tensors)
         except KeyError as missing:

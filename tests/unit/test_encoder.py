@@ -93,6 +93,13 @@ def test_rounds_without_bad_images_give_no_triplets_and_without_good_use_the_anc
     assert train_encoder(encoder, optimizer, [no_bad], **kwargs) == []
     no_good = TripletSource(anchor=source.anchor, good=source.good[:0], bad=source.bad)
     assert len(train_encoder(encoder, optimizer, [no_good], **kwargs)) == 3
+    # the anchor as its own positive (distance 0): each triplet's loss is relu(margin - d(a, n))
+    one_bad = TripletSource(anchor=source.anchor, good=source.good[:0], bad=source.bad[:1])
+    still = torch.optim.SGD(encoder.parameters(), lr=0.0)  # the encoder as it is, every epoch
+    losses = train_encoder(encoder, still, [one_bad], **kwargs)
+    with torch.no_grad():
+        d = cosine_distance(encoder(source.anchor[None]), encoder(source.bad[:1])).item()
+    assert 0 < d < 0.5 and losses == pytest.approx([0.5 - d] * 3, abs=1e-6)
 
 
 def test_an_epoch_embeds_each_latent_once_with_the_gradient_of_every_triplet_row() -> None:

@@ -66,12 +66,14 @@ def test_two_rounds_of_every_method(method: str) -> None:
     start = lora(engine)
     batch = engine.generate()
     assert batch.image_ids == tuple(f"r0000-{i:03d}" for i in range(6)) and len(batch.trajectory) == 6
-    first = engine.learn(batch, brightness_labels(engine, batch))
+    feedback = brightness_labels(engine, batch)
+    first = engine.learn(batch, feedback)
     second_batch = engine.generate()
     second = engine.learn(second_batch, brightness_labels(engine, second_batch))
     assert (first.round, second.round, engine.round) == (0, 1, 2)
     assert (first.feedbacks, second.feedbacks) == (6, 12)
-    assert first.good + first.bad == 6 and first.new_best
+    assert (first.good, first.bad) == (len(feedback.good_indices), len(feedback.bad_indices)) == (3, 3)
+    assert first.new_best
     # 6 trajectories (d3po: 3 pairs) in micro-batches of 2, accumulated by 2
     assert first.optimizer_steps == (1 if method == "d3po" else 2)
     assert (first.encoder_loss_first is not None) == (method in ("hero", "hero-noguide"))
