@@ -113,6 +113,11 @@ def test_s3_failures_are_storage_errors_that_name_the_object_not_the_secret(s3_s
     )
     with pytest.raises(StorageError, match=r"GET of s3://hero-test/.*runs/r/x failed after retries"):
         dead.get("runs/r/x")
+    # a listing names its prefix (the whole store's too), not a key check's complaint about it
+    for prefix in ("runs/r/", ""):
+        listing = rf"LIST of s3://hero-test/t-\w+/{prefix} failed after retries"
+        with pytest.raises(StorageError, match=listing):
+            dead.list(prefix)
 
 
 def test_s3_config_explains_what_is_missing() -> None:

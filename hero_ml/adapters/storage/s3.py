@@ -58,40 +58,42 @@ class S3Store:
     def _key(self, key: str) -> str:
         return self.prefix + check_key(key)
 
-    def _fail(self, action: str, key: str, err: Exception) -> StorageError:
+    def _fail(self, action: str, full_key: str, err: Exception) -> StorageError:
+        """full_key: the bucket key (or listing prefix) as sent, prefix included."""
         detail = err.response.get("Error", {}) if isinstance(err, ClientError) else {}
         what = f"{detail.get('Code')}: {detail.get('Message')}" if detail else type(err).__name__
-        return StorageError(
-            f"S3 {action} of s3://{self.bucket}/{self._key(key)} failed after retries ({what})"
-        )
+        return StorageError(f"S3 {action} of s3://{self.bucket}/{full_key} failed after retries ({what})")
 
     def put(self, key: str, data: bytes) -> None:
+        full = self._key(key)
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+            self.client.put_object(Bucket=self.bucket, Key=full, Body=data)
         except (ClientError, BotoCoreError) as err:
-            raise self._fail("PUT", key, err) from None
+            raise self._fail("PUT", full, err) from None
 
     def get(self, key: str) -> bytes:
+        full = self._key(key)
         try:
-            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            response = self.client.get_object(Bucket=self.bucket, Key=full)
             return response["Body"].read()
         except ClientError as err:
             if err.response.get("Error", {}).get("Code") in _MISSING:
                 raise KeyError(key) from None
-            raise self._fail("GET", key, err) from None
+            raise self._fail("GET", full, err) from None
         except BotoCoreError as err:
-            raise self._fail("GET", key, err) from None
+            raise self._fail("GET", full, err) from None
 
     def exists(self, key: str) -> bool:
+        full = self._key(key)
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            self.client.head_object(Bucket=self.bucket, Key=full)
             return True
         except ClientError as err:
             if err.response.get("Error", {}).get("Code") in _MISSING:
                 return False
-            raise self._fail("HEAD", key, err) from None
+            raise self._fail("HEAD", full, err) from None
         except BotoCoreError as err:
-            raise self._fail("HEAD", key, err) from None
+            raise self._fail("HEAD", full, err) from None
 
     def list(self, prefix: str) -> dict[str, int]:
         full = self.prefix + check_prefix(prefix)
@@ -103,7 +105,7 @@ class S3Store:
                 for item in page.get("Contents", []):
                     found[item["Key"][len(self.prefix) :]] = int(item["Size"])
         except (ClientError, BotoCoreError) as err:
-            raise self._fail("LIST", prefix or ".", err) from None
+            raise self._fail("LIST", full, err) from None
         return dict(sorted(found.items()))
 
     def where(self, key: str = "") -> str:
