@@ -60,7 +60,7 @@ def config_show(
     config: ConfigOption = None,
     comments: Annotated[bool, typer.Option(help="Precede every field with its description.")] = True,
 ) -> None:
-    """Print the resolved configuration (defaults <- file <- environment) as YAML, secrets masked.
+    """Print the resolved configuration (defaults <- file <- environment) as YAML, secrets left out.
 
     The output is itself a valid config file: `hero config show > hero.yaml` starts a new one.
     """
@@ -68,7 +68,7 @@ def config_show(
     if comments:
         text = resolved.to_commented_yaml()
     else:
-        text = yaml.safe_dump(resolved.to_public_dict(), sort_keys=False)
+        text = yaml.safe_dump(resolved.to_file_dict(), sort_keys=False)
     typer.echo(text, nl=False)  # plain text, not rich: rich would wrap lines and break the YAML
     typer.echo(f"# derived: {json.dumps(resolved.derived())}")
 

@@ -624,6 +624,15 @@ class HeroConfig(BaseSettings):
         """JSON-ready dict with every secret masked: safe for logs, MLflow params and files."""
         return self.model_dump(mode="json")
 
+    def to_file_dict(self) -> dict[str, Any]:
+        """The public dict as a config file holds it: secrets null (a file never carries one; the
+        environment does), so that reading the file back never takes a mask for a secret."""
+        data = self.to_public_dict()
+        for section, fields in data.items():
+            if isinstance(fields, dict):
+                fields.update(dict.fromkeys(_secret_fields(section)))
+        return data
+
     def to_commented_yaml(self) -> str:
         """The config as YAML, each field preceded by its description: a self-documenting config file.
 
