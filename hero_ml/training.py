@@ -170,7 +170,7 @@ class TrainingRun:
             self.tracker.log_metrics(stats.metrics(), step=stats.round)
             crash_point("track")
             grid = np.asarray(image_grid(batch.trajectory.images))
-            self.tracker.log_image(grid, f"rounds/{stats.round:04d}/grid.png", step=stats.round)
+            self.tracker.log_image(grid, f"rounds/{stats.round:04d}/grid.png")
         self.runs.mark_tracked(stats.round)
 
     def track_interrupted(self) -> list[int]:

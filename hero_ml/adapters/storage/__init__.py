@@ -34,10 +34,6 @@ class ArtifactStore(Protocol):
     def list(self, prefix: str) -> dict[str, int]:
         """Every object under `prefix` (a key prefix ending at a '/' boundary): key -> size in bytes."""
 
-    def url(self, key: str, expires_s: int) -> str:
-        """A URL a browser can fetch the object from, valid for at least `expires_s` seconds where the
-        backend can expire it (S3: a presigned GET; the local store: a file URI)."""
-
     def where(self, key: str = "") -> str:
         """Where a key lives, for people: a path or an s3:// URI (never a credential)."""
 

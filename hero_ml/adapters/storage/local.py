@@ -60,7 +60,3 @@ class LocalStore:
 
     def where(self, key: str = "") -> str:
         return str(self.root / check_key(key)) if key else str(self.root)
-
-    def url(self, key: str, expires_s: int) -> str:
-        """A file URI: it does not expire, and only a browser on this machine can open it."""
-        return self._path(key).resolve().as_uri()

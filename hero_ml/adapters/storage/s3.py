@@ -110,9 +110,3 @@ class S3Store:
 
     def where(self, key: str = "") -> str:
         return f"s3://{self.bucket}/{self._key(key) if key else self.prefix}"
-
-    def url(self, key: str, expires_s: int) -> str:
-        """A presigned GET URL that expires after `expires_s` seconds."""
-        return self.client.generate_presigned_url(
-            "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires_s
-        )

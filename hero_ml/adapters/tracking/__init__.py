@@ -16,7 +16,7 @@ class Tracker(Protocol):
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
-    def log_image(self, image: np.ndarray, artifact_file: str, step: int) -> None:
+    def log_image(self, image: np.ndarray, artifact_file: str) -> None:
         """An (H, W, 3) uint8 image, e.g. a round's grid."""
 
     def log_artifacts(self, folder: Path, artifact_path: str) -> None: ...

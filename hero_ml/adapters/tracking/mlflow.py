@@ -38,7 +38,6 @@ class MlflowTracker:
             self.run_id = self.client.create_run(
                 experiment_id, run_name=run_id, tags={RUN_ID_TAG: run_id}
             ).info.run_id
-        self.resumed = bool(runs)
 
     def log_params(self, params: dict[str, Any]) -> None:
         flat = _flatten(params)
@@ -58,7 +57,7 @@ class MlflowTracker:
             self.run_id, metrics=[Metric(k, float(v), stamp, step) for k, v in metrics.items()]
         )
 
-    def log_image(self, image: np.ndarray, artifact_file: str, step: int) -> None:
+    def log_image(self, image: np.ndarray, artifact_file: str) -> None:
         self.client.log_image(self.run_id, image, artifact_file=artifact_file)
 
     def log_artifacts(self, folder: Path, artifact_path: str) -> None:
