@@ -2,6 +2,7 @@
 local directory: one contract for both, S3's own failures, and a run's objects verified end to end."""
 
 import json
+import os
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -306,3 +307,26 @@ def test_a_full_disk_fails_clearly_leaves_no_partial_object_and_commits_nothing(
     subprocess.run(["mount", "-o", "remount,size=1m", str(small_disk)], check=True)  # space again
     runs.commit_batch(batch, {})  # the same round, whole, then committed
     assert runs.verify().ok and runs.load_batch(0).image_ids == batch.image_ids
+
+
+def test_a_local_write_syncs_the_folders_that_gained_an_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a power cut cannot be staged in a test: what is observable is which folders get synced
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    store = LocalStore(tmp_path)
+    store.put("runs/r/rounds/0/manifest.json", b"{}")
+    folders = [Path(p) for p in synced if Path(p).is_dir()]
+    # the object's folder (its rename), and the parent of each folder made for it (their entries)
+    assert folders == [tmp_path / "runs/r/rounds/0", tmp_path / "runs/r/rounds", tmp_path / "runs/r",
+                       tmp_path / "runs", tmp_path]  # fmt: skip
+    synced.clear()
+    store.put("runs/r/rounds/0/grid.png", b"png")  # an existing folder: only its own entry
+    assert [Path(p) for p in synced if Path(p).is_dir()] == [tmp_path / "runs/r/rounds/0"]

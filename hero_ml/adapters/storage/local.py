@@ -19,10 +19,14 @@ class LocalStore:
 
     def put(self, key: str, data: bytes) -> None:
         """Write beside, fsync, then rename: a crash leaves the old object or none, never a part; a
-        failed write (a full disk, no permission) leaves no temporary file and raises StorageError."""
+        failed write (a full disk, no permission) leaves no temporary file and raises StorageError.
+        The folders that gained an entry (the object's, and those of folders made for it) are synced
+        too: after a power cut, an object written after another (a manifest after its images) is
+        never there without it."""
         path = self._path(key)
         tmp: str | None = None
         try:
+            new_folders = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             with os.fdopen(fd, "wb") as handle:
@@ -31,6 +35,8 @@ class LocalStore:
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
             tmp = None
+            for folder in dict.fromkeys([path.parent, *(new.parent for new in new_folders)]):
+                _fsync_folder(folder)
         except OSError as err:
             raise StorageError(f"cannot write {key} in {self.root}: {err.strerror or err}") from None
         finally:
@@ -60,3 +66,12 @@ class LocalStore:
 
     def where(self, key: str = "") -> str:
         return str(self.root / check_key(key)) if key else str(self.root)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the folder's entries (a rename, a new subfolder) durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
