@@ -20,7 +20,7 @@ alive() {
     [[ -n $state && $state != Z* ]]
 }
 
-# start_service NAME URL_TO_POLL TIMEOUT_S COMMAND... : start unless already answering, wait for URL
+# start_service NAME URL_TO_POLL TIMEOUT_S COMMAND... : start unless ours runs already, wait for URL
 start_service() {
     local name=$1 url=$2 timeout=$3
     shift 3
@@ -28,6 +28,12 @@ start_service() {
     if [[ -f $pidfile ]] && alive "$(cat "$pidfile")"; then
         echo "$name already running (pid $(cat "$pidfile"))"
         return 0
+    fi
+    # something else answering there would pass for ours while ours fails to bind
+    if curl -s -o /dev/null -m 5 "$url"; then
+        echo "error: $url already answers, but not a $name this script started: stop that process or" \
+            "give $name another port" >&2
+        exit 1
     fi
     # setsid: the service gets its own process group, so stop kills its children too
     setsid "$@" >"$log" 2>&1 < /dev/null &

@@ -1,8 +1,11 @@
 """The infra/ files: the compose stack binds to loopback and pins its images; the service scripts
 explain their usage. (No Docker engine here: the compose file is checked as data.)"""
 
+import os
 import re
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,3 +66,38 @@ def test_compose_config_file_is_a_valid_hero_config(monkeypatch: pytest.MonkeyPa
 def test_service_scripts_explain_their_usage(script: str) -> None:
     result = subprocess.run(["bash", str(INFRA / script), "restart"], capture_output=True, text=True)
     assert result.returncode == 2 and "usage:" in result.stderr
+
+
+def test_a_service_whose_port_another_process_holds_is_refused_not_reported_up(tmp_path: Path) -> None:
+    from tests.conftest import _free_port
+
+    port = _free_port()
+    squatter = subprocess.Popen(
+        ["python3", "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+    )
+    try:
+        for _ in range(100):  # until it answers
+            if subprocess.run(["curl", "-s", "-o", "/dev/null", f"http://127.0.0.1:{port}/"]).returncode == 0:
+                break
+            time.sleep(0.1)
+        result = subprocess.run(
+            ["bash", str(INFRA / "s3-server.sh"), "start"],
+            env={
+                **os.environ,
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # moto_server
+                "HERO_S3_PORT": str(port),
+                "HERO_INFRA_STATE": str(tmp_path / "state"),
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert f"http://127.0.0.1:{port}" in result.stderr and "already answers" in result.stderr
+        assert not (tmp_path / "state" / "s3.pid").exists() and squatter.poll() is None
+    finally:
+        squatter.terminate()
+        squatter.wait(timeout=10)
