@@ -147,8 +147,9 @@ class LabelStudioRounds:
             )
         )
         project_id = self.project()
-        created, existing = self.projects.publish(project_id, tasks)
-        if self.published(round_index) is None:  # the first publication starts the clock
+        # the first attempt starts the clock, before the import: a crash part-way through the import
+        # (tasks out, record not yet written) must not restart the deadline when publishing again
+        if self.published(round_index) is None:
             record = {
                 "published_at": datetime.now(UTC).isoformat(timespec="seconds"),
                 "project_id": project_id,
@@ -156,6 +157,7 @@ class LabelStudioRounds:
                 "tasks": len(tasks),
             }
             self.runs.put_round_object(round_index, PUBLISHED, json.dumps(record).encode())
+        created, existing = self.projects.publish(project_id, tasks)
         return Published(project_id, created, existing, self.projects.project_url(project_id))
 
     def published(self, round_index: int) -> dict | None:
@@ -226,7 +228,8 @@ class LabelStudioRounds:
         )
         crash_point("collect")
         feedback = collected.round_feedback(image_ids, has_current_best=round_index > 0)
-        self.runs.save_feedback(round_index, feedback, collected.feedback)
+        # tracked before the feedback is stored: a crash between the two tracks them again on resume
+        # (the same values at the same step), where the other order would lose them for good
         if self.tracker is not None:
             self.tracker.log_metrics(
                 {
@@ -239,6 +242,7 @@ class LabelStudioRounds:
                 },
                 step=round_index,
             )
+        self.runs.save_feedback(round_index, feedback, collected.feedback)
         return feedback, collected
 
 
