@@ -201,6 +201,55 @@ def feedbacks_to_reach(curve: dict[int, list[float]], target: float) -> int | No
     return None
 
 
+def efficiency_table(table: dict[tuple[str, str], dict[int, list[float]]], at: int) -> tuple[dict, list[str]]:
+    """The paper-form table from the curves: per task the base, each method's rate at `at`
+    feedbacks, and the feedbacks each baseline needs to reach HERO's rate there. Returns the figures
+    (for the JSON) and the Markdown rows."""
+    tasks = sorted({t for t, _ in table})
+    figures: dict = {"at_feedbacks": at, "tasks": {}}
+    header = " | ".join(f"{m} @{at}" for m in METHODS)
+    rows = [
+        f"| task | base | {header} | feedbacks a baseline needs to reach hero @{at} |",
+        "|---|---|" + "---|" * len(METHODS) + "---|",
+    ]
+    for task in tasks:
+        base = [v for (t, _), curve in table.items() if t == task for v in curve.get(0, [])[:1]]
+        entry: dict = {"base": base[0] if base else None, "methods": {}, "to_reach_hero": {}}
+        cells = []
+        for method in METHODS:
+            values = table.get((task, method), {}).get(at)
+            if values:
+                entry["methods"][method] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
+                entry["methods"][method]["seeds"] = len(values)
+                cells.append(f"{np.mean(values):.3f} ± {np.std(values):.3f} (n={len(values)})")
+            else:
+                cells.append("—")
+        needs = []
+        hero = entry["methods"].get("hero")
+        if hero is not None and entry["base"] is not None and hero["mean"] <= entry["base"]:
+            needs.append(f"— (hero @{at} is not above the base)")  # every curve starts there: no figure
+        elif hero is not None:
+            # where HERO's own curve first reached its rate at `at`: on a curve that swings, a
+            # baseline's crossing reads against this, not against `at`
+            first = feedbacks_to_reach(table[(task, "hero")], entry["methods"]["hero"]["mean"])
+            entry["hero_first_reached"] = first
+            needs.append(f"(hero itself {first})")
+            for method in METHODS[1:]:
+                curve = table.get((task, method))
+                if curve:
+                    reached = feedbacks_to_reach(curve, entry["methods"]["hero"]["mean"])
+                    entry["to_reach_hero"][method] = reached
+                    needs.append(
+                        f"{method} {reached} ({reached / at:.1f}x)"
+                        if reached is not None
+                        else f"{method} > {max(curve)}"
+                    )
+        figures["tasks"][task] = entry
+        base_cell = f"{entry['base']:.3f}" if entry["base"] is not None else "—"
+        rows.append(f"| {task} | {base_cell} | " + " | ".join(cells) + f" | {'; '.join(needs) or '—'} |")
+    return figures, rows
+
+
 def report(path: Path, at: int) -> None:
     import matplotlib
 
@@ -232,44 +281,7 @@ def report(path: Path, at: int) -> None:
     figure.tight_layout()
     figure.savefig(path.with_suffix(".png"), dpi=120)
 
-    figures: dict = {"at_feedbacks": at, "tasks": {}}
-    header = " | ".join(f"{m} @{at}" for m in METHODS)
-    rows = [
-        f"| task | base | {header} | feedbacks a baseline needs to reach hero @{at} |",
-        "|---|---|" + "---|" * len(METHODS) + "---|",
-    ]
-    for task in tasks:
-        base = [v for (t, _), curve in table.items() if t == task for v in curve.get(0, [])[:1]]
-        entry: dict = {"base": base[0] if base else None, "methods": {}, "to_reach_hero": {}}
-        cells = []
-        for method in METHODS:
-            values = table.get((task, method), {}).get(at)
-            if values:
-                entry["methods"][method] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
-                entry["methods"][method]["seeds"] = len(values)
-                cells.append(f"{np.mean(values):.3f} ± {np.std(values):.3f} (n={len(values)})")
-            else:
-                cells.append("—")
-        needs = []
-        if "hero" in entry["methods"]:
-            # where HERO's own curve first reached its rate at `at`: on a curve that swings, a
-            # baseline's crossing reads against this, not against `at`
-            first = feedbacks_to_reach(table[(task, "hero")], entry["methods"]["hero"]["mean"])
-            entry["hero_first_reached"] = first
-            needs.append(f"(hero itself {first})")
-            for method in METHODS[1:]:
-                curve = table.get((task, method))
-                if curve:
-                    reached = feedbacks_to_reach(curve, entry["methods"]["hero"]["mean"])
-                    entry["to_reach_hero"][method] = reached
-                    needs.append(
-                        f"{method} {reached} ({reached / at:.1f}x)"
-                        if reached is not None
-                        else f"{method} > {max(curve)}"
-                    )
-        figures["tasks"][task] = entry
-        base_cell = f"{entry['base']:.3f}" if entry["base"] is not None else "—"
-        rows.append(f"| {task} | {base_cell} | " + " | ".join(cells) + f" | {'; '.join(needs) or '—'} |")
+    figures, rows = efficiency_table(table, at)
     table_md = "\n".join(
         [
             "### Feedback efficiency (toy world)",

@@ -33,6 +33,27 @@ def test_curves_group_seeds_and_the_first_crossing_of_the_mean_is_found() -> Non
     assert fe.feedbacks_to_reach(curve, 0.7) is None
 
 
+def test_the_paper_form_table_sets_each_baseline_against_heros_rate() -> None:
+    base = 0.25
+    table = {
+        ("up", "hero"): {0: [base], 64: [0.5, 0.5], 128: [0.25, 0.75]},  # 0.5 at 128, first at 64
+        ("up", "d3po"): {0: [base], 64: [0.25], 128: [0.375], 192: [0.5]},
+        ("up", "ddpo-binary"): {0: [base], 64: [0.25], 128: [0.25], 192: [0.25]},
+        ("down", "hero"): {0: [base], 128: [0.125]},  # below the base: every curve "reaches" it at 0
+        ("down", "d3po"): {0: [base], 128: [0.5]},
+    }
+    figures, rows = fe.efficiency_table(table, at=128)
+    up = figures["tasks"]["up"]
+    assert up["base"] == base and up["methods"]["hero"] == {"mean": 0.5, "std": 0.25, "seeds": 2}
+    assert up["hero_first_reached"] == 64 and up["to_reach_hero"] == {"ddpo-binary": None, "d3po": 192}
+    assert rows[3] == (
+        "| up | 0.250 | 0.500 ± 0.250 (n=2) | — | 0.250 ± 0.000 (n=1) | 0.375 ± 0.000 (n=1) "
+        "| (hero itself 64); ddpo-binary > 192; d3po 192 (1.5x) |"
+    )
+    assert figures["tasks"]["down"]["to_reach_hero"] == {}
+    assert rows[2].endswith("| — (hero @128 is not above the base) |") and rows[2].startswith("| down |")
+
+
 def test_points_round_trip_through_the_csv(tmp_path: Path) -> None:
     path = tmp_path / "points.csv"
     point = {"task": "t", "method": "hero", "seed": 2, "round": 3, "feedbacks": 192, "success_rate": 0.25}
