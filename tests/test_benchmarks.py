@@ -298,7 +298,8 @@ def test_guided_evaluation_samples_each_hero_run_from_its_own_pool_at_the_checkp
     store = LocalStore(work / "default")
     runs = RunStore(store, "counting-hero-0")
     assert run["checkpoint"] == 1  # learned rounds 0 and 1: 8 feedbacks
-    assert run["pool"] == runs.load_stats(1).good + 1
+    last = runs.load_stats(1)  # the pool: the best, and the good images besides a new best
+    assert run["pool"] == last.good + (0 if last.new_best else 1)
     # the base model's rate on the run's guided noises, by hand: a fresh pipe that never had a LoRA
     tensors = load_tensors(store.get(f"{runs.checkpoint_prefix(1)}/{TENSORS}"))
     noise = guided_initial_noise(
