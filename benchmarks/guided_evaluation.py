@@ -11,8 +11,9 @@ two: what the noises select, what the LoRA learned, and both together.
 
     python benchmarks/guided_evaluation.py      # after feedback_efficiency.py, beside its work folder
 
-Runs already in results/guided_evaluation.json at the same --at and --eval-images are kept, not
-sampled again: call it again as the grid's runs pass --at.
+Runs already in results/guided_evaluation.json at the same --at and --eval-images, measured on the
+checkpoint that is there now (its sha256), are kept, not sampled again: call it again as the grid's
+runs pass --at. A run trained again since is measured anew.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from hero_ml.adapters.storage import LocalStore
 from hero_ml.config import HeroConfig, restore_config
 from hero_ml.diffusion.lora import adapters_disabled
 from hero_ml.diffusion.pipeline import load_configured_pipeline
-from hero_ml.engine import Engine
+from hero_ml.engine import STATE, Engine
 from hero_ml.run_store import RunStore
 from hero_ml.toy.evaluate import task_success_rate
 from hero_ml.toy.task import load_task
@@ -44,12 +45,9 @@ NAME = "guided_evaluation"
 KINDS = ("base_plain", "base_guided", "lora_plain", "lora_guided")
 
 
-def guided_rates(store: LocalStore, run_id: str, at: int, n: int, *, seed: int = 0) -> dict | None:
-    """The success rates of run `run_id`'s LoRA after `at` feedbacks and of its base model, both on
-    n images from the run's guided noise distribution there; None while the run has not learned them.
-
-    The guided noises come from a generator seeded `seed`; the denoising steps draw from each image's
-    generator (seed, i), as in the plain-noise evaluation."""
+def checkpoint_at(store: LocalStore, run_id: str, at: int) -> tuple[HeroConfig, int, str] | None:
+    """Run `run_id`'s config, the index of its checkpoint after `at` feedbacks and that checkpoint's
+    tensors' sha256 (what the figures of a run were taken from); None while it has not learned them."""
     runs = RunStore(store, run_id)
     stored = runs.load_config()
     latest = runs.latest_checkpoint()
@@ -59,6 +57,21 @@ def guided_rates(store: LocalStore, run_id: str, at: int, n: int, *, seed: int =
     learned = at // config.feedbacks_per_round - 1  # the checkpoint after the round that spent `at`
     if at % config.feedbacks_per_round or learned > latest:
         return None
+    state = json.loads(store.get(f"{runs.checkpoint_prefix(learned)}/{STATE}"))
+    return config, learned, state["tensors"]["sha256"]
+
+
+def guided_rates(store: LocalStore, run_id: str, at: int, n: int, *, seed: int = 0) -> dict | None:
+    """The success rates of run `run_id`'s LoRA after `at` feedbacks and of its base model, both on
+    n images from the run's guided noise distribution there; None while the run has not learned them.
+
+    The guided noises come from a generator seeded `seed`; the denoising steps draw from each image's
+    generator (seed, i), as in the plain-noise evaluation."""
+    found = checkpoint_at(store, run_id, at)
+    if found is None:
+        return None
+    config, learned, digest = found
+    runs = RunStore(store, run_id)
     pipe = load_configured_pipeline(config.model)
     engine = Engine.load(config, pipe, store, runs.checkpoint_prefix(learned))
     pool = engine.noise_pool()
@@ -77,6 +90,7 @@ def guided_rates(store: LocalStore, run_id: str, at: int, n: int, *, seed: int =
         "lora_guided": lora,
         "base_guided": base,
         "checkpoint": learned,
+        "checkpoint_sha256": digest,
         "pool": len(pool.good) + 1,
     }
 
@@ -126,19 +140,24 @@ def main() -> None:
             f"--work {args.work} is not a folder: run feedback_efficiency.py first or name its work folder"
         )
     kept = json.loads(args.results.read_text()) if args.results.exists() else {}
-    runs = (
+    measured = (
         kept.get("runs", {})
         if (kept.get("at_feedbacks"), kept.get("eval_images")) == (args.at, args.eval_images)
         else {}
     )
+    runs: dict[str, dict] = {}  # the runs of the grid as it is now: a kept figure must be of its checkpoint
     points = read_points(args.csv)
     base_plain = {p["task"]: p["success_rate"] for p in points if p["round"] == 0}
     store = LocalStore(args.work)
     for p in points:
-        key = f"{p['task']}/{p['seed']}"
-        if p["method"] != "hero" or p["feedbacks"] != args.at or key in runs:
+        key, run_id = f"{p['task']}/{p['seed']}", f"{p['task']}-hero-{p['seed']}"
+        if p["method"] != "hero" or p["feedbacks"] != args.at:
             continue
-        guided = guided_rates(store, f"{p['task']}-hero-{p['seed']}", args.at, args.eval_images)
+        now = checkpoint_at(store, run_id, args.at)
+        if key in measured and now is not None and measured[key].get("checkpoint_sha256") == now[2]:
+            runs[key] = measured[key]  # measured on this very checkpoint (a run trained again is not)
+            continue
+        guided = guided_rates(store, run_id, args.at, args.eval_images)
         if guided is None:
             continue
         runs[key] = {"base_plain": base_plain[p["task"]], "lora_plain": p["success_rate"], **guided}

@@ -316,7 +316,17 @@ def test_guided_evaluation_samples_each_hero_run_from_its_own_pool_at_the_checkp
     assert figures["cells"]["counting"]["seeds"] == 1
 
     # a second call keeps the runs it measured (same --at and --eval-images) and samples nothing again
-    run["lora_guided"] = 2.0
+    measured_rate, run["lora_guided"] = run["lora_guided"], 2.0
     results.write_text(json.dumps(figures))
     ge.main()
     assert json.loads(results.read_text())["cells"]["counting"]["lora_guided"] == 2.0
+    # ... measured on the checkpoint there now: a run trained again is measured anew, and a kept run
+    # the grid no longer holds at --at is dropped
+    again = json.loads(results.read_text())
+    again["runs"]["counting/0"]["checkpoint_sha256"] = "0" * 64
+    again["runs"]["binding/0"] = {**again["runs"]["counting/0"], "lora_guided": 0.5}
+    results.write_text(json.dumps(again))
+    ge.main()
+    remeasured = json.loads(results.read_text())
+    assert list(remeasured["runs"]) == ["counting/0"]
+    assert remeasured["runs"]["counting/0"]["lora_guided"] == measured_rate != 2.0
