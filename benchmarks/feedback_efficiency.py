@@ -236,7 +236,7 @@ def efficiency_table(table: dict[tuple[str, str], dict[int, list[float]]], at: i
             needs.append(f"(hero itself {first})")
             for method in METHODS[1:]:
                 curve = table.get((task, method))
-                if curve:
+                if curve and max(curve) > 0:  # a run with a learned round, not the base point alone
                     reached = feedbacks_to_reach(curve, entry["methods"]["hero"]["mean"])
                     entry["to_reach_hero"][method] = reached
                     needs.append(

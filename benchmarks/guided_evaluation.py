@@ -113,7 +113,11 @@ def baselines_to_reach(points: list[dict], targets: dict[str, float]) -> dict[st
     target (None: not within its points): the paper's "Nx" figure with HERO judged from its pool."""
     table = curves(points)
     return {
-        task: {m: feedbacks_to_reach(table[(task, m)], target) for m in METHODS[1:] if (task, m) in table}
+        task: {
+            m: feedbacks_to_reach(table[(task, m)], target)
+            for m in METHODS[1:]
+            if max(table.get((task, m), {0: []})) > 0  # a run with a learned round, not the base alone
+        }
         for task, target in targets.items()
     }
 

@@ -39,6 +39,7 @@ def test_the_paper_form_table_sets_each_baseline_against_heros_rate() -> None:
         ("up", "hero"): {0: [base], 64: [0.5, 0.5], 128: [0.25, 0.75]},  # 0.5 at 128, first at 64
         ("up", "d3po"): {0: [base], 64: [0.25], 128: [0.375], 192: [0.5]},
         ("up", "ddpo-binary"): {0: [base], 64: [0.25], 128: [0.25], 192: [0.25]},
+        ("up", "hero-noguide"): {0: [base]},  # the shared base point alone: no run yet, no figure
         ("down", "hero"): {0: [base], 128: [0.125]},  # below the base: every curve "reaches" it at 0
         ("down", "d3po"): {0: [base], 128: [0.5]},
     }
@@ -254,6 +255,7 @@ def test_baselines_are_set_against_heros_guided_rate_on_their_mean_curves() -> N
             ("a", "ddpo-binary", 0, (0.1, 0.2, 0.3)),
             ("a", "hero", 0, (0.1, 0.9, 0.9)),  # HERO's own curve is not a baseline
             ("b", "d3po", 0, (0.2, 0.2, 0.2)),
+            ("b", "ddpo-binary", 0, (0.2,)),  # the shared base point alone: no run yet, no figure
         ]
         for r, v in enumerate(values)
     ]
