@@ -61,16 +61,15 @@ def checkpoint_at(store: LocalStore, run_id: str, at: int) -> tuple[HeroConfig, 
     return config, learned, state["tensors"]["sha256"]
 
 
-def guided_rates(store: LocalStore, run_id: str, at: int, n: int, *, seed: int = 0) -> dict | None:
+def guided_rates(
+    store: LocalStore, run_id: str, checkpoint: tuple[HeroConfig, int, str], at: int, n: int, *, seed: int = 0
+) -> dict:
     """The success rates of run `run_id`'s LoRA after `at` feedbacks and of its base model, both on
-    n images from the run's guided noise distribution there; None while the run has not learned them.
+    n images from the run's guided noise distribution there; checkpoint: checkpoint_at's answer.
 
     The guided noises come from a generator seeded `seed`; the denoising steps draw from each image's
     generator (seed, i), as in the plain-noise evaluation."""
-    found = checkpoint_at(store, run_id, at)
-    if found is None:
-        return None
-    config, learned, digest = found
+    config, learned, digest = checkpoint
     runs = RunStore(store, run_id)
     pipe = load_configured_pipeline(config.model)
     engine = Engine.load(config, pipe, store, runs.checkpoint_prefix(learned))
@@ -158,12 +157,12 @@ def main() -> None:
         if p["method"] != "hero" or p["feedbacks"] != args.at:
             continue
         now = checkpoint_at(store, run_id, args.at)
-        if key in measured and now is not None and measured[key].get("checkpoint_sha256") == now[2]:
+        if now is None:  # not learned that far (or not in this work folder)
+            continue
+        if key in measured and measured[key].get("checkpoint_sha256") == now[2]:
             runs[key] = measured[key]  # measured on this very checkpoint (a run trained again is not)
             continue
-        guided = guided_rates(store, run_id, args.at, args.eval_images)
-        if guided is None:
-            continue
+        guided = guided_rates(store, run_id, now, args.at, args.eval_images)
         runs[key] = {"base_plain": base_plain[p["task"]], "lora_plain": p["success_rate"], **guided}
         print(f"{key}: " + ", ".join(f"{kind} {runs[key][kind]:.3f}" for kind in KINDS), flush=True)
     if not runs:
