@@ -94,6 +94,7 @@ def main() -> None:
         phases = {phase: round(clock.seconds[phase], 2) for phase in PHASES}
         rounds.append({"round": batch.round, "seconds": round(total, 2), "phases": phases})
         print(f"round {batch.round}: {total:.1f} s {phases}", flush=True)
+    run.close()  # its lease: the evaluation below writes nothing
 
     started = time.perf_counter()
     task_success_rate(run.pipe, run.task, eval_images, config.sampling, seed=0)  # what evaluate() runs

@@ -178,11 +178,12 @@ def run_one(base: HeroConfig, task: str, method: str, seed: int, args: argparse.
             flush=True,
         )
 
-    measure()
-    while not run.done:
-        batch = run.generate()
-        run.learn(batch, run.feedback(batch))
+    with run:
         measure()
+        while not run.done:
+            batch = run.generate()
+            run.learn(batch, run.feedback(batch))
+            measure()
 
 
 def curves(points: list[dict]) -> dict[tuple[str, str], dict[int, list[float]]]:

@@ -78,23 +78,23 @@ def probe(args: argparse.Namespace) -> dict:
     config = with_overrides(config, json.loads(args.set))
     work = Path(tempfile.mkdtemp(prefix="hero-probe-"))
     try:
-        run = TrainingRun(config, LocalStore(work))
-        started = time.perf_counter()
-        rounds = []
-        while not run.done:
-            batch = run.generate()
-            feedback = run.feedback(batch)
-            fresh = reward_auc(run.engine.predicted_rewards(batch), feedback.good)  # before learning it
-            stats = run.learn(batch, feedback)
-            trained = reward_auc(run.engine.predicted_rewards(batch), feedback.good)
-            rounds.append({**stats.metrics(), "reward_auc_fresh": fresh, "reward_auc_trained": trained})
-            print(
-                f"round {stats.round}: {stats.good} good, reward good {stats.reward_good_mean} "
-                f"bad {stats.reward_bad_mean}, AUC fresh {fresh} trained {trained}, kl {stats.approx_kl}, "
-                f"clip {stats.clip_fraction}",
-                flush=True,
-            )
-        rate = task_success_rate(run.pipe, spec, args.eval_images, config.sampling, seed=0)
+        with TrainingRun(config, LocalStore(work)) as run:
+            started = time.perf_counter()
+            rounds = []
+            while not run.done:
+                batch = run.generate()
+                feedback = run.feedback(batch)
+                fresh = reward_auc(run.engine.predicted_rewards(batch), feedback.good)  # before learning it
+                stats = run.learn(batch, feedback)
+                trained = reward_auc(run.engine.predicted_rewards(batch), feedback.good)
+                rounds.append({**stats.metrics(), "reward_auc_fresh": fresh, "reward_auc_trained": trained})
+                print(
+                    f"round {stats.round}: {stats.good} good, reward good {stats.reward_good_mean} "
+                    f"bad {stats.reward_bad_mean}, AUC fresh {fresh} trained {trained}, "
+                    f"kl {stats.approx_kl}, clip {stats.clip_fraction}",
+                    flush=True,
+                )
+            rate = task_success_rate(run.pipe, spec, args.eval_images, config.sampling, seed=0)
     finally:
         shutil.rmtree(work)
     return {

@@ -97,41 +97,43 @@ def hero_training(
         run_id = deployed_run_id({"run_id": run_id, "config": config}, flow_run.name)
     resolved = resolve_config(run_id, config)
     logger = get_run_logger()
-    tracker = open_tracker(resolved)
-    try:
-        run = TrainingRun(resolved, open_store(resolved.storage), tracker, on_step=on_step)
-        humans = (
-            LabelStudioRounds(resolved, run.runs, open_projects(resolved), tracker)
-            if resolved.label_studio.enabled
-            else None
-        )
-        this_run = None if flow_run.id is None else str(flow_run.id)
-        for k in run.track_interrupted():
-            logger.info("round %d was learned but its tracking was interrupted: tracked again", k)
-        before = evaluate(run, "before")
-        rounds = []
-        while not run.done:
-            k = run.engine.round
-            outcome = hero_round(run, k, humans, this_run)
-            if outcome.stats is None:
-                assert humans is not None and outcome.waiting is not None
-                logger.info("round %d waits for annotators: %s", k, outcome.waiting.reason)
-                if on_wait is not None:
-                    on_wait(k, outcome.waiting.reason)
-                _wait_for_annotators(humans, k, resolved)
-                continue  # the same round again: it now collects and learns
-            rounds.append(outcome.stats)
-            if on_round is not None:
-                on_round(outcome.stats)
-        after = evaluate(run, "after")
-        after_guided = evaluate(run, "after_guided")
-        version = log_final_artifacts(run)
-    except Pause:
-        raise  # suspended for annotators: the MLflow run goes on when the flow run resumes
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
-    tracker.finish()
+    # The run's lease first: a process refused the run must not touch the tracking of the one writing it.
+    with TrainingRun(resolved, open_store(resolved.storage), on_step=on_step) as run:
+        tracker = open_tracker(resolved)
+        try:
+            run.track_with(tracker)
+            humans = (
+                LabelStudioRounds(resolved, run.runs, open_projects(resolved), tracker)
+                if resolved.label_studio.enabled
+                else None
+            )
+            this_run = None if flow_run.id is None else str(flow_run.id)
+            for k in run.track_interrupted():
+                logger.info("round %d was learned but its tracking was interrupted: tracked again", k)
+            before = evaluate(run, "before")
+            rounds = []
+            while not run.done:
+                k = run.engine.round
+                outcome = hero_round(run, k, humans, this_run)
+                if outcome.stats is None:
+                    assert humans is not None and outcome.waiting is not None
+                    logger.info("round %d waits for annotators: %s", k, outcome.waiting.reason)
+                    if on_wait is not None:
+                        on_wait(k, outcome.waiting.reason)
+                    _wait_for_annotators(humans, k, resolved)  # a suspension gives the lease back
+                    continue  # the same round again: it now collects and learns
+                rounds.append(outcome.stats)
+                if on_round is not None:
+                    on_round(outcome.stats)
+            after = evaluate(run, "after")
+            after_guided = evaluate(run, "after_guided")
+            version = log_final_artifacts(run)
+        except Pause:
+            raise  # suspended for annotators: the MLflow run goes on when the flow run resumes
+        except BaseException:
+            tracker.finish("FAILED")
+            raise
+        tracker.finish()
     return TrainingSummary(
         run_id=resolved.run_id,
         rounds=run.engine.round,

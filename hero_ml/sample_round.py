@@ -20,6 +20,7 @@ from hero_ml.config import HeroConfig
 from hero_ml.diffusion.pipeline import RANDOM_PREFIX, load_configured_pipeline
 from hero_ml.engine import RoundBatch, sample_batch
 from hero_ml.errors import HeroError
+from hero_ml.run_lease import LeasedStore, RunLease
 from hero_ml.run_store import RunStore
 
 
@@ -43,8 +44,20 @@ def sample_round(
 ) -> SampledRound:
     """Load the configured model, sample `images_per_round` images of the prompt, commit the round."""
     store = open_store(config.storage)
-    runs = RunStore(store, config.run_id)
-    folder = store.where(runs.round_prefix(round_index))
+    with RunLease(store, config.run_id) as lease:  # not while a training process writes the run
+        return _sample_round(
+            config, RunStore(LeasedStore(store, lease), config.run_id), round_index, on_model_loaded, on_step
+        )
+
+
+def _sample_round(
+    config: HeroConfig,
+    runs: RunStore,
+    round_index: int,
+    on_model_loaded: Callable[[], None] | None,
+    on_step: Callable[[], None] | None,
+) -> SampledRound:
+    folder = runs.store.where(runs.round_prefix(round_index))
     if runs.has_batch(round_index):
         raise RoundExistsError(
             f"round {round_index} of run {config.run_id!r} is already committed at {folder}; "

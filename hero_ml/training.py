@@ -32,6 +32,7 @@ from hero_ml.errors import HeroError
 from hero_ml.faults import crash_point
 from hero_ml.feedback import RoundFeedback, aggregate
 from hero_ml.images import image_grid
+from hero_ml.run_lease import LeasedStore, RunLease
 from hero_ml.run_store import RunStore
 from hero_ml.toy.evaluate import task_success_rate
 from hero_ml.toy.judge import SimulatedAnnotator
@@ -68,17 +69,28 @@ class TrainingRun:
         self,
         config: HeroConfig,
         store: ArtifactStore,
-        tracker: Tracker | None = None,
         on_step: Callable[[], None] | None = None,
     ):
         """Open the run `config.run_id`: a new one, or the stored one from its latest checkpoint.
 
-        A stored run must be resumed with its own config (compared field by field, secrets aside)."""
+        A stored run must be resumed with its own config (compared field by field, secrets aside).
+        The run's lease is taken first (RunLeasedError while another process writes it) and every
+        write goes through it; close() - or leaving a `with` block - gives it back."""
         self.config = config
-        self.runs = RunStore(store, config.run_id)
-        self.tracker = tracker
+        self.tracker: Tracker | None = None  # track_with
         self.on_step = on_step
         self.task = self._task(config)
+        self.lease = RunLease(store, config.run_id)
+        self.lease.acquire()
+        try:
+            self._open(store)
+        except BaseException:
+            self.lease.release()
+            raise
+
+    def _open(self, store: ArtifactStore) -> None:
+        config = self.config
+        self.runs = RunStore(LeasedStore(store, self.lease), config.run_id)
         public = config.to_public_dict()
         stored = self.runs.load_config()
         if stored is None:
@@ -96,8 +108,21 @@ class TrainingRun:
             if latest is None
             else Engine.load(config, self.pipe, store, self.runs.checkpoint_prefix(latest))
         )
-        if tracker is not None:
-            tracker.log_params({**public, "derived": config.derived()})
+
+    def track_with(self, tracker: Tracker) -> None:
+        """Track the run's params now, and its rounds, evaluations and final artifacts from now on."""
+        self.tracker = tracker
+        tracker.log_params({**self.config.to_public_dict(), "derived": self.config.derived()})
+
+    def close(self) -> None:
+        """Give the run's lease back: another process may write the run at once."""
+        self.lease.release()
+
+    def __enter__(self) -> TrainingRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @staticmethod
     def _task(config: HeroConfig) -> Task:

@@ -428,10 +428,10 @@ def test_a_worker_killed_mid_round_loses_nothing_and_redoes_nothing(
         {"run_id": runs.run_id, "storage": {"backend": "local", "local_root": str(stack.logs / "reference")}},
     )
     local = with_overrides(local, {"label_studio": {"enabled": False}, "tracking": {"register_lora": False}})
-    replay = TrainingRun(local, reference.store)
-    while not replay.done:
-        batch = replay.generate()
-        replay.learn(batch, runs.load_feedback(batch.round))
+    with TrainingRun(local, reference.store) as replay:
+        while not replay.done:
+            batch = replay.generate()
+            replay.learn(batch, runs.load_feedback(batch.round))
     final_state = runs.store.get(f"{runs.checkpoint_prefix(1)}/state.json")
     assert (
         json.loads(final_state)["tensors"]

@@ -116,17 +116,18 @@ def test_a_run_stopped_mid_round_resumes_to_the_same_result(tmp_path: Path) -> N
     first = TrainingRun(config, store)
     batch = first.generate()
     first.learn(batch, first.feedback(batch))
-    first.generate()  # round 1 committed, then the process dies before its feedback
-    del first
+    first.generate()  # round 1 committed, then the process stops before its feedback
+    first.close()
     second = TrainingRun(config, store)
     assert second.engine.round == 1
     batch = second.generate()
     assert torch.equal(batch.trajectory.latents, RunStore(store, "steady").load_batch(1).trajectory.latents)
     second.learn(batch, second.feedback(batch))
-    third = TrainingRun(config, store)  # and once more, between rounds
-    while not third.done:
-        batch = third.generate()
-        third.learn(batch, third.feedback(batch))
+    second.close()
+    with TrainingRun(config, store) as third:  # and once more, between rounds
+        while not third.done:
+            batch = third.generate()
+            third.learn(batch, third.feedback(batch))
     assert third.engine.feedbacks == steady.engine.feedbacks == 18
     assert all(torch.equal(a, b) for a, b in zip(final_lora(steady), final_lora(third), strict=True))
 
@@ -134,8 +135,8 @@ def test_a_run_stopped_mid_round_resumes_to_the_same_result(tmp_path: Path) -> N
 def test_a_run_refuses_another_config_and_a_tampered_round(tmp_path: Path) -> None:
     config = HeroConfig.model_validate({**small(tmp_path), "run_id": "r"})
     store = LocalStore(tmp_path / "s")
-    run = TrainingRun(config, store)
-    run.generate()
+    with TrainingRun(config, store) as run:
+        run.generate()
     other = config.model_copy(update={"method": "d3po"})
     with pytest.raises(RunError, match="exists with another config"):
         TrainingRun(other, store)

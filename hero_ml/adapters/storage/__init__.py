@@ -26,6 +26,10 @@ class ArtifactStore(Protocol):
     def put(self, key: str, data: bytes) -> None:
         """Write an object atomically: a reader sees the old object or the new one, never a part."""
 
+    def create(self, key: str, data: bytes) -> bool:
+        """Write the object only if there is none, atomically as put does: True when written, False
+        when one was there. Of several processes creating one key at once, exactly one gets True."""
+
     def get(self, key: str) -> bytes:
         """The object's bytes; KeyError when there is none."""
 

@@ -23,6 +23,14 @@ class LocalStore:
         The folders that gained an entry (the object's, and those of folders made for it) are synced
         too: after a power cut, an object written after another (a manifest after its images) is
         never there without it."""
+        self._write(key, data, replace=True)
+
+    def create(self, key: str, data: bytes) -> bool:
+        """As put, but the written file is hard-linked in place, which fails when the name exists:
+        atomic against other creators, and a reader still never sees a part."""
+        return self._write(key, data, replace=False)
+
+    def _write(self, key: str, data: bytes, replace: bool) -> bool:
         path = self._path(key)
         tmp: str | None = None
         try:
@@ -33,10 +41,17 @@ class LocalStore:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(tmp, path)
-            tmp = None
+            if replace:
+                os.replace(tmp, path)
+                tmp = None
+            else:
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    return False
             for folder in dict.fromkeys([path.parent, *(new.parent for new in new_folders)]):
                 _fsync_folder(folder)
+            return True
         except OSError as err:
             raise StorageError(f"cannot write {key} in {self.root}: {err.strerror or err}") from None
         finally:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from hero_ml.config import StorageConfig
 
 _MISSING = {"404", "NoSuchKey", "NotFound"}
+_EXISTS = {"412", "PreconditionFailed", "409", "ConditionalRequestConflict"}
 
 
 class S3Store:
@@ -70,6 +71,21 @@ class S3Store:
             self.client.put_object(Bucket=self.bucket, Key=full, Body=data)
         except (ClientError, BotoCoreError) as err:
             raise self._fail("PUT", full, err) from None
+
+    def create(self, key: str, data: bytes) -> bool:
+        """A conditional PUT (If-None-Match: *): 412 when the key exists, 409 when another conditional
+        write to it is in flight. A server that ignores the header (S3-compatible servers before they
+        added it) overwrites instead: RunLease reads its record back to catch that."""
+        full = self._key(key)
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*")
+            return True
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in _EXISTS:
+                return False
+            raise self._fail("conditional PUT", full, err) from None
+        except BotoCoreError as err:
+            raise self._fail("conditional PUT", full, err) from None
 
     def get(self, key: str) -> bytes:
         full = self._key(key)

@@ -1,0 +1,194 @@
+"""One writer per run: the store's create-if-absent, the run lease on both stores (real S3 server on
+loopback, local directory), and `hero run` refused while another live process writes the run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hero_ml.adapters.storage import ArtifactStore, LocalStore, open_store
+from hero_ml.run_lease import LeasedStore, LeaseLostError, RunLease, RunLeasedError, process_scope
+from tests.test_run import small
+from tests.test_storage import s3_config
+
+HERO = Path(sys.executable).with_name("hero")
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> ArtifactStore:
+    if request.param == "local":
+        return LocalStore(tmp_path / "store")
+    return open_store(s3_config(request.getfixturevalue("s3_server")))
+
+
+def records(store: ArtifactStore, run_id: str) -> list[dict]:
+    return [json.loads(store.get(key)) for key in store.list(f"runs/{run_id}/lease")]
+
+
+def test_create_writes_only_when_there_is_no_object(store: ArtifactStore) -> None:
+    assert store.create("runs/r/once.json", b"first")
+    assert not store.create("runs/r/once.json", b"second")
+    assert store.get("runs/r/once.json") == b"first"
+    assert store.list("runs/r") == {"runs/r/once.json": 5}  # no temporary file left beside it
+
+
+def race_to_create(store: ArtifactStore, key: str, racers: int) -> list[bool]:
+    """`racers` threads creating `key` at one moment: what each got."""
+    start = threading.Barrier(racers)
+    results: list[bool] = []
+
+    def create(name: int) -> None:
+        start.wait()
+        results.append(store.create(key, str(name).encode()))
+
+    threads = [threading.Thread(target=create, args=(n,)) for n in range(racers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def test_of_racing_creators_exactly_one_wins_in_a_folder(tmp_path: Path) -> None:
+    # The local store's link is atomic; moto's conditional PUT is not (it tests moto, not us), and
+    # AWS S3 and MinIO document theirs as atomic.
+    store = LocalStore(tmp_path)
+    for attempt in range(20):
+        assert sorted(race_to_create(store, f"runs/r/{attempt}.json", 8)) == [False] * 7 + [True]
+
+
+def test_a_held_run_is_refused_then_taken_once_released(store: ArtifactStore) -> None:
+    first = RunLease(store, "r")
+    first.acquire()
+    with pytest.raises(
+        RunLeasedError, match=rf"run 'r' is being written by another process: pid {os.getpid()}"
+    ):
+        RunLease(store, "r").acquire(wait=False)
+    first.release()
+    with pytest.raises(LeaseLostError, match="no lease is held"):
+        LeasedStore(store, first).put("runs/r/x", b"late")
+    with RunLease(store, "r") as second:
+        assert second.epoch == 1
+        LeasedStore(store, second).put("runs/r/x", b"written")
+    history = records(store, "r")
+    assert [r["released"] for r in history] == [True, True]
+    assert history[0]["owner"] == first.owner and history[1]["owner"] == second.owner
+    assert store.get("runs/r/x") == b"written"
+
+
+def test_a_lapsed_lease_is_taken_over_and_its_holder_is_fenced(store: ArtifactStore) -> None:
+    now = [time.time()]
+    holder = RunLease(store, "r", ttl_s=60, clock=lambda: now[0])
+    holder.acquire()
+    holder._stop.set()  # the holder freezes: no more renewals
+    writes = LeasedStore(store, holder)
+    writes.put("runs/r/before", b"ok")
+
+    with pytest.raises(RunLeasedError, match="renewed 59 s ago"):
+        RunLease(store, "r", ttl_s=60, clock=lambda: now[0] + 59).acquire(wait=False)
+    taker = RunLease(store, "r", ttl_s=60, clock=lambda: now[0] + 61)
+    taker.acquire(wait=False)  # 61 s without renewal: lapsed
+    assert taker.epoch == 1
+
+    now[0] += 61  # the holder wakes up: its last renewal is past ttl/2, so it asks the store first
+    with pytest.raises(
+        LeaseLostError, match=r"epoch 0\) was taken over \(pid .*\) after 61 s without renewal"
+    ):
+        writes.put("runs/r/after", b"stale")
+    assert not store.exists("runs/r/after")
+    with pytest.raises(LeaseLostError):
+        writes.put("runs/r/before", b"again")  # lost stays lost
+    holder.release()  # marks nothing: the epoch is the taker's now
+    assert [r["released"] for r in records(store, "r")] == [False, False]
+    taker.release()
+
+
+def test_the_heartbeat_keeps_a_lease_alive_past_its_ttl(store: ArtifactStore) -> None:
+    with RunLease(store, "r", ttl_s=1.5) as holder:  # renewed every 0.25 s
+        acquired = records(store, "r")[0]["renewed"]
+        time.sleep(2.5)
+        assert records(store, "r")[0]["renewed"] > acquired + 1.5
+        with pytest.raises(RunLeasedError):
+            RunLease(store, "r", ttl_s=1.5).acquire(wait=False)
+        LeasedStore(store, holder).put("runs/r/x", b"still ours")
+
+
+def test_a_waiting_taker_refuses_a_renewing_holder_and_takes_a_silent_one(store: ArtifactStore) -> None:
+    ttl = 1.5
+    with RunLease(store, "r", ttl_s=ttl):
+        started = time.monotonic()
+        with pytest.raises(RunLeasedError, match="being written by another process"):
+            RunLease(store, "r", ttl_s=ttl).acquire()  # waits until it sees a renewal
+        assert time.monotonic() - started < ttl
+    silent = RunLease(store, "r", ttl_s=ttl)
+    silent.acquire()
+    silent._stop.set()  # alive, but renews no more (a paused VM, a lost network)
+    started = time.monotonic()
+    with RunLease(store, "r", ttl_s=ttl) as taker:
+        assert taker.epoch == 2
+        assert 0.5 * ttl < time.monotonic() - started < 2 * ttl  # waited for the lapse, not longer
+    with pytest.raises(LeaseLostError, match="taken over"):
+        silent._renew()
+        silent.check()
+
+
+def test_a_corrupt_lease_record_is_named(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    store.put("runs/r/lease/00000000.json", b'{"owner": "x"}')
+    with pytest.raises(
+        RunLeasedError, match=r"runs/r/lease/00000000.json is not a lease record .* delete it"
+    ):
+        RunLease(store, "r").acquire()
+
+
+HOLD = """
+import sys, time
+from hero_ml.adapters.storage import LocalStore
+from hero_ml.run_lease import RunLease
+RunLease(LocalStore(sys.argv[1]), sys.argv[2]).acquire()
+print("held", flush=True)
+time.sleep(float(sys.argv[3]))
+"""
+
+
+def hold(root: Path, run_id: str, seconds: float) -> subprocess.Popen[str]:
+    """Another process holding the run's lease for `seconds`, then exiting without releasing it."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(root), run_id, str(seconds)], stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None and process.stdout.readline() == "held\n"
+    return process
+
+
+def test_a_crashed_holder_on_this_host_is_taken_over_at_once(tmp_path: Path) -> None:
+    assert process_scope() is not None  # Linux: the PID namespace can be named
+    process = hold(tmp_path, "r", 0)
+    process.wait()
+    with RunLease(LocalStore(tmp_path), "r") as lease:  # no waiting for the TTL: that pid is gone
+        assert lease.epoch == 1
+
+
+def test_hero_run_is_refused_while_another_process_writes_the_run(tmp_path: Path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(small(tmp_path, run_id="shared")))
+    holder = hold(tmp_path / "data", "shared", 600)
+    try:
+        refused = subprocess.run([HERO, "run", "-c", config], capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 1
+        # Prefect logs the failed flow run's traceback; the command's own error is the reason in one line
+        said = " ".join(refused.stderr.split())
+        assert f"error: run 'shared' is being written by another process: pid {holder.pid} on" in said
+        assert not (tmp_path / "data" / "runs" / "shared" / "config.json").exists()  # nothing written
+    finally:
+        holder.send_signal(signal.SIGKILL)  # a crash: the lease is not released
+        holder.wait()
+    # the next writer takes it at once (a whole `hero run` after a SIGKILL: test_crash_safety.py)
+    with RunLease(LocalStore(tmp_path / "data"), "shared") as lease:
+        assert lease.epoch == 1
