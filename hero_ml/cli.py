@@ -53,6 +53,16 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug lo
     if not verbose:  # HTTP calls to the ephemeral Prefect API, MLflow's schema checks: not news
         for name in ("httpx", "mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        for name in ("prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(name).addFilter(_hero_errors_without_traceback)
+
+
+def _hero_errors_without_traceback(record: logging.LogRecord) -> bool:
+    """Prefect logs a failed flow or task run with its traceback; a HeroError's message already says
+    what to fix and the command prints it, so the traceback is dropped (kept with --verbose)."""
+    if record.exc_info and isinstance(record.exc_info[1], HeroError):
+        record.exc_info = None
+    return True
 
 
 @config_app.command("show")
