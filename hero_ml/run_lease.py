@@ -218,6 +218,14 @@ class RunLease:
         if self.epoch is not None:
             try:
                 self._renew(released=True)
+            except HeroError as err:  # not a reason to fail a run that is done or suspending
+                _log.warning(
+                    "run %r: its lease could not be marked released (%s); it lapses %.0f s after its "
+                    "last renewal",
+                    self.run_id,
+                    err,
+                    self.ttl_s,
+                )
             finally:
                 self.epoch, self._record = None, None
 

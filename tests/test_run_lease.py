@@ -2,6 +2,7 @@
 loopback, local directory), and `hero run` refused while another live process writes the run."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -15,8 +16,10 @@ import yaml
 
 from hero_ml.adapters.storage import ArtifactStore, LocalStore, open_store
 from hero_ml.run_lease import LeasedStore, LeaseLostError, RunLease, RunLeasedError, process_scope
+from tests.conftest import Service
+from tests.fault_proxy import FaultProxy
 from tests.test_run import small
-from tests.test_storage import s3_config
+from tests.test_storage import s3_config, through
 
 HERO = Path(sys.executable).with_name("hero")
 
@@ -192,3 +195,21 @@ def test_hero_run_is_refused_while_another_process_writes_the_run(tmp_path: Path
     # the next writer takes it at once (a whole `hero run` after a SIGKILL: test_crash_safety.py)
     with RunLease(LocalStore(tmp_path / "data"), "shared") as lease:
         assert lease.epoch == 1
+
+
+def test_a_store_down_at_release_leaves_the_lease_to_lapse(
+    s3_server: Service, caplog: pytest.LogCaptureFixture
+) -> None:
+    down = threading.Event()
+    with FaultProxy(s3_server.url, lambda n, method, path: "503" if down.is_set() else None) as proxy:
+        store = through(proxy, s3_server, s3_max_attempts=2)
+        lease = RunLease(store, "r")
+        lease.acquire()
+        down.set()
+        with caplog.at_level(logging.WARNING, logger="hero_ml.run_lease"):
+            lease.release()  # does not raise: a run that is done or suspending must not fail here
+        assert "its lease could not be marked released" in caplog.text and "SlowDown" in caplog.text
+        down.clear()
+        assert [r["released"] for r in records(store, "r")] == [False]
+        with pytest.raises(LeaseLostError, match="no lease is held"):
+            lease.check()
