@@ -107,12 +107,18 @@ def summary(runs: dict[str, dict]) -> dict[str, dict]:
     }
 
 
-def baselines_to_reach(points: list[dict], targets: dict[str, float]) -> dict[str, dict[str, int | None]]:
+def baselines_to_reach(
+    points: list[dict], targets: dict[str, float]
+) -> dict[str, dict[str, int | None] | None]:
     """task -> baseline -> the feedbacks its seeds' mean plain-noise curve first reaches the task's
-    target (None: not within its points): the paper's "Nx" figure with HERO judged from its pool."""
+    target (None: not within its points): the paper's "Nx" figure with HERO judged from its pool.
+    A task whose target is not above its base maps to None: every curve starts there, no figure."""
     table = curves(points)
+    base = {p["task"]: p["success_rate"] for p in points if p["round"] == 0}
     return {
-        task: {
+        task: None
+        if task in base and target <= base[task]
+        else {
             m: feedbacks_to_reach(table[(task, m)], target)
             for m in METHODS[1:]
             if max(table.get((task, m), {0: []})) > 0  # a run with a learned round, not the base alone
@@ -180,13 +186,17 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for task, cell in table.items():
-        cell["baselines_to_reach"] = reach[task]
+        cell["baselines_to_reach"] = needed = reach[task]
         rates = " | ".join(f"{cell[kind]:.3f} ± {cell[f'{kind}_std']:.3f}" for kind in KINDS)
-        needs = "; ".join(
-            f"{method} {n} ({n / args.at:.1f}x)"
-            if n is not None
-            else f"{method} > {measured_to[(task, method)]}"
-            for method, n in reach[task].items()
+        needs = (
+            "— (not above the base)"
+            if needed is None
+            else "; ".join(
+                f"{method} {n} ({n / args.at:.1f}x)"
+                if n is not None
+                else f"{method} > {measured_to[(task, method)]}"
+                for method, n in needed.items()
+            )
         )
         rows.append(f"| {task} | {cell['seeds']} | {rates} | {needs or '—'} |")
     markdown = "\n".join(

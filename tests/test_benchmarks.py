@@ -263,6 +263,8 @@ def test_baselines_are_set_against_heros_guided_rate_on_their_mean_curves() -> N
         "a": {"ddpo-binary": None, "d3po": 64},
         "b": {"d3po": None},
     }
+    # HERO's guided rate at or below the base: every curve "reaches" it at 0, which is no figure
+    assert ge.baselines_to_reach(points, {"a": 0.1, "b": 0.15}) == {"a": None, "b": None}
 
 
 def test_guided_evaluation_samples_each_hero_run_from_its_own_pool_at_the_checkpoint(
