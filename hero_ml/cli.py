@@ -350,9 +350,11 @@ RunIdArgument = Annotated[str | None, typer.Argument(help="The run (default: lis
 
 @storage_app.command("ls")
 def storage_ls(run_id: RunIdArgument = None, config: ConfigOption = None) -> None:
-    """List the stored runs, or one run's rounds: committed or not, images, feedback, checkpoint."""
+    """List the stored runs, or one run's rounds (committed or not, images, feedback, checkpoint) and
+    the process that writes it now."""
     from rich.table import Table
 
+    from hero_ml.run_lease import RunLease, RunLeasedError
     from hero_ml.run_store import RunStore
 
     resolved = load(config)
@@ -367,7 +369,8 @@ def storage_ls(run_id: RunIdArgument = None, config: ConfigOption = None) -> Non
         runs_store = RunStore(store, run_id)
         rounds = runs_store.list_rounds()
         latest = runs_store.latest_checkpoint()
-    except (StorageError, ValueError) as err:
+        writer = RunLease(store, run_id).holder()
+    except (StorageError, RunLeasedError, ValueError) as err:
         raise fail(str(err)) from None
     if not rounds and runs_store.load_config() is None:
         raise fail(f"no run {run_id!r} in {store.where('runs')}")
@@ -386,6 +389,7 @@ def storage_ls(run_id: RunIdArgument = None, config: ConfigOption = None) -> Non
     console.print(
         f"latest checkpoint: {latest}; objects in {store.where(runs_store.prefix)}", highlight=False
     )
+    console.print(f"being written: {writer}" if writer else "no process writes it now", highlight=False)
 
 
 @storage_app.command("verify")

@@ -115,6 +115,11 @@ class RunLease:
                 f"writes run {self.run_id!r}, delete it and start again"
             ) from None
 
+    def holder(self) -> str | None:
+        """Who writes the run now, for people (`hero storage ls`); None when no process does."""
+        latest = self._latest()
+        return None if latest is None else self._holds(latest[1])
+
     def _holds(self, record: LeaseRecord) -> str | None:
         """Why `record` still holds the run (None: it can be taken)."""
         here = record.process_scope is not None and record.process_scope == process_scope()

@@ -1,5 +1,6 @@
 """One writer per run: the store's create-if-absent, the run lease on both stores (real S3 server on
-loopback, local directory), and `hero run` refused while another live process writes the run."""
+loopback, local directory), and `hero run` / `hero sample` refused while another live process writes
+the run; `hero storage ls` names the writer."""
 
 import json
 import logging
@@ -13,9 +14,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from typer.testing import CliRunner
 
 from hero_ml.adapters.storage import ArtifactStore, LocalStore, open_store
+from hero_ml.cli import app
+from hero_ml.config import HeroConfig
 from hero_ml.run_lease import LeasedStore, LeaseLostError, RunLease, RunLeasedError, process_scope
+from hero_ml.sample_round import sample_round
 from tests.conftest import Service
 from tests.fault_proxy import FaultProxy
 from tests.test_run import small
@@ -213,3 +218,29 @@ def test_a_store_down_at_release_leaves_the_lease_to_lapse(
         assert [r["released"] for r in records(store, "r")] == [False]
         with pytest.raises(LeaseLostError, match="no lease is held"):
             lease.check()
+
+
+def test_storage_ls_says_who_writes_the_run(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"storage": {"local_root": str(tmp_path / "data")}}))
+    store = LocalStore(tmp_path / "data")
+    store.put("runs/r/config.json", b"{}")
+    with RunLease(store, "r"):
+        held = CliRunner().invoke(app, ["storage", "ls", "r", "-c", str(config)])
+    assert held.exit_code == 0, held.output
+    assert f"being written: pid {os.getpid()} on" in " ".join(held.output.split())
+    free = CliRunner().invoke(app, ["storage", "ls", "r", "-c", str(config)])
+    assert "no process writes it now" in free.output
+
+
+def test_hero_sample_refuses_a_run_another_process_writes(tmp_path: Path) -> None:
+    config = HeroConfig.model_validate(small(tmp_path, run_id="busy"))
+    holder = hold(tmp_path / "data", "busy", 600)
+    try:
+        with pytest.raises(RunLeasedError, match=f"pid {holder.pid}"):
+            sample_round(config)
+        assert not (tmp_path / "data" / "runs" / "busy" / "rounds").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sample_round(config).manifest["round"] == 0  # the holder crashed: taken at once
