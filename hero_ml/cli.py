@@ -117,9 +117,7 @@ def sample(config: ConfigOption = None) -> None:
     On the embedded defaults the model is a tiny SD with random weights: the images are noise, and
     the manifest says so. This shows the sampler and the storage layout end to end.
     """
-    from hero_ml.diffusion.pipeline import DeviceUnavailableError, ModelNotFoundError
-    from hero_ml.run_lease import LeaseLostError, RunLeasedError
-    from hero_ml.sample_round import RoundExistsError, sample_round
+    from hero_ml.sample_round import sample_round
 
     resolved = load(config)
     steps = resolved.sampling.num_steps
@@ -141,14 +139,7 @@ def sample(config: ConfigOption = None) -> None:
             result = sample_round(
                 resolved, on_model_loaded=model_loaded, on_step=lambda: progress.advance(task)
             )
-        except (
-            ModelNotFoundError,
-            DeviceUnavailableError,
-            RoundExistsError,
-            RunLeasedError,
-            LeaseLostError,
-            StorageError,
-        ) as err:
+        except HeroError as err:  # a missing model or device, a committed round, a run written elsewhere
             raise fail(str(err)) from None
 
     manifest = result.manifest
@@ -242,8 +233,6 @@ def _run_embedded(config: HeroConfig) -> None:
     from transformers.utils import logging as transformers_logging
 
     from hero_ml.engine import RoundStats
-    from hero_ml.run_lease import LeaseLostError, RunLeasedError
-    from hero_ml.training import RunError
 
     diffusers_logging.disable_progress_bar()  # the model's "Loading …" bars: our own bar says more
     transformers_logging.disable_progress_bar()
@@ -309,7 +298,7 @@ def _run_embedded(config: HeroConfig) -> None:
 
         try:
             summary = hero_training(config=config, on_step=on_step, on_round=on_round, on_wait=on_wait)
-        except (RunError, RunLeasedError, LeaseLostError, FileNotFoundError, StorageError) as err:
+        except (HeroError, FileNotFoundError) as err:
             raise fail(str(err)) from None
         progress.remove_task(bar)
 
