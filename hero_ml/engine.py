@@ -231,8 +231,9 @@ class Engine:
         trajectory = batch.trajectory
         latents = trajectory.final_step_input.float()
         good, bad = feedback.good_indices, feedback.bad_indices
-        # The good images besides a new best: the guidance pool's and the triplets' positives. The best
-        # enters both as itself (once), as in the reference, which removes the new best from them.
+        # The good images besides a new best: the guidance's good noises and the triplets' positives. The
+        # best is neither (it has its own share of the next batch, and it is the triplets' anchor), as in
+        # the reference, which removes the new best from them.
         positives = [i for i in good if i != feedback.best]
         if feedback.best is not None:
             self.best_noise = trajectory.initial_noise[feedback.best].float().clone()

@@ -1,14 +1,15 @@
 """Feedback-guided initial noise: the next round starts near the initial noises of liked images.
 
-HERO-REFERENCE.md: floor(n * best_ratio) images start from the best image's x_T, the others from
-an x_T drawn uniformly, with replacement, from the pool = the good images' x_T plus the best's (the
-engine passes the good images other than a new best: each liked noise is in the pool once); each
-is perturbed as sqrt(1 - eps^2) * x + eps * n, n ~ N(0, I). Since x ~ N(0, I), so is the result:
-the marginal stays the prior the model was trained on, only correlated with liked noises.
+HERO-REFERENCE.md: ceil(n * best_ratio) images start from the best image's x_T, the others from a
+good image's x_T drawn uniformly with replacement (the engine passes the good images other than the
+best, so the best's share is best_ratio, not more); each is perturbed as sqrt(1 - eps^2) * x + eps * n,
+n ~ N(0, I). Since x ~ N(0, I), so is the result: the marginal stays the prior the model was trained
+on, only correlated with liked noises. As in the reference (sony/hero, `ddpo_trainer.py`), a
+best_ratio of 0 puts the best among the good ones instead.
 
-Degenerate cases: a round with no good image leaves the pool = the best alone; a best kept from an
-earlier round is passed in as `best` like a new one. The first round has no best: the caller
-samples plain N(0, I) (as does guidance off).
+Degenerate cases: a round with no good image besides the best starts every image near the best (the
+reference crashes there); a best kept from an earlier round is passed in as `best` like a new one.
+The first round has no best: the caller samples plain N(0, I) (as does guidance off).
 
 A finished run leaves its last pool as a NoisePool, logged beside the LoRA: the LoRA sampled from
 it is what HERO's training batches measure (and, most likely, the paper's evaluation: RESULTS.md).
@@ -37,13 +38,13 @@ def guided_initial_noise(
     eps: float,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """n initial noises near `best` (C, h, w) and the pool `good` (G, C, h, w) + best; G may be 0."""
+    """n initial noises near `best` (C, h, w) and the good noises `good` (G, C, h, w); G may be 0."""
     if not 0 <= best_ratio <= 1 or not 0 <= eps <= 1:
         raise ValueError(f"best_ratio and eps must lie in [0, 1], got {best_ratio} and {eps}")
     if good.shape[1:] != best.shape:
         raise ValueError(f"good noises have shape {tuple(good.shape[1:])}, the best {tuple(best.shape)}")
-    n_best = math.floor(n * best_ratio)
-    pool = torch.cat([good, best[None]])
+    n_best = math.ceil(n * best_ratio)  # the reference's `index < n * ratio`
+    pool = good if len(good) and best_ratio > 0 else torch.cat([good, best[None]])
     picks = torch.randint(len(pool), (n - n_best,), generator=generator)
     centres = torch.cat([best.expand(n_best, *best.shape), pool[picks]])
     perturbation = torch.randn(centres.shape, generator=generator, dtype=centres.dtype)

@@ -92,7 +92,7 @@ def test_guidance_starts_hero_rounds_near_the_best_noise() -> None:
     feedback = brightness_labels(guided, first)
     guided.learn(first, feedback)
     run_rounds(plain, 1)
-    # the pool holds the good noises other than the new best, which enters it as itself (the reference)
+    # the good noises are the good images' other than the new best, which is kept apart (the reference)
     assert feedback.best is not None and feedback.best in feedback.good_indices
     others = [i for i in feedback.good_indices if i != feedback.best]
     assert len(others) == len(feedback.good_indices) - 1

@@ -17,26 +17,30 @@ def test_guided_noise_is_the_reference_formula_draw_for_draw() -> None:
     )
 
     replay = torch.Generator().manual_seed(1)
-    pool = torch.cat([good, best[None]])
-    picks = torch.randint(4, (4,), generator=replay)  # 7 - floor(3.5) = 4 images from the pool
-    centres = torch.cat([best.expand(3, 4, 8, 8), pool[picks]])
+    picks = torch.randint(3, (3,), generator=replay)  # ceil(3.5) = 4 near the best, 3 near good ones
+    centres = torch.cat([best.expand(4, 4, 8, 8), good[picks]])
     expected = math.sqrt(1 - 0.01) * centres + 0.1 * torch.randn(centres.shape, generator=replay)
     assert torch.equal(noise, expected)
 
 
-def test_without_perturbation_the_noises_are_the_best_and_pool_members() -> None:
+def test_the_best_has_its_share_and_no_more() -> None:
     gen = torch.Generator().manual_seed(0)
     best, good = torch.randn(4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
     noise = guided_initial_noise(best, good, 10, best_ratio=0.3, eps=0.0, generator=gen)
     assert all(torch.equal(noise[i], best) for i in range(3))
-    pool = [*good, best]
-    assert all(any(torch.equal(noise[i], p) for p in pool) for i in range(3, 10))
+    assert all(any(torch.equal(noise[i], g) for g in good) for i in range(3, 10))
+    # the reference's best_ratio 0: no share of its own, the best is drawn like a good image
+    noise = guided_initial_noise(best, good, 200, best_ratio=0.0, eps=0.0, generator=gen)
+    drawn_best = sum(torch.equal(x, best) for x in noise)
+    assert all(any(torch.equal(x, p) for p in [*good, best]) for x in noise)
+    assert 40 < drawn_best < 95  # a third of 200 (binomial std 6.7)
 
 
-def test_an_empty_pool_leaves_only_the_best() -> None:
+@pytest.mark.parametrize("best_ratio", [0.0, 0.5])
+def test_without_other_good_images_every_noise_starts_near_the_best(best_ratio: float) -> None:
     best = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(0))
     noise = guided_initial_noise(
-        best, torch.empty(0, 4, 8, 8), 6, best_ratio=0.0, eps=0.0, generator=torch.Generator()
+        best, torch.empty(0, 4, 8, 8), 6, best_ratio=best_ratio, eps=0.0, generator=torch.Generator()
     )
     assert torch.equal(noise, best.expand(6, 4, 8, 8))
 
