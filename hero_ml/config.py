@@ -104,6 +104,17 @@ class ModelConfig(_Section):
         gt=0,
         description="LoRA alpha; the update is scaled by alpha / rank (equal values: scale 1).",
     )
+    lora_init: Literal["kaiming", "gaussian"] = Field(
+        "kaiming",
+        description=(
+            "How the LoRA's A matrices start (B starts at 0 either way, so the adapter starts as the "
+            "identity). 'kaiming': peft's default, std 1/sqrt(3 * fan_in); 'gaussian': N(0, 1/rank^2), "
+            "the reference code's (diffusers 0.25 LoRAAttnProcessor). Adam moves B by about ddpo.lr a "
+            "step whatever A is, so A's scale multiplies the weights' change: at rank 4 'gaussian' "
+            "moves SD 1.5's 8-15x and the toy's 2.5-5x further a step. The toy's ddpo.lr and d3po.lr "
+            "were tuned with 'kaiming'; configs/sd15-paper.yaml uses 'gaussian' with the paper's lr."
+        ),
+    )
     seed: int = Field(0, ge=0, description="Seed of random weights when source is 'random:<arch>'.")
 
 

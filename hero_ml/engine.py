@@ -177,7 +177,12 @@ class Engine:
         device = pipe.unet.device
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
             torch.manual_seed(config.sampling.seed)
-            self.lora_params = add_lora(pipe.unet, rank=config.model.lora_rank, alpha=config.model.lora_alpha)
+            self.lora_params = add_lora(
+                pipe.unet,
+                rank=config.model.lora_rank,
+                alpha=config.model.lora_alpha,
+                init=config.model.lora_init,
+            )
             if self.method in ("hero", "hero-noguide"):
                 self.encoder = FeedbackEncoder(self.latent_shape).to(pipe.unet.device)
         lr = config.d3po.lr if self.method == "d3po" else config.ddpo.lr

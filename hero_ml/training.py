@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,6 +65,21 @@ class TrainingSummary:
     registered_version: str | None  # the LoRA's version in the model registry, when registered
 
 
+def changed_sections(stored: dict[str, Any], config: HeroConfig) -> list[str]:
+    """The sections (and top-level fields) in which `config` differs from a run's stored config. A
+    field the stored config lacks was added by a later release: it counts at its default, which by
+    rule keeps the behaviour from before the field existed, so an upgrade does not strand a run."""
+    changed = []
+    for name, value in config.to_public_dict().items():
+        was = stored.get(name)
+        if isinstance(value, dict) and isinstance(was, dict):
+            defaults = type(getattr(config, name))().model_dump(mode="json")
+            was = {**{key: defaults[key] for key in value.keys() - was.keys()}, **was}
+        if was != value:
+            changed.append(name)
+    return sorted(changed)
+
+
 class TrainingRun:
     def __init__(
         self,
@@ -91,12 +107,10 @@ class TrainingRun:
     def _open(self, store: ArtifactStore) -> None:
         config = self.config
         self.runs = RunStore(LeasedStore(store, self.lease), config.run_id)
-        public = config.to_public_dict()
         stored = self.runs.load_config()
         if stored is None:
-            self.runs.save_config(public)
-        elif stored != public:
-            changed = sorted(k for k in public if stored.get(k) != public[k])
+            self.runs.save_config(config.to_public_dict())
+        elif changed := changed_sections(stored, config):
             raise RunError(
                 f"run {config.run_id!r} exists with another config (sections differ: {', '.join(changed)}); "
                 "resume it with its own config (hero run --resume) or choose a new run_id"

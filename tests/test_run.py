@@ -138,8 +138,17 @@ def test_a_run_refuses_another_config_and_a_tampered_round(tmp_path: Path) -> No
     with TrainingRun(config, store) as run:
         run.generate()
     other = config.model_copy(update={"method": "d3po"})
-    with pytest.raises(RunError, match="exists with another config"):
+    with pytest.raises(RunError, match=r"exists with another config \(sections differ: method\)"):
         TrainingRun(other, store)
+    # a run stored by a release without a field resumes at the field's default, and only there
+    stored = tmp_path / "s" / "runs" / "r" / "config.json"
+    fields = json.loads(stored.read_text())
+    del fields["model"]["lora_init"]
+    stored.write_text(json.dumps(fields))
+    TrainingRun(config, store).close()
+    gaussian = config.model_copy(update={"model": config.model.model_copy(update={"lora_init": "gaussian"})})
+    with pytest.raises(RunError, match=r"sections differ: model\)"):
+        TrainingRun(gaussian, store)
     path = tmp_path / "s" / "runs" / "r" / "rounds" / "0" / "trajectory.safetensors"
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(CorruptObjectError, match="changed or truncated after the round was committed"):

@@ -23,14 +23,22 @@ TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 
 
-def add_lora(unet: UNet2DConditionModel, *, rank: int, alpha: float) -> list[torch.nn.Parameter]:
+# config model.lora_init -> peft's init_lora_weights: Kaiming-uniform A (peft's default), or N(0, 1/rank^2)
+LORA_INITS = {"kaiming": True, "gaussian": "gaussian"}
+
+
+def add_lora(
+    unet: UNet2DConditionModel, *, rank: int, alpha: float, init: str = "kaiming"
+) -> list[torch.nn.Parameter]:
     """Freeze the UNet, attach a LoRA adapter to every attention projection, return its parameters.
 
-    The adapter starts as the identity (B = 0). Its parameters are float32 whatever the UNet's dtype,
-    so that small updates are not lost to fp16/bf16 rounding.
+    The adapter starts as the identity (B = 0; `init` draws A). Its parameters are float32 whatever
+    the UNet's dtype, so that small updates are not lost to fp16/bf16 rounding.
     """
     unet.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGET_MODULES, init_lora_weights=True)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=TARGET_MODULES, init_lora_weights=LORA_INITS[init]
+    )
     unet.add_adapter(config, adapter_name=ADAPTER_NAME)
     cast_training_params(unet, dtype=torch.float32)
     return [p for p in unet.parameters() if p.requires_grad]

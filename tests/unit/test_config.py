@@ -51,7 +51,7 @@ def test_the_embedded_defaults_differ_from_the_paper_only_where_the_toy_needs_it
         if defaults[section][name] != value
     }
     assert changed == {
-        "model.source", "model.dtype", "model.device", "sampling.prompt", "sampling.num_steps",
+        "model.source", "model.dtype", "model.device", "model.lora_init", "sampling.prompt", "sampling.num_steps",
         "sampling.sub_batch_size", "encoder.lr", "ddpo.lr", "ddpo.clip_range", "ddpo.inner_epochs",
         "ddpo.train_batch_size", "ddpo.gradient_accumulation_steps", "d3po.lr",
     }  # fmt: skip

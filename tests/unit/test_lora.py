@@ -53,6 +53,26 @@ def test_new_adapter_is_the_identity(tiny_pipe: StableDiffusionPipeline) -> None
     assert torch.equal(unet_output(tiny_pipe), before)
 
 
+@pytest.mark.parametrize("init", ["kaiming", "gaussian"])
+def test_lora_init_draws_a_at_its_scale_and_starts_as_the_identity(
+    tiny_pipe: StableDiffusionPipeline, init: str
+) -> None:
+    before = unet_output(tiny_pipe)
+    torch.manual_seed(0)
+    add_lora(tiny_pipe.unet, rank=4, alpha=4, init=init)
+    named = dict(tiny_pipe.unet.named_parameters())
+    a_weights = [p.detach() for name, p in named.items() if ".lora_A." in name]
+    assert all(torch.count_nonzero(p) == 0 for name, p in named.items() if ".lora_B." in name)
+    if init == "gaussian":  # the reference's N(0, 1/rank^2)
+        scaled = torch.cat([a.flatten() for a in a_weights])
+        assert scaled.std().item() == pytest.approx(1 / 4, rel=0.05)
+    else:  # peft's Kaiming-uniform (a = sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        assert all(a.abs().max() <= a.shape[1] ** -0.5 for a in a_weights)
+        scaled = torch.cat([(a * (3 * a.shape[1]) ** 0.5).flatten() for a in a_weights])
+        assert scaled.std().item() == pytest.approx(1.0, rel=0.05)
+    assert torch.equal(unet_output(tiny_pipe), before)
+
+
 def test_adapter_params_stay_float32_on_a_half_precision_unet(tiny_pipe: StableDiffusionPipeline) -> None:
     tiny_pipe.unet.to(torch.bfloat16)
     params = add_lora(tiny_pipe.unet, rank=2, alpha=2)
