@@ -27,6 +27,8 @@ import json
 import multiprocessing
 import os
 import sys
+import threading
+import time
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -302,6 +304,20 @@ def report(path: Path, at: int) -> None:
     print(table_md)
 
 
+def start_worker(threads: int, grid_pid: int, poll_s: float = 2.0) -> None:
+    """A grid worker's set-up: its torch threads, and an exit as soon as the grid process is gone. A
+    worker left running by a killed grid would go on appending points, with the code it loaded then
+    (a run stopped mid-round resumes from its checkpoint, as after any crash)."""
+    torch.set_num_threads(threads)
+
+    def exit_with_the_grid() -> None:
+        while os.getppid() == grid_pid:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=exit_with_the_grid, name="exit-with-the-grid", daemon=True).start()
+
+
 def run_in_parallel(base: HeroConfig, runs: list[tuple[str, str, int]], args: argparse.Namespace) -> None:
     """Each run in its own process (spawned: CUDA does not survive a fork), --jobs at a time, in the
     grid's order. A failed run is reported and the others go on; the exit status says whether any failed."""
@@ -309,7 +325,7 @@ def run_in_parallel(base: HeroConfig, runs: list[tuple[str, str, int]], args: ar
     context = multiprocessing.get_context("spawn")
     failed = []
     with ProcessPoolExecutor(
-        args.jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(threads,)
+        args.jobs, mp_context=context, initializer=start_worker, initargs=(threads, os.getpid())
     ) as pool:
         futures = {pool.submit(run_one, base, *run, args): run for run in runs}
         for future in as_completed(futures):

@@ -1,7 +1,12 @@
 """The benchmark scripts' own arithmetic (their runs live in benchmarks/, not in the test suite)."""
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
@@ -53,6 +58,45 @@ def test_the_paper_form_table_sets_each_baseline_against_heros_rate() -> None:
     )
     assert figures["tasks"]["down"]["to_reach_hero"] == {}
     assert rows[2].endswith("| — (hero @128 is not above the base) |") and rows[2].startswith("| down |")
+
+
+def test_grid_workers_exit_when_the_grid_is_killed(tmp_path: Path) -> None:
+    grid = tmp_path / "grid.py"
+    grid.write_text(
+        textwrap.dedent(f"""
+            import multiprocessing, os, sys, time
+            from concurrent.futures import ProcessPoolExecutor
+            sys.path.insert(0, {str(Path(fe.__file__).parent)!r})
+            from feedback_efficiency import start_worker
+
+            if __name__ == "__main__":
+                context = multiprocessing.get_context("spawn")
+                setup = dict(initializer=start_worker, initargs=(1, os.getpid(), 0.1))
+                pool = ProcessPoolExecutor(1, context, **setup)
+                print(pool.submit(os.getpid).result(), flush=True)
+                pool.submit(time.sleep, 600)  # a run, busy
+                time.sleep(600)
+        """)
+    )
+    process = subprocess.Popen([sys.executable, str(grid)], stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    worker = int(process.stdout.readline())
+
+    def running(pid: int) -> bool:  # an orphan's zombie is not running
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    assert running(worker)
+    process.kill()
+    process.wait()
+    deadline = time.monotonic() + 30
+    while running(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if running(worker):
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail("the grid's worker went on running after the grid was killed")
 
 
 def test_points_round_trip_through_the_csv(tmp_path: Path) -> None:
