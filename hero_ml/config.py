@@ -273,6 +273,8 @@ class DDPOConfig(_Section):
 
 
 class D3POConfig(_Section):
+    # D3PO trains on the ddpo section's timesteps, batches, passes and grad clip (the same compute a
+    # round as DDPO); only its loss and learning rate are its own.
     beta: float = Field(0.1, gt=0, description="Temperature of the preference log-sigmoid.")
     clip_eps: float = Field(
         0.1, gt=0, lt=1, description="Policy/reference ratios are clipped to [1 - clip_eps, 1 + clip_eps]."
@@ -293,7 +295,11 @@ class GuidanceConfig(_Section):
         0.5,
         ge=0,
         le=1,
-        description="Fraction of a round started near the best image's noise; the rest near good ones.",
+        description=(
+            "Fraction of a round started near the best image's noise (rounded up); the rest near "
+            "the other good images' (near the best too when there are none). At 0 the best is drawn "
+            "like one of the good."
+        ),
     )
     noise_eps: float = Field(
         0.1,

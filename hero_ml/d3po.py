@@ -6,6 +6,12 @@ images' steps are scored by the log-ratio of the current policy to the reference
 its LoRA disabled), each ratio clipped to [1 - eps, 1 + eps]:
 
     L = -log sigmoid(beta * (log clip(ratio_winner) - log clip(ratio_loser)))
+
+Where this differs from D3PO's own runs, by the protocol every method here shares: D3PO compares two
+images sampled from one x_T (the preference then reflects the denoising alone); here both are any
+good and any bad image of a round, from their own x_T, since annotators label images one by one. And
+it trains the timesteps DDPO trains (ddpo.timesteps_per_trajectory a trajectory), not every step, so
+that the methods spend the same compute a round; its lr (d3po.lr) was tuned on the toy that way.
 """
 
 from __future__ import annotations
