@@ -339,7 +339,8 @@ class Engine:
         features, best = self._features(latents)
         if encoder_config.reward == "best":
             return losses, similarity_to_best(features, best)
-        # the good images of this round and the best, which is good by definition (it may be older)
+        # the good images of this round and the best, which is good by definition (it may be older; the
+        # reference's variant leaves it out, a side effect of taking a new best out of the positives)
         return losses, mean_similarity_to_good(features, torch.cat([features[positives], best[None]]))
 
     def _update(self, objective: StepObjective, units: int, num_steps: int) -> UpdateStats:
