@@ -121,27 +121,27 @@ def test_a_lapsed_lease_is_taken_over_and_its_holder_is_fenced(store: ArtifactSt
 def test_the_heartbeat_keeps_a_lease_alive_past_its_ttl(store: ArtifactStore) -> None:
     with RunLease(store, "r", ttl_s=1.5) as holder:  # renewed every 0.25 s
         acquired = records(store, "r")[0]["renewed"]
-        time.sleep(2.5)
-        assert records(store, "r")[0]["renewed"] > acquired + 1.5
+        deadline = time.monotonic() + 30  # a loaded machine may delay a beat, not stop them
+        while records(store, "r")[0]["renewed"] <= acquired + 1.5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert records(store, "r")[0]["renewed"] > acquired + 1.5  # past the TTL it started with
         with pytest.raises(RunLeasedError):
             RunLease(store, "r", ttl_s=1.5).acquire(wait=False)
         LeasedStore(store, holder).put("runs/r/x", b"still ours")
 
 
 def test_a_waiting_taker_refuses_a_renewing_holder_and_takes_a_silent_one(store: ArtifactStore) -> None:
+    renewing = RunLease(store, "r", ttl_s=12)  # renewed every 2 s: seen renewing long before it could lapse
+    with renewing, pytest.raises(RunLeasedError, match="being written by another process"):
+        RunLease(store, "r", ttl_s=12).acquire()  # waits until it sees a renewal
     ttl = 1.5
-    with RunLease(store, "r", ttl_s=ttl):
-        started = time.monotonic()
-        with pytest.raises(RunLeasedError, match="being written by another process"):
-            RunLease(store, "r", ttl_s=ttl).acquire()  # waits until it sees a renewal
-        assert time.monotonic() - started < ttl
     silent = RunLease(store, "r", ttl_s=ttl)
     silent.acquire()
     silent._stop.set()  # alive, but renews no more (a paused VM, a lost network)
     started = time.monotonic()
     with RunLease(store, "r", ttl_s=ttl) as taker:
         assert taker.epoch == 2
-        assert 0.5 * ttl < time.monotonic() - started < 2 * ttl  # waited for the lapse, not longer
+        assert time.monotonic() - started > 0.5 * ttl  # waited for the lapse (load only lengthens it)
     with pytest.raises(LeaseLostError, match="taken over"):
         silent._renew()
         silent.check()
