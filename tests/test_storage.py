@@ -1,6 +1,7 @@
 """Artifact stores against a real S3 server (moto on loopback, started by infra/s3-server.sh) and the
 local directory: one contract for both, S3's own failures, and a run's objects verified end to end."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -138,28 +139,19 @@ def batch() -> RoundBatch:
     return sample_batch(build_random_pipeline("tiny", seed=0), config.sampling, 0)
 
 
-class FailingStore:
-    """Fault injection: the store fails (as S3 would after its retries) from the `after`-th PUT on.
-    A real server cannot be made to drop one chosen request mid-round."""
-
-    def __init__(self, inner: ArtifactStore, after: int):
-        self.inner, self.left = inner, after
-
-    def put(self, key: str, data: bytes) -> None:
-        if self.left == 0:
-            raise StorageError(f"injected: PUT of {key} failed")
-        self.left -= 1
-        self.inner.put(key, data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
 def test_an_interrupted_upload_leaves_no_committed_round(s3_server: Service, batch: RoundBatch) -> None:
-    store = open_store(s3_config(s3_server))
-    with pytest.raises(StorageError, match="injected"):
-        RunStore(FailingStore(store, after=3), "r").commit_batch(batch, {})
-    runs = RunStore(store, "r")
+    puts = itertools.count(1)
+
+    def plan(n: int, method: str, path: str) -> str | None:  # S3 goes down after the third PUT
+        return "503" if method == "PUT" and next(puts) > 3 else None
+
+    config = s3_config(s3_server)
+    with FaultProxy(s3_server.url, plan) as proxy:
+        proxied = config.model_copy(update={"s3_endpoint_url": proxy.url, "s3_max_attempts": 2})
+        with pytest.raises(StorageError, match=r"PUT of s3://hero-test/.* failed after retries"):
+            RunStore(open_store(proxied), "r").commit_batch(batch, {})
+        assert proxy.injected  # the fault was served over HTTP
+    runs = RunStore(open_store(config), "r")
     assert not runs.has_batch(0)
     report = runs.verify()
     assert report.ok and report.objects == 0 and len(report.incomplete) == 1
