@@ -201,19 +201,94 @@ task = st.fixed_dictionaries(
 )
 
 
+ROUND_IMAGES = ["r0000-000", "r0000-001"]
+CHOICES = ["good", "bad", "keep", *ROUND_IMAGES]
+# well-formed tasks and annotations, mostly of this round, so that the mapping is reached (the junk is
+# `task`'s): this round's images, an image the round does not hold, another round and run, best tasks
+mapped_meta = st.fixed_dictionaries(
+    {
+        "run_id": st.sampled_from(["r", "r", "r", "other"]),
+        "round": st.sampled_from([0, 0, 0, 1]),
+        "kind": st.sampled_from(["image", "image", "image", "best"]),
+        "image_id": st.sampled_from([*ROUND_IMAGES, *ROUND_IMAGES, "r0000-999"]),
+    }
+)
+mapped_annotation = st.fixed_dictionaries(
+    {
+        "id": st.integers(1, 99),
+        "completed_by": st.sampled_from([1, 2]),
+        "result": st.lists(
+            st.fixed_dictionaries(
+                {
+                    "from_name": st.sampled_from(["label", "label", "best"]),
+                    "type": st.just("choices"),
+                    "value": st.fixed_dictionaries(
+                        {"choices": st.lists(st.sampled_from(CHOICES), min_size=1, max_size=2)}
+                    ),
+                }
+            ),
+            min_size=1,
+            max_size=2,
+        ),
+    },
+    optional={"was_cancelled": st.booleans(), "updated_at": st.sampled_from(["2026-01-01", "2026-01-02"])},
+)
+mapped_task = st.fixed_dictionaries(
+    {
+        "id": st.integers(1, 99),
+        "data": st.fixed_dictionaries({"hero": mapped_meta}),
+        "annotations": st.lists(mapped_annotation, min_size=1, max_size=3) | st.lists(annotation, max_size=2),
+    }
+)
+
+
 @quick
-@given(tasks=st.lists(task, max_size=6))
+@given(tasks=st.lists(mapped_task | task, max_size=6))
 def test_any_label_studio_export_is_collected_or_reported_never_a_crash(tasks: list) -> None:
     collected = collect(
         tasks,
         run_id="r",
         round_index=0,
-        image_ids=["r0000-000", "r0000-001"],
+        image_ids=ROUND_IMAGES,
         has_current_best=False,
         annotators_per_image=1,
     )
+
+    def meta(task: Any) -> dict:
+        data = task.get("data") if isinstance(task, dict) else None
+        hero = data.get("hero") if isinstance(data, dict) else None
+        return hero if isinstance(hero, dict) and type(hero.get("round")) is int else {}
+
+    def of_this_round(task: Any, kind: str) -> bool:
+        wanted = {"run_id": "r", "round": 0, "kind": kind}
+        return {k: meta(task).get(k) for k in wanted} == wanted
+
+    def chosen(annotation: dict) -> set[str]:
+        results = annotation.get("result")
+        values = [
+            r.get("value") for r in (results if isinstance(results, list) else []) if isinstance(r, dict)
+        ]
+        lists = [v.get("choices") for v in values if isinstance(v, dict)]
+        return {c for choices in lists if isinstance(choices, list) for c in choices if isinstance(c, str)}
+
+    # a label comes from an annotation of this round's task of that image, or of its best task (a best
+    # pick says good), by that annotator
+    sources = {
+        (str(a.get("completed_by")), image)
+        for t in tasks
+        if (of_this_round(t, "image") or of_this_round(t, "best")) and isinstance(t.get("annotations"), list)
+        for a in t["annotations"]
+        if isinstance(a, dict)
+        for image in ({meta(t).get("image_id")} if meta(t)["kind"] == "image" else chosen(a))
+    }
     for feedback in collected.feedback:
-        assert {label.image_id for label in feedback.images} <= {"r0000-000", "r0000-001"}
+        for label in feedback.images:
+            assert label.image_id in ROUND_IMAGES and (feedback.annotator, label.image_id) in sources
+    # a task of this round naming an image the round does not hold is reported, never dropped silently
+    for t in tasks:
+        if of_this_round(t, "image") and meta(t).get("image_id") == "r0000-999":
+            message = f"task {t.get('id')}: image 'r0000-999' is not in round 0"
+            assert any(message in problem for problem in collected.problems)
 
 
 # -- config files ------------------------------------------------------------------------------------
