@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from hero_ml.adapters.storage.keys import check_prefix
 from hero_ml.diffusion.architectures import ARCHITECTURES
@@ -38,6 +38,8 @@ ENV_NESTED_DELIMITER = "__"
 CONFIG_FILE_ENV = "HERO_CONFIG_FILE"  # a base config file for services and workers
 
 
+# MLflow's tracking stores ('' is a plain folder path)
+TRACKING_SCHEMES = {"", "sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks"}
 SECRET_MASK = "**********"  # how pydantic dumps a SecretStr to JSON
 SECRET_IN_VALUE = "secret_in_value"  # an error type whose input holds a secret: never echoed
 
@@ -49,6 +51,21 @@ class ConfigError(HeroError, ValueError):
 class _Section(BaseModel):
     # Unknown keys are typos until proven otherwise: refuse them instead of ignoring them.
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _secrets_apart(cls, value: Any) -> Any:
+        # An empty secret would switch its check off (an empty webhook secret matches an empty
+        # header); a URL is published (MLflow params, the stored config), so it holds no credentials.
+        if isinstance(value, SecretStr) and not value.get_secret_value():
+            raise PydanticCustomError(SECRET_IN_VALUE, "is empty: give it a value, or unset it")
+        if isinstance(value, HttpUrl) and (value.username or value.password):
+            raise PydanticCustomError(
+                SECRET_IN_VALUE,
+                "holds credentials (user:password@): remove them from the URL; secrets are given "
+                "through their own settings (HERO_<SECTION>__<FIELD>, e.g. HERO_LABEL_STUDIO__API_KEY)",
+            )
+        return value
 
 
 class ModelConfig(_Section):
@@ -412,6 +429,12 @@ class TrackingConfig(_Section):
                 "holds a password: remove it from the URI and give it through the environment "
                 "(MLFLOW_TRACKING_PASSWORD for an MLflow server; PGPASSWORD or ~/.pgpass for PostgreSQL)",
             )
+        scheme = urlsplit(uri).scheme.split("+")[0]  # postgresql+psycopg2: a driver after the '+'
+        if scheme not in TRACKING_SCHEMES:
+            raise ValueError(
+                f"scheme {scheme!r} is not one MLflow keeps runs under: use sqlite:///path/mlflow.db, "
+                "http(s)://server, postgresql://, mysql://, mssql://, file:///folder or databricks"
+            )
         return uri
 
     registered_model: str = Field(
@@ -757,11 +780,35 @@ def load_config(path: Path | None = None) -> HeroConfig:
         path = Path(os.environ[CONFIG_FILE_ENV])
     if path is not None:
         data = _read_yaml(path)
+    _check_environment()
     try:
         return HeroConfig(**data)
     except ValidationError as err:
         where = f" in {path}" if path is not None else ""
         raise ConfigError(f"invalid configuration{where}:\n{format_validation_error(err)}") from None
+    except SettingsError as err:  # a section variable (HERO_SAMPLING) that is not JSON
+        raise ConfigError(
+            f"invalid configuration in the environment: {err}. A section's variable takes a JSON "
+            "object; or set its fields one by one (HERO_SAMPLING__NUM_STEPS=20)"
+        ) from None
+
+
+def _check_environment() -> None:
+    """A HERO_<SECTION>__<FIELD> variable of no section would be ignored: a typo, refused (a typo in
+    a field is refused by the section itself)."""
+    sections = [
+        name
+        for name, field in HeroConfig.model_fields.items()
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+    ]
+    for variable in os.environ:
+        if variable.startswith(ENV_PREFIX) and ENV_NESTED_DELIMITER in variable:
+            section = variable.removeprefix(ENV_PREFIX).split(ENV_NESTED_DELIMITER)[0].lower()
+            if section not in sections:
+                raise ConfigError(
+                    f"environment variable {variable}: {section!r} is not a config section (sections: "
+                    f"{', '.join(sections)}); unset or rename it"
+                )
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -792,7 +839,9 @@ def format_validation_error(err: ValidationError, root: type[BaseModel] | None =
         path = ".".join(str(part) for part in problem["loc"]) or "(top level)"
         line = f"  {path}: {problem['msg']}"
         secret = _is_secret(problem["loc"], root or HeroConfig)
-        if problem["type"] not in {"missing", "extra_forbidden", SECRET_IN_VALUE} and not secret:
+        # a mapping is a whole section or the top level: it may hold secrets, and it is long
+        shown = not secret and not isinstance(problem["input"], dict)
+        if problem["type"] not in {"missing", "extra_forbidden", SECRET_IN_VALUE} and shown:
             line += f" (got {problem['input']!r})"
         lines.append(line)
     return "\n".join(lines)

@@ -158,6 +158,76 @@ def test_secrets_are_masked_in_dumps_and_errors(tmp_path: Path, monkeypatch: pyt
     assert "storage.s3_secret_access_key" in message and "s3cr3t" not in message
 
 
+def test_an_error_about_a_whole_section_or_the_config_repeats_no_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HERO_LABEL_STUDIO__API_KEY", "LSKEY-SECRET")
+    monkeypatch.setenv("HERO_STORAGE__S3_ACCESS_KEY_ID", "AKIA-SECRET")
+    monkeypatch.setenv("HERO_STORAGE__S3_SECRET_ACCESS_KEY", "S3-SECRET")
+    across = write(tmp_path, {"sampling": {"num_steps": 2}, "ddpo": {"timesteps_per_trajectory": 5}})
+    with pytest.raises(ConfigError) as caught:
+        load_config(across)  # the top level's check, across sections
+    assert "(top level): Value error, ddpo.timesteps_per_trajectory (5)" in str(caught.value)
+    monkeypatch.setenv("HERO_STORAGE__BACKEND", "s3")  # and no bucket: the section's own check
+    with pytest.raises(ConfigError) as section:
+        load_config()
+    assert "storage: Value error, backend 's3' needs s3_bucket" in str(section.value)
+    for message in (str(caught.value), str(section.value)):
+        assert "SECRET" not in message and "got {" not in message
+
+
+def test_empty_secrets_and_credentials_in_urls_are_refused_without_repeating_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an empty webhook secret would let every request in: an empty header matches it
+    monkeypatch.setenv("HERO_ORCHESTRATION__WEBHOOK_SECRET", "")
+    with pytest.raises(
+        ConfigError, match=r"orchestration\.webhook_secret: is empty: give it a value, or unset"
+    ):
+        load_config()
+    monkeypatch.delenv("HERO_ORCHESTRATION__WEBHOOK_SECRET")
+    for section, field in [
+        ("label_studio", "url"),
+        ("orchestration", "webhook_url"),
+        ("storage", "s3_endpoint_url"),
+    ]:
+        with pytest.raises(ConfigError) as caught:
+            load_config(write(tmp_path, {section: {field: "http://admin:hunter2@host.example:8080/"}}))
+        assert f"{section}.{field}: holds credentials" in str(caught.value) and "hunter2" not in str(
+            caught.value
+        )
+
+
+def test_a_tracking_uri_of_no_mlflow_scheme_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError, match=r"tracking\.tracking_uri: Value error, scheme 'htp' is not one MLflow"
+    ):
+        load_config(write(tmp_path, {"tracking": {"tracking_uri": "htp://mlflow.internal"}}))
+    for uri in [
+        "sqlite:///runs/mlflow.db",
+        "postgresql+psycopg2://hero@db/mlflow",
+        "http://127.0.0.1:5000",
+        "mlruns",
+    ]:
+        assert HeroConfig(tracking={"tracking_uri": uri}).tracking.tracking_uri == uri
+
+
+def test_environment_variables_of_no_section_or_broken_json_are_named(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HERO_SAMPLNG__ETA", "0.5")  # would be ignored: a typo
+    with pytest.raises(
+        ConfigError, match="environment variable HERO_SAMPLNG__ETA: 'samplng' is not a config section"
+    ):
+        load_config()
+    monkeypatch.delenv("HERO_SAMPLNG__ETA")
+    monkeypatch.setenv("HERO_SAMPLING", "{not json")
+    with pytest.raises(
+        ConfigError, match=r"invalid configuration in the environment: .*sampling.* takes a JSON"
+    ):
+        load_config()
+
+
 def test_a_tracking_uri_with_a_password_is_refused_without_repeating_it(tmp_path: Path) -> None:
     # the URI is published (MLflow params, the stored config): its password would be too
     uri = "postgresql://hero:pw-hunter2@db.internal/mlflow"
