@@ -218,6 +218,11 @@ def run(
             resolved = restore_config(stored, resolved)
         except ConfigError as err:
             raise fail(str(err)) from None
+        if resolved.run_id != resume:  # an edited or copied config.json: it would start another run
+            raise fail(
+                f"{store.where(f'runs/{resume}/config.json')} names run {resolved.run_id!r}, not "
+                f"{resume!r}: restore the run's own config.json"
+            )
     elif stored is not None:
         raise fail(
             f"run {resolved.run_id!r} already exists in {store.where('runs')}: continue "

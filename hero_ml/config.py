@@ -758,12 +758,15 @@ def restore_config(stored: dict[str, Any], current: HeroConfig) -> HeroConfig:
     (the environment now), since secrets are never stored. Its other values are the stored ones: the
     environment of the process resuming it (a service's, another worker's) does not change them."""
     data = json.loads(json.dumps(stored))
+    if not isinstance(data, dict):
+        raise ConfigError(f"the stored run config is a {type(data).__name__}, not a mapping of sections")
     secrets = current.model_dump()
     for section, fields in data.items():
-        if isinstance(fields, dict):
+        if isinstance(fields, dict) and isinstance(secrets.get(section), dict):
             for name, value in fields.items():
-                if isinstance(secrets[section][name], SecretStr) or value == SECRET_MASK:
-                    fields[name] = secrets[section][name]
+                secret = secrets[section].get(name)
+                if isinstance(secret, SecretStr) or value == SECRET_MASK:
+                    fields[name] = secret
     try:
         return _GivenValuesConfig.model_validate(data)
     except ValidationError as err:

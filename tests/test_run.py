@@ -98,7 +98,20 @@ def test_hero_run_explains_bad_arguments(tmp_path: Path) -> None:
     missing = runner.invoke(app, ["run", "-c", str(config), "--resume", "nothing-here"])
     assert missing.exit_code == 1 and "no run 'nothing-here'" in missing.output
     method = runner.invoke(app, ["run", "-c", str(config), "--method", "magic"])
-    assert method.exit_code == 1 and "method" in method.output
+    assert method.exit_code == 1 and "method: Input should be 'hero'," in method.output
+    assert "(got 'magic')" in " ".join(method.output.split())
+
+    # a stored config.json that was edited: another run's, not a mapping, a field this release lacks
+    stored = tmp_path / "data" / "runs" / "edited" / "config.json"
+    stored.parent.mkdir(parents=True)
+    for content, expected in [
+        ({"run_id": "another"}, "names run 'another', not 'edited': restore the run's own config.json"),
+        (["a", "list"], "the stored run config is a list, not a mapping of sections"),
+        ({"run_id": "edited", "sampling": {"gone": 1}}, "no longer valid: sampling.gone: Extra inputs"),
+    ]:
+        stored.write_text(json.dumps(content))
+        edited = runner.invoke(app, ["run", "-c", str(config), "--resume", "edited"])
+        assert edited.exit_code == 1 and expected in " ".join(edited.output.split()), edited.output
 
 
 def final_lora(run: TrainingRun) -> list[torch.Tensor]:
