@@ -22,11 +22,13 @@ import io
 import json
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hero_ml.adapters.storage import ArtifactStore
+from hero_ml.config import format_validation_error
 from hero_ml.diffusion.sampler import Trajectory
 from hero_ml.engine import STATE, TENSORS, Engine, RoundBatch, RoundStats
 from hero_ml.errors import HeroError
@@ -48,8 +50,36 @@ _LABELLING = (CURRENT_BEST, ANNOTATIONS, PUBLISHED)
 _AFTER_COMMIT = {MANIFEST, FEEDBACK, STATS, TRACKED, *_LABELLING}
 
 
+_Record = TypeVar("_Record", bound=BaseModel)
+
+
 class CorruptObjectError(HeroError, RuntimeError):
-    """A stored object does not match what its manifest recorded."""
+    """A stored object does not match what its manifest recorded, or a record is not readable."""
+
+
+class _FileRecord(BaseModel):
+    bytes: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class _Manifest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # the round's info (sampling settings, model) beside
+    image_ids: list[str] = Field(min_length=1)
+    files: dict[str, _FileRecord]
+
+
+class _CheckpointCommit(BaseModel):
+    model_config = ConfigDict(extra="allow")  # the engine's state; Engine.load validates all of it
+    tensors: _FileRecord
+
+
+class _Progress(BaseModel):
+    checkpoint: int = Field(ge=0)
+
+
+class _FeedbackRecord(BaseModel):
+    aggregate: RoundFeedback
+    annotators: list[AnnotatorFeedback]
 
 
 @dataclass(frozen=True)
@@ -94,6 +124,17 @@ class RunStore:
     def save_config(self, public_config: dict[str, Any]) -> None:
         self.store.put(f"{self.prefix}/config.json", json.dumps(public_config, indent=1).encode())
 
+    def _record(self, key: str, model: type[_Record]) -> _Record:
+        """A stored JSON record, validated: a damaged or edited one is named, with what is wrong."""
+        try:
+            return model.model_validate_json(self.store.get(key))
+        except ValidationError as err:
+            raise CorruptObjectError(
+                f"{self.store.where(key)} is not a readable record (edited or damaged):\n"
+                f"{format_validation_error(err, root=model)}\n`hero storage verify {self.run_id}` checks the "
+                "whole run"
+            ) from None
+
     def load_config(self) -> dict[str, Any] | None:
         key = f"{self.prefix}/config.json"
         return json.loads(self.store.get(key)) if self.store.exists(key) else None
@@ -134,7 +175,7 @@ class RunStore:
     def load_batch(self, round_index: int) -> RoundBatch:
         """The committed round, every file checked against the manifest."""
         prefix = self.round_prefix(round_index)
-        manifest = json.loads(self.store.get(f"{prefix}/{MANIFEST}"))
+        manifest = self.load_manifest(round_index)
         trajectory = Trajectory.from_bytes(
             self.read_verified(round_index, TRAJECTORY, manifest), source=f"{prefix}/{TRAJECTORY}"
         )
@@ -143,7 +184,7 @@ class RunStore:
     def read_verified(self, round_index: int, name: str, manifest: dict[str, Any] | None = None) -> bytes:
         prefix = self.round_prefix(round_index)
         if manifest is None:
-            manifest = json.loads(self.store.get(f"{prefix}/{MANIFEST}"))
+            manifest = self.load_manifest(round_index)
         expected = manifest["files"].get(name)
         if expected is None:
             raise CorruptObjectError(f"{prefix}/{name} is not listed in the round's manifest")
@@ -172,7 +213,14 @@ class RunStore:
         self.store.put(f"{self.round_prefix(stats.round)}/{STATS}", json.dumps(asdict(stats)).encode())
 
     def load_stats(self, round_index: int) -> RoundStats:
-        return RoundStats(**json.loads(self.store.get(f"{self.round_prefix(round_index)}/{STATS}")))
+        key = f"{self.round_prefix(round_index)}/{STATS}"
+        try:
+            return RoundStats(**json.loads(self.store.get(key)))
+        except (ValueError, TypeError) as err:  # not JSON, not an object, or other fields
+            raise CorruptObjectError(
+                f"{self.store.where(key)} is not a readable record of a round's learning (edited or "
+                f"damaged): {err}"
+            ) from None
 
     def mark_tracked(self, round_index: int) -> None:
         self.store.put(f"{self.round_prefix(round_index)}/{TRACKED}", b"{}")
@@ -199,13 +247,13 @@ class RunStore:
         return key
 
     def load_manifest(self, round_index: int) -> dict[str, Any]:
-        return json.loads(self.store.get(f"{self.round_prefix(round_index)}/{MANIFEST}"))
+        return self._record(f"{self.round_prefix(round_index)}/{MANIFEST}", _Manifest).model_dump()
 
     def load_feedback(self, round_index: int) -> RoundFeedback | None:
         key = f"{self.round_prefix(round_index)}/{FEEDBACK}"
         if not self.store.exists(key):
             return None
-        return RoundFeedback.model_validate(json.loads(self.store.get(key))["aggregate"])
+        return self._record(key, _FeedbackRecord).aggregate
 
     # -- checkpoints ----------------------------------------------------------------------------------
 
@@ -218,7 +266,7 @@ class RunStore:
 
     def latest_checkpoint(self) -> int | None:
         key = f"{self.prefix}/progress.json"
-        return json.loads(self.store.get(key))["checkpoint"] if self.store.exists(key) else None
+        return self._record(key, _Progress).checkpoint if self.store.exists(key) else None
 
     # -- inspection -----------------------------------------------------------------------------------
 
@@ -236,9 +284,8 @@ class RunStore:
         listing = []
         for index, objects in sorted(self._objects_by_round("rounds").items()):
             good = bad = None
-            if FEEDBACK in objects:
-                labels = json.loads(self.store.get(f"{self.round_prefix(index)}/{FEEDBACK}"))["aggregate"]
-                good, bad = sum(labels["good"]), len(labels["good"]) - sum(labels["good"])
+            if FEEDBACK in objects and (feedback := self.load_feedback(index)) is not None:
+                good, bad = sum(feedback.good), len(feedback.good) - sum(feedback.good)
             listing.append(
                 RoundListing(
                     round=index,
@@ -280,7 +327,11 @@ class RunStore:
                     f"{prefix}: no {MANIFEST} ({len(objects)} objects of an interrupted round)"
                 )
                 continue
-            listed = json.loads(self.store.get(f"{prefix}/{MANIFEST}"))["files"]
+            try:
+                listed = self.load_manifest(index)["files"]
+            except CorruptObjectError as err:
+                report.problems.append(str(err))
+                continue
             for name, expected in listed.items():
                 check(f"{prefix}/{name}", expected)
             for name in sorted(set(objects) - set(listed) - _AFTER_COMMIT):
@@ -291,8 +342,17 @@ class RunStore:
             if STATE not in objects:
                 report.incomplete.append(f"{prefix}: no {STATE} (a checkpoint interrupted while written)")
                 continue
-            check(f"{prefix}/{TENSORS}", json.loads(self.store.get(f"{prefix}/{STATE}"))["tensors"])
-        latest = self.latest_checkpoint()
+            try:
+                commit = self._record(f"{prefix}/{STATE}", _CheckpointCommit)
+            except CorruptObjectError as err:
+                report.problems.append(str(err))
+                continue
+            check(f"{prefix}/{TENSORS}", commit.tensors.model_dump())
+        try:
+            latest = self.latest_checkpoint()
+        except CorruptObjectError as err:
+            report.problems.append(str(err))
+            return report
         if latest is not None and STATE not in checkpoints.get(latest, {}):
             report.problems.append(
                 f"{self.prefix}/progress.json points at checkpoint {latest}, which is not committed"

@@ -19,7 +19,7 @@ from hero_ml.cli import app
 from hero_ml.config import HeroConfig, StorageConfig
 from hero_ml.diffusion.pipeline import build_random_pipeline
 from hero_ml.engine import RoundBatch, RoundStats, sample_batch
-from hero_ml.run_store import RunStore
+from hero_ml.run_store import CorruptObjectError, RunStore
 from tests.conftest import Service
 from tests.fault_proxy import FaultProxy
 
@@ -162,6 +162,47 @@ def test_an_interrupted_upload_leaves_no_committed_round(s3_server: Service, bat
     report = runs.verify()
     assert report.ok and report.incomplete == [] and report.objects == 4 + 2  # images, grid, trajectory
     assert runs.load_batch(0).image_ids == batch.image_ids
+
+
+def test_a_damaged_record_of_a_run_is_named_with_what_is_wrong(tmp_path: Path, batch: RoundBatch) -> None:
+    store = LocalStore(tmp_path)
+    runs = RunStore(store, "r")
+    runs.save_config(HeroConfig(run_id="r").to_public_dict())
+    runs.commit_batch(batch, {})
+    root = tmp_path / "runs" / "r"
+    manifest = root / "rounds" / "0" / "manifest.json"
+    good = json.loads(manifest.read_text())
+
+    manifest.write_text(json.dumps({k: v for k, v in good.items() if k != "files"}))
+    with pytest.raises(
+        CorruptObjectError, match=r"rounds/0/manifest.json is not a readable record .*\n  files: "
+    ):
+        runs.load_batch(0)
+    report = runs.verify()  # verify reports it and goes on
+    assert not report.ok and "manifest.json is not a readable record" in report.problems[0]
+    manifest.write_text("{not json")
+    with pytest.raises(CorruptObjectError, match=r"(?s)manifest.json is not a readable .*Invalid JSON"):
+        runs.load_manifest(0)
+    manifest.write_text(json.dumps(good))
+    assert runs.verify().ok
+
+    (root / "rounds" / "0" / "feedback.json").write_text(json.dumps({"aggregate": {}, "annotators": []}))
+    with pytest.raises(
+        CorruptObjectError, match=r"(?s)feedback.json is not a readable record .*aggregate\.image_ids"
+    ):
+        runs.list_rounds()
+    (root / "rounds" / "0" / "feedback.json").unlink()
+    (root / "progress.json").write_text(json.dumps({"checkpoint": "x"}))
+    with pytest.raises(
+        CorruptObjectError, match=r"progress.json is not a readable record .*\n  checkpoint: "
+    ):
+        runs.latest_checkpoint()
+    assert "progress.json is not a readable record" in runs.verify().problems[0]
+    listed = CliRunner().invoke(
+        app, ["storage", "verify", "r"], env={"HERO_STORAGE__LOCAL_ROOT": str(tmp_path)}
+    )
+    unwrapped = "".join(listed.output.split())  # rich wraps the path wherever the line ends
+    assert listed.exit_code == 1 and "corrupt" in unwrapped and "progress.jsonisnotareadable" in unwrapped
 
 
 class CountingStore:
