@@ -143,6 +143,8 @@ def test_collect_reports_what_it_cannot_map() -> None:
         "data": {**tasks()[0]["data"], "hero": {**tasks()[0]["data"]["hero"], "round": 0}},
         "annotations": [annotation(6, "good")],
     }
+    round_tasks[1]["annotations"].append({**annotation(1, "good", ident=8), "completed_by": None})
+    round_tasks[2]["annotations"].append({**annotation(1, "good", ident=9), "completed_by": "x" * 201})
     unknown = {
         "id": 32,
         "data": {**tasks()[0]["data"], "hero": {**tasks()[0]["data"]["hero"], "image_id": "x"}},
@@ -157,6 +159,8 @@ def test_collect_reports_what_it_cannot_map() -> None:
         annotators_per_image=1,
     )
     assert collected.problems == [
+        "task 11: annotation 8 names no usable annotator (completed_by); skipped",
+        "task 12: annotation 9 names no usable annotator (completed_by); skipped",
         "task 30: no valid hero metadata (kind image or best); its labels cannot be mapped",
         "task 32: image 'x' is not in round 1; labels ignored",
         "annotator 1 picked 'r0001-001' as best but labelled it bad; their best vote is not counted",

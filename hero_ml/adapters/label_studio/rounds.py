@@ -242,7 +242,14 @@ def collect(
             if not isinstance(annotation, dict):
                 problems.append(f"task {task_id}: an annotation that is not a JSON object; skipped")
                 continue
-            who = str(annotation.get("completed_by"))
+            given_by = annotation.get("completed_by")
+            who = str(given_by)
+            if given_by is None or not who or len(who) > 200:  # an AnnotatorFeedback's id: 1-200 characters
+                problems.append(
+                    f"task {task_id}: annotation {annotation.get('id')} names no usable annotator "
+                    "(completed_by); skipped"
+                )
+                continue
             if annotation.get("was_cancelled"):
                 cancelled += 1
                 continue
