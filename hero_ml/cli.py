@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 import yaml
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hero_ml.adapters.storage import StorageError, open_store
@@ -180,7 +181,7 @@ def run(
 
     resolved = load(config)
     if resume is not None:
-        if task or method or budget or run_id:
+        if task or method or budget is not None or run_id:
             raise fail(
                 "--resume continues a run with its own settings: drop --task/--method/--budget/--run-id"
             )
@@ -191,7 +192,7 @@ def run(
             overrides["run_id"] = run_id
         if method:
             overrides["method"] = method
-        if budget:
+        if budget is not None:
             overrides["feedback"] = {"budget": budget}
         if task:
             from hero_ml.toy.task import TaskError, load_task
@@ -403,9 +404,9 @@ def storage_verify(
     except (StorageError, ValueError) as err:
         raise fail(str(err)) from None
     for line in report.incomplete:
-        console.print(f"[yellow]uncommitted[/] {line}", highlight=False)
+        console.print(f"[yellow]uncommitted[/] {escape(line)}", highlight=False)
     for line in report.problems:
-        err_console.print(f"[bold red]corrupt[/] {line}", highlight=False)
+        err_console.print(f"[bold red]corrupt[/] {escape(line)}", highlight=False)
     verdict = "[green]ok[/]" if report.ok else f"[bold red]{len(report.problems)} problems[/]"
     console.print(
         f"{verdict}: {report.objects} objects ({report.bytes / 1e6:.2f} MB) match their checksums; "
@@ -506,5 +507,5 @@ def run_cli() -> None:
     try:
         app()
     except HeroError as err:
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
         raise SystemExit(1) from None

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from hero_ml.config import ConfigError, HeroConfig, load_config
 
@@ -26,7 +27,7 @@ ConfigOption = Annotated[
 
 
 def fail(message: str) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)  # [a-z] is not markup
     return typer.Exit(code=1)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import textwrap
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -367,7 +368,20 @@ class StorageConfig(_Section):
     local_root: Path = Field(
         Path("hero-data"), description="Root folder of the local backend; runs/<run_id>/... below it."
     )
-    s3_bucket: str | None = Field(None, description="Bucket of the s3 backend.")
+    s3_bucket: str | None = Field(
+        None, description="Bucket of the s3 backend: its name alone (3-63 of a-z 0-9 . -), no s3:// or key."
+    )
+
+    @field_validator("s3_bucket")
+    @classmethod
+    def _a_bucket_name(cls, bucket: str | None) -> str | None:
+        if bucket is not None and not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+            raise ValueError(
+                "is not a bucket name: give the name alone (3-63 characters of a-z, 0-9, '.' and '-'), "
+                "without s3:// or a key; a folder inside the bucket goes in s3_prefix"
+            )
+        return bucket
+
     s3_endpoint_url: HttpUrl | None = Field(
         None, description="S3 endpoint for MinIO or other S3-compatible servers; empty for AWS."
     )

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from hero_ml.adapters.storage import StorageError, open_store
 from hero_ml.cli_support import ConfigOption, console, fail
-from hero_ml.config import ConfigError, HeroConfig, load_config
+from hero_ml.config import ConfigError, HeroConfig, load_config, with_overrides
 
 if TYPE_CHECKING:
     from hero_ml.labelling import LabelStudioRounds
@@ -27,7 +27,7 @@ def _rounds(config_path: Path | None, run_id: str | None) -> tuple[HeroConfig, L
     try:
         config: HeroConfig = load_config(config_path)
         if run_id is not None:
-            config = config.model_copy(update={"run_id": run_id})
+            config = with_overrides(config, {"run_id": run_id})  # validated, as a config's run_id is
         projects = open_projects(config)
     except (ConfigError, LabelStudioError) as err:
         raise fail(str(err)) from None

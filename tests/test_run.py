@@ -101,6 +101,13 @@ def test_hero_run_explains_bad_arguments(tmp_path: Path) -> None:
     assert method.exit_code == 1 and "method: Input should be 'hero'," in method.output
     assert "(got 'magic')" in " ".join(method.output.split())
 
+    zero = runner.invoke(app, ["run", "-c", str(config), "--budget", "0"])  # not "the config's budget"
+    assert zero.exit_code == 1 and "budget: Input should be greater than or equal to 1" in zero.output
+    markup = runner.invoke(app, ["run", "-c", str(config), "--run-id", "[red]x"])  # shown as given
+    assert markup.exit_code == 1 and "(got '[red]x')" in " ".join(markup.output.split())
+    status = runner.invoke(app, ["labelstudio", "status", "bad id!", "-c", str(config)])
+    assert status.exit_code == 1 and "run_id: String should match pattern" in status.output
+
     # a stored config.json that was edited: another run's, not a mapping, a field this release lacks
     stored = tmp_path / "data" / "runs" / "edited" / "config.json"
     stored.parent.mkdir(parents=True)

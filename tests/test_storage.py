@@ -114,16 +114,18 @@ def test_s3_config_explains_what_is_missing() -> None:
     with pytest.raises(ValueError, match="needs s3_bucket"):
         StorageConfig(backend="s3")
     with pytest.raises(ValueError, match="go together"):
-        StorageConfig(backend="s3", s3_bucket="b", s3_access_key_id="only-the-id")
+        StorageConfig(backend="s3", s3_bucket="hero-runs", s3_access_key_id="only-the-id")
     with pytest.raises(ValueError, match="not a plain relative path"):
-        StorageConfig(backend="s3", s3_bucket="b", s3_prefix="../other-team")
+        StorageConfig(backend="s3", s3_bucket="hero-runs", s3_prefix="../other-team")
+    for bucket in ["s3://hero-runs", "hero-runs/team", "b", "Hero-Runs"]:
+        with pytest.raises(ValueError, match="is not a bucket name: give the name alone"):
+            StorageConfig(backend="s3", s3_bucket=bucket)
 
 
 def test_an_s3_prefix_is_kept_in_the_spelling_keys_are_joined_to() -> None:
     # Label Studio's image links are s3://bucket/{s3_prefix}{key}: the prefix must end in '/'
-    assert StorageConfig(backend="s3", s3_bucket="b", s3_prefix="team/hero").s3_prefix == "team/hero/"
-    assert StorageConfig(backend="s3", s3_bucket="b", s3_prefix="team/hero/").s3_prefix == "team/hero/"
-    assert StorageConfig(backend="s3", s3_bucket="b", s3_prefix="").s3_prefix == ""
+    for given, kept in [("team/hero", "team/hero/"), ("team/hero/", "team/hero/"), ("", "")]:
+        assert StorageConfig(backend="s3", s3_bucket="hero-runs", s3_prefix=given).s3_prefix == kept
 
 
 # -- a run's objects -------------------------------------------------------------------------------------
