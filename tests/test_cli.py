@@ -68,12 +68,6 @@ def test_the_hero_command_prints_an_error_it_can_explain_without_a_traceback(tmp
     assert "Traceback" not in result.stderr + result.stdout
 
 
-def test_top_level_help_lists_the_commands() -> None:
-    output = runner.invoke(app, ["--help"]).output
-    for command in ("config", "model", "sample"):
-        assert command in output
-
-
 def test_config_show_prints_the_resolved_config_with_secrets_masked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HERO_LABEL_STUDIO__API_KEY", "tok-do-not-print")
     monkeypatch.setenv("HERO_SAMPLING__ETA", "0.7")

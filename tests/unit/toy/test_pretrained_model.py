@@ -42,6 +42,8 @@ def test_the_model_card_holds_the_command_and_measured_figures() -> None:
     assert "hero toy pretrain --seed 0" in card and "hero toy card --n 512" in card
     figures = json.loads((PRETRAINED / "card.json").read_text())
     assert figures["judge_accuracy"]["clean"] >= 0.98
+    tasks = ("anomaly", "binding", "counting", "personal", "safety")
+    assert set(figures["base_rates"]) == {f"{t}/training prompts" for t in tasks} | {"safety/unseen prompts"}
     for key, result in figures["base_rates"].items():
         if not key.endswith("unseen prompts"):
             assert 0.05 <= result["rate"] <= 0.5, key
