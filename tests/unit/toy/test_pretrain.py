@@ -1,6 +1,7 @@
 """A pretraining smoke run: a few steps of every phase, then plain diffusers and our commands use it."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +90,9 @@ def test_toy_commands_run_on_the_smoke_model(smoke_model: Path) -> None:
     missing = runner.invoke(app, ["toy", "eval", "--task", "nope", "--model", str(smoke_model)])
     assert missing.exit_code == 1 and "no task named 'nope'" in missing.output
     accuracy = runner.invoke(app, ["toy", "judge-accuracy", "--n", "20"])
-    assert accuracy.exit_code == 0 and "judge accuracy, clean: 1.0000" in accuracy.output
+    assert accuracy.exit_code == 0, accuracy.output
+    clean = re.search(r"judge accuracy, clean: ([0-9.]+)", accuracy.output)
+    assert clean is not None and float(clean.group(1)) >= 0.95  # test_judge: >= 0.98 on 512; 20 allow a miss
 
 
 def test_model_card_is_written_from_measurements(smoke_model: Path) -> None:
@@ -99,7 +102,7 @@ def test_model_card_is_written_from_measurements(smoke_model: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     figures = json.loads((smoke_model / "card.json").read_text())
-    assert figures["judge_accuracy"]["clean"] == 1.0
+    assert 0.95 <= figures["judge_accuracy"]["clean"] <= 1.0  # measured on 20 scenes, as above
     assert set(figures["base_rates"]) == {
         "anomaly/training prompts",
         "binding/training prompts",
