@@ -114,10 +114,15 @@ def test_sd15_builds_from_real_classes_and_runs_a_guided_step() -> None:
     assert pipe.vae_scale_factor * pipe.unet.config.sample_size == 512
     prompt_embeds, negative_embeds = pipe.encode_prompt(["a blue rose"], "cpu", 1, True, negative_prompt=[""])
     assert prompt_embeds.shape == (1, 77, 768)
-    small = torch.randn(1, 4, 8, 8)  # any multiple of 8 runs; 64x64 latents would cost minutes here
+    # any multiple of 8 runs; 64x64 latents would cost minutes here
+    small = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([981])
     with torch.no_grad():
-        out = guided_noise_pred(pipe.unet, small, torch.tensor([981]), prompt_embeds, negative_embeds, 5.0)
-    assert out.shape == small.shape and out.isfinite().all()
+        out = guided_noise_pred(pipe.unet, small, t, prompt_embeds, negative_embeds, 5.0)
+        cond = pipe.unet(small, t, encoder_hidden_states=prompt_embeds).sample
+        uncond = pipe.unet(small, t, encoder_hidden_states=negative_embeds).sample
+    assert out.isfinite().all()
+    torch.testing.assert_close(out, uncond + 5.0 * (cond - uncond), rtol=1e-4, atol=1e-4)  # one batch vs two
 
 
 def test_a_failed_download_says_so() -> None:
