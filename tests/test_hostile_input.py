@@ -24,7 +24,7 @@ from hero_ml.adapters.storage.keys import InvalidKeyError, check_key
 from hero_ml.config import ConfigError, HeroConfig, load_config
 from hero_ml.diffusion.sampler import Trajectory
 from hero_ml.engine import STATE, TENSORS, Engine, EngineError
-from tests.test_webhooks import serve
+from tests.conftest import serve
 from tests.unit.test_engine import small_config
 
 EXAMPLES = 200

@@ -14,13 +14,12 @@ from typing import Any
 
 import pytest
 import requests
-import uvicorn
 from pydantic import SecretStr
 
 from flows.training import deployed_run_id, pause_key, round_of_pause_key
 from flows.waiting import ResumeResult
 from flows.webhooks import RejectionBudget, create_app
-from tests.conftest import _free_port
+from tests.conftest import serve
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 import webhook_load
@@ -54,22 +53,6 @@ class Recorder:
         if self.answer is not None:
             return self.answer(count)
         return ResumeResult(flow_run_id, run_id, round_index, False, "waiting for 1/8 labels")
-
-
-def serve(app: Any) -> Iterator[str]:
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "the receiver did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
 
 
 @pytest.fixture
