@@ -10,6 +10,7 @@
     runs/{run_id}/rounds/{k}/annotations.json          Label Studio: raw annotations, stored before use
     runs/{run_id}/checkpoints/{k}/state.*              the engine after learning round k (JSON last)
     runs/{run_id}/progress.json                        the latest committed checkpoint
+    runs/{run_id}/eval/{label}.json                    the judge's success rate before/after training
 
 Objects are written before the object that commits them, so a crash leaves a round or checkpoint that
 is either complete or visibly not there; reads verify sizes and checksums.
@@ -75,6 +76,12 @@ class _CheckpointCommit(BaseModel):
 
 class _Progress(BaseModel):
     checkpoint: int = Field(ge=0)
+
+
+class _Evaluation(BaseModel):
+    label: str
+    success_rate: float = Field(ge=0, le=1)
+    images: int = Field(ge=1)
 
 
 class _FeedbackRecord(BaseModel):
@@ -238,6 +245,24 @@ class RunStore:
             if k <= latest and STATS in objects and TRACKED not in objects
         ]
 
+    # -- evaluations (the judge's success rate before and after training) ------------------------------
+
+    def save_evaluation(self, label: str, success_rate: float, images: int) -> None:
+        record = _Evaluation(label=label, success_rate=success_rate, images=images)
+        self.store.put(f"{self.prefix}/eval/{label}.json", record.model_dump_json().encode())
+
+    def load_evaluation(self, label: str) -> tuple[float, int] | None:
+        """(success rate, images) of a stored evaluation; None when there is none."""
+        key = f"{self.prefix}/eval/{label}.json"
+        if not self.store.exists(key):
+            return None
+        record = self._record(key, _Evaluation)
+        if record.label != label:
+            raise CorruptObjectError(
+                f"{self.store.where(key)} holds evaluation {record.label!r}, not {label!r} (edited or moved)"
+            )
+        return record.success_rate, record.images
+
     def put_round_object(self, round_index: int, name: str, data: bytes) -> str:
         """Write a labelling object of a committed round (CURRENT_BEST, ANNOTATIONS, PUBLISHED); its key."""
         if name not in _LABELLING:
@@ -348,6 +373,12 @@ class RunStore:
                 report.problems.append(str(err))
                 continue
             check(f"{prefix}/{TENSORS}", commit.tensors.model_dump())
+        for key in sorted(self.store.list(f"{self.prefix}/eval")):
+            label = key.removeprefix(f"{self.prefix}/eval/").removesuffix(".json")
+            try:
+                self.load_evaluation(label)
+            except CorruptObjectError as err:
+                report.problems.append(str(err))
         try:
             latest = self.latest_checkpoint()
         except CorruptObjectError as err:

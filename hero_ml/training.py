@@ -229,9 +229,8 @@ class TrainingRun:
         if n == 0 or (label == "after_guided" and pool is None):
             return None
         initial_noise = None if pool is None else pool.sample(n, torch.Generator().manual_seed(0))
-        key = f"{self.runs.prefix}/eval/{label}.json"
-        if label == "before" and self.runs.store.exists(key):
-            return Evaluation(**json.loads(self.runs.store.get(key)))
+        if label == "before" and (stored := self.runs.load_evaluation(label)) is not None:
+            return Evaluation(label, *stored)  # the base model's: measured once per run
 
         def rate() -> float:
             return task_success_rate(
@@ -243,7 +242,7 @@ class TrainingRun:
                 result = Evaluation(label, rate(), n)
         else:
             result = Evaluation(label, rate(), n)
-        self.runs.store.put(key, json.dumps(result.__dict__).encode())
+        self.runs.save_evaluation(label, result.success_rate, result.images)
         if self.tracker is not None:
             self.tracker.log_metrics(
                 {f"eval_success_rate_{label}": result.success_rate}, step=self.engine.round

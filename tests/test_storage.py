@@ -200,6 +200,22 @@ def test_a_damaged_record_of_a_run_is_named_with_what_is_wrong(tmp_path: Path, b
     ):
         runs.latest_checkpoint()
     assert "progress.json is not a readable record" in runs.verify().problems[0]
+    (root / "progress.json").unlink()
+
+    runs.save_evaluation("before", 0.25, 256)
+    assert runs.load_evaluation("before") == (0.25, 256) and runs.load_evaluation("after") is None
+    evaluation = root / "eval" / "before.json"
+    evaluation.write_text(json.dumps({"label": "before", "success_rate": 25, "images": 256}))  # a percentage
+    with pytest.raises(
+        CorruptObjectError, match=r"eval/before.json is not a readable record .*\n  success_rate: "
+    ):
+        runs.load_evaluation("before")
+    assert "before.json is not a readable record" in runs.verify().problems[0]
+    evaluation.write_text(json.dumps({"label": "after", "success_rate": 0.5, "images": 256}))
+    with pytest.raises(CorruptObjectError, match="holds evaluation 'after', not 'before'"):
+        runs.load_evaluation("before")
+    evaluation.write_text("[]")
+    (root / "progress.json").write_text(json.dumps({"checkpoint": "x"}))
     listed = CliRunner().invoke(
         app, ["storage", "verify", "r"], env={"HERO_STORAGE__LOCAL_ROOT": str(tmp_path)}
     )
