@@ -283,7 +283,7 @@ def test_any_label_studio_export_is_collected_or_reported_never_a_crash(tasks: l
     # a label comes from an annotation of this round's task of that image, or of its best task (a best
     # pick says good), by that annotator
     sources = {
-        (str(a.get("completed_by")), image)
+        (str(who.get("id") if isinstance(who := a.get("completed_by"), dict) else who), image)
         for t in tasks
         if (of_this_round(t, "image") or of_this_round(t, "best")) and isinstance(t.get("annotations"), list)
         for a in t["annotations"]

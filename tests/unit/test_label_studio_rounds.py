@@ -131,6 +131,22 @@ def test_collect_a_round_labelled_by_a_team() -> None:
     assert verdict.feedbacks == 3 + 2 + 2 and verdict.annotators == ("1", "2", "3")
 
 
+def test_an_annotator_given_as_a_user_object_is_its_id() -> None:
+    # exports with annotator details give completed_by as the user object; counting its repr would split
+    # one annotator in two when the same person also appears as a bare id
+    round_tasks = tasks()
+    round_tasks[0]["annotations"] = [
+        {**annotation(1, "good", ident=1), "completed_by": {"id": 4, "email": "a@b"}}
+    ]
+    round_tasks[1]["annotations"] = [annotation(4, "bad", ident=2)]
+    round_tasks[2]["annotations"] = [{**annotation(1, "bad", ident=3), "completed_by": {"email": "a@b"}}]
+    collected = collect(
+        round_tasks, run_id="run", round_index=1, image_ids=IDS, has_current_best=True, annotators_per_image=1
+    )
+    assert collected.labels_by_annotator == {"4": 2}
+    assert collected.problems == ["task 12: annotation 3 names no usable annotator (completed_by); skipped"]
+
+
 def test_collect_reports_what_it_cannot_map() -> None:
     round_tasks = tasks()
     for task in round_tasks[:3]:

@@ -243,6 +243,8 @@ def collect(
                 problems.append(f"task {task_id}: an annotation that is not a JSON object; skipped")
                 continue
             given_by = annotation.get("completed_by")
+            if isinstance(given_by, dict):  # exports with annotator details give the user object
+                given_by = given_by.get("id")
             who = str(given_by)
             if given_by is None or not who or len(who) > 200:  # an AnnotatorFeedback's id: 1-200 characters
                 problems.append(
