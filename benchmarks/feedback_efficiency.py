@@ -204,6 +204,18 @@ def feedbacks_to_reach(curve: dict[int, list[float]], target: float) -> int | No
     return None
 
 
+def around(curve: dict[int, list[float]], at: int) -> tuple[float, int] | None:
+    """The mean of every seed's points at `at` and the rounds just before and after it, and how many
+    points that is: a rate at one round of a swinging curve is one sample of the swing. None unless all
+    three rounds are measured."""
+    step = min((f for f in curve if f > 0), default=0)  # one round's feedbacks
+    window = [curve.get(f, []) for f in (at - step, at, at + step)]
+    if step == 0 or not all(window):
+        return None
+    values = [v for values in window for v in values]
+    return float(np.mean(values)), len(values)
+
+
 def efficiency_table(table: dict[tuple[str, str], dict[int, list[float]]], at: int) -> tuple[dict, list[str]]:
     """The paper-form table from the curves: per task the base, each method's rate at `at`
     feedbacks, and the feedbacks each baseline needs to reach HERO's rate there. Returns the figures
@@ -224,7 +236,12 @@ def efficiency_table(table: dict[tuple[str, str], dict[int, list[float]]], at: i
             if values:
                 entry["methods"][method] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
                 entry["methods"][method]["seeds"] = len(values)
-                cells.append(f"{np.mean(values):.3f} ± {np.std(values):.3f} (n={len(values)})")
+                smoothed = around(table[(task, method)], at)
+                entry["methods"][method]["around"] = None if smoothed is None else smoothed[0]
+                cells.append(
+                    f"{np.mean(values):.3f} ± {np.std(values):.3f} (n={len(values)})"
+                    + ("" if smoothed is None else f"; ~{smoothed[0]:.3f}")
+                )
             else:
                 cells.append("—")
         needs = []
@@ -290,9 +307,11 @@ def report(path: Path, at: int) -> None:
             "### Feedback efficiency (toy world)",
             "",
             f"Success rate after {at} feedbacks (mean ± std over seeds; the judge on a fixed evaluation",
-            "set from fixed plain noises), and the feedbacks each baseline needs to reach HERO's rate",
-            "there (the first crossing of the seeds' mean curve; in brackets, where HERO's own curve",
-            f"first reached that rate: on a curve that swings it can be long before {at}).",
+            "set from fixed plain noises; after `~`, the mean over the seeds' points one round before,",
+            "at and after it, as the curves swing from round to round), and the feedbacks each baseline",
+            "needs to reach HERO's rate there (the first crossing of the seeds' mean curve; in brackets,",
+            "where HERO's own curve first reached that rate: on a curve that swings it can be long",
+            f"before {at}).",
             "Every point: `results/feedback_efficiency.csv`.",
             "",
             *rows,

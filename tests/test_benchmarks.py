@@ -50,10 +50,16 @@ def test_the_paper_form_table_sets_each_baseline_against_heros_rate() -> None:
     }
     figures, rows = fe.efficiency_table(table, at=128)
     up = figures["tasks"]["up"]
-    assert up["base"] == base and up["methods"]["hero"] == {"mean": 0.5, "std": 0.25, "seeds": 2}
+    assert up["base"] == base and up["methods"]["hero"] == {
+        "mean": 0.5,
+        "std": 0.25,
+        "seeds": 2,
+        "around": None,
+    }
+    assert up["methods"]["d3po"]["around"] == (0.25 + 0.375 + 0.5) / 3  # the rounds at 64, 128 and 192
     assert up["hero_first_reached"] == 64 and up["to_reach_hero"] == {"ddpo-binary": None, "d3po": 192}
     assert rows[3] == (
-        "| up | 0.250 | 0.500 ± 0.250 (n=2) | — | 0.250 ± 0.000 (n=1) | 0.375 ± 0.000 (n=1) "
+        "| up | 0.250 | 0.500 ± 0.250 (n=2) | — | 0.250 ± 0.000 (n=1); ~0.250 | 0.375 ± 0.000 (n=1); ~0.375 "
         "| (hero itself 64); ddpo-binary > 192; d3po 192 (1.5x) |"
     )
     assert figures["tasks"]["down"]["to_reach_hero"] == {}
