@@ -240,7 +240,7 @@ class DDPOConfig(_Section):
             "over SD 1.5's 16384 elements is 1.6; 1.6e-3 over the toy's 1024 is the same bound "
             "(toy default). At 1e-2 the toy's curves swung and collapsed between rounds; at 1e-4 "
             "half the samples were clipped out of every pass after the first "
-            "(benchmarks/RESULTS.md). It drops samples from the gradient; the step's size is lr's."
+            "(benchmarks/FINDINGS.md). It drops samples from the gradient; the step's size is lr's."
         ),
     )
     adv_clip_max: float = Field(5.0, gt=0, description="Normalised advantages are clipped to ±this.")
@@ -302,7 +302,7 @@ class D3POConfig(_Section):
         gt=0,
         description=(
             "AdamW learning rate of the LoRA parameters under D3PO (toy-tuned: 3e-5, the paper's, did "
-            "not move the toy model, 1e-3 diverged; see benchmarks/RESULTS.md)."
+            "not move the toy model, 1e-3 diverged; see benchmarks/FINDINGS.md)."
         ),
     )
 
