@@ -61,7 +61,8 @@ def deploy(
         training_cron=training_cron,
         **({"source": source} if source else {}),
     )
-    for pool, kind, limit in ((plan.gpu_pool, pool_type, plan.gpus), (plan.service_pool, "process", None)):
+    pools = ((plan.gpu_pool, plan.gpu_pool_type, plan.gpus), (plan.service_pool, "process", None))
+    for pool, kind, limit in pools:
         created = ensure_pool(pool, limit, kind)
         console.print(
             f"work pool {pool} ({kind}): {'created' if created else 'exists'} (concurrency {limit or 'any'})"
