@@ -25,6 +25,7 @@ from prefect.runtime import deployment, flow_run
 from flows.round import check_labelling, hero_round
 from hero_ml.adapters.label_studio.client import LabelStudioError
 from hero_ml.adapters.storage import open_store
+from hero_ml.adapters.tracking import TrackingError
 from hero_ml.adapters.tracking.mlflow import open_tracker
 from hero_ml.config import HeroConfig, load_config, with_overrides
 from hero_ml.engine import RoundStats
@@ -130,8 +131,13 @@ def hero_training(
             version = log_final_artifacts(run)
         except Pause:
             raise  # suspended for annotators: the MLflow run goes on when the flow run resumes
+        except TrackingError:
+            raise  # the server is failing: marking the run FAILED would wait out its retries again
         except BaseException:
-            tracker.finish("FAILED")
+            try:
+                tracker.finish("FAILED")
+            except TrackingError as err:  # the run's own error is the one to report
+                logger.warning("%s", err)
             raise
         tracker.finish()
     return TrainingSummary(

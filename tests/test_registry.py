@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from flows.registry import promote
 from flows.training import hero_training
 from hero_ml.adapters.storage import open_store
+from hero_ml.adapters.tracking import TrackingError
 from hero_ml.adapters.tracking.mlflow import RUN_ID_TAG, MlflowTracker
 from hero_ml.adapters.tracking.registry import Registry, RegistryError
 from hero_ml.cli import app
@@ -26,7 +27,7 @@ from hero_ml.diffusion.lora import add_lora, save_lora
 from hero_ml.diffusion.pipeline import load_pipeline
 from hero_ml.engine import TENSORS
 from hero_ml.run_store import RunStore
-from tests.conftest import Service, s3_storage, tiny_run
+from tests.conftest import Service, _free_port, _infra, s3_storage, tiny_run
 
 runner = CliRunner()
 WINNING_LORA = Path(__file__).parent / "data" / "anomaly-lora"
@@ -265,3 +266,57 @@ def test_promotion_moves_champion_only_on_a_real_win(
         mlflow.set_tracking_uri(None)
     assert Path(loaded.base_model, "model_index.json").is_file()
     assert Path(loaded.adapter_path, "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_a_tracking_server_lost_mid_run_stops_the_run_and_a_resume_tracks_what_it_missed(
+    tmp_path: Path, s3_server: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / "mlflow-state"
+    state.mkdir()
+    port = _free_port()
+    env = {**s3_server.env, "HERO_INFRA_STATE": str(state), "HERO_MLFLOW_PORT": str(port)}
+    url = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail at once, not after minutes of retries
+    config = load_config(
+        production_config(
+            tmp_path,
+            s3_server,
+            Service(url, env),
+            **{
+                "feedback": {"budget": 18},
+                "storage": {"backend": "local", "local_root": str(tmp_path / "d")},
+            },
+        )
+    ).model_copy(update={"run_id": "lost"})
+    runs = RunStore(open_store(config.storage), "lost")
+
+    def stop_the_server_after_round_0(stats: Any) -> None:
+        if stats.round == 0:
+            _infra("mlflow-server.sh", "stop", env)
+
+    _infra("mlflow-server.sh", "start", env)
+    try:
+        with pytest.raises(TrackingError, match=rf"(?s)MLflow at {url}: logging metrics of step 1 failed.*"
+                           r"`hero run --resume lost` tracks what it missed"):  # fmt: skip
+            hero_training(config=config, on_round=stop_the_server_after_round_0)
+        # round 1 was learned and committed before its tracking failed; nothing was lost
+        assert runs.latest_checkpoint() == 1 and runs.untracked_rounds() == [1]
+        assert runs.verify().ok
+
+        with pytest.raises(TrackingError, match=rf"MLflow at {url} does not answer \(.*refused"):
+            hero_training(config=config)  # a run cannot start against a dead server
+        assert runs.latest_checkpoint() == 1
+
+        _infra("mlflow-server.sh", "start", env)
+        summary = hero_training(config=config)
+        assert (summary.rounds, [s.round for s in summary.rounds_now]) == (3, [2])
+        client = MlflowClient(tracking_uri=url)
+        (run,) = client.search_runs(
+            [client.get_experiment_by_name("hero").experiment_id], f"tags.`{RUN_ID_TAG}` = 'lost'"
+        )
+        assert run.info.status == "FINISHED" and runs.untracked_rounds() == []
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "good")] == [0, 1, 2]
+        grids = {a.path for a in client.list_artifacts(run.info.run_id, "rounds")}
+        assert grids == {"rounds/0000", "rounds/0001", "rounds/0002"}
+    finally:
+        _infra("mlflow-server.sh", "stop", env)

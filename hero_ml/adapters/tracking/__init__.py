@@ -7,7 +7,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from hero_ml.errors import HeroError
+
 NOISE_POOL_ARTIFACT = "noise_pool"  # a HERO run's last guidance pool, beside its LoRA (hero_ml/guidance.py)
+
+
+class TrackingError(HeroError, RuntimeError):
+    """The tracking server failed or cannot be reached. A run's own state never depends on it: each
+    round is stored and checkpointed before it is tracked, and a resumed run tracks what was missed."""
 
 
 class Tracker(Protocol):

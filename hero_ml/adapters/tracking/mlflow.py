@@ -5,14 +5,20 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
 
-from hero_ml.adapters.tracking.registry import MODEL_ARTIFACT, Registry, save_lora_model
+from hero_ml.adapters.tracking import TrackingError
+from hero_ml.adapters.tracking.registry import MODEL_ARTIFACT, Registry, RegistryError, save_lora_model
 from hero_ml.config import HeroConfig
 
 RUN_ID_TAG = "hero.run_id"
@@ -21,59 +27,84 @@ MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 
 class MlflowTracker:
     def __init__(self, tracking_uri: str, experiment: str, run_id: str, artifact_location: str | None = None):
-        """Open (or create) the experiment and the MLflow run of HERO run `run_id`; resume it if it exists."""
+        """Open (or create) the experiment and the MLflow run of HERO run `run_id`; resume it if it exists.
+        A server that does not answer at all is reported at once; later calls ride out a restart
+        with MLflow's own retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES, _BACKOFF_FACTOR, _TIMEOUT)."""
         self.tracking_uri = tracking_uri
+        self.hero_run_id = run_id
+        _check_reachable(tracking_uri)
         self.client = MlflowClient(tracking_uri=tracking_uri)
-        found = self.client.get_experiment_by_name(experiment)
-        experiment_id = (
-            found.experiment_id
-            if found is not None
-            else self.client.create_experiment(experiment, artifact_location=artifact_location)
-        )
-        runs = self.client.search_runs([experiment_id], filter_string=f"tags.`{RUN_ID_TAG}` = '{run_id}'")
-        if runs:
-            self.run_id = runs[0].info.run_id
-            self.client.update_run(self.run_id, status="RUNNING")
-        else:
-            self.run_id = self.client.create_run(
-                experiment_id, run_name=run_id, tags={RUN_ID_TAG: run_id}
-            ).info.run_id
+        with self._calling("opening the run"):
+            found = self.client.get_experiment_by_name(experiment)
+            experiment_id = (
+                found.experiment_id
+                if found is not None
+                else self.client.create_experiment(experiment, artifact_location=artifact_location)
+            )
+            runs = self.client.search_runs([experiment_id], filter_string=f"tags.`{RUN_ID_TAG}` = '{run_id}'")
+            if runs:
+                self.run_id = runs[0].info.run_id
+                self.client.update_run(self.run_id, status="RUNNING")
+            else:
+                self.run_id = self.client.create_run(
+                    experiment_id, run_name=run_id, tags={RUN_ID_TAG: run_id}
+                ).info.run_id
+
+    @contextmanager
+    def _calling(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except (MlflowException, RegistryError) as err:
+            reason = err.message if isinstance(err, MlflowException) else str(err)
+            raise TrackingError(
+                f"MLflow at {self.tracking_uri}: {what} failed: {reason[:400]}\nNothing of the run is "
+                f"lost (each round is stored before it is tracked): when the server answers again, "
+                f"`hero run --resume {self.hero_run_id}` tracks what it missed"
+            ) from None
 
     def log_params(self, params: dict[str, Any]) -> None:
         flat = _flatten(params)
-        existing = self.client.get_run(self.run_id).data.params
+        with self._calling("reading the run's params"):
+            existing = self.client.get_run(self.run_id).data.params
         new = [Param(k, v) for k, v in flat.items() if k not in existing]  # params are write-once
         changed = sorted(k for k, v in flat.items() if k in existing and existing[k] != v)
         if changed:
             raise ValueError(
                 f"the run was started with other values of {', '.join(changed)}; resume with its config"
             )
-        for start in range(0, len(new), 100):  # MLflow's batch limit
-            self.client.log_batch(self.run_id, params=new[start : start + 100])
+        with self._calling("logging params"):
+            for start in range(0, len(new), 100):  # MLflow's batch limit
+                self.client.log_batch(self.run_id, params=new[start : start + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         stamp = _now_ms()
-        self.client.log_batch(
-            self.run_id, metrics=[Metric(k, float(v), stamp, step) for k, v in metrics.items()]
-        )
+        with self._calling(f"logging metrics of step {step}"):
+            self.client.log_batch(
+                self.run_id, metrics=[Metric(k, float(v), stamp, step) for k, v in metrics.items()]
+            )
 
     def log_image(self, image: np.ndarray, artifact_file: str) -> None:
-        self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+        with self._calling(f"logging {artifact_file}"):
+            self.client.log_image(self.run_id, image, artifact_file=artifact_file)
 
     def log_artifacts(self, folder: Path, artifact_path: str) -> None:
-        self.client.log_artifacts(self.run_id, str(folder), artifact_path=artifact_path)
+        with self._calling(f"logging the artifacts {artifact_path}"):
+            self.client.log_artifacts(self.run_id, str(folder), artifact_path=artifact_path)
 
     def log_lora(self, lora_folder: Path, base_model: str) -> None:
         with tempfile.TemporaryDirectory() as scratch:
             save_lora_model(lora_folder, base_model, Path(scratch) / MODEL_ARTIFACT)
-            self.client.log_artifacts(self.run_id, str(Path(scratch) / MODEL_ARTIFACT), MODEL_ARTIFACT)
+            with self._calling("logging the LoRA"):
+                self.client.log_artifacts(self.run_id, str(Path(scratch) / MODEL_ARTIFACT), MODEL_ARTIFACT)
 
     def register_lora(self, registered_model: str, tags: dict[str, str]) -> str:
-        registry = Registry(self.tracking_uri, registered_model, alias="")
-        return registry.register(self.run_id, tags).version
+        with self._calling(f"registering the LoRA as a version of {registered_model}"):
+            registry = Registry(self.tracking_uri, registered_model, alias="")
+            return registry.register(self.run_id, tags).version
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status=status)
+        with self._calling(f"marking the run {status}"):
+            self.client.set_terminated(self.run_id, status=status)
 
 
 def open_tracker(config: HeroConfig) -> MlflowTracker:
@@ -86,6 +117,24 @@ def open_tracker(config: HeroConfig) -> MlflowTracker:
         database.parent.mkdir(parents=True, exist_ok=True)
         artifact_location = (database.parent / "mlartifacts").resolve().as_uri()
     return MlflowTracker(tracking.tracking_uri, tracking.experiment, config.run_id, artifact_location)
+
+
+def _check_reachable(tracking_uri: str) -> None:
+    """An HTTP tracking server must answer at all (any status: a proxy may want credentials for
+    /health). MLflow's client would retry a refused connection for minutes before saying so."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=10).close()
+    except urllib.error.HTTPError:
+        return  # it answered
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingError(
+            f"MLflow at {tracking_uri} does not answer ({reason}): start the tracking server "
+            "(infra/mlflow-server.sh, docs/OPERATIONS.md) or set tracking.tracking_uri "
+            "(HERO_TRACKING__TRACKING_URI)"
+        ) from None
 
 
 def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
