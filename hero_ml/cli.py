@@ -306,7 +306,8 @@ def _run_embedded(config: HeroConfig) -> None:
             summary = hero_training(config=config, on_step=on_step, on_round=on_round, on_wait=on_wait)
         except (HeroError, FileNotFoundError) as err:
             raise fail(str(err)) from None
-        progress.remove_task(bar)
+        finally:
+            progress.remove_task(bar)  # no bar left standing under the error or the summary
 
     table = Table("", "value", title=f"run {config.run_id}")
     table.add_row("method", config.method)
