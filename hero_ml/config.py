@@ -8,6 +8,7 @@ Validation happens at load: a bad value fails with its dotted path and the reaso
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -860,8 +861,24 @@ def format_validation_error(err: ValidationError, root: type[BaseModel] | None =
         shown = not secret and not isinstance(problem["input"], dict)
         if problem["type"] not in {"missing", "extra_forbidden", SECRET_IN_VALUE} and shown:
             line += f" (got {problem['input']!r})"
+        if problem["type"] == "extra_forbidden":
+            line += _known_fields(problem["loc"], root or HeroConfig)
         lines.append(line)
     return "\n".join(lines)
+
+
+def _known_fields(loc: tuple[int | str, ...], model: type[BaseModel]) -> str:
+    """What an unknown field might have been meant as: the closest known names, or all of them."""
+    for part in loc[:-1]:
+        annotation = model.model_fields[str(part)].annotation if str(part) in model.model_fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    known = sorted(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), known, n=3, cutoff=0.6)
+    if close:
+        return f"; did you mean {' or '.join(repr(name) for name in close)}?"
+    return f"; the fields here: {', '.join(known)}"
 
 
 def _is_secret(loc: tuple[int | str, ...], model: type[BaseModel]) -> bool:

@@ -92,12 +92,17 @@ def test_a_bad_yaml_value_fails_with_its_field_path(tmp_path: Path) -> None:
 
 
 def test_every_problem_is_listed(tmp_path: Path) -> None:
-    path = write(tmp_path, {"sampling": {"num_steps": "many", "etaa": 1}, "ddpo": {"lr": -1}})
+    path = write(
+        tmp_path,
+        {"sampling": {"num_steps": "many", "etaa": 1}, "ddpo": {"lr": -1}, "label_studio": {"token": "x"}},
+    )
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     message = str(caught.value)
     assert "sampling.num_steps: Input should be a valid integer" in message
-    assert "sampling.etaa: Extra inputs are not permitted" in message
+    assert "sampling.etaa: Extra inputs are not permitted; did you mean 'eta'?" in message
+    fields = "api_key, enabled, project_title_prefix, suggestions, url"
+    assert f"label_studio.token: Extra inputs are not permitted; the fields here: {fields}" in message
     assert "ddpo.lr: Input should be greater than 0" in message
 
 
