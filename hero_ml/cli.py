@@ -141,6 +141,7 @@ def sample(config: ConfigOption = None) -> None:
                 resolved, on_model_loaded=model_loaded, on_step=lambda: progress.advance(task)
             )
         except HeroError as err:  # a missing model or device, a committed round, a run written elsewhere
+            progress.remove_task(task)  # no bar left standing under the error
             raise fail(str(err)) from None
 
     manifest = result.manifest
@@ -447,6 +448,7 @@ def promote(
         try:
             decision = promote_version(resolved, version, on_images=lambda n: progress.advance(bar, n))
         except RegistryError as err:
+            progress.remove_task(bar)  # no bar left standing under the error
             raise fail(str(err)) from None
     alias = resolved.tracking.champion_alias
     against = "the base model" if decision.incumbent == "base" else f"version {decision.incumbent}"

@@ -1,4 +1,5 @@
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -146,6 +147,30 @@ def test_a_missing_model_is_a_readable_error(tmp_path: Path) -> None:
     result = runner.invoke(app, ["sample", "--config", str(small_config(tmp_path, source="someone/missing"))])
     assert result.exit_code == 1
     assert "cannot load model 'someone/missing'" in result.output and "Traceback" not in result.output
+    assert "loading someone/missing" not in result.output  # no progress bar left under the error
+
+
+def test_a_run_against_a_dead_tracking_server_fails_at_once_with_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setenv("HERO_TRACKING__TRACKING_URI", dead)
+    result = runner.invoke(app, ["run", "-c", str(small_config(tmp_path))])
+    assert result.exit_code == 1
+    assert f"MLflowat{dead}doesnotanswer" in "".join(result.output.split())  # rich wraps long lines
+    assert "denoising" not in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "data" / "runs" / "cli-test" / "rounds").exists()  # nothing sampled
+
+
+def test_promote_without_a_version_says_so_and_leaves_no_bar(tmp_path: Path) -> None:
+    tracking = {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "registered_model": "empty"}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"tracking": tracking}))
+    result = runner.invoke(app, ["promote", "-c", str(tmp_path / "c.yaml")])
+    assert result.exit_code == 1
+    assert "registered model 'empty' has no versions: finish a hero run first" in result.output
+    assert "evaluating" not in result.output and "Traceback" not in result.output
 
 
 def test_an_interrupted_round_is_sampled_again_and_its_leftovers_overwritten(tmp_path: Path) -> None:
