@@ -18,10 +18,20 @@ rounds_app = typer.Typer(help="Rounds waiting for annotators on a Prefect server
 
 
 def _need_prefect_server() -> None:
-    if not os.environ.get("PREFECT_API_URL"):
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
         raise fail(
             "no Prefect server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api; "
             "infra/prefect-server.sh start runs one)"
+        )
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        problem = client.api_healthcheck()
+    if problem is not None:  # each command's first call would end in the HTTP client's traceback
+        raise fail(
+            f"the Prefect server at {url} fails its health check ({problem or type(problem).__name__}): "
+            "start it (infra/prefect-server.sh start) or set PREFECT_API_URL"
         )
 
 

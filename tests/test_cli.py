@@ -164,6 +164,23 @@ def test_a_run_against_a_dead_tracking_server_fails_at_once_with_what_to_do(
     assert not (tmp_path / "data" / "runs" / "cli-test" / "rounds").exists()  # nothing sampled
 
 
+@pytest.mark.parametrize("command", [["deploy"], ["rounds", "poll"], ["serve-webhooks"]])
+def test_the_server_commands_refuse_a_prefect_server_that_does_not_answer(
+    command: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}/api"
+    monkeypatch.setenv("PREFECT_API_URL", dead)
+    monkeypatch.setenv("HERO_LABEL_STUDIO__API_KEY", "k")
+    monkeypatch.setenv("HERO_ORCHESTRATION__WEBHOOK_SECRET", "s")
+    result = subprocess.run([HERO, *command], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    message = "".join(result.stderr.split())  # rich wraps long lines
+    assert f"thePrefectserverat{dead}failsitshealthcheck" in message and "refused" in message
+    assert "Traceback" not in result.stderr
+
+
 def test_promote_without_a_version_says_so_and_leaves_no_bar(tmp_path: Path) -> None:
     tracking = {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "registered_model": "empty"}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"tracking": tracking}))
