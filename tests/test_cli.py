@@ -200,3 +200,9 @@ def test_an_interrupted_round_is_sampled_again_and_its_leftovers_overwritten(tmp
     rewritten = (folder / "images" / "r0000-003.png").read_bytes()
     assert len(rewritten) == manifest["files"]["images/r0000-003.png"]["bytes"]
     assert Image.open(folder / "images" / "r0000-003.png").size == (32, 32)
+
+
+def test_toy_eval_names_a_lora_folder_without_weights(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["toy", "eval", "--task", "counting", "--n", "1", "--lora", str(tmp_path)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "no LoRA weights at" in result.output

@@ -72,7 +72,10 @@ def load_lora(pipe: StableDiffusionPipeline, folder: Path) -> None:
         raise FileNotFoundError(
             f"no LoRA weights at {weights}: save them with hero_ml.diffusion.lora.save_lora"
         )
-    pipe.load_lora_weights(folder, weight_name=LORA_WEIGHTS_FILE, adapter_name=ADAPTER_NAME)
+    try:
+        pipe.load_lora_weights(folder, weight_name=LORA_WEIGHTS_FILE, adapter_name=ADAPTER_NAME)
+    except OSError:  # diffusers' "Unable to load weights from checkpoint file": damaged or not safetensors
+        raise ValueError(f"{weights} is not a readable safetensors file (damaged or truncated?)") from None
     if ADAPTER_NAME not in pipe.get_list_adapters().get("unet", []):
         raise ValueError(f"{weights} holds no UNet LoRA weights that diffusers recognises")
 

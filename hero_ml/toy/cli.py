@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -113,11 +114,11 @@ def eval_command(
     try:
         spec = load_task(task)
         pipe = load_pipeline(model)
-    except (TaskError, ModelNotFoundError) as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False)
+        if lora is not None:
+            load_lora(pipe, lora)
+    except (TaskError, ModelNotFoundError, FileNotFoundError, ValueError) as err:
+        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
         raise typer.Exit(1) from None
-    if lora is not None:
-        load_lora(pipe, lora)
     prompts, target = spec.prompts, spec.target
     if unseen:
         if not spec.eval_prompts:

@@ -123,3 +123,18 @@ def test_a_file_diffusers_would_silently_ignore_is_an_error(
 def test_missing_weights_file_says_where(tiny_pipe: StableDiffusionPipeline, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=LORA_WEIGHTS_FILE):
         load_lora(tiny_pipe, tmp_path)
+
+
+def test_a_missing_or_damaged_weights_file_is_named(
+    tiny_pipe: StableDiffusionPipeline, tmp_path: Path
+) -> None:
+    with pytest.raises(FileNotFoundError, match=f"no LoRA weights at {tmp_path / LORA_WEIGHTS_FILE}"):
+        load_lora(tiny_pipe, tmp_path)
+    trained = build_random_pipeline("tiny", seed=0)
+    add_lora(trained.unet, rank=4, alpha=4)
+    weights = save_lora(trained.unet, tmp_path)
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    with pytest.raises(
+        ValueError, match=r"pytorch_lora_weights.safetensors is not a readable safetensors file"
+    ):
+        load_lora(tiny_pipe, tmp_path)

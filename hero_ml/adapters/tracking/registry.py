@@ -139,7 +139,10 @@ class Registry:
                     f"version {version.version} of {version.name} records no base model; pass one explicitly"
                 )
             pipe = load_pipeline(source, device=device)
-            load_lora(pipe, local / model.flavors["diffusers"]["adapter_weights"])
+            try:
+                load_lora(pipe, local / model.flavors["diffusers"]["adapter_weights"])
+            except (OSError, ValueError) as err:
+                raise RegistryError(f"version {version.version} of {version.name}: {err}") from None
         return pipe
 
     def noise_pool(self, version: ModelVersion) -> NoisePool:
