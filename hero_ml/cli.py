@@ -115,8 +115,9 @@ def model_build(
 def sample(config: ConfigOption = None) -> None:
     """Sample one round with the configured model; write images, grid, trajectory and manifest.
 
-    On the embedded defaults the model is a tiny SD with random weights: the images are noise, and
-    the manifest says so. This shows the sampler and the storage layout end to end.
+    On the embedded defaults the model is the committed toy SD (the toy world's shapes); with
+    model.source random:<arch> the images are noise, and the manifest says so. This shows the sampler
+    and the storage layout end to end, without learning.
     """
     from hero_ml.sample_round import sample_round
 
