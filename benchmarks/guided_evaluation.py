@@ -2,8 +2,8 @@
 
 feedback_efficiency.py evaluates every policy from fixed plain N(0, I) noises, as a user who samples
 the LoRA does. HERO trains from feedback-guided noises (near the best and good images' x_T), and the
-paper's authors appear to have sampled their evaluation images from that distribution too (RESULTS.md,
-"Feedback efficiency: status and findings"). For each HERO run of the grid that has learned `--at`
+paper's authors appear to have sampled their evaluation images from that distribution too (FINDINGS.md,
+"Sampled from its own guided noises"). For each HERO run of the grid that has learned `--at`
 feedbacks, this samples `--eval-images` images from the run's guided distribution at that checkpoint
 (its best and good noises, the config's best ratio and eps), once with the LoRA and once with the
 base model (adapters off, the same noises), and sets them beside the grid's plain-noise rates of the

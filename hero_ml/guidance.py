@@ -12,7 +12,7 @@ reference crashes there); a best kept from an earlier round is passed in as `bes
 The first round has no best: the caller samples plain N(0, I) (as does guidance off).
 
 A finished run leaves its last pool as a NoisePool, logged beside the LoRA: the LoRA sampled from
-it is what HERO's training batches measure (and, most likely, the paper's evaluation: RESULTS.md).
+it is what HERO's training batches measure (and, most likely, the paper's evaluation: benchmarks/FINDINGS.md).
 """
 
 from __future__ import annotations
