@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Annotated
@@ -246,7 +247,11 @@ def _run_embedded(config: HeroConfig) -> None:
     transformers_logging.disable_progress_bar()
 
     prefect_home = (config.storage.local_root / "prefect").resolve()
-    prefect_home.mkdir(parents=True, exist_ok=True)  # Prefect makes only the last level itself
+    try:
+        prefect_home.mkdir(parents=True, exist_ok=True)  # Prefect makes only the last level itself
+    except OSError as err:
+        root = config.storage.local_root
+        raise fail(f"storage.local_root {root}: cannot create folders there ({err})") from None
     os.environ.setdefault("PREFECT_HOME", str(prefect_home))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -272,6 +277,17 @@ def _run_embedded(config: HeroConfig) -> None:
     )
     with progress:
         bar = progress.add_task("denoising", total=steps_per_round)
+
+        def stop_at_once(signum: int, frame: object) -> None:
+            # A run is crash-safe at every point (docs/RELIABILITY.md), so Ctrl+C ends the process here:
+            # left to Prefect, the flow would spend minutes reporting its cancellation to the ephemeral
+            # API server, which the same Ctrl+C is shutting down, and print hundreds of lines of tracebacks.
+            progress.remove_task(bar)
+            progress.stop()
+            err_console.print(f"stopped; `hero run --resume {config.run_id}` continues where it stopped")
+            os._exit(130)
+
+        signal.signal(signal.SIGINT, stop_at_once)
         round_started = [time.perf_counter()]  # from the round's first denoising step
 
         def on_step() -> None:

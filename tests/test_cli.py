@@ -1,7 +1,10 @@
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -206,3 +209,24 @@ def test_toy_eval_names_a_lora_folder_without_weights(tmp_path: Path) -> None:
     result = runner.invoke(app, ["toy", "eval", "--task", "counting", "--n", "1", "--lora", str(tmp_path)])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "no LoRA weights at" in result.output
+
+
+def test_ctrl_c_stops_a_run_at_once_and_says_how_to_resume(tmp_path: Path) -> None:
+    config = small_config(tmp_path)
+    started = tmp_path / "data" / "runs" / "cli-test" / "config.json"  # written once the flow runs
+    # a session of its own: Ctrl+C in a terminal signals the whole foreground process group
+    process = subprocess.Popen(
+        [HERO, "run", "-c", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        while not started.exists() and process.poll() is None:
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGINT)
+        output, _ = process.communicate(timeout=60)  # Prefect's own shutdown took minutes
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, output
+    assert "stopped; `hero run --resume cli-test` continues where it stopped" in output
+    assert "Traceback" not in output
