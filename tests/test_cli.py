@@ -184,6 +184,21 @@ def test_the_server_commands_refuse_a_prefect_server_that_does_not_answer(
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "command", [["promote"], ["generate", "models:/m@champion", "--prompt", "a", "--out", "o"]]
+)
+def test_registry_commands_refuse_a_tracking_server_that_does_not_answer(
+    command: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setenv("HERO_TRACKING__TRACKING_URI", dead)
+    result = runner.invoke(app, command)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"MLflowat{dead}doesnotanswer" in "".join(result.output.split())  # at once, not after retries
+
+
 def test_promote_without_a_version_says_so_and_leaves_no_bar(tmp_path: Path) -> None:
     tracking = {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "registered_model": "empty"}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"tracking": tracking}))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -36,3 +38,22 @@ class Tracker(Protocol):
         second call returns the version the first made). Returns the version."""
 
     def finish(self, status: str = "FINISHED") -> None: ...
+
+
+def unreachable(tracking_uri: str) -> str | None:
+    """What is wrong when an HTTP tracking server does not answer at all (any HTTP status counts as an
+    answer: a proxy may want credentials for /health); None when it answers or the URI is not HTTP.
+    MLflow's client would retry a refused connection for minutes before saying so."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    try:
+        urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=10).close()
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError) as err:
+        return (
+            f"MLflow at {tracking_uri} does not answer ({getattr(err, 'reason', err)}): start the tracking "
+            "server (infra/mlflow-server.sh, docs/OPERATIONS.md) or set tracking.tracking_uri "
+            "(HERO_TRACKING__TRACKING_URI)"
+        )
+    return None

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +15,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
-from hero_ml.adapters.tracking import TrackingError
+from hero_ml.adapters.tracking import TrackingError, unreachable
 from hero_ml.adapters.tracking.registry import MODEL_ARTIFACT, Registry, RegistryError, save_lora_model
 from hero_ml.config import HeroConfig
 
@@ -32,7 +30,8 @@ class MlflowTracker:
         with MLflow's own retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES, _BACKOFF_FACTOR, _TIMEOUT)."""
         self.tracking_uri = tracking_uri
         self.hero_run_id = run_id
-        _check_reachable(tracking_uri)
+        if (problem := unreachable(tracking_uri)) is not None:
+            raise TrackingError(problem)
         self.client = MlflowClient(tracking_uri=tracking_uri)
         with self._calling("opening the run"):
             found = self.client.get_experiment_by_name(experiment)
@@ -117,24 +116,6 @@ def open_tracker(config: HeroConfig) -> MlflowTracker:
         database.parent.mkdir(parents=True, exist_ok=True)
         artifact_location = (database.parent / "mlartifacts").resolve().as_uri()
     return MlflowTracker(tracking.tracking_uri, tracking.experiment, config.run_id, artifact_location)
-
-
-def _check_reachable(tracking_uri: str) -> None:
-    """An HTTP tracking server must answer at all (any status: a proxy may want credentials for
-    /health). MLflow's client would retry a refused connection for minutes before saying so."""
-    if not tracking_uri.startswith(("http://", "https://")):
-        return
-    try:
-        urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=10).close()
-    except urllib.error.HTTPError:
-        return  # it answered
-    except (urllib.error.URLError, OSError) as err:
-        reason = getattr(err, "reason", err)
-        raise TrackingError(
-            f"MLflow at {tracking_uri} does not answer ({reason}): start the tracking server "
-            "(infra/mlflow-server.sh, docs/OPERATIONS.md) or set tracking.tracking_uri "
-            "(HERO_TRACKING__TRACKING_URI)"
-        ) from None
 
 
 def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:

@@ -27,7 +27,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 
-from hero_ml.adapters.tracking import NOISE_POOL_ARTIFACT
+from hero_ml.adapters.tracking import NOISE_POOL_ARTIFACT, unreachable
 from hero_ml.diffusion.lora import load_lora
 from hero_ml.diffusion.pipeline import TOY_FOLDER, TOY_SOURCE, load_pipeline
 from hero_ml.errors import HeroError
@@ -60,6 +60,8 @@ class Registry:
     """Registered model `name` on an MLflow tracking server (or SQLite store) and its champion alias."""
 
     def __init__(self, tracking_uri: str, name: str, alias: str):
+        if (problem := unreachable(tracking_uri)) is not None:
+            raise RegistryError(problem)
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.name = name
