@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from hero_ml.adapters.storage import StorageError, open_store
 from hero_ml.cli_support import ConfigOption, console, err_console, fail, load
-from hero_ml.config import ConfigError, HeroConfig
+from hero_ml.config import SEED_MAX, ConfigError, HeroConfig
 from hero_ml.errors import HeroError
 from hero_ml.labelling_cli import labelstudio_app
 from hero_ml.orchestration_cli import deploy, rounds_app, serve_webhooks
@@ -99,7 +99,7 @@ def config_validate(
 def model_build(
     arch: Annotated[str, typer.Argument(help="Architecture: 'tiny' or 'sd15'.")],
     out: Annotated[Path, typer.Argument(help="Folder to write the diffusers pipeline to.", file_okay=False)],
-    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.", min=0, max=SEED_MAX)] = 0,
 ) -> None:
     """Write an SD-shaped pipeline with random weights as a standard diffusers folder."""
     from hero_ml.diffusion.architectures import ARCHITECTURES
@@ -487,7 +487,7 @@ def generate(
     prompt: Annotated[str, typer.Option(help="What to draw.")],
     out: Annotated[Path, typer.Option(help="Folder the PNGs and grid.png are written to.")],
     count: Annotated[int, typer.Option(min=1, max=1024, help="Images to generate.")] = 8,
-    seed: Annotated[int, typer.Option(help="Seed of the images' noises.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the images' noises.", min=0, max=SEED_MAX)] = 0,
     guided: Annotated[
         bool,
         typer.Option(

@@ -42,6 +42,7 @@ CONFIG_FILE_ENV = "HERO_CONFIG_FILE"  # a base config file for services and work
 
 # MLflow's tracking stores ('' is a plain folder path)
 TRACKING_SCHEMES = {"", "sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks"}
+SEED_MAX = 2**63 - 1  # torch's generators take seeds below 2**63
 SECRET_MASK = "**********"  # how pydantic dumps a SecretStr to JSON
 SECRET_IN_VALUE = "secret_in_value"  # an error type whose input holds a secret: never echoed
 
@@ -134,7 +135,7 @@ class ModelConfig(_Section):
             "were tuned with 'kaiming'; configs/sd15-paper.yaml uses 'gaussian' with the paper's lr."
         ),
     )
-    seed: int = Field(0, ge=0, description="Seed of random weights when source is 'random:<arch>'.")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of random weights of source 'random:<arch>'.")
 
 
 class SamplingConfig(_Section):
@@ -189,7 +190,7 @@ class SamplingConfig(_Section):
             "stored value, so recorded log-probs stay exact at any precision."
         ),
     )
-    seed: int = Field(0, ge=0, description="Seed of the initial noises and per-step noises.")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of the initial noises and per-step noises.")
 
 
 class EncoderConfig(_Section):
@@ -478,7 +479,7 @@ class PromotionConfig(_Section):
             "N(0, I), seed eval_seed), judged by the version's toy task. More images, smaller noise."
         ),
     )
-    eval_seed: int = Field(1000, ge=0, description="Seed of the fixed evaluation noises.")
+    eval_seed: int = Field(1000, ge=0, le=SEED_MAX, description="Seed of the fixed evaluation noises.")
     margin: float = Field(
         0.03,
         ge=0,

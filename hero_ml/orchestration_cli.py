@@ -92,7 +92,7 @@ def serve_webhooks(
     host: Annotated[
         str, typer.Option(help="Address to bind (loopback unless you mean otherwise).")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8765,
+    port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 8765,
     config: ConfigOption = None,
 ) -> None:
     """Receive Label Studio's annotation events and resume the rounds they complete.

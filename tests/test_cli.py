@@ -245,3 +245,19 @@ def test_ctrl_c_stops_a_run_at_once_and_says_how_to_resume(tmp_path: Path) -> No
     assert process.returncode == 130, output
     assert "stopped; `hero run --resume cli-test` continues where it stopped" in output
     assert "Traceback" not in output
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["toy", "eval", "--task", "counting", "--seed", "-5"],
+        ["toy", "eval", "--task", "counting", "--eta", "0"],
+        ["toy", "pretrain", "--dataset-size", "0"],
+        ["generate", "models:/m@champion", "--prompt", "a", "--out", "o", "--seed", str(2**63)],
+        ["model", "build", "tiny", "out", "--seed", "-1"],
+        ["serve-webhooks", "--port", "99999"],
+    ],
+)
+def test_out_of_range_options_are_refused_before_any_work(command: list[str]) -> None:
+    result = runner.invoke(app, command)
+    assert result.exit_code == 2 and "Invalid value for" in result.output, result.output

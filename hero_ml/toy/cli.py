@@ -19,6 +19,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from hero_ml.config import SEED_MAX
+
 toy_app = typer.Typer(
     help="The toy world: pretrain the tiny SD, list tasks, evaluate success rates.", no_args_is_help=True
 )
@@ -32,8 +34,8 @@ def pretrain_command(
     out: Annotated[
         Path, typer.Option(help="Folder to write the diffusers pipeline to.", file_okay=False)
     ] = PRETRAINED,
-    seed: Annotated[int, typer.Option(help="Seeds data, initialisation and training.")] = 0,
-    dataset_size: Annotated[int, typer.Option(help="Rendered (image, caption) pairs.")] = 20_000,
+    seed: Annotated[int, typer.Option(help="Seeds data, init and training.", min=0, max=SEED_MAX)] = 0,
+    dataset_size: Annotated[int, typer.Option(help="Rendered (image, caption) pairs.", min=1)] = 20_000,
     vae_steps: Annotated[int, typer.Option(help="VAE optimiser steps.")] = 800,
     unet_steps: Annotated[int, typer.Option(help="Text-encoder + UNet optimiser steps.")] = 3000,
 ) -> None:
@@ -94,7 +96,7 @@ def eval_command(
     model: Annotated[str, typer.Option(help="Diffusers pipeline folder.")] = str(PRETRAINED),
     lora: Annotated[Path | None, typer.Option(help="A LoRA folder (diffusers format) to apply.")] = None,
     unseen: Annotated[bool, typer.Option(help="Use the task's eval_prompts (transfer) instead.")] = False,
-    seed: Annotated[int, typer.Option(help="Seed of the fixed initial noises.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the fixed initial noises.", min=0, max=SEED_MAX)] = 0,
     steps: Annotated[
         int,
         typer.Option(
@@ -103,7 +105,7 @@ def eval_command(
         ),
     ] = 50,
     cfg: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 5.0,
-    eta: Annotated[float, typer.Option(help="DDIM eta (> 0).")] = 1.0,
+    eta: Annotated[float, typer.Option(help="DDIM eta (> 0).", min=1e-6)] = 1.0,
 ) -> None:
     """Print a model's success rate on a task: the share of images its judge finds good."""
     from hero_ml.diffusion.lora import load_lora
@@ -155,7 +157,7 @@ def eval_command(
 @toy_app.command("judge-accuracy")
 def judge_accuracy_command(
     n: Annotated[int, typer.Option(help="Rendered scenes of each kind (clean, with defects).", min=1)] = 1000,
-    seed: Annotated[int, typer.Option(help="Seed of the scenes.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the scenes.", min=0, max=SEED_MAX)] = 0,
 ) -> None:
     """Measure how often the judge reads rendered ground-truth scenes right, clean and with defects."""
     import numpy as np

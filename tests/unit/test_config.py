@@ -106,6 +106,16 @@ def test_every_problem_is_listed(tmp_path: Path) -> None:
     assert "ddpo.lr: Input should be greater than 0" in message
 
 
+def test_seeds_stay_within_what_torch_takes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HERO_SAMPLING__SEED", str(2**63))
+    with pytest.raises(
+        ConfigError, match=r"sampling.seed: Input should be less than or equal to 9223372036854775807"
+    ):
+        load_config()
+    monkeypatch.setenv("HERO_SAMPLING__SEED", str(2**63 - 1))
+    assert load_config().sampling.seed == 2**63 - 1
+
+
 def test_a_bad_environment_value_fails_with_its_field_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HERO_MODEL__DTYPE", "float8")
     with pytest.raises(
