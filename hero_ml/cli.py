@@ -16,7 +16,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from hero_ml.adapters.storage import StorageError, open_store
+from hero_ml.adapters.storage import open_store
 from hero_ml.cli_support import ConfigOption, console, err_console, fail, load
 from hero_ml.config import SEED_MAX, ConfigError, HeroConfig
 from hero_ml.errors import HeroError
@@ -214,14 +214,17 @@ def run(
 
     store = open_store(resolved.storage)
     runs = RunStore(store, resolved.run_id)
-    stored = runs.load_config()
+    try:
+        stored = runs.load_config()
+    except HeroError as err:  # a damaged config.json, a store that cannot be read
+        raise fail(str(err)) from None
     if resume is not None:
         if stored is None:
             raise fail(f"no run {resume!r} in {store.where('runs')}; start it with hero run")
         try:
             resolved = restore_config(stored, resolved)
         except ConfigError as err:
-            raise fail(str(err)) from None
+            raise fail(f"{store.where(f'runs/{resume}/config.json')}: {err}") from None
         if resolved.run_id != resume:  # an edited or copied config.json: it would start another run
             raise fail(
                 f"{store.where(f'runs/{resume}/config.json')} names run {resolved.run_id!r}, not "
@@ -368,7 +371,7 @@ def storage_ls(run_id: RunIdArgument = None, config: ConfigOption = None) -> Non
     the process that writes it now."""
     from rich.table import Table
 
-    from hero_ml.run_lease import RunLease, RunLeasedError
+    from hero_ml.run_lease import RunLease
     from hero_ml.run_store import RunStore
 
     resolved = load(config)
@@ -384,10 +387,10 @@ def storage_ls(run_id: RunIdArgument = None, config: ConfigOption = None) -> Non
         rounds = runs_store.list_rounds()
         latest = runs_store.latest_checkpoint()
         writer = RunLease(store, run_id).holder()
-    except (StorageError, RunLeasedError, ValueError) as err:
+        if not rounds and runs_store.load_config() is None:
+            raise fail(f"no run {run_id!r} in {store.where('runs')}")
+    except (HeroError, ValueError) as err:
         raise fail(str(err)) from None
-    if not rounds and runs_store.load_config() is None:
-        raise fail(f"no run {run_id!r} in {store.where('runs')}")
     table = Table("round", "committed", "images", "MB", "good", "bad", "checkpoint", title=f"run {run_id}")
     for row in rounds:
         table.add_row(
@@ -420,7 +423,7 @@ def storage_verify(
         if runs_store.load_config() is None:
             raise fail(f"no run {run_id!r} in {store.where('runs')}")
         report = runs_store.verify()
-    except (StorageError, ValueError) as err:
+    except (HeroError, ValueError) as err:  # a store that cannot be read, a damaged config.json
         raise fail(str(err)) from None
     for line in report.incomplete:
         console.print(f"[yellow]uncommitted[/] {escape(line)}", highlight=False)

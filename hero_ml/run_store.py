@@ -142,9 +142,17 @@ class RunStore:
                 "whole run"
             ) from None
 
-    def load_config(self) -> dict[str, Any] | None:
+    def load_config(self) -> Any:
+        """The run's stored config as JSON (restore_config validates it); None when there is none."""
         key = f"{self.prefix}/config.json"
-        return json.loads(self.store.get(key)) if self.store.exists(key) else None
+        if not self.store.exists(key):
+            return None
+        try:
+            return json.loads(self.store.get(key))
+        except ValueError as err:  # not JSON, or not UTF-8
+            raise CorruptObjectError(
+                f"{self.store.where(key)} is not a readable run config (edited or damaged): {err}"
+            ) from None
 
     # -- rounds --------------------------------------------------------------------------------------
 

@@ -119,6 +119,17 @@ def test_hero_run_explains_bad_arguments(tmp_path: Path) -> None:
         stored.write_text(json.dumps(content))
         edited = runner.invoke(app, ["run", "-c", str(config), "--resume", "edited"])
         assert edited.exit_code == 1 and expected in " ".join(edited.output.split()), edited.output
+        assert "runs/edited/config.json" in "".join(edited.output.split())  # the file is named
+    stored.write_text("{truncated")
+    for command in (
+        ["run", "-c", str(config), "--resume", "edited"],
+        ["storage", "verify", "edited", "-c", str(config)],
+    ):
+        damaged = runner.invoke(app, command)
+        assert damaged.exit_code == 1 and "Traceback" not in damaged.output
+        assert "config.json is not a readable run config (edited or damaged)" in " ".join(
+            damaged.output.split()
+        )
 
 
 def final_lora(run: TrainingRun) -> list[torch.Tensor]:

@@ -102,7 +102,13 @@ def _load(
                 f"{path} is not a diffusers pipeline folder (no model_index.json). Point "
                 "model.source at a folder written by StableDiffusionPipeline.save_pretrained."
             )
-        pipe = _from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        try:
+            pipe = _from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        except (OSError, ValueError) as err:  # a component's weights missing or truncated, a broken JSON
+            raise ModelNotFoundError(
+                f"cannot load the pipeline folder {path}: {str(err).rstrip('.')}. Write it again "
+                "(StableDiffusionPipeline.save_pretrained) or point model.source elsewhere."
+            ) from None
     elif source.startswith(("/", ".", "~")) or source.count("/") != 1:
         raise ModelNotFoundError(
             f"model folder {source!r} does not exist. Set model.source to an existing diffusers "

@@ -56,7 +56,7 @@ def load_task(name_or_path: str | Path) -> Task:
             raise TaskError(f"no task named {name_or_path!r}; shipped tasks: {', '.join(task_names())}")
     try:
         data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise TaskError(f"cannot read task file {path}: {err}") from None
     try:
         return Task.model_validate(data)

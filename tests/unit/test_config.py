@@ -154,6 +154,9 @@ def test_invalid_yaml_and_non_mapping_files_are_refused(tmp_path: Path) -> None:
         load_config(write(tmp_path, "sampling: [unclosed"))
     with pytest.raises(ConfigError, match="must hold a mapping of sections"):
         load_config(write(tmp_path, "- a\n- b\n"))
+    (tmp_path / "latin1.yaml").write_bytes("sampling: {prompt: caf\xe9}".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml is not UTF-8 text \(invalid continuation byte"):
+        load_config(tmp_path / "latin1.yaml")
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "missing.yaml")
 

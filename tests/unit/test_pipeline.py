@@ -92,6 +92,24 @@ def test_a_missing_local_folder_is_named(tmp_path: Path) -> None:
         load_pipeline(str(tmp_path / "nope"))
 
 
+@pytest.mark.parametrize("damage", ["unet weights removed", "unet weights truncated", "model_index broken"])
+def test_a_damaged_pipeline_folder_is_named(
+    tiny_pipe: StableDiffusionPipeline, tmp_path: Path, damage: str
+) -> None:
+    tiny_pipe.save_pretrained(tmp_path)
+    weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    if damage == "unet weights removed":
+        weights.unlink()
+    elif damage == "unet weights truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        (tmp_path / "model_index.json").write_text("{not json")
+    with pytest.raises(
+        ModelNotFoundError, match=f"cannot load the pipeline folder {tmp_path}: .*Write it again"
+    ):
+        load_pipeline(str(tmp_path))
+
+
 def test_a_folder_that_is_not_a_pipeline_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFoundError, match=r"no model_index\.json"):
         load_pipeline(str(tmp_path))
