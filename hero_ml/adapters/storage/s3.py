@@ -63,7 +63,11 @@ class S3Store:
         """full_key: the bucket key (or listing prefix) as sent, prefix included."""
         detail = err.response.get("Error", {}) if isinstance(err, ClientError) else {}
         what = f"{detail.get('Code')}: {detail.get('Message')}" if detail else type(err).__name__
-        return StorageError(f"S3 {action} of s3://{self.bucket}/{full_key} failed after retries ({what})")
+        hint = ""
+        if isinstance(err, BotoCoreError):  # no HTTP answer: the endpoint is where to look
+            hint = f"; check storage.s3_endpoint_url ({self.client.meta.endpoint_url}) and that it is up"
+        where = f"s3://{self.bucket}/{full_key}"
+        return StorageError(f"S3 {action} of {where} failed after retries ({what}){hint}")
 
     def put(self, key: str, data: bytes) -> None:
         full = self._key(key)
