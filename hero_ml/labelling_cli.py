@@ -80,11 +80,11 @@ def status(
     _, rounds = _rounds(config, run_id)
     try:
         committed = [r.round for r in rounds.runs.list_rounds() if r.committed]
+        if not committed:  # before Label Studio is asked: finding the project would create it
+            raise fail(f"run {run_id!r} has no committed round in {rounds.runs.store.where('runs')}")
         progress = rounds.progress(committed)
     except (LabelStudioError, StorageError) as err:
         raise fail(str(err)) from None
-    if not committed:
-        raise fail(f"run {run_id!r} has no committed round in {rounds.runs.store.where('runs')}")
     table = Table("round", "labels", "best votes", "complete", "skipped", "problems", title=f"run {run_id}")
     annotators: dict[str, int] = {}
     for k, collected in progress.items():

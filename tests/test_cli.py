@@ -261,3 +261,17 @@ def test_ctrl_c_stops_a_run_at_once_and_says_how_to_resume(tmp_path: Path) -> No
 def test_out_of_range_options_are_refused_before_any_work(command: list[str]) -> None:
     result = runner.invoke(app, command)
     assert result.exit_code == 2 and "Invalid value for" in result.output, result.output
+
+
+def test_labelstudio_status_of_a_run_without_rounds_asks_label_studio_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # finding the run's project would create it: a mistyped run id must not leave a project behind
+    with socket.socket() as probe:  # nothing listens here: any request would fail
+        probe.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("HERO_LABEL_STUDIO__URL", f"http://127.0.0.1:{probe.getsockname()[1]}")
+    monkeypatch.setenv("HERO_LABEL_STUDIO__API_KEY", "k")
+    monkeypatch.setenv("HERO_STORAGE__LOCAL_ROOT", str(tmp_path))
+    result = runner.invoke(app, ["labelstudio", "status", "typo"])
+    assert result.exit_code == 1
+    assert "run 'typo' has no committed round" in result.output and "cannot reach" not in result.output

@@ -104,7 +104,7 @@ def test_s3_failures_are_storage_errors_that_name_the_object_not_the_secret(s3_s
     with pytest.raises(
         StorageError,
         match=r"GET of s3://hero-test/.*runs/r/x failed after retries \(EndpointConnectionError\); check "
-        rf"storage.s3_endpoint_url \(http://127.0.0.1:\d+/?\) and that it is up",
+        r"storage.s3_endpoint_url \(http://127.0.0.1:\d+/?\) and that it is up",
     ):
         dead.get("runs/r/x")
     # a listing names its prefix (the whole store's too), not a key check's complaint about it
