@@ -425,3 +425,31 @@ def test_a_trajectory_whose_tensors_disagree_is_refused_with_the_shapes(tmp_path
     fewer_prompts = Trajectory(**{**trajectory.__dict__, "prompts": trajectory.prompts[:-1]})
     with pytest.raises(ValueError, match=r"latents has shape \(6,"):
         Trajectory.from_bytes(fewer_prompts.to_bytes())
+
+
+def test_a_server_echoing_the_refused_request_gets_no_secret_into_the_error() -> None:
+    # Real Label Studio does not echo; a proxy or impostor at its URL may, and the webhook's secret
+    # travels in the very request it refuses.
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from hero_ml.adapters.label_studio.client import LabelStudioError, LabelStudioProjects
+
+    async def echo(request: Request) -> JSONResponse:
+        if request.method == "GET":
+            return JSONResponse([])  # no webhooks yet: the next call creates one
+        headers = dict(request.headers)
+        return JSONResponse({"you sent": {"headers": headers, "body": (await request.body()).decode()}}, 400)
+
+    server = serve(Starlette(routes=[Route("/{path:path}", echo, methods=["GET", "POST", "PATCH"])]))
+    url = next(server)
+    try:
+        projects = LabelStudioProjects(url, SecretStr("api-key-0123456789"))
+        with pytest.raises(LabelStudioError, match=r"refused to create webhook \(HTTP 400\)") as err:
+            projects.ensure_webhook(1, "http://127.0.0.1:1/hook", SecretStr("webhook-secret-777"))
+        assert "you sent" in str(err.value)  # the echo is shown, without what it would leak
+        assert "webhook-secret-777" not in str(err.value) and "api-key-0123456789" not in str(err.value)
+    finally:
+        server.close()

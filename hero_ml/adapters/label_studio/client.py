@@ -15,6 +15,7 @@ from label_studio_sdk.core.api_error import ApiError
 from pydantic import SecretStr
 
 from hero_ml.adapters.label_studio.rounds import INSTRUCTIONS, LABEL_CONFIG, task_key
+from hero_ml.config import SECRET_MASK
 from hero_ml.errors import HeroError
 from hero_ml.faults import crash_point
 
@@ -32,15 +33,18 @@ class LabelStudioProjects:
         self.url = url.rstrip("/")
         self.title_prefix = title_prefix
         self.client = LabelStudio(base_url=self.url, api_key=api_key.get_secret_value(), timeout=timeout_s)
+        self._secrets = {api_key.get_secret_value()}  # and each webhook secret sent: never echoed back
 
     @contextmanager
     def _calling(self, what: str) -> Iterator[None]:
         try:
             yield
         except ApiError as err:
-            raise LabelStudioError(
-                f"Label Studio refused to {what} (HTTP {err.status_code}): {err.body}"
-            ) from None
+            body = str(err.body)
+            for secret in self._secrets:  # a server or proxy may echo the request it refused
+                body = body.replace(secret, SECRET_MASK)
+            refused = f"Label Studio refused to {what} (HTTP {err.status_code})"
+            raise LabelStudioError(f"{refused}: {body}") from None
         except httpx.HTTPError as err:
             raise LabelStudioError(f"cannot reach Label Studio at {self.url} to {what}: {err}") from None
 
@@ -129,6 +133,7 @@ class LabelStudioProjects:
             "list webhooks", lambda: list(self.client.webhooks.list(project=str(project_id)))
         )
         headers = {WEBHOOK_SECRET_HEADER: secret.get_secret_value()} if secret is not None else {}
+        self._secrets.update(headers.values())
         registered = [hook for hook in existing if hook.url == url]
         if registered:
             hook_id = registered[0].id
