@@ -507,6 +507,10 @@ def generate(
     from hero_ml.promotion import generate_from_registry
 
     resolved = load(config)
+    try:  # before the work: a folder that cannot be written would lose every image
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise fail(f"--out {out}: cannot write images there ({err.strerror})") from None
     with console.status(f"loading {model} and generating {count} images"):
         try:
             version, paths, pool = generate_from_registry(

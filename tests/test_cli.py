@@ -184,12 +184,12 @@ def test_the_server_commands_refuse_a_prefect_server_that_does_not_answer(
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize(
-    "command", [["promote"], ["generate", "models:/m@champion", "--prompt", "a", "--out", "o"]]
-)
+@pytest.mark.parametrize("command", [["promote"], ["generate", "models:/m@champion", "--prompt", "a"]])
 def test_registry_commands_refuse_a_tracking_server_that_does_not_answer(
-    command: list[str], monkeypatch: pytest.MonkeyPatch
+    command: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    if command[0] == "generate":
+        command = [*command, "--out", str(tmp_path / "out")]
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
@@ -197,6 +197,17 @@ def test_registry_commands_refuse_a_tracking_server_that_does_not_answer(
     result = runner.invoke(app, command)
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"MLflowat{dead}doesnotanswer" in "".join(result.output.split())  # at once, not after retries
+
+
+def test_generate_refuses_an_output_folder_it_cannot_write_before_any_work(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    for out, reason in (
+        (tmp_path / "a-file", "File exists"),
+        (Path("/proc/none"), "No such file or directory"),
+    ):
+        result = runner.invoke(app, ["generate", "models:/none@champion", "--prompt", "a", "--out", str(out)])
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        assert f"--out {out}: cannot write images there ({reason})" in " ".join(result.output.split())
 
 
 def test_promote_without_a_version_says_so_and_leaves_no_bar(tmp_path: Path) -> None:
