@@ -367,6 +367,13 @@ class RunStore:
                 continue
             for name, expected in listed.items():
                 check(f"{prefix}/{name}", expected)
+            # the records written after the commit have no checksum: they must at least be readable
+            for name, read in ((FEEDBACK, self.load_feedback), (STATS, self.load_stats)):
+                if name in objects:
+                    try:
+                        read(index)
+                    except CorruptObjectError as err:
+                        report.problems.append(str(err))
             for name in sorted(set(objects) - set(listed) - _AFTER_COMMIT):
                 report.problems.append(f"{prefix}/{name}: not listed in the round's manifest")
         checkpoints = self._objects_by_round("checkpoints")

@@ -197,7 +197,11 @@ def test_a_damaged_record_of_a_run_is_named_with_what_is_wrong(tmp_path: Path, b
         CorruptObjectError, match=r"(?s)feedback.json is not a readable record .*aggregate\.image_ids"
     ):
         runs.list_rounds()
+    assert "feedback.json is not a readable record" in runs.verify().problems[0]  # checked though unsummed
     (root / "rounds" / "0" / "feedback.json").unlink()
+    (root / "rounds" / "0" / "stats.json").write_text("[1, 2]")
+    assert "stats.json is not a readable record of a round's learning" in runs.verify().problems[0]
+    (root / "rounds" / "0" / "stats.json").unlink()
     (root / "progress.json").write_text(json.dumps({"checkpoint": "x"}))
     with pytest.raises(
         CorruptObjectError, match=r"progress.json is not a readable record .*\n  checkpoint: "
