@@ -3,6 +3,7 @@ artifacts live in S3, the LoRA registered as a model version, and promotion that
 only on a real win (a LoRA that measurably improves the toy model, tests/data/README.md)."""
 
 import json
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -320,3 +321,19 @@ def test_a_tracking_server_lost_mid_run_stops_the_run_and_a_resume_tracks_what_i
         assert grids == {"rounds/0000", "rounds/0001", "rounds/0002"}
     finally:
         _infra("mlflow-server.sh", "stop", env)
+
+
+def test_a_version_whose_lora_artifact_is_gone_or_damaged_is_named(tmp_path: Path) -> None:
+    artifacts = tmp_path / "artifacts"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = MlflowTracker(uri, "hero", "gone", artifact_location=artifacts.as_uri())
+    tracker.log_lora(WINNING_LORA, "toy")
+    registry = Registry(uri, "gone-lora", "champion")
+    version = registry.version(tracker.register_lora("gone-lora", {}))
+    (model_file,) = artifacts.rglob("MLmodel")
+    model_file.write_text("flavors: [unclosed")
+    with pytest.raises(RegistryError, match=r"version 1 of gone-lora: its LoRA artifact .* cannot be read"):
+        registry.load(version)
+    shutil.rmtree(model_file.parent)  # the artifact store lost the LoRA
+    with pytest.raises(RegistryError, match=r"version 1 of gone-lora: its LoRA artifact .* cannot be read"):
+        registry.load(version)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow.diffusers
+import yaml
 from diffusers import StableDiffusionPipeline
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
@@ -129,12 +130,19 @@ class Registry:
         """The base pipeline with the version's LoRA loaded. base_source overrides the recorded base
         model (when it has moved since registration)."""
         with tempfile.TemporaryDirectory() as scratch:
-            local = Path(
-                download_artifacts(
-                    artifact_uri=version.source, dst_path=scratch, tracking_uri=self.tracking_uri
+            try:
+                local = Path(
+                    download_artifacts(
+                        artifact_uri=version.source, dst_path=scratch, tracking_uri=self.tracking_uri
+                    )
                 )
-            )
-            model = Model.load(str(local))
+                model = Model.load(str(local))
+            except (MlflowException, OSError, ValueError, yaml.YAMLError) as err:  # gone or damaged
+                message = err.message if isinstance(err, MlflowException) else str(err)
+                raise RegistryError(
+                    f"version {version.version} of {version.name}: its LoRA artifact ({version.source}) "
+                    f"cannot be read: {message}"
+                ) from None
             source = base_source or (model.metadata or {}).get(BASE_MODEL_KEY)
             if source is None:
                 raise RegistryError(
