@@ -262,6 +262,14 @@ def _run_embedded(config: HeroConfig) -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from flows.training import hero_training  # the CLI hands off to flows/; the library never imports Prefect
 
+    if config.label_studio.enabled:  # a wrong URL or key fails now, not minutes after round 0 is sampled
+        from hero_ml.labelling import LabelStudioError, open_projects
+
+        try:
+            open_projects(config).check()
+        except LabelStudioError as err:
+            raise fail(str(err)) from None
+
     derived = config.derived()
     console.print(
         f"[bold]run {config.run_id}[/]: method {config.method}, task {config.simulation.task} "

@@ -286,3 +286,17 @@ def test_labelstudio_status_of_a_run_without_rounds_asks_label_studio_nothing(
     result = runner.invoke(app, ["labelstudio", "status", "typo"])
     assert result.exit_code == 1
     assert "run 'typo' has no committed round" in result.output and "cannot reach" not in result.output
+
+
+def test_a_run_with_label_studio_unreachable_fails_before_sampling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("HERO_LABEL_STUDIO__URL", f"http://127.0.0.1:{probe.getsockname()[1]}")
+    monkeypatch.setenv("HERO_LABEL_STUDIO__ENABLED", "true")
+    monkeypatch.setenv("HERO_LABEL_STUDIO__API_KEY", "k")
+    result = runner.invoke(app, ["run", "-c", str(small_config(tmp_path))])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "cannot reach Label Studio at" in result.output
+    assert not (tmp_path / "data" / "runs" / "cli-test").exists()  # nothing sampled, nothing stored

@@ -295,6 +295,11 @@ def test_label_studio_errors_name_the_problem_not_the_token(label_studio_server:
     with pytest.raises(LabelStudioError, match=r"refused to list projects \(HTTP 401\)") as err:
         wrong.ensure_project("x", 1)
     assert "not-the-token" not in str(err.value)
+    with pytest.raises(LabelStudioError, match=r"refused to say who the API key belongs to \(HTTP 401\)"):
+        wrong.check()
+    LabelStudioProjects(
+        label_studio_server.url, SecretStr(label_studio_server.admin_token)
+    ).check()  # the right key
     nowhere = LabelStudioProjects("http://127.0.0.1:9", SecretStr("t" * 20), timeout_s=2)
     with pytest.raises(LabelStudioError, match=r"cannot reach Label Studio at http://127\.0\.0\.1:9"):
         nowhere.ensure_project("x", 1)

@@ -52,6 +52,10 @@ class LabelStudioProjects:
         with self._calling(what):
             return request()
 
+    def check(self) -> None:
+        """Label Studio answers at its URL and takes the API key (one light request)."""
+        self._call("say who the API key belongs to", self.client.users.whoami)
+
     def title(self, run_id: str) -> str:
         return f"{self.title_prefix} {run_id}"
 
