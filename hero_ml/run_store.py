@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from hero_ml.adapters.storage import ArtifactStore
+from hero_ml.adapters.storage import ArtifactStore, StorageError
 from hero_ml.config import format_validation_error
 from hero_ml.diffusion.sampler import Trajectory
 from hero_ml.engine import STATE, TENSORS, Engine, RoundBatch, RoundStats
@@ -344,6 +344,9 @@ class RunStore:
                 data = self.store.get(key)
             except KeyError:
                 report.problems.append(f"{key}: missing, though its commit record lists it")
+                return
+            except StorageError as err:  # e.g. a folder where the object should be
+                report.problems.append(f"{key}: {err}")
                 return
             report.objects += 1
             report.bytes += len(data)

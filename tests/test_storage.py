@@ -191,6 +191,16 @@ def test_a_damaged_record_of_a_run_is_named_with_what_is_wrong(tmp_path: Path, b
         runs.load_manifest(0)
     manifest.write_text(json.dumps(good))
     assert runs.verify().ok
+    grid = root / "rounds" / "0" / "grid.png"
+    kept = grid.read_bytes()
+    grid.unlink()
+    grid.mkdir()  # a folder where the object should be: reported, and the check goes on
+    report = runs.verify()
+    assert [p for p in report.problems if "grid.png: cannot read" in p] and report.objects == len(
+        good["files"]
+    ) - 1
+    grid.rmdir()
+    grid.write_bytes(kept)
 
     (root / "rounds" / "0" / "feedback.json").write_text(json.dumps({"aggregate": {}, "annotators": []}))
     with pytest.raises(

@@ -64,6 +64,8 @@ class LocalStore:
             return path.read_bytes()
         except FileNotFoundError:
             raise KeyError(key) from None
+        except OSError as err:  # a folder where the object should be, no permission, a failing disk
+            raise StorageError(f"cannot read {key} in {self.root}: {err.strerror or err}") from None
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
