@@ -89,6 +89,16 @@ def _load(
             f"device {device} was asked for but torch sees no CUDA GPU (torch {torch.__version__}); "
             "set model.device=cpu (HERO_MODEL__DEVICE=cpu) or install a CUDA build of torch"
         )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise DeviceUnavailableError(
+            f"device {device} was asked for but torch sees {torch.cuda.device_count()} CUDA GPUs "
+            "(cuda:0 ...); set model.device to one of them"
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceUnavailableError(
+            f"device {device} was asked for but this torch has no usable MPS backend; set model.device=cpu "
+            "(HERO_MODEL__DEVICE=cpu)"
+        )
     if source.startswith(RANDOM_PREFIX):
         pipe = build_random_pipeline(source.removeprefix(RANDOM_PREFIX), seed=seed, device=device)
         if dtype != torch.float32:  # built in float32; casting a float32 model to itself only warns

@@ -124,6 +124,9 @@ def test_an_unknown_architecture_is_refused() -> None:
 def test_asking_for_a_missing_gpu_says_what_to_set() -> None:
     with pytest.raises(DeviceUnavailableError, match=r"HERO_MODEL__DEVICE=cpu"):
         load_pipeline("random:tiny", device="cuda")
+    if not torch.backends.mps.is_available():  # this machine's (CPU) build; a Mac with MPS skips this
+        with pytest.raises(DeviceUnavailableError, match=r"no usable MPS backend.*HERO_MODEL__DEVICE=cpu"):
+            load_pipeline("random:tiny", device="mps")
 
 
 def test_sd15_builds_from_real_classes_and_runs_a_guided_step() -> None:
