@@ -298,7 +298,7 @@ def _run_embedded(config: HeroConfig) -> None:
             err_console.print(f"stopped; `hero run --resume {config.run_id}` continues where it stopped")
             os._exit(130)
 
-        signal.signal(signal.SIGINT, stop_at_once)
+        previous = signal.signal(signal.SIGINT, stop_at_once)
         round_started = [time.perf_counter()]  # from the round's first denoising step
 
         def on_step() -> None:
@@ -337,6 +337,7 @@ def _run_embedded(config: HeroConfig) -> None:
             raise fail(str(err)) from None
         finally:
             progress.remove_task(bar)  # no bar left standing under the error or the summary
+            signal.signal(signal.SIGINT, previous)  # the run is over: Ctrl+C means what it meant before
 
     table = Table("", "value", title=f"run {config.run_id}")
     table.add_row("method", config.method)
@@ -515,6 +516,7 @@ def generate(
     from hero_ml.promotion import generate_from_registry
 
     resolved = load(config)
+    made = not out.exists()
     try:  # before the work: a folder that cannot be written would lose every image
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -525,6 +527,8 @@ def generate(
                 resolved, model, prompt, count, out, seed=seed, guided=guided
             )
         except (RegistryError, ModelNotFoundError) as err:
+            if made:
+                out.rmdir()  # nothing generated: nothing left behind
             raise fail(str(err)) from None
     if pool is not None and pool.prompt != prompt:
         console.print(

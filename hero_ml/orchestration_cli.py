@@ -24,11 +24,10 @@ def _need_prefect_server() -> None:
             "no Prefect server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api; "
             "infra/prefect-server.sh start runs one)"
         )
-    from prefect.client.orchestration import get_client
+    from flows import server_problem
 
-    with get_client(sync_client=True) as client:
-        problem = client.api_healthcheck()
-    if problem is not None:  # each command's first call would end in the HTTP client's traceback
+    # without it, each command's first call would end in the HTTP client's traceback
+    if (problem := server_problem()) is not None:
         raise fail(
             f"the Prefect server at {url} fails its health check ({problem or type(problem).__name__}): "
             "start it (infra/prefect-server.sh start) or set PREFECT_API_URL"
