@@ -25,9 +25,11 @@ from uuid import UUID
 from prefect import Flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+from prefect.client.schemas.schedules import CronSchedule
 from prefect.events import DeploymentEventTrigger
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.workers.process import ProcessWorker
+from pydantic import ValidationError
 
 from flows.registry import generate_samples, promote
 from flows.training import hero_training
@@ -49,6 +51,16 @@ class DeployPlan:
 
 
 POOL_TYPES = ("process", "docker", "kubernetes")
+
+
+def cron_problem(expression: str) -> str | None:
+    """Why Prefect would refuse `expression` as a schedule, or None: asked before anything is created
+    (the server checks it only after the pools and the other deployments exist)."""
+    try:
+        CronSchedule(cron=expression)
+    except ValidationError as err:
+        return "; ".join(str(error["msg"]).removeprefix("Value error, ") for error in err.errors())
+    return None
 
 
 def base_job_template(pool_type: str) -> dict[str, Any]:

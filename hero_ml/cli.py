@@ -60,9 +60,13 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug lo
 
 
 def _hero_errors_without_traceback(record: logging.LogRecord) -> bool:
-    """Prefect logs a failed flow or task run with its traceback; a HeroError's message already says
-    what to fix and the command prints it, so the traceback is dropped (kept with --verbose)."""
+    """Prefect logs a failed task run with its traceback, and then the failed flow run: a HeroError's
+    message already says what to fix and the command prints it (the one flow run in process is `hero
+    run`'s), so a flow run's record is dropped and a task run's (a retry's reason) keeps its line
+    without the traceback. --verbose keeps both whole."""
     if record.exc_info and isinstance(record.exc_info[1], HeroError):
+        if record.name == "prefect.flow_runs":
+            return False
         record.exc_info = None
     return True
 
@@ -245,6 +249,12 @@ def _run_embedded(config: HeroConfig) -> None:
     from transformers.utils import logging as transformers_logging
 
     from hero_ml.engine import RoundStats
+    from hero_ml.training import run_task
+
+    try:
+        run_task(config)  # a prompt not of the task fails now, not after the ephemeral server's start
+    except HeroError as err:
+        raise fail(str(err)) from None
 
     diffusers_logging.disable_progress_bar()  # the model's "Loading …" bars: our own bar says more
     transformers_logging.disable_progress_bar()
@@ -389,6 +399,12 @@ def storage_ls(run_id: RunIdArgument = None, config: ConfigOption = None) -> Non
         if run_id is None:
             runs = sorted({key.split("/")[1] for key in store.list("runs")})
             console.print(f"{len(runs)} runs in {store.where('runs')}", highlight=False)
+            local_root = resolved.storage.local_root
+            if resolved.storage.backend == "local" and not local_root.exists():  # a typo, or elsewhere
+                console.print(
+                    f"[yellow]{escape(str(local_root))} does not exist[/]: is storage.local_root "
+                    "(HERO_STORAGE__LOCAL_ROOT) the folder your runs write to?"
+                )
             for name in runs:
                 console.print(f"  {name}", highlight=False)
             return

@@ -804,7 +804,8 @@ def load_config(path: Path | None = None) -> HeroConfig:
         return HeroConfig(**data)
     except ValidationError as err:
         where = f" in {path}" if path is not None else ""
-        raise ConfigError(f"invalid configuration{where}:\n{format_validation_error(err)}") from None
+        problems = format_validation_error(err, from_environment=True)
+        raise ConfigError(f"invalid configuration{where}:\n{problems}") from None
     except SettingsError as err:  # a section variable (HERO_SAMPLING) that is not JSON
         raise ConfigError(
             f"invalid configuration in the environment: {err}. A section's variable takes a JSON "
@@ -852,10 +853,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def format_validation_error(err: ValidationError, root: type[BaseModel] | None = None) -> str:
+def format_validation_error(
+    err: ValidationError, root: type[BaseModel] | None = None, from_environment: bool = False
+) -> str:
     """One line per problem: dotted field path, reason, and the offending value unless secret.
 
     root: the model validated (HeroConfig by default); it tells which fields are secrets.
+    from_environment: name the HERO_* variable a value came from (it beats the file), where one did.
     """
     lines = []
     for problem in err.errors(include_url=False):
@@ -868,8 +872,20 @@ def format_validation_error(err: ValidationError, root: type[BaseModel] | None =
             line += f" (got {problem['input']!r})"
         if problem["type"] == "extra_forbidden":
             line += _known_fields(problem["loc"], root or HeroConfig)
+        if from_environment and (variable := _environment_variable(problem["loc"])) is not None:
+            line += f" [set by {variable}]"
         lines.append(line)
     return "\n".join(lines)
+
+
+def _environment_variable(loc: tuple[int | str, ...]) -> str | None:
+    """The HERO_* variable that sets the field at `loc` (or its section, as JSON), if one is set."""
+    present = {name.upper(): name for name in os.environ}  # pydantic-settings ignores the case
+    for end in range(len(loc), 0, -1):
+        variable = ENV_PREFIX + ENV_NESTED_DELIMITER.join(str(part) for part in loc[:end]).upper()
+        if variable in present:
+            return present[variable]
+    return None
 
 
 def _known_fields(loc: tuple[int | str, ...], model: type[BaseModel]) -> str:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from pydantic import HttpUrl, TypeAdapter, ValidationError
 from rich.table import Table
 
 from hero_ml.adapters.storage import StorageError, open_store
@@ -49,8 +50,17 @@ def setup(
     register the annotation webhook, and print the project's URL."""
     from hero_ml.labelling import LabelStudioError
 
+    if webhook_url is not None:
+        try:  # Label Studio would take any string and post to nowhere
+            TypeAdapter(HttpUrl).validate_python(webhook_url)
+        except ValidationError:
+            raise fail(
+                f"--webhook-url {webhook_url!r} is not an http(s) URL: give where `hero serve-webhooks` "
+                "listens, e.g. http://hero-webhooks:8765/webhooks/label-studio"
+            ) from None
     resolved, rounds = _rounds(config, run_id)
     try:
+        rounds.projects.check()  # Label Studio's, and it takes the key: before a project is made
         project_id = rounds.project()
         hooked = (
             rounds.projects.ensure_webhook(project_id, webhook_url, resolved.orchestration.webhook_secret)
@@ -82,6 +92,7 @@ def status(
         committed = [r.round for r in rounds.runs.list_rounds() if r.committed]
         if not committed:  # before Label Studio is asked: finding the project would create it
             raise fail(f"run {run_id!r} has no committed round in {rounds.runs.store.where('runs')}")
+        rounds.projects.check()
         progress = rounds.progress(committed)
     except (LabelStudioError, StorageError) as err:
         raise fail(str(err)) from None

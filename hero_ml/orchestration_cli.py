@@ -54,11 +54,16 @@ def deploy(
     config: ConfigOption = None,
 ) -> None:
     """Create (or update) the work pools and every HERO deployment on the Prefect server."""
-    _need_prefect_server()
-    from flows.deploy import POOL_TYPES, DeployPlan, deploy, ensure_pool
+    from flows.deploy import POOL_TYPES, DeployPlan, cron_problem, deploy, ensure_pool
 
     if pool_type not in POOL_TYPES:
         raise fail(f"--pool-type {pool_type!r}: choose one of {', '.join(POOL_TYPES)}")
+    if training_cron is not None and (problem := cron_problem(training_cron)) is not None:
+        raise fail(
+            f"--training-cron {training_cron!r}: {problem}; give five fields (minute hour day-of-month "
+            "month day-of-week), e.g. '0 2 * * 1' for Mondays at 02:00"
+        )
+    _need_prefect_server()
 
     resolved = load(config)
     plan = DeployPlan(

@@ -80,6 +80,18 @@ def changed_sections(stored: dict[str, Any], config: HeroConfig) -> list[str]:
     return sorted(changed)
 
 
+def run_task(config: HeroConfig) -> Task:
+    """The run's task (the simulated annotator's judge and the evaluation's prompts); the prompt the
+    run samples must be one of its prompts."""
+    task = load_task(config.simulation.task)
+    if config.sampling.prompt not in task.prompts:
+        raise RunError(
+            f"sampling.prompt {config.sampling.prompt!r} is not a prompt of task {task.name!r} "
+            f"({list(task.prompts)}): set HERO_SAMPLING__PROMPT to one of them or choose another task"
+        )
+    return task
+
+
 class TrainingRun:
     def __init__(
         self,
@@ -95,7 +107,7 @@ class TrainingRun:
         self.config = config
         self.tracker: Tracker | None = None  # track_with
         self.on_step = on_step
-        self.task = self._task(config)
+        self.task = run_task(config)
         self.lease = RunLease(store, config.run_id)
         self.lease.acquire()
         try:
@@ -108,14 +120,16 @@ class TrainingRun:
         config = self.config
         self.runs = RunStore(LeasedStore(store, self.lease), config.run_id)
         stored = self.runs.load_config()
-        if stored is None:
-            self.runs.save_config(config.to_public_dict())
-        elif changed := changed_sections(stored, config):
+        if stored is not None and (changed := changed_sections(stored, config)):
             raise RunError(
                 f"run {config.run_id!r} exists with another config (sections differ: {', '.join(changed)}); "
                 "resume it with its own config (hero run --resume) or choose a new run_id"
             )
+        # the model before the run is stored: a run stored with a model that cannot load could only be
+        # resumed with that model
         self.pipe = load_configured_pipeline(config.model)
+        if stored is None:
+            self.runs.save_config(config.to_public_dict())
         latest = self.runs.latest_checkpoint()
         self.engine = (
             Engine(config, self.pipe)
@@ -137,16 +151,6 @@ class TrainingRun:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    @staticmethod
-    def _task(config: HeroConfig) -> Task:
-        task = load_task(config.simulation.task)
-        if config.sampling.prompt not in task.prompts:
-            raise RunError(
-                f"sampling.prompt {config.sampling.prompt!r} is not a prompt of task {task.name!r} "
-                f"({list(task.prompts)}): set HERO_SAMPLING__PROMPT to one of them or choose another task"
-            )
-        return task
 
     @property
     def done(self) -> bool:

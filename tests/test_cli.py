@@ -300,3 +300,69 @@ def test_a_run_with_label_studio_unreachable_fails_before_sampling(
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "cannot reach Label Studio at" in result.output
     assert not (tmp_path / "data" / "runs" / "cli-test").exists()  # nothing sampled, nothing stored
+
+
+def test_labelstudio_setup_refuses_a_webhook_url_that_is_not_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HERO_LABEL_STUDIO__API_KEY", "k")  # no server: the option is checked first
+    result = runner.invoke(app, ["labelstudio", "setup", "--run-id", "r", "--webhook-url", "notaurl"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "--webhook-url 'notaurl' is not an http(s) URL" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("cron", ["not a cron", "61 2 * * 1", "0 2 * *"])
+def test_deploy_refuses_a_training_cron_before_asking_the_server(
+    cron: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)  # checked before the server is looked for
+    result = runner.invoke(app, ["deploy", "--training-cron", cron])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    message = " ".join(result.output.split())
+    assert f"--training-cron {cron!r}: Invalid cron string" in message and "'0 2 * * 1'" in message
+
+
+def test_storage_ls_of_a_local_root_that_does_not_exist_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HERO_STORAGE__LOCAL_ROOT", str(tmp_path / "typo"))
+    result = runner.invoke(app, ["storage", "ls"])
+    assert result.exit_code == 0
+    assert f"{tmp_path / 'typo'} does not exist: is storage.local_root" in " ".join(result.output.split())
+    monkeypatch.setenv("HERO_STORAGE__LOCAL_ROOT", str(tmp_path))  # there, without runs: no warning
+    assert "does not exist" not in runner.invoke(app, ["storage", "ls"]).output
+
+
+def test_an_environment_variable_with_a_bad_value_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HERO_SAMPLING__ETA", "abc")
+    monkeypatch.setenv("hero_sampling__num_steps", "0")  # the case is ignored, as pydantic-settings does
+    result = runner.invoke(app, ["config", "show"])
+    assert result.exit_code == 1
+    problems = dict(p.split(":", 1) for p in " ".join(result.output.split()).split(" sampling.")[1:])
+    assert problems["eta"].endswith("(got 'abc') [set by HERO_SAMPLING__ETA]")
+    assert problems["num_steps"].endswith("(got '0') [set by hero_sampling__num_steps]")
+
+
+def test_a_run_error_is_printed_once_and_a_wrong_prompt_is_refused_before_prefect_starts(
+    tmp_path: Path,
+) -> None:
+    missing = small_config(tmp_path, source=str(tmp_path / "no-model"))
+    result = subprocess.run([HERO, "run", "-c", str(missing)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    output = " ".join(result.stderr.split())
+    assert output.count(f"model folder '{tmp_path / 'no-model'}' does not exist") == 1, (
+        output
+    )  # not Prefect's too
+    assert "Traceback" not in output
+    assert not (
+        tmp_path / "data" / "runs" / "cli-test" / "config.json"
+    ).exists()  # no run to resume: fix, rerun
+    wrong_prompt = small_config(tmp_path)
+    data = yaml.safe_load(wrong_prompt.read_text())
+    data["sampling"]["prompt"] = "a purple elephant"
+    data["storage"]["local_root"] = str(tmp_path / "second")
+    wrong_prompt.write_text(yaml.safe_dump(data))
+    result = subprocess.run(
+        [HERO, "run", "-c", str(wrong_prompt)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 1
+    assert "sampling.prompt 'a purple elephant' is not a prompt of task" in " ".join(result.stderr.split())
+    assert not (tmp_path / "second").exists()  # refused before the ephemeral server's folder is made

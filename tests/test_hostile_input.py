@@ -453,3 +453,41 @@ def test_a_server_echoing_the_refused_request_gets_no_secret_into_the_error() ->
         assert "webhook-secret-777" not in str(err.value) and "api-key-0123456789" not in str(err.value)
     finally:
         server.close()
+
+
+@pytest.mark.parametrize(
+    ("content", "media_type", "answer"),
+    [
+        ('{"detail": "ok"}', "application/json", "no user id"),  # JSON, but no Label Studio's
+        ("<html>a web page</html>", "text/html", "HTTP 200: <html>a web page</html>"),
+    ],
+)
+def test_a_server_that_is_not_label_studio_is_named_as_such(
+    content: str, media_type: str, answer: str
+) -> None:
+    # a mistyped URL that reaches some other web server: it answers 200, with something else
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from hero_ml.adapters.label_studio.client import LabelStudioError, LabelStudioProjects
+
+    async def other(_: object) -> Response:
+        return Response(content, media_type=media_type)
+
+    server = serve(Starlette(routes=[Route("/{path:path}", other, methods=["GET", "POST"])]))
+    url = next(server)
+    try:
+        projects = LabelStudioProjects(url, SecretStr("api-key-0123456789"))
+        with pytest.raises(LabelStudioError) as err:
+            projects.check()
+        assert str(err.value) == (
+            f"the server at {url} is not Label Studio: asked to say who the API key belongs to, "
+            f"it answered {answer}; check HERO_LABEL_STUDIO__URL"
+        )
+        with pytest.raises(
+            LabelStudioError, match=r"is not Label Studio: asked to (create project|list projects)"
+        ):
+            projects.ensure_project("r", 1)  # the project's id was read as int(None) before
+    finally:
+        server.close()

@@ -295,8 +295,11 @@ def test_label_studio_errors_name_the_problem_not_the_token(label_studio_server:
     with pytest.raises(LabelStudioError, match=r"refused to list projects \(HTTP 401\)") as err:
         wrong.ensure_project("x", 1)
     assert "not-the-token" not in str(err.value)
-    with pytest.raises(LabelStudioError, match=r"refused to say who the API key belongs to \(HTTP 401\)"):
+    with pytest.raises(
+        LabelStudioError, match=r"refused to say who the API key belongs to \(HTTP 401\)"
+    ) as err:
         wrong.check()
+    assert "check HERO_LABEL_STUDIO__API_KEY" in str(err.value)
     LabelStudioProjects(
         label_studio_server.url, SecretStr(label_studio_server.admin_token)
     ).check()  # the right key

@@ -43,8 +43,15 @@ class LabelStudioProjects:
             body = str(err.body)
             for secret in self._secrets:  # a server or proxy may echo the request it refused
                 body = body.replace(secret, SECRET_MASK)
-            refused = f"Label Studio refused to {what} (HTTP {err.status_code})"
-            raise LabelStudioError(f"{refused}: {body}") from None
+            if err.status_code is not None and 200 <= err.status_code < 300:
+                # a success the SDK could not read: not Label Studio's API at this URL
+                raise self._not_label_studio(what, f"HTTP {err.status_code}: {body[:200]}") from None
+            refused = f"Label Studio refused to {what} (HTTP {err.status_code}): {body}"
+            if err.status_code == 401:
+                refused += (
+                    f"; check HERO_LABEL_STUDIO__API_KEY (an access token of {self.url}'s Account page)"
+                )
+            raise LabelStudioError(refused) from None
         except httpx.HTTPError as err:
             raise LabelStudioError(f"cannot reach Label Studio at {self.url} to {what}: {err}") from None
 
@@ -52,9 +59,17 @@ class LabelStudioProjects:
         with self._calling(what):
             return request()
 
+    def _not_label_studio(self, what: str, answer: str) -> LabelStudioError:
+        return LabelStudioError(
+            f"the server at {self.url} is not Label Studio: asked to {what}, it answered {answer}; "
+            "check HERO_LABEL_STUDIO__URL"
+        )
+
     def check(self) -> None:
         """Label Studio answers at its URL and takes the API key (one light request)."""
-        self._call("say who the API key belongs to", self.client.users.whoami)
+        user = self._call("say who the API key belongs to", self.client.users.whoami)
+        if getattr(user, "id", None) is None:
+            raise self._not_label_studio("say who the API key belongs to", "no user id")
 
     def title(self, run_id: str) -> str:
         return f"{self.title_prefix} {run_id}"
@@ -81,7 +96,9 @@ class LabelStudioProjects:
                 maximum_annotations=annotators_per_image,
             ),
         )
-        return int(project.id)  # type: ignore[arg-type]
+        if project.id is None:
+            raise self._not_label_studio(f"create project {title!r}", "no project id")
+        return int(project.id)
 
     def connect_s3(
         self,
