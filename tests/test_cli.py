@@ -366,3 +366,12 @@ def test_a_run_error_is_printed_once_and_a_wrong_prompt_is_refused_before_prefec
     assert result.returncode == 1
     assert "sampling.prompt 'a purple elephant' is not a prompt of task" in " ".join(result.stderr.split())
     assert not (tmp_path / "second").exists()  # refused before the ephemeral server's folder is made
+
+
+def test_toy_pretrain_and_card_refuse_folders_they_cannot_use_before_any_work(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["toy", "pretrain", "--out", "/proc/hero-model"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "--out /proc/hero-model: cannot create it (No such file or directory)" in result.output
+    result = runner.invoke(app, ["toy", "card", "--model", str(tmp_path)])
+    assert result.exit_code == 1 and "measuring" not in result.output
+    assert f"--model {tmp_path}: no training.json" in " ".join(result.output.split())

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -19,6 +19,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from hero_ml.cli_support import fail
 from hero_ml.config import SEED_MAX
 
 toy_app = typer.Typer(
@@ -27,6 +28,16 @@ toy_app = typer.Typer(
 console = Console()
 
 PRETRAINED = Path(__file__).parent / "pretrained"
+
+
+def _writable_folder(folder: Path, option: str) -> None:
+    """Refuse a folder that cannot be written before the work whose results it would hold."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise fail(f"{option} {folder}: cannot create it ({err.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise fail(f"{option} {folder}: not writable")
 
 
 @toy_app.command("pretrain")
@@ -43,6 +54,7 @@ def pretrain_command(
     from hero_ml.toy.pretrain import PretrainConfig, pretrain
 
     config = PretrainConfig(seed=seed, dataset_size=dataset_size, vae_steps=vae_steps, unet_steps=unet_steps)
+    _writable_folder(out, "--out")
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -119,13 +131,11 @@ def eval_command(
         if lora is not None:
             load_lora(pipe, lora)
     except (TaskError, ModelNotFoundError, FileNotFoundError, ValueError) as err:
-        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
-        raise typer.Exit(1) from None
+        raise fail(str(err)) from None
     prompts, target = spec.prompts, spec.target
     if unseen:
         if not spec.eval_prompts:
-            console.print(f"[bold red]error:[/] task {spec.name} has no eval_prompts", highlight=False)
-            raise typer.Exit(1)
+            raise fail(f"task {spec.name} has no eval_prompts")
         prompts, target = spec.eval_prompts, spec.eval_target or spec.target
     with Progress(
         TextColumn("sampling and judging"),
@@ -179,11 +189,17 @@ def card_command(
     steps: Annotated[int, typer.Option(help="DDIM steps.", min=1)] = 50,
 ) -> None:
     """Measure the model (judge accuracy, base rates of every task) and write its model card."""
-    from hero_ml.diffusion.pipeline import load_pipeline
+    from hero_ml.diffusion.pipeline import ModelNotFoundError, load_pipeline
     from hero_ml.toy.card import draw_curves, draw_samples, measure, write_card
     from hero_ml.toy.pretrain import TRAINING_LOG
 
-    pipe = load_pipeline(str(model))
+    if not (model / TRAINING_LOG).is_file():  # the card reads it after minutes of measuring
+        raise fail(f"--model {model}: no {TRAINING_LOG} (written by `hero toy pretrain --out {model}`)")
+    _writable_folder(model, "--model")
+    try:
+        pipe = load_pipeline(str(model))
+    except (ModelNotFoundError, ValueError) as err:
+        raise fail(str(err)) from None
     with console.status("measuring") as status:
         figures = measure(
             pipe,
