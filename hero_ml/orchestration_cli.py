@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from typing import Annotated
+from urllib.parse import urlsplit
 
 import typer
 from rich.table import Table
@@ -24,6 +25,8 @@ def _need_prefect_server() -> None:
             "no Prefect server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api; "
             "infra/prefect-server.sh start runs one)"
         )
+    if "/api" not in urlsplit(url).path:  # the server's address without its API's path: a common slip
+        raise fail(f"PREFECT_API_URL {url} names no API path: add it, e.g. {url.rstrip('/')}/api")
     from flows import server_problem
 
     # without it, each command's first call would end in the HTTP client's traceback
@@ -54,6 +57,7 @@ def deploy(
     config: ConfigOption = None,
 ) -> None:
     """Create (or update) the work pools and every HERO deployment on the Prefect server."""
+    from flows import PrefectServerError, server_refusals
     from flows.deploy import POOL_TYPES, DeployPlan, cron_problem, deploy, ensure_pool
 
     if pool_type not in POOL_TYPES:
@@ -76,14 +80,19 @@ def deploy(
         **({"source": source} if source else {}),
     )
     pools = ((plan.gpu_pool, plan.gpu_pool_type, plan.gpus), (plan.service_pool, "process", None))
-    for pool, kind, limit in pools:
-        created = ensure_pool(pool, limit, kind)
-        console.print(
-            f"work pool {pool} ({kind}): {'created' if created else 'exists'} (concurrency {limit or 'any'})"
-        )
     table = Table("deployment", "id", title="deployments")
-    for name, deployment_id in deploy(plan).items():
-        table.add_row(name, str(deployment_id))
+    try:
+        with server_refusals():
+            for pool, kind, limit in pools:
+                created = ensure_pool(pool, limit, kind)
+                console.print(
+                    f"work pool {pool} ({kind}): {'created' if created else 'exists'} "
+                    f"(concurrency {limit or 'any'})"
+                )
+            for name, deployment_id in deploy(plan).items():
+                table.add_row(name, str(deployment_id))
+    except PrefectServerError as err:
+        raise fail(str(err)) from None
     console.print(table)
     console.print(
         f"start workers: prefect worker start --pool {plan.gpu_pool} (and --pool {plan.service_pool}); "
@@ -129,12 +138,14 @@ def poll(config: ConfigOption = None) -> None:
     """Check every suspended training run once and resume those whose round may close (what the
     hero-poll-rounds deployment does on its schedule)."""
     _need_prefect_server()
+    from flows import PrefectServerError, server_refusals
     from flows.waiting import RoundResumer
     from hero_ml.labelling import LabelStudioError
 
     try:
-        results = RoundResumer(load(config)).poll()
-    except LabelStudioError as err:
+        with server_refusals():
+            results = RoundResumer(load(config)).poll()
+    except (LabelStudioError, PrefectServerError) as err:
         raise fail(str(err)) from None
     table = Table("flow run", "run", "round", "resumed", "why", title="suspended training runs")
     for item in results:

@@ -13,6 +13,7 @@ import torch
 import typer
 import yaml
 from PIL import Image
+from starlette.routing import Route
 from typer.core import TyperGroup
 from typer.testing import CliRunner
 
@@ -182,6 +183,43 @@ def test_the_server_commands_refuse_a_prefect_server_that_does_not_answer(
     message = "".join(result.stderr.split())  # rich wraps long lines
     assert f"thePrefectserverat{dead}failsitshealthcheck" in message and "refused" in message
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [["deploy"], ["rounds", "poll"]])
+def test_the_server_commands_name_a_request_the_prefect_server_refuses(
+    command: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a server that passes the health check but is not Prefect's API (another service, another version)
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    from tests.conftest import serve
+
+    async def health_only(request: Request) -> JSONResponse:
+        found = request.url.path == "/api/health"
+        return JSONResponse(True if found else {"detail": "Not Found"}, 200 if found else 404)
+
+    server = serve(Starlette(routes=[Route("/{path:path}", health_only, methods=["GET", "POST", "PATCH"])]))
+    monkeypatch.setenv("PREFECT_API_URL", f"{next(server)}/api")
+    monkeypatch.setenv("HERO_LABEL_STUDIO__API_KEY", "k")  # the poller needs one: never asked, here
+    try:
+        result = subprocess.run([HERO, *command], capture_output=True, text=True, timeout=120)
+    finally:
+        server.close()
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    message = " ".join(result.stderr.split())
+    assert "the Prefect server refused" in message and '(HTTP 404: {"detail":"Not Found"}); check' in message
+
+
+def test_a_prefect_url_without_its_api_path_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200")
+    result = runner.invoke(app, ["rounds", "poll"])
+    assert result.exit_code == 1
+    assert (
+        "PREFECT_API_URL http://127.0.0.1:4200 names no API path: add it, e.g. http://127.0.0.1:4200/api"
+        in (" ".join(result.output.split()))
+    )
 
 
 @pytest.mark.parametrize("command", [["promote"], ["generate", "models:/m@champion", "--prompt", "a"]])
