@@ -249,8 +249,16 @@ def test_generate_refuses_an_output_folder_it_cannot_write_before_any_work(tmp_p
 
 
 def test_promote_without_a_version_says_so_and_leaves_no_bar(tmp_path: Path) -> None:
-    tracking = {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "registered_model": "empty"}
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = {"tracking_uri": uri, "registered_model": "empty"}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"tracking": tracking}))
+    result = runner.invoke(app, ["promote", "-c", str(tmp_path / "c.yaml")])
+    assert result.exit_code == 1  # a path with a typo: MLflow would have made an empty store there
+    assert f"no MLflow database at {tmp_path / 'mlflow.db'}" in " ".join(result.output.split())
+    assert not (tmp_path / "mlflow.db").exists()
+    MlflowClient(uri).search_experiments()  # the store a run's tracking creates, without versions
     result = runner.invoke(app, ["promote", "-c", str(tmp_path / "c.yaml")])
     assert result.exit_code == 1
     assert "registered model 'empty' has no versions: finish a hero run first" in result.output
