@@ -196,10 +196,19 @@ def curves(points: list[dict]) -> dict[tuple[str, str], dict[int, list[float]]]:
     return table
 
 
+def measured_by_every_seed(curve: dict[int, list[float]]) -> dict[int, list[float]]:
+    """The curve's points every one of its seeds has reached (the base point, 0 feedbacks, is every
+    seed's): while one seed's run is still going, the mean of the others alone would move a crossing."""
+    seeds = max(len(values) for values in curve.values())
+    return {f: values for f, values in curve.items() if f == 0 or len(values) == seeds}
+
+
 def feedbacks_to_reach(curve: dict[int, list[float]], target: float) -> int | None:
-    """The first feedback count at which the seeds' mean success rate reaches the target."""
-    for feedbacks in sorted(curve):
-        if np.mean(curve[feedbacks]) >= target:
+    """The first feedback count at which the seeds' mean success rate reaches the target (among the
+    points every seed has reached)."""
+    complete = measured_by_every_seed(curve)
+    for feedbacks in sorted(complete):
+        if np.mean(complete[feedbacks]) >= target:
             return feedbacks
     return None
 
@@ -262,7 +271,7 @@ def efficiency_table(table: dict[tuple[str, str], dict[int, list[float]]], at: i
                     needs.append(
                         f"{method} {reached} ({reached / at:.1f}x)"
                         if reached is not None
-                        else f"{method} > {max(curve)}"
+                        else f"{method} > {max(measured_by_every_seed(curve))}"
                     )
         figures["tasks"][task] = entry
         base_cell = f"{entry['base']:.3f}" if entry["base"] is not None else "—"
@@ -309,9 +318,9 @@ def report(path: Path, at: int) -> None:
             f"Success rate after {at} feedbacks (mean ± std over seeds; the judge on a fixed evaluation",
             "set from fixed plain noises; after `~`, the mean over the seeds' points one round before,",
             "at and after it, as the curves swing from round to round), and the feedbacks each baseline",
-            "needs to reach HERO's rate there (the first crossing of the seeds' mean curve; in brackets,",
-            "where HERO's own curve first reached that rate: on a curve that swings it can be long",
-            f"before {at}).",
+            "needs to reach HERO's rate there (the first crossing of the seeds' mean curve, as far as",
+            "every seed has reached; in brackets, where HERO's own curve first reached that rate: on a",
+            f"curve that swings it can be long before {at}).",
             "Every point: `results/feedback_efficiency.csv`.",
             "",
             *rows,

@@ -36,6 +36,11 @@ def test_curves_group_seeds_and_the_first_crossing_of_the_mean_is_found() -> Non
     assert fe.feedbacks_to_reach(curve, 0.4) == 64  # the mean at 64 is exactly 0.4
     assert fe.feedbacks_to_reach(curve, 0.15) == 0
     assert fe.feedbacks_to_reach(curve, 0.7) is None
+    # a third seed still running (measured to 64): its 64 counts, the others' 128 alone does not
+    running = fe.curves([*points, *({**points[r], "seed": 2, "success_rate": 0.0} for r in range(2))])
+    curve = running[("t", "m")]
+    assert fe.measured_by_every_seed(curve) == {0: [0.1, 0.2, 0.0], 64: [0.3, 0.5, 0.0]}
+    assert fe.feedbacks_to_reach(curve, 0.25) == 64 and fe.feedbacks_to_reach(curve, 0.4) is None
 
 
 def test_the_paper_form_table_sets_each_baseline_against_heros_rate() -> None:
