@@ -256,6 +256,14 @@ def _run_embedded(config: HeroConfig) -> None:
     except HeroError as err:
         raise fail(str(err)) from None
 
+    if config.label_studio.enabled:  # a wrong URL or key fails now, not minutes after round 0 is sampled
+        from hero_ml.labelling import LabelStudioError, open_projects
+
+        try:
+            open_projects(config).check()
+        except LabelStudioError as err:
+            raise fail(str(err)) from None
+
     diffusers_logging.disable_progress_bar()  # the model's "Loading …" bars: our own bar says more
     transformers_logging.disable_progress_bar()
 
@@ -271,14 +279,6 @@ def _run_embedded(config: HeroConfig) -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # our own lines say what a round did
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from flows.training import hero_training  # the CLI hands off to flows/; the library never imports Prefect
-
-    if config.label_studio.enabled:  # a wrong URL or key fails now, not minutes after round 0 is sampled
-        from hero_ml.labelling import LabelStudioError, open_projects
-
-        try:
-            open_projects(config).check()
-        except LabelStudioError as err:
-            raise fail(str(err)) from None
 
     derived = config.derived()
     console.print(

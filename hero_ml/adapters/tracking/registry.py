@@ -63,13 +63,13 @@ class Registry:
     def __init__(self, tracking_uri: str, name: str, alias: str):
         if (problem := unreachable(tracking_uri)) is not None:
             raise RegistryError(problem)
-        database = Path(tracking_uri.removeprefix("sqlite:///").split("?")[0])
-        if tracking_uri.startswith("sqlite:///") and not database.exists():
-            # MLflow would create an empty store there: a mistyped path would read as "no versions"
-            raise RegistryError(
-                f"no MLflow database at {database} (tracking.tracking_uri {tracking_uri}): a `hero run` "
-                "creates it; or set HERO_TRACKING__TRACKING_URI to the one your runs track to"
-            )
+        if tracking_uri.startswith("sqlite:///"):
+            database = Path(tracking_uri.removeprefix("sqlite:///").split("?")[0])
+            if not database.exists():  # MLflow would create an empty store: a typo would read "no versions"
+                raise RegistryError(
+                    f"no MLflow database at {database} (tracking.tracking_uri {tracking_uri}): a `hero "
+                    "run` creates it; or set HERO_TRACKING__TRACKING_URI to the one your runs track to"
+                )
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.name = name
