@@ -297,6 +297,7 @@ def report(path: Path, at: int) -> None:
             curve = table.get((task, method))
             if not curve:
                 continue
+            curve = measured_by_every_seed(curve)  # as the table reads it: no running seed's tail
             xs = sorted(curve)
             mean = np.array([np.mean(curve[x]) for x in xs])
             std = np.array([np.std(curve[x]) for x in xs])
