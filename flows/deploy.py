@@ -3,8 +3,8 @@
     hero-training/on-demand     a training run when triggered (parameters: run_id, config overrides)
     hero-training/scheduled     the same on a cron schedule (only with --training-cron); each run is
                                 named after its flow run
-    hero-promote/after-training evaluate the newest LoRA against the champion whenever a
-                                hero-training run completes (an event trigger)
+    hero-promote/after-training evaluate the LoRA version a completed hero-training run
+                                registered against the champion (an event trigger)
     hero-generate-samples/on-demand
     hero-poll-rounds/every-<n>s resume suspended rounds whose webhook events were lost
 
