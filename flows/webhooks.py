@@ -208,13 +208,14 @@ def create_app(
     recheck_delays_s: tuple[float, ...] = RECHECK_DELAYS_S,
     rejection_burst: int = 20,
     rejections_per_s: float = 0.5,
+    clock: Callable[[], float] = time.monotonic,
 ) -> Starlette:
     """The receiver; `check` resumes a run if its round may close (RoundResumer.resume_if_ready).
     A client may have `rejection_burst` requests rejected at once, then one every 1/rejections_per_s
-    seconds; past that its rejected requests are answered 429."""
+    seconds of `clock`; past that its rejected requests are answered 429."""
     counters = Counters()
     checks = RoundChecks(check, counters, recheck_delays_s)
-    budget = RejectionBudget(rejection_burst, rejections_per_s)
+    budget = RejectionBudget(rejection_burst, rejections_per_s, clock)
     expected = secret.get_secret_value().encode()
 
     def reject(request: Request, status: int, why: str) -> JSONResponse:

@@ -1,6 +1,7 @@
 """Shared fixtures. Nothing here downloads: the hub is switched off for the whole test session."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,7 +17,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # Prefect reads its settings once, at import: one scratch home for the whole session, quiet, and
 # patient with the ephemeral server's start on a busy 2-core machine.
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="hero-test-prefect-"))
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="hero-test-prefect-"))  # removed at the end
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -39,10 +40,43 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         help="also run the long variants (every crash point, the full load test): make test-long",
     )
+    parser.addoption(
+        "--screenshots",
+        type=Path,
+        help="keep the browser test's screenshots in this folder (default: the test's tmp_path)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "long: a long variant, run with --long (make test-long)")
+
+
+# -- tests write only under tmp_path ----------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+# made by the tools running the tests, not by the tests
+TOOL_ENTRIES = {".pytest_cache", ".hypothesis", "__pycache__"}
+WATCHED = (REPO, REPO / "tests", REPO / "benchmarks", REPO / "benchmarks" / "results")
+entries_at_start = pytest.StashKey[set[Path]]()
+
+
+def _entries() -> set[Path]:
+    folders = {*WATCHED, Path.cwd()}
+    return {entry for folder in folders for entry in folder.iterdir() if entry.name not in TOOL_ENTRIES}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[entries_at_start] = _entries()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    prefect_home = Path(os.environ["PREFECT_HOME"])
+    if prefect_home.name.startswith("hero-test-prefect-"):  # ours, not one the caller set
+        shutil.rmtree(prefect_home, ignore_errors=True)
+    written = sorted(str(e) for e in _entries() - session.config.stash[entries_at_start])
+    if written:  # a relative default (hero-data/, mlflow.db) or a fixed path slipped past tmp_path
+        print(f"\nerror: the tests wrote outside tmp_path: {', '.join(written)}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -70,7 +104,6 @@ def _clean_hero_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # -- real services on loopback, started by the infra/ scripts -------------------------------------
 
-REPO = Path(__file__).resolve().parent.parent
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
 
 

@@ -34,6 +34,7 @@ def small_config(tmp_path: Path, **model: object) -> Path:
         "ddpo": {"timesteps_per_trajectory": 2},
         "feedback": {"budget": 8},
         "storage": {"local_root": str(tmp_path / "data")},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
     }
     path.write_text(yaml.safe_dump(data))
     return path
@@ -73,7 +74,7 @@ def test_the_hero_command_prints_an_error_it_can_explain_without_a_traceback(tmp
     assert "Traceback" not in result.stderr + result.stdout
 
 
-def test_config_show_prints_the_resolved_config_with_secrets_masked(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_config_show_prints_the_resolved_config_without_its_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HERO_LABEL_STUDIO__API_KEY", "tok-do-not-print")
     monkeypatch.setenv("HERO_SAMPLING__ETA", "0.7")
     result = runner.invoke(app, ["config", "show"])

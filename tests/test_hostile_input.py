@@ -356,7 +356,7 @@ def test_a_truncated_or_tampered_checkpoint_is_refused(
 def test_a_forged_state_file_is_refused(
     checkpoint: tuple[bytes, bytes], tmp_path_factory: pytest.TempPathFactory, state: Any
 ) -> None:
-    with pytest.raises(EngineError):
+    with pytest.raises(EngineError, match=r"checkpoint 'ck' has format .*, expected"):
         load(tmp_path_factory.mktemp("forged"), checkpoint[0], json.dumps(state).encode())
 
 

@@ -63,8 +63,11 @@ def test_compose_config_file_is_a_valid_hero_config(monkeypatch: pytest.MonkeyPa
         "stack.sh",
     ],
 )
-def test_service_scripts_explain_their_usage(script: str) -> None:
-    result = subprocess.run(["bash", str(INFRA / script), "restart"], capture_output=True, text=True)
+def test_service_scripts_explain_their_usage(script: str, tmp_path: Path) -> None:
+    state = {**os.environ, "HERO_INFRA_STATE": str(tmp_path)}  # the default is .infra/ in the repository
+    result = subprocess.run(
+        ["bash", str(INFRA / script), "restart"], capture_output=True, text=True, env=state
+    )
     assert result.returncode == 2 and "usage:" in result.stderr
 
 
@@ -79,10 +82,12 @@ def test_a_service_whose_port_another_process_holds_is_refused_not_reported_up(t
         cwd=tmp_path,
     )
     try:
-        for _ in range(100):  # until it answers
+        for _ in range(300):  # until it answers
             if subprocess.run(["curl", "-s", "-o", "/dev/null", f"http://127.0.0.1:{port}/"]).returncode == 0:
                 break
             time.sleep(0.1)
+        else:
+            pytest.fail(f"the squatter on port {port} never answered: the test would prove nothing")
         result = subprocess.run(
             ["bash", str(INFRA / "s3-server.sh"), "start"],
             env={

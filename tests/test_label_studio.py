@@ -201,7 +201,7 @@ def test_a_team_labels_a_round_and_the_pipeline_reads_exactly_that(
 
 
 def cli_config(config: HeroConfig, tmp_path: Path) -> tuple[Path, dict[str, str]]:
-    """The config as a YAML file (secrets masked in it) and the environment that carries the secrets."""
+    """The config as a YAML file (its secrets left out) and the environment that carries the secrets."""
     path = tmp_path / "hero.yaml"
     data = json.loads(config.model_dump_json())
     data["storage"].pop("s3_access_key_id"), data["storage"].pop("s3_secret_access_key")
@@ -310,7 +310,6 @@ def test_label_studio_errors_name_the_problem_not_the_token(label_studio_server:
 
 # -- in a real browser ----------------------------------------------------------------------------------
 
-OUTPUT = Path(__file__).parent / "output"  # git-ignored: screenshots for a person to look at
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
 
@@ -377,7 +376,11 @@ def submit(driver: Any) -> None:
 
 
 def test_an_annotator_labels_in_the_browser_and_the_pipeline_reads_it(
-    s3_server: Service, label_studio_server: LabelStudioServer, browser: Any
+    s3_server: Service,
+    label_studio_server: LabelStudioServer,
+    browser: Any,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
 ) -> None:
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
@@ -398,11 +401,12 @@ def test_an_annotator_labels_in_the_browser_and_the_pipeline_reads_it(
         for t in admin.tasks.list(project=project, fields="all")
     }
     image_ids = list(runs.load_manifest(0)["image_ids"])
-    OUTPUT.mkdir(exist_ok=True)
+    screenshots = request.config.getoption("--screenshots") or tmp_path  # for a person to look at
+    screenshots.mkdir(parents=True, exist_ok=True)
 
     # an image task: the image and the current best load from S3 (through Label Studio's presigning)
     open_task(browser, label_studio_server, project, tasks[("image", image_ids[1])])
-    browser.save_screenshot(str(OUTPUT / "label_studio_image_task.png"))
+    browser.save_screenshot(str(screenshots / "label_studio_image_task.png"))
     assert sorted(loaded_widths(browser)) == [32, 128]  # the 32 px toy image, the 128 px "no best yet"
     ActionChains(browser).send_keys("1").perform()  # hotkey 1: good
     submit(browser)
@@ -410,7 +414,7 @@ def test_an_annotator_labels_in_the_browser_and_the_pipeline_reads_it(
     # the best task: the round's grid; click image #1
     open_task(browser, label_studio_server, project, tasks[("best", "")])
     click(browser, "//label[.//*[normalize-space()='#1'] or normalize-space()='#1']")
-    browser.save_screenshot(str(OUTPUT / "label_studio_best_task.png"))
+    browser.save_screenshot(str(screenshots / "label_studio_best_task.png"))
     assert all(width > 0 for width in loaded_widths(browser))
     submit(browser)
 

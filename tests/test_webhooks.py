@@ -186,15 +186,21 @@ def test_pause_keys_name_their_round_and_flow_runs_their_hero_run() -> None:
 
 def test_a_client_whose_requests_keep_failing_is_throttled_but_its_events_are_not() -> None:
     recorder = Recorder()
-    app = create_app(recorder, SecretStr(SECRET), rejection_burst=5, rejections_per_s=0.2)
+    now = [100.0]  # the budget's clock, moved by hand: the requests' own pace does not count
+    app = create_app(
+        recorder, SecretStr(SECRET), rejection_burst=5, rejections_per_s=0.2, clock=lambda: now[0]
+    )
     for url in serve(app):
         answers = [post(url, event(), secret="guess-" + str(n)).status_code for n in range(8)]
         assert answers == [401] * 5 + [429] * 3
+        now[0] += 1.5
         throttled = post(url, event(), secret="one-more")
-        assert 1 <= int(throttled.headers["Retry-After"]) <= 5  # one token back in 5 s at 0.2/s
+        assert throttled.headers["Retry-After"] == "4"  # one token back 5 s after the last, at 0.2/s
         assert post(url, event()).status_code == 202  # an authenticated event still gets through
+        now[0] += 4  # past the 3.5 s the 429 named
+        assert post(url, event(), secret="after-the-wait").status_code == 401  # a token is back
         state = settle(url)
-        assert (state["rejected"], state["throttled"], state["accepted"]) == (5, 4, 1)
+        assert (state["rejected"], state["throttled"], state["accepted"]) == (6, 4, 1)
         assert recorder.calls == [("flow-1", "run-a", 0)]
 
 

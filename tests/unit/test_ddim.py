@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler
 from torch.distributions import Normal, kl_divergence
 
 from hero_ml.diffusion.ddim import check_scheduler, ddim_step_mean_std, gaussian_kl, gaussian_log_prob
@@ -110,6 +110,10 @@ def test_scheduler_settings_outside_the_math_are_refused() -> None:
     with pytest.raises(ValueError, match="zero terminal SNR needs prediction_type 'v_prediction'"):
         check_scheduler(make_scheduler(rescale_betas_zero_snr=True))
     check_scheduler(make_scheduler(rescale_betas_zero_snr=True, prediction_type="v_prediction"))
+    with pytest.raises(ValueError, match="thresholding=False"):
+        check_scheduler(make_scheduler(thresholding=True))
+    with pytest.raises(TypeError, match="HERO samples with DDIMScheduler, got DDPMScheduler"):
+        check_scheduler(DDPMScheduler(**{k: v for k, v in SD_SCHEDULER.items() if k != "set_alpha_to_one"}))
     unset = DDIMScheduler(**SD_SCHEDULER)
     with pytest.raises(ValueError, match="set_timesteps"):
         check_scheduler(unset)

@@ -75,6 +75,42 @@ def test_update_pass_steps_the_optimiser_as_configured_and_trains_only_lora(roun
     assert stats.step_norm == pytest.approx(moved.norm().item(), rel=1e-6)
 
 
+def test_a_group_steps_on_the_mean_over_its_units_whatever_the_micro_batch_sizes() -> None:
+    w = torch.nn.Parameter(torch.tensor([1.0]))
+    c = torch.tensor([1.0, 2.0, 6.0])  # unit u's loss is c[u] * w
+    calls: list[tuple[list[int], list[int]]] = []
+
+    def objective(units: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        calls.append((units.tolist(), steps.tolist()))
+        return w.sum() * c[units].mean(), steps.float().mean(), torch.tensor(len(units) / 2)
+
+    stats = update_pass(
+        objective,
+        torch.optim.SGD([w], lr=0.1),
+        units=3,
+        num_steps=2,
+        timesteps_per_unit=2,
+        train_batch_size=2,  # micro-batches of 2 units and 1 unit, accumulated into one group
+        gradient_accumulation_steps=2,
+        inner_epochs=1,
+        max_grad_norm=100.0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert sorted(len(units) for units, _ in calls) == [1, 1, 2, 2]  # each micro-batch at both timesteps
+    for unit in range(3):  # every unit trains each of its steps once
+        assert sorted(
+            s for units, steps in calls for u, s in zip(units, steps, strict=True) if u == unit
+        ) == [0, 1]
+    # one step on the mean over the 3 units' losses, d/dw = (1 + 2 + 6) / 3 = 3: a mean of the two
+    # micro-batches' means would give 3.75, 2.75 or 2.5 whichever units share a micro-batch
+    assert stats.optimizer_steps == 1 and w.item() == pytest.approx(1 - 0.1 * 3.0)
+    assert stats.step_norm == pytest.approx(0.3)
+    # the figures are means over the objective's calls (w was 1 throughout the group)
+    assert stats.loss == pytest.approx(sum(float(c[units].mean()) for units, _ in calls) / 4)
+    assert stats.approx_kl == pytest.approx(0.5)  # each unit's steps 0 and 1
+    assert stats.clip_fraction == pytest.approx((1.0 + 1.0 + 0.5 + 0.5) / 4)
+
+
 def test_a_step_whose_gradient_is_not_finite_is_skipped_not_taken() -> None:
     # an fp16 overflow in one accumulation group must not write inf/NaN into the LoRA for good
     w = torch.nn.Parameter(torch.ones(3))

@@ -87,6 +87,32 @@ def test_two_rounds_of_every_method(method: str) -> None:
     assert ("encoder_loss_first" in metrics) == (method in ("hero", "hero-noguide"))
 
 
+@pytest.mark.parametrize("reward", ["best", "mean_good"])
+def test_the_rewards_are_the_similarities_the_config_names(reward: str) -> None:
+    engine = Engine(small_config("hero", reward=reward), build_random_pipeline("tiny", seed=0))
+    batch = engine.generate()
+    feedback = brightness_labels(engine, batch)
+    stats = engine.learn(batch, feedback)
+    features, best = engine._features(batch.trajectory.final_step_input.float())  # the encoder as it rewarded
+    scaled_cos = lambda a, b: (torch.nn.functional.cosine_similarity(a, b, dim=-1) + 1) / 2  # noqa: E731
+    if reward == "best":
+        expected = scaled_cos(features, best[None])
+    else:  # the other good images and the best: every image the annotators called good
+        others = [i for i in feedback.good_indices if i != feedback.best]
+        references = torch.cat([features[others], best[None]])
+        expected = scaled_cos(features[:, None], references[None]).mean(dim=1)
+    good, bad = feedback.good_indices, feedback.bad_indices
+    assert stats.reward_good_mean == pytest.approx(expected[good].mean().item(), rel=1e-5)
+    assert stats.reward_bad_mean == pytest.approx(expected[bad].mean().item(), rel=1e-5)
+
+
+def test_ddpo_binary_rewards_good_images_1_and_bad_ones_0() -> None:
+    engine = Engine(small_config("ddpo-binary"), build_random_pipeline("tiny", seed=0))
+    batch = engine.generate()
+    stats = engine.learn(batch, brightness_labels(engine, batch))
+    assert (stats.reward_good_mean, stats.reward_bad_mean) == (1.0, 0.0)
+
+
 def test_guidance_starts_hero_rounds_near_the_best_noise() -> None:
     guided = Engine(small_config("hero"), build_random_pipeline("tiny", seed=0))
     plain = Engine(small_config("hero-noguide"), build_random_pipeline("tiny", seed=0))
@@ -148,6 +174,7 @@ def test_resume_from_a_checkpoint_is_bit_identical(tmp_path: Path, method: str, 
         straight.lora_optimizer.state_dict()["state"][0]["step"]
         == resumed.lora_optimizer.state_dict()["state"][0]["step"]
     )
+    assert (straight.encoder is None) == (resumed.encoder is None) == (method == "d3po")  # d3po has none
     if straight.encoder is not None and resumed.encoder is not None:
         assert all(
             torch.equal(a, b)

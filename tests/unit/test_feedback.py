@@ -115,6 +115,20 @@ def test_keeping_a_best_in_the_first_round_is_refused() -> None:
         aggregate([labels("a", "gbbb")], IDS, has_current_best=False)
 
 
+def test_a_team_without_a_best_vote_is_refused_in_the_first_round_and_keeps_the_best_later() -> None:
+    only_labels = [  # a team sharing the image tasks: nobody did the best task
+        AnnotatorFeedback(
+            annotator=name,
+            images=tuple(ImageLabel(image_id=IDS[i], label="good" if i == 0 else "bad") for i in share),
+        )
+        for name, share in (("a", (0, 1)), ("b", (2, 3)))
+    ]
+    with pytest.raises(FeedbackError, match="nobody picked a best, and the first round must pick one"):
+        aggregate(only_labels, IDS, has_current_best=False, complete=False)
+    verdict = aggregate(only_labels, IDS, has_current_best=True, complete=False)
+    assert verdict.good == (True, False, False, False) and verdict.best is None  # the current best stays
+
+
 def test_no_feedback_and_repeated_annotators_are_refused() -> None:
     with pytest.raises(FeedbackError, match="at least one annotator"):
         aggregate([], IDS, has_current_best=True)

@@ -120,11 +120,6 @@ def test_a_file_diffusers_would_silently_ignore_is_an_error(
         load_lora(tiny_pipe, tmp_path)
 
 
-def test_missing_weights_file_says_where(tiny_pipe: StableDiffusionPipeline, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=LORA_WEIGHTS_FILE):
-        load_lora(tiny_pipe, tmp_path)
-
-
 def test_a_missing_or_damaged_weights_file_is_named(
     tiny_pipe: StableDiffusionPipeline, tmp_path: Path
 ) -> None:

@@ -5,7 +5,6 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
-from hero_ml.diffusion.ddim import ddim_step_mean_std, gaussian_log_prob
 from hero_ml.diffusion.pipeline import load_pipeline
 from hero_ml.diffusion.sampler import (
     Trajectory,
@@ -77,24 +76,50 @@ def test_recorded_log_probs_equal_recomputed_on_a_mixed_timestep_batch(
     torch.testing.assert_close(recomputed, trajectory.log_probs[rows, steps], rtol=1e-5, atol=1e-5)
 
 
-def test_recompute_is_the_ddim_step_of_the_guided_prediction(tiny_pipe: StableDiffusionPipeline) -> None:
+def cfg_prediction_by_hand(
+    pipe: StableDiffusionPipeline, trajectory: Trajectory, rows: torch.Tensor, step: int, scale: float
+) -> torch.Tensor:
+    """The guided epsilon as diffusers' pipeline forms it: one UNet call per branch, then CFG."""
+    x_t, t = trajectory.latents[rows, step], trajectory.timesteps[step]
+    uncond = pipe.unet(x_t, t, encoder_hidden_states=trajectory.negative_prompt_embeds[rows]).sample
+    cond = pipe.unet(x_t, t, encoder_hidden_states=trajectory.prompt_embeds[rows]).sample
+    return uncond + scale * (cond - uncond)
+
+
+def test_recompute_is_diffusers_step_of_the_guided_prediction(tiny_pipe: StableDiffusionPipeline) -> None:
     trajectory = sample(tiny_pipe)
     rows, steps = torch.tensor([3, 1]), torch.tensor([2, 2])
-    t = trajectory.timesteps[steps]
+    x_t, x_prev = trajectory.latents[rows, 2], trajectory.latents[rows, 3]
+    t = trajectory.timesteps[2]
+    scheduler = tiny_pipe.scheduler
     with torch.no_grad():
-        prediction = guided_noise_pred(
+        eps = cfg_prediction_by_hand(tiny_pipe, trajectory, rows, 2, CFG)
+        # diffusers' own step with the noise switched off is the mean; its variance (eta 1) the std's square
+        expected_mean = scheduler.step(eps, t, x_t, eta=1.0, variance_noise=torch.zeros_like(x_t)).prev_sample
+        expected_std = scheduler._get_variance(t, t - 1000 // STEPS).sqrt()
+        mean, std, target = recompute_step(tiny_pipe, trajectory, rows, steps)
+        log_probs = recompute_log_probs(tiny_pipe, trajectory, rows, steps)
+    torch.testing.assert_close(mean, expected_mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(std.flatten(), expected_std.expand(2), rtol=1e-5, atol=0)
+    assert torch.equal(target, x_prev)
+    expected = torch.distributions.Normal(expected_mean, expected_std).log_prob(x_prev).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(log_probs, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_guidance_scale_one_is_the_conditional_prediction(tiny_pipe: StableDiffusionPipeline) -> None:
+    trajectory = sample(tiny_pipe)
+    rows, t = torch.arange(4), trajectory.timesteps[1].repeat(4)
+    with torch.no_grad():
+        shortcut = guided_noise_pred(
             tiny_pipe.unet,
-            trajectory.latents[rows, steps],
+            trajectory.latents[rows, 1],
             t,
-            trajectory.prompt_embeds[rows],
-            trajectory.negative_prompt_embeds[rows],
-            CFG,
+            trajectory.prompt_embeds,
+            trajectory.negative_prompt_embeds,
+            1.0,
         )
-        x_t, x_prev = trajectory.latents[rows, steps], trajectory.latents[rows, steps + 1]
-        mean, std = ddim_step_mean_std(tiny_pipe.scheduler, prediction, t, x_t, eta=1.0)
-        torch.testing.assert_close(recompute_step(tiny_pipe, trajectory, rows, steps), (mean, std, x_prev))
-        expected = gaussian_log_prob(x_prev, mean, std)
-        torch.testing.assert_close(recompute_log_probs(tiny_pipe, trajectory, rows, steps), expected)
+        full = cfg_prediction_by_hand(tiny_pipe, trajectory, rows, 1, 1.0)
+    torch.testing.assert_close(shortcut, full, rtol=1e-4, atol=1e-5)
 
 
 def test_low_precision_storage_keeps_log_probs_exact(tiny_pipe: StableDiffusionPipeline) -> None:

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from hero_ml.feedback import aggregate
+from hero_ml.toy.evaluate import judge_accuracy
 from hero_ml.toy.judge import SimulatedAnnotator, Target, Want, judge
 from hero_ml.toy.perceive import perceive
 from hero_ml.toy.render import render
@@ -16,14 +17,17 @@ def clean_scenes(seed: int, count: int) -> list[Scene]:
 
 
 def test_judge_reads_clean_renders_at_least_98_percent_right() -> None:
-    correct = 0
-    for scene in clean_scenes(seed=11, count=CLEAN_SCENES):
-        seen = perceive(render(scene))
-        truth = sorted((s.color, s.kind) for s in scene.shapes)
-        correct += truth == sorted((o.color, str(o.kind)) for o in seen) and not any(
-            o.malformed for o in seen
-        )
-    assert correct / CLEAN_SCENES >= 0.98
+    assert judge_accuracy(clean_scenes(seed=11, count=CLEAN_SCENES)) >= 0.98
+
+
+def test_judge_accuracy_counts_a_scene_right_only_when_every_shape_is_read() -> None:
+    circle = Shape(kind="circle", color="red", x=8, y=8, radius=4)
+    square = Shape(kind="square", color="blue", x=24, y=24, radius=4)
+    bitten = Shape(kind="triangle", color="green", x=24, y=8, radius=5, defect="bite")
+    read = [Scene(size=32, shapes=(circle, square)), Scene(size=32, shapes=(circle, bitten))]
+    stacked = Scene(size=32, shapes=(circle, circle))  # two circles drawn on one spot: one is seen
+    assert judge_accuracy(read) == 1.0
+    assert judge_accuracy([*read, stacked]) == pytest.approx(2 / 3)
 
 
 @pytest.mark.parametrize("defect", ["bite", "crack", "smear"])
@@ -60,6 +64,8 @@ def test_counting_target_verdicts() -> None:
     three = Scene(size=32, shapes=(*two.shapes, Shape(kind="square", color="red", x=24, y=8, radius=4)))
     verdict = judge(render(three), target)
     assert not verdict.good and verdict.violations == ("unwanted: red square",)
+    fit = np.mean([o.fit for o in verdict.seen])
+    assert verdict.score == pytest.approx(-1 + 0.1 * fit)  # a violation costs 1, the fit a tenth
     one = Scene(size=32, shapes=two.shapes[:1])
     assert judge(render(one), target).violations == ("count: 2 red circle(s) wanted, 1 seen",)
 
