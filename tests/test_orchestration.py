@@ -102,7 +102,7 @@ def stack(
         "feedback": {"budget": 16, "annotators_per_image": 2},
         "simulation": {"eval_images": 0},
         "promotion": {"eval_images": 16},
-        "storage": s3_storage(s3_server, f"e2e-{tag}/"),
+        "storage": s3_storage(s3_server, f"e2e-{tag}/", local_root=str(tmp_path / "local")),
         "tracking": {"tracking_uri": mlflow_server.url, "registered_model": f"hero-e2e-{tag}"},
         "label_studio": {"enabled": True, "url": label_studio_server.url},
         "orchestration": {

@@ -41,7 +41,7 @@ def production_config(tmp_path: Path, s3: Service, mlflow: Service, **top: Any) 
         **tiny_run(images=6),
         "feedback": {"budget": 12},
         "simulation": {"eval_images": 6},
-        "storage": s3_storage(s3, f"t-{uuid.uuid4().hex[:8]}/"),
+        "storage": s3_storage(s3, f"t-{uuid.uuid4().hex[:8]}/", local_root=str(tmp_path / "local")),
         "tracking": {"tracking_uri": mlflow.url, "registered_model": f"lora-{uuid.uuid4().hex[:6]}"},
         **top,
     }
