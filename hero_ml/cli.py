@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hero_ml.adapters.storage import open_store
-from hero_ml.cli_support import ConfigOption, console, err_console, fail, load
+from hero_ml.cli_support import ConfigOption, console, err_console, fail, load, writable_folder
 from hero_ml.config import SEED_MAX, ConfigError, HeroConfig
 from hero_ml.errors import HeroError
 from hero_ml.labelling_cli import labelstudio_app
@@ -532,11 +532,7 @@ def generate(
     from hero_ml.promotion import generate_from_registry
 
     resolved = load(config)
-    made = not out.exists()
-    try:  # before the work: a folder that cannot be written would lose every image
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise fail(f"--out {out}: cannot write images there ({err.strerror})") from None
+    made = writable_folder(out, "--out")
     with console.status(f"loading {model} and generating {count} images"):
         try:
             version, paths, pool = generate_from_registry(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -29,6 +30,19 @@ ConfigOption = Annotated[
 def fail(message: str) -> typer.Exit:
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)  # [a-z] is not markup
     return typer.Exit(code=1)
+
+
+def writable_folder(folder: Path, option: str) -> bool:
+    """Make `folder` (and its parents) before the work whose results it would hold, or fail readably;
+    True when it did not exist before (so a command that produced nothing can remove it again)."""
+    made = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise fail(f"{option} {folder}: cannot create it ({err.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise fail(f"{option} {folder}: not writable")
+    return made
 
 
 def load(path: Path | None) -> HeroConfig:

@@ -246,7 +246,7 @@ def test_generate_refuses_an_output_folder_it_cannot_write_before_any_work(tmp_p
     ):
         result = runner.invoke(app, ["generate", "models:/none@champion", "--prompt", "a", "--out", str(out)])
         assert result.exit_code == 1 and "Traceback" not in result.output
-        assert f"--out {out}: cannot write images there ({reason})" in " ".join(result.output.split())
+        assert f"--out {out}: cannot create it ({reason})" in " ".join(result.output.split())
 
 
 def test_promote_without_a_version_says_so_and_leaves_no_bar(tmp_path: Path) -> None:

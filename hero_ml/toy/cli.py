@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -19,7 +18,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from hero_ml.cli_support import fail
+from hero_ml.cli_support import fail, writable_folder
 from hero_ml.config import SEED_MAX
 
 toy_app = typer.Typer(
@@ -28,16 +27,6 @@ toy_app = typer.Typer(
 console = Console()
 
 PRETRAINED = Path(__file__).parent / "pretrained"
-
-
-def _writable_folder(folder: Path, option: str) -> None:
-    """Refuse a folder that cannot be written before the work whose results it would hold."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise fail(f"{option} {folder}: cannot create it ({err.strerror})") from None
-    if not os.access(folder, os.W_OK):
-        raise fail(f"{option} {folder}: not writable")
 
 
 @toy_app.command("pretrain")
@@ -54,7 +43,7 @@ def pretrain_command(
     from hero_ml.toy.pretrain import PretrainConfig, pretrain
 
     config = PretrainConfig(seed=seed, dataset_size=dataset_size, vae_steps=vae_steps, unet_steps=unet_steps)
-    _writable_folder(out, "--out")
+    writable_folder(out, "--out")
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -195,7 +184,7 @@ def card_command(
 
     if not (model / TRAINING_LOG).is_file():  # the card reads it after minutes of measuring
         raise fail(f"--model {model}: no {TRAINING_LOG} (written by `hero toy pretrain --out {model}`)")
-    _writable_folder(model, "--model")
+    writable_folder(model, "--model")
     try:
         pipe = load_pipeline(str(model))
     except (ModelNotFoundError, ValueError) as err:
