@@ -183,6 +183,7 @@ def test_collect_reports_what_it_cannot_map() -> None:
     ]
     verdict = collected.round_feedback(IDS, has_current_best=True)
     assert verdict.good == (True, False, False) and verdict.best is None  # no valid best vote: keep
+    assert collected.progress.best_votes == 0  # the dropped vote does not close the round
 
     first = collect(
         tasks()[3:],

@@ -278,6 +278,7 @@ def collect(
                 best_votes[who] = str(choice)
 
     feedback = []
+    counted_votes = 0  # what readiness counts: a dropped vote must not close the round
     for who in sorted(set(labels) | set(best_votes)):
         given = dict(labels.get(who, {}))
         vote = best_votes.get(who)
@@ -290,6 +291,7 @@ def collect(
                 vote = None
             else:
                 given[vote] = "good"  # picking an image as best says it is good (the protocol's rule)
+        counted_votes += vote is not None
         if not given and vote is None:
             continue  # their only answer was dropped above
         feedback.append(
@@ -307,7 +309,7 @@ def collect(
         labels_required=len(image_ids) * annotators_per_image,
         labels=sum(min(per_image[i], annotators_per_image) for i in image_ids),
         best_votes_required=annotators_per_image,
-        best_votes=len(best_votes),
+        best_votes=counted_votes,
         least_labels=min((per_image[i] for i in image_ids), default=0),
     )
     return CollectedRound(
