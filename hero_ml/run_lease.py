@@ -162,9 +162,11 @@ class RunLease:
             acquired=now,
             renewed=now,
         )
-        created = self.store.create(self._key(epoch), record.model_dump_json().encode())
-        # Read back: a server that ignores If-None-Match lets the last of two creators win silently.
-        if not created or json.loads(self.store.get(self._key(epoch)))["owner"] != self.owner:
+        self.store.create(self._key(epoch), record.model_dump_json().encode())
+        # Read back whatever create said: a server that ignores If-None-Match lets the last of two
+        # creators win silently, and a "taken" can be this process's own PUT, done but its answer lost
+        # and the retry refused.
+        if json.loads(self.store.get(self._key(epoch)))["owner"] != self.owner:
             raise RunLeasedError(
                 f"run {self.run_id!r}: another process took its lease (epoch {epoch}) at the same moment"
             )

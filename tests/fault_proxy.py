@@ -1,6 +1,8 @@
 """A fault-injecting HTTP proxy for the storage tests: it stands between boto3 and the S3 server on
-loopback and, for the requests its plan picks, answers 503 SlowDown (as S3 does when throttling) or
-holds the answer past the client's read timeout. Everything else is forwarded as it came. A real S3
+loopback and, for the requests its plan picks, answers 503 SlowDown (as S3 does when throttling),
+holds the answer past the client's read timeout ("stall": the server never sees the request), or
+forwards the request and then withholds the server's answer ("lost": it was done, the client cannot
+know). Everything else is forwarded as it came. A real S3
 server cannot be made to fail one chosen request; the proxy makes the fault real HTTP all the same."""
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ SLOW_DOWN = (
     b"<Message>Please reduce your request rate.</Message></Error>"
 )
 
-# (request number from 1, method, path) -> None (forward), "503" or "stall"
+# (request number from 1, method, path) -> None (forward), "503", "stall" or "lost"
 Plan = Callable[[int, str, str], str | None]
 
 
@@ -64,6 +66,11 @@ class FaultProxy:
                 upstream.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
                 answer = upstream.getresponse()
                 data = answer.read()
+                if fault == "lost":
+                    upstream.close()
+                    time.sleep(proxy.stall_s)  # done upstream; the client times out and retries
+                    self.close_connection = True
+                    return
                 self.send_response(answer.status)
                 for name, value in answer.getheaders():
                     if name.lower() not in ("transfer-encoding", "connection", "content-length"):

@@ -220,6 +220,26 @@ def test_a_store_down_at_release_leaves_the_lease_to_lapse(
             lease.check()
 
 
+def test_a_lease_whose_create_answer_was_lost_is_held_not_refused(s3_server: Service) -> None:
+    # The conditional PUT reaches the server, its answer does not; botocore retries, and the retry
+    # finds the key taken (412): by this process's own record, which the lease must recognise.
+    lost: list[str] = []
+
+    def plan(n: int, method: str, path: str) -> str | None:
+        if method == "PUT" and "/lease/" in path and not lost:
+            lost.append(path)
+            return "lost"
+        return None
+
+    with FaultProxy(s3_server.url, plan, stall_s=3) as proxy:
+        store = through(proxy, s3_server, s3_max_attempts=3, s3_timeout_s=1)
+        with RunLease(store, "r") as lease:
+            assert lease.epoch == 0
+            lease.check()
+        assert [fault for *_, fault in proxy.injected] == ["lost"]
+        assert [(r["owner"], r["released"]) for r in records(store, "r")] == [(lease.owner, True)]
+
+
 def test_storage_ls_says_who_writes_the_run(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"storage": {"local_root": str(tmp_path / "data")}}))
