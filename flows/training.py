@@ -27,9 +27,10 @@ from hero_ml.adapters.label_studio.client import LabelStudioError
 from hero_ml.adapters.storage import open_store
 from hero_ml.adapters.tracking import TrackingError
 from hero_ml.adapters.tracking.mlflow import open_tracker
-from hero_ml.config import HeroConfig, load_config, with_overrides
+from hero_ml.config import HeroConfig, load_config, restore_config, with_overrides
 from hero_ml.engine import RoundStats
 from hero_ml.labelling import LabelStudioRounds, open_projects
+from hero_ml.run_store import RunStore
 from hero_ml.training import Evaluation, TrainingRun, TrainingSummary
 
 PAUSE_KEY_PREFIX = "hero-round-"  # a suspended run's pause key names its round: hero-round-<k>-<nonce>
@@ -69,6 +70,17 @@ def resolve_config(run_id: str | None, config: HeroConfig | dict[str, Any] | Non
     return resolved if run_id is None else with_overrides(resolved, {"run_id": run_id})
 
 
+def with_stored_run(resolved: HeroConfig, overrides: dict[str, Any]) -> HeroConfig:
+    """A deployment's config for a run that exists: the run's stored settings (the worker's file may
+    have changed since the run started: new runs get the change, this one keeps its own), the worker's
+    service settings, and the flow run's overrides on top (the same at every resume of the flow run;
+    one that contradicts the stored run is refused by TrainingRun)."""
+    stored = RunStore(open_store(resolved.storage), resolved.run_id).load_config()
+    if stored is None:
+        return resolved
+    return with_overrides(restore_config(stored, resolved), overrides)
+
+
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate(run: TrainingRun, label: str) -> Evaluation | None:
     return run.evaluate(label)
@@ -97,6 +109,8 @@ def hero_training(
     if deployment.id is not None and not isinstance(config, HeroConfig):
         run_id = deployed_run_id({"run_id": run_id, "config": config}, flow_run.name)
     resolved = resolve_config(run_id, config)
+    if not isinstance(config, HeroConfig):
+        resolved = with_stored_run(resolved, config or {})
     logger = get_run_logger()
     # The run's lease first: a process refused the run must not touch the tracking of the one writing it.
     with TrainingRun(resolved, open_store(resolved.storage), on_step=on_step) as run:

@@ -45,7 +45,8 @@ class RoundResumer:
         self.projects = open_projects(config)
 
     def run_config(self, run_id: str) -> HeroConfig:
-        """The waiting run's config (stored with the run), with the service's secrets."""
+        """The waiting run's config (stored with the run), with this service's service settings
+        (config.SERVICE_SETTINGS: its servers, keys and secrets)."""
         runs = RunStore(self.store, run_id)
         stored = runs.load_config()
         if stored is None:

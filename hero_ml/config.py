@@ -45,6 +45,31 @@ TRACKING_SCHEMES = {"", "sqlite", "file", "http", "https", "postgresql", "mysql"
 SEED_MAX = 2**63 - 1  # torch's generators take seeds below 2**63
 SECRET_MASK = "**********"  # how pydantic dumps a SecretStr to JSON
 SECRET_IN_VALUE = "secret_in_value"  # an error type whose input holds a secret: never echoed
+# Where the services are, how this process reaches them and where it runs the model: a resumed run
+# takes these from the config of the process resuming it (a moved server, a rotated key, another
+# worker's GPU). Every other setting says what the run learns and how its rounds close: a resume keeps
+# the stored value, and a config that differs there is refused. Every secret is one of these.
+SERVICE_SETTINGS = frozenset(
+    {
+        "storage",
+        "tracking",
+        "promotion",
+        "label_studio.url",
+        "label_studio.api_key",
+        "orchestration.work_pool",
+        "orchestration.webhook_secret",
+        "orchestration.webhook_url",
+        "orchestration.poll_interval_s",
+        "model.device",
+        "model.allow_download",
+        "model.compile",
+        "model.channels_last",
+    }
+)
+
+
+def is_service_setting(section: str, name: str | None = None) -> bool:
+    return section in SERVICE_SETTINGS or f"{section}.{name}" in SERVICE_SETTINGS
 
 
 class ConfigError(HeroError, ValueError):
@@ -770,19 +795,19 @@ def with_overrides(config: HeroConfig, overrides: dict[str, dict[str, Any] | Any
 
 
 def restore_config(stored: dict[str, Any], current: HeroConfig) -> HeroConfig:
-    """A run's stored public config back as a HeroConfig; its masked secrets come from `current`
-    (the environment now), since secrets are never stored. Its other values are the stored ones: the
-    environment of the process resuming it (a service's, another worker's) does not change them."""
-    data = json.loads(json.dumps(stored))
-    if not isinstance(data, dict):
-        raise ConfigError(f"the stored run config is a {type(data).__name__}, not a mapping of sections")
-    secrets = current.model_dump()
-    for section, fields in data.items():
-        if isinstance(fields, dict) and isinstance(secrets.get(section), dict):
-            for name, value in fields.items():
-                secret = secrets[section].get(name)
-                if isinstance(secret, SecretStr) or value == SECRET_MASK:
-                    fields[name] = secret
+    """A run's stored public config back as a HeroConfig: what the run learns and how its rounds close
+    as stored (the environment of the process resuming it, a service's or another worker's, does not
+    change them); the service settings, secrets included (never stored), from `current`."""
+    data = json.loads(json.dumps(stored))  # a deep copy
+    now = current.model_dump()  # SecretStr stays SecretStr
+    for section, fields in now.items():
+        if not isinstance(fields, dict):
+            continue
+        if is_service_setting(section):
+            data[section] = fields
+        elif isinstance(data.get(section, {}), dict):  # a section a later release added: its defaults
+            service = {name: value for name, value in fields.items() if is_service_setting(section, name)}
+            data[section] = {**data.get(section, {}), **service}
     try:
         return _GivenValuesConfig.model_validate(data)
     except ValidationError as err:

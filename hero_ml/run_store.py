@@ -142,17 +142,24 @@ class RunStore:
                 "whole run"
             ) from None
 
-    def load_config(self) -> Any:
-        """The run's stored config as JSON (restore_config validates it); None when there is none."""
+    def load_config(self) -> dict[str, Any] | None:
+        """The run's stored config as a JSON object (restore_config validates its values); None when
+        there is none."""
         key = f"{self.prefix}/config.json"
         if not self.store.exists(key):
             return None
         try:
-            return json.loads(self.store.get(key))
+            stored = json.loads(self.store.get(key))
         except ValueError as err:  # not JSON, or not UTF-8
             raise CorruptObjectError(
                 f"{self.store.where(key)} is not a readable run config (edited or damaged): {err}"
             ) from None
+        if not isinstance(stored, dict):
+            raise CorruptObjectError(
+                f"{self.store.where(key)} is not a readable run config (edited or damaged): a JSON "
+                f"{type(stored).__name__}, not an object of sections"
+            )
+        return stored
 
     # -- rounds --------------------------------------------------------------------------------------
 

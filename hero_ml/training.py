@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from hero_ml.adapters.storage import ArtifactStore
 from hero_ml.adapters.tracking import NOISE_POOL_ARTIFACT, Tracker
-from hero_ml.config import HeroConfig
+from hero_ml.config import HeroConfig, is_service_setting
 from hero_ml.diffusion.lora import adapters_disabled, save_lora
 from hero_ml.diffusion.pipeline import load_configured_pipeline
 from hero_ml.engine import Engine, RoundBatch, RoundStats
@@ -65,18 +65,30 @@ class TrainingSummary:
     registered_version: str | None  # the LoRA's version in the model registry, when registered
 
 
-def changed_sections(stored: dict[str, Any], config: HeroConfig) -> list[str]:
-    """The sections (and top-level fields) in which `config` differs from a run's stored config. A
-    field the stored config lacks was added by a later release: it counts at its default, which by
-    rule keeps the behaviour from before the field existed, so an upgrade does not strand a run."""
+def changed_settings(stored: dict[str, Any], config: HeroConfig) -> list[str]:
+    """The settings that say what a run learns and how its rounds close ("section.field", or a
+    top-level field) in which `config` differs from the run's stored config; service settings
+    (config.SERVICE_SETTINGS) may differ. A field the stored config lacks was added by a later
+    release: it counts at its default, which by rule keeps the behaviour from before the field
+    existed, so an upgrade does not strand a run."""
     changed = []
-    for name, value in config.to_public_dict().items():
-        was = stored.get(name)
-        if isinstance(value, dict) and isinstance(was, dict):
-            defaults = type(getattr(config, name))().model_dump(mode="json")
-            was = {**{key: defaults[key] for key in value.keys() - was.keys()}, **was}
-        if was != value:
-            changed.append(name)
+    for section, value in config.to_public_dict().items():
+        if is_service_setting(section):
+            continue
+        was = stored.get(section)
+        if not isinstance(value, dict):
+            if was != value:
+                changed.append(section)
+            continue
+        if not isinstance(was, dict):
+            changed.append(section)
+            continue
+        defaults = type(getattr(config, section))().model_dump(mode="json")
+        changed += [
+            f"{section}.{name}"
+            for name, now in value.items()
+            if not is_service_setting(section, name) and was.get(name, defaults[name]) != now
+        ]
     return sorted(changed)
 
 
@@ -101,7 +113,8 @@ class TrainingRun:
     ):
         """Open the run `config.run_id`: a new one, or the stored one from its latest checkpoint.
 
-        A stored run must be resumed with its own config (compared field by field, secrets aside).
+        A stored run must be resumed with its own config (compared field by field, service settings
+        and secrets aside: changed_settings).
         The run's lease is taken first (RunLeasedError while another process writes it) and every
         write goes through it; close() - or leaving a `with` block - gives it back."""
         self.config = config
@@ -120,9 +133,9 @@ class TrainingRun:
         config = self.config
         self.runs = RunStore(LeasedStore(store, self.lease), config.run_id)
         stored = self.runs.load_config()
-        if stored is not None and (changed := changed_sections(stored, config)):
+        if stored is not None and (changed := changed_settings(stored, config)):
             raise RunError(
-                f"run {config.run_id!r} exists with another config (sections differ: {', '.join(changed)}); "
+                f"run {config.run_id!r} exists with another config (settings differ: {', '.join(changed)}); "
                 "resume it with its own config (hero run --resume) or choose a new run_id"
             )
         # the model before the run is stored: a run stored with a model that cannot load could only be

@@ -9,10 +9,11 @@ import yaml
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from hero_ml.adapters.storage import LocalStore
+from flows.training import with_stored_run
+from hero_ml.adapters.storage import LocalStore, open_store
 from hero_ml.adapters.tracking.mlflow import RUN_ID_TAG
 from hero_ml.cli import app
-from hero_ml.config import HeroConfig
+from hero_ml.config import HeroConfig, load_config, with_overrides
 from hero_ml.run_store import CorruptObjectError, RunStore
 from hero_ml.training import RunError, TrainingRun
 from tests.conftest import tiny_run
@@ -113,12 +114,12 @@ def test_hero_run_explains_bad_arguments(tmp_path: Path) -> None:
     stored.parent.mkdir(parents=True)
     for content, expected in [
         ({"run_id": "another"}, "names run 'another', not 'edited': restore the run's own config.json"),
-        (["a", "list"], "the stored run config is a list, not a mapping of sections"),
+        (["a", "list"], "not a readable run config (edited or damaged): a JSON list, not an object"),
         ({"run_id": "edited", "sampling": {"gone": 1}}, "no longer valid: sampling.gone: Extra inputs"),
     ]:
         stored.write_text(json.dumps(content))
         edited = runner.invoke(app, ["run", "-c", str(config), "--resume", "edited"])
-        assert edited.exit_code == 1 and expected in " ".join(edited.output.split()), edited.output
+        assert edited.exit_code == 1 and flat(expected) in flat(edited.output), edited.output
         assert "runs/edited/config.json" in "".join(edited.output.split())  # the file is named
     stored.write_text("{truncated")
     for command in (
@@ -127,9 +128,43 @@ def test_hero_run_explains_bad_arguments(tmp_path: Path) -> None:
     ):
         damaged = runner.invoke(app, command)
         assert damaged.exit_code == 1 and "Traceback" not in damaged.output
-        assert "config.json is not a readable run config (edited or damaged)" in " ".join(
-            damaged.output.split()
-        )
+        assert flat("config.json is not a readable run config (edited or damaged)") in flat(damaged.output)
+
+
+def test_a_run_resumes_where_its_services_moved_and_keeps_what_it_learns_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = HeroConfig.model_validate({**small(tmp_path), "run_id": "r"})
+    store = open_store(config.storage)  # where the flow looks for it
+    with TrainingRun(config, store) as run:
+        run.generate()
+    # after the start: a secret set, the MLflow server moved, another poll interval and Label Studio
+    # address; the shared file now gives new runs another lr and deadline
+    monkeypatch.setenv("HERO_ORCHESTRATION__WEBHOOK_SECRET", "set-after-the-start")
+    moved = {
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'moved.db'}"},
+        "orchestration": {"poll_interval_s": 45, "round_deadline_h": 2.0},
+        "label_studio": {"url": "http://127.0.0.1:9"},
+        "ddpo": {"lr": 1e-2},
+    }
+    worker = with_overrides(with_overrides(load_config(), {**small(tmp_path), "run_id": "r"}), moved)
+    assert worker.orchestration.webhook_secret is not None
+    with pytest.raises(RunError, match=r"settings differ: ddpo.lr, orchestration.round_deadline_h\)"):
+        TrainingRun(worker, store)  # the worker's file as it is: not the run's
+    resumed = with_stored_run(worker, {})
+    assert resumed.ddpo.lr == config.ddpo.lr and resumed.orchestration.round_deadline_h is None
+    assert resumed.tracking == worker.tracking and str(resumed.label_studio.url) == "http://127.0.0.1:9/"
+    assert resumed.orchestration.poll_interval_s == 45 and resumed.orchestration.webhook_secret is not None
+    with TrainingRun(resumed, store) as run:
+        assert run.engine.round == 0  # the committed round is there to be labelled
+    # a flow run's own override that contradicts the stored run is still refused
+    with pytest.raises(RunError, match=r"settings differ: sampling.guidance_scale\)"):
+        TrainingRun(with_stored_run(worker, {"sampling": {"guidance_scale": 2.0}}), store)
+
+
+def flat(text: str) -> str:
+    """Text without whitespace: rich wraps a long path anywhere, even inside a word."""
+    return "".join(text.split())
 
 
 def final_lora(run: TrainingRun) -> list[torch.Tensor]:
@@ -168,8 +203,8 @@ def test_a_run_refuses_another_config_and_a_tampered_round(tmp_path: Path) -> No
     store = LocalStore(tmp_path / "s")
     with TrainingRun(config, store) as run:
         run.generate()
-    other = config.model_copy(update={"method": "d3po"})
-    with pytest.raises(RunError, match=r"exists with another config \(sections differ: method\)"):
+    other = with_overrides(config, {"method": "d3po", "ddpo": {"lr": 1e-2}, "tracking": {"experiment": "x"}})
+    with pytest.raises(RunError, match=r"another config \(settings differ: ddpo.lr, method\)"):
         TrainingRun(other, store)
     # a run stored by a release without a field resumes at the field's default, and only there
     stored = tmp_path / "s" / "runs" / "r" / "config.json"
@@ -178,7 +213,7 @@ def test_a_run_refuses_another_config_and_a_tampered_round(tmp_path: Path) -> No
     stored.write_text(json.dumps(fields))
     TrainingRun(config, store).close()
     gaussian = config.model_copy(update={"model": config.model.model_copy(update={"lora_init": "gaussian"})})
-    with pytest.raises(RunError, match=r"sections differ: model\)"):
+    with pytest.raises(RunError, match=r"settings differ: model.lora_init\)"):
         TrainingRun(gaussian, store)
     path = tmp_path / "s" / "runs" / "r" / "rounds" / "0" / "trajectory.safetensors"
     path.write_bytes(path.read_bytes()[:-10])
