@@ -429,7 +429,7 @@ def test_a_trajectory_whose_tensors_disagree_is_refused_with_the_shapes(tmp_path
 
 def test_a_server_echoing_the_refused_request_gets_no_secret_into_the_error() -> None:
     # Real Label Studio does not echo; a proxy or impostor at its URL may, and the webhook's secret
-    # travels in the very request it refuses.
+    # and the S3 keys travel in the very requests it refuses.
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse
@@ -451,6 +451,19 @@ def test_a_server_echoing_the_refused_request_gets_no_secret_into_the_error() ->
             projects.ensure_webhook(1, "http://127.0.0.1:1/hook", SecretStr("webhook-secret-777"))
         assert "you sent" in str(err.value)  # the echo is shown, without what it would leak
         assert "webhook-secret-777" not in str(err.value) and "api-key-0123456789" not in str(err.value)
+        with pytest.raises(LabelStudioError, match=r"refused to connect S3 storage \(HTTP 400\)") as err:
+            projects.connect_s3(
+                1,
+                bucket="b",
+                prefix="p/",
+                endpoint_url=None,
+                region="us-east-1",
+                access_key_id=SecretStr("s3-key-id-4242"),
+                secret_access_key=SecretStr("s3-secret-key-5353"),
+                presign_ttl_s=3600,
+            )
+        assert "you sent" in str(err.value)
+        assert "s3-key-id-4242" not in str(err.value) and "s3-secret-key-5353" not in str(err.value)
     finally:
         server.close()
 

@@ -33,7 +33,7 @@ class LabelStudioProjects:
         self.url = url.rstrip("/")
         self.title_prefix = title_prefix
         self.client = LabelStudio(base_url=self.url, api_key=api_key.get_secret_value(), timeout=timeout_s)
-        self._secrets = {api_key.get_secret_value()}  # and each webhook secret sent: never echoed back
+        self._secrets = {api_key.get_secret_value()}  # and each webhook secret or S3 key sent: never echoed
 
     @contextmanager
     def _calling(self, what: str) -> Iterator[None]:
@@ -115,6 +115,7 @@ class LabelStudioProjects:
         """Let Label Studio show `s3://bucket/…` task images: it answers each image request with a
         presigned URL of its own (fresh at every view, so tasks never outlive their links). A storage
         already connected gets today's credentials and settings (keys may have been rotated since)."""
+        self._secrets |= {key.get_secret_value() for key in (access_key_id, secret_access_key) if key}
         existing = self._call(
             "list S3 storages", lambda: list(self.client.import_storage.s3.list(project=project_id))
         )
