@@ -130,6 +130,7 @@ class LabelStudioRounds:
                 image_id=image_id,
                 position=position,
                 image_url=self._url(f"{prefix}/images/{image_id}.png"),
+                image_sha256=manifest["files"][f"images/{image_id}.png"]["sha256"],
                 best_url=best_url,
                 flow_run_id=flow_run_id,
                 suggestion=suggested[position],
@@ -141,12 +142,14 @@ class LabelStudioRounds:
                 **common,
                 image_ids=image_ids,
                 grid_url=self._url(f"{prefix}/{GRID}"),
+                grid_sha256=manifest["files"][GRID]["sha256"],
                 best_url=best_url,
                 has_current_best=current_best is not None,
                 flow_run_id=flow_run_id,
             )
         )
         project_id = self.project()
+        present = self.projects.held_tasks(project_id, tasks)  # another run's tasks: refused, nothing written
         # the first attempt starts the clock, before the import: a crash part-way through the import
         # (tasks out, record not yet written) must not restart the deadline when publishing again
         if self.published(round_index) is None:
@@ -157,7 +160,7 @@ class LabelStudioRounds:
                 "tasks": len(tasks),
             }
             self.runs.put_round_object(round_index, PUBLISHED, json.dumps(record).encode())
-        created, existing = self.projects.publish(project_id, tasks)
+        created, existing = self.projects.publish(project_id, tasks, present)
         return Published(project_id, created, existing, self.projects.project_url(project_id))
 
     def published(self, round_index: int) -> dict | None:

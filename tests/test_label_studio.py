@@ -131,6 +131,26 @@ def test_publish_is_idempotent_and_images_display_through_s3(
     assert requests.get(resolve, headers=headers, timeout=30).content == image.content
 
 
+def test_a_new_run_under_a_kept_projects_name_is_refused_not_fed_its_labels(
+    s3_server: Service, label_studio_server: LabelStudioServer
+) -> None:
+    config, runs = make_run(s3_server, label_studio_server)
+    first = rounds(config, runs).publish(0, current_best=None, flow_run_id="flow-old")
+    # the same run_id started again on fresh storage (data deleted, another bucket or prefix): other
+    # images, the old project still in Label Studio under the run's name
+    storage = config.storage.model_copy(update={"s3_prefix": f"t-{uuid.uuid4().hex[:8]}/"})
+    again = config.model_copy(update={"storage": storage})
+    again_runs = RunStore(open_store(storage), config.run_id)
+    batch = sample_batch(build_random_pipeline("tiny", seed=1), config.sampling, 0)
+    again_runs.commit_batch(batch, {"prompt": PROMPT})
+    with pytest.raises(LabelStudioError, match=f"already holds round 0 of a run named '{config.run_id}'"):
+        rounds(again, again_runs).publish(0, current_best=None, flow_run_id="flow-new")
+    assert rounds(again, again_runs).published(0) is None  # nothing written: the clock has not started
+    admin = LabelStudio(base_url=label_studio_server.url, api_key=label_studio_server.admin_token)
+    tasks = list(admin.tasks.list(project=first.project_id, fields="all"))
+    assert len(tasks) == 5 and {t.data["hero"]["flow_run_id"] for t in tasks} == {"flow-old"}
+
+
 def test_a_team_labels_a_round_and_the_pipeline_reads_exactly_that(
     run: tuple[HeroConfig, RunStore], label_studio_server: LabelStudioServer, tmp_path: Path
 ) -> None:

@@ -25,10 +25,17 @@ IDS = ["r0001-000", "r0001-001", "r0001-002"]
 def tasks() -> list[dict[str, Any]]:
     common = {"run_id": "run", "round_index": 1, "prompt": "three red circles", "best_url": "s3://b/best.png"}
     images = [
-        {"id": 10 + n, **image_task(**common, image_id=i, position=n, image_url=f"s3://b/{i}.png")}
+        {
+            "id": 10 + n,
+            **image_task(
+                **common, image_id=i, position=n, image_url=f"s3://b/{i}.png", image_sha256=f"{n:064x}"
+            ),
+        }
         for n, i in enumerate(IDS)
     ]
-    best = best_task(**common, image_ids=IDS, grid_url="s3://b/grid.png", has_current_best=True)
+    best = best_task(
+        **common, image_ids=IDS, grid_url="s3://b/grid.png", grid_sha256="f" * 64, has_current_best=True
+    )
     return [*images, {"id": 20, **best}]
 
 
@@ -59,10 +66,12 @@ def test_tasks_carry_what_maps_labels_back() -> None:
         "kind": "image",
         "flow_run_id": None,
         "image_id": IDS[0],
+        "sha256": "0" * 64,  # its labels belong to these pixels
     }
     assert [o["hotkey"] for o in image["label_options"]] == ["1", "2"] and image["best_options"] == []
     assert [o["value"] for o in best["best_options"]] == [*IDS, "keep"]
     assert best["hero"]["image_ids"] == IDS and best["label_options"] == []
+    assert best["hero"]["sha256"] == "f" * 64
     assert task_key(image) == ("run", 1, "image", IDS[0]) and task_key(best) == ("run", 1, "best", "")
     first = best_task(
         run_id="run",
@@ -70,6 +79,7 @@ def test_tasks_carry_what_maps_labels_back() -> None:
         image_ids=IDS,
         prompt="p",
         grid_url="g",
+        grid_sha256="g" * 64,
         best_url="b",
         has_current_best=False,
     )["data"]
@@ -218,6 +228,7 @@ def test_suggestions_split_the_encoder_ranking_at_the_median() -> None:
         position=0,
         prompt="p",
         image_url="u",
+        image_sha256="0" * 64,
         best_url="b",
         suggestion=("good", 0.9),
     )

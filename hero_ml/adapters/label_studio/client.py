@@ -14,7 +14,7 @@ from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 from pydantic import SecretStr
 
-from hero_ml.adapters.label_studio.rounds import INSTRUCTIONS, LABEL_CONFIG, task_key
+from hero_ml.adapters.label_studio.rounds import INSTRUCTIONS, LABEL_CONFIG, TaskKey, task_key
 from hero_ml.config import SECRET_MASK
 from hero_ml.errors import HeroError
 from hero_ml.faults import crash_point
@@ -184,13 +184,37 @@ class LabelStudioProjects:
             found: list[Any] = list(self.client.tasks.list(project=project_id, fields="all"))
             return [task.model_dump() for task in found]
 
-    def publish(self, project_id: int, tasks: list[dict[str, Any]]) -> tuple[int, int]:
-        """Import the tasks (Label Studio's import form: {"data": …, "predictions": […]}) the project
-        does not hold yet (by run, round, kind and image id), so publishing a round twice creates
-        nothing the second time. A task already there that names another flow run (a run restarted
-        in a new one) is pointed at this one: its annotation events must resume the live flow run.
-        Returns (created, already there)."""
+    def held_tasks(
+        self, project_id: int, tasks: list[dict[str, Any]]
+    ) -> dict[TaskKey | None, dict[str, Any]]:
+        """The project's tasks by run, round, kind and image id, refusing any that is one of `tasks`
+        but shows other pixels (an earlier run of the same name, whose project was kept: its labels
+        are not this round's). A task published by a release before the digest has none to compare."""
         present = {task_key(task["data"]): task for task in self.tasks(project_id)}
+        foreign = [
+            held["id"]
+            for task in tasks
+            if (held := present.get(task_key(task["data"]))) is not None
+            and held["data"]["hero"].get("sha256") not in (None, task["data"]["hero"]["sha256"])
+        ]
+        if foreign:
+            hero = tasks[0]["data"]["hero"]
+            raise LabelStudioError(
+                f"project {self.project_url(project_id)} already holds round {hero['round']} of a run named "
+                f"{hero['run_id']!r} showing other images (tasks {foreign[:5]}): an earlier run of that "
+                "name, whose project was kept. Archive or rename that project in Label Studio, or start "
+                "this run with another run_id"
+            )
+        return present
+
+    def publish(
+        self, project_id: int, tasks: list[dict[str, Any]], present: dict[TaskKey | None, dict[str, Any]]
+    ) -> tuple[int, int]:
+        """Import the tasks (Label Studio's import form: {"data": …, "predictions": […]}) the project
+        does not hold yet (present: held_tasks'), so publishing a round twice creates nothing the
+        second time. A task already there that names another flow run (a run restarted in a new one)
+        is pointed at this one: its annotation events must resume the live flow run.
+        Returns (created, already there)."""
         new = [task for task in tasks if task_key(task["data"]) not in present]
         for task in tasks:
             held = present.get(task_key(task["data"]))

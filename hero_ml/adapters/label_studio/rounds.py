@@ -37,12 +37,14 @@ def image_task(
     position: int,
     prompt: str,
     image_url: str,
+    image_sha256: str,
     best_url: str,
     flow_run_id: str | None = None,
     suggestion: tuple[str, float] | None = None,
 ) -> dict[str, Any]:
     """The task asking whether one image is as good as the current best, in Label Studio's import
-    form. suggestion: (good or bad, score) shown as a pre-annotation the annotator confirms or changes."""
+    form. image_sha256: the PNG's digest (the manifest's), which ties the task's labels to these pixels.
+    suggestion: (good or bad, score) shown as a pre-annotation the annotator confirms or changes."""
     data = {
         "prompt": prompt,
         "question": "Is this image as good as or better than the current best? 1 = good, 2 = bad.",
@@ -51,7 +53,7 @@ def image_task(
         "current_best": best_url,
         "label_options": LABEL_OPTIONS,
         "best_options": [],
-        "hero": _meta(run_id, round_index, IMAGE, flow_run_id, image_id=image_id),
+        "hero": _meta(run_id, round_index, IMAGE, flow_run_id, image_id=image_id, sha256=image_sha256),
     }
     if suggestion is None:
         return {"data": data}
@@ -71,11 +73,13 @@ def best_task(
     image_ids: list[str],
     prompt: str,
     grid_url: str,
+    grid_sha256: str,
     best_url: str,
     has_current_best: bool,
     flow_run_id: str | None = None,
 ) -> dict[str, Any]:
-    """The task picking the round's best (tiles of the grid are numbered by position)."""
+    """The task picking the round's best (tiles of the grid are numbered by position); grid_sha256: the
+    grid PNG's digest."""
     options = [{"value": image_id, "html": f"#{n}"} for n, image_id in enumerate(image_ids)]
     if has_current_best:
         options.append({"value": KEEP, "html": "Keep the current best"})
@@ -90,7 +94,7 @@ def best_task(
         "current_best": best_url,
         "label_options": [],
         "best_options": options,
-        "hero": _meta(run_id, round_index, BEST, flow_run_id, image_ids=list(image_ids)),
+        "hero": _meta(run_id, round_index, BEST, flow_run_id, image_ids=list(image_ids), sha256=grid_sha256),
     }
     return {"data": data}
 
@@ -111,7 +115,10 @@ def _meta(run_id: str, round_index: int, kind: str, flow_run_id: str | None, **e
     return {"run_id": run_id, "round": round_index, "kind": kind, "flow_run_id": flow_run_id, **extra}
 
 
-def task_key(data: Any) -> tuple[str, int, str, str] | None:
+TaskKey = tuple[str, int, str, str]  # run, round, kind, image id ('' for the best task)
+
+
+def task_key(data: Any) -> TaskKey | None:
     """What makes a task unique within a run's project: (run, round, kind, image id or ''); None when
     the task's `hero` metadata is missing or malformed (task data can be edited in Label Studio)."""
     hero = data.get("hero") if isinstance(data, dict) else None
