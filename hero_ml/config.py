@@ -117,7 +117,8 @@ class ModelConfig(_Section):
         "float32",
         description=(
             "Weights dtype of the VAE, text encoder and UNet. The reference uses float16 on GPU; "
-            "LoRA parameters are always trained in float32. bfloat16 runs at float16's speed but "
+            "LoRA parameters are always trained in float32, and float16 trains with a dynamic loss "
+            "scale (its gradients would underflow otherwise). bfloat16 runs at float16's speed but "
             "rounds 8x coarser: on an H200, 12% of DDPO's first-look ratios leave a clip_range of "
             "1e-4 by rounding alone (float16: 0%), so use it only with a wider ddpo.clip_range."
         ),

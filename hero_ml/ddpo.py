@@ -111,6 +111,7 @@ def update_pass(
     generator: torch.Generator,
     target_kl: float | None = None,
     parallel: DataParallel | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> UpdateStats:
     """`inner_epochs` passes over `units` in random order, each training `timesteps_per_unit` distinct
     random steps of its `num_steps`.
@@ -126,7 +127,13 @@ def update_pass(
 
     parallel: this process's share in data-parallel learning (hero_ml/parallel.py); each process
     trains its share of every micro-batch and the gradients are summed before each step. The returned
-    figures are then this process's."""
+    figures are then this process's.
+
+    scaler: a float16 model's loss scale. DDPO's per-element losses give the UNet's output gradients
+    of ~1e-6, below float16's normal range (6e-5): unscaled, the backward pass through a float16 UNet
+    rounds them to a few levels or to 0. The loss is scaled up for the backward pass and the gradients
+    unscaled before clipping; a step that overflows is skipped and the scale lowered (dynamic loss
+    scaling, as the reference's fp16 Accelerate runs). None: float32 or bfloat16 (no scaling needed)."""
     if timesteps_per_unit > num_steps:
         raise ValueError(
             f"{timesteps_per_unit} timesteps per unit exceed the {num_steps} steps of a trajectory"
@@ -157,7 +164,8 @@ def update_pass(
                 weight = len(mine) / (group_units * timesteps_per_unit)
                 for j in range(timesteps_per_unit):
                     loss, approx_kl, clip_fraction = objective(mine, steps[mine, j])
-                    (loss * weight).backward()
+                    scaled = loss * weight
+                    (scaled if scaler is None else scaler.scale(scaled)).backward()
                     losses.append(loss.item())
                     kls.append(approx_kl.item())
                     clip_fractions.append(clip_fraction.item())
@@ -167,12 +175,20 @@ def update_pass(
                 break
             if parallel is not None:
                 parallel.sum_gradients(params)
+            if scaler is not None:
+                scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             if not torch.isfinite(grad_norm):  # every process sees the same summed gradient
                 optimizer.zero_grad(set_to_none=True)
                 skipped_steps += 1
+                if scaler is not None:
+                    scaler.update()  # the overflow lowers the scale
                 continue
-            optimizer.step()
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)  # the gradients are finite: it steps
+                scaler.update()
             optimizer_steps += 1
             crash_point("ddpo.step")
 

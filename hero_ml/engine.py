@@ -75,6 +75,7 @@ class CheckpointState(BaseModel):
     feedbacks: int = Field(ge=0)
     replay_rounds: int = Field(ge=0)
     optimizers: dict[str, dict[str, Any]]
+    loss_scale: dict[str, float | int] | None = None  # a float16 model's GradScaler state
 
 
 class EngineError(HeroError, RuntimeError):
@@ -188,6 +189,10 @@ class Engine:
         lr = config.d3po.lr if self.method == "d3po" else config.ddpo.lr
         self.lora_optimizer = torch.optim.AdamW(
             self.lora_params, lr=lr, weight_decay=config.ddpo.weight_decay
+        )
+        # float16 weights: the policy's gradients need a loss scale to survive the backward pass
+        self.loss_scaler = (
+            torch.amp.GradScaler(pipe.unet.device.type) if config.model.dtype == "float16" else None
         )
         self.encoder_optimizer: torch.optim.Optimizer | None = None
         if self.encoder is not None:
@@ -358,6 +363,7 @@ class Engine:
             generator=self._generator("update"),
             target_kl=ddpo.target_kl,
             parallel=self.parallel,
+            scaler=self.loss_scaler,
         )
 
     def noise_pool(self) -> NoisePool | None:
@@ -406,6 +412,7 @@ class Engine:
             "feedbacks": self.feedbacks,
             "replay_rounds": len(self.replay),
             "optimizers": optimizers,
+            "loss_scale": None if self.loss_scaler is None else self.loss_scaler.state_dict(),
         }
         store.put(f"{prefix}/{TENSORS}", blob)
         crash_point("checkpoint.tensors")
@@ -471,6 +478,8 @@ class Engine:
                 if p.requires_grad:
                     p.copy_(tensors[f"lora.{name}"])
         _optimizer_from(self.lora_optimizer, "optim.lora", state.optimizers["lora"], tensors)
+        if self.loss_scaler is not None and state.loss_scale is not None:
+            self.loss_scaler.load_state_dict(state.loss_scale)
         if self.encoder is not None and self.encoder_optimizer is not None:
             prefix_len = len("encoder.")
             self.encoder.load_state_dict(

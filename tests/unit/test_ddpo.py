@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from hero_ml.ddpo import advantages, ddpo_objective, ppo_clipped_loss, update_pass
+from hero_ml.ddpo import UpdateStats, advantages, ddpo_objective, ppo_clipped_loss, update_pass
 from hero_ml.diffusion.ddim import gaussian_kl
 from hero_ml.diffusion.lora import adapters_disabled, add_lora
 from hero_ml.diffusion.sampler import (
@@ -134,6 +134,65 @@ def test_a_step_whose_gradient_is_not_finite_is_skipped_not_taken() -> None:
     assert (stats.optimizer_steps, stats.skipped_steps) == (1, 1)
     # the finite group's step alone: gradient 1 per element (norm sqrt(3) < 10, unclipped), lr 0.1
     assert torch.equal(w.detach(), torch.full((3,), 1.0) - 0.1)
+
+
+def test_a_float16_backward_keeps_a_small_gradient_only_with_the_loss_scaler() -> None:
+    # A float32 master weight through a float16 op, as the LoRA through a float16 UNet: the gradient
+    # reaching the op's output is 1e-9, which float16 rounds to 0 (its smallest subnormal is 6e-8).
+    def step(scaler: torch.amp.GradScaler | None) -> tuple[float, UpdateStats]:
+        w = torch.nn.Parameter(torch.tensor([1.0]))
+
+        def objective(units: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            out = w.to(torch.float16) * torch.tensor([1.0], dtype=torch.float16)
+            return out.float().sum() * 1e-9, torch.tensor(0.0), torch.tensor(0.0)
+
+        stats = update_pass(
+            objective,
+            torch.optim.SGD([w], lr=1e6),  # a step of 1e-3 for a gradient of 1e-9
+            units=1,
+            num_steps=1,
+            timesteps_per_unit=1,
+            train_batch_size=1,
+            gradient_accumulation_steps=1,
+            inner_epochs=1,
+            max_grad_norm=1.0,
+            generator=torch.Generator().manual_seed(0),
+            scaler=scaler,
+        )
+        return 1.0 - w.item(), stats
+
+    moved, stats = step(None)
+    assert moved == 0.0 and stats.optimizer_steps == 1  # a step on a gradient of exactly 0
+    scaler = torch.amp.GradScaler("cpu")  # scale 65536: 6.6e-5 in float16, unscaled in float32
+    moved, stats = step(scaler)
+    assert moved == pytest.approx(1e-3, rel=1e-3) and stats.optimizer_steps == 1
+    assert scaler.get_scale() == 65536.0
+
+
+def test_an_overflowing_scaled_step_is_skipped_and_the_scale_lowered() -> None:
+    w = torch.nn.Parameter(torch.tensor([1.0]))
+
+    def objective(units: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # 1e4 * 65536 overflows float16 (max 65504) in the backward pass
+        out = w.to(torch.float16) * torch.tensor([1.0], dtype=torch.float16)
+        return out.float().sum() * 1e4, torch.tensor(0.0), torch.tensor(0.0)
+
+    scaler = torch.amp.GradScaler("cpu")
+    stats = update_pass(
+        objective,
+        torch.optim.SGD([w], lr=1.0),
+        units=2,
+        num_steps=1,
+        timesteps_per_unit=1,
+        train_batch_size=1,
+        gradient_accumulation_steps=1,
+        inner_epochs=1,
+        max_grad_norm=1e9,
+        generator=torch.Generator().manual_seed(0),
+        scaler=scaler,
+    )
+    assert (stats.optimizer_steps, stats.skipped_steps) == (0, 2)
+    assert w.item() == 1.0 and scaler.get_scale() == 65536.0 / 4  # halved at each overflow
 
 
 def test_an_adam_step_moves_every_parameter_by_lr_whatever_the_loss_scale(round_of_six) -> None:

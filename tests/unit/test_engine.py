@@ -185,6 +185,28 @@ def test_resume_from_a_checkpoint_is_bit_identical(tmp_path: Path, method: str, 
         assert len(resumed.replay) == 3
 
 
+def test_a_float16_model_learns_through_a_loss_scale_that_its_checkpoint_keeps(tmp_path: Path) -> None:
+    config = small_config().model_copy(
+        update={"model": small_config().model.model_copy(update={"dtype": "float16"})}
+    )
+    engine = Engine(config, build_random_pipeline("tiny", seed=0).to(dtype=torch.float16))
+    assert (
+        engine.loss_scaler is not None
+        and Engine(small_config(), build_random_pipeline("tiny")).loss_scaler is None
+    )
+    start = lora(engine)
+    assert {p.dtype for p in start} == {torch.float32}  # float32 masters on a float16 UNet
+    stats = engine.learn(batch := engine.generate(), brightness_labels(engine, batch))
+    assert stats.optimizer_steps == 2 and all(torch.isfinite(p).all() for p in lora(engine))
+    assert all(not torch.equal(a, b) for a, b in zip(start[1::2], lora(engine)[1::2], strict=True))  # every B
+    engine.loss_scaler.update(1024.0)  # a scale of its own, as after overflows
+    engine.save(LocalStore(tmp_path), "ck")
+    resumed = Engine.load(
+        config, build_random_pipeline("tiny", seed=0).to(dtype=torch.float16), LocalStore(tmp_path), "ck"
+    )
+    assert resumed.loss_scaler is not None and resumed.loss_scaler.get_scale() == 1024.0
+
+
 def test_learn_refuses_feedback_that_does_not_fit() -> None:
     engine = Engine(small_config(), build_random_pipeline("tiny", seed=0))
     batch = engine.generate()
