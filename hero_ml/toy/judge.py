@@ -117,17 +117,18 @@ class SimulatedAnnotator:
     def label_round(
         self, image_ids: Sequence[str], images: np.ndarray, current_best: np.ndarray | None = None
     ) -> AnnotatorFeedback:
-        """Label (N, H, W, 3) images. The best is this round's top image unless the current best
-        scores higher (then it stays); good = at most as many violations as the best."""
+        """Label (N, H, W, 3) images as the HERO protocol asks. Good: at most as many violations as the
+        current best (in the first round, which has none, as this round's best). The best is this
+        round's top image unless the current best scores higher (then it stays)."""
         verdicts = [judge(image, self.target) for image in images]
         top = max(range(len(verdicts)), key=lambda i: verdicts[i].score)
         best: int | None = top
-        best_verdict = verdicts[top]
+        bar = len(verdicts[top].violations)
         if current_best is not None:
             kept = judge(current_best, self.target)
-            if kept.score > best_verdict.score:
-                best, best_verdict = None, kept
-        bar = len(best_verdict.violations)
+            bar = len(kept.violations)  # as good as the best before this round's choice
+            if kept.score > verdicts[top].score:
+                best = None
         good = [len(v.violations) <= bar for v in verdicts]
         if self.flip_probability > 0:
             flips = self.rng.random(len(good)) < self.flip_probability

@@ -97,6 +97,10 @@ def test_simulated_annotator_follows_the_hero_protocol() -> None:
     # A better current best stays; nothing this round is as good, so nothing is good.
     kept = SimulatedAnnotator(target).label_round(IDS[:2], np.stack([bad, bad]), current_best=good)
     assert kept.keep_best and [x.label for x in kept.images] == ["bad", "bad"]
+    # A worse current best: good is "as good as the current best", judged before the new best (b)
+    # is chosen, so the image as bad as the current best (a) is good too.
+    raised = SimulatedAnnotator(target).label_round(IDS[:2], np.stack([bad, good]), current_best=bad)
+    assert raised.best_vote == "b" and [x.label for x in raised.images] == ["good", "good"]
     # No good image at all: the least bad is the best and is good by definition.
     none_good = SimulatedAnnotator(target).label_round(IDS[:2], np.stack([bad, bad]))
     assert none_good.best_vote == "a" and [x.label for x in none_good.images] == ["good", "good"]
