@@ -71,6 +71,8 @@ class RoundResumer:
         waiting_for = round_of_pause_key(state.state_details.pause_key)
         if waiting_for is None:
             return result(False, "paused, but not for a HERO round")
+        if (trains := deployed_run_id(flow_run.parameters, flow_run.name)) != run_id:  # an edited task
+            return result(False, f"the flow run trains run {trains!r}, not {run_id!r}")
         if round_index is not None and waiting_for != round_index:
             return result(False, f"waits for round {waiting_for}, not {round_index}", waiting_for)
         try:

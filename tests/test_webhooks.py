@@ -266,3 +266,23 @@ def test_a_suspended_run_that_cannot_be_checked_is_reported_and_the_poll_goes_on
     assert len(mine) == 1 and not mine[0].resumed and mine[0].round == 0
     assert mine[0].run_id == "../other-team/run"
     assert mine[0].reason.startswith("cannot check round 0:") and "other-team" in mine[0].reason
+
+
+def test_an_event_naming_another_run_than_the_flow_run_trains_resumes_nothing(tmp_path: Path) -> None:
+    # task data can be edited in Label Studio: the event's run must be the one its flow run trains
+    from prefect.client.orchestration import get_client
+    from prefect.states import Suspended
+
+    from flows.training import hero_training
+    from flows.waiting import RoundResumer
+    from hero_ml.adapters.storage import LocalStore
+    from hero_ml.config import HeroConfig
+
+    with get_client(sync_client=True) as client:
+        waiting = client.create_flow_run(hero_training, parameters={"run_id": "run-a"})
+        client.set_flow_run_state(
+            waiting.id, Suspended(pause_key=pause_key(0), timeout_seconds=3600), force=True
+        )
+    config = HeroConfig(storage={"local_root": str(tmp_path)}, label_studio={"api_key": "unused-here"})
+    result = RoundResumer(config, LocalStore(tmp_path)).resume_if_ready(str(waiting.id), "run-b", 0)
+    assert not result.resumed and result.reason == "the flow run trains run 'run-a', not 'run-b'"
