@@ -69,7 +69,8 @@ SERVICE_SETTINGS = frozenset(
 
 
 def is_service_setting(section: str, name: str | None = None) -> bool:
-    return section in SERVICE_SETTINGS or f"{section}.{name}" in SERVICE_SETTINGS
+    """Whether a section (name None) or a section's field is a service setting."""
+    return section in SERVICE_SETTINGS or (name is not None and f"{section}.{name}" in SERVICE_SETTINGS)
 
 
 class ConfigError(HeroError, ValueError):

@@ -355,3 +355,17 @@ def test_a_stored_config_keeps_its_values_whatever_the_environment_says(
     restored = restore_config(stored, current)
     assert restored.feedback.annotators_per_image == stored["feedback"]["annotators_per_image"] == 1
     assert restored.to_public_dict() == stored
+
+
+def test_every_secret_is_a_service_setting_and_every_service_setting_exists() -> None:
+    # restore_config takes service settings from the process resuming a run: a secret outside them
+    # would come back from the stored config as its mask
+    from hero_ml.config import SERVICE_SETTINGS, _secret_fields, is_service_setting
+
+    sections = {name for name, field in HeroConfig.model_fields.items() if name not in ("run_id", "method")}
+    secrets = {(section, name) for section in sections for name in _secret_fields(section)}
+    assert len(secrets) == 4 and all(is_service_setting(*secret) for secret in secrets)
+    for setting in SERVICE_SETTINGS:
+        section, _, name = setting.partition(".")
+        assert section in sections and (not name or name in type(getattr(HeroConfig(), section)).model_fields)
+    assert not is_service_setting("ddpo", "lr") and not is_service_setting("label_studio")
