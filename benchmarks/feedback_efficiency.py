@@ -213,6 +213,11 @@ def feedbacks_to_reach(curve: dict[int, list[float]], target: float) -> int | No
     return None
 
 
+def spread(values: list[float]) -> float | None:
+    """The seeds' sample standard deviation (n - 1); None for one seed, which has no spread to show."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
 def around(curve: dict[int, list[float]], at: int) -> tuple[float, int] | None:
     """The mean of every seed's points at `at` and the rounds just before and after it, and how many
     points that is: a rate at one round of a swinging curve is one sample of the swing. None unless all
@@ -238,17 +243,26 @@ def efficiency_table(table: dict[tuple[str, str], dict[int, list[float]]], at: i
     ]
     for task in tasks:
         base = [v for (t, _), curve in table.items() if t == task for v in curve.get(0, [])[:1]]
-        entry: dict = {"base": base[0] if base else None, "methods": {}, "to_reach_hero": {}}
+        # to_reach_hero: None where a baseline has not reached it as far as measured_to
+        entry: dict = {
+            "base": base[0] if base else None,
+            "methods": {},
+            "to_reach_hero": {},
+            "measured_to": {},
+        }
         cells = []
         for method in METHODS:
             values = table.get((task, method), {}).get(at)
             if values:
-                entry["methods"][method] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
+                std = spread(values)
+                entry["methods"][method] = {"mean": float(np.mean(values)), "std": std}
                 entry["methods"][method]["seeds"] = len(values)
                 smoothed = around(table[(task, method)], at)
                 entry["methods"][method]["around"] = None if smoothed is None else smoothed[0]
                 cells.append(
-                    f"{np.mean(values):.3f} ± {np.std(values):.3f} (n={len(values)})"
+                    f"{np.mean(values):.3f}"
+                    + ("" if std is None else f" ± {std:.3f}")
+                    + f" (n={len(values)})"
                     + ("" if smoothed is None else f"; ~{smoothed[0]:.3f}")
                 )
             else:
@@ -267,11 +281,13 @@ def efficiency_table(table: dict[tuple[str, str], dict[int, list[float]]], at: i
                 curve = table.get((task, method))
                 if curve and max(curve) > 0:  # a run with a learned round, not the base point alone
                     reached = feedbacks_to_reach(curve, entry["methods"]["hero"]["mean"])
+                    measured_to = max(measured_by_every_seed(curve))
                     entry["to_reach_hero"][method] = reached
-                    needs.append(
-                        f"{method} {reached} ({reached / at:.1f}x)"
+                    entry["measured_to"][method] = measured_to
+                    needs.append(  # multiples of a round's share of `at`: shown exactly (:g), not rounded
+                        f"{method} {reached} ({reached / at:g}x)"
                         if reached is not None
-                        else f"{method} > {max(measured_by_every_seed(curve))}"
+                        else f"{method} > {measured_to}"
                     )
         figures["tasks"][task] = entry
         base_cell = f"{entry['base']:.3f}" if entry["base"] is not None else "—"
@@ -300,7 +316,7 @@ def report(path: Path, at: int) -> None:
             curve = measured_by_every_seed(curve)  # as the table reads it: no running seed's tail
             xs = sorted(curve)
             mean = np.array([np.mean(curve[x]) for x in xs])
-            std = np.array([np.std(curve[x]) for x in xs])
+            std = np.array([spread(curve[x]) or 0.0 for x in xs])
             axis.plot(xs, mean, marker=".", label=method)
             axis.fill_between(xs, mean - std, mean + std, alpha=0.2)
         axis.set_title(task)
@@ -316,12 +332,13 @@ def report(path: Path, at: int) -> None:
         [
             "### Feedback efficiency (toy world)",
             "",
-            f"Success rate after {at} feedbacks (mean ± std over seeds; the judge on a fixed evaluation",
-            "set from fixed plain noises; after `~`, the mean over the seeds' points one round before,",
-            "at and after it, as the curves swing from round to round), and the feedbacks each baseline",
-            "needs to reach HERO's rate there (the first crossing of the seeds' mean curve, as far as",
-            "every seed has reached; in brackets, where HERO's own curve first reached that rate: on a",
-            f"curve that swings it can be long before {at}).",
+            f"Success rate after {at} feedbacks (mean ± sample std over seeds, none for one seed; the",
+            "judge on a fixed evaluation set from fixed plain noises; after `~`, the mean over the seeds'",
+            "points one round before, at and after it, as the curves swing from round to round), and the",
+            "feedbacks each baseline needs to reach HERO's rate there (the first crossing of the seeds'",
+            f"mean curve, as far as every seed has reached; Nx = those feedbacks / {at}, the paper's",
+            "figure; in brackets, where HERO's own curve first reached that rate: on a curve that swings",
+            f"it can be long before {at}).",
             "Every point: `results/feedback_efficiency.csv`.",
             "",
             *rows,

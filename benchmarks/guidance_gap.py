@@ -9,11 +9,16 @@ Without guidance the two estimate one rate; with it, the gap says how much bette
 near the guided noises than from plain noise, where a user of the LoRA samples.
 
     python benchmarks/guidance_gap.py      # after feedback_efficiency.py, beside its work folder
+
+Runs paired before (results/guidance_gap.json, at the same --at) are kept: a work folder lives on the
+machine that ran the grid, and the grid is spread over machines. A run in the work folder is paired
+anew (a run trained again replaces its kept pairs).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -22,8 +27,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from feedback_efficiency import CSV_PATH, METHODS, WORK, read_points
-from results_io import write_result
+from feedback_efficiency import CSV_PATH, METHODS, WORK, read_points, spread
+from results_io import RESULTS_DIR, write_result
 
 from hero_ml.adapters.storage import LocalStore
 from hero_ml.run_store import RunStore
@@ -58,7 +63,8 @@ def paired_rounds(points: list[dict], store: LocalStore, at: int) -> dict[tuple[
 
 
 def summary(pairs: dict[tuple[str, str, int], list[dict]]) -> dict[tuple[str, str], dict]:
-    """(task, method) -> means over rounds, then mean and std over seeds, of both rates and the gap."""
+    """(task, method) -> means over rounds, then the mean over seeds of both rates and of the gap,
+    and the gap's sample std over seeds (None for one seed)."""
     by_cell: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
     for (task, method, _), rows in pairs.items():
         by_cell[(task, method)].append(
@@ -72,7 +78,7 @@ def summary(pairs: dict[tuple[str, str, int], list[dict]]) -> dict[tuple[str, st
             "batch_good": float(batch.mean()),
             "evaluation": float(evaluation.mean()),
             "gap": float((batch - evaluation).mean()),
-            "gap_std": float((batch - evaluation).std()),
+            "gap_std": spread(list(batch - evaluation)),
         }
     return table
 
@@ -84,14 +90,23 @@ def main() -> None:
         "--work", type=Path, default=WORK / "default", help="That grid's work folder (--work/--tag)."
     )
     parser.add_argument("--at", type=int, default=512, help="Pair the rounds up to this many feedbacks.")
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS_DIR / "guidance_gap.json", help="Where pairs are kept."
+    )
     args = parser.parse_args()
-    if not args.work.is_dir():
-        parser.error(
-            f"--work {args.work} is not a folder: run feedback_efficiency.py first or name its work folder"
-        )
-    pairs = paired_rounds(read_points(args.csv), LocalStore(args.work), args.at)
+    kept = json.loads(args.results.read_text()) if args.results.exists() else {}
+    pairs = {
+        (task, method, int(seed)): rows
+        for key, rows in (kept.get("runs", {}) if kept.get("at_feedbacks") == args.at else {}).items()
+        for task, method, seed in [key.split("/")]
+    }
+    if args.work.is_dir():
+        pairs |= paired_rounds(read_points(args.csv), LocalStore(args.work), args.at)
     if not pairs:
-        raise SystemExit(f"no run in {args.work} is learned and measured up to {args.at} feedbacks yet")
+        raise SystemExit(
+            f"no run kept in {args.results} or in {args.work} is learned and measured up to {args.at} "
+            "feedbacks yet: run feedback_efficiency.py first, or name its work folder"
+        )
     table = summary(pairs)
     rows = [
         "| task | method | seeds | good in training batches | evaluation success | gap |",
@@ -101,7 +116,7 @@ def main() -> None:
         cell = table[(task, method)]
         rows.append(
             f"| {task} | {method} | {cell['seeds']} | {cell['batch_good']:.3f} | {cell['evaluation']:.3f} "
-            f"| {cell['gap']:+.3f} ± {cell['gap_std']:.3f} |"
+            f"| {cell['gap']:+.3f}" + ("" if cell["gap_std"] is None else f" ± {cell['gap_std']:.3f}") + " |"
         )
     markdown = "\n".join(
         [
@@ -110,7 +125,7 @@ def main() -> None:
             f"Per run, the mean over its rounds 1, 2, ... up to {args.at} feedbacks (round 0 is the base",
             "model's) of the share of good images in the round's training batch and of the evaluation",
             "success rate of the same policy (fixed plain noises); then the mean over seeds, and the",
-            "gap's std over seeds.",
+            "gap's sample std over seeds (none for one seed).",
             "",
             *rows,
         ]
@@ -120,7 +135,10 @@ def main() -> None:
         "cells": {f"{t}/{m}": v for (t, m), v in table.items()},
         "runs": {f"{t}/{m}/{s}": rows for (t, m, s), rows in pairs.items()},
     }
-    write_result("guidance_gap", figures, markdown)
+    if args.results == RESULTS_DIR / "guidance_gap.json":
+        write_result("guidance_gap", figures, markdown)
+    else:
+        args.results.write_text(json.dumps(figures, indent=2) + "\n")
     print(markdown)
 
 

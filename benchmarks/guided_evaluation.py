@@ -37,6 +37,7 @@ from feedback_efficiency import (
     feedbacks_to_reach,
     measured_by_every_seed,
     read_points,
+    spread,
 )
 from results_io import RESULTS_DIR, write_result
 
@@ -103,14 +104,14 @@ def guided_rates(
 
 
 def summary(runs: dict[str, dict]) -> dict[str, dict]:
-    """task -> per kind of rate, the mean and std over the task's seeds."""
+    """task -> per kind of rate, the mean and sample std over the task's seeds (None for one seed)."""
     by_task: dict[str, list[dict]] = defaultdict(list)
     for key, figures in runs.items():
         by_task[key.split("/")[0]].append(figures)
     return {
         task: {"seeds": len(rows)}
         | {kind: float(np.mean([r[kind] for r in rows])) for kind in KINDS}
-        | {f"{kind}_std": float(np.std([r[kind] for r in rows])) for kind in KINDS}
+        | {f"{kind}_std": spread([r[kind] for r in rows]) for kind in KINDS}
         for task, rows in sorted(by_task.items())
     }
 
@@ -151,19 +152,31 @@ def main() -> None:
         default=RESULTS_DIR / f"{NAME}.json",
         help="Where the figures go and are kept.",
     )
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="Rebuild the table from the runs kept in --results and today's CSV, sampling nothing (a "
+        "new machine's checkout has no work folder).",
+    )
     args = parser.parse_args()
+    kept = json.loads(args.results.read_text()) if args.results.exists() else {}
+    points = read_points(args.csv)
+    if args.report:
+        if not kept.get("runs"):
+            parser.error(f"--report: no runs kept in {args.results} yet; measure them first")
+        args.at, args.eval_images = kept["at_feedbacks"], kept["eval_images"]
+        report(args, kept["runs"], points)
+        return
     if not args.work.is_dir():
         parser.error(
             f"--work {args.work} is not a folder: run feedback_efficiency.py first or name its work folder"
         )
-    kept = json.loads(args.results.read_text()) if args.results.exists() else {}
     measured = (
         kept.get("runs", {})
         if (kept.get("at_feedbacks"), kept.get("eval_images")) == (args.at, args.eval_images)
         else {}
     )
     runs: dict[str, dict] = {}  # the runs of the grid as it is now: a kept figure must be of its checkpoint
-    points = read_points(args.csv)
     base_plain = {p["task"]: p["success_rate"] for p in points if p["round"] == 0}
     store = LocalStore(args.work)
     for p in points:
@@ -183,6 +196,11 @@ def main() -> None:
         raise SystemExit(
             f"no HERO run in {args.work} has learned and been measured at {args.at} feedbacks yet"
         )
+    report(args, runs, points)
+
+
+def report(args: argparse.Namespace, runs: dict[str, dict], points: list[dict]) -> None:
+    """The table of the measured runs, each baseline set against their guided rate on today's curves."""
     table = summary(runs)
     reach = baselines_to_reach(points, {task: cell["lora_guided"] for task, cell in table.items()})
     table_of_curves = curves(points)
@@ -193,12 +211,15 @@ def main() -> None:
     ]
     for task, cell in table.items():
         cell["baselines_to_reach"] = needed = reach[task]
-        rates = " | ".join(f"{cell[kind]:.3f} ± {cell[f'{kind}_std']:.3f}" for kind in KINDS)
+        rates = " | ".join(
+            f"{cell[kind]:.3f}" + ("" if (std := cell[f"{kind}_std"]) is None else f" ± {std:.3f}")
+            for kind in KINDS
+        )
         needs = (
             "— (not above the base)"
             if needed is None
             else "; ".join(
-                f"{method} {n} ({n / args.at:.1f}x)"
+                f"{method} {n} ({n / args.at:g}x)"
                 if n is not None
                 else f"{method} > {max(measured_by_every_seed(table_of_curves[(task, method)]))}"
                 for method, n in needed.items()
@@ -212,7 +233,7 @@ def main() -> None:
             f"Per HERO run, {args.eval_images} images from the run's feedback-guided noise distribution",
             f"after {args.at} feedbacks (its best and good images' x_T, perturbed as in training), sampled",
             "with the LoRA and with the base model (adapters off, the same noises), beside the grid's",
-            "plain-noise rates; mean ± std over seeds. Base, guided: what the choice of noises alone",
+            "plain-noise rates; mean ± sample std over seeds. Base, guided: what the choice of noises alone",
             "buys. The last column is the paper's comparison if its HERO figures were taken from the pool:",
             "where each baseline's mean curve (plain noise: baselines have no pool; as far as every seed",
             "has reached) first reaches HERO's guided rate.",

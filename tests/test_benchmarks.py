@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,16 +58,19 @@ def test_the_paper_form_table_sets_each_baseline_against_heros_rate() -> None:
     up = figures["tasks"]["up"]
     assert up["base"] == base and up["methods"]["hero"] == {
         "mean": 0.5,
-        "std": 0.25,
+        "std": pytest.approx(0.5**0.5 / 2),  # the sample std of 0.25 and 0.75
         "seeds": 2,
         "around": None,
     }
     assert up["methods"]["d3po"]["around"] == (0.25 + 0.375 + 0.5) / 3  # the rounds at 64, 128 and 192
     assert up["hero_first_reached"] == 64 and up["to_reach_hero"] == {"ddpo-binary": None, "d3po": 192}
+    assert up["measured_to"] == {"ddpo-binary": 192, "d3po": 192}
     assert rows[3] == (
-        "| up | 0.250 | 0.500 ± 0.250 (n=2) | — | 0.250 ± 0.000 (n=1); ~0.250 | 0.375 ± 0.000 (n=1); ~0.375 "
+        "| up | 0.250 | 0.500 ± 0.354 (n=2) | — | 0.250 (n=1); ~0.250 | 0.375 (n=1); ~0.375 "
         "| (hero itself 64); ddpo-binary > 192; d3po 192 (1.5x) |"
     )
+    table[("up", "d3po")][160] = [0.5]  # 160 / 128: shown exactly, not rounded half to even (1.2x)
+    assert "d3po 160 (1.25x)" in fe.efficiency_table(table, at=128)[1][3]
     assert figures["tasks"]["down"]["to_reach_hero"] == {}
     assert rows[2].endswith("| — (hero @128 is not above the base) |") and rows[2].startswith("| down |")
 
@@ -297,8 +301,29 @@ def test_guidance_gap_pairs_each_rounds_batch_with_the_same_policys_evaluation(t
         ]
     }
     assert gg.summary(pairs) == {
-        ("t", "hero"): {"seeds": 1, "batch_good": 0.625, "evaluation": 0.25, "gap": 0.375, "gap_std": 0.0}
+        ("t", "hero"): {"seeds": 1, "batch_good": 0.625, "evaluation": 0.25, "gap": 0.375, "gap_std": None}
     }
+
+
+def test_guidance_gap_keeps_the_runs_it_paired_when_their_work_folder_is_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the grid spreads over machines: a work folder holds only the runs of the machine that ran them
+    csv, results = tmp_path / "points.csv", tmp_path / "gap.json"
+    csv.write_text("task,method,seed,round,feedbacks,success_rate\n")
+    kept = {"round": 1, "batch_good": 0.5, "evaluation": 0.25}
+    results.write_text(json.dumps({"at_feedbacks": 64, "runs": {"t/hero/0": [kept], "t/hero/1": [kept]}}))
+    argv = ["guidance_gap.py", "--csv", str(csv), "--work", str(tmp_path / "gone"), "--at", "64"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--results", str(results)])
+    gg.main()
+    figures = json.loads(results.read_text())
+    assert figures["runs"] == {"t/hero/0": [kept], "t/hero/1": [kept]}
+    assert figures["cells"]["t/hero"] == {
+        "seeds": 2, "batch_good": 0.5, "evaluation": 0.25, "gap": 0.25, "gap_std": 0.0,
+    }  # fmt: skip
+    monkeypatch.setattr(sys, "argv", [*argv, "--results", str(results), "--at", "128"])
+    with pytest.raises(SystemExit, match="no run kept"):  # pairs of another --at are not this table's
+        gg.main()
 
 
 def test_baselines_are_set_against_heros_guided_rate_on_their_mean_curves() -> None:
@@ -389,3 +414,10 @@ def test_guided_evaluation_samples_each_hero_run_from_its_own_pool_at_the_checkp
     remeasured = json.loads(results.read_text())
     assert list(remeasured["runs"]) == ["counting/0"]
     assert remeasured["runs"]["counting/0"]["lora_guided"] == measured_rate != 2.0
+    # --report on a machine without the work folder: the kept runs' table, nothing sampled
+    remeasured["runs"]["counting/0"]["lora_guided"] = 3.0
+    results.write_text(json.dumps(remeasured))
+    shutil.rmtree(work)
+    monkeypatch.setattr(sys, "argv", [*argv, "--report"])
+    ge.main()
+    assert json.loads(results.read_text())["cells"]["counting"]["lora_guided"] == 3.0
