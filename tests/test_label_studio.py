@@ -494,8 +494,10 @@ def test_hero_run_with_label_studio_waits_in_its_process_and_survives_crashes_wh
             )
         return process, log
 
-    def finish(run: tuple[subprocess.Popen, Path], timeout: float = 400) -> tuple[int | None, str]:
-        """The run's return code (None: it did not end within `timeout`) and output; it is gone after."""
+    def finish(run: tuple[subprocess.Popen, Path], timeout: float = 900) -> tuple[int | None, str]:
+        """The run's return code (None: it did not end within `timeout`, a guard against a hang, not a
+        speed limit: a round of 36 images took 213 s on a loaded 2-core machine) and output; it is gone
+        after."""
         process, log = run
         try:
             code: int | None = process.wait(timeout=timeout)
