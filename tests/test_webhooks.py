@@ -244,8 +244,9 @@ def test_a_burst_of_five_thousand_events_from_ten_clients_resumes_every_round() 
     check_burst(figures, 5000)
 
 
-def test_a_suspended_run_that_cannot_be_checked_is_reported_and_the_poll_goes_on(tmp_path: Path) -> None:
-    # a flow run's parameters are outside input: a run id no store accepts must not end the poll
+def suspended_for_round_0(run_id: str, tmp_path: Path) -> tuple[str, Any]:
+    """A hero-training flow run of `run_id` suspended for its round 0 on the Prefect server, and a
+    resumer over an empty store: (flow run id, resumer)."""
     from prefect.client.orchestration import get_client
     from prefect.states import Suspended
 
@@ -255,14 +256,18 @@ def test_a_suspended_run_that_cannot_be_checked_is_reported_and_the_poll_goes_on
     from hero_ml.config import HeroConfig
 
     with get_client(sync_client=True) as client:
-        waiting = client.create_flow_run(hero_training, parameters={"run_id": "../other-team/run"})
+        waiting = client.create_flow_run(hero_training, parameters={"run_id": run_id})
         client.set_flow_run_state(
             waiting.id, Suspended(pause_key=pause_key(0), timeout_seconds=3600), force=True
         )
     config = HeroConfig(storage={"local_root": str(tmp_path)}, label_studio={"api_key": "unused-here"})
-    resumer = RoundResumer(config, LocalStore(tmp_path))
-    results = resumer.poll()
-    mine = [r for r in results if r.flow_run_id == str(waiting.id)]
+    return str(waiting.id), RoundResumer(config, LocalStore(tmp_path))
+
+
+def test_a_suspended_run_that_cannot_be_checked_is_reported_and_the_poll_goes_on(tmp_path: Path) -> None:
+    # a flow run's parameters are outside input: a run id no store accepts must not end the poll
+    flow_run_id, resumer = suspended_for_round_0("../other-team/run", tmp_path)
+    mine = [r for r in resumer.poll() if r.flow_run_id == flow_run_id]
     assert len(mine) == 1 and not mine[0].resumed and mine[0].round == 0
     assert mine[0].run_id == "../other-team/run"
     assert mine[0].reason.startswith("cannot check round 0:") and "other-team" in mine[0].reason
@@ -270,19 +275,6 @@ def test_a_suspended_run_that_cannot_be_checked_is_reported_and_the_poll_goes_on
 
 def test_an_event_naming_another_run_than_the_flow_run_trains_resumes_nothing(tmp_path: Path) -> None:
     # task data can be edited in Label Studio: the event's run must be the one its flow run trains
-    from prefect.client.orchestration import get_client
-    from prefect.states import Suspended
-
-    from flows.training import hero_training
-    from flows.waiting import RoundResumer
-    from hero_ml.adapters.storage import LocalStore
-    from hero_ml.config import HeroConfig
-
-    with get_client(sync_client=True) as client:
-        waiting = client.create_flow_run(hero_training, parameters={"run_id": "run-a"})
-        client.set_flow_run_state(
-            waiting.id, Suspended(pause_key=pause_key(0), timeout_seconds=3600), force=True
-        )
-    config = HeroConfig(storage={"local_root": str(tmp_path)}, label_studio={"api_key": "unused-here"})
-    result = RoundResumer(config, LocalStore(tmp_path)).resume_if_ready(str(waiting.id), "run-b", 0)
+    flow_run_id, resumer = suspended_for_round_0("run-a", tmp_path)
+    result = resumer.resume_if_ready(flow_run_id, "run-b", 0)
     assert not result.resumed and result.reason == "the flow run trains run 'run-a', not 'run-b'"
