@@ -27,7 +27,10 @@ def test_d3po_loss_on_a_hand_computed_case() -> None:
     assert clip_fraction.item() == 0.5
     loss.backward()
     assert winner.grad is not None
-    assert winner.grad[0] < 0 and winner.grad[1] == 0  # raise the unclipped winner; the clipped one is flat
+    # d/dw of -log sigmoid(beta (w - l)) / 2 pairs = -beta (1 - sigmoid(beta (w - l))) / 2 for the
+    # unclipped winner (log clip(exp w) = w); the clipped one is flat
+    diff = math.log(1.05) - math.log(0.98)
+    assert winner.grad.tolist() == pytest.approx([-0.1 * (1 - 1 / (1 + math.exp(-0.1 * diff))) / 2, 0.0])
 
 
 def test_preference_pairs_cover_every_labelled_image() -> None:
@@ -39,6 +42,15 @@ def test_preference_pairs_cover_every_labelled_image() -> None:
     )
     pairs = preference_pairs([4], [0, 1, 2, 3, 5], torch.Generator().manual_seed(0))
     assert pairs.shape == (5, 2) and sorted(pairs[:, 1].tolist()) == [0, 1, 2, 3, 5]
+    for good, bad in (([3, 7], [0, 1, 2]), ([0, 1, 2, 3], [4, 5, 6, 7, 8, 9]), ([0, 1, 2], [3, 4, 5])):
+        pairs = preference_pairs(good, bad, torch.Generator().manual_seed(1))
+        count = max(len(good), len(bad))
+        winners, losers = pairs[:, 0].tolist(), pairs[:, 1].tolist()
+        assert pairs.shape == (count, 2) and set(winners) == set(good) and set(losers) == set(bad)
+        # the shorter side cycles whole: no image appears twice before every one has appeared once
+        for side, images in ((winners, good), (losers, bad)):
+            assert max(side.count(i) for i in images) - min(side.count(i) for i in images) <= 1
+        assert torch.equal(pairs, preference_pairs(good, bad, torch.Generator().manual_seed(1)))
     assert preference_pairs([], [1, 2], torch.Generator()).shape == (0, 2)
     assert preference_pairs([1, 2], [], torch.Generator()).shape == (0, 2)
 

@@ -24,17 +24,20 @@ def test_advantages_normalise_with_the_population_std_and_clip() -> None:
 
 
 def test_ppo_clipped_loss_on_a_hand_computed_case() -> None:
-    old = torch.zeros(3)
-    new = torch.tensor([0.0, math.log(1.2), math.log(0.7)], requires_grad=True)
-    advantage = torch.tensor([1.0, 1.0, -1.0])
+    old = torch.zeros(5)
+    ratios = [1.0, 1.2, 0.7, 0.7, 1.3]
+    new = torch.tensor([math.log(r) for r in ratios], requires_grad=True)
+    advantage = torch.tensor([1.0, 1.0, -1.0, 1.0, -1.0])
     loss, approx_kl, clip_fraction = ppo_clipped_loss(new, old, advantage, clip_range=0.1)
-    # ratios 1, 1.2, 0.7 -> max(-A r, -A clip(r)) = max(-1, -1), max(-1.2, -1.1), max(0.7, 0.9)
-    assert loss.item() == pytest.approx((-1 - 1.1 + 0.9) / 3)
-    assert approx_kl.item() == pytest.approx(0.5 * (math.log(1.2) ** 2 + math.log(0.7) ** 2) / 3)
-    assert clip_fraction.item() == pytest.approx(2 / 3)
+    # max(-A r, -A clip(r)): max(-1, -1), max(-1.2, -1.1), max(0.7, 0.9) take the clipped term (flat
+    # past the clip); max(-0.7, -0.9), max(1.3, 1.1) the unclipped one (a ratio moved against its
+    # advantage keeps its gradient however far it went)
+    assert loss.item() == pytest.approx((-1 - 1.1 + 0.9 - 0.7 + 1.3) / 5)
+    assert approx_kl.item() == pytest.approx(0.5 * sum(math.log(r) ** 2 for r in ratios) / 5)
+    assert clip_fraction.item() == pytest.approx(4 / 5)
     loss.backward()
-    # only the unclipped term carries a gradient: d(-A r)/d log_prob = -A r / batch
-    assert new.grad is not None and new.grad.tolist() == pytest.approx([-1 / 3, 0.0, 0.0])
+    # the unclipped term's gradient: d(-A r)/d log_prob = -A r / batch
+    assert new.grad is not None and new.grad.tolist() == pytest.approx([-1 / 5, 0.0, 0.0, -0.7 / 5, 1.3 / 5])
 
 
 @pytest.fixture
