@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -473,10 +473,10 @@ class Engine:
         return engine
 
     def _restore(self, state: CheckpointState, tensors: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
+        with torch.no_grad():  # copy_ would broadcast a tensor of another shape: checked first
             for name, p in self.pipe.unet.named_parameters():
                 if p.requires_grad:
-                    p.copy_(tensors[f"lora.{name}"])
+                    p.copy_(_of_shape(tensors, f"lora.{name}", p.shape))
         _optimizer_from(self.lora_optimizer, "optim.lora", state.optimizers["lora"], tensors)
         if self.loss_scaler is not None and state.loss_scale is not None:
             self.loss_scaler.load_state_dict(state.loss_scale)
@@ -487,14 +487,23 @@ class Engine:
             )
             _optimizer_from(self.encoder_optimizer, "optim.encoder", state.optimizers["encoder"], tensors)
         self.round, self.feedbacks = state.round, state.feedbacks
-        self.good_noises = tensors["good_noises"]
+        self.good_noises = _of_shape(
+            tensors, "good_noises", (len(tensors["good_noises"]), *self.latent_shape)
+        )
         if "best.noise" in tensors:
-            self.best_noise, self.best_latent = tensors["best.noise"], tensors["best.latent"]
+            self.best_noise = _of_shape(tensors, "best.noise", self.latent_shape)
+            self.best_latent = tensors["best.latent"]
             self.best_image = tensors["best.image"]
         self.replay = [
             TripletSource(*(tensors[f"replay.{i}.{part}"] for part in ("anchor", "good", "bad")))
             for i in range(state.replay_rounds)
         ]
+
+
+def _of_shape(tensors: dict[str, torch.Tensor], name: str, shape: Sequence[int]) -> torch.Tensor:
+    if tensors[name].shape != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(tensors[name].shape)}, this engine's is {tuple(shape)}")
+    return tensors[name]
 
 
 def _mean(values: torch.Tensor | None, indices: list[int]) -> float | None:
@@ -526,3 +535,10 @@ def _optimizer_from(
         index, key = name.split(".", 1)
         state.setdefault(int(index), {})[key] = value
     optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+    for group in optimizer.param_groups:  # a moment of another shape would fail only at the next step
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.dim() and value.shape != p.shape:
+                    raise ValueError(
+                        f"{prefix} {key} has shape {tuple(value.shape)}, its parameter's is {tuple(p.shape)}"
+                    )

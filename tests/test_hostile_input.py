@@ -25,7 +25,7 @@ from hero_ml.config import ConfigError, HeroConfig, load_config
 from hero_ml.diffusion.sampler import Trajectory
 from hero_ml.engine import STATE, TENSORS, Engine, EngineError
 from tests.conftest import serve
-from tests.unit.test_engine import small_config
+from tests.unit.test_engine import run_rounds, small_config
 
 EXAMPLES = 200
 SECRET = "hostile-input-secret-0123456789"
@@ -324,7 +324,9 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes]:
     from hero_ml.diffusion.pipeline import build_random_pipeline
 
     root = tmp_path_factory.mktemp("checkpoint")
-    Engine(small_config(), build_random_pipeline("tiny", seed=0)).save(LocalStore(root), "ck")
+    engine = Engine(small_config(), build_random_pipeline("tiny", seed=0))
+    run_rounds(engine, 1)  # optimiser moments, a best and good noises to be checked
+    engine.save(LocalStore(root), "ck")
     return (root / "ck" / TENSORS).read_bytes(), (root / "ck" / STATE).read_bytes()
 
 
@@ -410,6 +412,57 @@ def test_a_state_file_with_its_tensors_hash_but_bad_fields_names_the_field(
     with pytest.raises(EngineError, match="is not a checkpoint's state") as refused:
         load(tmp_path, checkpoint[0], json.dumps(state).encode())
     assert says in str(refused.value)
+
+
+def test_a_state_file_that_is_not_json_is_named(checkpoint: tuple[bytes, bytes], tmp_path: Path) -> None:
+    with pytest.raises(EngineError, match=r"ck/state.json is not JSON: Expecting property name"):
+        load(tmp_path, checkpoint[0], b"{not json")
+
+
+@pytest.mark.parametrize(
+    ("edit", "says"),
+    [
+        (lambda tensors: tensors.pop(next(k for k in tensors if k.startswith("lora."))), "lacks 'lora."),
+        (
+            lambda tensors: tensors.update({k: v[:1] for k, v in tensors.items() if k.startswith("lora.")}),
+            r"does not fit this engine: lora\..* has shape \(1, 32\), this engine.s is \(4, 32\)",
+        ),
+        (
+            lambda tensors: tensors.update({"optim.lora.0.exp_avg": tensors["optim.lora.0.exp_avg"][:1]}),
+            r"does not fit this engine: optim.lora exp_avg has shape \(1, 32\), its parameter's is \(4, 32\)",
+        ),
+        (
+            lambda tensors: tensors.update({"best.noise": tensors["best.noise"][:2]}),
+            r"does not fit this engine: best.noise has shape \(2, 16, 16\), this engine's is \(4, 16, 16\)",
+        ),
+    ],
+    ids=[
+        "a-tensor-missing",
+        "a-tensor-of-another-shape",
+        "a-moment-of-another-shape",
+        "a-noise-of-another-shape",
+    ],
+)
+def test_a_checkpoint_whose_tensors_do_not_fit_the_model_is_named(
+    checkpoint: tuple[bytes, bytes], tmp_path: Path, edit: Any, says: str
+) -> None:
+    # both files consistent (the hash of the edited tensors recorded): another method's or an edited
+    # checkpoint, refused when restored into the model, not half-loaded
+    from safetensors.torch import load as load_tensors
+    from safetensors.torch import save as save_tensors
+
+    from hero_ml.diffusion.pipeline import build_random_pipeline
+
+    tensors = load_tensors(checkpoint[0])
+    edit(tensors)
+    blob = save_tensors(tensors)
+    state = json.loads(checkpoint[1])
+    state["tensors"] = {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    store = LocalStore(tmp_path)
+    store.put(f"ck/{TENSORS}", blob)
+    store.put(f"ck/{STATE}", json.dumps(state).encode())
+    with pytest.raises(EngineError, match=f"checkpoint 'ck' {says}"):
+        Engine.load(small_config(), build_random_pipeline("tiny", seed=0), store, "ck")
 
 
 def test_a_trajectory_whose_tensors_disagree_is_refused_with_the_shapes(tmp_path: Path) -> None:

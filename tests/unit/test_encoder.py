@@ -121,3 +121,35 @@ def test_an_epoch_embeds_each_latent_once_with_the_gradient_of_every_triplet_row
     for trained, start in zip(encoder.parameters(), reference.parameters(), strict=True):
         assert start.grad is not None
         torch.testing.assert_close(trained, start - start.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_several_rounds_draw_each_triplet_from_one_round_and_skip_rounds_without_bad_images() -> None:
+    # replay: the rounds' latents share one table; a wrong offset would pair one round's anchor with
+    # another round's images. The step must be that of the triplets drawn round by round.
+    torch.manual_seed(0)
+    shape = (4, 8, 8)
+    first = TripletSource(anchor=torch.randn(shape), good=torch.randn(3, *shape), bad=torch.randn(2, *shape))
+    no_bad = TripletSource(anchor=torch.randn(shape), good=torch.randn(2, *shape), bad=torch.empty(0, *shape))
+    no_good = TripletSource(anchor=torch.randn(shape), good=torch.empty(0, *shape), bad=torch.randn(3, *shape))
+    encoder = FeedbackEncoder(shape)
+    reference = copy.deepcopy(encoder)
+    optimizer = torch.optim.SGD(encoder.parameters(), lr=1.0)
+    kwargs = {"epochs": 1, "triplets_per_epoch": 24, "margin": 0.5}
+    sources = [first, no_bad, no_good]
+    train_encoder(encoder, optimizer, sources, generator=torch.Generator().manual_seed(5), **kwargs)
+
+    draws = torch.Generator().manual_seed(5)
+    which = torch.randint(2, (24,), generator=draws)  # of the two rounds with a bad image
+    anchors, positives, negatives = [], [], []
+    for index, source in enumerate([first, no_good]):
+        count = int((which == index).sum())
+        assert count > 0  # both rounds drawn: the case tests the offsets of both
+        pool = source.good if len(source.good) else source.anchor[None]  # no good: the anchor itself
+        anchors.append(source.anchor.expand(count, *shape))
+        positives.append(pool[torch.randint(len(pool), (count,), generator=draws)])
+        negatives.append(source.bad[torch.randint(len(source.bad), (count,), generator=draws)])
+    rows = torch.cat([torch.cat(anchors), torch.cat(positives), torch.cat(negatives)])
+    triplet_loss(*reference(rows).chunk(3), margin=0.5).backward()
+    for trained, start in zip(encoder.parameters(), reference.parameters(), strict=True):
+        assert start.grad is not None
+        torch.testing.assert_close(trained, start - start.grad, rtol=1e-5, atol=1e-6)
