@@ -152,7 +152,10 @@ def test_triplets_take_the_best_as_anchor_and_the_other_good_images_as_positives
     assert torch.equal(source.bad, latents[feedback.bad_indices])
 
 
-@pytest.mark.parametrize(("method", "replay"), [("hero", True), ("d3po", False)])
+@pytest.mark.parametrize(
+    ("method", "replay"),
+    [("hero", True), ("hero", False), ("hero-noguide", False), ("ddpo-binary", False), ("d3po", False)],
+)
 def test_resume_from_a_checkpoint_is_bit_identical(tmp_path: Path, method: str, replay: bool) -> None:
     config = small_config(method, replay=replay)
     straight = Engine(config, build_random_pipeline("tiny", seed=0))
@@ -174,7 +177,9 @@ def test_resume_from_a_checkpoint_is_bit_identical(tmp_path: Path, method: str, 
         straight.lora_optimizer.state_dict()["state"][0]["step"]
         == resumed.lora_optimizer.state_dict()["state"][0]["step"]
     )
-    assert (straight.encoder is None) == (resumed.encoder is None) == (method == "d3po")  # d3po has none
+    assert (
+        (straight.encoder is None) == (resumed.encoder is None) == (method in ("d3po", "ddpo-binary"))
+    )  # no encoder
     if straight.encoder is not None and resumed.encoder is not None:
         assert all(
             torch.equal(a, b)
@@ -182,7 +187,54 @@ def test_resume_from_a_checkpoint_is_bit_identical(tmp_path: Path, method: str, 
                 straight.encoder.state_dict().values(), resumed.encoder.state_dict().values(), strict=True
             )
         )
-        assert len(resumed.replay) == 3
+    assert len(resumed.replay) == (3 if replay else 0)
+
+
+def uniform_labels(engine: Engine, batch: RoundBatch, label: str) -> RoundFeedback:
+    """Every image `label`; all good: the first is the best; all bad: the current best stays."""
+    labels = AnnotatorFeedback(
+        annotator="a",
+        images=tuple(
+            ImageLabel(image_id=i, label=label, best=label == "good" and n == 0)
+            for n, i in enumerate(batch.image_ids)
+        ),
+        keep_best=label == "bad",
+    )
+    return aggregate([labels], batch.image_ids, has_current_best=engine.best_image is not None)
+
+
+@pytest.mark.parametrize(
+    ("method", "label"), [("ddpo-binary", "good"), ("ddpo-binary", "bad"), ("d3po", "good"), ("d3po", "bad")]
+)
+def test_a_round_with_nothing_to_compare_leaves_the_lora_as_it_was_and_still_counts(
+    method: str, label: str
+) -> None:
+    # ddpo-binary: equal rewards, zero advantages; d3po: no good-bad pair
+    engine = Engine(small_config(method), build_random_pipeline("tiny", seed=0))
+    run_rounds(engine, 1)  # a best, so that a round may keep it
+    before = lora(engine)
+    batch = engine.generate()
+    stats = engine.learn(batch, uniform_labels(engine, batch, label))
+    assert stats.update_loss is None and stats.optimizer_steps == 0 and stats.lora_step_norm is None
+    assert all(torch.equal(a, b) for a, b in zip(before, lora(engine), strict=True))
+    assert (engine.round, engine.feedbacks, stats.feedbacks) == (2, 12, 12)
+    kept = label == "bad"
+    assert stats.new_best is not kept
+    if not kept:
+        assert torch.equal(engine.best_noise, batch.trajectory.initial_noise[0].float())
+
+
+def test_a_hero_round_without_bad_images_trains_no_encoder_but_still_updates_the_policy() -> None:
+    engine = Engine(small_config(), build_random_pipeline("tiny", seed=0))
+    assert engine.encoder is not None
+    encoder_before = {k: v.clone() for k, v in engine.encoder.state_dict().items()}
+    stats = engine.learn(batch := engine.generate(), uniform_labels(engine, batch, "good"))
+    assert stats.encoder_loss_first is None and stats.encoder_loss_last is None  # no triplet to learn from
+    assert all(torch.equal(v, encoder_before[k]) for k, v in engine.encoder.state_dict().items())
+    # the rewards (similarity to the best) still differ: 6 trajectories x 2 timesteps in micro-batches
+    # of 2 trajectories = 3 micro-batches, 2 a step -> 2 optimiser steps
+    assert stats.optimizer_steps == 2 and stats.update_loss is not None
+    assert torch.equal(engine.good_noises, batch.trajectory.initial_noise[1:].float())  # all but the best
 
 
 def test_a_float16_model_learns_through_a_loss_scale_that_its_checkpoint_keeps(tmp_path: Path) -> None:
