@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -19,7 +20,14 @@ from typer.testing import CliRunner
 from hero_ml.adapters.storage import ArtifactStore, LocalStore, open_store
 from hero_ml.cli import app
 from hero_ml.config import HeroConfig
-from hero_ml.run_lease import LeasedStore, LeaseLostError, RunLease, RunLeasedError, process_scope
+from hero_ml.run_lease import (
+    LeasedStore,
+    LeaseLostError,
+    LeaseRecord,
+    RunLease,
+    RunLeasedError,
+    process_scope,
+)
 from hero_ml.sample_round import sample_round
 from tests.conftest import Service
 from tests.fault_proxy import FaultProxy
@@ -124,9 +132,10 @@ def test_the_heartbeat_keeps_a_lease_alive_past_its_ttl(store: ArtifactStore) ->
         deadline = time.monotonic() + 30  # a loaded machine may delay a beat, not stop them
         while records(store, "r")[0]["renewed"] <= acquired + 1.5 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert records(store, "r")[0]["renewed"] > acquired + 1.5  # past the TTL it started with
-        with pytest.raises(RunLeasedError):
-            RunLease(store, "r", ttl_s=1.5).acquire(wait=False)
+        renewed = records(store, "r")[0]["renewed"]
+        assert renewed > acquired + 1.5  # past the TTL it started with
+        with pytest.raises(RunLeasedError):  # judged 1 s after that renewal, however late this runs
+            RunLease(store, "r", ttl_s=1.5, clock=lambda: renewed + 1.0).acquire(wait=False)
         LeasedStore(store, holder).put("runs/r/x", b"still ours")
 
 
@@ -145,6 +154,78 @@ def test_a_waiting_taker_refuses_a_renewing_holder_and_takes_a_silent_one(store:
     with pytest.raises(LeaseLostError, match="taken over"):
         silent._renew()
         silent.check()
+
+
+def test_a_fresh_lease_of_another_host_is_not_taken_for_a_crash(store: ArtifactStore) -> None:
+    # The PID of a holder elsewhere says nothing about a process here: one that is free on this
+    # host must not make a live remote writer look crashed.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    now = time.time()
+    record = LeaseRecord(
+        owner="x",
+        host="elsewhere",
+        pid=gone.pid,
+        process_scope="elsewhere/pid:[1]",
+        acquired=now,
+        renewed=now,
+    )
+    for scope in ("elsewhere/pid:[1]", None):  # another host's namespace, or one not known
+        store.put(
+            "runs/r/lease/00000000.json",
+            record.model_copy(update={"process_scope": scope}).model_dump_json().encode(),
+        )
+        with pytest.raises(RunLeasedError, match=f"pid {gone.pid} on elsewhere holds its lease"):
+            RunLease(store, "r").acquire(wait=False)
+    here = record.model_copy(update={"process_scope": process_scope()})  # this host's: a crash
+    store.put("runs/r/lease/00000000.json", here.model_dump_json().encode())
+    with RunLease(store, "r") as lease:
+        assert lease.epoch == 1
+
+
+class RivalFirst:
+    """A store on which another process creates the next lease record between this one's look at the
+    newest epoch and its own create: the race the read-back settles."""
+
+    def __init__(self, inner: ArtifactStore) -> None:
+        self.inner = inner
+        self.rival = RunLease(inner, "r")
+
+    def create(self, key: str, data: bytes) -> bool:
+        if "/lease/" in key and self.rival.epoch is None:
+            self.rival.acquire(wait=False)
+        return self.inner.create(key, data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_of_two_processes_taking_one_epoch_at_once_the_second_is_refused(store: ArtifactStore) -> None:
+    racing = RivalFirst(store)
+    with pytest.raises(
+        RunLeasedError, match=r"another process took its lease \(epoch 0\) at the same moment"
+    ):
+        RunLease(racing, "r").acquire(wait=False)  # type: ignore[arg-type]
+    assert [r["owner"] for r in records(store, "r")] == [racing.rival.owner]
+    racing.rival.release()
+
+
+def test_the_heartbeat_renews_again_once_the_store_is_back(s3_server: Service) -> None:
+    down = threading.Event()
+    with FaultProxy(s3_server.url, lambda n, method, path: "503" if down.is_set() else None) as proxy:
+        store = through(proxy, s3_server, s3_max_attempts=1)
+        with RunLease(store, "r", ttl_s=3) as lease:  # a beat every 0.5 s
+            down.set()
+            deadline = time.monotonic() + 60
+            while len(proxy.injected) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(proxy.injected) >= 2  # beats failed against the store
+            back = time.time()
+            down.clear()
+            while records(store, "r")[0]["renewed"] <= back and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert records(store, "r")[0]["renewed"] > back  # the heartbeat kept going
+            lease.check()
 
 
 def test_a_corrupt_lease_record_is_named(tmp_path: Path) -> None:

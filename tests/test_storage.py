@@ -18,7 +18,7 @@ from hero_ml.adapters.storage.s3 import S3Store
 from hero_ml.cli import app
 from hero_ml.config import HeroConfig, StorageConfig
 from hero_ml.diffusion.pipeline import build_random_pipeline
-from hero_ml.engine import RoundBatch, RoundStats, sample_batch
+from hero_ml.engine import Engine, RoundBatch, RoundStats, sample_batch
 from hero_ml.run_store import CorruptObjectError, RunStore
 from tests.conftest import Service
 from tests.fault_proxy import FaultProxy
@@ -239,6 +239,35 @@ def test_a_damaged_record_of_a_run_is_named_with_what_is_wrong(tmp_path: Path, b
     )
     unwrapped = "".join(listed.output.split())  # rich wraps the path wherever the line ends
     assert listed.exit_code == 1 and "corrupt" in unwrapped and "progress.jsonisnotareadable" in unwrapped
+
+
+def test_verify_checks_every_checkpoint_against_its_commit_record(tmp_path: Path) -> None:
+    from hero_ml.engine import STATE, TENSORS
+    from tests.unit.test_engine import run_rounds, small_config
+
+    runs = RunStore(LocalStore(tmp_path), "r")
+    engine = Engine(small_config(), build_random_pipeline("tiny", seed=0))
+    run_rounds(engine, 1)
+    runs.save_checkpoint(engine)  # checkpoint 0, progress.json points at it
+    report = runs.verify()
+    assert report.ok and report.objects == 1 and report.incomplete == []  # the tensors, checked
+    checkpoint = tmp_path / "runs" / "r" / "checkpoints" / "0"
+    tensors = (checkpoint / TENSORS).read_bytes()
+
+    (checkpoint / TENSORS).write_bytes(tensors[:-1] + bytes([tensors[-1] ^ 1]))
+    assert [p for p in runs.verify().problems if "state.safetensors" in p and "do not match" in p]
+    (checkpoint / TENSORS).write_bytes(tensors)
+    state = (checkpoint / STATE).read_text()
+    (checkpoint / STATE).write_text(state[:20])
+    assert [p for p in runs.verify().problems if "checkpoints/0/state.json is not a readable record" in p]
+    (checkpoint / STATE).unlink()  # as if the writer died before the commit record
+    report = runs.verify()
+    assert report.incomplete == [
+        "runs/r/checkpoints/0: no state.json (a checkpoint interrupted while written)"
+    ]
+    assert report.problems == ["runs/r/progress.json points at checkpoint 0, which is not committed"]
+    (checkpoint / STATE).write_text(state)
+    assert runs.verify().ok
 
 
 class CountingStore:
