@@ -1,5 +1,6 @@
 """The engine on the tiny random SD: rounds of every method, checkpoints, resume bit for bit."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -277,6 +278,11 @@ def test_learn_refuses_feedback_that_does_not_fit() -> None:
     other = no_best.model_copy(update={"image_ids": tuple(f"x{i}" for i in range(6))})
     with pytest.raises(EngineError, match="not this batch's"):
         engine.learn(batch, other)
+    short = dataclasses.replace(
+        batch, image_ids=batch.image_ids[:5]
+    )  # e.g. a trajectory file of another batch
+    with pytest.raises(EngineError, match="the batch holds 6 trajectories for 5 image ids"):
+        engine.learn(short, no_best)
     engine.learn(batch, brightness_labels(engine, batch))
     with pytest.raises(EngineError, match="the batch is of round 0, the engine is at round 1"):
         engine.learn(batch, brightness_labels(engine, batch))

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from hero_ml.guidance import NoisePool, guided_initial_noise
 from hero_ml.rewards import mean_similarity_to_good, similarity_to_best
@@ -98,6 +99,15 @@ def test_a_broken_noise_pool_is_refused_with_what_is_wrong(tmp_path: Path) -> No
         NoisePool.load(folder)
     NoisePool(torch.zeros(4, 8, 8), torch.zeros(2, 4, 4, 4), 0.5, 0.1, "p").save(folder)
     with pytest.raises(ValueError, match=r"good noises have shape \(4, 4, 4\), the best \(4, 8, 8\)"):
+        NoisePool.load(folder)
+    settings.write_text(json.dumps({"best_ratio": 0.5, "eps": 0.1, "prompt": "p"}))
+    save_file({"best": torch.zeros(4, 8, 8)}, folder / NoisePool.TENSORS)
+    with pytest.raises(ValueError, match=r"holds no readable noise pool .*: 'good'"):
+        NoisePool.load(folder)
+    (folder / NoisePool.TENSORS).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header")
+    with pytest.raises(
+        ValueError, match=r"holds no readable noise pool .*: Error while deserializing header"
+    ):
         NoisePool.load(folder)
 
 
