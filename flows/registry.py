@@ -42,6 +42,14 @@ def promote(
                 "no LoRA version registered" if mine is None else f"version {mine.version} is the champion",
             )
             return None
+        if "hero.task" not in mine.tags:  # a real model's run (simulation.task null): no judge
+            logger.info(
+                "run %s: version %s has no toy task to be judged on: evaluate it with people and set "
+                "the alias in MLflow",
+                run_id,
+                mine.version,
+            )
+            return None
         version = mine.version
     decision = promote_version(resolved, version)
     logger.info(

@@ -281,9 +281,11 @@ def _run_embedded(config: HeroConfig) -> None:
     from flows.training import hero_training  # the CLI hands off to flows/; the library never imports Prefect
 
     derived = config.derived()
+    task = config.simulation.task
     console.print(
-        f"[bold]run {config.run_id}[/]: method {config.method}, task {config.simulation.task} "
-        f"({config.sampling.prompt!r}), {derived['rounds']} rounds x {derived['feedbacks_per_round']} "
+        f"[bold]run {config.run_id}[/]: method {config.method}, "
+        f"{f'task {escape(task)}' if task else 'no toy task'} ({escape(repr(config.sampling.prompt))}), "
+        f"{derived['rounds']} rounds x {derived['feedbacks_per_round']} "
         f"feedbacks, {derived['ddpo_optimizer_steps_per_round']} optimiser steps a round",
         highlight=False,
     )

@@ -373,12 +373,14 @@ class FeedbackConfig(_Section):
 
 class SimulationConfig(_Section):
     # The embedded default's annotators: used when label_studio.enabled is false.
-    task: str = Field(
+    task: str | None = Field(
         "counting",
         min_length=1,
         description=(
-            "Toy task the simulated annotators judge by (a shipped name, as in `hero toy tasks`, or a "
-            "task file path); sampling.prompt must be one of its prompts."
+            "Toy task the simulated annotators and the evaluations judge by (a shipped name, as in "
+            "`hero toy tasks`, or a task file path); sampling.prompt must be one of its prompts. null: "
+            "no toy task, for a real model's prompt: people label in Label Studio (label_studio.enabled) "
+            "and no run evaluation or automatic promotion is made (there is no judge)."
         ),
     )
     flip_probability: float = Field(
@@ -388,8 +390,8 @@ class SimulationConfig(_Section):
         64,
         ge=0,
         description=(
-            "Images judged before the first and after the last round, from fixed plain noises, to "
-            "report the success rate; 0 skips it."
+            "Images judged by the task before the first and after the last round, from fixed plain "
+            "noises, to report the success rate; 0 (or no task) skips it."
         ),
     )
 

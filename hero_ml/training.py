@@ -92,14 +92,23 @@ def changed_settings(stored: dict[str, Any], config: HeroConfig) -> list[str]:
     return sorted(changed)
 
 
-def run_task(config: HeroConfig) -> Task:
-    """The run's task (the simulated annotator's judge and the evaluation's prompts); the prompt the
-    run samples must be one of its prompts."""
+def run_task(config: HeroConfig) -> Task | None:
+    """The run's toy task (the simulated annotators' judge and the evaluations'); the prompt the run
+    samples must be one of its prompts. None (simulation.task null): a real model's prompt, labelled
+    by people in Label Studio, without evaluations."""
+    if config.simulation.task is None:
+        if not config.label_studio.enabled:
+            raise RunError(
+                "simulation.task is null and label_studio.enabled is false: nobody would label the "
+                "images. Enable Label Studio (people label them) or name a toy task (`hero toy tasks`)"
+            )
+        return None
     task = load_task(config.simulation.task)
     if config.sampling.prompt not in task.prompts:
         raise RunError(
             f"sampling.prompt {config.sampling.prompt!r} is not a prompt of task {task.name!r} "
-            f"({list(task.prompts)}): set HERO_SAMPLING__PROMPT to one of them or choose another task"
+            f"({list(task.prompts)}): set HERO_SAMPLING__PROMPT to one of them, choose another task, "
+            "or, for a real model's prompt labelled in Label Studio, set simulation.task to null"
         )
     return task
 
@@ -196,6 +205,7 @@ class TrainingRun:
         stored = self.runs.load_feedback(batch.round)
         if stored is not None:
             return stored
+        assert self.task is not None  # run_task: without a task, people label (label_studio.enabled)
         best = self.engine.best_image
         images = batch.trajectory.images.numpy()
         labels = [
@@ -243,15 +253,16 @@ class TrainingRun:
         the LoRA from noises drawn from the run's noise pool (seed 0), None without one."""
         n = self.config.simulation.eval_images
         pool = self.engine.noise_pool() if label == "after_guided" else None
-        if n == 0 or (label == "after_guided" and pool is None):
+        if n == 0 or self.task is None or (label == "after_guided" and pool is None):
             return None
+        task = self.task
         initial_noise = None if pool is None else pool.sample(n, torch.Generator().manual_seed(0))
         if label == "before" and (stored := self.runs.load_evaluation(label)) is not None:
             return Evaluation(label, *stored)  # the base model's: measured once per run
 
         def rate() -> float:
             return task_success_rate(
-                self.pipe, self.task, n, self.config.sampling, seed=0, initial_noise=initial_noise
+                self.pipe, task, n, self.config.sampling, seed=0, initial_noise=initial_noise
             )
 
         if label == "before":
@@ -288,14 +299,13 @@ class TrainingRun:
                 self.tracker.log_artifacts(folder / NOISE_POOL_ARTIFACT, NOISE_POOL_ARTIFACT)
         if not self.config.tracking.register_lora:
             return None
-        return self.tracker.register_lora(
-            self.config.tracking.registered_model,
-            {
-                "hero.run_id": self.config.run_id,
-                "hero.rounds": str(self.engine.round),
-                "hero.feedbacks": str(self.engine.feedbacks),
-                "hero.method": self.config.method,
-                "hero.task": self.config.simulation.task,
-                "hero.base_model": self.config.model.source,
-            },
-        )
+        tags = {
+            "hero.run_id": self.config.run_id,
+            "hero.rounds": str(self.engine.round),
+            "hero.feedbacks": str(self.engine.feedbacks),
+            "hero.method": self.config.method,
+            "hero.base_model": self.config.model.source,
+        }
+        if self.config.simulation.task is not None:  # the judge promotion evaluates it by
+            tags["hero.task"] = self.config.simulation.task
+        return self.tracker.register_lora(self.config.tracking.registered_model, tags)

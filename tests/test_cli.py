@@ -413,6 +413,14 @@ def test_a_run_error_is_printed_once_and_a_wrong_prompt_is_refused_before_prefec
     assert result.returncode == 1
     assert "sampling.prompt 'a purple elephant' is not a prompt of task" in " ".join(result.stderr.split())
     assert not (tmp_path / "second").exists()  # refused before the ephemeral server's folder is made
+    data["simulation"] = {**data.get("simulation", {}), "task": None}  # no toy task, nobody to label
+    wrong_prompt.write_text(yaml.safe_dump(data))
+    result = subprocess.run(
+        [HERO, "run", "-c", str(wrong_prompt)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 1
+    assert "simulation.task is null and label_studio.enabled is false" in " ".join(result.stderr.split())
+    assert not (tmp_path / "second").exists()
 
 
 def test_toy_pretrain_and_card_refuse_folders_they_cannot_use_before_any_work(tmp_path: Path) -> None:

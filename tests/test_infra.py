@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from hero_ml.config import load_config
+from hero_ml.training import run_task
 
 INFRA = Path(__file__).resolve().parent.parent / "infra"
 
@@ -49,6 +50,14 @@ def test_compose_config_file_is_a_valid_hero_config(monkeypatch: pytest.MonkeyPa
     config = load_config()
     assert config.label_studio.enabled and config.storage.backend == "s3"
     assert str(config.orchestration.webhook_url) == "http://webhooks:8765/webhooks/label-studio"
+    assert run_task(config) is None  # a real prompt, labelled by people: the run starts, no toy judge
+    paper = load_config(INFRA.parent / "configs" / "sd15-paper.yaml")
+    for section in ("encoder", "ddpo", "d3po", "guidance"):
+        assert getattr(config, section) == getattr(paper, section), section
+    assert config.sampling.model_copy(update={"prompt": ""}) == paper.sampling.model_copy(
+        update={"prompt": ""}
+    )
+    assert config.model.model_copy(update={"source": ""}) == paper.model.model_copy(update={"source": ""})
 
 
 @pytest.mark.parametrize(

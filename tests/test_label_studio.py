@@ -456,10 +456,13 @@ def test_hero_run_with_label_studio_waits_in_its_process_and_survives_crashes_wh
     before the feedback, the resumed run collects them again: nothing lost, nothing duplicated."""
     run_id = f"wait-{uuid.uuid4().hex[:6]}"
     images = IMPORT_CHUNK + 4  # two import calls: the crash falls between them
+    run = tiny_run(images=images)
     settings = {
-        **tiny_run(images=images),
+        **run,
+        # as production runs: a prompt of no toy task, labelled by people only, no evaluation to make
+        "sampling": {**run["sampling"], "prompt": "a photo of a black cat"},
+        "simulation": {"task": None},
         "feedback": {"budget": images},
-        "simulation": {"eval_images": 0},
         "storage": s3_storage(s3_server, f"w-{uuid.uuid4().hex[:8]}/", local_root=str(tmp_path / "data")),
         "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
         "label_studio": {"enabled": True, "url": label_studio_server.url},
@@ -521,11 +524,11 @@ def test_hero_run_with_label_studio_waits_in_its_process_and_survives_crashes_wh
     published_key = f"{runs.round_prefix(0)}/published.json"
     first_published = json.loads(runs.store.get(published_key))["published_at"]
 
-    run = hero_run("--resume", run_id, crash_at="collect:1")
+    resumed = hero_run("--resume", run_id, crash_at="collect:1")
     try:
         deadline = time.monotonic() + 180
         while len(tasks := project_tasks()) < images + 1:
-            assert run[0].poll() is None, finish(run)[1]
+            assert resumed[0].poll() is None, finish(resumed)[1]
             assert time.monotonic() < deadline, "round 0 was never published whole"
             time.sleep(1)
         assert len(tasks) == images + 1 and all(len(ids) == 1 for ids in tasks.values())  # none twice
@@ -536,7 +539,7 @@ def test_hero_run_with_label_studio_waits_in_its_process_and_survives_crashes_wh
             )
         admin.annotations.create(id=tasks["best"][0], result=choice("best", image_ids[1]))
     finally:
-        code, output = finish(run)
+        code, output = finish(resumed)
     assert code == -signal.SIGKILL, output
     assert f"round 0 is in Label Studio: waiting for 0/{images} labels" in output
     assert runs.store.exists(f"{runs.round_prefix(0)}/annotations.json")
@@ -545,7 +548,7 @@ def test_hero_run_with_label_studio_waits_in_its_process_and_survives_crashes_wh
 
     code, output = finish(hero_run("--resume", run_id))
     assert code == 0, output
-    assert "round 0 (" in output
+    assert "round 0 (" in output and "no toy task ('a photo of a black cat')" in " ".join(output.split())
     stored = runs.load_feedback(0)
     assert stored is not None and stored.best == 1
     assert stored.good == (True, True) + (False,) * (images - 2)

@@ -155,14 +155,15 @@ def test_hero_run_on_s3_and_an_mlflow_server(
     assert images[True] != images[False]
 
 
-def register(config_path: Path, lora_folder: Path, run_id: str) -> str:
-    """Log and register a LoRA as `hero run` does at its end (the tracker's real code path)."""
+def register(config_path: Path, lora_folder: Path, run_id: str, task: str | None = "anomaly") -> str:
+    """Log and register a LoRA as `hero run` does at its end (the tracker's real code path); task None:
+    a run of a real prompt (simulation.task null), which has no hero.task tag."""
     config = load_config(config_path)
     tracker = MlflowTracker(config.tracking.tracking_uri, config.tracking.experiment, run_id)
     tracker.log_lora(lora_folder, "toy")
+    tags = {"hero.run_id": run_id, "hero.rounds": "4", "hero.base_model": "toy"}
     version = tracker.register_lora(
-        config.tracking.registered_model,
-        {"hero.run_id": run_id, "hero.rounds": "4", "hero.task": "anomaly", "hero.base_model": "toy"},
+        config.tracking.registered_model, tags | ({"hero.task": task} if task else {})
     )
     tracker.finish()
     return version
@@ -222,6 +223,16 @@ def test_promotion_moves_champion_only_on_a_real_win(
         }
     assert promote(after_flow_run=f"prefect.flow-run.{trained['winner']}") is None
     assert promote(after_flow_run=str(trained["never-registered"])) is None
+    # a run of a real prompt has no judge: its version is left for people, the champion stays
+    unjudged = register(path, tmp_path / "identity", "people-labelled", task=None)
+    with get_client(sync_client=True) as prefect:
+        labelled = prefect.create_flow_run(
+            hero_training, parameters={"config": {"run_id": "people-labelled"}}
+        )
+    assert promote(after_flow_run=str(labelled.id)) is None
+    assert client.get_model_version_by_alias(name, "champion").version == winner
+    by_hand = runner.invoke(app, ["promote", "-c", str(path), "--version", unjudged])
+    assert by_hand.exit_code == 1 and f"version {unjudged} has no hero.task tag" in by_hand.output
     with pytest.raises(ValueError, match="after_flow_run 'run-7' is not a flow run id"):
         promote(after_flow_run="run-7")
 

@@ -54,6 +54,7 @@ def test_the_embedded_defaults_differ_from_the_paper_only_where_the_toy_needs_it
         "model.source", "model.dtype", "model.device", "model.lora_init", "sampling.prompt",
         "sampling.num_steps", "sampling.sub_batch_size", "encoder.lr", "ddpo.lr", "ddpo.clip_range",
         "ddpo.inner_epochs", "ddpo.train_batch_size", "ddpo.gradient_accumulation_steps", "d3po.lr",
+        "simulation.task",
     }  # fmt: skip
     # the same 8 trajectories an optimiser step, 4 passes: 32 steps a round over 8 rounds
     assert load_config().derived()["ddpo_optimizer_steps_per_round"] == 32
