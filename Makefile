@@ -53,7 +53,7 @@ typecheck: install
 unit: install label-studio browser
 	$(BIN)/pytest --durations=15  # the slowest tests, to keep the whole run under 25 minutes
 
-## test-long: only the long variants of the tests (every crash point); CI runs them after `make test`
+## test-long: only the long variants of the tests (the crash points but Label Studio's two); CI runs them after `make test`
 test-long: install label-studio browser
 	$(BIN)/pytest --long -m long --durations=15
 

@@ -18,7 +18,8 @@ start)
     need hero
     "$HERE/s3-server.sh" start hero-runs hero-mlflow
     "$HERE/mlflow-server.sh" start
-    "$HERE/label-studio.sh" start
+    # its S3 and the webhook receiver are on this host: lift Label Studio's block of loopback addresses
+    HERO_LABEL_STUDIO_ALLOW_LOOPBACK="${HERO_LABEL_STUDIO_ALLOW_LOOPBACK:-true}" "$HERE/label-studio.sh" start
     "$HERE/prefect-server.sh" start
     hero deploy --gpu-pool "$GPU_POOL" --service-pool "$SERVICE_POOL"
     HERO_WORKER_PORT="${HERO_WORKER_PORT:-8181}" "$HERE/prefect-worker.sh" start "$GPU_POOL"

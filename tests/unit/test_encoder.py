@@ -130,7 +130,9 @@ def test_several_rounds_draw_each_triplet_from_one_round_and_skip_rounds_without
     shape = (4, 8, 8)
     first = TripletSource(anchor=torch.randn(shape), good=torch.randn(3, *shape), bad=torch.randn(2, *shape))
     no_bad = TripletSource(anchor=torch.randn(shape), good=torch.randn(2, *shape), bad=torch.empty(0, *shape))
-    no_good = TripletSource(anchor=torch.randn(shape), good=torch.empty(0, *shape), bad=torch.randn(3, *shape))
+    no_good = TripletSource(
+        anchor=torch.randn(shape), good=torch.empty(0, *shape), bad=torch.randn(3, *shape)
+    )
     encoder = FeedbackEncoder(shape)
     reference = copy.deepcopy(encoder)
     optimizer = torch.optim.SGD(encoder.parameters(), lr=1.0)
