@@ -52,6 +52,9 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug lo
         format="%(message)s",
         handlers=[RichHandler(console=err_console, show_path=False)],
     )
+    # botocore's debug log carries each request's signature with the S3 access key id: never shown
+    for name in ("botocore", "boto3", "s3transfer", "urllib3"):
+        logging.getLogger(name).setLevel(logging.INFO)
     if not verbose:  # HTTP calls to the ephemeral Prefect API, MLflow's schema checks: not news
         for name in ("httpx", "mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)

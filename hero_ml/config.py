@@ -42,6 +42,7 @@ CONFIG_FILE_ENV = "HERO_CONFIG_FILE"  # a base config file for services and work
 
 # MLflow's tracking stores ('' is a plain folder path)
 TRACKING_SCHEMES = {"", "sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks"}
+DATABASE_SCHEMES = {"postgresql", "mysql", "mssql"}  # a user name in their URIs is not a secret
 SEED_MAX = 2**63 - 1  # torch's generators take seeds below 2**63
 SECRET_MASK = "**********"  # how pydantic dumps a SecretStr to JSON
 SECRET_IN_VALUE = "secret_in_value"  # an error type whose input holds a secret: never echoed
@@ -471,14 +472,17 @@ class TrackingConfig(_Section):
     @field_validator("tracking_uri")
     @classmethod
     def _no_password_in_uri(cls, uri: str) -> str:
-        # the URI is public (MLflow params, the stored config): a password in it would be published
-        if urlsplit(uri).password is not None:
+        # the URI is public (MLflow params, the stored config): a password in it would be published,
+        # and so would a token given as the user of an http(s) URI
+        parts = urlsplit(uri)
+        scheme = parts.scheme.split("+")[0]  # postgresql+psycopg2: a driver after the '+'
+        if parts.password is not None or (parts.username is not None and scheme not in DATABASE_SCHEMES):
             raise PydanticCustomError(
                 SECRET_IN_VALUE,
-                "holds a password: remove it from the URI and give it through the environment "
-                "(MLFLOW_TRACKING_PASSWORD for an MLflow server; PGPASSWORD or ~/.pgpass for PostgreSQL)",
+                "holds credentials: remove them from the URI and give them through the environment "
+                "(MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME / _PASSWORD for an MLflow server; "
+                "PGPASSWORD or ~/.pgpass for PostgreSQL)",
             )
-        scheme = urlsplit(uri).scheme.split("+")[0]  # postgresql+psycopg2: a driver after the '+'
         if scheme not in TRACKING_SCHEMES:
             raise ValueError(
                 f"scheme {scheme!r} is not one MLflow keeps runs under: use sqlite:///path/mlflow.db, "
@@ -899,8 +903,9 @@ def format_validation_error(
         path = ".".join(str(part) for part in problem["loc"]) or "(top level)"
         line = f"  {path}: {problem['msg']}"
         secret = _is_secret(problem["loc"], root or HeroConfig)
-        # a mapping is a whole section or the top level: it may hold secrets, and it is long
-        shown = not secret and not isinstance(problem["input"], dict)
+        # a whole section or the top level, whatever was given in its place: it may hold secrets
+        section = _is_section(problem["loc"], root or HeroConfig)
+        shown = not secret and not section and not isinstance(problem["input"], dict)
         if problem["type"] not in {"missing", "extra_forbidden", SECRET_IN_VALUE} and shown:
             line += f" (got {problem['input']!r})"
         if problem["type"] == "extra_forbidden":
@@ -933,6 +938,18 @@ def _known_fields(loc: tuple[int | str, ...], model: type[BaseModel]) -> str:
     if close:
         return f"; did you mean {' or '.join(repr(name) for name in close)}?"
     return f"; the fields here: {', '.join(known)}"
+
+
+def _is_section(loc: tuple[int | str, ...], model: type[BaseModel]) -> bool:
+    """True when the path is the top level or ends at a section (a model-typed field)."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (
+            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        ):
+            return False
+        model = field.annotation
+    return True
 
 
 def _is_secret(loc: tuple[int | str, ...], model: type[BaseModel]) -> bool:

@@ -25,7 +25,10 @@ def _need_prefect_server() -> None:
             "no Prefect server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api; "
             "infra/prefect-server.sh start runs one)"
         )
-    if "/api" not in urlsplit(url).path:  # the server's address without its API's path: a common slip
+    parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None:  # credentials are not to be printed
+        url = parts._replace(netloc=f"…@{parts.hostname}{f':{parts.port}' if parts.port else ''}").geturl()
+    if "/api" not in parts.path:  # the server's address without its API's path: a common slip
         raise fail(f"PREFECT_API_URL {url} names no API path: add it, e.g. {url.rstrip('/')}/api")
     from flows import server_problem
 

@@ -92,6 +92,26 @@ def test_config_show_prints_the_resolved_config_without_its_secrets(monkeypatch:
     assert yaml.safe_load(plain.split("# derived:")[0])["label_studio"]["api_key"] is None
 
 
+def test_debug_logging_never_shows_the_s3_keys(tmp_path: Path) -> None:
+    # botocore's debug log prints each request's Authorization header, which names the access key id
+    from tests.conftest import _free_port
+
+    env = {
+        **os.environ,
+        "HERO_STORAGE__BACKEND": "s3",
+        "HERO_STORAGE__S3_BUCKET": "hero-runs",
+        "HERO_STORAGE__S3_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}",  # nothing listens
+        "HERO_STORAGE__S3_MAX_ATTEMPTS": "1",
+        "HERO_STORAGE__S3_ACCESS_KEY_ID": "AKIA-hunter2-id",
+        "HERO_STORAGE__S3_SECRET_ACCESS_KEY": "hunter2-secret",
+    }
+    result = subprocess.run(
+        [HERO, "-v", "storage", "ls", "r"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120
+    )
+    assert result.returncode == 1 and "check storage.s3_endpoint_url" in " ".join(result.stderr.split())
+    assert "hunter2" not in result.stdout + result.stderr
+
+
 def test_config_show_output_is_a_valid_config_file_with_the_same_values(tmp_path: Path) -> None:
     data = yaml.safe_load(small_config(tmp_path).read_text())
     data["storage"]["s3_endpoint_url"] = "http://127.0.0.1:9000"
@@ -175,15 +195,15 @@ def test_the_server_commands_refuse_a_prefect_server_that_does_not_answer(
 ) -> None:
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{probe.getsockname()[1]}/api"
-    monkeypatch.setenv("PREFECT_API_URL", dead)
+        dead = f"127.0.0.1:{probe.getsockname()[1]}/api"
+    monkeypatch.setenv("PREFECT_API_URL", f"http://user:hunter2@{dead}")  # credentials are never printed
     monkeypatch.setenv("HERO_LABEL_STUDIO__API_KEY", "k")
     monkeypatch.setenv("HERO_ORCHESTRATION__WEBHOOK_SECRET", "s")
     result = subprocess.run([HERO, *command], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     message = "".join(result.stderr.split())  # rich wraps long lines
-    assert f"thePrefectserverat{dead}failsitshealthcheck" in message and "refused" in message
-    assert "Traceback" not in result.stderr
+    assert f"thePrefectserverathttp://…@{dead}failsitshealthcheck" in message and "refused" in message
+    assert "Traceback" not in result.stderr and "hunter2" not in result.stderr
 
 
 @pytest.mark.parametrize("command", [["deploy"], ["rounds", "poll"]])

@@ -253,13 +253,36 @@ def test_a_tracking_uri_with_a_password_is_refused_without_repeating_it(tmp_path
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, {"tracking": {"tracking_uri": uri}}))
     message = str(caught.value)
-    assert "tracking.tracking_uri: holds a password" in message and "PGPASSWORD" in message
+    assert "tracking.tracking_uri: holds credentials" in message and "PGPASSWORD" in message
     assert "hunter2" not in message
     with pytest.raises(ValidationError) as raw:  # pydantic's own text, for callers of HeroConfig(...)
         HeroConfig(tracking={"tracking_uri": uri})
     assert "hunter2" not in str(raw.value)
     user_only = "postgresql://hero@db.internal/mlflow"  # the password from PGPASSWORD / ~/.pgpass
     assert HeroConfig(tracking={"tracking_uri": user_only}).tracking.tracking_uri == user_only
+    for token_as_user in ("https://tok-hunter2@mlflow.example", "bogus://tok-hunter2@host"):
+        with pytest.raises(ConfigError, match=r"holds credentials.*MLFLOW_TRACKING_TOKEN") as caught:
+            load_config(write(tmp_path, {"tracking": {"tracking_uri": token_as_user}}))
+        assert "hunter2" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "given", [{"label_studio": "tok-hunter2"}, {"label_studio": ["tok-hunter2"]}, ["tok-hunter2"]]
+)
+def test_a_value_given_in_place_of_a_section_is_not_repeated(tmp_path: Path, given: object) -> None:
+    # a section may hold secrets: a value in its place may be one (a key pasted at the wrong level)
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, given))
+    assert "hunter2" not in str(caught.value)
+
+
+def test_a_section_set_wrongly_by_the_environment_is_not_repeated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HERO_LABEL_STUDIO", '"tok-hunter2"')
+    with pytest.raises(
+        ConfigError, match=r"label_studio: Input should be a valid dictionary.*\[set by HERO_LABEL_STUDIO\]"
+    ) as caught:
+        load_config()
+    assert "hunter2" not in str(caught.value)
 
 
 def test_enabled_label_studio_needs_a_key(tmp_path: Path) -> None:
