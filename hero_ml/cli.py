@@ -114,6 +114,7 @@ def model_build(
 
     if arch not in ARCHITECTURES:
         raise fail(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    writable_folder(out, "OUT")  # before the build, which takes minutes for sd15
     with console.status(f"building {arch} with random weights"):
         build_random_pipeline(arch, seed=seed).save_pretrained(out)
     console.print(f"[green]wrote[/] {out} (random weights, seed {seed})", highlight=False)
@@ -191,20 +192,20 @@ def run(
 
     resolved = load(config)
     if resume is not None:
-        if task or method or budget is not None or run_id:
+        if task is not None or method is not None or budget is not None or run_id is not None:
             raise fail(
                 "--resume continues a run with its own settings: drop --task/--method/--budget/--run-id"
             )
         resolved = with_overrides(resolved, {"run_id": resume})
     else:
         overrides: dict = {}
-        if run_id:
+        if run_id is not None:  # "" too: refused by the config's check, not taken for "not given"
             overrides["run_id"] = run_id
-        if method:
+        if method is not None:
             overrides["method"] = method
         if budget is not None:
             overrides["feedback"] = {"budget": budget}
-        if task:
+        if task is not None:
             from hero_ml.toy.task import TaskError, load_task
 
             try:
@@ -389,6 +390,16 @@ def _run_embedded(config: HeroConfig) -> None:
 RunIdArgument = Annotated[str | None, typer.Argument(help="The run (default: list the stored runs).")]
 
 
+def _check_run_id(config: HeroConfig, run_id: str) -> None:
+    """A run id from the command line, checked as the config's run_id is (it becomes storage keys)."""
+    from hero_ml.config import with_overrides
+
+    try:
+        with_overrides(config, {"run_id": run_id})
+    except ConfigError as err:
+        raise fail(f"RUN_ID {run_id!r}: {err}") from None
+
+
 @storage_app.command("ls")
 def storage_ls(run_id: RunIdArgument = None, config: ConfigOption = None) -> None:
     """List the stored runs, or one run's rounds (committed or not, images, feedback, checkpoint) and
@@ -399,6 +410,8 @@ def storage_ls(run_id: RunIdArgument = None, config: ConfigOption = None) -> Non
     from hero_ml.run_store import RunStore
 
     resolved = load(config)
+    if run_id is not None:
+        _check_run_id(resolved, run_id)
     store = open_store(resolved.storage)
     try:
         if run_id is None:
@@ -447,6 +460,7 @@ def storage_verify(
     from hero_ml.run_store import RunStore
 
     resolved = load(config)
+    _check_run_id(resolved, run_id)
     store = open_store(resolved.storage)
     runs_store = RunStore(store, run_id)
     try:

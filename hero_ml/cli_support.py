@@ -13,7 +13,7 @@ from rich.markup import escape
 from hero_ml.config import ConfigError, HeroConfig, load_config
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the width
 
 ConfigOption = Annotated[
     Path | None,

@@ -101,6 +101,7 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     source: str = Field(
         "toy",
+        min_length=1,
         description=(
             "The Stable Diffusion pipeline to fine-tune: a local diffusers folder, a hub id "
             "(e.g. 'runwayml/stable-diffusion-v1-5'), 'toy' for the committed toy model (shapes; "
@@ -127,7 +128,7 @@ class ModelConfig(_Section):
     )
     device: str = Field(
         "cpu",
-        pattern=r"^(cpu|mps|cuda(:\d+)?)$",
+        pattern=r"^(cpu|mps|cuda(:\d{1,3})?)$",
         description="Torch device of the pipeline: 'cpu', 'cuda', 'cuda:1', 'mps'.",
     )
     channels_last: bool = Field(
@@ -404,6 +405,14 @@ class StorageConfig(_Section):
     local_root: Path = Field(
         Path("hero-data"), description="Root folder of the local backend; runs/<run_id>/... below it."
     )
+
+    @field_validator("local_root", mode="before")
+    @classmethod
+    def _a_folder_named(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():  # Path("") is the current folder
+            raise ValueError("is empty: name the folder runs are kept in, e.g. hero-data")
+        return value
+
     s3_bucket: str | None = Field(
         None, description="Bucket of the s3 backend: its name alone (3-63 of a-z 0-9 . -), no s3:// or key."
     )

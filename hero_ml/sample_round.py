@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from diffusers import StableDiffusionPipeline
 
 from hero_ml import __version__
 from hero_ml.adapters.storage import open_store
@@ -42,31 +43,36 @@ def sample_round(
     on_model_loaded: Callable[[], None] | None = None,
     on_step: Callable[[], None] | None = None,
 ) -> SampledRound:
-    """Load the configured model, sample `images_per_round` images of the prompt, commit the round."""
+    """Load the configured model, sample `images_per_round` images of the prompt, commit the round.
+    A committed round or a model that does not load is refused before anything is written."""
     store = open_store(config.storage)
+    _refuse_a_committed_round(RunStore(store, config.run_id), config.run_id, round_index)
+    pipe = load_configured_pipeline(config.model)
+    if on_model_loaded is not None:
+        on_model_loaded()
     with RunLease(store, config.run_id) as lease:  # not while a training process writes the run
-        return _sample_round(
-            config, RunStore(LeasedStore(store, lease), config.run_id), round_index, on_model_loaded, on_step
+        runs = RunStore(LeasedStore(store, lease), config.run_id)
+        _refuse_a_committed_round(runs, config.run_id, round_index)  # committed meanwhile by another
+        return _sample_round(config, runs, pipe, round_index, on_step)
+
+
+def _refuse_a_committed_round(runs: RunStore, run_id: str, round_index: int) -> None:
+    if runs.has_batch(round_index):
+        raise RoundExistsError(
+            f"round {round_index} of run {run_id!r} is already committed at "
+            f"{runs.store.where(runs.round_prefix(round_index))}; rounds are immutable: choose another "
+            "run_id (HERO_RUN_ID) to sample again"
         )
 
 
 def _sample_round(
     config: HeroConfig,
     runs: RunStore,
+    pipe: StableDiffusionPipeline,
     round_index: int,
-    on_model_loaded: Callable[[], None] | None,
     on_step: Callable[[], None] | None,
 ) -> SampledRound:
     folder = runs.store.where(runs.round_prefix(round_index))
-    if runs.has_batch(round_index):
-        raise RoundExistsError(
-            f"round {round_index} of run {config.run_id!r} is already committed at {folder}; "
-            "rounds are immutable: choose another run_id (HERO_RUN_ID) to sample again"
-        )
-    pipe = load_configured_pipeline(config.model)
-    if on_model_loaded is not None:
-        on_model_loaded()
-
     started = time.perf_counter()
     batch = sample_batch(pipe, config.sampling, round_index, on_step=on_step)
     sampling = config.sampling

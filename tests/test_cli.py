@@ -152,8 +152,10 @@ def test_sample_commits_a_round_with_grid_trajectory_and_manifest(tmp_path: Path
     assert torch.equal(first, trajectory.images[0])
     assert Image.open(folder / "grid.png").size[0] > 2 * 32
 
+    leases = sorted((tmp_path / "data" / "runs" / "cli-test" / "lease").iterdir())
     again = runner.invoke(app, ["sample", "--config", str(small_config(tmp_path))])
     assert again.exit_code == 1 and "already committed" in again.output
+    assert sorted((tmp_path / "data" / "runs" / "cli-test" / "lease").iterdir()) == leases  # nothing written
 
 
 def test_sample_from_a_built_model_folder(tmp_path: Path) -> None:
@@ -173,6 +175,41 @@ def test_a_missing_model_is_a_readable_error(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "cannot load model 'someone/missing'" in result.output and "Traceback" not in result.output
     assert "loading someone/missing" not in result.output  # no progress bar left under the error
+    assert not (tmp_path / "data").exists()  # refused before the run's lease or anything else is written
+    malformed = runner.invoke(app, ["sample", "--config", str(small_config(tmp_path, source="models:/x@y"))])
+    assert malformed.exit_code == 1 and "Traceback" not in malformed.output
+    assert "model.source 'models:/x@y' is neither a folder nor a hub id" in " ".join(malformed.output.split())
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("HERO_STORAGE__LOCAL_ROOT", "", "storage.local_root: Value error, is empty"),
+        ("HERO_MODEL__SOURCE", "", "model.source: String should have at least 1 character"),
+        ("HERO_MODEL__DEVICE", "cuda:99999999999999999999", "model.device: String should match pattern"),
+    ],
+)
+def test_an_empty_folder_or_an_absurd_device_is_refused_by_name(
+    variable: str, value: str, says: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(variable, value)
+    result = runner.invoke(app, ["config", "show"])
+    assert result.exit_code == 1 and says in " ".join(result.output.split()), result.output
+
+
+def test_options_that_would_be_ignored_or_fail_late_are_refused_first(tmp_path: Path) -> None:
+    empty_id = runner.invoke(app, ["run", "-c", str(small_config(tmp_path)), "--run-id", ""])
+    assert empty_id.exit_code == 1 and "run_id" in empty_id.output  # not taken for "not given"
+    assert not (tmp_path / "data").exists()
+    build = runner.invoke(app, ["model", "build", "tiny", "/proc/hero-model"])
+    assert build.exit_code == 1 and "OUT /proc/hero-model: cannot create it" in build.output
+    for command in ("ls", "verify"):
+        for run_id in ("../x", "a/b", "r" * 65):
+            listed = runner.invoke(app, ["storage", command, run_id, "-c", str(small_config(tmp_path))])
+            assert listed.exit_code == 1 and f"RUN_ID {run_id!r}: invalid configuration" in listed.output
+    steps = runner.invoke(app, ["toy", "pretrain", "--out", str(tmp_path / "toy"), "--vae-steps", "0"])
+    assert steps.exit_code == 2 and "Invalid value for '--vae-steps'" in steps.output
+    assert not (tmp_path / "toy").exists()
 
 
 def test_a_run_against_a_dead_tracking_server_fails_at_once_with_what_to_do(

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from huggingface_hub.errors import HFValidationError
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -127,6 +128,11 @@ def _load(
     else:
         try:
             pipe = _from_pretrained(source, dtype=dtype, local_files_only=not allow_download)
+        except HFValidationError:  # a ValueError: e.g. 'models:/x@y' given where a model is loaded
+            raise ModelNotFoundError(
+                f"model.source {source!r} is neither a folder nor a hub id (owner/name of letters, digits, "
+                "'-', '_', '.'): a registered LoRA is generated from with `hero generate models:/…`"
+            ) from None
         except OSError as err:
             how = (
                 "the download failed; check the network and the id"

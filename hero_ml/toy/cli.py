@@ -35,9 +35,9 @@ def pretrain_command(
         Path, typer.Option(help="Folder to write the diffusers pipeline to.", file_okay=False)
     ] = PRETRAINED,
     seed: Annotated[int, typer.Option(help="Seeds data, init and training.", min=0, max=SEED_MAX)] = 0,
-    dataset_size: Annotated[int, typer.Option(help="Rendered (image, caption) pairs.", min=1)] = 20_000,
-    vae_steps: Annotated[int, typer.Option(help="VAE optimiser steps.")] = 800,
-    unet_steps: Annotated[int, typer.Option(help="Text-encoder + UNet optimiser steps.")] = 3000,
+    dataset_size: Annotated[int, typer.Option(help="Rendered (image, caption) pairs.", min=8)] = 20_000,
+    vae_steps: Annotated[int, typer.Option(help="VAE optimiser steps.", min=1)] = 800,
+    unet_steps: Annotated[int, typer.Option(help="Text-encoder + UNet optimiser steps.", min=1)] = 3000,
 ) -> None:
     """Train the toy Stable Diffusion from nothing (VAE, then text encoder + UNet) and save it."""
     from hero_ml.toy.pretrain import PretrainConfig, pretrain
