@@ -367,6 +367,9 @@ def test_ctrl_c_stops_a_run_at_once_and_says_how_to_resume(tmp_path: Path) -> No
     [
         ["toy", "eval", "--task", "counting", "--seed", "-5"],
         ["toy", "eval", "--task", "counting", "--eta", "0"],
+        ["toy", "eval", "--task", "counting", "--eta", "5"],
+        ["toy", "eval", "--task", "counting", "--cfg", "-100"],
+        ["toy", "pretrain", "--unet-steps", "-5"],
         ["toy", "pretrain", "--dataset-size", "0"],
         ["generate", "models:/m@champion", "--prompt", "a", "--out", "o", "--seed", str(2**63)],
         ["model", "build", "tiny", "out", "--seed", "-1"],

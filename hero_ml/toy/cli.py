@@ -105,8 +105,8 @@ def eval_command(
             min=1,
         ),
     ] = 50,
-    cfg: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 5.0,
-    eta: Annotated[float, typer.Option(help="DDIM eta (> 0).", min=1e-6)] = 1.0,
+    cfg: Annotated[float, typer.Option(help="Classifier-free guidance scale (>= 1).", min=1.0)] = 5.0,
+    eta: Annotated[float, typer.Option(help="DDIM eta, in (0, 1].", min=1e-6, max=1.0)] = 1.0,
 ) -> None:
     """Print a model's success rate on a task: the share of images its judge finds good."""
     from hero_ml.diffusion.lora import load_lora

@@ -47,7 +47,8 @@ class S3Store:
                 config.s3_secret_access_key.get_secret_value() if config.s3_secret_access_key else None
             ),
             config=Config(
-                retries={"max_attempts": config.s3_max_attempts, "mode": "standard"},
+                # total_max_attempts counts the first request; botocore's max_attempts counts retries only
+                retries={"total_max_attempts": config.s3_max_attempts, "mode": "standard"},
                 connect_timeout=config.s3_timeout_s,
                 read_timeout=config.s3_timeout_s,
                 s3={"addressing_style": addressing},
