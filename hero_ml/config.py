@@ -911,10 +911,7 @@ def format_validation_error(
     for problem in err.errors(include_url=False):
         path = ".".join(str(part) for part in problem["loc"]) or "(top level)"
         line = f"  {path}: {problem['msg']}"
-        secret = _is_secret(problem["loc"], root or HeroConfig)
-        # a whole section or the top level, whatever was given in its place: it may hold secrets
-        section = _is_section(problem["loc"], root or HeroConfig)
-        shown = not secret and not section and not isinstance(problem["input"], dict)
+        shown = _may_echo(problem["loc"], root or HeroConfig) and not isinstance(problem["input"], dict)
         if problem["type"] not in {"missing", "extra_forbidden", SECRET_IN_VALUE} and shown:
             line += f" (got {problem['input']!r})"
         if problem["type"] == "extra_forbidden":
@@ -949,27 +946,15 @@ def _known_fields(loc: tuple[int | str, ...], model: type[BaseModel]) -> str:
     return f"; the fields here: {', '.join(known)}"
 
 
-def _is_section(loc: tuple[int | str, ...], model: type[BaseModel]) -> bool:
-    """True when the path is the top level or ends at a section (a model-typed field)."""
+def _may_echo(loc: tuple[int | str, ...], model: type[BaseModel]) -> bool:
+    """Whether the value given at `loc` may be shown in an error: not at the top level or a section
+    (whatever was put in its place may hold secrets), not at a SecretStr field."""
     for part in loc:
         field = model.model_fields.get(str(part))
-        if field is None or not (
-            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
-        ):
-            return False
-        model = field.annotation
-    return True
-
-
-def _is_secret(loc: tuple[int | str, ...], model: type[BaseModel]) -> bool:
-    """True when the path ends at a SecretStr field; its value must not be echoed."""
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        if field is None:
-            return False
+        if field is None:  # past the known fields (a list item, an unknown name): a plain value
+            return True
         annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
-            continue
-        return "SecretStr" in str(annotation)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return "SecretStr" not in str(annotation)
+        model = annotation
     return False

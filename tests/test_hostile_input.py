@@ -330,11 +330,12 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes]:
     return (root / "ck" / TENSORS).read_bytes(), (root / "ck" / STATE).read_bytes()
 
 
-def load(tmp: Path, tensors: bytes, state: bytes) -> None:
+def load(tmp: Path, tensors: bytes, state: bytes, pipe: Any = None) -> None:
+    """Load a checkpoint of these bytes; without `pipe`, one refused before the model is needed."""
     store = LocalStore(tmp)
     store.put(f"ck/{TENSORS}", tensors)
     store.put(f"ck/{STATE}", state)
-    Engine.load(small_config(), None, store, "ck")  # type: ignore[arg-type]  # refused before the model
+    Engine.load(small_config(), pipe, store, "ck")
 
 
 @settings(quick, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -458,11 +459,8 @@ def test_a_checkpoint_whose_tensors_do_not_fit_the_model_is_named(
     blob = save_tensors(tensors)
     state = json.loads(checkpoint[1])
     state["tensors"] = {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
-    store = LocalStore(tmp_path)
-    store.put(f"ck/{TENSORS}", blob)
-    store.put(f"ck/{STATE}", json.dumps(state).encode())
     with pytest.raises(EngineError, match=f"checkpoint 'ck' {says}"):
-        Engine.load(small_config(), build_random_pipeline("tiny", seed=0), store, "ck")
+        load(tmp_path, blob, json.dumps(state).encode(), build_random_pipeline("tiny", seed=0))
 
 
 def test_a_trajectory_whose_tensors_disagree_is_refused_with_the_shapes(tmp_path: Path) -> None:
