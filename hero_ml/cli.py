@@ -188,7 +188,7 @@ def run(
     deployment suspends instead: see docs/OPERATIONS.md). Each round is committed as it finishes; a
     stopped run continues with --resume RUN_ID.
     """
-    from hero_ml.config import restore_config, with_overrides
+    from hero_ml.config import with_overrides
 
     resolved = load(config)
     if resume is not None:
@@ -230,20 +230,31 @@ def run(
         if stored is None:
             raise fail(f"no run {resume!r} in {store.where('runs')}; start it with hero run")
         try:
-            resolved = restore_config(stored, resolved)
+            resolved = _stored_run_config(store.where(f"runs/{resume}/config.json"), stored, resolved, resume)
         except ConfigError as err:
-            raise fail(f"{store.where(f'runs/{resume}/config.json')}: {err}") from None
-        if resolved.run_id != resume:  # an edited or copied config.json: it would start another run
-            raise fail(
-                f"{store.where(f'runs/{resume}/config.json')} names run {resolved.run_id!r}, not "
-                f"{resume!r}: restore the run's own config.json"
-            )
+            raise fail(str(err)) from None
     elif stored is not None:
         raise fail(
             f"run {resolved.run_id!r} already exists in {store.where('runs')}: continue "
             f"it with `hero run --resume {resolved.run_id}` or start a new one with --run-id NAME"
         )
     _run_embedded(resolved)
+
+
+def _stored_run_config(where: str, stored: dict, current: HeroConfig, run_id: str) -> HeroConfig:
+    """Run `run_id`'s stored config.json (found at `where`) as the config it resumes with; a
+    ConfigError naming the file when it no longer validates or names another run (edited or copied)."""
+    from hero_ml.config import restore_config
+
+    try:
+        restored = restore_config(stored, current)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    if restored.run_id != run_id:  # it would start another run
+        raise ConfigError(
+            f"{where} names run {restored.run_id!r}, not {run_id!r}: restore the run's own config.json"
+        )
+    return restored
 
 
 def _run_embedded(config: HeroConfig) -> None:
@@ -464,11 +475,16 @@ def storage_verify(
     store = open_store(resolved.storage)
     runs_store = RunStore(store, run_id)
     try:
-        if runs_store.load_config() is None:
+        stored = runs_store.load_config()
+        if stored is None:
             raise fail(f"no run {run_id!r} in {store.where('runs')}")
         report = runs_store.verify()
     except (HeroError, ValueError) as err:  # a store that cannot be read, a damaged config.json
         raise fail(str(err)) from None
+    try:  # what a resume would refuse: a field this release lacks, another run's config
+        _stored_run_config(store.where(f"{runs_store.prefix}/config.json"), stored, resolved, run_id)
+    except ConfigError as err:
+        report.problems.append(str(err))
     for line in report.incomplete:
         console.print(f"[yellow]uncommitted[/] {escape(line)}", highlight=False)
     for line in report.problems:

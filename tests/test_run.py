@@ -118,9 +118,11 @@ def test_hero_run_explains_bad_arguments(tmp_path: Path) -> None:
         ({"run_id": "edited", "sampling": {"gone": 1}}, "no longer valid: sampling.gone: Extra inputs"),
     ]:
         stored.write_text(json.dumps(content))
-        edited = runner.invoke(app, ["run", "-c", str(config), "--resume", "edited"])
-        assert edited.exit_code == 1 and flat(expected) in flat(edited.output), edited.output
-        assert "runs/edited/config.json" in "".join(edited.output.split())  # the file is named
+        # the resume refuses it; verify (which checks a run for resuming) names it a problem
+        for command in (["run", "--resume", "edited"], ["storage", "verify", "edited"]):
+            edited = runner.invoke(app, [*command, "-c", str(config)])
+            assert edited.exit_code == 1 and flat(expected) in flat(edited.output), edited.output
+            assert "runs/edited/config.json" in "".join(edited.output.split())  # the file is named
     stored.write_text("{truncated")
     for command in (
         ["run", "-c", str(config), "--resume", "edited"],
