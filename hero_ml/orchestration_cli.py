@@ -70,9 +70,8 @@ def deploy(
             f"--training-cron {training_cron!r}: {problem}; give five fields (minute hour day-of-month "
             "month day-of-week), e.g. '0 2 * * 1' for Mondays at 02:00"
         )
+    resolved = load(config)  # a config to fix is said before the server is asked
     _need_prefect_server()
-
-    resolved = load(config)
     plan = DeployPlan(
         gpu_pool=gpu_pool or resolved.orchestration.work_pool,
         gpu_pool_type=pool_type,
@@ -115,6 +114,10 @@ def serve_webhooks(
 
     Needs orchestration.webhook_secret (Label Studio sends it in a header) and the same storage and
     Label Studio settings as the workers."""
+    resolved = load(config)
+    secret = resolved.orchestration.webhook_secret
+    if secret is None:
+        raise fail("set HERO_ORCHESTRATION__WEBHOOK_SECRET: the receiver accepts only events that carry it")
     _need_prefect_server()
     import uvicorn
 
@@ -122,10 +125,6 @@ def serve_webhooks(
     from flows.webhooks import create_app
     from hero_ml.labelling import LabelStudioError
 
-    resolved = load(config)
-    secret = resolved.orchestration.webhook_secret
-    if secret is None:
-        raise fail("set HERO_ORCHESTRATION__WEBHOOK_SECRET: the receiver accepts only events that carry it")
     try:
         resumer = RoundResumer(resolved)
     except LabelStudioError as err:
@@ -140,6 +139,7 @@ def serve_webhooks(
 def poll(config: ConfigOption = None) -> None:
     """Check every suspended training run once and resume those whose round may close (what the
     hero-poll-rounds deployment does on its schedule)."""
+    resolved = load(config)
     _need_prefect_server()
     from flows import PrefectServerError, server_refusals
     from flows.waiting import RoundResumer
@@ -147,7 +147,7 @@ def poll(config: ConfigOption = None) -> None:
 
     try:
         with server_refusals():
-            results = RoundResumer(load(config)).poll()
+            results = RoundResumer(resolved).poll()
     except (LabelStudioError, PrefectServerError) as err:
         raise fail(str(err)) from None
     table = Table("flow run", "run", "round", "resumed", "why", title="suspended training runs")

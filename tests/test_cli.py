@@ -280,6 +280,25 @@ def test_a_prefect_url_without_its_api_path_is_refused(monkeypatch: pytest.Monke
     )
 
 
+@pytest.mark.parametrize("command", [["deploy"], ["serve-webhooks"], ["rounds", "poll"]])
+def test_server_commands_name_a_bad_config_before_asking_for_the_server(
+    command: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)  # no server either: the config is said first
+    monkeypatch.setenv("HERO_ORCHESTRATION__POLL_INTERVAL_S", "-5")
+    monkeypatch.setenv("HERO_ORCHESTRATION__WEBHOOK_SECRET", "s")
+    result = runner.invoke(app, command)
+    message = " ".join(result.output.split())
+    assert result.exit_code == 1 and "orchestration.poll_interval_s" in message, message
+    assert "PREFECT_API_URL" not in message
+    monkeypatch.delenv("HERO_ORCHESTRATION__POLL_INTERVAL_S")
+    monkeypatch.delenv("HERO_ORCHESTRATION__WEBHOOK_SECRET")
+    no_secret = runner.invoke(app, command)  # a good config: now the server is asked for
+    needs_secret = command == ["serve-webhooks"]
+    expected = "set HERO_ORCHESTRATION__WEBHOOK_SECRET" if needs_secret else "no Prefect server"
+    assert no_secret.exit_code == 1 and expected in " ".join(no_secret.output.split())
+
+
 @pytest.mark.parametrize("command", [["promote"], ["generate", "models:/m@champion", "--prompt", "a"]])
 def test_registry_commands_refuse_a_tracking_server_that_does_not_answer(
     command: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
