@@ -502,7 +502,7 @@ def storage_verify(
 @app.command("promote")
 def promote(
     version: Annotated[
-        str | None, typer.Option(help="Registry version to evaluate (default: the latest).")
+        int | None, typer.Option(min=1, help="Registry version to evaluate (default: the latest).")
     ] = None,
     config: ConfigOption = None,
 ) -> None:
@@ -526,7 +526,11 @@ def promote(
     ) as progress:
         bar = progress.add_task("evaluating challenger and champion (images)", total=total)
         try:
-            decision = promote_version(resolved, version, on_images=lambda n: progress.advance(bar, n))
+            decision = promote_version(
+                resolved,
+                None if version is None else str(version),
+                on_images=lambda n: progress.advance(bar, n),
+            )
         except RegistryError as err:
             progress.remove_task(bar)  # no bar left standing under the error
             raise fail(str(err)) from None

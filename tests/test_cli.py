@@ -325,6 +325,12 @@ def test_generate_refuses_an_output_folder_it_cannot_write_before_any_work(tmp_p
         assert f"--out {out}: cannot create it ({reason})" in " ".join(result.output.split())
 
 
+def test_promote_refuses_a_version_that_is_not_a_number() -> None:
+    for given in ("abc", "0"):
+        result = runner.invoke(app, ["promote", "--version", given])
+        assert result.exit_code == 2 and "Invalid value for '--version'" in " ".join(result.output.split())
+
+
 def test_promote_without_a_version_says_so_and_leaves_no_bar(tmp_path: Path) -> None:
     from mlflow import MlflowClient
 

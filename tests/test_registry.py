@@ -341,6 +341,11 @@ def test_a_version_whose_lora_artifact_is_gone_or_damaged_is_named(tmp_path: Pat
     tracker.log_lora(WINNING_LORA, "toy")
     registry = Registry(uri, "gone-lora", "champion")
     version = registry.version(tracker.register_lora("gone-lora", {}))
+    # a version is a number (a Prefect parameter, say, is any string): named as given, not as a URI
+    with pytest.raises(RegistryError, match=r"version 'abc' of gone-lora: a registry version is its number"):
+        registry.version("abc")
+    with pytest.raises(RegistryError, match=r"models:/gone-lora/7: .*not found"):
+        registry.version("7")
     (model_file,) = artifacts.rglob("MLmodel")
     model_file.write_text("flavors: [unclosed")
     with pytest.raises(RegistryError, match=r"version 1 of gone-lora: its LoRA artifact .* cannot be read"):

@@ -108,6 +108,11 @@ class Registry:
     def version(self, version: str | None = None) -> ModelVersion:
         """Version `version` of the registered model, or its latest when None."""
         if version is not None:
+            version = str(version)  # MLflow's SQL store hands out its versions as ints
+            if not (version.isascii() and version.isdigit()):  # else it would read as a malformed URI
+                raise RegistryError(
+                    f"version {version!r} of {self.name}: a registry version is its number, e.g. 3"
+                )
             return self.resolve(f"models:/{self.name}/{version}")
         versions = self._versions()
         if not versions:
