@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from hero_ml.cli import app
 from hero_ml.config import load_config
 from hero_ml.diffusion.sampler import Trajectory
+from hero_ml.toy.cli import PRETRAINED
 
 runner = CliRunner()
 HERO = str(Path(sys.executable).parent / "hero")  # the installed entry point beside this interpreter
@@ -515,3 +516,16 @@ def test_toy_pretrain_and_card_refuse_folders_they_cannot_use_before_any_work(tm
     result = runner.invoke(app, ["toy", "card", "--model", str(tmp_path)])
     assert result.exit_code == 1 and "measuring" not in result.output
     assert f"--model {tmp_path}: no training.json" in " ".join(result.output.split())
+    log = json.loads((PRETRAINED / "training.json").read_text())
+    del log["vae"]["final_l1"]
+    log["config"]["unet_steps"] = "many"
+    (tmp_path / "training.json").write_text(json.dumps(log))  # an edited log: said before measuring
+    result = runner.invoke(app, ["toy", "card", "--model", str(tmp_path)])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and "measuring" not in result.output and "Traceback" not in said
+    assert "training.json is not a pretraining run's log (edited or damaged)" in said, said
+    assert "vae.final_l1: Field required" in said
+    assert "config.unet_steps: Input should be a valid integer" in said
+    (tmp_path / "training.json").write_text("{")
+    result = runner.invoke(app, ["toy", "card", "--model", str(tmp_path)])
+    assert result.exit_code == 1 and "Invalid JSON" in " ".join(result.output.split())

@@ -18,15 +18,62 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
 from diffusers import StableDiffusionPipeline
+from pydantic import BaseModel, ValidationError
 
+from hero_ml.config import format_validation_error
 from hero_ml.diffusion.sampler import per_image_generators, sample_trajectories
+from hero_ml.errors import HeroError
 from hero_ml.images import image_grid
 from hero_ml.toy.evaluate import judge_accuracy, success_rate
-from hero_ml.toy.pretrain import TRAINING_LOG
+from hero_ml.toy.pretrain import TRAINING_LOG, PretrainConfig
 from hero_ml.toy.scene import random_scene
 from hero_ml.toy.task import load_task, task_names
 
 BASE_RATE_RANGE = (0.05, 0.50)
+
+
+class _DatasetLog(BaseModel):
+    images: int
+    seconds: float | None = None  # logs of older pretraining runs lack the phases' times
+
+
+class _VaeLog(BaseModel):
+    curve_l1: list[tuple[float, float]]  # (step, L1)
+    final_l1: float
+    scaling_factor: float
+    seconds: float | None = None
+
+
+class _UnetLog(BaseModel):
+    curve_mse: list[tuple[float, float]]  # (step, noise MSE)
+    final_mse: float
+    seconds: float | None = None
+
+
+class TrainingLog(BaseModel):
+    """What the card reads of the pretraining run's training.json (the file holds more)."""
+
+    config: PretrainConfig
+    dataset: _DatasetLog
+    vae: _VaeLog
+    unet: _UnetLog
+    seconds: float
+
+
+def read_training_log(model: Path) -> TrainingLog:
+    """The model folder's training.json, checked before minutes of measuring are spent on it."""
+    path = model / TRAINING_LOG
+    try:
+        return TrainingLog.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        raise HeroError(
+            f"{model}: no {TRAINING_LOG} (written by `hero toy pretrain --out {model}`)"
+        ) from None
+    except ValidationError as err:
+        raise HeroError(
+            f"{path} is not a pretraining run's log (edited or damaged):\n"
+            f"{format_validation_error(err, root=TrainingLog)}\nrerun `hero toy pretrain --out {model}`"
+        ) from None
 
 
 def measure(
@@ -74,10 +121,10 @@ def measure(
     }
 
 
-def draw_curves(log: dict, path: Path) -> None:
+def draw_curves(log: TrainingLog, path: Path) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    vae = np.array(log["vae"]["curve_l1"])
-    unet = np.array(log["unet"]["curve_mse"])
+    vae = np.array(log.vae.curve_l1)
+    unet = np.array(log.unet.curve_mse)
     axes[0].plot(vae[:, 0], vae[:, 1])
     axes[0].set(title="VAE reconstruction (L1)", xlabel="step", yscale="log")
     axes[1].plot(unet[:, 0], unet[:, 1], alpha=0.4)
@@ -110,9 +157,8 @@ def draw_samples(
     return names
 
 
-def write_card(model: Path, figures: dict, samples: list[str]) -> None:
-    log = json.loads((model / TRAINING_LOG).read_text())
-    config = log["config"]
+def write_card(model: Path, log: TrainingLog, figures: dict, samples: list[str]) -> None:
+    config = log.config
     lo, hi = BASE_RATE_RANGE
     rows = "\n".join(
         f"| {r['task']} | {r['category']} | {key.split('/')[1]} | {'; '.join(r['prompts'])} | "
@@ -122,9 +168,9 @@ def write_card(model: Path, figures: dict, samples: list[str]) -> None:
     )
     size_mb = sum(p.stat().st_size for p in model.rglob("*.safetensors")) / 2**20
     phases = (
-        f" (data {log['dataset']['seconds']:.0f} s, VAE {log['vae']['seconds']:.0f} s, text encoder + UNet "
-        f"{log['unet']['seconds']:.0f} s)"
-        if "seconds" in log["vae"]
+        f" (data {log.dataset.seconds:.0f} s, VAE {log.vae.seconds:.0f} s, text encoder + UNet "
+        f"{log.unet.seconds:.0f} s)"
+        if log.dataset.seconds is not None and log.vae.seconds is not None and log.unet.seconds is not None
         else ""
     )
     acc = figures["judge_accuracy"]
@@ -140,22 +186,22 @@ latents, {size_mb:.1f} MB of safetensors.
 ## How it was made
 
 ```
-hero toy pretrain --seed {config["seed"]} --dataset-size {config["dataset_size"]} \\
-    --vae-steps {config["vae_steps"]} --unet-steps {config["unet_steps"]}
+hero toy pretrain --seed {config.seed} --dataset-size {config.dataset_size} \\
+    --vae-steps {config.vae_steps} --unet-steps {config.unet_steps}
 ```
 
-{log["seconds"] / 60:.1f} minutes on the 2-core CPU it was made on{phases}. Every figure of the run is in `training.json`.
+{log.seconds / 60:.1f} minutes on the 2-core CPU it was made on{phases}. Every figure of the run is in `training.json`.
 
-- **Data:** {log["dataset"]["images"]} random scenes rendered with `hero_ml.toy` (1-2 groups of 1-4 shapes, at most 4
-  in all, 6 colours, 3 kinds; {config["region_rate"]:.0%} of captions name a half of the picture, which then holds at most
-  2 shapes; each shape malformed with probability {config["defect_rate"]}), each with one paraphrased caption of the grammar
-  in docs/TASKS.md, {config.get("colorless_rate", 0):.0%} of groups with their colour left open. Seed {config["seed"]}.
+- **Data:** {log.dataset.images} random scenes rendered with `hero_ml.toy` (1-2 groups of 1-4 shapes, at most 4
+  in all, 6 colours, 3 kinds; {config.region_rate:.0%} of captions name a half of the picture, which then holds at most
+  2 shapes; each shape malformed with probability {config.defect_rate}), each with one paraphrased caption of the grammar
+  in docs/TASKS.md, {config.colorless_rate:.0%} of groups with their colour left open. Seed {config.seed}.
 - **Tokenizer:** word-level BPE over the grammar's words (merges learned deterministically), 20 tokens.
-- **VAE:** {config["vae_steps"]} steps, batch {config["vae_batch"]}, AdamW {config["vae_lr"]}, L1 + {config["kl_weight"]} KL; final L1
-  {log["vae"]["final_l1"]}; latent scaling factor {log["vae"]["scaling_factor"]:.4f} (1 / std of the latents).
-- **Text encoder + UNet:** {config["unet_steps"]} steps, batch {config["unet_batch"]}, AdamW {config["unet_lr"]}, epsilon
-  prediction on SD's noise schedule, captions dropped {config["caption_dropout"]:.0%} for guidance, EMA {config["ema_decay"]};
-  final noise MSE {log["unet"]["final_mse"]}.
+- **VAE:** {config.vae_steps} steps, batch {config.vae_batch}, AdamW {config.vae_lr}, L1 + {config.kl_weight} KL; final L1
+  {log.vae.final_l1}; latent scaling factor {log.vae.scaling_factor:.4f} (1 / std of the latents).
+- **Text encoder + UNet:** {config.unet_steps} steps, batch {config.unet_batch}, AdamW {config.unet_lr}, epsilon
+  prediction on SD's noise schedule, captions dropped {config.caption_dropout:.0%} for guidance, EMA {config.ema_decay};
+  final noise MSE {log.unet.final_mse}.
 
 ![training curves](training-curves.png)
 

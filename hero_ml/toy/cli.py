@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -20,6 +19,7 @@ from rich.table import Table
 
 from hero_ml.cli_support import fail, writable_folder
 from hero_ml.config import SEED_MAX
+from hero_ml.errors import HeroError
 
 toy_app = typer.Typer(
     help="The toy world: pretrain the tiny SD, list tasks, evaluate success rates.", no_args_is_help=True
@@ -179,11 +179,12 @@ def card_command(
 ) -> None:
     """Measure the model (judge accuracy, base rates of every task) and write its model card."""
     from hero_ml.diffusion.pipeline import ModelNotFoundError, load_pipeline
-    from hero_ml.toy.card import draw_curves, draw_samples, measure, write_card
-    from hero_ml.toy.pretrain import TRAINING_LOG
+    from hero_ml.toy.card import draw_curves, draw_samples, measure, read_training_log, write_card
 
-    if not (model / TRAINING_LOG).is_file():  # the card reads it after minutes of measuring
-        raise fail(f"--model {model}: no {TRAINING_LOG} (written by `hero toy pretrain --out {model}`)")
+    try:  # the card needs it after minutes of measuring
+        log = read_training_log(model)
+    except HeroError as err:
+        raise fail(f"--model {err}") from None
     writable_folder(model, "--model")
     try:
         pipe = load_pipeline(str(model))
@@ -197,9 +198,9 @@ def card_command(
             num_steps=steps,
             on_step=lambda what: status.update(f"evaluating {what}"),
         )
-        draw_curves(json.loads((model / TRAINING_LOG).read_text()), model / "training-curves.png")
+        draw_curves(log, model / "training-curves.png")
         samples = draw_samples(pipe, model, num_steps=steps)
-    write_card(model, figures, samples)
+    write_card(model, log, figures, samples)
     for key, result in figures["base_rates"].items():
         console.print(f"{key}: {result['rate']:.3f}", highlight=False)
     console.print(f"[green]wrote[/] {model / 'README.md'}", highlight=False)
