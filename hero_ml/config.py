@@ -38,6 +38,28 @@ from hero_ml.errors import HeroError
 ENV_PREFIX = "HERO_"
 ENV_NESTED_DELIMITER = "__"
 CONFIG_FILE_ENV = "HERO_CONFIG_FILE"  # a base config file for services and workers
+# HERO_* variables that are not settings: the infra scripts' and compose file's, the fault injector's
+# (test_infra keeps the list whole); a name of neither kind close to a setting's is refused as a typo
+OTHER_ENV_VARIABLES = frozenset(
+    {
+        CONFIG_FILE_ENV,
+        "HERO_CRASH_AT",
+        "HERO_GPU_POOL",
+        "HERO_INFRA_STATE",
+        "HERO_LABEL_STUDIO_ALLOW_LOOPBACK",
+        "HERO_LABEL_STUDIO_PORT",
+        "HERO_LABEL_STUDIO_VENV",
+        "HERO_MLFLOW_BUCKET",
+        "HERO_MLFLOW_PORT",
+        "HERO_PREFECT_PORT",
+        "HERO_S3_PORT",
+        "HERO_SERVICE_POOL",
+        "HERO_SERVICE_WORKER_PORT",
+        "HERO_WEBHOOK_PORT",
+        "HERO_WEBHOOK_SECRET",
+        "HERO_WORKER_PORT",
+    }
+)
 
 
 # MLflow's tracking stores ('' is a plain folder path)
@@ -861,13 +883,26 @@ def load_config(path: Path | None = None) -> HeroConfig:
 
 def _check_environment() -> None:
     """A HERO_<SECTION>__<FIELD> variable of no section would be ignored: a typo, refused (a typo in
-    a field is refused by the section itself)."""
+    a field is refused by the section itself). So would a top-level setting misspelt (`runid`): a
+    name close to a setting's that is not one of OTHER_ENV_VARIABLES is refused too."""
     sections = [
         name
         for name, field in HeroConfig.model_fields.items()
         if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
     ]
     for variable in os.environ:
+        name = variable.removeprefix(ENV_PREFIX).lower()
+        if (
+            variable.startswith(ENV_PREFIX)
+            and ENV_NESTED_DELIMITER not in variable
+            and variable.upper() not in OTHER_ENV_VARIABLES
+            and name not in HeroConfig.model_fields
+            and (close := difflib.get_close_matches(name, HeroConfig.model_fields, n=1, cutoff=0.8))
+        ):
+            raise ConfigError(
+                f"environment variable {variable} is not a setting: did you mean "
+                f"{ENV_PREFIX}{close[0].upper()}? Unset or rename it"
+            )
         if variable.startswith(ENV_PREFIX) and ENV_NESTED_DELIMITER in variable:
             section = variable.removeprefix(ENV_PREFIX).split(ENV_NESTED_DELIMITER)[0].lower()
             if section not in sections:

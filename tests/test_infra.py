@@ -11,10 +11,32 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hero_ml.config import load_config
+from hero_ml.config import OTHER_ENV_VARIABLES, HeroConfig, load_config
 from hero_ml.training import run_task
 
 INFRA = Path(__file__).resolve().parent.parent / "infra"
+
+
+def test_every_hero_variable_of_the_repository_is_a_setting_or_known_as_none() -> None:
+    # a HERO_* name that is neither would be refused as a typo when close to a setting's name (the
+    # tests, which set typos on purpose, are not scanned)
+    root = INFRA.parent
+    files = [
+        path
+        for folder in ("infra", "flows", "hero_ml", "docs", "benchmarks", ".ci")
+        for path in (root / folder).rglob("*")
+        if path.is_file() and path.suffix in {"", ".sh", ".py", ".md", ".yaml", ".yml", ".example", ".toml"}
+    ] + [root / "Makefile", root / "README.md"]
+    found = {
+        name
+        for path in files
+        for name in re.findall(r"\bHERO_[A-Z0-9_]*[A-Z0-9]\b", path.read_text(errors="replace"))
+        if "__" not in name
+    }
+    assert "HERO_S3_PORT" in found and "HERO_RUN_ID" in found  # the scan reads what it must
+    settings = {f"HERO_{name.upper()}" for name in HeroConfig.model_fields}
+    assert sorted(found - settings - OTHER_ENV_VARIABLES) == []
+    assert sorted(OTHER_ENV_VARIABLES - found) == []  # no name kept for a variable gone
 
 
 def test_compose_services_bind_to_loopback_and_pin_their_images() -> None:

@@ -240,6 +240,21 @@ def test_environment_variables_of_no_section_or_broken_json_are_named(
     ):
         load_config()
     monkeypatch.delenv("HERO_SAMPLNG__ETA")
+    for typo, meant in (
+        ("HERO_RUNID", "HERO_RUN_ID"),
+        ("HERO_METOD", "HERO_METHOD"),
+        ("HERO_TRACKNG", "HERO_TRACKING"),
+    ):
+        monkeypatch.setenv(typo, "x")
+        with pytest.raises(
+            ConfigError, match=f"environment variable {typo} is not a setting: did you mean {meant}"
+        ):
+            load_config()
+        monkeypatch.delenv(typo)
+    # the infra scripts' own variables, close to a setting's name as some are, and names far from any
+    for other in ("HERO_LABEL_STUDIO_PORT", "HERO_LABEL_STUDIO_VENV", "HERO_S3_PORT", "HERO_HOME"):
+        monkeypatch.setenv(other, "1")
+    assert load_config().run_id == HeroConfig().run_id
     monkeypatch.setenv("HERO_SAMPLING", "{not json")
     with pytest.raises(
         ConfigError, match=r"invalid configuration in the environment: .*sampling.* takes a JSON"
