@@ -8,9 +8,12 @@ peak GPU memory, and the UNet's achieved share of the GPU's bf16 dense peak. FLO
 the model (torch.utils.flop_counter on one guided UNet call, with math attention so that every matmul
 is seen), not guessed. Setups:
 
-- hero: bf16 weights (fp32 LoRA masters), the whole round in one sampling sub-batch,
-  DDPO micro-batches of 8 (one optimiser step each: the same 8 optimiser steps as the reference);
-- hero-compiled: the same with torch.compile on the UNet (compile time is in first_round_s);
+- hero: the paper config's fp16 weights (fp32 LoRA masters, a dynamic loss scale), the whole round
+  in one sampling sub-batch, DDPO micro-batches of 8 (one optimiser step each: the same 8 optimiser
+  steps as the reference);
+- hero-bf16: the same in bf16 (no loss scale; its log-prob rounding is reported: too coarse for the
+  paper's clip range);
+- hero-compiled: hero with torch.compile on the UNet (compile time is in first_round_s);
 - reference: the reference code's way: fp16, sampling and decoding in batches of 8, DDPO 2 x 4;
 - diffusers: plain StableDiffusionPipeline generation of the same images (fp16, batches of 8, no
   trajectory recording, no learning), the floor any sampler is compared with.
@@ -64,8 +67,9 @@ def setups(images: int) -> dict[str, dict[str, Any]]:
         "ddpo": {"train_batch_size": 8, "gradient_accumulation_steps": 1},
     }
     return {
-        "hero": {**fast, "model": {"dtype": "bfloat16"}},
-        "hero-compiled": {**fast, "model": {"dtype": "bfloat16", "compile": True}},
+        "hero": {**fast, "model": {"dtype": "float16"}},
+        "hero-bf16": {**fast, "model": {"dtype": "bfloat16"}},
+        "hero-compiled": {**fast, "model": {"dtype": "float16", "compile": True}},
         "reference": {
             "model": {"dtype": "float16"},
             "sampling": {"sub_batch_size": 8},
@@ -330,6 +334,8 @@ def figures_of(
     phases = result["phases"]
     out: dict[str, Any] = {
         "setup": name,
+        "dtype": config.model.dtype,  # what the setup ran in (a CPU runs every setup in float32)
+        "compiled": config.model.compile,
         "first_round_s": round(result["first_round_s"], 2),
         "round_s": round(result["seconds"], 2),
         "phases_s": {p: round(s, 3) for p, s in phases.items()},
@@ -423,7 +429,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64, help="images a round (the paper: 64)")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps (the paper: 50)")
     parser.add_argument(
-        "--setups", default="hero,hero-compiled,reference,diffusers", help="comma-separated, in run order"
+        "--setups",
+        default="hero,hero-bf16,hero-compiled,reference,diffusers",
+        help="comma-separated, in run order",
     )
     parser.add_argument(
         "--memory-sweep", action="store_true", help="peak memory vs images at a fixed sub-batch"

@@ -193,6 +193,7 @@ def test_a_rounds_work_and_its_share_of_the_peak() -> None:
     assert figures["sampling_lower_bound_s"] == 1.0 and figures["sampling_over_lower_bound"] == 2.0
     assert figures["images_per_s"] == {"sampling": 2.0, "decode": 8.0}
     assert figures["log_prob_mismatch"] == {"mean_abs": 0.5}
+    assert (figures["dtype"], figures["compiled"]) == (config.model.dtype, config.model.compile)
 
 
 def test_a_unet_step_variant_casts_the_base_and_the_lora_apart_and_sets_the_layout(tiny_pipe) -> None:
