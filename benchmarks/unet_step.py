@@ -1,8 +1,9 @@
 """One guided UNet call at a round's sub-batch, variant by variant: where does sampling time go?
 
 Sampling is 50 of these calls per sub-batch, so its speed is this call's speed. Each variant changes
-one thing against the one before (dtype, memory format, the LoRA, TF32 for the LoRA's float32
-matmuls), all on one SD 1.5-shaped UNet with random weights, timed with CUDA events (median of
+one thing against an earlier one (dtype, memory format, the LoRA, TF32 for the LoRA's float32
+matmuls, the LoRA's matmuls in half precision under autocast), all on one SD 1.5-shaped UNet with
+random weights, timed with CUDA events (median of
 --repeats calls after warm-up). FLOPs are counted from the model as in gpu_round.py.
 
     python benchmarks/unet_step.py --device cuda                 # -> results/unet_step.json
@@ -15,10 +16,13 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
 
 import torch
+from peft.helpers import disable_input_dtype_casting
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gpu_round import BF16_PEAK_TFLOPS, unet_flops
@@ -28,17 +32,30 @@ from hero_ml.diffusion.lora import add_lora
 from hero_ml.diffusion.pipeline import load_pipeline
 from hero_ml.diffusion.sampler import guided_noise_pred
 
-# (name, base dtype, channels_last, LoRA dtype or None, tf32): each row differs from an earlier one in
-# one thing. The LoRA is float32 in training (its master weights); the bf16 row asks what sampling
-# would gain from a bf16 copy of it.
+# (name, base dtype, channels_last, LoRA dtype or None, tf32, LoRA compute): each row differs from an
+# earlier one in one thing. The LoRA is float32 in training (its master weights); the bf16 row asks
+# what sampling would gain from a bf16 copy of it. LoRA compute "cast" is peft's way (the input cast
+# to the LoRA's float32); "autocast" runs the call under torch.autocast (the LoRA's matmuls in half
+# precision from its float32 masters, as mixed-precision training does); "autocast, no input cast"
+# also skips peft's cast of the input to float32 and back.
 VARIANTS = (
-    ("fp16", torch.float16, False, None, False),
-    ("bf16", torch.bfloat16, False, None, False),
-    ("bf16 channels-last", torch.bfloat16, True, None, False),
-    ("bf16 + LoRA (fp32)", torch.bfloat16, False, torch.float32, False),
-    ("bf16 + LoRA + TF32", torch.bfloat16, False, torch.float32, True),
-    ("bf16 + LoRA (bf16)", torch.bfloat16, False, torch.bfloat16, False),
-    ("bf16 channels-last + LoRA (fp32)", torch.bfloat16, True, torch.float32, False),
+    ("fp16", torch.float16, False, None, False, "cast"),
+    ("bf16", torch.bfloat16, False, None, False, "cast"),
+    ("bf16 channels-last", torch.bfloat16, True, None, False, "cast"),
+    ("bf16 + LoRA (fp32)", torch.bfloat16, False, torch.float32, False, "cast"),
+    ("bf16 + LoRA + TF32", torch.bfloat16, False, torch.float32, True, "cast"),
+    ("bf16 + LoRA (bf16)", torch.bfloat16, False, torch.bfloat16, False, "cast"),
+    ("bf16 channels-last + LoRA (fp32)", torch.bfloat16, True, torch.float32, False, "cast"),
+    ("fp16 + LoRA (fp32)", torch.float16, False, torch.float32, False, "cast"),
+    ("fp16 + LoRA (fp32) under autocast", torch.float16, False, torch.float32, False, "autocast"),
+    (
+        "fp16 + LoRA (fp32) under autocast, no input cast",
+        torch.float16,
+        False,
+        torch.float32,
+        False,
+        "autocast, no input cast",
+    ),
 )
 
 
@@ -49,6 +66,19 @@ def apply_variant(
     for parameter in unet.parameters():
         parameter.data = parameter.data.to(lora_dtype if parameter.requires_grad else dtype)
     unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@contextmanager
+def lora_compute(
+    unet: torch.nn.Module, mode: str, dtype: torch.dtype, device: torch.device
+) -> Iterator[None]:
+    """The variant's way of computing the LoRA (see VARIANTS); float32 runs without autocast."""
+    with ExitStack() as stack:
+        if mode != "cast" and dtype != torch.float32:
+            stack.enter_context(torch.autocast(device.type, dtype=dtype))
+        if mode == "autocast, no input cast":
+            stack.enter_context(disable_input_dtype_casting(unet))
+        yield
 
 
 def time_call(call, device: torch.device, warmup: int, repeats: int) -> float:
@@ -103,7 +133,7 @@ def main() -> None:
 
     rows = []
     has_lora = False
-    for name, dtype, channels_last, lora_dtype, tf32 in VARIANTS:
+    for name, dtype, channels_last, lora_dtype, tf32, compute in VARIANTS:
         if device.type == "cpu":  # a CPU has no fast half precision: the variants differ in the rest
             dtype, lora_dtype = torch.float32, torch.float32 if lora_dtype else None
         if lora_dtype and not has_lora:  # attached once: the later variants all carry it
@@ -114,7 +144,7 @@ def main() -> None:
         embeds = states.to(dtype)
 
         call = partial(guided_noise_pred, unet, sample, timesteps, embeds, embeds, args.guidance_scale)
-        with torch.no_grad():
+        with torch.no_grad(), lora_compute(unet, compute, dtype, device):
             seconds = time_call(call, device, args.warmup, args.repeats)
         achieved = flops / seconds / 1e12
         rows.append(

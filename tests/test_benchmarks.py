@@ -210,6 +210,22 @@ def test_a_unet_step_variant_casts_the_base_and_the_lora_apart_and_sets_the_layo
     assert unet.conv_in.weight.is_contiguous()
 
 
+def test_a_unet_step_variant_computes_the_lora_its_way(tiny_pipe) -> None:
+    unet, cpu = tiny_pipe.unet, torch.device("cpu")
+    add_lora(unet, rank=2, alpha=2)
+    layers = [m for m in unet.modules() if hasattr(m, "cast_input_dtype_enabled")]
+
+    def seen(mode: str, dtype: torch.dtype) -> tuple[bool, set[bool]]:
+        with unet_step.lora_compute(unet, mode, dtype, cpu):
+            return torch.is_autocast_enabled("cpu"), {m.cast_input_dtype_enabled for m in layers}
+
+    assert layers and seen("cast", torch.bfloat16) == (False, {True})
+    assert seen("autocast", torch.bfloat16) == (True, {True})
+    assert seen("autocast, no input cast", torch.bfloat16) == (True, {False})
+    assert seen("autocast", torch.float32) == (False, {True})  # a CPU's float32 rows: nothing to autocast
+    assert {m.cast_input_dtype_enabled for m in layers} == {True}  # restored
+
+
 def test_recorded_log_probs_match_their_recomputation_in_float32(tiny_pipe) -> None:
     config = HeroConfig(
         model={"source": "random:tiny"},
