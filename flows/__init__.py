@@ -18,6 +18,18 @@ def server_problem() -> Exception | None:
         return client.api_healthcheck()
 
 
+def stop_ephemeral_server() -> None:
+    """Stop the temporary Prefect API server of ephemeral mode, if this process started one. A process
+    that ends with os._exit skips Prefect's atexit stop, and the server (a child process) would outlive
+    it, holding its port; killed, not asked: the runs are crash-safe, and so is its SQLite file."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the ephemeral server is the instance of no fixed port
+    if server.server_process is not None:
+        server.server_process.kill()
+        server.server_process.wait()
+
+
 @contextmanager
 def server_refusals() -> Iterator[None]:
     """A request the Prefect server refuses becomes a PrefectServerError naming it, not a traceback:

@@ -293,6 +293,7 @@ def _run_embedded(config: HeroConfig) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # our own lines say what a round did
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from flows import stop_ephemeral_server
     from flows.training import hero_training  # the CLI hands off to flows/; the library never imports Prefect
 
     derived = config.derived()
@@ -322,6 +323,7 @@ def _run_embedded(config: HeroConfig) -> None:
             # API server, which the same Ctrl+C is shutting down, and print hundreds of lines of tracebacks.
             progress.remove_task(bar)
             progress.stop()
+            stop_ephemeral_server()  # a SIGINT to this process alone would leave it running
             err_console.print(f"stopped; `hero run --resume {config.run_id}` continues where it stopped")
             os._exit(130)
 

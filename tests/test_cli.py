@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import signal
@@ -367,7 +368,8 @@ def test_toy_eval_names_a_lora_folder_without_weights(tmp_path: Path) -> None:
     assert "no LoRA weights at" in result.output
 
 
-def test_ctrl_c_stops_a_run_at_once_and_says_how_to_resume(tmp_path: Path) -> None:
+@pytest.mark.parametrize("to", ["process group", "process"])
+def test_ctrl_c_stops_a_run_at_once_and_says_how_to_resume(tmp_path: Path, to: str) -> None:
     config = small_config(tmp_path)
     started = tmp_path / "data" / "runs" / "cli-test" / "config.json"  # written once the flow runs
     # a session of its own: Ctrl+C in a terminal signals the whole foreground process group
@@ -378,10 +380,19 @@ def test_ctrl_c_stops_a_run_at_once_and_says_how_to_resume(tmp_path: Path) -> No
     try:
         while not started.exists() and process.poll() is None:
             time.sleep(0.2)
-        os.killpg(process.pid, signal.SIGINT)
+        # a terminal's Ctrl+C, or a supervisor's SIGINT to the process alone
+        (os.killpg if to == "process group" else os.kill)(process.pid, signal.SIGINT)
         output, _ = process.communicate(timeout=60)  # Prefect's own shutdown took minutes
+        try:  # nothing of the run left: its ephemeral Prefect server (a child) stopped with it
+            os.killpg(process.pid, 0)
+            left = subprocess.run(["pgrep", "-a", "-g", str(process.pid)], capture_output=True, text=True)
+            raise AssertionError(f"processes of the run left running: {left.stdout}")
+        except ProcessLookupError:
+            pass
     finally:
         if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 130, output
     assert "stopped; `hero run --resume cli-test` continues where it stopped" in output
