@@ -95,7 +95,7 @@ def log_final_artifacts(run: TrainingRun) -> str | None:
 def hero_training(
     run_id: str | None = None,
     config: HeroConfig | dict[str, Any] | None = None,
-    on_step: Callable[[], None] | None = None,
+    on_progress: Callable[[str, int, int | None], None] | None = None,
     on_round: Callable[[RoundStats], None] | None = None,
     on_wait: Callable[[int, str], None] | None = None,
 ) -> TrainingSummary:
@@ -113,7 +113,7 @@ def hero_training(
         resolved = with_stored_run(resolved, config or {})
     logger = get_run_logger()
     # The run's lease first: a process refused the run must not touch the tracking of the one writing it.
-    with TrainingRun(resolved, open_store(resolved.storage), on_step=on_step) as run:
+    with TrainingRun(resolved, open_store(resolved.storage), on_progress=on_progress) as run:
         tracker = open_tracker(resolved)
         try:
             run.track_with(tracker)

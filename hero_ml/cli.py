@@ -58,6 +58,9 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug lo
     if not verbose:  # HTTP calls to the ephemeral Prefect API, MLflow's schema checks: not news
         for name in ("httpx", "mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow sets its own level on import
+        # a LoRA's logged pip requirements drop torch's "+cpu": a warning at every logged model, not news
+        logging.getLogger("mlflow.utils.requirements_utils").setLevel(logging.ERROR)
         for name in ("prefect.flow_runs", "prefect.task_runs"):
             logging.getLogger(name).addFilter(_hero_errors_without_traceback)
 
@@ -290,6 +293,7 @@ def _run_embedded(config: HeroConfig) -> None:
         raise fail(f"storage.local_root {root}: cannot create folders there ({err})") from None
     os.environ.setdefault("PREFECT_HOME", str(prefect_home))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")  # the client's side of the same (and its first-run notice)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # our own lines say what a round did
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -305,8 +309,6 @@ def _run_embedded(config: HeroConfig) -> None:
         f"feedbacks, {derived['ddpo_optimizer_steps_per_round']} optimiser steps a round",
         highlight=False,
     )
-    sampling = config.sampling
-    steps_per_round = -(-sampling.images_per_round // sampling.sub_batch_size) * sampling.num_steps
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -315,13 +317,14 @@ def _run_embedded(config: HeroConfig) -> None:
         console=err_console,
     )
     with progress:
-        bar = progress.add_task("denoising", total=steps_per_round)
+        # a bar of its own for each phase (denoising, evaluating, learning): its count, its time
+        bar = [progress.add_task("starting", total=None)]
 
         def stop_at_once(signum: int, frame: object) -> None:
             # A run is crash-safe at every point (docs/RELIABILITY.md), so Ctrl+C ends the process here:
             # left to Prefect, the flow would spend minutes reporting its cancellation to the ephemeral
             # API server, which the same Ctrl+C is shutting down, and print hundreds of lines of tracebacks.
-            progress.remove_task(bar)
+            progress.remove_task(bar[0])
             progress.stop()
             stop_ephemeral_server()  # a SIGINT to this process alone would leave it running
             err_console.print(f"stopped; `hero run --resume {config.run_id}` continues where it stopped")
@@ -330,10 +333,13 @@ def _run_embedded(config: HeroConfig) -> None:
         previous = signal.signal(signal.SIGINT, stop_at_once)
         round_started = [time.perf_counter()]  # from the round's first denoising step
 
-        def on_step() -> None:
-            if progress.tasks[bar].completed == 0:
+        def on_progress(phase: str, done: int, total: int | None) -> None:
+            if phase == "denoising" and done == 1:
                 round_started[0] = time.perf_counter()
-            progress.advance(bar)
+            if progress.tasks[0].description != phase:
+                progress.remove_task(bar[0])
+                bar[0] = progress.add_task(phase, total=total)
+            progress.update(bar[0], completed=done)
 
         def on_round(stats: RoundStats) -> None:
             now = time.perf_counter()
@@ -351,7 +357,6 @@ def _run_embedded(config: HeroConfig) -> None:
                 f"{stats.optimizer_steps} optimiser steps{moved}, {stats.feedbacks} feedbacks spent",
                 highlight=False,
             )
-            progress.reset(bar)
 
         def on_wait(round_index: int, reason: str) -> None:
             progress.console.print(
@@ -361,11 +366,13 @@ def _run_embedded(config: HeroConfig) -> None:
             )
 
         try:
-            summary = hero_training(config=config, on_step=on_step, on_round=on_round, on_wait=on_wait)
+            summary = hero_training(
+                config=config, on_progress=on_progress, on_round=on_round, on_wait=on_wait
+            )
         except (HeroError, FileNotFoundError) as err:
             raise fail(str(err)) from None
         finally:
-            progress.remove_task(bar)  # no bar left standing under the error or the summary
+            progress.remove_task(bar[0])  # no bar left standing under the error or the summary
             signal.signal(signal.SIGINT, previous)  # the run is over: Ctrl+C means what it meant before
 
     table = Table("", "value", title=f"run {config.run_id}")

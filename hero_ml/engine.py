@@ -225,9 +225,12 @@ class Engine:
             parallel=self.parallel,
         )
 
-    def learn(self, batch: RoundBatch, feedback: RoundFeedback) -> RoundStats:
+    def learn(
+        self, batch: RoundBatch, feedback: RoundFeedback, on_phase: Callable[[str], None] | None = None
+    ) -> RoundStats:
         """Learn from the feedback on `batch` and advance to the next round. An exception leaves the
-        engine part-way through the round: reload it from its last checkpoint (a resumed run does)."""
+        engine part-way through the round: reload it from its last checkpoint (a resumed run does).
+        on_phase: told "training the encoder", then "updating the LoRA", as each starts."""
         if batch.round != self.round:
             raise EngineError(f"the batch is of round {batch.round}, the engine is at round {self.round}")
         if len(batch.trajectory) != len(batch.image_ids):
@@ -256,6 +259,8 @@ class Engine:
         objective: StepObjective | None = None
         units = len(trajectory)
         if self.method in ("hero", "hero-noguide"):
+            if on_phase is not None:
+                on_phase("training the encoder")
             encoder_losses, rewards = self._encoder_round(latents, positives, bad)
             crash_point("encoder")
         elif self.method == "ddpo-binary":
@@ -276,7 +281,11 @@ class Engine:
                 d3po = self.config.d3po
                 objective = d3po_objective(self.pipe, trajectory, pairs, beta=d3po.beta, eps=d3po.clip_eps)
                 units = len(pairs)
-        update = self._update(objective, units, trajectory.num_steps) if objective is not None else None
+        update = None
+        if objective is not None:
+            if on_phase is not None:
+                on_phase("updating the LoRA")
+            update = self._update(objective, units, trajectory.num_steps)
 
         self.round += 1
         self.feedbacks += feedback.feedbacks

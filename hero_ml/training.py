@@ -118,9 +118,13 @@ class TrainingRun:
         self,
         config: HeroConfig,
         store: ArtifactStore,
-        on_step: Callable[[], None] | None = None,
+        on_progress: Callable[[str, int, int | None], None] | None = None,
     ):
         """Open the run `config.run_id`: a new one, or the stored one from its latest checkpoint.
+
+        on_progress(phase, done, total): what the run is doing, for a progress display: "denoising"
+        (steps of the round's sampling), "evaluating LABEL" (images), "training the encoder" and
+        "updating the LoRA" (total None: no count).
 
         A stored run must be resumed with its own config (compared field by field, service settings
         and secrets aside: changed_settings).
@@ -128,7 +132,7 @@ class TrainingRun:
         write goes through it; close() - or leaving a `with` block - gives it back."""
         self.config = config
         self.tracker: Tracker | None = None  # track_with
-        self.on_step = on_step
+        self.on_progress = on_progress
         self.task = run_task(config)
         self.lease = RunLease(store, config.run_id)
         self.lease.acquire()
@@ -184,7 +188,15 @@ class TrainingRun:
         if self.runs.has_batch(round_index):  # committed before a crash: the same batch, not a second one
             return self.runs.load_batch(round_index)
         started = time.perf_counter()
-        batch = self.engine.generate(on_step=self._on_step)
+        sampling = self.config.sampling
+        steps = [0, -(-sampling.images_per_round // sampling.sub_batch_size) * sampling.num_steps]
+
+        def on_step() -> None:
+            crash_point("sampling")
+            steps[0] += 1
+            self._progress("denoising", *steps)
+
+        batch = self.engine.generate(on_step=on_step)
         self.runs.commit_batch(
             batch,
             {
@@ -196,10 +208,9 @@ class TrainingRun:
         )
         return batch
 
-    def _on_step(self) -> None:
-        crash_point("sampling")
-        if self.on_step is not None:
-            self.on_step()
+    def _progress(self, phase: str, done: int, total: int | None) -> None:
+        if self.on_progress is not None:
+            self.on_progress(phase, done, total)
 
     def feedback(self, batch: RoundBatch) -> RoundFeedback:
         stored = self.runs.load_feedback(batch.round)
@@ -225,7 +236,7 @@ class TrainingRun:
         """Learn the round and commit it: its stats, then the checkpoint (a crash before the checkpoint
         learns the round again, from the same batch and feedback, to the same result)."""
         crash_point("feedback")
-        stats = self.engine.learn(batch, feedback)
+        stats = self.engine.learn(batch, feedback, on_phase=lambda phase: self._progress(phase, 0, None))
         self.runs.save_stats(stats)
         self.runs.save_checkpoint(self.engine)
         return stats
@@ -260,9 +271,22 @@ class TrainingRun:
         if label == "before" and (stored := self.runs.load_evaluation(label)) is not None:
             return Evaluation(label, *stored)  # the base model's: measured once per run
 
+        images = [0]
+
+        def on_batch(count: int) -> None:
+            images[0] += count
+            self._progress(f"evaluating {label}", images[0], n)
+
         def rate() -> float:
+            self._progress(f"evaluating {label}", 0, n)
             return task_success_rate(
-                self.pipe, task, n, self.config.sampling, seed=0, initial_noise=initial_noise
+                self.pipe,
+                task,
+                n,
+                self.config.sampling,
+                seed=0,
+                initial_noise=initial_noise,
+                on_batch=on_batch,
             )
 
         if label == "before":

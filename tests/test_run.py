@@ -173,6 +173,23 @@ def final_lora(run: TrainingRun) -> list[torch.Tensor]:
     return [p.detach().clone() for p in run.engine.lora_params]
 
 
+def test_a_run_says_what_it_is_doing_phase_by_phase(tmp_path: Path) -> None:
+    # sub-batches of 4 for 6 images: 2 of 4 steps a round
+    data = {**small(tmp_path), "run_id": "phases", "simulation": {"eval_images": 6}}
+    data["sampling"] = {**data["sampling"], "sub_batch_size": 4}
+    seen: list[tuple[str, int, int | None]] = []
+    with TrainingRun(
+        HeroConfig.model_validate(data), LocalStore(tmp_path), on_progress=lambda *p: seen.append(p)
+    ) as run:
+        run.evaluate("before")
+        batch = run.generate()
+        run.learn(batch, run.feedback(batch))
+    evaluating = [("evaluating before", done, 6) for done in (0, 4, 6)]  # images, by sub-batch
+    denoising = [("denoising", done, 8) for done in range(1, 9)]
+    learning = [("training the encoder", 0, None), ("updating the LoRA", 0, None)]
+    assert seen == evaluating + denoising + learning
+
+
 def test_a_run_stopped_mid_round_resumes_to_the_same_result(tmp_path: Path) -> None:
     config = HeroConfig.model_validate({**small(tmp_path), "run_id": "steady", "feedback": {"budget": 18}})
     steady = TrainingRun(config, LocalStore(tmp_path / "steady"))

@@ -72,8 +72,18 @@ def load_lora(pipe: StableDiffusionPipeline, folder: Path) -> None:
         raise FileNotFoundError(
             f"no LoRA weights at {weights}: save them with hero_ml.diffusion.lora.save_lora"
         )
-    try:
-        pipe.load_lora_weights(folder, weight_name=LORA_WEIGHTS_FILE, adapter_name=ADAPTER_NAME)
+    try:  # the UNet's part of pipe.load_lora_weights: the text encoder has none, and would say so
+        state_dict, network_alphas, metadata = pipe.lora_state_dict(
+            folder, weight_name=LORA_WEIGHTS_FILE, return_lora_metadata=True
+        )
+        pipe.load_lora_into_unet(
+            state_dict,
+            network_alphas,
+            pipe.unet,
+            adapter_name=ADAPTER_NAME,
+            metadata=metadata,
+            _pipeline=pipe,
+        )
     except OSError:  # diffusers' "Unable to load weights from checkpoint file": damaged or not safetensors
         raise ValueError(f"{weights} is not a readable safetensors file (damaged or truncated?)") from None
     if ADAPTER_NAME not in pipe.get_list_adapters().get("unet", []):
