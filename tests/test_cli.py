@@ -406,8 +406,8 @@ def test_ctrl_c_stops_a_run_at_once_and_says_how_to_resume(tmp_path: Path, to: s
         ["toy", "eval", "--task", "counting", "--eta", "0"],
         ["toy", "eval", "--task", "counting", "--eta", "5"],
         ["toy", "eval", "--task", "counting", "--cfg", "-100"],
-        ["toy", "pretrain", "--unet-steps", "-5"],
-        ["toy", "pretrain", "--dataset-size", "0"],
+        ["toy", "pretrain", "--unet-steps", "-5", "--out", "unused"],
+        ["toy", "pretrain", "--dataset-size", "0", "--out", "unused"],
         ["generate", "models:/m@champion", "--prompt", "a", "--out", "o", "--seed", str(2**63)],
         ["model", "build", "tiny", "out", "--seed", "-1"],
         ["serve-webhooks", "--port", "99999"],
@@ -521,6 +521,8 @@ def test_a_run_error_is_printed_once_and_a_wrong_prompt_is_refused_before_prefec
 
 
 def test_toy_pretrain_and_card_refuse_folders_they_cannot_use_before_any_work(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["toy", "pretrain"])  # no default: it would replace the shipped model
+    assert result.exit_code == 2 and "Missing option '--out'" in result.output
     result = runner.invoke(app, ["toy", "pretrain", "--out", "/proc/hero-model"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "--out /proc/hero-model: cannot create it (No such file or directory)" in result.output

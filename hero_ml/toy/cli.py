@@ -32,8 +32,12 @@ PRETRAINED = Path(__file__).parent / "pretrained"
 @toy_app.command("pretrain")
 def pretrain_command(
     out: Annotated[
-        Path, typer.Option(help="Folder to write the diffusers pipeline to.", file_okay=False)
-    ] = PRETRAINED,
+        Path,
+        typer.Option(
+            help="Folder to write the diffusers pipeline to (hero_ml/toy/pretrained: the shipped one).",
+            file_okay=False,
+        ),
+    ],
     seed: Annotated[int, typer.Option(help="Seeds data, init and training.", min=0, max=SEED_MAX)] = 0,
     dataset_size: Annotated[int, typer.Option(help="Rendered (image, caption) pairs.", min=8)] = 20_000,
     vae_steps: Annotated[int, typer.Option(help="VAE optimiser steps.", min=1)] = 800,
