@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hero_ml.config import OTHER_ENV_VARIABLES, HeroConfig, load_config
+from hero_ml.config import OTHER_ENV_VARIABLES, ConfigError, HeroConfig, load_config
 from hero_ml.training import run_task
 
 INFRA = Path(__file__).resolve().parent.parent / "infra"
@@ -35,7 +35,13 @@ def test_every_hero_variable_of_the_repository_is_a_setting_or_known_as_none() -
     }
     assert "HERO_S3_PORT" in found and "HERO_RUN_ID" in found  # the scan reads what it must
     settings = {f"HERO_{name.upper()}" for name in HeroConfig.model_fields}
-    assert sorted(found - settings - OTHER_ENV_VARIABLES) == []
+    documented_typos = {"HERO_RUNID"}  # the README's example of a refused name
+    assert sorted(found - settings - OTHER_ENV_VARIABLES - documented_typos) == []
+    for typo in documented_typos:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv(typo, "x")
+            with pytest.raises(ConfigError, match=f"{typo} is not a setting"):
+                load_config()
     assert sorted(OTHER_ENV_VARIABLES - found) == []  # no name kept for a variable gone
 
 
