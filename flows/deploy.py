@@ -105,6 +105,7 @@ def _deploy(
         build=False,  # no image: workers run the source in place (a process pool, or an image of it)
         push=False,
         print_next_steps=False,
+        ignore_warnings=True,  # Prefect's advice to .serve instead: process pools are meant here
         enforce_parameter_schema=False,  # config overrides are free-form; hero_ml validates them
         **options,
     )

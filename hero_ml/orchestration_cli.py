@@ -97,8 +97,10 @@ def deploy(
         raise fail(str(err)) from None
     console.print(table)
     console.print(
-        f"start workers: prefect worker start --pool {plan.gpu_pool} (and --pool {plan.service_pool}); "
-        "run: prefect deployment run hero-training/on-demand --param run_id=NAME",
+        f"start workers: prefect worker start --pool {plan.gpu_pool} on each GPU machine and --pool "
+        f"{plan.service_pool} for the services (on this machine: infra/prefect-worker.sh start "
+        f"{plan.gpu_pool}; docs/OPERATIONS.md); run: prefect deployment run hero-training/on-demand "
+        "--param run_id=NAME",
         highlight=False,
     )
 

@@ -142,7 +142,10 @@ def stack(
         }
     )
     stack = Stack(env, config, str(settings["orchestration"]["webhook_url"]), logs, f"e2e-gpu-{tag}", secrets)
-    stack.hero("deploy", "--gpu-pool", stack.gpu_pool, "--service-pool", f"e2e-services-{tag}")
+    deployed = stack.hero("deploy", "--gpu-pool", stack.gpu_pool, "--service-pool", f"e2e-services-{tag}")
+    # the next steps this stack takes, and not Prefect's advice to serve instead of deploying
+    said = " ".join(deployed.split())
+    assert f"infra/prefect-worker.sh start {stack.gpu_pool}" in said and "Looks like" not in said
     _infra("webhook-receiver.sh", "start", env)
     stack.start_worker()
     try:
