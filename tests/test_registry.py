@@ -346,6 +346,8 @@ def test_a_version_whose_lora_artifact_is_gone_or_damaged_is_named(tmp_path: Pat
         registry.version("abc")
     with pytest.raises(RegistryError, match=r"models:/gone-lora/7: .*not found"):
         registry.version("7")
+    with pytest.raises(RegistryError, match=r"models:/none@champion: .*a finished `hero run` registers"):
+        registry.resolve("models:/none@champion")  # no such registered model yet: what makes one
     (model_file,) = artifacts.rglob("MLmodel")
     model_file.write_text("flavors: [unclosed")
     with pytest.raises(RegistryError, match=r"version 1 of gone-lora: its LoRA artifact .* cannot be read"):

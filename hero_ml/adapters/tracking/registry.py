@@ -103,7 +103,13 @@ class Registry:
                 return self.client.get_model_version_by_alias(match["name"], match["alias"])
             return self.client.get_model_version(match["name"], match["version"])
         except MlflowException as err:
-            raise RegistryError(f"{uri}: {err.message}") from None
+            hint = ""
+            if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+                hint = (
+                    f" (a finished `hero run` registers a version of {match['name']}; `hero promote` "
+                    f"moves @{self.alias} to one that wins)"
+                )
+            raise RegistryError(f"{uri}: {err.message}{hint}") from None
 
     def version(self, version: str | None = None) -> ModelVersion:
         """Version `version` of the registered model, or its latest when None."""
