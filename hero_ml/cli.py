@@ -17,7 +17,15 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hero_ml.adapters.storage import open_store
-from hero_ml.cli_support import ConfigOption, console, err_console, fail, load, writable_folder
+from hero_ml.cli_support import (
+    ConfigOption,
+    console,
+    err_console,
+    fail,
+    load,
+    quiet_model_loading,
+    writable_folder,
+)
 from hero_ml.config import SEED_MAX, ConfigError, HeroConfig
 from hero_ml.errors import HeroError
 from hero_ml.labelling_cli import labelstudio_app
@@ -134,6 +142,7 @@ def sample(config: ConfigOption = None) -> None:
     from hero_ml.sample_round import sample_round
 
     resolved = load(config)
+    quiet_model_loading()
     steps = resolved.sampling.num_steps
     sub_batches = -(-resolved.sampling.images_per_round // resolved.sampling.sub_batch_size)
     progress = Progress(
@@ -262,9 +271,7 @@ def _stored_run_config(where: str, stored: dict, current: HeroConfig, run_id: st
 
 def _run_embedded(config: HeroConfig) -> None:
     """The training flow on embedded defaults, with progress and a closing summary."""
-    from diffusers.utils import logging as diffusers_logging
     from rich.table import Table
-    from transformers.utils import logging as transformers_logging
 
     from hero_ml.engine import RoundStats
     from hero_ml.training import run_task
@@ -282,8 +289,7 @@ def _run_embedded(config: HeroConfig) -> None:
         except LabelStudioError as err:
             raise fail(str(err)) from None
 
-    diffusers_logging.disable_progress_bar()  # the model's "Loading …" bars: our own bar says more
-    transformers_logging.disable_progress_bar()
+    quiet_model_loading()
 
     prefect_home = (config.storage.local_root / "prefect").resolve()
     try:
@@ -525,6 +531,7 @@ def promote(
     from hero_ml.promotion import promote_version
 
     resolved = load(config)
+    quiet_model_loading()
     total = 2 * resolved.promotion.eval_images
     with Progress(
         TextColumn("{task.description}"),
@@ -581,6 +588,7 @@ def generate(
 
     resolved = load(config)
     made = writable_folder(out, "--out")
+    quiet_model_loading()
     with console.status(f"loading {model} and generating {count} images"):
         try:
             version, paths, pool = generate_from_registry(

@@ -27,6 +27,18 @@ ConfigOption = Annotated[
 ]
 
 
+def quiet_model_loading() -> None:
+    """The libraries' own bars (diffusers' and transformers' "Loading …", MLflow's artifact downloads)
+    off for a command that loads a model: its own progress says more. Called by those commands only:
+    importing the two libraries takes seconds."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 def fail(message: str) -> typer.Exit:
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)  # [a-z] is not markup
     return typer.Exit(code=1)

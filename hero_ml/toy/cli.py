@@ -17,7 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from hero_ml.cli_support import fail, writable_folder
+from hero_ml.cli_support import fail, quiet_model_loading, writable_folder
 from hero_ml.config import SEED_MAX
 from hero_ml.errors import HeroError
 
@@ -118,6 +118,7 @@ def eval_command(
     from hero_ml.toy.evaluate import success_rate
     from hero_ml.toy.task import TaskError, load_task
 
+    quiet_model_loading()
     try:
         spec = load_task(task)
         pipe = load_pipeline(model)
@@ -190,6 +191,7 @@ def card_command(
     except HeroError as err:
         raise fail(f"--model {err}") from None
     writable_folder(model, "--model")
+    quiet_model_loading()
     try:
         pipe = load_pipeline(str(model))
     except (ModelNotFoundError, ValueError) as err:
