@@ -143,8 +143,6 @@ def sample(config: ConfigOption = None) -> None:
 
     resolved = load(config)
     quiet_model_loading()
-    steps = resolved.sampling.num_steps
-    sub_batches = -(-resolved.sampling.images_per_round // resolved.sampling.sub_batch_size)
     progress = Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
@@ -156,7 +154,9 @@ def sample(config: ConfigOption = None) -> None:
         task = progress.add_task(f"loading {resolved.model.source}", total=None)
 
         def model_loaded() -> None:
-            progress.update(task, description="denoising steps", total=sub_batches * steps)
+            progress.update(
+                task, description="denoising steps", total=resolved.sampling.denoising_steps_per_round
+            )
 
         try:
             result = sample_round(

@@ -243,6 +243,11 @@ class SamplingConfig(_Section):
     )
     seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of the initial noises and per-step noises.")
 
+    @property
+    def denoising_steps_per_round(self) -> int:
+        """UNet calls of a round's sampling: every step of every sub-batch (what a progress bar counts)."""
+        return -(-self.images_per_round // self.sub_batch_size) * self.num_steps
+
 
 class EncoderConfig(_Section):
     lr: float = Field(

@@ -188,8 +188,7 @@ class TrainingRun:
         if self.runs.has_batch(round_index):  # committed before a crash: the same batch, not a second one
             return self.runs.load_batch(round_index)
         started = time.perf_counter()
-        sampling = self.config.sampling
-        steps = [0, -(-sampling.images_per_round // sampling.sub_batch_size) * sampling.num_steps]
+        steps = [0, self.config.sampling.denoising_steps_per_round]
 
         def on_step() -> None:
             crash_point("sampling")
