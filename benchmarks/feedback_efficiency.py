@@ -5,8 +5,9 @@ before the first round and after every round on a fixed set of images from fixed
 (never the guided ones), judged by the task's judge. Every point is appended to
 benchmarks/results/feedback_efficiency.csv as soon as it is measured, and every run checkpoints through
 its own store under benchmarks/.work/: a killed benchmark continues where it stopped, and points
-already in the CSV are skipped. Slices run alone (--task, --method, --seeds), so the grid can be
-spread over sessions or machines.
+already in the CSV are skipped. An unfinished run whose work folder is gone (a fresh clone) starts
+over, and its points from before are dropped: a curve is one run's. Slices run alone (--task,
+--method, --seeds), so the grid can be spread over sessions or machines.
 
     python benchmarks/feedback_efficiency.py --task counting --method hero d3po --seeds 0 1 2
     python benchmarks/feedback_efficiency.py --jobs 2      # two runs at a time, one thread each
@@ -43,6 +44,7 @@ from results_io import RESULTS_DIR, write_result
 
 from hero_ml.adapters.storage import LocalStore
 from hero_ml.config import HeroConfig, load_config, with_overrides
+from hero_ml.run_store import RunStore
 from hero_ml.toy.evaluate import task_success_rate
 from hero_ml.toy.task import load_task, task_names
 from hero_ml.training import TrainingRun
@@ -93,6 +95,26 @@ def append_point(path: Path, point: dict) -> None:
             writer.writeheader()
         writer.writerow({k: point[k] for k in COLUMNS})
         handle.write(row.getvalue())
+
+
+def drop_points(path: Path, task: str, method: str, seed: int) -> int:
+    """Remove a run's learned points (round 0, the shared base, stays), rewriting the file in place
+    under the same lock as append_point: a parallel run's appends are neither lost nor doubled.
+    Returns how many were removed."""
+    with path.open("r+", newline="") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        points = read_points(path)
+        kept = [
+            p
+            for p in points
+            if (p["task"], p["method"], p["seed"]) != (task, method, seed) or p["round"] == 0
+        ]
+        handle.seek(0)
+        handle.truncate()
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: p[k] for k in COLUMNS} for p in kept)
+    return len(points) - len(kept)
 
 
 def learning_settings(config: HeroConfig) -> dict:
@@ -150,7 +172,17 @@ def run_one(base: HeroConfig, task: str, method: str, seed: int, args: argparse.
     rounds = config.rounds
     if done >= set(range(rounds + 1)):
         return
-    run = TrainingRun(config, LocalStore(args.work / args.tag))
+    store = LocalStore(args.work / args.tag)
+    if done - {0} and RunStore(store, config.run_id).latest_checkpoint() is None:
+        # Points of a run whose work folder is gone (another machine's or an ended session's): a run
+        # started afresh would not retrace them bit for bit, and a curve must be one run's.
+        dropped = drop_points(args.csv, task, method, seed)
+        done = {0} & done
+        print(
+            f"{config.run_id}: its work folder is gone; {dropped} points dropped, the run starts over",
+            flush=True,
+        )
+    run = TrainingRun(config, store)
 
     def measure() -> None:
         round_index = run.engine.round

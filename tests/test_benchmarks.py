@@ -280,6 +280,44 @@ def test_the_grid_runs_in_parallel_processes_and_a_second_call_skips_its_points(
     assert points.read_text() == before
 
 
+def test_a_run_whose_work_folder_is_gone_starts_over_and_its_old_points_are_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, points = tiny_grid_config(tmp_path), tmp_path / "points.csv"
+    point = {"task": "counting", "method": "hero", "seed": 0, "round": 0, "feedbacks": 0, "success_rate": 0.5}
+    other = {**point, "seed": 1, "round": 1, "feedbacks": 4, "success_rate": 0.75}
+    # a point of a run stopped after round 1, its work folder lost; no success rate is 2
+    stale = {**point, "round": 1, "feedbacks": 4, "success_rate": 2.0}
+    for p in [point, stale, other]:
+        fe.append_point(points, p)
+    monkeypatch.setattr(sys, "argv", [
+        "feedback_efficiency.py", "--task", "counting", "--method", "hero", "--seeds", "0", "--budget", "8",
+        "--eval-images", "4", "--eval-batch", "4", "--config", str(config), "--csv", str(points),
+        "--work", str(tmp_path / "work"),
+    ])  # fmt: skip
+    fe.main()
+    rows = fe.read_points(points)
+    assert point in rows and other in rows  # the shared base and another run's point are kept
+    ours = sorted((p["round"], p["feedbacks"]) for p in rows if p["seed"] == 0)
+    assert ours == [(0, 0), (1, 4), (2, 8)]  # measured once each, by the new run
+    assert stale not in rows
+    shutil.rmtree(tmp_path / "work")
+    fe.main()  # complete now: a complete run needs no work folder and is not run again
+    assert fe.read_points(points) == rows
+
+
+def test_drop_points_removes_one_runs_learned_points_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "points.csv"
+    point = {"task": "t", "method": "hero", "seed": 0, "round": 0, "feedbacks": 0, "success_rate": 0.25}
+    runs = [point, {**point, "round": 1, "feedbacks": 64}, {**point, "seed": 1, "round": 1, "feedbacks": 64}]
+    for p in runs:
+        fe.append_point(path, p)
+    assert fe.drop_points(path, "t", "hero", 0) == 1
+    assert fe.read_points(path) == [runs[0], runs[2]]
+    assert path.read_text().count("task,method") == 1
+    assert fe.drop_points(path, "t", "hero", 0) == 0
+
+
 def test_guidance_gap_pairs_each_rounds_batch_with_the_same_policys_evaluation(tmp_path: Path) -> None:
     from hero_ml.adapters.storage import LocalStore
     from hero_ml.engine import RoundStats
