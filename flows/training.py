@@ -95,7 +95,7 @@ def log_final_artifacts(run: TrainingRun) -> str | None:
 def hero_training(
     run_id: str | None = None,
     config: HeroConfig | dict[str, Any] | None = None,
-    on_progress: Callable[[str, int, int | None], None] | None = None,
+    on_progress: Callable[[str, int, int], None] | None = None,
     on_round: Callable[[RoundStats], None] | None = None,
     on_wait: Callable[[int, str], None] | None = None,
 ) -> TrainingSummary:

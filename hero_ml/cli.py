@@ -339,7 +339,7 @@ def _run_embedded(config: HeroConfig) -> None:
         previous = signal.signal(signal.SIGINT, stop_at_once)
         round_started = [time.perf_counter()]  # from the round's first denoising step
 
-        def on_progress(phase: str, done: int, total: int | None) -> None:
+        def on_progress(phase: str, done: int, total: int) -> None:
             if phase == "denoising" and done == 1:
                 round_started[0] = time.perf_counter()
             if progress.tasks[0].description != phase:

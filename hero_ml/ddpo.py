@@ -9,6 +9,7 @@ shared with D3PO (d3po.py), which trains preference pairs with its own objective
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -112,6 +113,7 @@ def update_pass(
     target_kl: float | None = None,
     parallel: DataParallel | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> UpdateStats:
     """`inner_epochs` passes over `units` in random order, each training `timesteps_per_unit` distinct
     random steps of its `num_steps`.
@@ -133,7 +135,10 @@ def update_pass(
     of ~1e-6, below float16's normal range (6e-5): unscaled, the backward pass through a float16 UNet
     rounds them to a few levels or to 0. The loss is scaled up for the backward pass and the gradients
     unscaled before clipping; a step that overflows is skipped and the scale lowered (dynamic loss
-    scaling, as the reference's fp16 Accelerate runs). None: float32 or bfloat16 (no scaling needed)."""
+    scaling, as the reference's fp16 Accelerate runs). None: float32 or bfloat16 (no scaling needed).
+
+    on_step(done, total): told 0 first, then after each accumulation group, taken or skipped, out of
+    every pass's groups (fewer are done when target_kl stops the update)."""
     if timesteps_per_unit > num_steps:
         raise ValueError(
             f"{timesteps_per_unit} timesteps per unit exceed the {num_steps} steps of a trajectory"
@@ -143,8 +148,11 @@ def update_pass(
     losses: list[float] = []
     kls: list[float] = []
     clip_fractions: list[float] = []
-    optimizer_steps = skipped_steps = 0
+    optimizer_steps = skipped_steps = groups_done = 0
+    groups = inner_epochs * math.ceil(math.ceil(units / train_batch_size) / gradient_accumulation_steps)
     stopped = False
+    if on_step is not None:
+        on_step(0, groups)
     for _ in range(inner_epochs):
         if stopped:
             break
@@ -183,14 +191,17 @@ def update_pass(
                 skipped_steps += 1
                 if scaler is not None:
                     scaler.update()  # the overflow lowers the scale
-                continue
-            if scaler is None:
-                optimizer.step()
             else:
-                scaler.step(optimizer)  # the gradients are finite: it steps
-                scaler.update()
-            optimizer_steps += 1
-            crash_point("ddpo.step")
+                if scaler is None:
+                    optimizer.step()
+                else:
+                    scaler.step(optimizer)  # the gradients are finite: it steps
+                    scaler.update()
+                optimizer_steps += 1
+                crash_point("ddpo.step")
+            groups_done += 1
+            if on_step is not None:
+                on_step(groups_done, groups)
 
     def mean(values: list[float]) -> float:  # nan: a process that had no unit to train
         return sum(values) / len(values) if values else float("nan")

@@ -9,7 +9,7 @@ C -> 8 -> 16 -> 32 channels, flatten (2048), Linear 2048 -> 2048 + ReLU; head 20
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -93,9 +93,11 @@ def train_encoder(
     triplets_per_epoch: int,
     margin: float,
     generator: torch.Generator,
+    on_epoch: Callable[[int, int], None] | None = None,
 ) -> list[float]:
     """Train on triplets drawn anew each epoch (source uniformly, then a random good and bad of it);
     one optimiser step per epoch. Returns the loss of every epoch; empty when no source has a bad image.
+    on_epoch(done, epochs): told 0 before the first epoch, then after each.
 
     The latents go to the encoder's device once, and an epoch embeds each distinct latent it uses once
     (a round has one anchor and some 64 labelled latents, an epoch 3 x 64 triplet rows): the loss and
@@ -117,7 +119,9 @@ def train_encoder(
     table = torch.cat(parts).to(device)
     encoder.train()
     losses = []
-    for _ in range(epochs):
+    if on_epoch is not None:
+        on_epoch(0, epochs)
+    for epoch in range(epochs):
         which = torch.randint(len(usable), (triplets_per_epoch,), generator=generator)
         anchors, positives, negatives = [], [], []
         for index in range(len(usable)):
@@ -137,5 +141,7 @@ def train_encoder(
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+        if on_epoch is not None:
+            on_epoch(epoch + 1, epochs)
     encoder.eval()
     return losses

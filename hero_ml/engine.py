@@ -226,11 +226,16 @@ class Engine:
         )
 
     def learn(
-        self, batch: RoundBatch, feedback: RoundFeedback, on_phase: Callable[[str], None] | None = None
+        self,
+        batch: RoundBatch,
+        feedback: RoundFeedback,
+        on_progress: Callable[[str, int, int], None] | None = None,
     ) -> RoundStats:
         """Learn from the feedback on `batch` and advance to the next round. An exception leaves the
         engine part-way through the round: reload it from its last checkpoint (a resumed run does).
-        on_phase: told "training the encoder", then "updating the LoRA", as each starts."""
+        on_progress(phase, done, total): "training the encoder" (epochs), then "updating the LoRA"
+        (optimiser steps), each told 0 as it starts and then after every epoch or step."""
+        progress = on_progress or (lambda phase, done, total: None)
         if batch.round != self.round:
             raise EngineError(f"the batch is of round {batch.round}, the engine is at round {self.round}")
         if len(batch.trajectory) != len(batch.image_ids):
@@ -259,9 +264,9 @@ class Engine:
         objective: StepObjective | None = None
         units = len(trajectory)
         if self.method in ("hero", "hero-noguide"):
-            if on_phase is not None:
-                on_phase("training the encoder")
-            encoder_losses, rewards = self._encoder_round(latents, positives, bad)
+            encoder_losses, rewards = self._encoder_round(
+                latents, positives, bad, lambda done, total: progress("training the encoder", done, total)
+            )
             crash_point("encoder")
         elif self.method == "ddpo-binary":
             rewards = torch.tensor(feedback.good, dtype=torch.float32)
@@ -283,9 +288,12 @@ class Engine:
                 units = len(pairs)
         update = None
         if objective is not None:
-            if on_phase is not None:
-                on_phase("updating the LoRA")
-            update = self._update(objective, units, trajectory.num_steps)
+            update = self._update(
+                objective,
+                units,
+                trajectory.num_steps,
+                lambda done, total: progress("updating the LoRA", done, total),
+            )
 
         self.round += 1
         self.feedbacks += feedback.feedbacks
@@ -326,7 +334,11 @@ class Engine:
         return features, best
 
     def _encoder_round(
-        self, latents: torch.Tensor, positives: list[int], bad: list[int]
+        self,
+        latents: torch.Tensor,
+        positives: list[int],
+        bad: list[int],
+        on_epoch: Callable[[int, int], None],
     ) -> tuple[list[float], torch.Tensor]:
         """Train the encoder on this round's triplets (and earlier ones, with replay); reward every image.
         positives: the good images other than the best (the anchor)."""
@@ -345,6 +357,7 @@ class Engine:
             triplets_per_epoch=encoder_config.triplets_per_epoch,
             margin=encoder_config.margin,
             generator=self._generator("encoder"),
+            on_epoch=on_epoch,
         )
         if self.parallel is not None:  # rank 0's encoder everywhere: the rewards must agree
             with torch.no_grad():
@@ -357,7 +370,9 @@ class Engine:
         # reference's variant leaves it out, a side effect of taking a new best out of the positives)
         return losses, mean_similarity_to_good(features, torch.cat([features[positives], best[None]]))
 
-    def _update(self, objective: StepObjective, units: int, num_steps: int) -> UpdateStats:
+    def _update(
+        self, objective: StepObjective, units: int, num_steps: int, on_step: Callable[[int, int], None]
+    ) -> UpdateStats:
         ddpo = self.config.ddpo
         return update_pass(
             objective,
@@ -373,6 +388,7 @@ class Engine:
             target_kl=ddpo.target_kl,
             parallel=self.parallel,
             scaler=self.loss_scaler,
+            on_step=on_step,
         )
 
     def noise_pool(self) -> NoisePool | None:

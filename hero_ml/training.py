@@ -118,13 +118,13 @@ class TrainingRun:
         self,
         config: HeroConfig,
         store: ArtifactStore,
-        on_progress: Callable[[str, int, int | None], None] | None = None,
+        on_progress: Callable[[str, int, int], None] | None = None,
     ):
         """Open the run `config.run_id`: a new one, or the stored one from its latest checkpoint.
 
         on_progress(phase, done, total): what the run is doing, for a progress display: "denoising"
-        (steps of the round's sampling), "evaluating LABEL" (images), "training the encoder" and
-        "updating the LoRA" (total None: no count).
+        (steps of the round's sampling), "evaluating LABEL" (images), "training the encoder" (epochs)
+        and "updating the LoRA" (optimiser steps).
 
         A stored run must be resumed with its own config (compared field by field, service settings
         and secrets aside: changed_settings).
@@ -207,7 +207,7 @@ class TrainingRun:
         )
         return batch
 
-    def _progress(self, phase: str, done: int, total: int | None) -> None:
+    def _progress(self, phase: str, done: int, total: int) -> None:
         if self.on_progress is not None:
             self.on_progress(phase, done, total)
 
@@ -235,7 +235,7 @@ class TrainingRun:
         """Learn the round and commit it: its stats, then the checkpoint (a crash before the checkpoint
         learns the round again, from the same batch and feedback, to the same result)."""
         crash_point("feedback")
-        stats = self.engine.learn(batch, feedback, on_phase=lambda phase: self._progress(phase, 0, None))
+        stats = self.engine.learn(batch, feedback, on_progress=self._progress)
         self.runs.save_stats(stats)
         self.runs.save_checkpoint(self.engine)
         return stats

@@ -181,6 +181,7 @@ def test_an_overflowing_scaled_step_is_skipped_and_the_scale_lowered() -> None:
         return out.float().sum() * 1e4, torch.tensor(0.0), torch.tensor(0.0)
 
     scaler = torch.amp.GradScaler("cpu")
+    seen: list[tuple[int, int]] = []
     stats = update_pass(
         objective,
         torch.optim.SGD([w], lr=1.0),
@@ -193,8 +194,10 @@ def test_an_overflowing_scaled_step_is_skipped_and_the_scale_lowered() -> None:
         max_grad_norm=1e9,
         generator=torch.Generator().manual_seed(0),
         scaler=scaler,
+        on_step=lambda done, total: seen.append((done, total)),
     )
     assert (stats.optimizer_steps, stats.skipped_steps) == (0, 2)
+    assert seen == [(0, 2), (1, 2), (2, 2)]  # a skipped step is progress too
     assert w.item() == 1.0 and scaler.get_scale() == 65536.0 / 4  # halved at each overflow
 
 
@@ -228,9 +231,11 @@ def test_an_adam_step_moves_every_parameter_by_lr_whatever_the_loss_scale(round_
 
 
 def _pass(pipe, params, trajectory, target_kl):
-    """Two passes of 2 optimiser steps at a large lr; the parameters after, and the stats."""
+    """Two passes of 2 optimiser steps at a large lr; the parameters after, the stats, and the
+    progress reported."""
     with torch.no_grad():
         start = [p.detach().clone() for p in params]
+    seen: list[tuple[int, int]] = []
     stats = update_pass(
         ddpo_objective(pipe, trajectory, torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0]), clip_range=10.0),
         torch.optim.SGD(params, lr=0.5),
@@ -243,25 +248,27 @@ def _pass(pipe, params, trajectory, target_kl):
         max_grad_norm=1e9,
         generator=torch.Generator().manual_seed(0),
         target_kl=target_kl,
+        on_step=lambda done, total: seen.append((done, total)),
     )
     after = [p.detach().clone() for p in params]
     with torch.no_grad():
         for p, s in zip(params, start, strict=True):
             p.copy_(s)
-    return after, stats
+    return after, stats, seen
 
 
 def test_update_stops_before_the_step_whose_kl_to_the_sampling_policy_exceeds_target_kl(round_of_six) -> None:
     pipe, params, trajectory = round_of_six
-    unbounded, all_steps = _pass(pipe, params, trajectory, target_kl=None)
+    unbounded, all_steps, seen = _pass(pipe, params, trajectory, target_kl=None)
     assert all_steps.optimizer_steps == 4 and all_steps.approx_kl > 0
-    loose, loose_stats = _pass(pipe, params, trajectory, target_kl=1e9)  # never reached: the same update
+    assert seen == [(done, 4) for done in range(5)]  # 2 passes of 6 units in groups of 3
+    loose, loose_stats, _ = _pass(pipe, params, trajectory, target_kl=1e9)  # never reached: the same update
     assert loose_stats.optimizer_steps == 4
     assert all(torch.equal(a, b) for a, b in zip(loose, unbounded, strict=True))
     # The first step sees the sampling policy itself (KL exactly 0 on a CPU) and is taken; the second
     # sees the moved policy and is not, nor anything after it in this pass or the next.
-    one_step, stats = _pass(pipe, params, trajectory, target_kl=1e-12)
-    assert stats.optimizer_steps == 1
+    one_step, stats, seen = _pass(pipe, params, trajectory, target_kl=1e-12)
+    assert stats.optimizer_steps == 1 and seen == [(0, 4), (1, 4)]  # the bar ends where the update stops
     assert all(p.grad is None for p in params)  # the refused step's gradients are dropped
     start = [p.detach().clone() for p in params]
     assert not any(torch.equal(a, b) for a, b in zip(one_step, start, strict=True))  # it moved...

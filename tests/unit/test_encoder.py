@@ -89,10 +89,15 @@ def test_rounds_without_bad_images_give_no_triplets_and_without_good_use_the_anc
     optimizer = torch.optim.Adam(encoder.parameters(), lr=1e-3)
     source = separable_round(torch.Generator().manual_seed(0))
     kwargs = dict(epochs=3, triplets_per_epoch=4, margin=0.5, generator=torch.Generator())
+    seen: list[tuple[int, int]] = []
     no_bad = TripletSource(anchor=source.anchor, good=source.good, bad=source.bad[:0])
-    assert train_encoder(encoder, optimizer, [no_bad], **kwargs) == []
+    assert train_encoder(encoder, optimizer, [no_bad], **kwargs, on_epoch=lambda *p: seen.append(p)) == []
+    assert seen == []  # nothing to train: no progress to show
     no_good = TripletSource(anchor=source.anchor, good=source.good[:0], bad=source.bad)
-    assert len(train_encoder(encoder, optimizer, [no_good], **kwargs)) == 3
+    assert (
+        len(train_encoder(encoder, optimizer, [no_good], **kwargs, on_epoch=lambda *p: seen.append(p))) == 3
+    )
+    assert seen == [(0, 3), (1, 3), (2, 3), (3, 3)]
     # the anchor as its own positive (distance 0): each triplet's loss is relu(margin - d(a, n))
     one_bad = TripletSource(anchor=source.anchor, good=source.good[:0], bad=source.bad[:1])
     still = torch.optim.SGD(encoder.parameters(), lr=0.0)  # the encoder as it is, every epoch
