@@ -183,6 +183,7 @@ def run_one(base: HeroConfig, task: str, method: str, seed: int, args: argparse.
             flush=True,
         )
     run = TrainingRun(config, store)
+    since = [time.perf_counter()]  # the last point's time: a round's minutes, for planning the grid
 
     def measure() -> None:
         round_index = run.engine.round
@@ -206,11 +207,13 @@ def run_one(base: HeroConfig, task: str, method: str, seed: int, args: argparse.
                 "success_rate": rate,
             },
         )
+        now = time.perf_counter()
         print(
-            f"{task:9s} {method:12s} seed {seed} round {round_index:2d} feedbacks {run.engine.feedbacks:5d} "
-            f"success {rate:.3f}",
+            f"{time.strftime('%H:%M:%S')} {task:9s} {method:12s} seed {seed} round {round_index:2d} "
+            f"feedbacks {run.engine.feedbacks:5d} success {rate:.3f} ({now - since[0]:.0f} s)",
             flush=True,
         )
+        since[0] = now
 
     with run:
         measure()
