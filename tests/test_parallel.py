@@ -92,7 +92,11 @@ def test_two_processes_share_whole_rounds_and_end_as_one_process(tmp_path: Path)
         torch.testing.assert_close(latents, reference[f"latents.{round_index}"], rtol=0, atol=1e-4)
         images = ranks[0][f"images.{round_index}"].int() - reference[f"images.{round_index}"].int()
         assert images.abs().max() <= 1  # uint8 rounding of near-equal pixels
-    for part in ("lora", "encoder"):
+    # Relative errors, measured on a 2-core AMD EPYC: LoRA 1.5e-4, encoder 1.4e-7; without the gradient
+    # sum (--no-sum) 0.096 and 3.5e-3. The LoRA's bound is the looser: AdamW's step g / (sqrt(v) + eps)
+    # turns last-bit differences of a near-zero gradient into steps of up to lr, and how the summed
+    # halves round differs from CPU to CPU (1e-4 held on a Xeon, not on the EPYC).
+    for part, bound in (("lora", 1e-3), ("encoder", 1e-4)):
         names = [n for n in reference if n.startswith(part)]
         error = torch.cat([(ranks[0][n] - reference[n]).reshape(-1) for n in names]).norm()
-        assert error / torch.cat([reference[n].reshape(-1) for n in names]).norm() < 1e-4
+        assert error / torch.cat([reference[n].reshape(-1) for n in names]).norm() < bound, part
