@@ -233,8 +233,10 @@ def curves(points: list[dict]) -> dict[tuple[str, str], dict[int, list[float]]]:
 
 def measured_by_every_seed(curve: dict[int, list[float]]) -> dict[int, list[float]]:
     """The curve's points every one of its seeds has reached (the base point, 0 feedbacks, is every
-    seed's): while one seed's run is still going, the mean of the others alone would move a crossing."""
-    seeds = max(len(values) for values in curve.values())
+    seed's): while one seed's run is still going, the mean of the others alone would move a crossing.
+    A seed with the base point alone (a run started, no round learned) has measured nothing yet: the
+    base is the shared one, copied."""
+    seeds = max((len(values) for f, values in curve.items() if f > 0), default=0)
     return {f: values for f, values in curve.items() if f == 0 or len(values) == seeds}
 
 

@@ -42,6 +42,10 @@ def test_curves_group_seeds_and_the_first_crossing_of_the_mean_is_found() -> Non
     curve = running[("t", "m")]
     assert fe.measured_by_every_seed(curve) == {0: [0.1, 0.2, 0.0], 64: [0.3, 0.5, 0.0]}
     assert fe.feedbacks_to_reach(curve, 0.25) == 64 and fe.feedbacks_to_reach(curve, 0.4) is None
+    # a third seed just started (its base point alone, the shared one): it hides nothing of the others
+    started = fe.curves([*points, {**points[0], "seed": 2}])[("t", "m")]
+    assert fe.measured_by_every_seed(started) == {0: [0.1, 0.2, 0.1], 64: [0.3, 0.5], 128: [0.6, 0.6]}
+    assert fe.measured_by_every_seed({0: [0.1, 0.1]}) == {0: [0.1, 0.1]}  # no round learned yet
 
 
 def test_the_paper_form_table_sets_each_baseline_against_heros_rate() -> None:
