@@ -183,9 +183,10 @@ def run_one(base: HeroConfig, task: str, method: str, seed: int, args: argparse.
             flush=True,
         )
     run = TrainingRun(config, store)
-    since = [time.perf_counter()]  # the last point's time: a round's minutes, for planning the grid
+    since = time.perf_counter()  # the last point's time: a round's minutes, for planning the grid
 
     def measure() -> None:
+        nonlocal since
         round_index = run.engine.round
         if round_index in done:
             return
@@ -210,10 +211,10 @@ def run_one(base: HeroConfig, task: str, method: str, seed: int, args: argparse.
         now = time.perf_counter()
         print(
             f"{time.strftime('%H:%M:%S')} {task:9s} {method:12s} seed {seed} round {round_index:2d} "
-            f"feedbacks {run.engine.feedbacks:5d} success {rate:.3f} ({now - since[0]:.0f} s)",
+            f"feedbacks {run.engine.feedbacks:5d} success {rate:.3f} ({now - since:.0f} s)",
             flush=True,
         )
-        since[0] = now
+        since = now
 
     with run:
         measure()
