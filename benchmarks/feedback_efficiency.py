@@ -5,8 +5,9 @@ before the first round and after every round on a fixed set of images from fixed
 (never the guided ones), judged by the task's judge. Every point is appended to
 benchmarks/results/feedback_efficiency.csv as soon as it is measured, and every run checkpoints through
 its own store under benchmarks/.work/: a killed benchmark continues where it stopped, and points
-already in the CSV are skipped. An unfinished run whose work folder is gone (a fresh clone) starts
-over, and its points from before are dropped: a curve is one run's. Slices run alone (--task,
+already in the CSV are skipped. An unfinished run that cannot go on from its points (its work folder
+gone with a fresh clone, or points lost while the folder stayed) starts over, and its points from
+before are dropped: a curve is one run's. Slices run alone (--task,
 --method, --seeds), so the grid can be spread over sessions or machines.
 
     python benchmarks/feedback_efficiency.py --task counting --method hero d3po --seeds 0 1 2
@@ -27,6 +28,7 @@ import io
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import threading
 import time
@@ -152,6 +154,17 @@ def check_settings(points_path: Path, config: HeroConfig) -> None:
         )
 
 
+def continues(done: set[int], latest_checkpoint: int | None) -> bool:
+    """Whether a run can go on from its checkpoint and keep its points: every round before the
+    checkpoint measured (round `latest_checkpoint` itself is measured on resuming) and none after it.
+    Not so when the work folder is gone (another machine's, an ended session's) or the points were
+    lost while the folder stayed."""
+    learned = done - {0}
+    if latest_checkpoint is None:
+        return not learned
+    return set(range(1, latest_checkpoint)) <= learned and all(r <= latest_checkpoint for r in learned)
+
+
 def run_one(base: HeroConfig, task: str, method: str, seed: int, args: argparse.Namespace) -> None:
     done = {
         p["round"]
@@ -173,13 +186,15 @@ def run_one(base: HeroConfig, task: str, method: str, seed: int, args: argparse.
     if done >= set(range(rounds + 1)):
         return
     store = LocalStore(args.work / args.tag)
-    if done - {0} and RunStore(store, config.run_id).latest_checkpoint() is None:
-        # Points of a run whose work folder is gone (another machine's or an ended session's): a run
-        # started afresh would not retrace them bit for bit, and a curve must be one run's.
+    stored_run = RunStore(store, config.run_id)
+    if not continues(done, stored_run.latest_checkpoint()):
+        # A curve must be one run's, and a run started afresh would not retrace old points bit for bit
+        # (another CPU rounds differently): the points go, and so does the work folder.
         dropped = drop_points(args.csv, task, method, seed)
+        shutil.rmtree(args.work / args.tag / stored_run.prefix, ignore_errors=True)
         done = {0} & done
         print(
-            f"{config.run_id}: its work folder is gone; {dropped} points dropped, the run starts over",
+            f"{config.run_id}: cannot go on from its points; {dropped} dropped, the run starts over",
             flush=True,
         )
     run = TrainingRun(config, store)

@@ -305,9 +305,26 @@ def test_a_run_whose_work_folder_is_gone_starts_over_and_its_old_points_are_drop
     ours = sorted((p["round"], p["feedbacks"]) for p in rows if p["seed"] == 0)
     assert ours == [(0, 0), (1, 4), (2, 8)]  # measured once each, by the new run
     assert stale not in rows
+    # the points lost while the work folder stayed: resuming from its last checkpoint would leave a gap
+    fe.drop_points(points, "counting", "hero", 0)
+    fe.append_point(points, {**stale, "round": 2, "feedbacks": 8})
+    fe.main()
+    rows = fe.read_points(points)
+    assert sorted((p["round"], p["feedbacks"]) for p in rows if p["seed"] == 0) == [(0, 0), (1, 4), (2, 8)]
+    assert all(p["success_rate"] <= 1 for p in rows)  # the stale point went, the run started over
     shutil.rmtree(tmp_path / "work")
     fe.main()  # complete now: a complete run needs no work folder and is not run again
     assert fe.read_points(points) == rows
+
+
+def test_a_run_continues_from_its_checkpoint_only_when_its_points_lead_up_to_it() -> None:
+    assert fe.continues(set(), None) and fe.continues({0}, None)  # nothing learned yet
+    assert not fe.continues({0, 1}, None)  # points, no work folder
+    assert fe.continues({0}, 0) and fe.continues({0}, 1)  # checkpoint 1's point is measured on resuming
+    assert fe.continues({0, 1, 2}, 3) and fe.continues({0, 1, 2, 3}, 3)
+    assert not fe.continues({0}, 6)  # points 1-5 lost: the curve would have a gap
+    assert not fe.continues({0, 1, 3}, 4)
+    assert not fe.continues({0, 1, 2, 3}, 2)  # points past the checkpoint: not this run's
 
 
 def test_drop_points_removes_one_runs_learned_points_in_place(tmp_path: Path) -> None:
