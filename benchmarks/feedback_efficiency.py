@@ -7,8 +7,8 @@ benchmarks/results/feedback_efficiency.csv as soon as it is measured, and every 
 its own store under benchmarks/.work/: a killed benchmark continues where it stopped, and points
 already in the CSV are skipped. An unfinished run that cannot go on from its points (its work folder
 gone with a fresh clone, or points lost while the folder stayed) starts over, and its points from
-before are dropped: a curve is one run's. Slices run alone (--task,
---method, --seeds), so the grid can be spread over sessions or machines.
+before are dropped: a curve is one run's. Slices run alone (--task, --method, --seeds), so the grid
+can be spread over sessions or machines.
 
     python benchmarks/feedback_efficiency.py --task counting --method hero d3po --seeds 0 1 2
     python benchmarks/feedback_efficiency.py --jobs 2      # two runs at a time, one thread each
@@ -46,6 +46,7 @@ from results_io import RESULTS_DIR, write_result
 
 from hero_ml.adapters.storage import LocalStore
 from hero_ml.config import HeroConfig, load_config, with_overrides
+from hero_ml.run_lease import RunLease
 from hero_ml.run_store import RunStore
 from hero_ml.toy.evaluate import task_success_rate
 from hero_ml.toy.task import load_task, task_names
@@ -188,6 +189,10 @@ def run_one(base: HeroConfig, task: str, method: str, seed: int, args: argparse.
     store = LocalStore(args.work / args.tag)
     stored_run = RunStore(store, config.run_id)
     if not continues(done, stored_run.latest_checkpoint()):
+        holder = RunLease(store, config.run_id).holder()
+        if holder is not None:  # another grid on this work folder: its run is not ours to reset
+            print(f"{config.run_id}: cannot go on from its points, and {holder}; left alone", flush=True)
+            return
         # A curve must be one run's, and a run started afresh would not retrace old points bit for bit
         # (another CPU rounds differently): the points go, and so does the work folder.
         dropped = drop_points(args.csv, task, method, seed)

@@ -21,9 +21,11 @@ import pytest
 import torch
 import unet_step
 
+from hero_ml.adapters.storage import LocalStore
 from hero_ml.config import HeroConfig
 from hero_ml.diffusion.lora import add_lora
 from hero_ml.engine import Engine
+from hero_ml.run_lease import RunLease
 
 
 def test_curves_group_seeds_and_the_first_crossing_of_the_mean_is_found() -> None:
@@ -307,7 +309,11 @@ def test_a_run_whose_work_folder_is_gone_starts_over_and_its_old_points_are_drop
     assert stale not in rows
     # the points lost while the work folder stayed: resuming from its last checkpoint would leave a gap
     fe.drop_points(points, "counting", "hero", 0)
-    fe.append_point(points, {**stale, "round": 2, "feedbacks": 8})
+    lost = {**stale, "round": 2, "feedbacks": 8}
+    fe.append_point(points, lost)
+    with RunLease(LocalStore(tmp_path / "work" / "default"), "counting-hero-0"):
+        fe.main()  # a live process holds the run: neither its points nor its folder are touched
+    assert lost in fe.read_points(points)
     fe.main()
     rows = fe.read_points(points)
     assert sorted((p["round"], p["feedbacks"]) for p in rows if p["seed"] == 0) == [(0, 0), (1, 4), (2, 8)]
@@ -340,7 +346,6 @@ def test_drop_points_removes_one_runs_learned_points_in_place(tmp_path: Path) ->
 
 
 def test_guidance_gap_pairs_each_rounds_batch_with_the_same_policys_evaluation(tmp_path: Path) -> None:
-    from hero_ml.adapters.storage import LocalStore
     from hero_ml.engine import RoundStats
     from hero_ml.run_store import RunStore
 
@@ -428,7 +433,6 @@ def test_guided_evaluation_samples_each_hero_run_from_its_own_pool_at_the_checkp
 ) -> None:
     from safetensors.torch import load as load_tensors
 
-    from hero_ml.adapters.storage import LocalStore
     from hero_ml.config import ModelConfig
     from hero_ml.diffusion.pipeline import load_configured_pipeline
     from hero_ml.engine import TENSORS
