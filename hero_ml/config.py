@@ -265,11 +265,13 @@ class EncoderConfig(_Section):
     )
     triplets_per_epoch: int = Field(64, ge=1, description="Triplets in the batch of one epoch.")
     margin: float = Field(0.5, gt=0, description="Triplet margin on the distance 1 - (cos + 1)/2.")
-    reward: Literal["best", "mean_good"] = Field(
+    reward: Literal["best", "mean_good", "best_plus_label"] = Field(
         "best",
         description=(
-            "Reward: similarity to the best image ('best', the paper) or mean similarity to "
-            "all good images ('mean_good')."
+            "Reward: similarity to the best image ('best', the paper), mean similarity to all good "
+            "images ('mean_good'), or similarity to the best plus 1 for a good image "
+            "('best_plus_label': every good image above every bad one, the encoder ranking within "
+            "each label; the paper's reward can rank a bad image above a good one)."
         ),
     )
     replay: bool = Field(

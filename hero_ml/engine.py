@@ -46,7 +46,7 @@ from hero_ml.errors import HeroError
 from hero_ml.faults import crash_point
 from hero_ml.feedback import RoundFeedback
 from hero_ml.guidance import NoisePool
-from hero_ml.rewards import mean_similarity_to_good, similarity_to_best
+from hero_ml.rewards import mean_similarity_to_good, similarity_to_best, with_labels
 
 if TYPE_CHECKING:
     from hero_ml.parallel import DataParallel
@@ -366,6 +366,10 @@ class Engine:
         features, best = self._features(latents)
         if encoder_config.reward == "best":
             return losses, similarity_to_best(features, best)
+        if encoder_config.reward == "best_plus_label":
+            good = torch.ones(len(latents), dtype=torch.bool)
+            good[bad] = False
+            return losses, with_labels(similarity_to_best(features, best), good)
         # the good images of this round and the best, which is good by definition (it may be older; the
         # reference's variant leaves it out, a side effect of taking a new best out of the positives)
         return losses, mean_similarity_to_good(features, torch.cat([features[positives], best[None]]))

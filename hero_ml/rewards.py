@@ -1,4 +1,5 @@
-"""Rewards from the feedback encoder's features (before its projection head), in [0, 1]."""
+"""Rewards from the feedback encoder's features (before its projection head), in [0, 1]; with the
+annotators' labels added, in [0, 2]."""
 
 from __future__ import annotations
 
@@ -21,3 +22,11 @@ def mean_similarity_to_good(features: torch.Tensor, good: torch.Tensor) -> torch
     if len(good) == 0:
         raise ValueError("mean similarity to good images needs at least one good image")
     return similarity(features, good).mean(dim=1)
+
+
+def with_labels(rewards: torch.Tensor, good: torch.Tensor) -> torch.Tensor:
+    """The labels folded in: reward + 1 for a good image (good: (N,) bool), so every good image ranks
+    above every bad one while the encoder still orders the images within each label. Shape (N,)."""
+    if good.shape != rewards.shape or good.dtype != torch.bool:
+        raise ValueError(f"labels must be a bool tensor of the rewards' shape {tuple(rewards.shape)}")
+    return rewards + good.to(rewards.dtype)

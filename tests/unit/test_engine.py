@@ -88,7 +88,7 @@ def test_two_rounds_of_every_method(method: str) -> None:
     assert ("encoder_loss_first" in metrics) == (method in ("hero", "hero-noguide"))
 
 
-@pytest.mark.parametrize("reward", ["best", "mean_good"])
+@pytest.mark.parametrize("reward", ["best", "mean_good", "best_plus_label"])
 def test_the_rewards_are_the_similarities_the_config_names(reward: str) -> None:
     engine = Engine(small_config("hero", reward=reward), build_random_pipeline("tiny", seed=0))
     batch = engine.generate()
@@ -98,6 +98,8 @@ def test_the_rewards_are_the_similarities_the_config_names(reward: str) -> None:
     scaled_cos = lambda a, b: (torch.nn.functional.cosine_similarity(a, b, dim=-1) + 1) / 2  # noqa: E731
     if reward == "best":
         expected = scaled_cos(features, best[None])
+    elif reward == "best_plus_label":  # + 1 for every image the annotators called good
+        expected = scaled_cos(features, best[None]) + torch.tensor(feedback.good, dtype=torch.float32)
     else:  # the other good images and the best: every image the annotators called good
         others = [i for i in feedback.good_indices if i != feedback.best]
         references = torch.cat([features[others], best[None]])

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from hero_ml.guidance import NoisePool, guided_initial_noise
-from hero_ml.rewards import mean_similarity_to_good, similarity_to_best
+from hero_ml.rewards import mean_similarity_to_good, similarity_to_best, with_labels
 
 
 def test_guided_noise_is_the_reference_formula_draw_for_draw() -> None:
@@ -121,3 +121,12 @@ def test_mean_similarity_to_good_on_hand_computed_cases() -> None:
     assert rewards.tolist() == pytest.approx([0.75, 0.75, 0.25])
     with pytest.raises(ValueError, match="at least one good image"):
         mean_similarity_to_good(FEATURES, torch.empty(0, 2))
+
+
+def test_labels_lift_every_good_image_above_every_bad_one() -> None:
+    rewards = with_labels(torch.tensor([0.25, 0.875, 0.5]), torch.tensor([True, False, True]))
+    assert rewards.tolist() == [1.25, 0.875, 1.5]  # the bad image's 0.875 now ranks below both good ones
+    with pytest.raises(ValueError, match=r"bool tensor of the rewards' shape \(3,\)"):
+        with_labels(torch.zeros(3), torch.tensor([1, 0, 1]))
+    with pytest.raises(ValueError, match="bool tensor"):
+        with_labels(torch.zeros(3), torch.tensor([True, False]))
