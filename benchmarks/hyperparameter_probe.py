@@ -120,14 +120,14 @@ def report() -> None:
         "One run each, judged once at the end on the fixed evaluation set; `base` is the model before",
         "training on the same set. Every round's figures: `results/hyperparameter_probe.csv`. A row",
         "reruns as `python benchmarks/hyperparameter_probe.py --config benchmarks/configs/<config>",
-        "--task <task> --method <method> --set '<overrides>' --budget <feedbacks>`.",
+        "--task <task> --method <method> --set '<overrides>' --budget <feedbacks> --seed <seed>`.",
         "",
-        "| task | method | config | overrides | feedbacks | base | success rate | seconds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| task | method | config | overrides | feedbacks | seed | base | success rate | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {r['task']} | {r['method']} | {Path(r['config']).name} | `{r['overrides']}` | {r['budget']} | "
-        f"{r['base']} | **{float(r['success_rate']):.3f}** | {r['seconds']} |"
+        f"{r['seed']} | {r['base']} | **{float(r['success_rate']):.3f}** | {r['seconds']} |"
         for r in rows
     ]
     write_result("hyperparameter_probe", {"probes": rows}, "\n".join(lines))

@@ -166,6 +166,27 @@ def test_reward_auc_counts_the_good_bad_pairs_ordered_right() -> None:
     assert hp.reward_auc(None, (True, False)) is None
 
 
+def test_the_probe_table_has_a_row_per_seed_with_what_reruns_it(tmp_path: Path, monkeypatch) -> None:
+    import results_io
+
+    csv_path = tmp_path / "probe.csv"
+    header = ",".join(hp.COLUMNS)
+    rows = [
+        f'binding,hero-noguide,defaults,"{{""encoder"": {{}}}}",512,{seed},0.156,{rate},481.0,[]'
+        for seed, rate in ((0, 0.40234375), (1, 0.25))
+    ]
+    csv_path.write_text("\n".join([header, *rows]) + "\n")
+    monkeypatch.setattr(hp, "CSV_PATH", csv_path)
+    monkeypatch.setattr(results_io, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(results_io, "RESULTS_MD", tmp_path / "RESULTS.md")
+    hp.report()
+    table = (tmp_path / "RESULTS.md").read_text()
+    row = '| binding | hero-noguide | defaults | `{"encoder": {}}` | 512 | 0 | 0.156 | **0.402** | 481.0 |'
+    assert row in table
+    assert "| 512 | 1 | 0.156 | **0.250** |" in table
+    assert json.loads((tmp_path / "hyperparameter_probe.json").read_text())["probes"][1]["seed"] == "1"
+
+
 def test_a_guided_step_counts_both_branches_and_training_adds_the_backward(tiny_pipe) -> None:
     processors = dict(tiny_pipe.unet.attn_processors)
     unconditional = gr.unet_flops(tiny_pipe, 1.0, backward=False)  # one branch: CFG off
