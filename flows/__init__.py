@@ -4,6 +4,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from hero_ml.errors import HeroError
+from hero_ml.redact import redact
 
 
 class PrefectServerError(HeroError, RuntimeError):
@@ -41,7 +42,7 @@ def server_refusals() -> Iterator[None]:
     except PrefectHTTPStatusError as err:
         answer = " ".join(err.response.text.split())[:200]
         raise PrefectServerError(
-            f"the Prefect server refused {err.request.method} {err.request.url} "
-            f"(HTTP {err.response.status_code}: {answer}); check PREFECT_API_URL and that the server's "
-            "Prefect version matches this one's"
+            f"the Prefect server refused {err.request.method} {redact(str(err.request.url))} "
+            f"(HTTP {err.response.status_code}: {redact(answer)}); check PREFECT_API_URL and that the "
+            "server's Prefect version matches this one's"
         ) from None

@@ -34,6 +34,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from hero_ml.adapters.storage.keys import check_prefix
 from hero_ml.diffusion.architectures import ARCHITECTURES
 from hero_ml.errors import HeroError
+from hero_ml.redact import redact, secret_query_keys
 
 ENV_PREFIX = "HERO_"
 ENV_NESTED_DELIMITER = "__"
@@ -96,6 +97,23 @@ def is_service_setting(section: str, name: str | None = None) -> bool:
     return section in SERVICE_SETTINGS or (name is not None and f"{section}.{name}" in SERVICE_SETTINGS)
 
 
+def split_settings(public: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A public config dict as (what the run learns and how its rounds close, which a resume keeps;
+    its service settings, which the process resuming it may change)."""
+    learning: dict[str, Any] = {}
+    service: dict[str, Any] = {}
+    for section, value in public.items():
+        if is_service_setting(section):
+            service[section] = value
+        elif isinstance(value, dict):
+            learning[section] = {n: v for n, v in value.items() if not is_service_setting(section, n)}
+            if moved := {n: v for n, v in value.items() if is_service_setting(section, n)}:
+                service[section] = moved
+        else:
+            learning[section] = value
+    return learning, service
+
+
 class ConfigError(HeroError, ValueError):
     """A configuration that cannot be used; the message names every bad field and why."""
 
@@ -111,11 +129,12 @@ class _Section(BaseModel):
         # header); a URL is published (MLflow params, the stored config), so it holds no credentials.
         if isinstance(value, SecretStr) and not value.get_secret_value():
             raise PydanticCustomError(SECRET_IN_VALUE, "is empty: give it a value, or unset it")
-        if isinstance(value, HttpUrl) and (value.username or value.password):
+        if isinstance(value, HttpUrl) and (value.username or value.password or secret_query_keys(str(value))):
             raise PydanticCustomError(
                 SECRET_IN_VALUE,
-                "holds credentials (user:password@): remove them from the URL; secrets are given "
-                "through their own settings (HERO_<SECTION>__<FIELD>, e.g. HERO_LABEL_STUDIO__API_KEY)",
+                "holds credentials (user:password@ or a secret query parameter such as ?token=): remove "
+                "them from the URL; secrets are given through their own settings "
+                "(HERO_<SECTION>__<FIELD>, e.g. HERO_LABEL_STUDIO__API_KEY)",
             )
         return value
 
@@ -516,10 +535,15 @@ class TrackingConfig(_Section):
         # and so would a token given as the user of an http(s) URI
         parts = urlsplit(uri)
         scheme = parts.scheme.split("+")[0]  # postgresql+psycopg2: a driver after the '+'
-        if parts.password is not None or (parts.username is not None and scheme not in DATABASE_SCHEMES):
+        if (
+            parts.password is not None
+            or (parts.username is not None and scheme not in DATABASE_SCHEMES)
+            or secret_query_keys(uri)
+        ):
             raise PydanticCustomError(
                 SECRET_IN_VALUE,
-                "holds credentials: remove them from the URI and give them through the environment "
+                "holds credentials (a password, a token as the user, or a secret query parameter such "
+                "as ?password=): remove them from the URI and give them through the environment "
                 "(MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME / _PASSWORD for an MLflow server; "
                 "PGPASSWORD or ~/.pgpass for PostgreSQL)",
             )
@@ -912,6 +936,18 @@ def _check_environment() -> None:
                 f"environment variable {variable} is not a setting: did you mean "
                 f"{ENV_PREFIX}{close[0].upper()}? Unset or rename it"
             )
+        if (
+            variable.startswith(ENV_PREFIX)
+            and ENV_NESTED_DELIMITER not in variable
+            and variable.upper() not in OTHER_ENV_VARIABLES
+            and (section := next((s for s in sections if name.startswith(f"{s}_")), None)) is not None
+        ):
+            field = name.removeprefix(f"{section}_").upper()
+            meant = f"{ENV_PREFIX}{section.upper()}{ENV_NESTED_DELIMITER}{field}"
+            raise ConfigError(
+                f"environment variable {variable} is not a setting: a section's field takes two "
+                f"underscores after the section, did you mean {meant}? Unset or rename it"
+            )
         if variable.startswith(ENV_PREFIX) and ENV_NESTED_DELIMITER in variable:
             section = variable.removeprefix(ENV_PREFIX).split(ENV_NESTED_DELIMITER)[0].lower()
             if section not in sections:
@@ -962,7 +998,7 @@ def format_validation_error(
             line += _known_fields(problem["loc"], root or HeroConfig)
         if from_environment and (variable := _environment_variable(problem["loc"])) is not None:
             line += f" [set by {variable}]"
-        lines.append(line)
+        lines.append(redact(line))  # a URL refused for another reason may still hold credentials
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ import typer
 from rich.table import Table
 
 from hero_ml.cli_support import ConfigOption, console, fail, load
+from hero_ml.redact import redact
 
 rounds_app = typer.Typer(help="Rounds waiting for annotators on a Prefect server.", no_args_is_help=True)
 
@@ -26,8 +27,7 @@ def _need_prefect_server() -> None:
             "infra/prefect-server.sh start runs one)"
         )
     parts = urlsplit(url)
-    if parts.username is not None or parts.password is not None:  # credentials are not to be printed
-        url = parts._replace(netloc=f"…@{parts.hostname}{f':{parts.port}' if parts.port else ''}").geturl()
+    url = redact(url)  # credentials are not to be printed
     if "/api" not in parts.path:  # the server's address without its API's path: a common slip
         raise fail(f"PREFECT_API_URL {url} names no API path: add it, e.g. {url.rstrip('/')}/api")
     from flows import server_problem
@@ -35,7 +35,8 @@ def _need_prefect_server() -> None:
     # without it, each command's first call would end in the HTTP client's traceback
     if (problem := server_problem()) is not None:
         raise fail(
-            f"the Prefect server at {url} fails its health check ({problem or type(problem).__name__}): "
+            f"the Prefect server at {url} fails its health check "
+            f"({redact(str(problem)) or type(problem).__name__}): "
             "start it (infra/prefect-server.sh start) or set PREFECT_API_URL"
         )
 

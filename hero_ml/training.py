@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from hero_ml.adapters.storage import ArtifactStore
 from hero_ml.adapters.tracking import NOISE_POOL_ARTIFACT, Tracker
-from hero_ml.config import HeroConfig, is_service_setting
+from hero_ml.config import HeroConfig, split_settings
 from hero_ml.diffusion.lora import adapters_disabled, save_lora
 from hero_ml.diffusion.pipeline import load_configured_pipeline
 from hero_ml.engine import Engine, RoundBatch, RoundStats
@@ -72,9 +72,7 @@ def changed_settings(stored: dict[str, Any], config: HeroConfig) -> list[str]:
     release: it counts at its default, which by rule keeps the behaviour from before the field
     existed, so an upgrade does not strand a run."""
     changed = []
-    for section, value in config.to_public_dict().items():
-        if is_service_setting(section):
-            continue
+    for section, value in split_settings(config.to_public_dict())[0].items():
         was = stored.get(section)
         if not isinstance(value, dict):
             if was != value:
@@ -85,9 +83,7 @@ def changed_settings(stored: dict[str, Any], config: HeroConfig) -> list[str]:
             continue
         defaults = type(getattr(config, section))().model_dump(mode="json")
         changed += [
-            f"{section}.{name}"
-            for name, now in value.items()
-            if not is_service_setting(section, name) and was.get(name, defaults[name]) != now
+            f"{section}.{name}" for name, now in value.items() if was.get(name, defaults[name]) != now
         ]
     return sorted(changed)
 
@@ -164,9 +160,13 @@ class TrainingRun:
         )
 
     def track_with(self, tracker: Tracker) -> None:
-        """Track the run's params now, and its rounds, evaluations and final artifacts from now on."""
+        """Track the run's params now, and its rounds, evaluations and final artifacts from now on.
+        What the run learns with are params (write-once); its service settings are tags, which a
+        resume from another worker or with a moved server overwrites."""
         self.tracker = tracker
-        tracker.log_params({**self.config.to_public_dict(), "derived": self.config.derived()})
+        learning, service = split_settings(self.config.to_public_dict())
+        tracker.log_params({**learning, "derived": self.config.derived()})
+        tracker.set_tags({"service": service})
 
     def close(self) -> None:
         """Give the run's lease back: another process may write the run at once."""

@@ -260,16 +260,26 @@ def test_the_server_commands_name_a_request_the_prefect_server_refuses(
         found = request.url.path == "/api/health"
         return JSONResponse(True if found else {"detail": "Not Found"}, 200 if found else 404)
 
-    server = serve(Starlette(routes=[Route("/{path:path}", health_only, methods=["GET", "POST", "PATCH"])]))
-    monkeypatch.setenv("PREFECT_API_URL", f"{next(server)}/api")
-    monkeypatch.setenv("HERO_LABEL_STUDIO__API_KEY", "k")  # the poller needs one: never asked, here
-    try:
-        result = subprocess.run([HERO, *command], capture_output=True, text=True, timeout=120)
-    finally:
-        server.close()
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    message = " ".join(result.stderr.split())
-    assert "the Prefect server refused" in message and '(HTTP 404: {"detail":"Not Found"}); check' in message
+    async def unauthorized(request: Request) -> JSONResponse:
+        return JSONResponse({"detail": "Unauthorized"}, 401)
+
+    for answer in (health_only, unauthorized):
+        server = serve(Starlette(routes=[Route("/{path:path}", answer, methods=["GET", "POST", "PATCH"])]))
+        # credentials in the URL are never printed, nor the URL's in the HTTP client's error
+        monkeypatch.setenv("PREFECT_API_URL", f"{next(server)}/api".replace("//", "//user:hunter2@", 1))
+        monkeypatch.setenv("HERO_LABEL_STUDIO__API_KEY", "k")  # the poller needs one: never asked, here
+        try:
+            result = subprocess.run([HERO, *command], capture_output=True, text=True, timeout=120)
+        finally:
+            server.close()
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert "hunter2" not in result.stderr
+        message = " ".join(result.stderr.split())
+        if answer is health_only:
+            assert "the Prefect server refused" in message
+            assert '(HTTP 404: {"detail":"Not Found"}); check' in message
+        else:
+            assert "fails its health check (Client error '401 Unauthorized'" in message
 
 
 def test_a_prefect_url_without_its_api_path_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from flows.training import with_stored_run
 from hero_ml.adapters.storage import LocalStore, open_store
-from hero_ml.adapters.tracking.mlflow import RUN_ID_TAG
+from hero_ml.adapters.tracking import TrackingError
+from hero_ml.adapters.tracking.mlflow import RUN_ID_TAG, open_tracker
 from hero_ml.cli import app
 from hero_ml.config import HeroConfig, load_config, with_overrides
 from hero_ml.run_store import CorruptObjectError, RunStore
@@ -162,6 +163,38 @@ def test_a_run_resumes_where_its_services_moved_and_keeps_what_it_learns_with(
     # a flow run's own override that contradicts the stored run is still refused
     with pytest.raises(RunError, match=r"settings differ: sampling.guidance_scale\)"):
         TrainingRun(with_stored_run(worker, {"sampling": {"guidance_scale": 2.0}}), store)
+
+
+def test_a_resumed_run_tracks_into_its_mlflow_run_with_its_services_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = HeroConfig.model_validate({**small(tmp_path), "run_id": "tracked"})
+    store = open_store(config.storage)
+    with TrainingRun(config, store) as run:
+        run.track_with(open_tracker(config))
+        run.generate()
+    # resumed by another worker: a secret set since, another poll interval and Label Studio address
+    monkeypatch.setenv("HERO_ORCHESTRATION__WEBHOOK_SECRET", "set-after-the-start")
+    moved = {"orchestration": {"poll_interval_s": 45}, "label_studio": {"url": "http://127.0.0.1:9"}}
+    resumed = with_stored_run(
+        with_overrides(load_config(), {**small(tmp_path), "run_id": "tracked", **moved}), {}
+    )
+    with TrainingRun(resumed, store) as run:
+        run.track_with(open_tracker(resumed))  # the same MLflow run, its params as they were
+    client = MlflowClient(tracking_uri=config.tracking.tracking_uri)
+    (tracked,) = client.search_runs(
+        [client.get_experiment_by_name("hero").experiment_id], f"tags.`{RUN_ID_TAG}` = 'tracked'"
+    )
+    assert tracked.data.params["ddpo.lr"] == str(config.ddpo.lr)
+    assert not any(key.startswith(("orchestration.poll", "label_studio.url")) for key in tracked.data.params)
+    assert tracked.data.tags["service.orchestration.poll_interval_s"] == "45"
+    assert tracked.data.tags["service.label_studio.url"] == "http://127.0.0.1:9/"
+    assert tracked.data.tags["service.orchestration.webhook_secret"] == "**********"
+
+    # a param that does differ (an edited stored config) is refused by name, with the way out
+    tracker = open_tracker(resumed)
+    with pytest.raises(TrackingError, match=r"other values of ddpo.lr: resume run 'tracked' with its own"):
+        tracker.log_params({"ddpo": {"lr": 0.5}})
 
 
 def flat(text: str) -> str:

@@ -217,6 +217,36 @@ def test_empty_secrets_and_credentials_in_urls_are_refused_without_repeating_the
         )
 
 
+def test_secret_query_parameters_in_urls_are_refused_without_repeating_them(tmp_path: Path) -> None:
+    for section, field, url in [
+        ("label_studio", "url", "http://ls.example:8080/?token=tok-hunter2"),
+        ("storage", "s3_endpoint_url", "http://s3.example/?X-Api-Key=hunter2"),
+        ("tracking", "tracking_uri", "postgresql://hero@db/mlflow?sslmode=require&password=hunter2"),
+    ]:
+        with pytest.raises(ConfigError, match=rf"{section}\.{field}: holds credentials") as caught:
+            load_config(write(tmp_path, {section: {field: url}}))
+        assert "hunter2" not in str(caught.value)
+    fine = "postgresql://hero@db/mlflow?sslmode=require&sslkey=/etc/hero/client.key"  # a path, no secret
+    assert HeroConfig(tracking={"tracking_uri": fine}).tracking.tracking_uri == fine
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "url"),
+    [
+        ("label_studio", "url", "http://user:hunter2@host:99999"),  # a bad port
+        ("storage", "s3_endpoint_url", "ftp://user:hunter2@host"),  # a bad scheme
+        ("tracking", "tracking_uri", "http://user:hunter2@[::1"),  # does not parse
+        ("orchestration", "webhook_url", "http://host:99999/?token=hunter2"),
+    ],
+)
+def test_a_url_refused_for_another_reason_is_shown_without_its_credentials(
+    tmp_path: Path, section: str, field: str, url: str
+) -> None:
+    with pytest.raises(ConfigError, match=rf"{section}\.{field}: ") as caught:
+        load_config(write(tmp_path, {section: {field: url}}))
+    assert "hunter2" not in str(caught.value)
+
+
 def test_a_tracking_uri_of_no_mlflow_scheme_is_refused(tmp_path: Path) -> None:
     with pytest.raises(
         ConfigError, match=r"tracking\.tracking_uri: Value error, scheme 'htp' is not one MLflow"
@@ -251,6 +281,15 @@ def test_environment_variables_of_no_section_or_broken_json_are_named(
         ):
             load_config()
         monkeypatch.delenv(typo)
+    for one_underscore, meant in (
+        ("HERO_FEEDBACK_BUDGET", "HERO_FEEDBACK__BUDGET"),
+        ("HERO_SAMPLING_IMAGES_PER_ROUND", "HERO_SAMPLING__IMAGES_PER_ROUND"),
+        ("HERO_STORAGE_S3_SECRET_ACCESS_KEY", "HERO_STORAGE__S3_SECRET_ACCESS_KEY"),
+    ):
+        monkeypatch.setenv(one_underscore, "64")
+        with pytest.raises(ConfigError, match=f"{one_underscore} is not a setting: .* did you mean {meant}?"):
+            load_config()
+        monkeypatch.delenv(one_underscore)
     # the infra scripts' own variables, close to a setting's name as some are, and names far from any
     for other in ("HERO_LABEL_STUDIO_PORT", "HERO_LABEL_STUDIO_VENV", "HERO_S3_PORT", "HERO_HOME"):
         monkeypatch.setenv(other, "1")

@@ -23,6 +23,9 @@ class Tracker(Protocol):
     def log_params(self, params: dict[str, Any]) -> None:
         """Flat or nested params (nested keys are joined with '.'); secrets must be masked already."""
 
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        """Flat or nested tags, as params; a tag set again takes the new value."""
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
     def log_image(self, image: np.ndarray, artifact_file: str) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from hero_ml.adapters.tracking import TrackingError, unreachable
@@ -68,12 +68,17 @@ class MlflowTracker:
         new = [Param(k, v) for k, v in flat.items() if k not in existing]  # params are write-once
         changed = sorted(k for k, v in flat.items() if k in existing and existing[k] != v)
         if changed:
-            raise ValueError(
-                f"the run was started with other values of {', '.join(changed)}; resume with its config"
+            raise TrackingError(
+                f"MLflow run {self.run_id} was started with other values of {', '.join(changed)}: resume "
+                f"run {self.hero_run_id!r} with its own config (hero run --resume {self.hero_run_id})"
             )
         with self._calling("logging params"):
             for start in range(0, len(new), 100):  # MLflow's batch limit
                 self.client.log_batch(self.run_id, params=new[start : start + 100])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        with self._calling("setting tags"):
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in _flatten(tags).items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         stamp = _now_ms()

@@ -1,0 +1,24 @@
+"""Credentials out of URLs that are shown: exact outputs on hand-written cases."""
+
+from hero_ml.redact import redact, secret_query_keys
+
+
+def test_userinfo_and_secret_query_values_are_hidden_and_the_rest_is_kept() -> None:
+    text = (
+        "Client error '401 Unauthorized' for url 'http://admin:hunter2@127.0.0.1:4200/api/health'; "
+        "db postgresql+psycopg2://hero@db:5432/mlflow?sslmode=require&password=hunter2#x "
+        "and https://ls.example/?page=2&Auth-Token=abc;client_secret=def"
+    )
+    assert redact(text) == (
+        "Client error '401 Unauthorized' for url 'http://…@127.0.0.1:4200/api/health'; "
+        "db postgresql+psycopg2://…@db:5432/mlflow?sslmode=require&password=…#x "
+        "and https://ls.example/?page=2&Auth-Token=…;client_secret=…"
+    )
+    plain = "http://127.0.0.1:4200/api?limit=5 and a@b.example"
+    assert redact(plain) == plain
+
+
+def test_secret_query_keys_are_named_by_name_or_ending() -> None:
+    url = "https://h/?token=1&sslmode=require&db_password=2&sslkey=/k&apikey=3&X-Api-Key=4&monkey=5"
+    assert secret_query_keys(url) == ["token", "db_password", "apikey", "X-Api-Key"]
+    assert secret_query_keys("sqlite:///hero-data/mlflow.db") == []
