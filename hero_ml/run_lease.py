@@ -10,8 +10,10 @@ than ttl/2; past that it confirms on the store first and stops with LeaseLostErr
 has taken the run. The newest epoch may be taken when it is released, at once when it names a process of
 this host and PID namespace that is gone (a crash), when its last renewal is older than the TTL (the
 taker's clock against the holder's: hosts' clocks must agree to well within ttl/2, as NTP keeps them), or
-when a taker that watches it sees no renewal for a whole TTL of its own clock. The epochs stay as the
-run's history of writers.
+when a taker that watches it sees no renewal for a whole TTL of its own clock. A holder may renew
+unseen as it is taken over (between the taker's look and its create): so a renewal looks again after
+its put, and the taker of a lapsed lease makes its first write only ttl/2 after taking it, when such a
+holder has had to ask the store. The epochs stay as the run's history of writers.
 """
 
 from __future__ import annotations
@@ -75,6 +77,12 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def _crashed_here(record: LeaseRecord) -> bool:
+    """Whether the lease names a process of this host and PID namespace that is gone."""
+    here = record.process_scope is not None and record.process_scope == process_scope()
+    return here and not _process_alive(record.pid)
+
+
 class RunLease:
     def __init__(
         self,
@@ -93,6 +101,7 @@ class RunLease:
         self.epoch: int | None = None
         self._record: LeaseRecord | None = None
         self._renewed_at = (0.0, 0.0)  # (monotonic, wall) of the last renewal stored
+        self._quiet_until = 0.0  # monotonic: no write before it (a lapsed holder's last write window)
         self._lost: str | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -122,8 +131,7 @@ class RunLease:
 
     def _holds(self, record: LeaseRecord) -> str | None:
         """Why `record` still holds the run (None: it can be taken)."""
-        here = record.process_scope is not None and record.process_scope == process_scope()
-        if record.released or (here and not _process_alive(record.pid)):  # released, or crashed
+        if record.released or _crashed_here(record):
             return None
         age = self.clock() - record.renewed
         if age > self.ttl_s:
@@ -152,6 +160,9 @@ class RunLease:
                 _log.warning("run %r: waiting to see whether its writer is alive: %s", self.run_id, reason)
             time.sleep(self.ttl_s / 12)
             latest = self._latest()
+        # A holder taken over while it was alive but silent may have renewed between our look and our
+        # create, unseen: it then writes without asking the store for ttl/2. Our writes wait that out.
+        lapsed = latest is not None and not latest[1].released and not _crashed_here(latest[1])
         epoch = 0 if latest is None else latest[0] + 1
         now = self.clock()
         record = LeaseRecord(
@@ -172,6 +183,7 @@ class RunLease:
             )
         self.epoch, self._record, self._lost = epoch, record, None
         self._renewed_at = (time.monotonic(), now)
+        self._quiet_until = time.monotonic() + self.ttl_s / 2 if lapsed else 0.0
         self._stop.clear()
         self._heartbeat = threading.Thread(target=self._beat, name=f"lease-{self.run_id}", daemon=True)
         self._heartbeat.start()
@@ -185,6 +197,14 @@ class RunLease:
             self._renew()
         if self._lost is not None:
             raise LeaseLostError(self._lost)
+        if (quiet := self._quiet_until - time.monotonic()) > 0:
+            _log.warning(
+                "run %r: its last writer's lease lapsed; its writes may go on for %.0f s more: waiting",
+                self.run_id,
+                quiet,
+            )
+            time.sleep(quiet)
+            self._quiet_until = 0.0
 
     def _elapsed(self) -> float:
         # Both clocks: monotonic ignores wall-clock jumps, the wall clock counts a suspended machine.
@@ -206,6 +226,13 @@ class RunLease:
             self._record = self._record.model_copy(update={"renewed": now, "released": released})
             self.store.put(self._key(self.epoch), self._record.model_dump_json().encode())
             self._renewed_at = (time.monotonic(), now)
+            # a taker may have created the next epoch between our look and our put: look again, else
+            # we would write unchecked for ttl/2 beside it
+            if (after := self._latest()) is not None and after[0] > self.epoch:
+                self._lost = (
+                    f"run {self.run_id!r}: this process's lease (epoch {self.epoch}) was taken over "
+                    f"(pid {after[1].pid} on {after[1].host}) as it renewed; it stopped writing"
+                )
 
     def _beat(self) -> None:
         while not self._stop.wait(self.ttl_s / 6):

@@ -200,6 +200,59 @@ class RivalFirst:
         return getattr(self.inner, name)
 
 
+class TakenAsItRenews:
+    """A store on which a taker creates the next epoch while the holder renews: after the holder's
+    look at the newest epoch, before its put lands (the holder stalled past the TTL, then woke)."""
+
+    def __init__(self, inner: ArtifactStore, taker: RunLease) -> None:
+        self.inner = inner
+        self.taker = taker
+
+    def put(self, key: str, data: bytes) -> None:
+        if "/lease/" in key and self.taker.epoch is None:
+            self.taker.acquire(wait=False)
+        self.inner.put(key, data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_a_holder_taken_over_as_it_renews_stops_writing(store: ArtifactStore) -> None:
+    now = [time.time()]
+    taker = RunLease(store, "r", ttl_s=60, clock=lambda: now[0] + 61)  # sees the holder lapsed
+    racing = TakenAsItRenews(store, taker)
+    holder = RunLease(racing, "r", ttl_s=60, clock=lambda: now[0])  # type: ignore[arg-type]
+    holder.acquire()
+    holder._stop.set()  # its heartbeat is ours to drive
+    holder._renew()  # the taker creates epoch 1 between this renewal's look and its put
+    assert taker.epoch == 1
+    with pytest.raises(LeaseLostError, match=r"epoch 0\) was taken over \(pid .*\) as it renewed"):
+        LeasedStore(store, holder).put("runs/r/progress.json", b"stale")
+    assert not store.exists("runs/r/progress.json")
+    holder.release()
+    taker.release()
+
+
+def test_the_taker_of_a_lapsed_lease_writes_only_after_its_holders_unchecked_window(
+    store: ArtifactStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    ttl = 1.5
+    silent = RunLease(store, "r", ttl_s=ttl)
+    silent.acquire()
+    silent._stop.set()  # alive, renewing no more
+    with RunLease(store, "r", ttl_s=ttl, clock=lambda: time.time() + ttl + 1) as taker:
+        taken = time.monotonic()
+        LeasedStore(store, taker).put("runs/r/first", b"x")
+        assert time.monotonic() - taken >= ttl / 2 * 0.99  # load only lengthens it
+        assert "its last writer's lease lapsed" in caplog.text
+        caplog.clear()
+        LeasedStore(store, taker).put("runs/r/second", b"x")  # waited once
+    with RunLease(store, "r", ttl_s=ttl) as after_release:  # a released lease: no window to wait out
+        LeasedStore(store, after_release).put("runs/r/third", b"x")
+    assert "lapsed" not in caplog.text
+    silent.release()
+
+
 def test_of_two_processes_taking_one_epoch_at_once_the_second_is_refused(store: ArtifactStore) -> None:
     racing = RivalFirst(store)
     with pytest.raises(
