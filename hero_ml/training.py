@@ -147,6 +147,11 @@ class TrainingRun:
                 f"run {config.run_id!r} exists with another config (settings differ: {', '.join(changed)}); "
                 "resume it with its own config (hero run --resume) or choose a new run_id"
             )
+        if stored is None and self.runs.has_batch(0):  # its config is stored before its first round
+            raise RunError(
+                f"run {config.run_id!r} holds a round 0 but no run config: a round sampled by `hero sample`, "
+                "with settings a training run cannot check; choose another run_id for the training run"
+            )
         # the model before the run is stored: a run stored with a model that cannot load could only be
         # resumed with that model
         self.pipe = load_configured_pipeline(config.model)
@@ -268,7 +273,12 @@ class TrainingRun:
         task = self.task
         initial_noise = None if pool is None else pool.sample(n, torch.Generator().manual_seed(0))
         if label == "before" and (stored := self.runs.load_evaluation(label)) is not None:
-            return Evaluation(label, *stored)  # the base model's: measured once per run
+            # the base model's: measured once per run, tracked again (a crash may have come between
+            # storing and tracking it; MLflow keeps the same value at the same step)
+            result = Evaluation(label, *stored)
+            if self.tracker is not None:
+                self.tracker.log_metrics({f"eval_success_rate_{label}": result.success_rate}, step=0)
+            return result
 
         images = [0]
 
@@ -295,9 +305,8 @@ class TrainingRun:
             result = Evaluation(label, rate(), n)
         self.runs.save_evaluation(label, result.success_rate, result.images)
         if self.tracker is not None:
-            self.tracker.log_metrics(
-                {f"eval_success_rate_{label}": result.success_rate}, step=self.engine.round
-            )
+            step = 0 if label == "before" else self.engine.round
+            self.tracker.log_metrics({f"eval_success_rate_{label}": result.success_rate}, step=step)
         return result
 
     def log_final_artifacts(self) -> str | None:

@@ -16,6 +16,7 @@ from hero_ml.adapters.tracking.mlflow import RUN_ID_TAG, open_tracker
 from hero_ml.cli import app
 from hero_ml.config import HeroConfig, load_config, with_overrides
 from hero_ml.run_store import CorruptObjectError, RunStore
+from hero_ml.sample_round import sample_round
 from hero_ml.training import RunError, TrainingRun
 from tests.conftest import tiny_run
 
@@ -195,6 +196,32 @@ def test_a_resumed_run_tracks_into_its_mlflow_run_with_its_services_changed(
     tracker = open_tracker(resumed)
     with pytest.raises(TrackingError, match=r"other values of ddpo.lr: resume run 'tracked' with its own"):
         tracker.log_params({"ddpo": {"lr": 0.5}})
+
+
+def test_a_training_run_does_not_adopt_a_round_that_hero_sample_committed(tmp_path: Path) -> None:
+    # `hero sample` stores no run config: its round's prompt, model and seed cannot be checked
+    config = HeroConfig.model_validate({**small(tmp_path), "run_id": "sampled"})
+    sample_round(config)
+    with pytest.raises(RunError, match="run 'sampled' holds a round 0 but no run config: a round sampled by"):
+        TrainingRun(config, open_store(config.storage))
+    assert RunStore(open_store(config.storage), "sampled").load_config() is None  # nothing written
+
+
+def test_the_base_models_evaluation_is_tracked_though_it_was_stored_untracked(tmp_path: Path) -> None:
+    # a crash between storing the 'before' evaluation and tracking it: the resume tracks the stored one
+    config = HeroConfig.model_validate({**small(tmp_path), "run_id": "before"})
+    store = open_store(config.storage)
+    with TrainingRun(config, store) as run:
+        measured = run.evaluate("before")  # stored; no tracker yet
+    with TrainingRun(config, store) as run:
+        run.track_with(open_tracker(config))
+        assert run.evaluate("before") == measured  # not measured again
+    client = MlflowClient(tracking_uri=config.tracking.tracking_uri)
+    (tracked,) = client.search_runs(
+        [client.get_experiment_by_name("hero").experiment_id], f"tags.`{RUN_ID_TAG}` = 'before'"
+    )
+    history = client.get_metric_history(tracked.info.run_id, "eval_success_rate_before")
+    assert measured is not None and [(m.step, m.value) for m in history] == [(0, measured.success_rate)]
 
 
 def flat(text: str) -> str:
