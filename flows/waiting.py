@@ -101,8 +101,15 @@ class RoundResumer:
         return [(str(run.id), deployed_run_id(run.parameters, run.name)) for run in flow_runs]
 
     def poll(self) -> list[ResumeResult]:
-        """Check every suspended hero-training run once; resume those whose round may close."""
-        return [self.resume_if_ready(flow_run_id, run_id) for flow_run_id, run_id in self.suspended_runs()]
+        """Check every suspended hero-training run once; resume those whose round may close. A run
+        whose check fails unexpectedly is reported with the error, and the others are still checked."""
+        results = []
+        for flow_run_id, run_id in self.suspended_runs():
+            try:
+                results.append(self.resume_if_ready(flow_run_id, run_id))
+            except Exception as err:  # one run's failure must not strand every other run's round
+                results.append(ResumeResult(flow_run_id, run_id, None, False, f"check failed: {err!r}"))
+        return results
 
 
 @flow(name="hero-poll-rounds")

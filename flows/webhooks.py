@@ -258,7 +258,12 @@ def create_app(
         return JSONResponse({"queued": len(found)}, status_code=202)
 
     async def health(request: Request) -> JSONResponse:
-        return JSONResponse({"ok": True, "idle": checks.idle(), **counters.__dict__})
+        # the counts for anyone (a load balancer's probe); the last results' reasons, which name
+        # buckets, servers and runs, only for a caller with the shared secret
+        state = {"ok": True, "idle": checks.idle(), **counters.__dict__}
+        if not hmac.compare_digest(request.headers.get(WEBHOOK_SECRET_HEADER, "").encode(), expected):
+            del state["last_results"]
+        return JSONResponse(state)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -480,7 +480,19 @@ class StorageConfig(_Section):
     s3_endpoint_url: HttpUrl | None = Field(
         None, description="S3 endpoint for MinIO or other S3-compatible servers; empty for AWS."
     )
-    s3_region: str = Field("us-east-1", description="S3 region.")
+    s3_region: str = Field(
+        "us-east-1",
+        description="S3 region, e.g. us-east-1 (lower case letters, digits and '-').",
+    )
+
+    @field_validator("s3_region")
+    @classmethod
+    def _a_region_name(cls, region: str) -> str:
+        # botocore would refuse it only when the store opens, with its own traceback
+        if not re.fullmatch(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", region):
+            raise ValueError("a region is lower case letters, digits and '-', e.g. us-east-1 or eu-west-2")
+        return region
+
     s3_access_key_id: SecretStr | None = Field(
         None, description="S3 access key id; empty to use the standard AWS credential chain."
     )
@@ -554,12 +566,40 @@ class TrackingConfig(_Section):
             )
         return uri
 
+    # MLflow's rules, checked here: else a bad name fails only when a finished run registers its LoRA
     registered_model: str = Field(
-        "hero-lora", min_length=1, description="Registry name LoRAs are registered under."
+        "hero-lora",
+        min_length=1,
+        description="Registry name LoRAs are registered under (no '/', ':' or '@': models:/<name>@<alias>).",
     )
     champion_alias: str = Field(
-        "champion", min_length=1, description="Registry alias of the LoRA in production."
+        "champion",
+        description=(
+            "Registry alias of the LoRA in production: letters, digits, '_' and '-'; 'latest' and "
+            "v<number> are MLflow's own."
+        ),
     )
+
+    @field_validator("registered_model")
+    @classmethod
+    def _an_mlflow_model_name(cls, name: str) -> str:
+        if set(name) & set("/:@") or name != name.strip():
+            raise ValueError(
+                "MLflow takes no '/', ':' or '@' in a model's name, nor spaces around it: e.g. 'hero-lora'"
+            )
+        return name
+
+    @field_validator("champion_alias")
+    @classmethod
+    def _an_mlflow_alias(cls, alias: str) -> str:
+        if not re.fullmatch(r"[\w-]{1,255}", alias):
+            raise ValueError("an alias is 1 to 255 letters, digits, '_' and '-': e.g. 'champion'")
+        if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+            raise ValueError(
+                "'latest' and v<number> are MLflow's own aliases: choose another, e.g. 'champion'"
+            )
+        return alias
+
     register_lora: bool = Field(
         True,
         description=(
@@ -636,7 +676,8 @@ class OrchestrationConfig(_Section):
         None,
         description=(
             "Where Label Studio posts annotation events (`hero serve-webhooks`, reachable from Label "
-            "Studio); the run registers it on its project. None: rounds resume by the poller alone."
+            "Studio); the run registers it on its project with webhook_secret, which it needs. None: "
+            "rounds resume by the poller alone."
         ),
     )
     round_deadline_h: float | None = Field(
@@ -661,6 +702,17 @@ class OrchestrationConfig(_Section):
             "hero-poll-rounds deployment): they resume rounds whose webhook events were lost."
         ),
     )
+
+    @model_validator(mode="after")
+    def _webhook_needs_secret(self) -> OrchestrationConfig:
+        # registered without the secret, every event would be refused by `hero serve-webhooks`, and
+        # the run would replace the secret header of a webhook registered with one
+        if self.webhook_url is not None and self.webhook_secret is None:
+            raise ValueError(
+                "webhook_url is set but webhook_secret is not: set HERO_ORCHESTRATION__WEBHOOK_SECRET "
+                "in this process's environment (the receiver's secret), or unset webhook_url"
+            )
+        return self
 
 
 class HeroConfig(BaseSettings):
@@ -847,6 +899,11 @@ def with_overrides(config: HeroConfig, overrides: dict[str, dict[str, Any] | Any
 
     Overrides come from command-line flags and deployment parameters, which Prefect stores in plain
     text: a secret is refused there (it belongs in the worker's environment)."""
+    if not isinstance(overrides, dict):  # a deployment's `config` parameter is free-form JSON
+        raise ConfigError(
+            f'overrides: a mapping of sections and fields is wanted, e.g. {{"feedback": {{"budget": '
+            f"256}}}}, got a {type(overrides).__name__}"
+        )
     data = config.model_dump()
     for key, value in overrides.items():
         if key not in data:
@@ -854,8 +911,10 @@ def with_overrides(config: HeroConfig, overrides: dict[str, dict[str, Any] | Any
         if not isinstance(data[key], dict):
             data[key] = value
             continue
-        if not isinstance(value, dict):
-            raise ConfigError(f"override {key!r}: a section takes a mapping of its fields, got {value!r}")
+        if not isinstance(value, dict):  # not shown: in a section's place, it may be a secret
+            raise ConfigError(
+                f"override {key!r}: a section takes a mapping of its fields, got a {type(value).__name__}"
+            )
         for name in value:
             if name in _secret_fields(key):
                 variable = ENV_PREFIX + ENV_NESTED_DELIMITER.join((key, name)).upper()

@@ -36,7 +36,7 @@ from hero_ml.adapters.tracking import Tracker
 from hero_ml.config import HeroConfig
 from hero_ml.faults import crash_point
 from hero_ml.feedback import RoundFeedback
-from hero_ml.run_store import ANNOTATIONS, CURRENT_BEST, GRID, PUBLISHED, RunStore
+from hero_ml.run_store import ANNOTATIONS, CURRENT_BEST, GRID, PublishedRecord, RunStore
 
 __all__ = ["LabelStudioError", "LabelStudioRounds", "Progress", "Published", "Readiness", "open_projects"]
 
@@ -152,35 +152,30 @@ class LabelStudioRounds:
         present = self.projects.held_tasks(project_id, tasks)  # another run's tasks: refused, nothing written
         # the first attempt starts the clock, before the import: a crash part-way through the import
         # (tasks out, record not yet written) must not restart the deadline when publishing again
-        if self.published(round_index) is None:
-            record = {
-                "published_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                "project_id": project_id,
-                "flow_run_id": flow_run_id,
-                "tasks": len(tasks),
-            }
-            self.runs.put_round_object(round_index, PUBLISHED, json.dumps(record).encode())
+        if self.runs.load_published(round_index) is None:
+            record = PublishedRecord(
+                published_at=datetime.now(UTC).replace(microsecond=0),
+                project_id=project_id,
+                flow_run_id=flow_run_id,
+                tasks=len(tasks),
+            )
+            self.runs.save_published(round_index, record)
         created, existing = self.projects.publish(project_id, tasks, present)
         return Published(project_id, created, existing, self.projects.project_url(project_id))
-
-    def published(self, round_index: int) -> dict | None:
-        """When and to which project the round's tasks first went out (published.json); None: not yet."""
-        key = f"{self.runs.round_prefix(round_index)}/{PUBLISHED}"
-        return json.loads(self.runs.store.get(key)) if self.runs.store.exists(key) else None
 
     def readiness(self, round_index: int, now: datetime | None = None) -> Readiness:
         """Whether the published round may close now, by the run's policy (orchestration section).
         Reads the round's project as published: no project set-up, so a check costs one task read."""
-        published = self.published(round_index)
+        published = self.runs.load_published(round_index)
         if published is None:
             return Readiness(False, f"round {round_index} is not published")
-        project_tasks = self.projects.tasks(int(published["project_id"]))
+        project_tasks = self.projects.tasks(published.project_id)
         collected, _ = self._collect(round_index, self._image_ids(round_index), project_tasks)
         policy = self.config.orchestration
         return readiness(
             collected.progress,
             first_round=round_index == 0,
-            published_at=datetime.fromisoformat(published["published_at"]),
+            published_at=published.published_at,
             now=now or datetime.now(UTC),
             deadline_h=policy.round_deadline_h,
             deadline_min_labels=policy.deadline_min_labels,

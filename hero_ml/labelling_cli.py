@@ -59,12 +59,18 @@ def setup(
                 "listens, e.g. http://hero-webhooks:8765/webhooks/label-studio"
             ) from None
     resolved, rounds = _rounds(config, run_id)
+    hook = None
+    if webhook_url is not None:
+        try:  # checked as the config's: no credentials in it, and the secret set
+            hook = with_overrides(resolved, {"orchestration": {"webhook_url": webhook_url}}).orchestration
+        except ConfigError as err:
+            raise fail(f"--webhook-url: {err}") from None
     try:
         rounds.projects.check()  # Label Studio's, and it takes the key: before a project is made
         project_id = rounds.project()
         hooked = (
-            rounds.projects.ensure_webhook(project_id, webhook_url, resolved.orchestration.webhook_secret)
-            if webhook_url
+            rounds.projects.ensure_webhook(project_id, str(hook.webhook_url), hook.webhook_secret)
+            if hook is not None
             else None
         )
     except (LabelStudioError, StorageError) as err:
@@ -72,10 +78,9 @@ def setup(
     console.print(
         f"project {rounds.projects.title(resolved.run_id)!r}: {rounds.projects.project_url(project_id)}"
     )
-    if hooked is not None:
-        secret = "with" if resolved.orchestration.webhook_secret else "[yellow]without[/]"
+    if hook is not None:
         state = "registered" if hooked else "already registered"
-        console.print(f"webhook {state}: {webhook_url} ({secret} the shared secret header)", highlight=False)
+        console.print(f"webhook {state}: {hook.webhook_url} (with the shared secret header)", highlight=False)
 
 
 @labelstudio_app.command("status")

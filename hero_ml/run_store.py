@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from hero_ml.adapters.storage import ArtifactStore, StorageError
 from hero_ml.config import format_validation_error
@@ -76,6 +76,15 @@ class _CheckpointCommit(BaseModel):
 
 class _Progress(BaseModel):
     checkpoint: int = Field(ge=0)
+
+
+class PublishedRecord(BaseModel):
+    """When and to which Label Studio project a round's tasks first went out (its deadline's clock)."""
+
+    published_at: AwareDatetime
+    project_id: int = Field(ge=1)
+    flow_run_id: str | None  # the flow run waiting for the round; None: published by hand
+    tasks: int = Field(ge=1)
 
 
 class _Evaluation(BaseModel):
@@ -278,6 +287,14 @@ class RunStore:
             )
         return record.success_rate, record.images
 
+    def save_published(self, round_index: int, record: PublishedRecord) -> None:
+        self.put_round_object(round_index, PUBLISHED, record.model_dump_json().encode())
+
+    def load_published(self, round_index: int) -> PublishedRecord | None:
+        """The round's published.json; None: its tasks have not gone out yet."""
+        key = f"{self.round_prefix(round_index)}/{PUBLISHED}"
+        return self._record(key, PublishedRecord) if self.store.exists(key) else None
+
     def put_round_object(self, round_index: int, name: str, data: bytes) -> str:
         """Write a labelling object of a committed round (CURRENT_BEST, ANNOTATIONS, PUBLISHED); its key."""
         if name not in _LABELLING:
@@ -378,7 +395,11 @@ class RunStore:
             for name, expected in listed.items():
                 check(f"{prefix}/{name}", expected)
             # the records written after the commit have no checksum: they must at least be readable
-            for name, read in ((FEEDBACK, self.load_feedback), (STATS, self.load_stats)):
+            for name, read in (
+                (FEEDBACK, self.load_feedback),
+                (STATS, self.load_stats),
+                (PUBLISHED, self.load_published),
+            ):
                 if name in objects:
                     try:
                         read(index)

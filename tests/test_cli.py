@@ -461,6 +461,14 @@ def test_labelstudio_setup_refuses_a_webhook_url_that_is_not_one(monkeypatch: py
     result = runner.invoke(app, ["labelstudio", "setup", "--run-id", "r", "--webhook-url", "notaurl"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "--webhook-url 'notaurl' is not an http(s) URL" in " ".join(result.output.split())
+    # as the config's: no credentials in it (it is published), and the shared secret set
+    for url, expected in (
+        ("http://hooks.example/in?token=hunter2", "orchestration.webhook_url: holds credentials"),
+        ("http://hooks.example/in", "webhook_url is set but webhook_secret is not"),
+    ):
+        result = runner.invoke(app, ["labelstudio", "setup", "--run-id", "r", "--webhook-url", url])
+        assert result.exit_code == 1 and expected in " ".join(result.output.split()), result.output
+        assert "hunter2" not in result.output
 
 
 @pytest.mark.parametrize("cron", ["not a cron", "61 2 * * 1", "0 2 * *"])

@@ -145,7 +145,7 @@ def test_a_new_run_under_a_kept_projects_name_is_refused_not_fed_its_labels(
     again_runs.commit_batch(batch, {"prompt": PROMPT})
     with pytest.raises(LabelStudioError, match=f"already holds round 0 of a run named '{config.run_id}'"):
         rounds(again, again_runs).publish(0, current_best=None, flow_run_id="flow-new")
-    assert rounds(again, again_runs).published(0) is None  # nothing written: the clock has not started
+    assert again_runs.load_published(0) is None  # nothing written: the clock has not started
     admin = LabelStudio(base_url=label_studio_server.url, api_key=label_studio_server.admin_token)
     tasks = list(admin.tasks.list(project=first.project_id, fields="all"))
     assert len(tasks) == 5 and {t.data["hero"]["flow_run_id"] for t in tasks} == {"flow-old"}
@@ -272,6 +272,13 @@ def test_setup_creates_the_project_and_its_webhook_once(
     rotated_env = {**env, "HERO_ORCHESTRATION__WEBHOOK_SECRET": "rotated-secret-987"}
     rotated = runner.invoke(app, args, env=rotated_env)
     assert rotated.exit_code == 0, rotated.output
+    (hook,) = admin.webhooks.list(project=str(project.id))
+    assert hook.headers == {"X-Hero-Webhook-Secret": "rotated-secret-987"}
+
+    # a process without the secret is refused: it would strip the header, and the receiver refuse all
+    refused = runner.invoke(app, args, env={**env, "HERO_ORCHESTRATION__WEBHOOK_SECRET": None})
+    message = " ".join(refused.output.split())
+    assert refused.exit_code == 1 and "webhook_url is set but webhook_secret is not" in message
     (hook,) = admin.webhooks.list(project=str(project.id))
     assert hook.headers == {"X-Hero-Webhook-Secret": "rotated-secret-987"}
 

@@ -139,6 +139,10 @@ def stack(
                 "s3_secret_access_key": secrets["HERO_STORAGE__S3_SECRET_ACCESS_KEY"],
             },
             "label_studio": {**settings["label_studio"], "api_key": label_studio_server.admin_token},
+            "orchestration": {
+                **settings["orchestration"],
+                "webhook_secret": secrets["HERO_ORCHESTRATION__WEBHOOK_SECRET"],
+            },
         }
     )
     stack = Stack(env, config, str(settings["orchestration"]["webhook_url"]), logs, f"e2e-gpu-{tag}", secrets)

@@ -212,6 +212,19 @@ def test_a_damaged_record_of_a_run_is_named_with_what_is_wrong(tmp_path: Path, b
     (root / "rounds" / "0" / "stats.json").write_text("[1, 2]")
     assert "stats.json is not a readable record of a round's learning" in runs.verify().problems[0]
     (root / "rounds" / "0" / "stats.json").unlink()
+    # a naive time would start a deadline's clock in no zone
+    published = {"published_at": "2026-12-06T10:00:00", "project_id": 3, "flow_run_id": None, "tasks": 7}
+    (root / "rounds" / "0" / "published.json").write_text(json.dumps(published))
+    with pytest.raises(
+        CorruptObjectError, match=r"published.json is not a readable record .*\n  published_at: "
+    ):
+        runs.load_published(0)
+    assert "published.json is not a readable record" in runs.verify().problems[0]
+    (root / "rounds" / "0" / "published.json").write_text(
+        json.dumps({**published, "published_at": "2026-12-06T10:00:00Z"})
+    )
+    assert runs.load_published(0).project_id == 3 and runs.verify().ok
+    (root / "rounds" / "0" / "published.json").unlink()
     (root / "progress.json").write_text(json.dumps({"checkpoint": "x"}))
     with pytest.raises(
         CorruptObjectError, match=r"progress.json is not a readable record .*\n  checkpoint: "

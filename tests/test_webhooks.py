@@ -83,8 +83,9 @@ def post(url: str, body: Any, secret: str | None = SECRET, raw: bytes | None = N
     return requests.post(f"{url}/webhooks/label-studio", data=data, headers=headers, timeout=10)
 
 
-def health(url: str) -> dict[str, Any]:
-    return requests.get(f"{url}/health", timeout=10).json()
+def health(url: str, secret: str | None = None) -> dict[str, Any]:
+    headers = {HEADER: secret} if secret is not None else {}
+    return requests.get(f"{url}/health", headers=headers, timeout=10).json()
 
 
 def settle(url: str) -> dict[str, Any]:
@@ -168,8 +169,9 @@ def test_a_run_not_suspended_yet_is_checked_again() -> None:
             assert time.monotonic() < deadline, health(url)
             time.sleep(0.05)
         state = settle(url)
-        assert (state["checked"], state["resumed"]) == (2, 1)
-        assert state["last_results"][-1]["reason"] == "complete"
+        assert (state["checked"], state["resumed"]) == (2, 1) and "last_results" not in state
+        assert health(url, SECRET)["last_results"][-1]["reason"] == "complete"  # for the secret's holder
+        assert "last_results" not in health(url, "a wrong secret")
 
 
 def test_pause_keys_name_their_round_and_flow_runs_their_hero_run() -> None:
@@ -271,6 +273,22 @@ def test_a_suspended_run_that_cannot_be_checked_is_reported_and_the_poll_goes_on
     assert len(mine) == 1 and not mine[0].resumed and mine[0].round == 0
     assert mine[0].run_id == "../other-team/run"
     assert mine[0].reason.startswith("cannot check round 0:") and "other-team" in mine[0].reason
+
+
+def test_a_run_whose_published_record_is_damaged_is_named_and_the_poll_goes_on(tmp_path: Path) -> None:
+    from hero_ml.config import HeroConfig
+    from hero_ml.run_store import RunStore
+
+    flow_run_id, resumer = suspended_for_round_0("damaged", tmp_path)
+    runs = RunStore(resumer.store, "damaged")
+    runs.save_config(HeroConfig(run_id="damaged").to_public_dict())
+    key = f"{runs.round_prefix(0)}/published.json"
+    for content in (b"{not json", b'{"project_id": 1, "flow_run_id": null, "tasks": 3}'):
+        resumer.store.put(key, content)
+        mine = [r for r in resumer.poll() if r.flow_run_id == flow_run_id]
+        assert len(mine) == 1 and not mine[0].resumed, mine
+        assert mine[0].reason.startswith("cannot check round 0:") and key in mine[0].reason
+        assert "is not a readable record (edited or damaged)" in mine[0].reason
 
 
 def test_an_event_naming_another_run_than_the_flow_run_trains_resumes_nothing(tmp_path: Path) -> None:

@@ -1,10 +1,11 @@
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 from pydantic import ValidationError
 
-from hero_ml.config import ConfigError, HeroConfig, load_config
+from hero_ml.config import ConfigError, HeroConfig, load_config, with_overrides
 
 
 def write(tmp_path: Path, data: object) -> Path:
@@ -394,16 +395,46 @@ def test_overrides_name_what_is_wrong_and_refuse_secrets() -> None:
     with pytest.raises(ConfigError, match="override 'sampling ': no such setting"):
         with_overrides(config, {"sampling ": {"seed": 1}})
     with pytest.raises(
-        ConfigError, match="override 'feedback': a section takes a mapping of its fields, got 3"
+        ConfigError, match="override 'feedback': a section takes a mapping of its fields, got a int"
     ):
         with_overrides(config, {"feedback": 3})
     with pytest.raises(ConfigError, match=r"sampling\.promt"):
         with_overrides(config, {"sampling": {"promt": "a cat"}})
+    for not_a_mapping in ('{"run_id": "x"}', ["run_id"]):  # JSON text typed in Prefect's UI, a list
+        with pytest.raises(
+            ConfigError, match=r"overrides: a mapping of sections and fields is wanted, e\.g\."
+        ):
+            with_overrides(config, not_a_mapping)  # type: ignore[arg-type]
     for section, name in [("label_studio", "api_key"), ("storage", "s3_secret_access_key")]:
         variable = f"HERO_{section}__{name}".upper()
         with pytest.raises(ConfigError, match=f"{section}.{name}: a secret .* set {variable}") as refused:
             with_overrides(config, {section: {name: "hunter2-secret"}})
         assert "hunter2" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "value", "expected"),
+    [
+        ("tracking", "registered_model", "team/hero", "MLflow takes no '/', ':' or '@'"),
+        ("tracking", "registered_model", "hero@v1", "MLflow takes no '/', ':' or '@'"),
+        ("tracking", "champion_alias", "prod.v1", "an alias is 1 to 255 letters, digits"),
+        ("tracking", "champion_alias", "Latest", "'latest' and v<number> are MLflow's own"),
+        ("tracking", "champion_alias", "v3", "'latest' and v<number> are MLflow's own"),
+        ("storage", "s3_region", "us east 1", "a region is lower case letters, digits and '-'"),
+    ],
+)
+def test_names_a_service_would_refuse_only_later_are_refused_at_load(
+    section: str, field: str, value: str, expected: str
+) -> None:
+    # a bad registry name would fail only when a finished run registers its LoRA; a bad region when
+    # the store opens, as botocore's traceback
+    with pytest.raises(ConfigError, match=rf"{section}\.{field}: Value error, {re.escape(expected)}"):
+        with_overrides(HeroConfig(), {section: {field: value}})
+    fine = {"registered_model": "Team Hero.lora", "champion_alias": "prod_v1-b", "s3_region": "eu-west-2"}
+    assert (
+        getattr(with_overrides(HeroConfig(), {section: {field: fine[field]}}), section).model_dump()[field]
+        == fine[field]
+    )
 
 
 def test_a_stored_config_comes_back_with_todays_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
