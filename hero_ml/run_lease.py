@@ -176,8 +176,12 @@ class RunLease:
         self.store.create(self._key(epoch), record.model_dump_json().encode())
         # Read back whatever create said: a server that ignores If-None-Match lets the last of two
         # creators win silently, and a "taken" can be this process's own PUT, done but its answer lost
-        # and the retry refused.
-        if json.loads(self.store.get(self._key(epoch)))["owner"] != self.owner:
+        # and the retry refused. Nothing there: S3's 409, another's create in flight that then failed.
+        try:
+            taken_by_another = json.loads(self.store.get(self._key(epoch)))["owner"] != self.owner
+        except KeyError:
+            taken_by_another = True
+        if taken_by_another:
             raise RunLeasedError(
                 f"run {self.run_id!r}: another process took its lease (epoch {epoch}) at the same moment"
             )

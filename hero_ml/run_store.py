@@ -325,6 +325,18 @@ class RunStore:
         key = f"{self.prefix}/progress.json"
         return self._record(key, _Progress).checkpoint if self.store.exists(key) else None
 
+    def resume_checkpoint(self) -> int | None:
+        """The checkpoint a resumed run starts from: progress.json's, or the next one when a crash
+        came between committing it and moving progress.json there (which this then does). Learning
+        that round again instead could write other tensors (a GPU is not deterministic) under the
+        committed state.json, and a crash amid that would leave a checkpoint that fails its checksum."""
+        latest = self.latest_checkpoint()
+        following = 0 if latest is None else latest + 1
+        if not self.store.exists(f"{self.checkpoint_prefix(following)}/{STATE}"):
+            return latest
+        self.store.put(f"{self.prefix}/progress.json", json.dumps({"checkpoint": following}).encode())
+        return following
+
     # -- inspection -----------------------------------------------------------------------------------
 
     def _objects_by_round(self, kind: str) -> dict[int, dict[str, int]]:

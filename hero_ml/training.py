@@ -157,7 +157,7 @@ class TrainingRun:
         self.pipe = load_configured_pipeline(config.model)
         if stored is None:
             self.runs.save_config(config.to_public_dict())
-        latest = self.runs.latest_checkpoint()
+        latest = self.runs.resume_checkpoint()
         self.engine = (
             Engine(config, self.pipe)
             if latest is None

@@ -198,6 +198,27 @@ def test_a_resumed_run_tracks_into_its_mlflow_run_with_its_services_changed(
         tracker.log_params({"ddpo": {"lr": 0.5}})
 
 
+def test_a_checkpoint_committed_just_before_a_crash_is_resumed_from_not_learned_again(tmp_path: Path) -> None:
+    config = HeroConfig.model_validate({**small(tmp_path), "run_id": "committed"})
+    store = open_store(config.storage)
+    with TrainingRun(config, store) as run:
+        for _ in range(2):
+            batch = run.generate()
+            run.learn(batch, run.feedback(batch))
+        learned = final_lora(run)
+    runs = RunStore(store, "committed")
+    state = (tmp_path / "data" / "runs" / "committed" / "checkpoints" / "1" / "state.json").read_bytes()
+    # the crash came after checkpoint 1's state.json, before progress.json moved to it
+    store.put("runs/committed/progress.json", json.dumps({"checkpoint": 0}).encode())
+    with TrainingRun(config, store) as run:
+        assert run.engine.round == 2 and run.done  # nothing learned again
+        assert all(torch.equal(a, b) for a, b in zip(final_lora(run), learned, strict=True))
+    assert runs.latest_checkpoint() == 1 and runs.verify().ok
+    assert (
+        tmp_path / "data" / "runs" / "committed" / "checkpoints" / "1" / "state.json"
+    ).read_bytes() == state
+
+
 def test_a_training_run_does_not_adopt_a_round_that_hero_sample_committed(tmp_path: Path) -> None:
     # `hero sample` stores no run config: its round's prompt, model and seed cannot be checked
     config = HeroConfig.model_validate({**small(tmp_path), "run_id": "sampled"})

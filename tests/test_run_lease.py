@@ -263,6 +263,25 @@ def test_of_two_processes_taking_one_epoch_at_once_the_second_is_refused(store: 
     racing.rival.release()
 
 
+class ConflictThenNothing:
+    """S3's 409 ConditionalRequestConflict: another conditional write of the key in flight, which then
+    fails, so nothing is there (a server on loopback cannot be made to answer this on cue)."""
+
+    def __init__(self, inner: ArtifactStore) -> None:
+        self.inner = inner
+
+    def create(self, key: str, data: bytes) -> bool:
+        return False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_a_create_refused_for_a_write_that_then_failed_is_a_readable_refusal(store: ArtifactStore) -> None:
+    with pytest.raises(RunLeasedError, match=r"another process took its lease \(epoch 0\) at the same"):
+        RunLease(ConflictThenNothing(store), "r").acquire(wait=False)  # type: ignore[arg-type]
+
+
 def test_the_heartbeat_renews_again_once_the_store_is_back(s3_server: Service) -> None:
     down = threading.Event()
     with FaultProxy(s3_server.url, lambda n, method, path: "503" if down.is_set() else None) as proxy:
