@@ -1,6 +1,7 @@
 # One-command set-up: every target installs what it needs into .venv from nothing.
-# torch goes in first and alone, pinned by constraints.txt, so that no package pulls CUDA wheels
-# onto a CPU machine. Extra pip arguments for torch alone (e.g. another wheel index): TORCH_PIP_ARGS.
+# torch goes in first and alone, pinned by constraints.txt, so that no other package picks its build;
+# the wheel index picks CPU or CUDA. Extra pip arguments for torch alone (e.g. PyTorch's CPU index on a
+# machine without a GPU): TORCH_PIP_ARGS.
 
 PYTHON ?= python3
 VENV ?= .venv
