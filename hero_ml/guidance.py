@@ -43,7 +43,9 @@ def guided_initial_noise(
         raise ValueError(f"best_ratio and eps must lie in [0, 1], got {best_ratio} and {eps}")
     if good.shape[1:] != best.shape:
         raise ValueError(f"good noises have shape {tuple(good.shape[1:])}, the best {tuple(best.shape)}")
-    n_best = math.ceil(n * best_ratio)  # the reference's `index < n * ratio`
+    # the reference's `index < n * ratio`, on the product as written (100 x 0.07 is 7.000000000000001
+    # in floats, which would give the best 8 noises)
+    n_best = math.ceil(round(n * best_ratio, 9))
     pool = good if len(good) and best_ratio > 0 else torch.cat([good, best[None]])
     picks = torch.randint(len(pool), (n - n_best,), generator=generator)
     centres = torch.cat([best.expand(n_best, *best.shape), pool[picks]])

@@ -90,3 +90,32 @@ def test_d3po_starts_at_the_reference_and_learns_the_preference(tiny_pipe: Stabl
     )
     after = log_ratio()
     assert after[[0, 2]].mean() > after[[1, 3]].mean()  # winners now likelier, relative to the reference
+
+
+def test_d3po_objective_scores_each_pair_at_one_step_against_the_frozen_base(
+    tiny_pipe: StableDiffusionPipeline,
+) -> None:
+    torch.manual_seed(0)
+    params = add_lora(tiny_pipe.unet, rank=4, alpha=4)
+    with torch.no_grad():  # a trained LoRA: the policy is not the reference any more
+        for param in params:
+            param.add_(0.2 * torch.randn_like(param))
+    trajectory = sample_trajectories(
+        tiny_pipe, ["a red circle"] * 4, per_image_generators(0, 4), num_steps=4, guidance_scale=5.0, eta=1.0
+    )
+    pairs = torch.tensor([[0, 1], [2, 3], [3, 0]])
+    units, steps = torch.tensor([0, 1, 2]), torch.tensor([0, 3, 1])
+    loss, approx_kl, clip_fraction = d3po_objective(tiny_pipe, trajectory, pairs, beta=0.1, eps=0.1)(
+        units, steps
+    )
+
+    # each side scored independently: a pair's winner and loser at the pair's own step
+    with torch.no_grad():
+        policy = [recompute_log_probs(tiny_pipe, trajectory, pairs[:, side], steps) for side in (0, 1)]
+        with adapters_disabled(tiny_pipe.unet):
+            base = [recompute_log_probs(tiny_pipe, trajectory, pairs[:, side], steps) for side in (0, 1)]
+    expected = d3po_loss(policy[0], base[0], policy[1], base[1], beta=0.1, eps=0.1)
+    torch.testing.assert_close(loss.detach(), expected[0])
+    torch.testing.assert_close(approx_kl, expected[1])
+    torch.testing.assert_close(clip_fraction, expected[2])
+    assert approx_kl.item() > 0  # measured against the base, not against itself

@@ -44,16 +44,17 @@ def test_gaussian_log_prob_equals_torch_normal_mean_over_elements() -> None:
     torch.testing.assert_close(gaussian_log_prob(x, mean, std), expected)
 
 
+@pytest.mark.parametrize("eta", [0.3, 1.0])  # below 1 the std and diffusers' variance differ
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_mean_and_std_reproduce_diffusers_ddim_step(prediction_type: str) -> None:
+def test_mean_and_std_reproduce_diffusers_ddim_step(prediction_type: str, eta: float) -> None:
     scheduler = make_scheduler(prediction_type=prediction_type)
     gen = torch.Generator().manual_seed(1)
     for t in scheduler.timesteps:  # includes the last step, where alpha_prev is final_alpha_cumprod
         sample = torch.randn(2, 4, 8, 8, generator=gen)
         model_output = torch.randn(2, 4, 8, 8, generator=gen)
         noise = torch.randn(2, 4, 8, 8, generator=gen)
-        expected = scheduler.step(model_output, t, sample, eta=1.0, variance_noise=noise).prev_sample
-        mean, std = ddim_step_mean_std(scheduler, model_output, t.expand(2), sample, eta=1.0)
+        expected = scheduler.step(model_output, t, sample, eta=eta, variance_noise=noise).prev_sample
+        mean, std = ddim_step_mean_std(scheduler, model_output, t.expand(2), sample, eta=eta)
         torch.testing.assert_close(mean + std * noise, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -46,6 +46,22 @@ def test_majority_per_image_and_plurality_best_among_the_good() -> None:
     assert verdict.feedbacks == 12
 
 
+def test_more_best_votes_beat_more_good_labels() -> None:
+    # good votes: img-0 3/4, img-1 4/4; best votes: img-0 2, img-1 1, KEEP 1
+    verdict = aggregate(
+        [
+            labels("a", "ggbb", best=0),
+            labels("b", "ggbb", best=0),
+            labels("c", "ggbb", best=1),
+            labels("d", "bgbb"),
+        ],
+        IDS,
+        has_current_best=True,
+    )
+    assert verdict.good == (True, True, False, False) and verdict.best == 0
+    assert verdict.best_agreement == pytest.approx(2 / 4)
+
+
 def test_a_tie_on_a_label_is_bad_and_keep_wins_a_tied_best() -> None:
     verdict = aggregate([labels("a", "gbbb", best=0), labels("b", "bbbb")], IDS, has_current_best=True)
     assert verdict.good == (False, False, False, False)  # img-0: 1 of 2 is not a majority

@@ -30,6 +30,10 @@ def test_the_best_has_its_share_and_no_more() -> None:
     noise = guided_initial_noise(best, good, 10, best_ratio=0.3, eps=0.0, generator=gen)
     assert all(torch.equal(noise[i], best) for i in range(3))
     assert all(any(torch.equal(noise[i], g) for g in good) for i in range(3, 10))
+    # the share is the product as written, rounded up: 100 x 0.07 is 7 (7.000000000000001 in floats)
+    for n, ratio, share in ((100, 0.07, 7), (50, 0.14, 7), (10, 0.25, 3)):
+        noise = guided_initial_noise(best, good, n, best_ratio=ratio, eps=0.0, generator=gen)
+        assert sum(torch.equal(x, best) for x in noise) == share
     # the reference's best_ratio 0: no share of its own, the best is drawn like a good image
     noise = guided_initial_noise(best, good, 200, best_ratio=0.0, eps=0.0, generator=gen)
     drawn_best = sum(torch.equal(x, best) for x in noise)
