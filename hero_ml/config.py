@@ -63,8 +63,8 @@ OTHER_ENV_VARIABLES = frozenset(
 )
 
 
-# MLflow's tracking stores ('' is a plain folder path)
-TRACKING_SCHEMES = {"", "sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks"}
+# MLflow's tracking stores (its file store, a plain folder or file://, refuses to open since MLflow 3.x)
+TRACKING_SCHEMES = {"sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks"}
 DATABASE_SCHEMES = {"postgresql", "mysql", "mssql"}  # a user name in their URIs is not a secret
 SEED_MAX = 2**63 - 1  # torch's generators take seeds below 2**63
 SECRET_MASK = "**********"  # how pydantic dumps a SecretStr to JSON
@@ -119,8 +119,9 @@ class ConfigError(HeroError, ValueError):
 
 
 class _Section(BaseModel):
-    # Unknown keys are typos until proven otherwise: refuse them instead of ignoring them.
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # Unknown keys are typos until proven otherwise: refuse them instead of ignoring them. No setting
+    # takes an infinity or a NaN (YAML's .inf, an environment's "inf").
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
     @field_validator("*", mode="after")
     @classmethod
@@ -562,7 +563,8 @@ class TrackingConfig(_Section):
         if scheme not in TRACKING_SCHEMES:
             raise ValueError(
                 f"scheme {scheme!r} is not one MLflow keeps runs under: use sqlite:///path/mlflow.db, "
-                "http(s)://server, postgresql://, mysql://, mssql://, file:///folder or databricks"
+                "http(s)://server, postgresql://, mysql://, mssql:// or databricks (MLflow's file "
+                "store, a folder, is retired)"
             )
         return uri
 
@@ -955,15 +957,19 @@ def load_config(path: Path | None = None) -> HeroConfig:
     """Load a config: defaults <- YAML file (optional) <- HERO_* environment variables. Without a
     path, the file named by HERO_CONFIG_FILE is read when set (a worker's or service's base config)."""
     data: dict[str, Any] = {}
+    named_by = ""
     if path is None and os.environ.get(CONFIG_FILE_ENV):
-        path = Path(os.environ[CONFIG_FILE_ENV])
+        path, named_by = Path(os.environ[CONFIG_FILE_ENV]), f" (named by {CONFIG_FILE_ENV})"
     if path is not None:
-        data = _read_yaml(path)
+        try:
+            data = _read_yaml(path)
+        except ConfigError as err:
+            raise ConfigError(f"{err}{named_by}") from None
     _check_environment()
     try:
         return HeroConfig(**data)
     except ValidationError as err:
-        where = f" in {path}" if path is not None else ""
+        where = f" in {path}{named_by}" if path is not None else ""
         problems = format_validation_error(err, from_environment=True)
         raise ConfigError(f"invalid configuration{where}:\n{problems}") from None
     except SettingsError as err:  # a section variable (HERO_SAMPLING) that is not JSON
@@ -1035,6 +1041,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(
             f"{path} must hold a mapping of sections (model:, sampling:, ...), not a {type(data).__name__}"
         )
+    for key in data:
+        if not isinstance(key, str):  # YAML reads 1:, true: and null: as a number, a bool, None
+            raise ConfigError(
+                f"{path}: {key!r} is not a setting's name: the top level holds sections (model:, "
+                "sampling:, ...)"
+            )
     return data
 
 

@@ -252,7 +252,7 @@ def test_the_server_commands_name_a_request_the_prefect_server_refuses(
     # a server that passes the health check but is not Prefect's API (another service, another version)
     from starlette.applications import Starlette
     from starlette.requests import Request
-    from starlette.responses import JSONResponse
+    from starlette.responses import HTMLResponse, JSONResponse
 
     from tests.conftest import serve
 
@@ -263,7 +263,10 @@ def test_the_server_commands_name_a_request_the_prefect_server_refuses(
     async def unauthorized(request: Request) -> JSONResponse:
         return JSONResponse({"detail": "Unauthorized"}, 401)
 
-    for answer in (health_only, unauthorized):
+    async def a_web_page(request: Request) -> HTMLResponse:  # 200 on every path, health included
+        return HTMLResponse("<html><body>welcome</body></html>")
+
+    for answer in (health_only, unauthorized, a_web_page):
         server = serve(Starlette(routes=[Route("/{path:path}", answer, methods=["GET", "POST", "PATCH"])]))
         # credentials in the URL are never printed, nor the URL's in the HTTP client's error
         monkeypatch.setenv("PREFECT_API_URL", f"{next(server)}/api".replace("//", "//user:hunter2@", 1))
@@ -278,8 +281,26 @@ def test_the_server_commands_name_a_request_the_prefect_server_refuses(
         if answer is health_only:
             assert "the Prefect server refused" in message
             assert '(HTTP 404: {"detail":"Not Found"}); check' in message
+        elif answer is a_web_page:
+            assert "answered, but not as Prefect's API does" in message and "check PREFECT_API_URL" in message
         else:
             assert "fails its health check (Client error '401 Unauthorized'" in message
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://[::1/api", "PREFECT_API_URL http://[::1/api is not a URL (Invalid IPv6 URL)"),
+        ("http://127.0.0.1:99999/api", "is not a URL (Port out of range"),
+        ("notaurl", "PREFECT_API_URL notaurl is not an http(s) URL: e.g. http://127.0.0.1:4200/api"),
+    ],
+)
+def test_a_prefect_url_that_is_not_one_is_refused(
+    url: str, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PREFECT_API_URL", url)
+    result = runner.invoke(app, ["rounds", "poll"])
+    assert result.exit_code == 1 and expected in " ".join(result.output.split()), result.output
 
 
 def test_a_prefect_url_without_its_api_path_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

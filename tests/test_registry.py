@@ -359,3 +359,15 @@ def test_a_version_whose_lora_artifact_is_gone_or_damaged_is_named(tmp_path: Pat
     shutil.rmtree(model_file.parent)  # the artifact store lost the LoRA
     with pytest.raises(RegistryError, match=r"version 1 of gone-lora: its LoRA artifact .* cannot be read"):
         registry.load(version)
+
+
+def test_a_tracking_store_that_cannot_open_is_said_in_a_line(tmp_path: Path) -> None:
+    # no PostgreSQL driver here (or, where there is one, no database on port 9): named, not a traceback
+    database = "postgresql://hero@127.0.0.1:9/mlflow"
+    with pytest.raises(RegistryError, match=r"database driver '\w+' is not installed|cannot be opened"):
+        Registry(database, "hero-lora", "champion")
+    with pytest.raises(TrackingError, match=r"database driver '\w+' is not installed|cannot be opened"):
+        MlflowTracker(database, "hero", "r")
+    # a folder where the SQLite file should be: not MLflow retrying to open it for minutes
+    with pytest.raises(RegistryError, match="no MLflow database at"):
+        Registry(f"sqlite:///{tmp_path}", "hero-lora", "champion")

@@ -5,6 +5,7 @@ import itertools
 import json
 import os
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -441,3 +442,24 @@ def test_a_local_write_syncs_the_folders_that_gained_an_entry(
     synced.clear()
     store.put("runs/r/rounds/0/grid.png", b"png")  # an existing folder: only its own entry
     assert [Path(p) for p in synced if Path(p).is_dir()] == [tmp_path / "runs/r/rounds/0"]
+
+
+def test_a_store_folder_this_process_may_not_read_is_named_not_a_traceback(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    (locked / "runs" / "r").mkdir(parents=True)
+    if os.geteuid() == 0:  # root reads anything: ask as nobody, whom pytest's 0700 tmp folders keep out
+        as_another = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    else:
+        as_another = []
+        locked.chmod(0)
+    hero = str(Path(sys.executable).parent / "hero")
+    env = {**os.environ, "HERO_STORAGE__LOCAL_ROOT": str(locked)}
+    try:
+        for command in (["storage", "ls"], ["storage", "verify", "r"]):
+            result = subprocess.run(
+                [*as_another, hero, *command], capture_output=True, text=True, env=env, timeout=120
+            )
+            assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+            assert "Permission denied" in result.stderr and str(locked) in "".join(result.stderr.split())
+    finally:
+        locked.chmod(0o700)

@@ -161,6 +161,26 @@ def test_invalid_yaml_and_non_mapping_files_are_refused(tmp_path: Path) -> None:
         load_config(tmp_path / "latin1.yaml")
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "missing.yaml")
+    for key in ("1", "true", "null"):  # YAML's number, bool and None: no setting's name
+        with pytest.raises(ConfigError, match=r"hero.yaml: .* is not a setting's name: the top level holds"):
+            load_config(write(tmp_path, f"{key}: 2\n"))
+
+
+def test_a_config_file_named_by_the_environment_is_said_to_be(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HERO_CONFIG_FILE", str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match=r"missing.yaml: No such file .*\(named by HERO_CONFIG_FILE\)"):
+        load_config()
+    monkeypatch.setenv("HERO_CONFIG_FILE", str(write(tmp_path, {"sampling": {"eta": 3}})))
+    with pytest.raises(ConfigError, match=r"in .*hero.yaml \(named by HERO_CONFIG_FILE\):\n  sampling.eta"):
+        load_config()
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_no_setting_takes_an_infinity_or_a_nan(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError, match=r"ddpo.lr: Input should be a finite number"):
+        load_config(write(tmp_path, f"ddpo: {{lr: {value}}}\n"))
 
 
 def test_secrets_are_masked_in_dumps_and_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -257,9 +277,13 @@ def test_a_tracking_uri_of_no_mlflow_scheme_is_refused(tmp_path: Path) -> None:
         "sqlite:///runs/mlflow.db",
         "postgresql+psycopg2://hero@db/mlflow",
         "http://127.0.0.1:5000",
-        "mlruns",
     ]:
         assert HeroConfig(tracking={"tracking_uri": uri}).tracking.tracking_uri == uri
+    for folder in ("mlruns", "file:///srv/mlruns"):  # MLflow's file store refuses to open now
+        with pytest.raises(
+            ConfigError, match=r"is not one MLflow keeps runs under: .*file store, a folder, is retired"
+        ):
+            load_config(write(tmp_path, {"tracking": {"tracking_uri": folder}}))
 
 
 def test_environment_variables_of_no_section_or_broken_json_are_named(

@@ -68,18 +68,25 @@ class LocalStore:
             raise StorageError(f"cannot read {key} in {self.root}: {err.strerror or err}") from None
 
     def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+        path = self._path(key)
+        try:
+            return path.is_file()
+        except OSError as err:  # no permission on a folder on the way
+            raise StorageError(f"cannot look for {key} in {self.root}: {err.strerror or err}") from None
 
     def list(self, prefix: str) -> dict[str, int]:
         prefix = check_prefix(prefix)
         folder = self.root / prefix
-        if not folder.is_dir():
-            return {}
-        return {
-            path.relative_to(self.root).as_posix(): path.stat().st_size
-            for path in sorted(folder.rglob("*"))
-            if path.is_file() and not path.name.startswith(".")  # dot files: writes in flight
-        }
+        try:
+            if not folder.is_dir():
+                return {}
+            return {
+                path.relative_to(self.root).as_posix(): path.stat().st_size
+                for path in sorted(folder.rglob("*"))
+                if path.is_file() and not path.name.startswith(".")  # dot files: writes in flight
+            }
+        except OSError as err:  # no permission, a file removed while listed, a failing disk
+            raise StorageError(f"cannot list {prefix or '/'} in {self.root}: {err.strerror or err}") from None
 
     def where(self, key: str = "") -> str:
         return str(self.root / check_key(key)) if key else str(self.root)

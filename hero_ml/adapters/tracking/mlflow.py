@@ -11,12 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from hero_ml.adapters.tracking import TrackingError, unreachable
-from hero_ml.adapters.tracking.registry import MODEL_ARTIFACT, Registry, RegistryError, save_lora_model
+from hero_ml.adapters.tracking.registry import (
+    MODEL_ARTIFACT,
+    Registry,
+    RegistryError,
+    open_client,
+    save_lora_model,
+)
 from hero_ml.config import HeroConfig
 
 RUN_ID_TAG = "hero.run_id"
@@ -32,7 +37,10 @@ class MlflowTracker:
         self.hero_run_id = run_id
         if (problem := unreachable(tracking_uri)) is not None:
             raise TrackingError(problem)
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        try:
+            self.client = open_client(tracking_uri)
+        except RegistryError as err:
+            raise TrackingError(str(err)) from None
         with self._calling("opening the run"):
             found = self.client.get_experiment_by_name(experiment)
             experiment_id = (

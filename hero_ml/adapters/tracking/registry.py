@@ -27,6 +27,7 @@ from mlflow.artifacts import download_artifacts
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
+from sqlalchemy.exc import SQLAlchemyError
 
 from hero_ml.adapters.tracking import NOISE_POOL_ARTIFACT, unreachable
 from hero_ml.diffusion.lora import load_lora
@@ -57,6 +58,24 @@ def save_lora_model(lora_folder: Path, base_source: str, out: Path) -> None:
     )
 
 
+def open_client(tracking_uri: str) -> MlflowClient:
+    """MLflow's client on `tracking_uri`, its store opened (MLflow opens it at once): a store that
+    cannot open is said in a line, with the fix."""
+    try:
+        return MlflowClient(tracking_uri=tracking_uri)
+    except ImportError as err:  # postgresql://, mysql://, mssql:// without the database's driver
+        raise RegistryError(
+            f"MLflow at {tracking_uri}: the database driver {err.name!r} is not installed: pip install it "
+            "into this environment (psycopg for PostgreSQL, mysqlclient for MySQL, pyodbc for SQL Server)"
+        ) from None
+    except (MlflowException, SQLAlchemyError, OSError) as err:
+        reason = err.message if isinstance(err, MlflowException) else str(err).splitlines()[0]
+        raise RegistryError(
+            f"MLflow at {tracking_uri} cannot be opened: {reason[:300]}; check tracking.tracking_uri "
+            "(HERO_TRACKING__TRACKING_URI)"
+        ) from None
+
+
 class Registry:
     """Registered model `name` on an MLflow tracking server (or SQLite store) and its champion alias."""
 
@@ -65,13 +84,13 @@ class Registry:
             raise RegistryError(problem)
         if tracking_uri.startswith("sqlite:///"):
             database = Path(tracking_uri.removeprefix("sqlite:///").split("?")[0])
-            if not database.exists():  # MLflow would create an empty store: a typo would read "no versions"
+            if not database.is_file():  # MLflow would create an empty store: a typo would read "no versions"
                 raise RegistryError(
                     f"no MLflow database at {database} (tracking.tracking_uri {tracking_uri}): a `hero "
                     "run` creates it; or set HERO_TRACKING__TRACKING_URI to the one your runs track to"
                 )
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.client = open_client(tracking_uri)
         self.name = name
         self.alias = alias
 
