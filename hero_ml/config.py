@@ -733,7 +733,10 @@ class HeroConfig(BaseSettings):
     run_id: str = Field(
         "demo",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
-        description="Names the run in storage keys, MLflow and Label Studio (letters, digits, _ . -).",
+        description=(
+            "Names the run in storage keys, MLflow and Label Studio: 1 to 64 letters, digits, _ . -, "
+            "starting with a letter or digit."
+        ),
     )
     method: Literal["hero", "hero-noguide", "ddpo-binary", "d3po"] = Field(
         "hero",
@@ -1067,6 +1070,10 @@ def format_validation_error(
             line += f" (got {problem['input']!r})"
         if problem["type"] == "extra_forbidden":
             line += _known_fields(problem["loc"], root or HeroConfig)
+        if problem["type"] == "string_pattern_mismatch" and (
+            about := _description(problem["loc"], root or HeroConfig)
+        ):
+            line += f": {about}"  # a regex says what is wanted to few readers; the field's description does
         if from_environment and (variable := _environment_variable(problem["loc"])) is not None:
             line += f" [set by {variable}]"
         lines.append(redact(line))  # a URL refused for another reason may still hold credentials
@@ -1081,6 +1088,18 @@ def _environment_variable(loc: tuple[int | str, ...]) -> str | None:
         if variable in present:
             return present[variable]
     return None
+
+
+def _description(loc: tuple[int | str, ...], model: type[BaseModel]) -> str | None:
+    """The description of the field at `loc`, if it is one."""
+    field = None
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            model = field.annotation
+    return field.description if field is not None else None
 
 
 def _known_fields(loc: tuple[int | str, ...], model: type[BaseModel]) -> str:

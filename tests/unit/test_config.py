@@ -177,6 +177,15 @@ def test_a_config_file_named_by_the_environment_is_said_to_be(
         load_config()
 
 
+def test_a_value_refused_by_a_pattern_is_told_what_the_field_takes(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError, match=r"run_id: String should match .* \(got '\.\./x'\): Names the run .*1 to 64"
+    ):
+        load_config(write(tmp_path, {"run_id": "../x"}))
+    with pytest.raises(ConfigError, match=r"model.device: .* \(got 'tpu'\): Torch device .*'cuda:1', 'mps'"):
+        load_config(write(tmp_path, {"model": {"device": "tpu"}}))
+
+
 @pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
 def test_no_setting_takes_an_infinity_or_a_nan(tmp_path: Path, value: str) -> None:
     with pytest.raises(ConfigError, match=r"ddpo.lr: Input should be a finite number"):
