@@ -352,6 +352,8 @@ def test_a_version_whose_lora_artifact_is_gone_or_damaged_is_named(tmp_path: Pat
         registry.version("7")
     with pytest.raises(RegistryError, match=r"models:/none@champion: .*a finished `hero run` registers"):
         registry.resolve("models:/none@champion")  # no such registered model yet: what makes one
+    with pytest.raises(RegistryError, match=r"models:/gone-lora@champion: .*`hero promote` moves @champion"):
+        registry.resolve("models:/gone-lora@champion")  # a model, but no champion yet: what moves it
     (model_file,) = artifacts.rglob("MLmodel")
     model_file.write_text("flavors: [unclosed")
     with pytest.raises(RegistryError, match=r"version 1 of gone-lora: its LoRA artifact .* cannot be read"):

@@ -123,7 +123,8 @@ class Registry:
             return self.client.get_model_version(match["name"], match["version"])
         except MlflowException as err:
             hint = ""
-            if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            # MLflow says a missing model RESOURCE_DOES_NOT_EXIST, a missing alias INVALID_PARAMETER_VALUE
+            if err.error_code == "RESOURCE_DOES_NOT_EXIST" or (match["alias"] and "not found" in err.message):
                 hint = (
                     f" (a finished `hero run` registers a version of {match['name']}; `hero promote` "
                     f"moves @{self.alias} to one that wins)"
