@@ -474,6 +474,9 @@ def test_a_run_with_label_studio_unreachable_fails_before_sampling(
     result = runner.invoke(app, ["run", "-c", str(small_config(tmp_path))])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "cannot reach Label Studio at" in result.output
+    assert "start it (infra/label-studio.sh start) or set HERO_LABEL_STUDIO__URL" in " ".join(
+        result.output.split()
+    )
     assert not (tmp_path / "data" / "runs" / "cli-test").exists()  # nothing sampled, nothing stored
 
 

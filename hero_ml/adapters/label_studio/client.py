@@ -53,7 +53,10 @@ class LabelStudioProjects:
                 )
             raise LabelStudioError(refused) from None
         except httpx.HTTPError as err:
-            raise LabelStudioError(f"cannot reach Label Studio at {self.url} to {what}: {err}") from None
+            raise LabelStudioError(
+                f"cannot reach Label Studio at {self.url} to {what}: {err}; start it "
+                "(infra/label-studio.sh start) or set HERO_LABEL_STUDIO__URL"
+            ) from None
 
     def _call(self, what: str, request: Callable[[], T]) -> T:
         with self._calling(what):
