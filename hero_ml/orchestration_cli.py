@@ -26,15 +26,16 @@ def _need_prefect_server() -> None:
             "no Prefect server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api; "
             "infra/prefect-server.sh start runs one)"
         )
-    shown = redact(url)  # credentials are not to be printed
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 (parsed lazily: a bad port raises here)
     except ValueError as err:
-        raise fail(f"PREFECT_API_URL {shown} is not a URL ({err}): e.g. http://127.0.0.1:4200/api") from None
+        raise fail(
+            f"PREFECT_API_URL {redact(url)} is not a URL ({err}): e.g. http://127.0.0.1:4200/api"
+        ) from None
+    url = redact(url)  # credentials are not to be printed
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise fail(f"PREFECT_API_URL {shown} is not an http(s) URL: e.g. http://127.0.0.1:4200/api")
-    url = shown
+        raise fail(f"PREFECT_API_URL {url} is not an http(s) URL: e.g. http://127.0.0.1:4200/api")
     if "/api" not in parts.path:  # the server's address without its API's path: a common slip
         raise fail(f"PREFECT_API_URL {url} names no API path: add it, e.g. {url.rstrip('/')}/api")
     from flows import server_problem

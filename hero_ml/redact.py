@@ -1,6 +1,6 @@
 """Credentials out of URLs that are shown or published: a URL's user:password@ and the values of
 query parameters that carry a secret (?password=, ?token=, ...). Errors and logs show a URL through
-`redact`; config refuses a URL that `holds_credentials`."""
+`redact`; config refuses a URL with `secret_query_keys`."""
 
 from __future__ import annotations
 

@@ -319,7 +319,10 @@ class RunStore:
         learned = engine.round - 1
         engine.save(self.store, self.checkpoint_prefix(learned))
         crash_point("checkpoint.progress")
-        self.store.put(f"{self.prefix}/progress.json", json.dumps({"checkpoint": learned}).encode())
+        self._point_progress_at(learned)
+
+    def _point_progress_at(self, checkpoint: int) -> None:
+        self.store.put(f"{self.prefix}/progress.json", json.dumps({"checkpoint": checkpoint}).encode())
 
     def latest_checkpoint(self) -> int | None:
         key = f"{self.prefix}/progress.json"
@@ -334,7 +337,7 @@ class RunStore:
         following = 0 if latest is None else latest + 1
         if not self.store.exists(f"{self.checkpoint_prefix(following)}/{STATE}"):
             return latest
-        self.store.put(f"{self.prefix}/progress.json", json.dumps({"checkpoint": following}).encode())
+        self._point_progress_at(following)
         return following
 
     # -- inspection -----------------------------------------------------------------------------------

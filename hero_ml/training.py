@@ -274,11 +274,8 @@ class TrainingRun:
         initial_noise = None if pool is None else pool.sample(n, torch.Generator().manual_seed(0))
         if label == "before" and (stored := self.runs.load_evaluation(label)) is not None:
             # the base model's: measured once per run, tracked again (a crash may have come between
-            # storing and tracking it; MLflow keeps the same value at the same step)
-            result = Evaluation(label, *stored)
-            if self.tracker is not None:
-                self.tracker.log_metrics({f"eval_success_rate_{label}": result.success_rate}, step=0)
-            return result
+            # storing and tracking it: at least once, as a round's metrics)
+            return self._tracked(Evaluation(label, *stored))
 
         images = [0]
 
@@ -304,9 +301,12 @@ class TrainingRun:
         else:
             result = Evaluation(label, rate(), n)
         self.runs.save_evaluation(label, result.success_rate, result.images)
+        return self._tracked(result)
+
+    def _tracked(self, result: Evaluation) -> Evaluation:
         if self.tracker is not None:
-            step = 0 if label == "before" else self.engine.round
-            self.tracker.log_metrics({f"eval_success_rate_{label}": result.success_rate}, step=step)
+            step = 0 if result.label == "before" else self.engine.round
+            self.tracker.log_metrics({f"eval_success_rate_{result.label}": result.success_rate}, step=step)
         return result
 
     def log_final_artifacts(self) -> str | None:
