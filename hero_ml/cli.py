@@ -24,6 +24,7 @@ from hero_ml.cli_support import (
     fail,
     load,
     quiet_model_loading,
+    reflow_help,
     writable_folder,
 )
 from hero_ml.config import SEED_MAX, ConfigError, HeroConfig
@@ -606,6 +607,9 @@ def generate(
         f"{len(paths)} images of {version.name} version {version.version} in {out} (grid.png: all of them)",
         highlight=False,
     )
+
+
+reflow_help(app)  # last: after every command above is registered
 
 
 def run_cli() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Annotated
@@ -62,3 +63,20 @@ def load(path: Path | None) -> HeroConfig:
         return load_config(path)
     except ConfigError as err:
         raise fail(str(err)) from None
+
+
+def reflow_help(app: typer.Typer) -> None:
+    """Join each help paragraph's lines, in `app` and all its groups. Typer prints a docstring's line
+    breaks as they are: a paragraph wrapped at the source's 110 columns broke mid-sentence in an
+    80-column terminal, and a command's summary broke in its group's table."""
+    for command in app.registered_commands:
+        command.help = _joined_paragraphs(command.help or inspect.getdoc(command.callback) or "")
+    for group in app.registered_groups:
+        group_app = group.typer_instance
+        if group_app is not None:
+            group_app.info.help = _joined_paragraphs(str(group.help or group_app.info.help or ""))
+            reflow_help(group_app)
+
+
+def _joined_paragraphs(text: str) -> str:
+    return "\n\n".join(" ".join(paragraph.split()) for paragraph in inspect.cleandoc(text).split("\n\n"))

@@ -66,6 +66,13 @@ def test_every_command_has_help() -> None:
         assert text.split()[0] in result.output
 
 
+def test_help_paragraphs_fill_the_terminal_instead_of_breaking_where_the_source_wraps() -> None:
+    for words, text in command_paths(typer.main.get_command(app)):
+        result = runner.invoke(app, [*words, "--help"], env={"COLUMNS": "1000"})
+        for paragraph in text.split("\n\n"):  # each one line on a wide terminal, as written in a docstring
+            assert " ".join(paragraph.split()) in result.output, (words, paragraph, result.output)
+
+
 def test_the_hero_command_prints_an_error_it_can_explain_without_a_traceback(tmp_path: Path) -> None:
     # the installed entry point, as a user runs it: a bad run id is a message, exit 1
     result = subprocess.run(
