@@ -177,6 +177,16 @@ def sample(config: ConfigOption = None) -> None:
     console.print(f"  note: {manifest['note']}", highlight=False)
 
 
+# The settings `hero run`'s flags override, and the flag that gives each: a refused value names it.
+RUN_FLAGS = {
+    "run_id": "--run-id",
+    "method": "--method",
+    "feedback.budget": "--budget",
+    "simulation.task": "--task",
+    "sampling.prompt": "--task",
+}
+
+
 @app.command("run")
 def run(
     config: ConfigOption = None,
@@ -209,7 +219,10 @@ def run(
             raise fail(
                 "--resume continues a run with its own settings: drop --task/--method/--budget/--run-id"
             )
-        resolved = with_overrides(resolved, {"run_id": resume})
+        try:
+            resolved = with_overrides(resolved, {"run_id": resume}, given_by={"run_id": "--resume"})
+        except ConfigError as err:
+            raise fail(str(err)) from None
     else:
         overrides: dict = {}
         if run_id is not None:  # "" too: refused by the config's check, not taken for "not given"
@@ -228,7 +241,7 @@ def run(
             overrides["simulation"] = {"task": task}
             overrides["sampling"] = {"prompt": spec.prompts[0]}
         try:
-            resolved = with_overrides(resolved, overrides)
+            resolved = with_overrides(resolved, overrides, given_by=RUN_FLAGS)
         except ConfigError as err:
             raise fail(str(err)) from None
     from hero_ml.run_store import RunStore
@@ -422,9 +435,9 @@ def _check_run_id(config: HeroConfig, run_id: str) -> None:
     from hero_ml.config import with_overrides
 
     try:
-        with_overrides(config, {"run_id": run_id})
+        with_overrides(config, {"run_id": run_id}, given_by={"run_id": "RUN_ID"})
     except ConfigError as err:
-        raise fail(f"RUN_ID {run_id!r}: {err}") from None
+        raise fail(str(err)) from None
 
 
 @storage_app.command("ls")

@@ -899,9 +899,13 @@ def _secret_fields(section: str) -> set[str]:
     return {name for name, field in fields if SecretStr in (field.annotation, *get_args(field.annotation))}
 
 
-def with_overrides(config: HeroConfig, overrides: dict[str, dict[str, Any] | Any]) -> HeroConfig:
+def with_overrides(
+    config: HeroConfig, overrides: dict[str, dict[str, Any] | Any], given_by: dict[str, str] | None = None
+) -> HeroConfig:
     """The config with `overrides` ({section: {field: value}} or {field: value}) applied on top of
     everything else (command-line flags beat the file and the environment), validated again.
+    given_by: where each override came from, by dotted field ({"feedback.budget": "--budget"}): a
+    problem with one names it, as one with an environment variable's value names the variable.
 
     Overrides come from command-line flags and deployment parameters, which Prefect stores in plain
     text: a secret is refused there (it belongs in the worker's environment)."""
@@ -932,7 +936,8 @@ def with_overrides(config: HeroConfig, overrides: dict[str, dict[str, Any] | Any
     try:
         return _GivenValuesConfig(**data)
     except ValidationError as err:
-        raise ConfigError(f"invalid configuration:\n{format_validation_error(err)}") from None
+        problems = format_validation_error(err, given_by=given_by)
+        raise ConfigError(f"invalid configuration:\n{problems}") from None
 
 
 def restore_config(stored: dict[str, Any], current: HeroConfig) -> HeroConfig:
@@ -1055,12 +1060,16 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def format_validation_error(
-    err: ValidationError, root: type[BaseModel] | None = None, from_environment: bool = False
+    err: ValidationError,
+    root: type[BaseModel] | None = None,
+    from_environment: bool = False,
+    given_by: dict[str, str] | None = None,
 ) -> str:
     """One line per problem: dotted field path, reason, and the offending value unless secret.
 
     root: the model validated (HeroConfig by default); it tells which fields are secrets.
     from_environment: name the HERO_* variable a value came from (it beats the file), where one did.
+    given_by: the source of a value by dotted field (a command-line flag), named where one is.
     """
     lines = []
     for problem in err.errors(include_url=False):
@@ -1077,6 +1086,8 @@ def format_validation_error(
             line += f": {about}"  # a regex says what is wanted to few readers; the field's description does
         if from_environment and (variable := _environment_variable(problem["loc"])) is not None:
             line += f" [set by {variable}]"
+        if given_by and path in given_by:
+            line += f" [set by {given_by[path]}]"
         lines.append(redact(line))  # a URL refused for another reason may still hold credentials
     return "\n".join(lines)
 

@@ -21,14 +21,17 @@ labelstudio_app = typer.Typer(
 )
 
 
-def _rounds(config_path: Path | None, run_id: str | None) -> tuple[HeroConfig, LabelStudioRounds]:
+def _rounds(
+    config_path: Path | None, run_id: str | None, run_id_source: str
+) -> tuple[HeroConfig, LabelStudioRounds]:
     from hero_ml.labelling import LabelStudioError, LabelStudioRounds, open_projects
     from hero_ml.run_store import RunStore
 
     try:
         config: HeroConfig = load_config(config_path)
         if run_id is not None:
-            config = with_overrides(config, {"run_id": run_id})  # validated, as a config's run_id is
+            # validated, as a config's run_id is
+            config = with_overrides(config, {"run_id": run_id}, given_by={"run_id": run_id_source})
         projects = open_projects(config)
     except (ConfigError, LabelStudioError) as err:
         raise fail(str(err)) from None
@@ -58,7 +61,7 @@ def setup(
                 f"--webhook-url {webhook_url!r} is not an http(s) URL: give where `hero serve-webhooks` "
                 "listens, e.g. http://hero-webhooks:8765/webhooks/label-studio"
             ) from None
-    resolved, rounds = _rounds(config, run_id)
+    resolved, rounds = _rounds(config, run_id, "--run-id")
     hook = None
     if webhook_url is not None:
         try:  # checked as the config's: no credentials in it, and the secret set
@@ -92,7 +95,7 @@ def status(
     and the labels of each annotator."""
     from hero_ml.labelling import LabelStudioError
 
-    _, rounds = _rounds(config, run_id)
+    _, rounds = _rounds(config, run_id, "RUN_ID")
     try:
         committed = [r.round for r in rounds.runs.list_rounds() if r.committed]
         if not committed:  # before Label Studio is asked: finding the project would create it

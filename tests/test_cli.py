@@ -215,7 +215,8 @@ def test_options_that_would_be_ignored_or_fail_late_are_refused_first(tmp_path: 
     for command in ("ls", "verify"):
         for run_id in ("../x", "a/b", "r" * 65):
             listed = runner.invoke(app, ["storage", command, run_id, "-c", str(small_config(tmp_path))])
-            assert listed.exit_code == 1 and f"RUN_ID {run_id!r}: invalid configuration" in listed.output
+            assert listed.exit_code == 1 and f"(got {run_id!r})" in listed.output
+            assert "[set by RUN_ID]" in listed.output
     steps = runner.invoke(app, ["toy", "pretrain", "--out", str(tmp_path / "toy"), "--vae-steps", "0"])
     assert steps.exit_code == 2 and "Invalid value for '--vae-steps'" in steps.output
     assert not (tmp_path / "toy").exists()

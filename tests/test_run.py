@@ -102,14 +102,21 @@ def test_hero_run_explains_bad_arguments(tmp_path: Path) -> None:
     assert missing.exit_code == 1 and "no run 'nothing-here'" in missing.output
     method = runner.invoke(app, ["run", "-c", str(config), "--method", "magic"])
     assert method.exit_code == 1 and "method: Input should be 'hero'," in method.output
-    assert "(got 'magic')" in " ".join(method.output.split())
+    assert "(got 'magic') [set by --method]" in " ".join(method.output.split())  # the flag, not the file
 
     zero = runner.invoke(app, ["run", "-c", str(config), "--budget", "0"])  # not "the config's budget"
     assert zero.exit_code == 1 and "budget: Input should be greater than or equal to 1" in zero.output
+    assert "[set by --budget]" in zero.output
     markup = runner.invoke(app, ["run", "-c", str(config), "--run-id", "[red]x"])  # shown as given
     assert markup.exit_code == 1 and "(got '[red]x')" in " ".join(markup.output.split())
+    assert "[set by --run-id]" in markup.output
+    resume = runner.invoke(app, ["run", "-c", str(config), "--resume", "../x"])
+    assert resume.exit_code == 1 and "[set by --resume]" in resume.output
     status = runner.invoke(app, ["labelstudio", "status", "bad id!", "-c", str(config)])
     assert status.exit_code == 1 and "run_id: String should match pattern" in status.output
+    assert "[set by RUN_ID]" in status.output
+    setup = runner.invoke(app, ["labelstudio", "setup", "--run-id", "bad id!", "-c", str(config)])
+    assert setup.exit_code == 1 and "[set by --run-id]" in setup.output
 
     # a stored config.json that was edited: another run's, not a mapping, a field this release lacks
     stored = tmp_path / "data" / "runs" / "edited" / "config.json"
