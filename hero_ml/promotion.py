@@ -54,9 +54,14 @@ def promote_version(
 
     def evaluate(candidate: ModelVersion | None) -> float:
         pipe = (
-            registry.load(candidate, device=config.model.device)
+            registry.load(candidate, device=config.model.device, allow_download=config.model.allow_download)
             if candidate is not None
-            else load_pipeline(challenger.tags["hero.base_model"], device=config.model.device)
+            else load_pipeline(
+                challenger.tags["hero.base_model"],
+                device=config.model.device,
+                allow_download=config.model.allow_download,
+                given_by=f"the base model of version {challenger.version} (its hero.base_model tag)",
+            )
         )
         return task_success_rate(
             pipe, task, promotion.eval_images, config.sampling, seed=promotion.eval_seed, on_batch=on_images
@@ -85,7 +90,9 @@ def generate_from_registry(
     version = registry.resolve(model_uri)
     pool = registry.noise_pool(version) if guided else None
     initial_noise = None if pool is None else pool.sample(count, torch.Generator().manual_seed(seed))
-    pipe: StableDiffusionPipeline = registry.load(version, device=config.model.device)
+    pipe: StableDiffusionPipeline = registry.load(
+        version, device=config.model.device, allow_download=config.model.allow_download
+    )
     sampling = config.sampling
     with torch.no_grad():
         images = sample_trajectories(

@@ -182,7 +182,9 @@ def test_sample_from_a_built_model_folder(tmp_path: Path) -> None:
 def test_a_missing_model_is_a_readable_error(tmp_path: Path) -> None:
     result = runner.invoke(app, ["sample", "--config", str(small_config(tmp_path, source="someone/missing"))])
     assert result.exit_code == 1
-    assert "cannot load model 'someone/missing'" in result.output and "Traceback" not in result.output
+    said = " ".join(result.output.split())
+    assert "model.source 'someone/missing': cannot load the model" in said and "Traceback" not in said
+    assert "model.allow_download=true" in said  # `hero sample` reads it: offered
     assert "loading someone/missing" not in result.output  # no progress bar left under the error
     assert not (tmp_path / "data").exists()  # refused before the run's lease or anything else is written
     malformed = runner.invoke(app, ["sample", "--config", str(small_config(tmp_path, source="models:/x@y"))])
@@ -542,7 +544,7 @@ def test_a_run_error_is_printed_once_and_a_wrong_prompt_is_refused_before_prefec
     result = subprocess.run([HERO, "run", "-c", str(missing)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr
     output = " ".join(result.stderr.split())
-    assert output.count(f"model folder '{tmp_path / 'no-model'}' does not exist") == 1, (
+    assert output.count(f"model.source '{tmp_path / 'no-model'}': no such folder") == 1, (
         output
     )  # not Prefect's too
     assert "Traceback" not in output

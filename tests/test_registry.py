@@ -25,7 +25,7 @@ from hero_ml.adapters.tracking.registry import Registry, RegistryError
 from hero_ml.cli import app
 from hero_ml.config import load_config
 from hero_ml.diffusion.lora import add_lora, save_lora
-from hero_ml.diffusion.pipeline import load_pipeline
+from hero_ml.diffusion.pipeline import ModelNotFoundError, load_pipeline
 from hero_ml.engine import TENSORS
 from hero_ml.run_store import RunStore
 from tests.conftest import Service, _free_port, _infra, s3_storage, tiny_run
@@ -354,7 +354,15 @@ def test_a_version_whose_lora_artifact_is_gone_or_damaged_is_named(tmp_path: Pat
         registry.resolve("models:/none@champion")  # no such registered model yet: what makes one
     with pytest.raises(RegistryError, match=r"models:/gone-lora@champion: .*`hero promote` moves @champion"):
         registry.resolve("models:/gone-lora@champion")  # a model, but no champion yet: what moves it
-    (model_file,) = artifacts.rglob("MLmodel")
+    hub = MlflowTracker(uri, "hero", "hub-based", artifact_location=artifacts.as_uri())
+    hub.log_lora(WINNING_LORA, "nobody-here/no-such-model")  # trained on a hub model this machine lacks
+    on_hub = registry.version(hub.register_lora("gone-lora", {}))
+    with pytest.raises(ModelNotFoundError) as missing_base:
+        registry.load(on_hub)
+    said = str(missing_base.value)
+    assert "the base model of version 2 of gone-lora 'nobody-here/no-such-model': cannot load" in said
+    assert "model.allow_download=true" in said  # which promote and generate pass on
+    (model_file,) = (path for path in artifacts.rglob("MLmodel") if "no-such-model" not in path.read_text())
     model_file.write_text("flavors: [unclosed")
     with pytest.raises(RegistryError, match=r"version 1 of gone-lora: its LoRA artifact .* cannot be read"):
         registry.load(version)

@@ -50,14 +50,19 @@ def load_pipeline(
     seed: int = 0,
     channels_last: bool = False,
     compile_unet: bool = False,
+    given_by: str = "model.source",
 ) -> StableDiffusionPipeline:
     """Load an SD-family pipeline.
 
     source: a local diffusers folder, a hub id ('org/name', looked up in the local Hugging Face cache
-    unless allow_download), 'toy' for the committed toy model, or 'random:<arch>' for random weights
-    of a named architecture. channels_last and compile_unet: see ModelConfig.
+    unless allow_download: model.allow_download, which the error of a missing one offers), 'toy' for
+    the committed toy model, or 'random:<arch>' for random weights of a named architecture.
+    channels_last and compile_unet: see ModelConfig. given_by: the setting or flag `source` came from,
+    which an error tells the user to change.
     """
-    pipe = _load(source, dtype=dtype, device=device, allow_download=allow_download, seed=seed)
+    pipe = _load(
+        source, dtype=dtype, device=device, allow_download=allow_download, seed=seed, given_by=given_by
+    )
     if channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
@@ -82,7 +87,13 @@ def load_configured_pipeline(model: ModelConfig) -> StableDiffusionPipeline:
 
 
 def _load(
-    source: str, *, dtype: torch.dtype, device: str | torch.device, allow_download: bool, seed: int
+    source: str,
+    *,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    allow_download: bool,
+    seed: int,
+    given_by: str,
 ) -> StableDiffusionPipeline:
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -110,27 +121,27 @@ def _load(
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise ModelNotFoundError(
-                f"{path} is not a diffusers pipeline folder (no model_index.json). Point "
-                "model.source at a folder written by StableDiffusionPipeline.save_pretrained."
+                f"{given_by} {str(path)!r} is not a diffusers pipeline folder (no model_index.json): "
+                "give a folder written by StableDiffusionPipeline.save_pretrained"
             )
         try:
             pipe = _from_pretrained(str(path), dtype=dtype, local_files_only=True)
         except (OSError, ValueError) as err:  # a component's weights missing or truncated, a broken JSON
             raise ModelNotFoundError(
-                f"cannot load the pipeline folder {path}: {str(err).rstrip('.')}. Write it again "
-                "(StableDiffusionPipeline.save_pretrained) or point model.source elsewhere."
+                f"{given_by} {str(path)!r}: cannot load the pipeline folder: {str(err).rstrip('.')}. "
+                f"Write it again (StableDiffusionPipeline.save_pretrained) or point {given_by} elsewhere."
             ) from None
     elif source.startswith(("/", ".", "~")) or source.count("/") != 1:
         raise ModelNotFoundError(
-            f"model folder {source!r} does not exist. Set model.source to an existing diffusers "
-            "folder, a hub id like 'runwayml/stable-diffusion-v1-5', or 'random:tiny'."
+            f"{given_by} {source!r}: no such folder. Give an existing diffusers folder, a hub id like "
+            "'runwayml/stable-diffusion-v1-5', or 'random:tiny'."
         )
     else:
         try:
             pipe = _from_pretrained(source, dtype=dtype, local_files_only=not allow_download)
         except HFValidationError:  # a ValueError: e.g. 'models:/x@y' given where a model is loaded
             raise ModelNotFoundError(
-                f"model.source {source!r} is neither a folder nor a hub id (owner/name of letters, digits, "
+                f"{given_by} {source!r} is neither a folder nor a hub id (owner/name of letters, digits, "
                 "'-', '_', '.'): a registered LoRA is generated from with `hero generate models:/…`"
             ) from None
         except OSError as err:
@@ -138,10 +149,10 @@ def _load(
                 "the download failed; check the network and the id"
                 if allow_download
                 else "it is not in the local Hugging Face cache and downloads are off. Download it "
-                f"once (`hf download {source}`), point model.source at a local folder, or set "
+                f"once (`hf download {source}`), point {given_by} at a local folder, or set "
                 "model.allow_download=true (HERO_MODEL__ALLOW_DOWNLOAD=true)"
             )
-            raise ModelNotFoundError(f"cannot load model {source!r}: {how}.") from err
+            raise ModelNotFoundError(f"{given_by} {source!r}: cannot load the model: {how}.") from err
     return pipe.to(device)
 
 

@@ -98,7 +98,9 @@ def tasks_command() -> None:
 def eval_command(
     task: Annotated[str, typer.Option(help="A shipped task name or a task file.")],
     n: Annotated[int, typer.Option(help="Images to sample and judge.", min=1)] = 512,
-    model: Annotated[str, typer.Option(help="Diffusers pipeline folder.")] = str(PRETRAINED),
+    model: Annotated[
+        Path, typer.Option(help="Diffusers pipeline folder.", exists=True, file_okay=False)
+    ] = PRETRAINED,
     lora: Annotated[Path | None, typer.Option(help="A LoRA folder (diffusers format) to apply.")] = None,
     unseen: Annotated[bool, typer.Option(help="Use the task's eval_prompts (transfer) instead.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the fixed initial noises.", min=0, max=SEED_MAX)] = 0,
@@ -121,7 +123,7 @@ def eval_command(
     quiet_model_loading()
     try:
         spec = load_task(task)
-        pipe = load_pipeline(model)
+        pipe = load_pipeline(str(model), given_by="--model")
         if lora is not None:
             load_lora(pipe, lora)
     except (TaskError, ModelNotFoundError, FileNotFoundError, ValueError) as err:
@@ -193,7 +195,7 @@ def card_command(
     writable_folder(model, "--model")
     quiet_model_loading()
     try:
-        pipe = load_pipeline(str(model))
+        pipe = load_pipeline(str(model), given_by="--model")
     except (ModelNotFoundError, ValueError) as err:
         raise fail(str(err)) from None
     with console.status("measuring") as status:

@@ -88,8 +88,10 @@ def test_a_hub_id_missing_offline_says_how_to_provide_it() -> None:
 
 
 def test_a_missing_local_folder_is_named(tmp_path: Path) -> None:
-    with pytest.raises(ModelNotFoundError, match="does not exist"):
+    with pytest.raises(ModelNotFoundError, match=f"model.source '{tmp_path / 'nope'}': no such folder"):
         load_pipeline(str(tmp_path / "nope"))
+    with pytest.raises(ModelNotFoundError, match=f"--model '{tmp_path}' is not a diffusers pipeline folder"):
+        load_pipeline(str(tmp_path), given_by="--model")  # the flag it came from, not a setting
 
 
 @pytest.mark.parametrize("damage", ["unet weights removed", "unet weights truncated", "model_index broken"])
@@ -105,7 +107,8 @@ def test_a_damaged_pipeline_folder_is_named(
     else:
         (tmp_path / "model_index.json").write_text("{not json")
     with pytest.raises(
-        ModelNotFoundError, match=f"cannot load the pipeline folder {tmp_path}: .*Write it again"
+        ModelNotFoundError,
+        match=f"model.source '{tmp_path}': cannot load the pipeline folder: .*Write it again",
     ):
         load_pipeline(str(tmp_path))
 

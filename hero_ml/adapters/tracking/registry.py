@@ -163,10 +163,10 @@ class Registry:
             return None  # no registered model yet, or the alias was never set
 
     def load(
-        self, version: ModelVersion, *, device: str = "cpu", base_source: str | None = None
+        self, version: ModelVersion, *, device: str = "cpu", allow_download: bool = False
     ) -> StableDiffusionPipeline:
-        """The base pipeline with the version's LoRA loaded. base_source overrides the recorded base
-        model (when it has moved since registration)."""
+        """The base pipeline the version records with its LoRA loaded. allow_download: a hub id base
+        model not in the local cache may be downloaded (model.allow_download)."""
         with tempfile.TemporaryDirectory() as scratch:
             try:
                 local = Path(
@@ -181,12 +181,18 @@ class Registry:
                     f"version {version.version} of {version.name}: its LoRA artifact ({version.source}) "
                     f"cannot be read: {message}"
                 ) from None
-            source = base_source or (model.metadata or {}).get(BASE_MODEL_KEY)
+            source = (model.metadata or {}).get(BASE_MODEL_KEY)
             if source is None:
                 raise RegistryError(
-                    f"version {version.version} of {version.name} records no base model; pass one explicitly"
+                    f"version {version.version} of {version.name} records no base model: register it "
+                    "again from its run"
                 )
-            pipe = load_pipeline(source, device=device)
+            pipe = load_pipeline(
+                source,
+                device=device,
+                allow_download=allow_download,
+                given_by=f"the base model of version {version.version} of {version.name}",
+            )
             try:
                 load_lora(pipe, local / model.flavors["diffusers"]["adapter_weights"])
             except (OSError, ValueError) as err:

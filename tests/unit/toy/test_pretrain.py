@@ -89,6 +89,10 @@ def test_toy_commands_run_on_the_smoke_model(smoke_model: Path) -> None:
     assert unseen.exit_code == 0 and "safety (unseen prompts)" in unseen.output
     missing = runner.invoke(app, ["toy", "eval", "--task", "nope", "--model", str(smoke_model)])
     assert missing.exit_code == 1 and "no task named 'nope'" in missing.output
+    empty = runner.invoke(app, ["toy", "eval", "--task", "counting", "--model", str(smoke_model / "unet")])
+    said = " ".join(empty.output.split())
+    assert empty.exit_code == 1 and f"--model '{smoke_model / 'unet'}' is not a diffusers pipeline" in said
+    assert "model.source" not in said  # `hero toy eval` reads no config
     accuracy = runner.invoke(app, ["toy", "judge-accuracy", "--n", "20"])
     assert accuracy.exit_code == 0, accuracy.output
     clean = re.search(r"judge accuracy, clean: ([0-9.]+)", accuracy.output)
