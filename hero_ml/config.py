@@ -992,11 +992,7 @@ def _check_environment() -> None:
     """A HERO_<SECTION>__<FIELD> variable of no section would be ignored: a typo, refused (a typo in
     a field is refused by the section itself). So would a top-level setting misspelt (`runid`): a
     name close to a setting's that is not one of OTHER_ENV_VARIABLES is refused too."""
-    sections = [
-        name
-        for name, field in HeroConfig.model_fields.items()
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
-    ]
+    sections = _section_names()
     for variable in os.environ:
         name = variable.removeprefix(ENV_PREFIX).lower()
         if (
@@ -1056,7 +1052,24 @@ def _read_yaml(path: Path) -> dict[str, Any]:
                 f"{path}: {key!r} is not a setting's name: the top level holds sections (model:, "
                 "sampling:, ...)"
             )
+        if key in _section_names() and not isinstance(data[key], dict):
+            # refused here: an environment variable for one of its fields would replace it unseen
+            got = (
+                "nothing" if data[key] is None else f"a value of type {type(data[key]).__name__}"
+            )  # a secret?
+            raise ConfigError(
+                f"{path}: section {key}: takes a mapping of its fields ({key}: then indented 'field: value' "
+                f"lines), got {got}; give its fields or remove it"
+            )
     return data
+
+
+def _section_names() -> list[str]:
+    return [
+        name
+        for name, field in HeroConfig.model_fields.items()
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+    ]
 
 
 def format_validation_error(

@@ -364,6 +364,20 @@ def test_a_value_given_in_place_of_a_section_is_not_repeated(tmp_path: Path, giv
     assert "hunter2" not in str(caught.value)
 
 
+@pytest.mark.parametrize(("section", "got"), [(5, "a value of type int"), (None, "nothing")])
+def test_a_file_section_that_is_no_mapping_is_refused_even_where_the_environment_sets_one_of_its_fields(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, section: object, got: str
+) -> None:
+    # the environment's HERO_SAMPLING__ETA would otherwise replace the file's broken section unseen
+    path = write(tmp_path, {"sampling": section})
+    for environment in ({}, {"HERO_SAMPLING__ETA": "0.7"}):
+        with monkeypatch.context() as patched:
+            for name, value in environment.items():
+                patched.setenv(name, value)
+            with pytest.raises(ConfigError, match=rf"{path}: section sampling: takes a mapping .* got {got}"):
+                load_config(path)
+
+
 def test_a_section_set_wrongly_by_the_environment_is_not_repeated(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HERO_LABEL_STUDIO", '"tok-hunter2"')
     with pytest.raises(
