@@ -2,8 +2,11 @@
 artifacts live in S3, the LoRA registered as a model version, and promotion that moves `champion`
 only on a real win (a LoRA that measurably improves the toy model, tests/data/README.md)."""
 
+import functools
+import http.server
 import json
 import shutil
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -369,6 +372,27 @@ def test_a_version_whose_lora_artifact_is_gone_or_damaged_is_named(tmp_path: Pat
     shutil.rmtree(model_file.parent)  # the artifact store lost the LoRA
     with pytest.raises(RegistryError, match=r"version 1 of gone-lora: its LoRA artifact .* cannot be read"):
         registry.load(version)
+
+
+def test_a_web_server_that_is_not_mlflow_is_said_in_a_line_not_its_html_page(tmp_path: Path) -> None:
+    # a real web server on loopback at the tracking URI (a wrong port, say): it answers MLflow's API with
+    # its own 404 page, which MLflow's message would quote whole
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    said = "the answer was an HTML page ('Error response'), not MLflow's JSON; the server at the tracking URI"
+    try:
+        with pytest.raises(RegistryError) as registry_error:
+            Registry(uri, "hero-lora", "champion").version()
+        with pytest.raises(TrackingError) as tracking_error:
+            MlflowTracker(uri, "hero", "r")
+    finally:
+        server.shutdown()
+        server.server_close()
+    for caught in (registry_error, tracking_error):
+        message = str(caught.value)
+        assert said in message and "error code 404" in message and "<html" not in message.lower(), message
 
 
 def test_a_tracking_store_that_cannot_open_is_said_in_a_line(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from hero_ml.adapters.tracking.registry import (
     MODEL_ARTIFACT,
     Registry,
     RegistryError,
+    mlflow_message,
     open_client,
     save_lora_model,
 )
@@ -62,7 +63,7 @@ class MlflowTracker:
         try:
             yield
         except (MlflowException, RegistryError) as err:
-            reason = err.message if isinstance(err, MlflowException) else str(err)
+            reason = mlflow_message(err) if isinstance(err, MlflowException) else str(err)
             raise TrackingError(
                 f"MLflow at {self.tracking_uri}: {what} failed: {reason[:400]}\nNothing of the run is "
                 f"lost (each round is stored before it is tracked): when the server answers again, "

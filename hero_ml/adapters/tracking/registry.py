@@ -58,6 +58,26 @@ def save_lora_model(lora_folder: Path, base_source: str, out: Path) -> None:
     )
 
 
+_HTTP_FAILURE = re.compile(
+    r"(API request to endpoint \S+ failed with error code \d+ != 200)\. Response body: '(.*)'", re.DOTALL
+)
+
+
+def mlflow_message(err: MlflowException) -> str:
+    """MLflow's message, but an HTML page it quotes (a web server at the tracking URI that is not
+    MLflow's, a proxy's error page) summed up in a line instead of printed whole."""
+    match = _HTTP_FAILURE.match(err.message)
+    if match is None or not match[2].lstrip().startswith("<"):
+        return err.message
+    title = re.search(r"<title>\s*(.*?)\s*</title>", match[2], re.IGNORECASE | re.DOTALL)
+    page = f"an HTML page ({title[1]!r})" if title else "an HTML page"
+    return (
+        f"{match[1]}: the answer was {page}, not MLflow's JSON; the server at the tracking URI is not "
+        "an MLflow tracking server (or a proxy in front of it failed): check tracking.tracking_uri "
+        "(HERO_TRACKING__TRACKING_URI)"
+    )
+
+
 def open_client(tracking_uri: str) -> MlflowClient:
     """MLflow's client on `tracking_uri`, its store opened (MLflow opens it at once): a store that
     cannot open is said in a line, with the fix."""
@@ -69,7 +89,7 @@ def open_client(tracking_uri: str) -> MlflowClient:
             "into this environment (psycopg for PostgreSQL, mysqlclient for MySQL, pyodbc for SQL Server)"
         ) from None
     except (MlflowException, SQLAlchemyError, OSError) as err:
-        reason = err.message if isinstance(err, MlflowException) else str(err).splitlines()[0]
+        reason = mlflow_message(err) if isinstance(err, MlflowException) else str(err).splitlines()[0]
         raise RegistryError(
             f"MLflow at {tracking_uri} cannot be opened: {reason[:300]}; check tracking.tracking_uri "
             "(HERO_TRACKING__TRACKING_URI)"
@@ -129,7 +149,7 @@ class Registry:
                     f" (a finished `hero run` registers a version of {match['name']}; `hero promote` "
                     f"moves @{self.alias} to one that wins)"
                 )
-            raise RegistryError(f"{uri}: {err.message}{hint}") from None
+            raise RegistryError(f"{uri}: {mlflow_message(err)}{hint}") from None
 
     def version(self, version: str | None = None) -> ModelVersion:
         """Version `version` of the registered model, or its latest when None."""
@@ -154,7 +174,7 @@ class Registry:
         try:
             return list(self.client.search_model_versions(f"name = '{self.name}'"))
         except MlflowException as err:
-            raise RegistryError(f"registered model {self.name!r}: {err.message}") from None
+            raise RegistryError(f"registered model {self.name!r}: {mlflow_message(err)}") from None
 
     def champion(self) -> ModelVersion | None:
         try:
@@ -176,7 +196,7 @@ class Registry:
                 )
                 model = Model.load(str(local))
             except (MlflowException, OSError, ValueError, yaml.YAMLError) as err:  # gone or damaged
-                message = err.message if isinstance(err, MlflowException) else str(err)
+                message = mlflow_message(err) if isinstance(err, MlflowException) else str(err)
                 raise RegistryError(
                     f"version {version.version} of {version.name}: its LoRA artifact ({version.source}) "
                     f"cannot be read: {message}"
