@@ -6,7 +6,9 @@ need PREFECT_API_URL pointing at the server (docs/OPERATIONS.md).
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 from typing import Annotated
 from urllib.parse import urlsplit
 
@@ -129,21 +131,42 @@ def serve_webhooks(
     secret = resolved.orchestration.webhook_secret
     if secret is None:
         raise fail("set HERO_ORCHESTRATION__WEBHOOK_SECRET: the receiver accepts only events that carry it")
-    _need_prefect_server()
-    import uvicorn
+    listening = _listening_socket(host, port)
+    with listening:  # closed too where a check below fails
+        _need_prefect_server()
+        import uvicorn
 
-    from flows.waiting import RoundResumer
-    from flows.webhooks import create_app
-    from hero_ml.labelling import LabelStudioError
+        from flows.waiting import RoundResumer
+        from flows.webhooks import create_app
+        from hero_ml.labelling import LabelStudioError
 
+        try:
+            resumer = RoundResumer(resolved)
+        except LabelStudioError as err:
+            raise fail(str(err)) from None
+        console.print(
+            f"receiving Label Studio webhooks at http://{host}:{port}/webhooks/label-studio", highlight=False
+        )
+        server = uvicorn.Server(uvicorn.Config(create_app(resumer.resume_if_ready, secret), log_level="info"))
+        server.run(sockets=[listening])
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """The socket the receiver serves on, bound before anything else is asked (uvicorn would say a
+    bad address only after the server started, in its own words)."""
     try:
-        resumer = RoundResumer(resolved)
-    except LabelStudioError as err:
-        raise fail(str(err)) from None
-    console.print(
-        f"receiving Label Studio webhooks at http://{host}:{port}/webhooks/label-studio", highlight=False
-    )
-    uvicorn.run(create_app(resumer.resume_if_ready, secret), host=host, port=port, log_level="info")
+        family, *_ = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        return socket.create_server((host, port), family=family)
+    except socket.gaierror as err:
+        raise fail(f"--host {host!r}: not an address or a known host name ({err.strerror})") from None
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            raise fail(
+                f"--port {port}: already in use on {host} (another serve-webhooks?): pick another"
+            ) from None
+        if err.errno == errno.EADDRNOTAVAIL:
+            raise fail(f"--host {host!r}: not an address of this machine: bind one of its own") from None
+        raise fail(f"--host {host!r} --port {port}: cannot listen there ({err.strerror})") from None
 
 
 @rounds_app.command("poll")

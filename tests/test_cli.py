@@ -22,6 +22,7 @@ from hero_ml.cli import app
 from hero_ml.config import load_config
 from hero_ml.diffusion.sampler import Trajectory
 from hero_ml.toy.cli import PRETRAINED
+from tests.conftest import _free_port
 
 runner = CliRunner()
 HERO = str(Path(sys.executable).parent / "hero")  # the installed entry point beside this interpreter
@@ -103,8 +104,6 @@ def test_config_show_prints_the_resolved_config_without_its_secrets(monkeypatch:
 
 def test_debug_logging_never_shows_the_s3_keys(tmp_path: Path) -> None:
     # botocore's debug log prints each request's Authorization header, which names the access key id
-    from tests.conftest import _free_port
-
     env = {
         **os.environ,
         "HERO_STORAGE__BACKEND": "s3",
@@ -248,6 +247,8 @@ def test_the_server_commands_refuse_a_prefect_server_that_does_not_answer(
     monkeypatch.setenv("PREFECT_API_URL", f"http://user:hunter2@{dead}")  # credentials are never printed
     monkeypatch.setenv("HERO_LABEL_STUDIO__API_KEY", "k")
     monkeypatch.setenv("HERO_ORCHESTRATION__WEBHOOK_SECRET", "s")
+    if command == ["serve-webhooks"]:  # its port is bound first: a free one, not the default 8765
+        command = [*command, "--port", str(_free_port())]
     result = subprocess.run([HERO, *command], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     message = "".join(result.stderr.split())  # rich wraps long lines
@@ -457,6 +458,27 @@ def test_ctrl_c_stops_a_run_at_once_and_says_how_to_resume(tmp_path: Path, to: s
 def test_out_of_range_options_are_refused_before_any_work(command: list[str]) -> None:
     result = runner.invoke(app, command)
     assert result.exit_code == 2 and "Invalid value for" in result.output, result.output
+
+
+def test_serve_webhooks_says_an_address_it_cannot_listen_on_before_asking_for_prefect(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HERO_ORCHESTRATION__WEBHOOK_SECRET", "s")
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)  # never reached: the address is said first
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for options, says in (
+            (["--host", "no host here"], "--host 'no host here': not an address or a known host name"),
+            (["--host", "192.0.2.1"], "--host '192.0.2.1': not an address of this machine"),  # TEST-NET-1
+            (["--port", str(port)], f"--port {port}: already in use on 127.0.0.1"),
+        ):
+            result = runner.invoke(app, ["serve-webhooks", *options])
+            said = " ".join(result.output.split())
+            assert result.exit_code == 1 and says in said and "PREFECT_API_URL" not in said, said
+    free = runner.invoke(app, ["serve-webhooks", "--port", str(port)])  # bound, then the next check
+    assert free.exit_code == 1 and "no Prefect server: set PREFECT_API_URL" in " ".join(free.output.split())
 
 
 def test_labelstudio_status_of_a_run_without_rounds_asks_label_studio_nothing(
