@@ -31,6 +31,7 @@ import gc
 import sys
 import tempfile
 import time
+import traceback
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -80,12 +81,15 @@ def setups(images: int) -> dict[str, dict[str, Any]]:
 
 class PhaseClock:
     """Seconds and peak device memory of wrapped calls, by phase (the device is synchronised around
-    each call, so a phase's time is its own)."""
+    each call, so a phase's time is its own). A call inside another (decode inside generate) leaves
+    the peak counter alone: resetting it would lose the outer phase's peak so far; the inner phase's
+    peak then counts from the outer call's start."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.seconds: dict[str, float] = defaultdict(float)
         self.peak_bytes: dict[str, int] = defaultdict(int)
+        self.depth = 0
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -94,12 +98,14 @@ class PhaseClock:
     def wrap(self, phase: str, function: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
             self.sync()
-            if self.device.type == "cuda":
+            if self.device.type == "cuda" and self.depth == 0:
                 torch.cuda.reset_peak_memory_stats(self.device)
+            self.depth += 1
             started = time.perf_counter()
             try:
                 return function(*args, **kwargs)
             finally:
+                self.depth -= 1
                 self.sync()
                 self.seconds[phase] += time.perf_counter() - started
                 if self.device.type == "cuda":
@@ -158,18 +164,20 @@ def vae_decode_flops(pipe: StableDiffusionPipeline) -> int:
 def log_prob_mismatch(engine: Engine, batch: RoundBatch, micro_batch: int) -> dict[str, float]:
     """How far DDPO's first look at a round is from the log-probs recorded while sampling, before any
     update: the same policy, recomputed in training's micro-batches (on a GPU the kernels differ with
-    the batch). A difference beyond ddpo.clip_range clips a sample that has not been learnt from yet."""
+    the batch). A difference beyond ddpo.clip_range clips a sample that has not been learnt from yet.
+    Computed with gradients on, as DDPO computes it: the same kernels, and compiled, the same graph
+    (without gradients it would be a third compile, timed nowhere)."""
     trajectory = batch.trajectory
     images = min(len(trajectory), micro_batch)
     steps_trained = engine.config.ddpo.timesteps_per_trajectory
     rows = torch.arange(images).repeat_interleave(steps_trained)
     steps = torch.linspace(0, trajectory.num_steps - 1, steps_trained).round().long().repeat(images)
-    with torch.no_grad():
+    with torch.enable_grad():
         new = torch.cat(
             [
                 recompute_log_probs(
                     engine.pipe, trajectory, rows[i : i + micro_batch], steps[i : i + micro_batch]
-                )
+                ).detach()
                 for i in range(0, len(rows), micro_batch)
             ]
         ).cpu()
@@ -240,7 +248,7 @@ def run_setup(config: HeroConfig, parallel: DataParallel | None, flop_counts: di
                 paused = time.perf_counter()
                 mismatch = log_prob_mismatch(engine, batch, config.ddpo.train_batch_size)
                 started += time.perf_counter() - paused
-            engine.learn(batch, synthetic_feedback(batch, has_best=index > 0))
+            stats = engine.learn(batch, synthetic_feedback(batch, has_best=index > 0))
             clock.sync()
             total = time.perf_counter() - started
             seconds = dict(clock.seconds)
@@ -250,6 +258,10 @@ def run_setup(config: HeroConfig, parallel: DataParallel | None, flop_counts: di
                     "seconds": total,
                     "phases": {p: seconds.get(p, 0.0) for p in PHASES},
                     "peak_gib": {p: clock.peak_bytes.get(p, 0) / 2**30 for p in MEMORY_PHASES},
+                    # an fp16 step the loss scale skipped (overflow) learnt nothing: its time is no DDPO's
+                    "optimizer_steps": stats.optimizer_steps,
+                    "skipped_steps": stats.skipped_steps,
+                    "loss_scale": None if engine.loss_scaler is None else engine.loss_scaler.get_scale(),
                 }
             )
     finally:
@@ -342,6 +354,9 @@ def figures_of(
         "peak_memory_gib": {p: round(g, 2) for p, g in result["peak_gib"].items()},
         "images_per_s": {p: round(images / phases[p], 2) for p in ("sampling", "decode") if phases[p] > 0},
         "log_prob_mismatch": result["log_prob_mismatch"],
+        "optimizer_steps": result["optimizer_steps"],
+        "skipped_steps": result["skipped_steps"],
+        "loss_scale": result["loss_scale"],
         "tflops_achieved": {},
         "share_of_bf16_peak": {},
     }
@@ -460,37 +475,74 @@ def main() -> None:
     peak = peak_tflops(args)
     flops: dict[str, int] = {}
     results: list[dict] = []
+    failed: list[dict] = []
     plain: dict | None = None
+    sweep: list[dict] | None = None
+
+    def report() -> None:  # after every setup: a later one failing or timing out loses nothing before it
+        if parallel is None or parallel.rank == 0:
+            write_report(args, config, world, peak, flops, results, plain, sweep, failed)
+
     for name in chosen:
-        if name == "diffusers":
-            if parallel is None:
-                plain = plain_diffusers(args, config)
-                gc.collect()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                print(f"diffusers: {plain['seconds']:.2f} s for {args.images} images", flush=True)
-            continue
-        setup_config = with_overrides(config, setups(args.images)[name])
-        if args.device == "cpu":  # no fp16/bf16 tensor cores: on a CPU every setup runs float32
-            setup_config = with_overrides(setup_config, {"model": {"dtype": "float32"}})
-        result = run_setup(setup_config, parallel, flops)
-        results.append(figures_of(name, result, setup_config, flops, peak, world))
-        print(f"{name}: {results[-1]}", flush=True)
-    sweep = memory_sweep(args, config, sub_batch=8) if args.memory_sweep and args.device != "cpu" else None
+        try:
+            if name == "diffusers":
+                if parallel is None:
+                    plain = plain_diffusers(args, config)
+                    print(f"diffusers: {plain['seconds']:.2f} s for {args.images} images", flush=True)
+            else:
+                setup_config = with_overrides(config, setups(args.images)[name])
+                if args.device == "cpu":  # no fp16/bf16 tensor cores: on a CPU every setup runs float32
+                    setup_config = with_overrides(setup_config, {"model": {"dtype": "float32"}})
+                result = run_setup(setup_config, parallel, flops)
+                results.append(figures_of(name, result, setup_config, flops, peak, world))
+                print(f"{name}: {results[-1]}", flush=True)
+        except Exception as err:
+            if parallel is not None:  # the other ranks wait in a collective: no carrying on alone
+                raise
+            traceback.print_exc()
+            failed.append({"setup": name, "error": f"{type(err).__name__}: {err}"[:500]})
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        report()
+    if args.memory_sweep and args.device != "cpu":
+        try:
+            sweep = memory_sweep(args, config, sub_batch=8)
+        except Exception as err:
+            traceback.print_exc()
+            failed.append({"setup": "memory sweep", "error": f"{type(err).__name__}: {err}"[:500]})
+        report()
     if parallel is not None:
         parallel.close()
-        if parallel.rank != 0:
-            return
+    if failed:
+        sys.exit(f"failed: {', '.join(f['setup'] for f in failed)} (the others' figures are written)")
 
+
+def write_report(
+    args: argparse.Namespace,
+    config: HeroConfig,
+    world: int,
+    peak: float | None,
+    flops: dict[str, int],
+    results: list[dict],
+    plain: dict | None,
+    sweep: list[dict] | None,
+    failed: list[dict],
+) -> None:
+    """results/<name>.json and its table in RESULTS.md, from the setups done so far."""
+    counted = (
+        f"FLOPs counted from the model: UNet {flops['unet_sampling_step'] / 1e9:.4g} GFLOP a guided "
+        f"sampling step, {flops['unet_training_step'] / 1e9:.4g} GFLOP a trained step (forward + "
+        f"backward), VAE decode {flops['vae_decode'] / 1e9:.4g} GFLOP an image."
+        if flops
+        else "FLOPs not counted (no engine setup finished)."
+    )
     lines = [
         f"### One HERO round on {args.arch} ({args.images} images, {args.steps} DDIM steps, CFG "
         f"{config.sampling.guidance_scale}, eta {config.sampling.eta}; {world} process(es))",
         "",
         "Round 1 (the steady state) phase by phase; `first round` includes warm-up and compilation. "
-        f"FLOPs counted from the model: UNet {flops['unet_sampling_step'] / 1e9:.4g} GFLOP a guided "
-        f"sampling step, {flops['unet_training_step'] / 1e9:.4g} GFLOP a trained step (forward + "
-        f"backward), VAE decode {flops['vae_decode'] / 1e9:.4g} GFLOP an image. bf16 peak: "
-        f"{f'{peak:.0f} TFLOP/s' if peak else 'unknown (CPU)'}.",
+        f"{counted} bf16 peak: {f'{peak:.0f} TFLOP/s' if peak else 'unknown (CPU)'}.",
         "",
         "| setup | round s | first round s | sampling s | decode s | encoder s | DDPO s | sampling img/s "
         "| sampling TFLOP/s | share of peak | DDPO TFLOP/s | peak GiB (sample / DDPO) |",
@@ -523,20 +575,25 @@ def main() -> None:
             ratios.append(f"{r['setup']} sampling / FLOP lower bound: {r['sampling_over_lower_bound']}x")
     if ratios:
         lines += ["", "; ".join(ratios) + "."]
-    mismatches = [(r["setup"], r["log_prob_mismatch"]) for r in results]
-    lines += [
-        "",
-        "Recorded vs recomputed log-probs before any update (DDPO's first look at the round, in its "
-        "micro-batches; mean |difference|, and the share beyond ddpo.clip_range): "
-        + "; ".join(
-            f"{name} {m['mean_abs']:.2g}, {m['beyond_clip_range']:.0%} beyond {m['clip_range']:g}"
-            for name, m in mismatches
-        )
-        + ".",
-    ]
+    if results:
+        lines += [
+            "",
+            "Recorded vs recomputed log-probs before any update (DDPO's first look at the round, in its "
+            "micro-batches; mean |difference|, and the share beyond ddpo.clip_range): "
+            + "; ".join(
+                f"{r['setup']} {m['mean_abs']:.2g}, {m['beyond_clip_range']:.0%} beyond {m['clip_range']:g}"
+                for r in results
+                for m in [r["log_prob_mismatch"]]
+            )
+            + ". Optimiser steps taken / skipped by the loss scale (round 1): "
+            + "; ".join(f"{r['setup']} {r['optimizer_steps']} / {r['skipped_steps']}" for r in results)
+            + ".",
+        ]
     if sweep:
         lines += ["", "Peak memory of sampling at a fixed sub-batch of 8 (hero setup): "]
         lines += [f"{p['images']} images: {p['peak_gib']:.2f} GiB ({p['seconds']:.1f} s)" for p in sweep]
+    if failed:
+        lines += ["", "Failed: " + "; ".join(f"{f['setup']}: {f['error']}" for f in failed) + "."]
     write_result(
         args.name,
         {
@@ -549,10 +606,11 @@ def main() -> None:
             "setups": results,
             "diffusers": plain,
             "memory_sweep": sweep,
+            "failed": failed,
         },
         "\n".join(lines),
     )
-    print("\n".join(lines))
+    print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":

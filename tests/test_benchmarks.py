@@ -18,6 +18,7 @@ import guidance_gap as gg
 import guided_evaluation as ge
 import hyperparameter_probe as hp
 import pytest
+import results_io
 import torch
 import unet_step
 
@@ -167,8 +168,6 @@ def test_reward_auc_counts_the_good_bad_pairs_ordered_right() -> None:
 
 
 def test_the_probe_table_has_a_row_per_seed_with_what_reruns_it(tmp_path: Path, monkeypatch) -> None:
-    import results_io
-
     csv_path = tmp_path / "probe.csv"
     header = ",".join(hp.COLUMNS)
     rows = [
@@ -212,6 +211,9 @@ def test_a_rounds_work_and_its_share_of_the_peak() -> None:
         "phases": {"sampling": 2.0, "decode": 0.5, "encoder": 0.5, "ddpo": 7.0},
         "peak_gib": {"generate": 1.0, "encoder": 0.1, "ddpo": 2.0},
         "log_prob_mismatch": {"mean_abs": 0.5},
+        "optimizer_steps": 6,
+        "skipped_steps": 2,
+        "loss_scale": 32768.0,
     }
     figures = gr.figures_of("hero", result, config, flops, peak=60e-12, world=2)  # 60 FLOP/s a GPU
     assert figures["tflops_achieved"]["sampling"] == pytest.approx(120 / 2.0 / 1e12)
@@ -221,6 +223,36 @@ def test_a_rounds_work_and_its_share_of_the_peak() -> None:
     assert figures["images_per_s"] == {"sampling": 2.0, "decode": 8.0}
     assert figures["log_prob_mismatch"] == {"mean_abs": 0.5}
     assert (figures["dtype"], figures["compiled"]) == (config.model.dtype, config.model.compile)
+    assert (figures["optimizer_steps"], figures["skipped_steps"], figures["loss_scale"]) == (6, 2, 32768.0)
+
+
+def test_a_failed_gpu_round_setup_is_named_and_the_others_figures_are_written_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a GPU lease is short and once: a setup that dies (an OOM, a compile error; faked here, a CPU
+    # cannot produce them) must not take the figures of the setups before it along
+    monkeypatch.setattr(results_io, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(results_io, "RESULTS_MD", tmp_path / "RESULTS.md")
+    run_setup = gr.run_setup
+
+    def reference_runs_out_of_memory(config: HeroConfig, *args: object) -> dict:
+        if config.ddpo.gradient_accumulation_steps == 4:  # the reference setup's DDPO 2 x 4
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return run_setup(config, *args)
+
+    monkeypatch.setattr(gr, "run_setup", reference_runs_out_of_memory)
+    argv = ["gpu_round.py", "--arch", "tiny", "--device", "cpu", "--images", "2", "--steps", "2"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--setups", "reference,hero", "--name", "gpu-test"])
+    with pytest.raises(SystemExit, match="failed: reference"):
+        gr.main()
+    written = json.loads((tmp_path / "gpu-test.json").read_text())
+    assert [r["setup"] for r in written["setups"]] == ["hero"]  # run after the failure, still measured
+    assert written["failed"] == [
+        {"setup": "reference", "error": "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"}
+    ]
+    assert written["setups"][0]["optimizer_steps"] >= 1 and written["setups"][0]["skipped_steps"] == 0
+    table = (tmp_path / "RESULTS.md").read_text()
+    assert "| hero |" in table and "Failed: reference: RuntimeError: CUDA out of memory" in table
 
 
 def test_a_unet_step_variant_casts_the_base_and_the_lora_apart_and_sets_the_layout(tiny_pipe) -> None:
