@@ -13,7 +13,7 @@ LS_STAMP := $(LS_VENV)/.installed
 TORCH_PIP_ARGS ?=
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install label-studio browser demo test test-long audit audit-ci lint typecheck unit bench constraints clean
+.PHONY: install label-studio browser demo test test-long audit audit-ci lint typecheck unit bench gpu-wheels constraints clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -82,6 +82,15 @@ audit-ci: install
 ## bench: the sampler benchmark (writes benchmarks/results/sampler.json and RESULTS.md)
 bench: install
 	$(BIN)/python benchmarks/sampler.py
+
+## gpu-wheels: the pinned packages a lent GPU machine's image lacks (its Python 3.12), into .whl/, for
+## benchmarks/gpu_lease.sh (docs/PERFORMANCE.md); the image has torch, transformers and accelerate
+GPU_WHEELS := diffusers peft pydantic pydantic_core pydantic-settings python-dotenv annotated-types typing-inspection
+gpu-wheels: install
+	rm -rf .whl
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		$$(for name in $(GPU_WHEELS); do grep -i "^$$name==" constraints.txt; done)
 
 ## constraints: re-pin every tested version after a deliberate upgrade
 constraints: install

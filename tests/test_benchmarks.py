@@ -554,3 +554,42 @@ def test_guided_evaluation_samples_each_hero_run_from_its_own_pool_at_the_checkp
     monkeypatch.setattr(sys, "argv", [*argv, "--report"])
     ge.main()
     assert json.loads(results.read_text())["cells"]["counting"]["lora_guided"] == 3.0
+
+
+@pytest.mark.long  # about two minutes: make test-long (CI runs it)
+def test_the_gpu_lease_script_rehearses_on_a_cpu_and_hands_back_each_benchmarks_files(tmp_path: Path) -> None:
+    # the GPU lease comes once and is short: its script must not first fail there
+    results, out = tmp_path / "results", tmp_path / "out"
+    env = {
+        **os.environ,
+        "DEVICE": "cpu",
+        "SIZE": "--arch tiny --images 2 --steps 2",
+        "BENCH_RESULTS_DIR": str(results),
+        "BENCH_RESULTS_MD": str(results / "RESULTS.md"),
+        "PYTHON": sys.executable,
+    }
+    script = Path(__file__).parent.parent / "benchmarks" / "gpu_lease.sh"
+    done = subprocess.run(
+        ["bash", str(script), "eager", str(out)],
+        cwd=script.parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "unet_step: exit 0" in done.stdout and "gpu_round-fp16: exit 0" in done.stdout
+    handed_back = {path.name for path in out.iterdir()}
+    assert handed_back == {
+        "unet_step.json",
+        "unet_step.log",
+        "gpu_round-fp16.json",
+        "gpu_round-fp16.log",
+        "RESULTS.md",
+    }
+    round_figures = json.loads((out / "gpu_round-fp16.json").read_text())
+    assert [s["setup"] for s in round_figures["setups"]] == ["hero", "reference"] and not round_figures[
+        "failed"
+    ]
+    assert round_figures["diffusers"]["seconds"] > 0
+    assert "<!-- begin unet_step -->" in (out / "RESULTS.md").read_text()
