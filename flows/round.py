@@ -75,7 +75,10 @@ class RoundOutcome:
     waiting: Readiness | None = None  # what the round still lacks
 
 
-@flow(name="hero-round", flow_run_name="round-{round_index}", validate_parameters=False)
+# persist_result=False: a resumed hero-training run is a rerun, and with result persistence on (a
+# worker's PREFECT_RESULTS_PERSIST_BY_DEFAULT) Prefect would hand it this subflow's stored outcome
+# ("waiting") instead of running it again: the round would suspend for ever.
+@flow(name="hero-round", flow_run_name="round-{round_index}", validate_parameters=False, persist_result=False)
 def hero_round(
     run: TrainingRun,
     round_index: int,

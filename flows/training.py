@@ -130,6 +130,8 @@ def hero_training(
             while not run.done:
                 k = run.engine.round
                 outcome = hero_round(run, k, humans, this_run)
+                if outcome.round != k:  # an outcome Prefect kept from another call: never learn from it
+                    raise RuntimeError(f"hero-round {k} returned the outcome of round {outcome.round}")
                 if outcome.stats is None:
                     assert humans is not None and outcome.waiting is not None
                     logger.info("round %d waits for annotators: %s", k, outcome.waiting.reason)

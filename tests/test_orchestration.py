@@ -129,6 +129,8 @@ def stack(
         "PREFECT_HOME": str(tmp_path / "prefect-home"),
         "PREFECT_WORKER_QUERY_SECONDS": "2",
         "PREFECT_LOGGING_LEVEL": "INFO",
+        # as production workers often run: a resumed round must run again, not return its stored result
+        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
     }
     config = HeroConfig(
         **{
