@@ -27,9 +27,10 @@ from hero_ml.adapters.label_studio.client import LabelStudioError
 from hero_ml.adapters.storage import open_store
 from hero_ml.adapters.tracking import TrackingError
 from hero_ml.adapters.tracking.mlflow import open_tracker
-from hero_ml.config import HeroConfig, load_config, restore_config, with_overrides
+from hero_ml.config import ConfigError, HeroConfig, load_config, restore_config, with_overrides
 from hero_ml.engine import RoundStats
 from hero_ml.labelling import LabelStudioRounds, open_projects
+from hero_ml.run_lease import LeaseLostError
 from hero_ml.run_store import RunStore
 from hero_ml.training import Evaluation, TrainingRun, TrainingSummary
 
@@ -66,6 +67,11 @@ def resolve_config(run_id: str | None, config: HeroConfig | dict[str, Any] | Non
     """A HeroConfig passed in process is used as it is. From a deployment, `config` is a dict of
     overrides (public values only: Prefect stores flow parameters) on top of the worker's own config:
     the file named by HERO_CONFIG_FILE, then HERO_* variables, which carry the secrets."""
+    named = config.get("run_id") if isinstance(config, dict) else None
+    if run_id is not None and named is not None and named != run_id:  # the overrides go on last: B
+        raise ConfigError(
+            f"the parameters name two runs, run_id {run_id!r} and config.run_id {named!r}: give one"
+        )
     resolved = config if isinstance(config, HeroConfig) else with_overrides(load_config(), config or {})
     return resolved if run_id is None else with_overrides(resolved, {"run_id": run_id})
 
@@ -149,6 +155,8 @@ def hero_training(
             raise  # suspended for annotators: the MLflow run goes on when the flow run resumes
         except TrackingError:
             raise  # the server is failing: marking the run FAILED would wait out its retries again
+        except LeaseLostError:
+            raise  # another process trains the run now, in this MLflow run: not ours to mark FAILED
         except BaseException:
             try:
                 tracker.finish("FAILED")

@@ -18,6 +18,8 @@ from uuid import UUID
 from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterStateName
+from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.sorting import FlowRunSort
 from prefect.exceptions import ObjectNotFound
 from prefect.flow_runs import NotPausedError, resume_flow_run
 
@@ -27,6 +29,8 @@ from hero_ml.config import ConfigError, HeroConfig, restore_config, with_overrid
 from hero_ml.errors import HeroError
 from hero_ml.labelling import LabelStudioRounds, open_projects
 from hero_ml.run_store import RunStore
+
+SUSPENDED_PAGE = 200  # flow runs a request (Prefect's server answers at most its own page size)
 
 
 @dataclass(frozen=True)
@@ -92,12 +96,23 @@ class RoundResumer:
         return result(True, readiness.reason, waiting_for)
 
     def suspended_runs(self) -> list[tuple[str, str]]:
-        """(flow run id, HERO run id) of every suspended hero-training flow run."""
+        """(flow run id, HERO run id) of every suspended hero-training flow run, page by page (the
+        server answers at most a page of flow runs a request)."""
+        flow_runs: list[FlowRun] = []
         with get_client(sync_client=True) as client:
-            flow_runs = client.read_flow_runs(
-                flow_filter=FlowFilter(name=FlowFilterName(any_=["hero-training"])),
-                flow_run_filter=FlowRunFilter(state=dict(name=FlowRunFilterStateName(any_=["Suspended"]))),
-            )
+            while True:
+                page = client.read_flow_runs(
+                    flow_filter=FlowFilter(name=FlowFilterName(any_=["hero-training"])),
+                    flow_run_filter=FlowRunFilter(
+                        state=dict(name=FlowRunFilterStateName(any_=["Suspended"]))
+                    ),
+                    sort=FlowRunSort.ID_DESC,  # a stable order across the pages
+                    limit=SUSPENDED_PAGE,
+                    offset=len(flow_runs),
+                )
+                flow_runs += page
+                if len(page) < SUSPENDED_PAGE:
+                    break
         return [(str(run.id), deployed_run_id(run.parameters, run.name)) for run in flow_runs]
 
     def poll(self) -> list[ResumeResult]:

@@ -9,12 +9,13 @@ import yaml
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from flows.training import with_stored_run
+from flows.training import resolve_config, with_stored_run
 from hero_ml.adapters.storage import LocalStore, open_store
 from hero_ml.adapters.tracking import TrackingError
 from hero_ml.adapters.tracking.mlflow import RUN_ID_TAG, open_tracker
 from hero_ml.cli import app
-from hero_ml.config import HeroConfig, load_config, with_overrides
+from hero_ml.config import ConfigError, HeroConfig, load_config, with_overrides
+from hero_ml.run_lease import LeaseLostError
 from hero_ml.run_store import CorruptObjectError, RunStore
 from hero_ml.sample_round import sample_round
 from hero_ml.training import RunError, TrainingRun
@@ -333,3 +334,32 @@ def test_a_run_refuses_another_config_and_a_tampered_round(tmp_path: Path) -> No
     data["sampling"]["prompt"] = "a red square"
     with pytest.raises(RunError, match="not a prompt of task 'counting'"):
         TrainingRun(HeroConfig.model_validate(data), store)
+
+
+def test_a_run_whose_lease_was_taken_leaves_its_mlflow_run_to_the_new_holder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the process that took the lease trains on in the same MLflow run: the loser must not mark it
+    # FAILED (the loss is injected: a real takeover needs a stalled renewal of a minute or more)
+    import flows.training
+
+    def taken_over(*args: object, **kwargs: object) -> None:
+        raise LeaseLostError("run 'taken': this process's lease (epoch 0) was taken over")
+
+    monkeypatch.setattr(flows.training, "hero_round", taken_over)
+    config = HeroConfig.model_validate({**small(tmp_path), "run_id": "taken"})
+    with pytest.raises(LeaseLostError):
+        flows.training.hero_training(config=config)
+    client = MlflowClient(tracking_uri=config.tracking.tracking_uri)
+    (tracked,) = client.search_runs(
+        [client.get_experiment_by_name("hero").experiment_id], f"tags.`{RUN_ID_TAG}` = 'taken'"
+    )
+    assert tracked.info.status == "RUNNING"
+
+
+def test_flow_parameters_that_name_two_runs_are_refused() -> None:
+    # the overrides go on last: run_id 'a' with config.run_id 'b' would train b while the poller watched a
+    with pytest.raises(ConfigError, match=r"name two runs, run_id 'a' and config.run_id 'b': give one"):
+        resolve_config("a", {"run_id": "b"})
+    assert resolve_config("a", {"run_id": "a"}).run_id == "a"
+    assert resolve_config(None, {"run_id": "b"}).run_id == "b"

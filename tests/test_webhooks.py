@@ -275,6 +275,19 @@ def test_a_suspended_run_that_cannot_be_checked_is_reported_and_the_poll_goes_on
     assert mine[0].reason.startswith("cannot check round 0:") and "other-team" in mine[0].reason
 
 
+def test_the_poller_pages_through_the_suspended_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the server answers a page of flow runs a request: runs beyond it must be polled too
+    import flows.waiting
+
+    first, resumer = suspended_for_round_0("paged-a", tmp_path)
+    second, _ = suspended_for_round_0("paged-b", tmp_path)
+    everyone = resumer.suspended_runs()
+    monkeypatch.setattr(flows.waiting, "SUSPENDED_PAGE", 1)  # a page of one: as many pages as runs
+    paged = resumer.suspended_runs()
+    assert sorted(paged) == sorted(everyone) and len(paged) == len(set(paged))
+    assert {(first, "paged-a"), (second, "paged-b")} <= set(paged)
+
+
 def test_a_run_whose_published_record_is_damaged_is_named_and_the_poll_goes_on(tmp_path: Path) -> None:
     from hero_ml.config import HeroConfig
     from hero_ml.run_store import RunStore
