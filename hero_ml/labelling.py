@@ -152,7 +152,8 @@ class LabelStudioRounds:
         present = self.projects.held_tasks(project_id, tasks)  # another run's tasks: refused, nothing written
         # the first attempt starts the clock, before the import: a crash part-way through the import
         # (tasks out, record not yet written) must not restart the deadline when publishing again
-        if self.runs.load_published(round_index) is None:
+        published = self.runs.load_published(round_index)
+        if published is None:
             record = PublishedRecord(
                 published_at=datetime.now(UTC).replace(microsecond=0),
                 project_id=project_id,
@@ -160,6 +161,10 @@ class LabelStudioRounds:
                 tasks=len(tasks),
             )
             self.runs.save_published(round_index, record)
+        elif published.project_id != project_id:
+            # the project was made again (deleted, or Label Studio restored): the round's checks read the
+            # project its tasks go to now; the deadline still counts from the first publication
+            self.runs.save_published(round_index, published.model_copy(update={"project_id": project_id}))
         created, existing = self.projects.publish(project_id, tasks, present)
         return Published(project_id, created, existing, self.projects.project_url(project_id))
 
@@ -179,6 +184,7 @@ class LabelStudioRounds:
             now=now or datetime.now(UTC),
             deadline_h=policy.round_deadline_h,
             deadline_min_labels=policy.deadline_min_labels,
+            not_counted=collected.problems,
         )
 
     def _collect(

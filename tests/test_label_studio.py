@@ -124,8 +124,10 @@ def test_publish_is_idempotent_and_images_display_through_s3(
     restarted = rounds(config.model_copy(update={"storage": storage}), runs)
     moved = restarted.publish(0, current_best=None, flow_run_id="flow-456")
     assert (moved.created, moved.existing) == (0, 5)
-    tasks = list(admin.tasks.list(project=published.project_id, fields="all"))
+    tasks = list(admin.tasks.list(project=published.project_id, fields="all", resolve_uri=False))
     assert {t.data["hero"]["flow_run_id"] for t in tasks} == {"flow-456"}
+    # re-pointing wrote back the data as imported, not Label Studio's proxy links (host-bound)
+    assert all(t.data["image"].startswith("s3://") for t in tasks if t.data["hero"]["kind"] == "image")
     (connected,) = admin.import_storage.s3.list(project=published.project_id)
     assert connected.presign_ttl == 30
     assert requests.get(resolve, headers=headers, timeout=30).content == image.content
@@ -149,6 +151,21 @@ def test_a_new_run_under_a_kept_projects_name_is_refused_not_fed_its_labels(
     admin = LabelStudio(base_url=label_studio_server.url, api_key=label_studio_server.admin_token)
     tasks = list(admin.tasks.list(project=first.project_id, fields="all"))
     assert len(tasks) == 5 and {t.data["hero"]["flow_run_id"] for t in tasks} == {"flow-old"}
+
+
+def test_a_round_whose_project_was_made_again_is_checked_where_its_tasks_are_now(
+    s3_server: Service, label_studio_server: LabelStudioServer
+) -> None:
+    config, runs = make_run(s3_server, label_studio_server)
+    first = rounds(config, runs).publish(0, current_best=None, flow_run_id="flow-1")
+    published_at = runs.load_published(0).published_at
+    admin = LabelStudio(base_url=label_studio_server.url, api_key=label_studio_server.admin_token)
+    admin.projects.delete(id=first.project_id)  # reset by hand, or lost with Label Studio's data
+    again = rounds(config, runs).publish(0, current_best=None, flow_run_id="flow-1")
+    assert again.project_id != first.project_id and again.created == 5
+    record = runs.load_published(0)
+    assert (record.project_id, record.published_at) == (again.project_id, published_at)  # same deadline
+    assert rounds(config, runs).readiness(0).reason == "waiting for 0/8 labels, 0/2 best votes"
 
 
 def test_a_team_labels_a_round_and_the_pipeline_reads_exactly_that(

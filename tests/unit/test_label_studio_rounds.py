@@ -280,3 +280,20 @@ def test_a_round_closes_when_complete_or_at_its_deadline_with_the_minimum() -> N
     # the first round has no current best to keep: it needs a best vote even at the deadline
     assert not ready(progress(4, 1, 0), 48, first=True).ready
     assert ready(progress(4, 1, 0), 48).ready
+    # annotations collect could not use are named: Label Studio gives their tasks out no more
+    dropped = ["annotator 7 picked 'b' as best but labelled it bad; their best vote is not counted", "x"]
+    stuck = readiness(
+        progress(8, 2, 1),
+        first_round=False,
+        published_at=published,
+        now=published,
+        deadline_h=None,
+        deadline_min_labels=1,
+        not_counted=dropped,
+    )
+    assert stuck == Readiness(
+        False,
+        "waiting for 8/8 labels, 1/2 best votes; 2 annotation(s) not counted, fix or delete them in "
+        "Label Studio (`hero labelstudio status` lists them), e.g. annotator 7 picked 'b' as best but "
+        "labelled it bad; their best vote is not counted",
+    )

@@ -1,6 +1,8 @@
 """Credentials out of URLs that are shown: exact outputs on hand-written cases."""
 
-from hero_ml.redact import redact, secret_query_keys
+import json
+
+from hero_ml.redact import mask_secrets, redact, secret_query_keys
 
 
 def test_userinfo_and_secret_query_values_are_hidden_and_the_rest_is_kept() -> None:
@@ -22,3 +24,26 @@ def test_secret_query_keys_are_named_by_name_or_ending() -> None:
     url = "https://h/?token=1&sslmode=require&db_password=2&sslkey=/k&apikey=3&X-Api-Key=4&monkey=5"
     assert secret_query_keys(url) == ["token", "db_password", "apikey", "X-Api-Key"]
     assert secret_query_keys("sqlite:///hero-data/mlflow.db") == []
+
+
+def test_a_secret_is_masked_in_every_escaping_an_echo_may_carry() -> None:
+    secret = 'pa"ss\\wörd?&x'  # a quote, a backslash, a non-ASCII letter, URL-special characters
+    body = {"headers": {"X-Hero-Webhook-Secret": secret}}
+    echoes = [
+        secret,
+        str(body),  # a dict body printed: repr doubles the backslash
+        json.dumps(body),  # JSON text: the quote and backslash escaped, ö as \u00f6
+        json.dumps(body, ensure_ascii=False),
+        "url=https://h/?s=pa%22ss%5Cw%C3%B6rd%3F%26x",
+        "form=pa%22ss%5Cw%C3%B6rd%3F%26x",
+    ]
+    masked = [mask_secrets(echo, [secret, ""], "***") for echo in echoes]
+    assert masked == [
+        "***",
+        "{'headers': {'X-Hero-Webhook-Secret': '***'}}",
+        '{"headers": {"X-Hero-Webhook-Secret": "***"}}',
+        '{"headers": {"X-Hero-Webhook-Secret": "***"}}',
+        "url=https://h/?s=***",
+        "form=***",
+    ]
+    assert mask_secrets("nothing to hide", [secret], "***") == "nothing to hide"

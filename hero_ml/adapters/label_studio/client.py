@@ -18,6 +18,7 @@ from hero_ml.adapters.label_studio.rounds import INSTRUCTIONS, LABEL_CONFIG, Tas
 from hero_ml.config import SECRET_MASK
 from hero_ml.errors import HeroError
 from hero_ml.faults import crash_point
+from hero_ml.redact import mask_secrets
 
 T = TypeVar("T")
 WEBHOOK_SECRET_HEADER = "X-Hero-Webhook-Secret"
@@ -40,9 +41,8 @@ class LabelStudioProjects:
         try:
             yield
         except ApiError as err:
-            body = str(err.body)
-            for secret in self._secrets:  # a server or proxy may echo the request it refused
-                body = body.replace(secret, SECRET_MASK)
+            # a server or proxy may echo the request it refused, in its own escaping
+            body = mask_secrets(str(err.body), self._secrets, SECRET_MASK)
             if err.status_code is not None and 200 <= err.status_code < 300:
                 # a success the SDK could not read: not Label Studio's API at this URL
                 raise self._not_label_studio(what, f"HTTP {err.status_code}: {body[:200]}") from None
@@ -184,7 +184,11 @@ class LabelStudioProjects:
     def tasks(self, project_id: int) -> list[dict[str, Any]]:
         """Every task of the project with its annotations, as JSON dicts."""
         with self._calling("list tasks"):
-            found: list[Any] = list(self.client.tasks.list(project=project_id, fields="all"))
+            # resolve_uri=False: the data as imported (s3:// URLs), not rewritten to Label Studio's proxy
+            # links, which publish would write back into a task it re-points
+            found: list[Any] = list(
+                self.client.tasks.list(project=project_id, fields="all", resolve_uri=False)
+            )
             return [task.model_dump() for task in found]
 
     def held_tasks(

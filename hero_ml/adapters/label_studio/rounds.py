@@ -14,6 +14,7 @@ AnnotatorFeedback per annotator for feedback.aggregate.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -170,22 +171,33 @@ def readiness(
     now: datetime,
     deadline_h: float | None,
     deadline_min_labels: int,
+    not_counted: Sequence[str] = (),
 ) -> Readiness:
     """Whether a waiting round may close: every label it wants is in, or its deadline has passed and
     every image has at least `deadline_min_labels` labels (and the first round, which has no current
-    best to keep, a best vote)."""
+    best to keep, a best vote). not_counted: the annotations collect could not use (its problems),
+    named in a waiting reason: Label Studio counts them done and gives their tasks out no more, so
+    the round may wait on them for good."""
     if progress.complete:
         return Readiness(True, "complete")
+    unusable = (
+        f"; {len(not_counted)} annotation(s) not counted, fix or delete them in Label Studio "
+        f"(`hero labelstudio status` lists them), e.g. {not_counted[0]}"
+        if not_counted
+        else ""
+    )
     if deadline_h is None:
-        return Readiness(False, f"waiting for {progress}")
+        return Readiness(False, f"waiting for {progress}{unusable}")
     deadline = published_at + timedelta(hours=deadline_h)
     if now < deadline:
-        return Readiness(False, f"waiting for {progress} (deadline {deadline.isoformat(timespec='seconds')})")
+        return Readiness(
+            False, f"waiting for {progress} (deadline {deadline.isoformat(timespec='seconds')}){unusable}"
+        )
     if progress.least_labels < deadline_min_labels or (first_round and progress.best_votes == 0):
         return Readiness(
             False,
             f"deadline passed, but the minimum is not met yet ({deadline_min_labels} labels on every "
-            f"image{' and a best vote' if first_round else ''}): {progress}",
+            f"image{' and a best vote' if first_round else ''}): {progress}{unusable}",
         )
     return Readiness(True, f"deadline {deadline.isoformat(timespec='seconds')} passed with {progress}")
 
