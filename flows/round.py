@@ -4,8 +4,8 @@ Every step is idempotent per (run, round), so a round can be entered any number 
 committed before is reused, publishing again creates no task, and a round is learned once (its
 checkpoint commits it; the next entry starts at the next round). With the simulated annotators the
 round runs straight through; with Label Studio it returns `waiting` until the round may close by the
-run's policy, and the caller (hero_training) releases its process until a webhook or the poller
-resumes it.
+run's policy (or, once published, while Label Studio cannot be asked), and the caller (hero_training)
+releases its process until a webhook or the poller resumes it.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from hero_ml.adapters.label_studio.client import LabelStudioError
 from hero_ml.engine import RoundBatch, RoundStats
 from hero_ml.feedback import RoundFeedback
 from hero_ml.labelling import LabelStudioRounds, Published, Readiness
@@ -94,13 +95,20 @@ def hero_round(
     if humans is None:
         feedback = simulated_feedback(run, batch)
     else:
-        stored = run.runs.load_feedback(round_index)  # collected before a crash: the same labels again
-        if stored is None:
+        loaded = run.runs.load_feedback(round_index)  # collected before a crash: the same labels again
+        if loaded is None:
             publish_round(humans, run, batch, resume_flow_run_id)
-            readiness = check_labelling(humans, round_index)
-            if not readiness.ready:
-                return RoundOutcome(round_index, None, readiness)
-        feedback = stored or collect_annotations(humans, round_index)
+            try:
+                readiness = check_labelling(humans, round_index)
+                if not readiness.ready:
+                    return RoundOutcome(round_index, None, readiness)
+                loaded = collect_annotations(humans, round_index)
+            except LabelStudioError as err:
+                # published, so the round can wait: a suspended run is checked again by the poller
+                # (and in process, every poll interval), where a failed one would wait for a person
+                unreachable = Readiness(False, f"cannot check round {round_index} in Label Studio: {err}")
+                return RoundOutcome(round_index, None, unreachable)
+        feedback = loaded
     stats = learn_round(run, batch, feedback)
     track_round(run, batch, stats)
     return RoundOutcome(round_index, stats)

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,7 +33,9 @@ from hero_ml.engine import sample_batch
 from hero_ml.faults import CRASH_ENV
 from hero_ml.labelling import LabelStudioRounds
 from hero_ml.run_store import ANNOTATIONS, RunStore
+from hero_ml.training import TrainingRun
 from tests.conftest import LabelStudioServer, Service, create_annotator, s3_storage, tiny_run
+from tests.fault_proxy import FaultProxy
 
 PROMPT = "three red circles"
 runner = CliRunner()
@@ -166,6 +169,44 @@ def test_a_round_whose_project_was_made_again_is_checked_where_its_tasks_are_now
     record = runs.load_published(0)
     assert (record.project_id, record.published_at) == (again.project_id, published_at)  # same deadline
     assert rounds(config, runs).readiness(0).reason == "waiting for 0/8 labels, 0/2 best votes"
+
+
+def test_a_published_round_label_studio_cannot_check_waits_instead_of_failing_the_run(
+    s3_server: Service, label_studio_server: LabelStudioServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Label Studio down after the round went out (a restart, an outage): a failed flow run would wait
+    # for a person; a waiting one is checked again by the poller
+    import flows.round
+
+    down = threading.Event()
+    with FaultProxy(
+        label_studio_server.url, lambda n, method, path: "503" if down.is_set() else None
+    ) as proxy:
+        config, runs = make_run(s3_server, label_studio_server)
+        proxied = config.label_studio.model_copy(update={"url": proxy.url})
+        people = config.simulation.model_copy(update={"task": None})  # people label a real prompt
+        config = config.model_copy(update={"label_studio": proxied, "simulation": people})
+        runs.save_config(config.to_public_dict())  # a training run's round 0, not `hero sample`'s
+        humans = rounds(config, runs)
+        # the round's own retries (5, 30, 120 s) are not what is tested: one try each
+        for name in ("check_labelling", "collect_annotations"):
+            monkeypatch.setattr(flows.round, name, getattr(flows.round, name).with_options(retries=0))
+        with TrainingRun(config, runs.store) as run:
+            first = flows.round.hero_round(run, 0, humans)
+            assert first.stats is None and first.waiting is not None
+            assert first.waiting.reason == "waiting for 0/8 labels, 0/2 best votes"
+            publish = flows.round.publish_round
+
+            def publish_then_go_down(*args: Any) -> Any:  # the outage begins once the round is out
+                published = publish(*args)
+                down.set()
+                return published
+
+            monkeypatch.setattr(flows.round, "publish_round", publish_then_go_down)
+            outage = flows.round.hero_round(run, 0, humans)
+        assert outage.stats is None and outage.waiting is not None and not outage.waiting.ready
+        assert outage.waiting.reason.startswith("cannot check round 0 in Label Studio: Label Studio refused")
+        assert "(HTTP 503)" in outage.waiting.reason and proxy.injected
 
 
 def test_a_team_labels_a_round_and_the_pipeline_reads_exactly_that(
