@@ -33,12 +33,17 @@ from hero_ml.adapters.label_studio.rounds import (
     task_key,
 )
 from hero_ml.adapters.tracking import Tracker
-from hero_ml.config import HeroConfig
+from hero_ml.config import ConfigError, HeroConfig
 from hero_ml.faults import crash_point
 from hero_ml.feedback import RoundFeedback
 from hero_ml.run_store import ANNOTATIONS, CURRENT_BEST, GRID, PublishedRecord, RunStore
 
 __all__ = ["LabelStudioError", "LabelStudioRounds", "Progress", "Published", "Readiness", "open_projects"]
+
+# With local storage a task carries its pictures inline (data: URLs), and every webhook event and task
+# read carries the task: above this, events would exceed the receiver's 1 MiB body limit (the toy
+# model's best task, a grid of 64 images of 64 px, is about 0.2 MiB).
+INLINE_TASK_LIMIT_BYTES = 768 * 1024
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,15 @@ class LabelStudioRounds:
                 flow_run_id=flow_run_id,
             )
         )
+        if self.config.storage.backend == "local":
+            largest = max(len(json.dumps(task["data"])) for task in tasks)
+            if largest > INLINE_TASK_LIMIT_BYTES:
+                raise ConfigError(
+                    f"round {round_index}'s images are too large to travel inline (storage.backend local "
+                    f"puts them in the tasks: the largest is {largest / 2**20:.1f} MiB, over "
+                    f"{INLINE_TASK_LIMIT_BYTES / 2**20:.2f} MiB): label a real model's images with "
+                    "storage.backend s3, which Label Studio reads by URL"
+                )
         project_id = self.project()
         present = self.projects.held_tasks(project_id, tasks)  # another run's tasks: refused, nothing written
         # the first attempt starts the clock, before the import: a crash part-way through the import

@@ -27,7 +27,7 @@ from hero_ml.adapters.label_studio.rounds import LABEL_CONFIG
 from hero_ml.adapters.storage import open_store
 from hero_ml.adapters.tracking.mlflow import MlflowTracker
 from hero_ml.cli import app
-from hero_ml.config import HeroConfig, StorageConfig
+from hero_ml.config import ConfigError, HeroConfig, StorageConfig
 from hero_ml.diffusion.pipeline import build_random_pipeline
 from hero_ml.engine import sample_batch
 from hero_ml.faults import CRASH_ENV
@@ -154,6 +154,33 @@ def test_a_new_run_under_a_kept_projects_name_is_refused_not_fed_its_labels(
     admin = LabelStudio(base_url=label_studio_server.url, api_key=label_studio_server.admin_token)
     tasks = list(admin.tasks.list(project=first.project_id, fields="all"))
     assert len(tasks) == 5 and {t.data["hero"]["flow_run_id"] for t in tasks} == {"flow-old"}
+
+
+def test_images_too_large_to_travel_inline_are_refused_before_anything_goes_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # local storage puts the pictures in the tasks: a real model's would break webhook events
+    import hero_ml.labelling
+
+    config = HeroConfig(
+        run_id="inline",
+        model={"source": "random:tiny"},
+        sampling={"prompt": PROMPT, "images_per_round": 4, "num_steps": 2, "sub_batch_size": 4},
+        ddpo={"timesteps_per_trajectory": 1},
+        storage={"local_root": str(tmp_path)},
+        label_studio={"enabled": True, "url": "http://127.0.0.1:9", "api_key": "unused"},  # never asked
+    )
+    runs = RunStore(open_store(config.storage), config.run_id)
+    runs.commit_batch(
+        sample_batch(build_random_pipeline("tiny", seed=0), config.sampling, 0), {"prompt": PROMPT}
+    )
+    humans = rounds(config, runs)
+    with pytest.raises(LabelStudioError, match="cannot reach Label Studio"):  # small enough: it goes on
+        humans.publish(0, current_best=None)
+    monkeypatch.setattr(hero_ml.labelling, "INLINE_TASK_LIMIT_BYTES", 1024)  # tiny images, a tiny limit
+    with pytest.raises(ConfigError, match=r"round 0's images are too large .* storage.backend s3"):
+        humans.publish(0, current_best=None)
+    assert runs.load_published(0) is None
 
 
 def test_a_round_whose_project_was_made_again_is_checked_where_its_tasks_are_now(
