@@ -43,8 +43,12 @@ def _alphas(
     scheduler: DDIMScheduler, timesteps: torch.Tensor, ndim: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """alpha_bar_t and alpha_bar_{t-1} per sample, shaped to broadcast over latents of `ndim` dims."""
-    alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device, torch.float32)
-    final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32, device=timesteps.device)
+    if scheduler.alphas_cumprod.device != timesteps.device:
+        # moved once and kept there, as diffusers' own add_noise does: a copy at every step would make
+        # the host wait for the GPU at every step
+        scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)
+    alphas_cumprod = scheduler.alphas_cumprod.float()
+    final = float(scheduler.final_alpha_cumprod)  # a number: no copy to the device either
     prev_timesteps = timesteps - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     alpha_t = alphas_cumprod[timesteps]
     alpha_prev = torch.where(prev_timesteps >= 0, alphas_cumprod[prev_timesteps.clamp(min=0)], final)

@@ -223,17 +223,17 @@ def sample_trajectories(
         part = slice(start, start + sub_batch_size)
         part_generators = list(generators[part])
         x = initial_noise[part].to(device=device, dtype=storage_dtype)
+        step_noise = _step_noise(part_generators, len(timesteps), latent_shape, device)
         # Kept on the device while the sub-batch denoises (no per-step sync), then moved to the CPU.
         part_latents, part_log_probs = [x], []
 
-        for t in timesteps:
+        for i, t in enumerate(timesteps):
             t_batch = t.expand(x.shape[0])
             noise_pred = guided_noise_pred(
                 pipe.unet, x, t_batch, prompt_embeds[part], negative_prompt_embeds[part], guidance_scale
             )
             mean, std = ddim_step_mean_std(scheduler, noise_pred, t_batch, x, eta)
-            noise = randn_tensor(mean.shape, generator=part_generators, device=device, dtype=mean.dtype)
-            x = (mean + std * noise).to(storage_dtype)
+            x = (mean + std * step_noise[:, i]).to(storage_dtype)
             part_log_probs.append(gaussian_log_prob(x, mean, std))
             part_latents.append(x)
             if on_step is not None:
@@ -310,6 +310,25 @@ def decode_latents(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> torc
     decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
     images = (decoded.float() / 2 + 0.5).clamp(0, 1)
     return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def _step_noise(
+    generators: Sequence[torch.Generator], steps: int, latent_shape: tuple[int, ...], device: torch.device
+) -> torch.Tensor:
+    """Every step's noise of a sub-batch, (B, steps, *latent_shape) float32 on `device`: each image's
+    draws in step order from its own generator, the values diffusers' randn_tensor gives a step at a
+    time, drawn up front and copied once (a draw a step would be a host-to-device copy and a wait)."""
+    drawn = torch.stack(
+        [
+            torch.cat(
+                [torch.randn((1, *latent_shape), generator=g, dtype=torch.float32) for _ in range(steps)]
+            )
+            for g in generators
+        ]
+    )
+    if device.type == "cuda":
+        return drawn.pin_memory().to(device, non_blocking=True)
+    return drawn.to(device)
 
 
 def _offload(tensor: torch.Tensor) -> torch.Tensor:
