@@ -177,6 +177,20 @@ def sample(config: ConfigOption = None) -> None:
     console.print(f"  note: {manifest['note']}", highlight=False)
 
 
+def run_header(config: HeroConfig) -> str:
+    """`hero run`'s first line: the run, its method and task, and its derived quantities."""
+    derived = config.derived()
+    task = config.simulation.task
+    # D3PO's units are a round's preference pairs, max(#good, #bad) of them: fewer than its images
+    at_most = "up to " if config.method == "d3po" else ""
+    return (
+        f"[bold]run {config.run_id}[/]: method {config.method}, "
+        f"{f'task {escape(task)}' if task else 'no toy task'} ({escape(repr(config.sampling.prompt))}), "
+        f"{derived['rounds']} rounds x {derived['feedbacks_per_round']} "
+        f"feedbacks, {at_most}{derived['ddpo_optimizer_steps_per_round']} optimiser steps a round"
+    )
+
+
 # The settings `hero run`'s flags override, and the flag that gives each: a refused value names it.
 RUN_FLAGS = {
     "run_id": "--run-id",
@@ -320,15 +334,7 @@ def _run_embedded(config: HeroConfig) -> None:
     from flows import stop_ephemeral_server
     from flows.training import hero_training  # the CLI hands off to flows/; the library never imports Prefect
 
-    derived = config.derived()
-    task = config.simulation.task
-    console.print(
-        f"[bold]run {config.run_id}[/]: method {config.method}, "
-        f"{f'task {escape(task)}' if task else 'no toy task'} ({escape(repr(config.sampling.prompt))}), "
-        f"{derived['rounds']} rounds x {derived['feedbacks_per_round']} "
-        f"feedbacks, {derived['ddpo_optimizer_steps_per_round']} optimiser steps a round",
-        highlight=False,
-    )
+    console.print(run_header(config), highlight=False)
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -487,7 +493,9 @@ def storage_ls(run_id: RunIdArgument = None, config: ConfigOption = None) -> Non
         )
     console.print(table)
     console.print(
-        f"latest checkpoint: {latest}; objects in {store.where(runs_store.prefix)}", highlight=False
+        f"latest checkpoint: {'none yet' if latest is None else f'round {latest}'}; objects in "
+        f"{store.where(runs_store.prefix)}",
+        highlight=False,
     )
     console.print(f"being written: {writer}" if writer else "no process writes it now", highlight=False)
 
@@ -616,8 +624,14 @@ def generate(
         console.print(
             f"note: the noise pool was liked for the prompt {pool.prompt!r}, not {prompt!r}", highlight=False
         )
+    start = (
+        "plain N(0, I) noises"
+        if pool is None
+        else f"the run's noise pool (its best and {len(pool.good)} good images' noises, eps {pool.eps:g})"
+    )
     console.print(
-        f"{len(paths)} images of {version.name} version {version.version} in {out} (grid.png: all of them)",
+        f"{len(paths)} images of {version.name} version {version.version} from {start} in {out} "
+        "(grid.png: all of them)",
         highlight=False,
     )
 

@@ -133,8 +133,8 @@ class _Section(BaseModel):
         if isinstance(value, HttpUrl) and (value.username or value.password or secret_query_keys(str(value))):
             raise PydanticCustomError(
                 SECRET_IN_VALUE,
-                "holds credentials (user:password@ or a secret query parameter such as ?token=): remove "
-                "them from the URL; secrets are given through their own settings "
+                "holds credentials (user:password@, or a secret query parameter such as password or "
+                "token): remove them from the URL; secrets are given through their own settings "
                 "(HERO_<SECTION>__<FIELD>, e.g. HERO_LABEL_STUDIO__API_KEY)",
             )
         return value
@@ -557,7 +557,7 @@ class TrackingConfig(_Section):
             raise PydanticCustomError(
                 SECRET_IN_VALUE,
                 "holds credentials (a password, a token as the user, or a secret query parameter such "
-                "as ?password=): remove them from the URI and give them through the environment "
+                "as password or token): remove them from the URI and give them through the environment "
                 "(MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME / _PASSWORD for an MLflow server; "
                 "PGPASSWORD or ~/.pgpass for PostgreSQL)",
             )

@@ -11,7 +11,8 @@ from rich.table import Table
 
 from hero_ml.adapters.storage import StorageError, open_store
 from hero_ml.cli_support import ConfigOption, console, fail
-from hero_ml.config import ConfigError, HeroConfig, load_config, with_overrides
+from hero_ml.config import ConfigError, HeroConfig, load_config, restore_config, with_overrides
+from hero_ml.errors import HeroError
 
 if TYPE_CHECKING:
     from hero_ml.labelling import LabelStudioRounds
@@ -32,10 +33,14 @@ def _rounds(
         if run_id is not None:
             # validated, as a config's run_id is
             config = with_overrides(config, {"run_id": run_id}, given_by={"run_id": run_id_source})
+        runs = RunStore(open_store(config.storage), config.run_id)
+        stored = runs.load_config()
+        if stored is not None:  # what the run needs is its own (a flow run's overrides, say), not this file's
+            config = restore_config(stored, config)
         projects = open_projects(config)
-    except (ConfigError, LabelStudioError) as err:
+    except (HeroError, LabelStudioError) as err:
         raise fail(str(err)) from None
-    return config, LabelStudioRounds(config, RunStore(open_store(config.storage), config.run_id), projects)
+    return config, LabelStudioRounds(config, runs, projects)
 
 
 @labelstudio_app.command("setup")
@@ -82,8 +87,9 @@ def setup(
         f"project {rounds.projects.title(resolved.run_id)!r}: {rounds.projects.project_url(project_id)}"
     )
     if hook is not None:
-        state = "registered" if hooked else "already registered"
-        console.print(f"webhook {state}: {hook.webhook_url} (with the shared secret header)", highlight=False)
+        console.print(
+            f"webhook {hooked}: {hook.webhook_url} (with the shared secret header)", highlight=False
+        )
 
 
 @labelstudio_app.command("status")

@@ -45,9 +45,13 @@ def promote_version(
             "automatic judge; evaluate it with people and set the alias in MLflow"
         )
     if current is not None and current.tags.get("hero.task") != task_name:
+        champion_task = current.tags.get("hero.task")
+        trained_on = "a real prompt (no toy task)" if champion_task is None else f"task {champion_task!r}"
         raise RegistryError(
-            f"the champion (version {current.version}) was trained for task "
-            f"{current.tags.get('hero.task')!r}, the challenger for {task_name!r}: they are not comparable"
+            f"the champion (version {current.version}) was trained on {trained_on}, the challenger for "
+            f"task {task_name!r}: the judge cannot compare them. Promote within one task (a registered "
+            "model per task, tracking.registered_model), or compare them with people and set the alias "
+            "in MLflow"
         )
     task = load_task(task_name)
     promotion = config.promotion

@@ -18,7 +18,7 @@ from starlette.routing import Route
 from typer.core import TyperGroup
 from typer.testing import CliRunner
 
-from hero_ml.cli import app
+from hero_ml.cli import app, run_header
 from hero_ml.config import load_config
 from hero_ml.diffusion.sampler import Trajectory
 from hero_ml.toy.cli import PRETRAINED
@@ -616,3 +616,15 @@ def test_toy_pretrain_and_card_refuse_folders_they_cannot_use_before_any_work(tm
     (tmp_path / "training.json").write_text("{")
     result = runner.invoke(app, ["toy", "card", "--model", str(tmp_path)])
     assert result.exit_code == 1 and "Invalid JSON" in " ".join(result.output.split())
+
+
+def test_the_run_header_prints_the_derived_quantities_and_d3pos_as_a_bound() -> None:
+    config = load_config().model_copy(update={"run_id": "r"})
+    assert run_header(config) == (
+        "[bold]run r[/]: method hero, task counting ('three purple squares'), 8 rounds x 64 feedbacks, "
+        "32 optimiser steps a round"
+    )
+    # D3PO trains a round's preference pairs, max(#good, #bad) of them: at most one per image
+    assert run_header(config.model_copy(update={"method": "d3po"})).endswith(
+        "8 rounds x 64 feedbacks, up to 32 optimiser steps a round"
+    )

@@ -159,6 +159,9 @@ def test_hero_run_on_s3_and_an_mlflow_server(
         images[bool(flags)] = (out / "000.png").read_bytes()
         noted = "note: the noise pool was liked for the prompt 'three purple squares'" in generated.output
         assert noted == bool(flags), generated.output
+        said = " ".join(generated.output.split())
+        start = "from the run's noise pool (its best and" if flags else "from plain N(0, I) noises"
+        assert f"2 images of {version.name} version 1 {start}" in said, said
     assert images[True] != images[False]
 
 
@@ -240,6 +243,14 @@ def test_promotion_moves_champion_only_on_a_real_win(
     assert client.get_model_version_by_alias(name, "champion").version == winner
     by_hand = runner.invoke(app, ["promote", "-c", str(path), "--version", unjudged])
     assert by_hand.exit_code == 1 and f"version {unjudged} has no hero.task tag" in by_hand.output
+    other_task = register(path, tmp_path / "identity", "other-task", task="counting")
+    mixed = runner.invoke(app, ["promote", "-c", str(path), "--version", other_task])
+    said = " ".join(mixed.output.split())
+    assert mixed.exit_code == 1 and "the judge cannot compare them. Promote within one task" in said
+    assert (
+        f"the champion (version {winner}) was trained on task 'anomaly', the challenger for task 'counting'"
+        in said
+    )
     with pytest.raises(ValueError, match="after_flow_run 'run-7' is not a flow run id"):
         promote(after_flow_run="run-7")
 

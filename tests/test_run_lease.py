@@ -404,6 +404,7 @@ def test_storage_ls_says_who_writes_the_run(tmp_path: Path) -> None:
     assert f"being written: pid {os.getpid()} on" in " ".join(held.output.split())
     free = CliRunner().invoke(app, ["storage", "ls", "r", "-c", str(config)])
     assert "no process writes it now" in free.output
+    assert "latest checkpoint: none yet;" in free.output  # nothing learned yet, said in words
 
 
 def test_hero_sample_refuses_a_run_another_process_writes(tmp_path: Path) -> None:

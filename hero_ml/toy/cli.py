@@ -179,7 +179,14 @@ def judge_accuracy_command(
 
 @toy_app.command("card")
 def card_command(
-    model: Annotated[Path, typer.Option(help="The pretrained model folder.", file_okay=False)] = PRETRAINED,
+    model: Annotated[
+        Path,
+        typer.Option(
+            help="The pretrained model folder; its card (README.md, card.json, sample images) is written "
+            "into it, the shipped model's by default.",
+            file_okay=False,
+        ),
+    ] = PRETRAINED,
     n: Annotated[int, typer.Option(help="Images per task for the base rates.", min=1)] = 512,
     judge_scenes: Annotated[int, typer.Option(help="Rendered scenes for the judge accuracy.", min=1)] = 1000,
     steps: Annotated[int, typer.Option(help="DDIM steps.", min=1)] = 50,

@@ -256,6 +256,8 @@ def test_secret_query_parameters_in_urls_are_refused_without_repeating_them(tmp_
         with pytest.raises(ConfigError, match=rf"{section}\.{field}: holds credentials") as caught:
             load_config(write(tmp_path, {section: {field: url}}))
         assert "hunter2" not in str(caught.value)
+        # the advice itself survives the redaction of every message line (no ?password= in its words)
+        assert "such as password or token): remove them from the UR" in str(caught.value)
     fine = "postgresql://hero@db/mlflow?sslmode=require&sslkey=/etc/hero/client.key"  # a path, no secret
     assert HeroConfig(tracking={"tracking_uri": fine}).tracking.tracking_uri == fine
 

@@ -150,10 +150,11 @@ class LabelStudioProjects:
             ),
         )
 
-    def ensure_webhook(self, project_id: int, url: str, secret: SecretStr | None) -> bool:
+    def ensure_webhook(self, project_id: int, url: str, secret: SecretStr | None) -> str:
         """Label Studio posts the project's annotation events (created, bulk-created, updated) to
-        `url`, carrying the shared secret in WEBHOOK_SECRET_HEADER (Label Studio signs nothing). True
-        when created; a webhook already there gets today's secret (it may have been rotated since)."""
+        `url`, carrying the shared secret in WEBHOOK_SECRET_HEADER (Label Studio signs nothing). A
+        webhook already there gets today's secret (it may have been rotated since). Returns what was
+        done: "registered", "secret updated" or "already registered"."""
         existing = self._call(
             "list webhooks", lambda: list(self.client.webhooks.list(project=str(project_id)))
         )
@@ -166,7 +167,8 @@ class LabelStudioProjects:
                 self._call(
                     "update webhook secret", lambda: self.client.webhooks.update(id=hook_id, headers=headers)
                 )
-            return False
+                return "secret updated"
+            return "already registered"
         self._call(
             "create webhook",
             lambda: self.client.webhooks.create(
@@ -179,7 +181,7 @@ class LabelStudioProjects:
                 is_active=True,
             ),
         )
-        return True
+        return "registered"
 
     def tasks(self, project_id: int) -> list[dict[str, Any]]:
         """Every task of the project with its annotations, as JSON dicts."""
