@@ -1053,10 +1053,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
                 "sampling:, ...)"
             )
         if key in _section_names() and not isinstance(data[key], dict):
-            # refused here: an environment variable for one of its fields would replace it unseen
-            got = (
-                "nothing" if data[key] is None else f"a value of type {type(data[key]).__name__}"
-            )  # a secret?
+            # refused here: an environment variable for one of its fields would replace it unseen. Its
+            # value is not shown: in a section's place it may be a secret
+            got = "nothing" if data[key] is None else f"a value of type {type(data[key]).__name__}"
             raise ConfigError(
                 f"{path}: section {key}: takes a mapping of its fields ({key}: then indented 'field: value' "
                 f"lines), got {got}; give its fields or remove it"

@@ -25,7 +25,7 @@ labelstudio_app = typer.Typer(
 def _rounds(
     config_path: Path | None, run_id: str | None, run_id_source: str
 ) -> tuple[HeroConfig, LabelStudioRounds]:
-    from hero_ml.labelling import LabelStudioError, LabelStudioRounds, open_projects
+    from hero_ml.labelling import LabelStudioRounds, open_projects
     from hero_ml.run_store import RunStore
 
     try:
@@ -38,7 +38,7 @@ def _rounds(
         if stored is not None:  # what the run needs is its own (a flow run's overrides, say), not this file's
             config = restore_config(stored, config)
         projects = open_projects(config)
-    except (HeroError, LabelStudioError) as err:
+    except HeroError as err:  # the config, the store, the stored run config, Label Studio's token
         raise fail(str(err)) from None
     return config, LabelStudioRounds(config, runs, projects)
 
