@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 from hero_ml.adapters.label_studio.client import LabelStudioError
 from hero_ml.engine import RoundBatch, RoundStats
-from hero_ml.feedback import RoundFeedback
+from hero_ml.feedback import FeedbackError, RoundFeedback
 from hero_ml.labelling import LabelStudioRounds, Published, Readiness
 from hero_ml.training import TrainingRun
 
@@ -108,6 +108,12 @@ def hero_round(
                 # (and in process, every poll interval), where a failed one would wait for a person
                 unreachable = Readiness(False, f"cannot check round {round_index} in Label Studio: {err}")
                 return RoundOutcome(round_index, None, unreachable)
+            except FeedbackError as err:
+                # check and collect are two reads: an annotation deleted or changed between them leaves
+                # a round that is not complete any more; it waits for its labels again (a complete
+                # round always aggregates)
+                changed = Readiness(False, f"round {round_index} changed while it was collected: {err}")
+                return RoundOutcome(round_index, None, changed)
         feedback = loaded
     stats = learn_round(run, batch, feedback)
     track_round(run, batch, stats)

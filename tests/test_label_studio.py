@@ -31,7 +31,7 @@ from hero_ml.config import ConfigError, HeroConfig, StorageConfig
 from hero_ml.diffusion.pipeline import build_random_pipeline
 from hero_ml.engine import sample_batch
 from hero_ml.faults import CRASH_ENV
-from hero_ml.labelling import LabelStudioRounds
+from hero_ml.labelling import LabelStudioRounds, Readiness
 from hero_ml.run_store import ANNOTATIONS, RunStore
 from hero_ml.training import TrainingRun
 from tests.conftest import LabelStudioServer, Service, create_annotator, s3_storage, tiny_run
@@ -234,6 +234,28 @@ def test_a_published_round_label_studio_cannot_check_waits_instead_of_failing_th
         assert outage.stats is None and outage.waiting is not None and not outage.waiting.ready
         assert outage.waiting.reason.startswith("cannot check round 0 in Label Studio: Label Studio refused")
         assert "(HTTP 503)" in outage.waiting.reason and proxy.injected
+
+
+def test_a_round_that_changed_between_its_check_and_its_collection_waits_again(
+    s3_server: Service, label_studio_server: LabelStudioServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the check saw the round complete, then an annotation was deleted before the collection read the
+    # project (the race is injected: the check's answer is the one it gave before the deletion)
+    import flows.round
+
+    config, runs = make_run(s3_server, label_studio_server)
+    people = config.simulation.model_copy(update={"task": None})
+    config = config.model_copy(update={"simulation": people})
+    runs.save_config(config.to_public_dict())
+    monkeypatch.setattr(flows.round, "check_labelling", lambda humans, k: Readiness(True, "complete"))
+    retry_once = flows.round.collect_annotations.with_options(retries=0)
+    monkeypatch.setattr(flows.round, "collect_annotations", retry_once)
+    with TrainingRun(config, runs.store) as run:
+        outcome = flows.round.hero_round(run, 0, rounds(config, runs))
+        assert run.engine.round == 0  # nothing learned
+    assert outcome.stats is None and outcome.waiting is not None and not outcome.waiting.ready
+    assert outcome.waiting.reason.startswith("round 0 changed while it was collected: no usable annotation")
+    assert runs.load_feedback(0) is None
 
 
 def test_a_team_labels_a_round_and_the_pipeline_reads_exactly_that(
