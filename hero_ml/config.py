@@ -1046,13 +1046,14 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(
             f"{path} must hold a mapping of sections (model:, sampling:, ...), not a {type(data).__name__}"
         )
+    sections = _section_names()
     for key in data:
         if not isinstance(key, str):  # YAML reads 1:, true: and null: as a number, a bool, None
             raise ConfigError(
                 f"{path}: {key!r} is not a setting's name: the top level holds sections (model:, "
                 "sampling:, ...)"
             )
-        if key in _section_names() and not isinstance(data[key], dict):
+        if key in sections and not isinstance(data[key], dict):
             # refused here: an environment variable for one of its fields would replace it unseen. Its
             # value is not shown: in a section's place it may be a secret
             got = "nothing" if data[key] is None else f"a value of type {type(data[key]).__name__}"

@@ -44,11 +44,13 @@ runner = CliRunner()
 def make_run(
     s3_server: Service, label_studio_server: LabelStudioServer, **label_studio: Any
 ) -> tuple[HeroConfig, RunStore]:
-    """A committed round of 4 images in S3, and the config that publishes it to Label Studio."""
+    """A committed round of 4 images in S3, and the config that publishes it to Label Studio (people
+    label its prompt: no toy task)."""
     config = HeroConfig(
         run_id=f"ls-{uuid.uuid4().hex[:6]}",
         model={"source": "random:tiny"},
         sampling={"prompt": PROMPT, "images_per_round": 4, "num_steps": 2, "sub_batch_size": 4},
+        simulation={"task": None},
         ddpo={"timesteps_per_trajectory": 1},
         feedback={"budget": 8, "annotators_per_image": 2},
         storage={
@@ -211,8 +213,7 @@ def test_a_published_round_label_studio_cannot_check_waits_instead_of_failing_th
     ) as proxy:
         config, runs = make_run(s3_server, label_studio_server)
         proxied = config.label_studio.model_copy(update={"url": proxy.url})
-        people = config.simulation.model_copy(update={"task": None})  # people label a real prompt
-        config = config.model_copy(update={"label_studio": proxied, "simulation": people})
+        config = config.model_copy(update={"label_studio": proxied})
         runs.save_config(config.to_public_dict())  # a training run's round 0, not `hero sample`'s
         humans = rounds(config, runs)
         # the round's own retries (5, 30, 120 s) are not what is tested: one try each
@@ -244,9 +245,7 @@ def test_a_round_that_changed_between_its_check_and_its_collection_waits_again(
     import flows.round
 
     config, runs = make_run(s3_server, label_studio_server)
-    people = config.simulation.model_copy(update={"task": None})
-    config = config.model_copy(update={"simulation": people})
-    runs.save_config(config.to_public_dict())
+    runs.save_config(config.to_public_dict())  # a training run's round 0, not `hero sample`'s
     monkeypatch.setattr(flows.round, "check_labelling", lambda humans, k: Readiness(True, "complete"))
     retry_once = flows.round.collect_annotations.with_options(retries=0)
     monkeypatch.setattr(flows.round, "collect_annotations", retry_once)
