@@ -4,8 +4,8 @@ Every step is idempotent per (run, round), so a round can be entered any number 
 committed before is reused, publishing again creates no task, and a round is learned once (its
 checkpoint commits it; the next entry starts at the next round). With the simulated annotators the
 round runs straight through; with Label Studio it returns `waiting` until the round may close by the
-run's policy (or, once published, while Label Studio cannot be asked), and the caller (hero_training)
-releases its process until a webhook or the poller resumes it.
+run's policy (or, once all its tasks are out, while Label Studio cannot be asked), and the caller
+(hero_training) releases its process until a webhook or the poller resumes it.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from hero_ml.adapters.label_studio.client import LabelStudioError
 from hero_ml.engine import RoundBatch, RoundStats
 from hero_ml.feedback import FeedbackError, RoundFeedback
-from hero_ml.labelling import LabelStudioRounds, Published, Readiness
+from hero_ml.labelling import LabelStudioError, LabelStudioRounds, Published, Readiness
 from hero_ml.training import TrainingRun
 
 # Tasks take the live run (models, optimisers): nothing to cache across processes, so Prefect persists
@@ -97,7 +96,15 @@ def hero_round(
     else:
         loaded = run.runs.load_feedback(round_index)  # collected before a crash: the same labels again
         if loaded is None:
-            publish_round(humans, run, batch, resume_flow_run_id)
+            try:
+                publish_round(humans, run, batch, resume_flow_run_id)
+            except LabelStudioError as err:
+                published = run.runs.load_published(round_index)
+                if published is None or published.imported_at is None:
+                    raise  # tasks may be missing, which no one could label: waiting would strand it
+                # entered again (resumed) with every task out: it waits like a round it cannot check
+                again = f"cannot publish round {round_index} again in Label Studio: {err}"
+                return RoundOutcome(round_index, None, Readiness(False, again))
             try:
                 readiness = check_labelling(humans, round_index)
                 if not readiness.ready:

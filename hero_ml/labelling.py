@@ -168,18 +168,21 @@ class LabelStudioRounds:
         # (tasks out, record not yet written) must not restart the deadline when publishing again
         published = self.runs.load_published(round_index)
         if published is None:
-            record = PublishedRecord(
-                published_at=datetime.now(UTC).replace(microsecond=0),
+            published = PublishedRecord(
+                published_at=_now(),
                 project_id=project_id,
                 flow_run_id=flow_run_id,
                 tasks=len(tasks),
             )
-            self.runs.save_published(round_index, record)
+            self.runs.save_published(round_index, published)
         elif published.project_id != project_id:
             # the project was made again (deleted, or Label Studio restored): the round's checks read the
             # project its tasks go to now; the deadline still counts from the first publication
-            self.runs.save_published(round_index, published.model_copy(update={"project_id": project_id}))
+            published = published.model_copy(update={"project_id": project_id, "imported_at": None})
+            self.runs.save_published(round_index, published)
         created, existing = self.projects.publish(project_id, tasks, present)
+        if published.imported_at is None:
+            self.runs.save_published(round_index, published.model_copy(update={"imported_at": _now()}))
         return Published(project_id, created, existing, self.projects.project_url(project_id))
 
     def readiness(self, round_index: int, now: datetime | None = None) -> Readiness:
@@ -262,6 +265,10 @@ class LabelStudioRounds:
             )
         self.runs.save_feedback(round_index, feedback, collected.feedback)
         return feedback, collected
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
 
 
 def _png(pixels: np.ndarray | None) -> bytes:

@@ -85,6 +85,10 @@ class PublishedRecord(BaseModel):
     project_id: int = Field(ge=1)
     flow_run_id: str | None  # the flow run waiting for the round; None: published by hand
     tasks: int = Field(ge=1)
+    # when every task was in the project; None: an import cut short (or a record older than this field).
+    # A round imported whole may wait out a Label Studio outage when it is entered again; one cut short
+    # may not (its missing tasks could never be labelled)
+    imported_at: AwareDatetime | None = None
 
 
 class _Evaluation(BaseModel):

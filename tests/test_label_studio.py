@@ -237,6 +237,42 @@ def test_a_published_round_label_studio_cannot_check_waits_instead_of_failing_th
         assert "(HTTP 503)" in outage.waiting.reason and proxy.injected
 
 
+def test_a_round_entered_again_in_an_outage_waits_once_all_its_tasks_are_out(
+    s3_server: Service, label_studio_server: LabelStudioServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a resumed round publishes again (idempotent) before it checks: Label Studio down at that moment
+    # must not fail a round whose tasks are all out, but must fail one whose import was cut short
+    import flows.round
+
+    down = threading.Event()
+    with FaultProxy(
+        label_studio_server.url, lambda n, method, path: "503" if down.is_set() else None
+    ) as proxy:
+        config, runs = make_run(s3_server, label_studio_server)
+        proxied = config.label_studio.model_copy(update={"url": proxy.url})
+        config = config.model_copy(update={"label_studio": proxied})
+        runs.save_config(config.to_public_dict())  # a training run's round 0, not `hero sample`'s
+        monkeypatch.setattr(flows.round, "publish_round", flows.round.publish_round.with_options(retries=0))
+        with TrainingRun(config, runs.store) as run:
+            first = flows.round.hero_round(run, 0, rounds(config, runs))
+            assert first.waiting is not None
+            assert first.waiting.reason == "waiting for 0/8 labels, 0/2 best votes"
+            imported = runs.load_published(0)
+            assert imported is not None and imported.imported_at is not None
+            assert imported.imported_at >= imported.published_at
+            down.set()
+            # a new LabelStudioRounds, as a resumed process has: it sets up the project again
+            again = flows.round.hero_round(run, 0, rounds(config, runs))
+            assert again.stats is None and again.waiting is not None and not again.waiting.ready
+            assert again.waiting.reason.startswith("cannot publish round 0 again in Label Studio: ")
+            assert "(HTTP 503)" in again.waiting.reason and proxy.injected
+            # the record as an import cut short leaves it (written before the import, not after)
+            runs.save_published(0, imported.model_copy(update={"imported_at": None}))
+            with pytest.raises(LabelStudioError, match="HTTP 503"):
+                flows.round.hero_round(run, 0, rounds(config, runs))
+            assert run.engine.round == 0
+
+
 def test_a_round_that_changed_between_its_check_and_its_collection_waits_again(
     s3_server: Service, label_studio_server: LabelStudioServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
