@@ -7,7 +7,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Label Studio pins packages that break the app's (STACK-NOTES): it gets its own environment.
+# Label Studio pins old redis, pytz and python-json-logger, which break the Prefect server (`No module named
+# 'redis.auth'`), and resolving both together backtracks for minutes: it gets its own environment.
 LS_VENV ?= .venv-label-studio
 LS_STAMP := $(LS_VENV)/.installed
 TORCH_PIP_ARGS ?=

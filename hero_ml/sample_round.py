@@ -19,7 +19,7 @@ from hero_ml import __version__
 from hero_ml.adapters.storage import open_store
 from hero_ml.config import HeroConfig
 from hero_ml.diffusion.pipeline import RANDOM_PREFIX, load_configured_pipeline
-from hero_ml.engine import RoundBatch, sample_batch
+from hero_ml.engine import sample_batch
 from hero_ml.errors import HeroError
 from hero_ml.run_lease import LeasedStore, RunLease
 from hero_ml.run_store import RunStore
@@ -32,7 +32,6 @@ class RoundExistsError(HeroError, FileExistsError):
 @dataclass(frozen=True)
 class SampledRound:
     folder: str  # where the round lives: a path or an s3:// URI
-    batch: RoundBatch
     manifest: dict
 
 
@@ -98,4 +97,4 @@ def _sample_round(
             "machine": platform.platform(),
         },
     )
-    return SampledRound(folder=folder, batch=batch, manifest=manifest)
+    return SampledRound(folder=folder, manifest=manifest)

@@ -214,7 +214,7 @@ def label_studio_server(s3_server: Service) -> Iterator[LabelStudioServer]:
 
 def create_annotator(server: LabelStudioServer, email: str, password: str) -> str:
     """An annotator account made as a person makes one (the invite link, the signup form), and its API
-    token. Label Studio's users API creates accounts that cannot log in (STACK-NOTES)."""
+    token. Label Studio's users API (`users.create(password=…)`) creates accounts that cannot log in."""
     invite = requests.get(
         f"{server.url}/api/invite", headers={"Authorization": f"Token {server.admin_token}"}, timeout=30
     ).json()

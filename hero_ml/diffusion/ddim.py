@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers.schedulers import DDIMScheduler
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -43,11 +43,8 @@ def _alphas(
     scheduler: DDIMScheduler, timesteps: torch.Tensor, ndim: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """alpha_bar_t and alpha_bar_{t-1} per sample, shaped to broadcast over latents of `ndim` dims."""
-    if scheduler.alphas_cumprod.device != timesteps.device:
-        # moved once and kept there, as diffusers' own add_noise does: a copy at every step would make
-        # the host wait for the GPU at every step
-        scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)
-    alphas_cumprod = scheduler.alphas_cumprod.float()
+    # a copy when the table is elsewhere (the sampler keeps it on the UNet's device: no copy a step)
+    alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device, torch.float32)
     final = float(scheduler.final_alpha_cumprod)  # a number: no copy to the device either
     prev_timesteps = timesteps - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     alpha_t = alphas_cumprod[timesteps]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
@@ -191,9 +191,7 @@ def sample_trajectories(
         raise ValueError(f"sub_batch_size must be >= 1, got {sub_batch_size}")
 
     device = pipe.unet.device
-    scheduler = pipe.scheduler
-    scheduler.set_timesteps(num_steps, device=device)
-    check_scheduler(scheduler)
+    scheduler = _scheduler_at(pipe, num_steps)
     timesteps = scheduler.timesteps
 
     latent_shape = (
@@ -269,9 +267,7 @@ def recompute_step(
 
     With gradients unless the caller disables them, on a batch that mixes steps of several
     trajectories. Guidance and eta are the trajectory's own."""
-    scheduler = pipe.scheduler
-    scheduler.set_timesteps(trajectory.num_steps)
-    check_scheduler(scheduler)
+    scheduler = _scheduler_at(pipe, trajectory.num_steps)
     if not torch.equal(scheduler.timesteps.cpu(), trajectory.timesteps):
         raise ValueError("the pipeline's scheduler does not reproduce the trajectory's timesteps")
     device = pipe.unet.device
@@ -310,6 +306,18 @@ def decode_latents(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> torc
     decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
     images = (decoded.float() / 2 + 0.5).clamp(0, 1)
     return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def _scheduler_at(pipe: StableDiffusionPipeline, num_steps: int) -> DDIMScheduler:
+    """The pipeline's scheduler set to num_steps and checked, its timesteps and alpha_bar table on the
+    UNet's device: moved once and kept there, as diffusers' own add_noise does (a copy at every step
+    would make the host wait for the GPU at every step)."""
+    device = pipe.unet.device
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(num_steps, device=device)
+    check_scheduler(scheduler)
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    return scheduler
 
 
 def _step_noise(

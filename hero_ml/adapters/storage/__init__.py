@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 from hero_ml.adapters.storage.errors import StorageError
-from hero_ml.adapters.storage.keys import InvalidKeyError, check_key, check_prefix
+from hero_ml.adapters.storage.keys import InvalidKeyError
 from hero_ml.adapters.storage.local import LocalStore
 
 if TYPE_CHECKING:
@@ -16,8 +16,6 @@ __all__ = [
     "InvalidKeyError",
     "LocalStore",
     "StorageError",
-    "check_key",
-    "check_prefix",
     "open_store",
 ]
 
