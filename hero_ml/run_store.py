@@ -46,6 +46,7 @@ ANNOTATIONS = "annotations.json"  # the raw annotations the feedback was aggrega
 PUBLISHED = "published.json"  # when and where the round's tasks went out (Label Studio)
 STATS = "stats.json"  # what learning the round did (RoundStats), written before its checkpoint
 TRACKED = "tracked.json"  # the round's metrics and grid reached the tracker
+MODEL = "model.json"  # the run's base model: source and weights' fingerprint (ModelRecord)
 # written after the manifest, by the labelling of a committed round
 _LABELLING = (CURRENT_BEST, ANNOTATIONS, PUBLISHED)
 _AFTER_COMMIT = {MANIFEST, FEEDBACK, STATS, TRACKED, *_LABELLING}
@@ -72,6 +73,14 @@ class _Manifest(BaseModel):
 class _CheckpointCommit(BaseModel):
     model_config = ConfigDict(extra="allow")  # the engine's state; Engine.load validates all of it
     tensors: _FileRecord
+
+
+class ModelRecord(BaseModel):
+    """The base model a run samples and learns on: its source and its weights' fingerprint
+    (pipeline.weights_sha256), compared by every resume."""
+
+    source: str
+    sha256: dict[str, str]
 
 
 class _Progress(BaseModel):
@@ -143,6 +152,14 @@ class RunStore:
 
     def save_config(self, public_config: dict[str, Any]) -> None:
         self.store.put(f"{self.prefix}/config.json", json.dumps(public_config, indent=1).encode())
+
+    def save_model(self, record: ModelRecord) -> None:
+        self.store.put(f"{self.prefix}/{MODEL}", record.model_dump_json(indent=1).encode())
+
+    def load_model(self) -> ModelRecord | None:
+        """The run's model.json; None for a run stored before runs recorded their model."""
+        key = f"{self.prefix}/{MODEL}"
+        return self._record(key, ModelRecord) if self.store.exists(key) else None
 
     def _record(self, key: str, model: type[_Record]) -> _Record:
         """A stored JSON record, validated: a damaged or edited one is named, with what is wrong."""
@@ -438,6 +455,10 @@ class RunStore:
                 report.problems.append(str(err))
                 continue
             check(f"{prefix}/{TENSORS}", commit.tensors.model_dump())
+        try:
+            self.load_model()
+        except CorruptObjectError as err:
+            report.problems.append(str(err))
         for key in sorted(self.store.list(f"{self.prefix}/eval")):
             label = key.removeprefix(f"{self.prefix}/eval/").removesuffix(".json")
             try:

@@ -27,14 +27,14 @@ from hero_ml.adapters.storage import ArtifactStore
 from hero_ml.adapters.tracking import NOISE_POOL_ARTIFACT, Tracker
 from hero_ml.config import HeroConfig, split_settings
 from hero_ml.diffusion.lora import adapters_disabled, save_lora
-from hero_ml.diffusion.pipeline import load_configured_pipeline
+from hero_ml.diffusion.pipeline import load_configured_pipeline, weights_sha256
 from hero_ml.engine import Engine, RoundBatch, RoundStats
 from hero_ml.errors import HeroError
 from hero_ml.faults import crash_point
 from hero_ml.feedback import RoundFeedback, aggregate
 from hero_ml.images import image_grid
 from hero_ml.run_lease import LeasedStore, RunLease
-from hero_ml.run_store import RunStore
+from hero_ml.run_store import ModelRecord, RunStore
 from hero_ml.toy.evaluate import task_success_rate
 from hero_ml.toy.judge import SimulatedAnnotator
 from hero_ml.toy.task import Task, load_task
@@ -155,8 +155,24 @@ class TrainingRun:
         # the model before the run is stored: a run stored with a model that cannot load could only be
         # resumed with that model
         self.pipe = load_configured_pipeline(config.model)
+        model = ModelRecord(source=config.model.source, sha256=weights_sha256(self.pipe))
+        sampled_by = self.runs.load_model()
+        if sampled_by is not None and sampled_by.sha256 != model.sha256:
+            digests = ", ".join(
+                f"{name} {sampled_by.sha256.get(name, 'none')[:12]}… now {digest[:12]}…"
+                for name, digest in model.sha256.items()
+                if sampled_by.sha256.get(name) != digest
+            )
+            raise RunError(
+                f"run {config.run_id!r} began on other weights than model.source {config.model.source!r} "
+                f"loads now (sha256 of {digests}): its rounds were sampled by that model and it learns on "
+                "it; restore the run's model (`hero toy pretrain` rewrites the toy model; a hub id may have "
+                "moved to a new revision) or choose a new run_id"
+            )
         if stored is None:
             self.runs.save_config(config.to_public_dict())
+        if sampled_by is None:  # a new run, or one stored before runs recorded their model
+            self.runs.save_model(model)
         latest = self.runs.resume_checkpoint()
         self.engine = (
             Engine(config, self.pipe)

@@ -227,6 +227,30 @@ def test_a_checkpoint_committed_just_before_a_crash_is_resumed_from_not_learned_
     ).read_bytes() == state
 
 
+def test_a_run_refuses_to_go_on_with_other_base_weights_under_its_model_source(tmp_path: Path) -> None:
+    # the folder a run samples from is rewritten under it (`hero toy pretrain`, a hub id's new revision)
+    model = tmp_path / "model"
+    assert runner.invoke(app, ["model", "build", "tiny", str(model), "--seed", "3"]).exit_code == 0
+    data = {**small(tmp_path), "run_id": "rebuilt", "model": {"source": str(model)}}
+    config = HeroConfig.model_validate(data)
+    store = open_store(config.storage)
+    with TrainingRun(config, store) as run:
+        run.generate()
+    record = RunStore(store, "rebuilt").load_model()
+    assert record is not None and record.source == str(model)
+    assert set(record.sha256) == {"unet", "text_encoder", "vae"}
+    TrainingRun(config, store).close()  # the same weights: it resumes
+    assert runner.invoke(app, ["model", "build", "tiny", str(model), "--seed", "4"]).exit_code == 0
+    with pytest.raises(RunError) as refused:
+        TrainingRun(config, store)
+    assert str(refused.value).startswith(
+        f"run 'rebuilt' began on other weights than model.source {str(model)!r} loads now (sha256 of unet "
+        f"{record.sha256['unet'][:12]}… now "
+    )
+    assert "text_encoder" in str(refused.value) and "or choose a new run_id" in str(refused.value)
+    assert RunStore(store, "rebuilt").load_model() == record  # nothing overwritten
+
+
 def test_a_training_run_does_not_adopt_a_round_that_hero_sample_committed(tmp_path: Path) -> None:
     # `hero sample` stores no run config: its round's prompt, model and seed cannot be checked
     config = HeroConfig.model_validate({**small(tmp_path), "run_id": "sampled"})

@@ -5,6 +5,7 @@ Every pipeline leaves here with a DDIMScheduler (HERO samples with DDIM, eta > 0
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -84,6 +85,20 @@ def load_configured_pipeline(model: ModelConfig) -> StableDiffusionPipeline:
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def weights_sha256(pipe: StableDiffusionPipeline) -> dict[str, str]:
+    """sha256 of each model's weights as loaded (names, dtypes, shapes and bytes, in name order): the
+    fingerprint a resumed run compares, so that it never learns rounds sampled by one model on another.
+    Independent of the device and of an in-place compile; taken before a LoRA is added."""
+    digests = {}
+    for name in ("unet", "text_encoder", "vae"):
+        digest = hashlib.sha256()
+        for key, tensor in sorted(getattr(pipe, name).state_dict().items()):
+            digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        digests[name] = digest.hexdigest()
+    return digests
 
 
 def _load(
