@@ -111,7 +111,7 @@ def config_validate(
     """Check a config file (with the current environment's overrides); exit 1 with every problem."""
     resolved = load(file)
     derived = ", ".join(f"{k}={v}" for k, v in resolved.derived().items())
-    console.print(f"[green]ok[/] {file}: {derived}", highlight=False)
+    console.print(f"[green]ok[/] {escape(str(file))}: {derived}", highlight=False)
 
 
 @model_app.command("build")
@@ -129,7 +129,7 @@ def model_build(
     writable_folder(out, "OUT")  # before the build, which takes minutes for sd15
     with console.status(f"building {arch} with random weights"):
         build_random_pipeline(arch, seed=seed).save_pretrained(out)
-    console.print(f"[green]wrote[/] {out} (random weights, seed {seed})", highlight=False)
+    console.print(f"[green]wrote[/] {escape(str(out))} (random weights, seed {seed})", highlight=False)
 
 
 @app.command("sample")
@@ -169,12 +169,12 @@ def sample(config: ConfigOption = None) -> None:
 
     manifest = result.manifest
     console.print(
-        f"[green]round {manifest['round']} committed[/] at {result.folder}: {manifest['images']} images "
-        f"in {manifest['sampling_seconds']} s",
+        f"[green]round {manifest['round']} committed[/] at {escape(result.folder)}: "
+        f"{manifest['images']} images in {manifest['sampling_seconds']} s",
         highlight=False,
     )
-    console.print(f"  grid: {result.folder}/grid.png", highlight=False)
-    console.print(f"  note: {manifest['note']}", highlight=False)
+    console.print(f"  grid: {result.folder}/grid.png", highlight=False, markup=False)
+    console.print(f"  note: {manifest['note']}", highlight=False, markup=False)
 
 
 def run_header(config: HeroConfig) -> str:
@@ -389,6 +389,7 @@ def _run_embedded(config: HeroConfig) -> None:
                 f"round {round_index} is in Label Studio: {reason}; checking every "
                 f"{config.orchestration.poll_interval_s} s (Ctrl+C stops; --resume continues)",
                 highlight=False,
+                markup=False,  # the reason may quote annotators' or Label Studio's text
             )
 
         try:
@@ -420,17 +421,20 @@ def _run_embedded(config: HeroConfig) -> None:
         )
     console.print(table)
     console.print(
-        f"run objects: {open_store(config.storage).where(f'runs/{config.run_id}')}", highlight=False
+        f"run objects: {open_store(config.storage).where(f'runs/{config.run_id}')}",
+        highlight=False,
+        markup=False,
     )
     if summary.registered_version is not None:
         console.print(
             f"registered {config.tracking.registered_model} version {summary.registered_version}: "
             f"compare it with the champion by `hero promote --version {summary.registered_version}`",
             highlight=False,
+            markup=False,
         )
     uri = config.tracking.tracking_uri
     where = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else uri
-    console.print(f"MLflow: {where}", highlight=False)
+    console.print(f"MLflow: {where}", highlight=False, markup=False)
 
 
 RunIdArgument = Annotated[str | None, typer.Argument(help="The run (default: list the stored runs).")]
@@ -462,7 +466,7 @@ def storage_ls(run_id: RunIdArgument = None, config: ConfigOption = None) -> Non
     try:
         if run_id is None:
             runs = sorted({key.split("/")[1] for key in store.list("runs")})
-            console.print(f"{len(runs)} runs in {store.where('runs')}", highlight=False)
+            console.print(f"{len(runs)} runs in {store.where('runs')}", highlight=False, markup=False)
             local_root = resolved.storage.local_root
             if resolved.storage.backend == "local" and not local_root.exists():  # a typo, or elsewhere
                 console.print(
@@ -496,8 +500,11 @@ def storage_ls(run_id: RunIdArgument = None, config: ConfigOption = None) -> Non
         f"latest checkpoint: {'none yet' if latest is None else f'round {latest}'}; objects in "
         f"{store.where(runs_store.prefix)}",
         highlight=False,
+        markup=False,
     )
-    console.print(f"being written: {writer}" if writer else "no process writes it now", highlight=False)
+    console.print(
+        f"being written: {writer}" if writer else "no process writes it now", highlight=False, markup=False
+    )
 
 
 @storage_app.command("verify")
@@ -581,9 +588,11 @@ def promote(
         highlight=False,
     )
     if decision.promoted:
-        console.print(f"[green]promoted[/]: @{alias} -> version {decision.challenger}", highlight=False)
+        console.print(
+            f"[green]promoted[/]: @{escape(alias)} -> version {decision.challenger}", highlight=False
+        )
     else:
-        console.print(f"[yellow]not promoted[/]: @{alias} stays on {against}", highlight=False)
+        console.print(f"[yellow]not promoted[/]: @{escape(alias)} stays on {against}", highlight=False)
 
 
 @app.command("generate")
@@ -622,7 +631,9 @@ def generate(
             raise fail(str(err)) from None
     if pool is not None and pool.prompt != prompt:
         console.print(
-            f"note: the noise pool was liked for the prompt {pool.prompt!r}, not {prompt!r}", highlight=False
+            f"note: the noise pool was liked for the prompt {pool.prompt!r}, not {prompt!r}",
+            highlight=False,
+            markup=False,
         )
     start = (
         "plain N(0, I) noises"
@@ -633,6 +644,7 @@ def generate(
         f"{len(paths)} images of {version.name} version {version.version} from {start} in {out} "
         "(grid.png: all of them)",
         highlight=False,
+        markup=False,
     )
 
 

@@ -12,6 +12,7 @@ import difflib
 import json
 import os
 import re
+import reprlib
 import textwrap
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -34,7 +35,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from hero_ml.adapters.storage.keys import check_prefix
 from hero_ml.diffusion.architectures import ARCHITECTURES
 from hero_ml.errors import HeroError
-from hero_ml.redact import redact, secret_query_keys
+from hero_ml.redact import redact, secret_query_keys, url_userinfo
 
 ENV_PREFIX = "HERO_"
 ENV_NESTED_DELIMITER = "__"
@@ -130,7 +131,16 @@ class _Section(BaseModel):
         # header); a URL is published (MLflow params, the stored config), so it holds no credentials.
         if isinstance(value, SecretStr) and not value.get_secret_value():
             raise PydanticCustomError(SECRET_IN_VALUE, "is empty: give it a value, or unset it")
-        if isinstance(value, HttpUrl) and (value.username or value.password or secret_query_keys(str(value))):
+        if isinstance(value, SecretStr) and value.get_secret_value() == SECRET_MASK:
+            # a stored or logged config (config.json, MLflow's config/config.json) rerun as it is: the
+            # mask is public, and as a webhook secret it would let anyone in
+            raise PydanticCustomError(
+                SECRET_IN_VALUE,
+                "is the mask a stored config shows in place of a secret, not a secret: give the real one "
+                "through its environment variable (HERO_<SECTION>__<FIELD>)",
+            )
+        url = str(value) if isinstance(value, HttpUrl) else None
+        if url is not None and (url_userinfo(url) is not None or secret_query_keys(url)):
             raise PydanticCustomError(
                 SECRET_IN_VALUE,
                 "holds credentials (user:password@, or a secret query parameter such as password or "
@@ -547,13 +557,11 @@ class TrackingConfig(_Section):
     def _no_password_in_uri(cls, uri: str) -> str:
         # the URI is public (MLflow params, the stored config): a password in it would be published,
         # and so would a token given as the user of an http(s) URI
-        parts = urlsplit(uri)
-        scheme = parts.scheme.split("+")[0]  # postgresql+psycopg2: a driver after the '+'
+        scheme = urlsplit(uri).scheme.split("+")[0]  # postgresql+psycopg2: a driver after the '+'
+        userinfo = url_userinfo(uri)
         if (
-            parts.password is not None
-            or (parts.username is not None and scheme not in DATABASE_SCHEMES)
-            or secret_query_keys(uri)
-        ):
+            userinfo is not None and (":" in userinfo or scheme not in DATABASE_SCHEMES)
+        ) or secret_query_keys(uri):
             raise PydanticCustomError(
                 SECRET_IN_VALUE,
                 "holds credentials (a password, a token as the user, or a secret query parameter such "
@@ -1027,6 +1035,25 @@ def _check_environment() -> None:
                 )
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last one and
+    drops the first unseen: a second `model:` section would erase the first). Merge keys (<<) may still
+    be overridden, as YAML means them to be."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str | int | float | bool) or key is None:
+                if key in seen:
+                    first = f"{key!r} is given twice (first on line {seen[key]})"
+                    raise yaml.constructor.ConstructorError(None, None, first, key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
@@ -1037,7 +1064,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
             f"config file {path} is not UTF-8 text ({err.reason} at byte {err.start})"
         ) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no Python objects
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if data is None:
@@ -1090,7 +1117,7 @@ def format_validation_error(
         line = f"  {path}: {problem['msg']}"
         shown = _may_echo(problem["loc"], root or HeroConfig) and not isinstance(problem["input"], dict)
         if problem["type"] not in {"missing", "extra_forbidden", SECRET_IN_VALUE} and shown:
-            line += f" (got {problem['input']!r})"
+            line += f" (got {_echo(problem['input'])})"
         if problem["type"] == "extra_forbidden":
             line += _known_fields(problem["loc"], root or HeroConfig)
         if problem["type"] == "string_pattern_mismatch" and (
@@ -1103,6 +1130,17 @@ def format_validation_error(
             line += f" [set by {given_by[path]}]"
         lines.append(redact(line))  # a URL refused for another reason may still hold credentials
     return "\n".join(lines)
+
+
+def _echo(value: Any, limit: int = 120) -> str:
+    """A refused value as shown in an error: its repr, cut (a YAML alias bomb expands to megabytes)."""
+    shown = _ECHO.repr(value)
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
+
+
+_ECHO = reprlib.Repr()
+_ECHO.maxstring = _ECHO.maxother = 120
+_ECHO.maxlevel = 2
 
 
 def _environment_variable(loc: tuple[int | str, ...]) -> str | None:

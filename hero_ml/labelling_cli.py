@@ -7,12 +7,14 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import HttpUrl, TypeAdapter, ValidationError
+from rich.markup import escape
 from rich.table import Table
 
 from hero_ml.adapters.storage import StorageError, open_store
 from hero_ml.cli_support import ConfigOption, console, fail
 from hero_ml.config import ConfigError, HeroConfig, load_config, restore_config, with_overrides
 from hero_ml.errors import HeroError
+from hero_ml.redact import redact
 
 if TYPE_CHECKING:
     from hero_ml.labelling import LabelStudioRounds
@@ -61,10 +63,10 @@ def setup(
     if webhook_url is not None:
         try:  # Label Studio would take any string and post to nowhere
             TypeAdapter(HttpUrl).validate_python(webhook_url)
-        except ValidationError:
+        except ValidationError as err:
             raise fail(
-                f"--webhook-url {webhook_url!r} is not an http(s) URL: give where `hero serve-webhooks` "
-                "listens, e.g. http://hero-webhooks:8765/webhooks/label-studio"
+                f"--webhook-url {redact(webhook_url)!r} is not an http(s) URL ({err.errors()[0]['msg']}): "
+                "give where `hero serve-webhooks` listens, e.g. http://hero-webhooks:8765/webhooks/label-studio"
             ) from None
     resolved, rounds = _rounds(config, run_id, "--run-id")
     hook = None
@@ -84,11 +86,14 @@ def setup(
     except (LabelStudioError, StorageError) as err:
         raise fail(str(err)) from None
     console.print(
-        f"project {rounds.projects.title(resolved.run_id)!r}: {rounds.projects.project_url(project_id)}"
+        f"project {rounds.projects.title(resolved.run_id)!r}: {rounds.projects.project_url(project_id)}",
+        markup=False,
     )
     if hook is not None:
         console.print(
-            f"webhook {hooked}: {hook.webhook_url} (with the shared secret header)", highlight=False
+            f"webhook {hooked}: {hook.webhook_url} (with the shared secret header)",
+            highlight=False,
+            markup=False,
         )
 
 
@@ -126,7 +131,7 @@ def status(
             annotators[who] = annotators.get(who, 0) + count
     console.print(table)
     for who, count in sorted(annotators.items(), key=lambda item: -item[1]):
-        console.print(f"  annotator {who}: {count} labels", highlight=False)
+        console.print(f"  annotator {who}: {count} labels", highlight=False, markup=False)
     for k, collected in progress.items():
         for problem in collected.problems:
-            console.print(f"  [yellow]round {k}[/]: {problem}", highlight=False)
+            console.print(f"  [yellow]round {k}[/]: {escape(problem)}", highlight=False)  # annotators' text

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from hero_ml.cli_support import ConfigOption, console, fail, load
 from hero_ml.redact import redact
@@ -186,7 +187,11 @@ def poll(config: ConfigOption = None) -> None:
         raise fail(str(err)) from None
     table = Table("flow run", "run", "round", "resumed", "why", title="suspended training runs")
     for item in results:
-        table.add_row(
-            item.flow_run_id, item.run_id, str(item.round), "yes" if item.resumed else "no", item.reason
+        table.add_row(  # Text: the reason may quote annotators' or a server's text, never markup
+            item.flow_run_id,
+            Text(item.run_id or "—"),
+            str(item.round),
+            "yes" if item.resumed else "no",
+            Text(item.reason),
         )
     console.print(table)

@@ -12,7 +12,9 @@ from urllib.parse import parse_qsl, quote, quote_plus, urlsplit
 
 # query keys whose value is a secret: by name, or by ending (db_password, auth_token, client_secret)
 _SECRET_KEY_ENDINGS = ("password", "passwd", "pwd", "token", "secret", "api_key", "apikey", "credential")
-_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^\s/?#@'\"]*@")
+# user:password@ up to the last @ of the URL: a password may hold '/', '?' or '#' (SQLAlchemy reads
+# postgresql://u:pa/ss@db so), where urlsplit takes the first of them as the host's end
+_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^\s'\"]*@")
 _QUERY_VALUE = re.compile(r"([?&;]([^=&;\s'\"#]+)=)([^&;\s'\"#]*)")
 
 
@@ -46,6 +48,13 @@ def mask_secrets(text: str, secrets: Iterable[str], mask: str) -> str:
     for form in sorted(forms, key=len, reverse=True):
         text = text.replace(form, mask)
     return text
+
+
+def url_userinfo(url: str) -> str | None:
+    """What `url` carries before its host (user, or user:password), read as _USERINFO reads it; None
+    when it has none. A check of urlsplit's username and password alone misses a password with '/'."""
+    match = _USERINFO.match(url.strip())
+    return None if match is None else match[0][len(match[1]) : -1]
 
 
 def secret_query_keys(url: str) -> list[str]:

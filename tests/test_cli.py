@@ -516,7 +516,19 @@ def test_labelstudio_setup_refuses_a_webhook_url_that_is_not_one(monkeypatch: py
     monkeypatch.setenv("HERO_LABEL_STUDIO__API_KEY", "k")  # no server: the option is checked first
     result = runner.invoke(app, ["labelstudio", "setup", "--run-id", "r", "--webhook-url", "notaurl"])
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "--webhook-url 'notaurl' is not an http(s) URL" in " ".join(result.output.split())
+    assert (
+        "--webhook-url 'notaurl' is not an http(s) URL (Input should be a valid URL, relative URL"
+        in " ".join(result.output.split())
+    )
+    bad_port = (
+        "http://hook:hunter2@hooks.example:99999/in"  # refused for its port, shown without its password
+    )
+    result = runner.invoke(app, ["labelstudio", "setup", "--run-id", "r", "--webhook-url", bad_port])
+    assert result.exit_code == 1 and "hunter2" not in result.output
+    assert (
+        "'http://…@hooks.example:99999/in' is not an http(s) URL (Input should be a valid URL, invalid port"
+        in (" ".join(result.output.split()))
+    )
     # as the config's: no credentials in it (it is published), and the shared secret set
     for url, expected in (
         ("http://hooks.example/in?token=hunter2", "orchestration.webhook_url: holds credentials"),

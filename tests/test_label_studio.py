@@ -360,10 +360,14 @@ def test_a_team_labels_a_round_and_the_pipeline_reads_exactly_that(
     runs.save_config(config.to_public_dict())
     other_team = config.feedback.model_copy(update={"annotators_per_image": 3, "budget": 24})
     path, env = cli_config(config.model_copy(update={"feedback": other_team}), tmp_path)
+    # any text an annotator posts through the API is shown as text: '[/]' is no closing markup tag
+    clients["cat"].annotations.create(id=tasks[("best", "")], result=choice("best", "[/]"))
     status = runner.invoke(app, ["labelstudio", "status", config.run_id, "-c", str(path)], env=env)
     assert status.exit_code == 0, status.output
     assert "8/8" in status.output and "2/2" in status.output and "yes" in status.output
     assert f"annotator {ids['ann']}: 4 labels" in status.output  # images 0-3 (2 updated in place)
+    shown = " ".join(status.output.split())  # rich wraps lines at the terminal's width
+    assert f"by annotator {ids['cat']}: best '[/]' is not an image of round 0" in shown
 
 
 def cli_config(config: HeroConfig, tmp_path: Path) -> tuple[Path, dict[str, str]]:

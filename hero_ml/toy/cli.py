@@ -16,6 +16,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from hero_ml.cli_support import fail, quiet_model_loading, writable_folder
 from hero_ml.config import SEED_MAX
@@ -90,7 +91,7 @@ def tasks_command() -> None:
     table = Table("task", "category", "prompts", "description")
     for name in task_names():
         task = load_task(name)
-        table.add_row(name, task.category, "; ".join(task.prompts), task.description.strip())
+        table.add_row(name, task.category, Text("; ".join(task.prompts)), Text(task.description.strip()))
     console.print(table)
 
 

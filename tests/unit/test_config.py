@@ -5,7 +5,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from hero_ml.config import ConfigError, HeroConfig, load_config, with_overrides
+from hero_ml.config import SECRET_MASK, ConfigError, HeroConfig, load_config, with_overrides
 
 
 def write(tmp_path: Path, data: object) -> Path:
@@ -245,6 +245,55 @@ def test_empty_secrets_and_credentials_in_urls_are_refused_without_repeating_the
         assert f"{section}.{field}: holds credentials" in str(caught.value) and "hunter2" not in str(
             caught.value
         )
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "url"),
+    [
+        ("tracking", "tracking_uri", "postgresql://hero:Pa/ss#w0rd@db/mlflow"),  # SQLAlchemy's password
+        ("label_studio", "url", "http://admin:12/hunter2@ls.example"),  # to urlsplit: host admin, port 12
+        ("tracking", "tracking_uri", "http://mlflow-token/x@mlflow.example"),  # a token as the user
+    ],
+)
+def test_credentials_holding_url_delimiters_are_refused_without_repeating_them(
+    tmp_path: Path, section: str, field: str, url: str
+) -> None:
+    with pytest.raises(ConfigError, match=rf"{section}\.{field}: holds credentials") as caught:
+        load_config(write(tmp_path, {section: {field: url}}))
+    assert "Pa/ss" not in str(caught.value) and "hunter2" not in str(caught.value)
+    assert "mlflow-token" not in str(caught.value)
+
+
+def test_the_mask_a_stored_config_shows_is_no_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # MLflow's config/config.json holds the masks: rerun as it is, the webhook secret would be public
+    stored = HeroConfig(orchestration={"webhook_secret": "s3cret"}).to_public_dict()
+    assert stored["orchestration"]["webhook_secret"] == SECRET_MASK
+    with pytest.raises(ConfigError, match=r"orchestration\.webhook_secret: is the mask a stored config"):
+        load_config(write(tmp_path, {"orchestration": stored["orchestration"]}))
+    monkeypatch.setenv("HERO_LABEL_STUDIO__API_KEY", SECRET_MASK)
+    with pytest.raises(ConfigError, match=r"label_studio\.api_key: is the mask .*\[set by HERO_LABEL_"):
+        load_config()
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path: Path) -> None:
+    # plain YAML keeps the last: the first model section would be dropped unseen
+    with pytest.raises(ConfigError, match=r"is not valid YAML: 'model' is given twice \(first on line 1\)"):
+        load_config(write(tmp_path, "model:\n  source: toy\nsampling:\n  eta: 1.0\nmodel:\n  seed: 1\n"))
+    with pytest.raises(ConfigError, match=r"'eta' is given twice \(first on line 2\)\n  in .*, line 3"):
+        load_config(write(tmp_path, "sampling:\n  eta: 1.0\n  eta: 0.5\n"))
+    merged = load_config(write(tmp_path, "sampling:\n  <<: {eta: 0.5, num_steps: 30}\n  eta: 0.75\n"))
+    assert (merged.sampling.eta, merged.sampling.num_steps) == (0.75, 30)  # a merge key may be overridden
+
+
+def test_a_huge_refused_value_is_shown_cut(tmp_path: Path) -> None:
+    # 4 levels of YAML aliases: a 200-byte file whose prompt is a list of 4**4 strings
+    bomb = 'a: &a ["xxxxxxxxxxxxxxxx", "yyyyyyyyyyyyyyyy"]\nb: &b [*a, *a, *a, *a]\nc: &c [*b, *b, *b, *b]\n'
+    bomb += "d: &d [*c, *c, *c, *c]\nsampling:\n  prompt: *d\n"
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, bomb))
+    (line,) = [line for line in str(caught.value).splitlines() if "sampling.prompt" in line]
+    assert line.startswith("  sampling.prompt: Input should be a valid string (got [[[")
+    assert len(line) < 200
 
 
 def test_secret_query_parameters_in_urls_are_refused_without_repeating_them(tmp_path: Path) -> None:

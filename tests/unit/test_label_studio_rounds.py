@@ -157,6 +157,28 @@ def test_an_annotator_given_as_a_user_object_is_its_id() -> None:
     assert collected.problems == ["task 12: annotation 3 names no usable annotator (completed_by); skipped"]
 
 
+def test_annotations_posted_through_the_api_are_read_strictly() -> None:
+    # anyone with an account can post any JSON: an annotator is a user id (or a name), a skip is a
+    # boolean true, and a choice of any length is quoted cut
+    round_tasks = tasks()
+    round_tasks[0]["annotations"] = [
+        {**annotation(1, "good", ident=1), "completed_by": [1, 2]},
+        {**annotation(2, "good", ident=2), "completed_by": True},
+        {**annotation(3, "good", ident=3), "was_cancelled": "false"},  # given, not skipped
+    ]
+    round_tasks[1]["annotations"] = [annotation(3, "[/]" + "x" * 500, ident=4)]
+    collected = collect(
+        round_tasks, run_id="run", round_index=1, image_ids=IDS, has_current_best=True, annotators_per_image=1
+    )
+    assert collected.labels_by_annotator == {"3": 1} and collected.cancelled == 0
+    assert collected.problems == [
+        "task 10: annotation 1 names no usable annotator (completed_by); skipped",
+        "task 10: annotation 2 names no usable annotator (completed_by); skipped",
+        "task 11, annotation 4 by annotator 3: no good/bad choice (got '[/]" + "x" * 75 + "…); the image "
+        "stays unlabelled by them",
+    ]
+
+
 def test_collect_reports_what_it_cannot_map() -> None:
     round_tasks = tasks()
     for task in round_tasks[:3]:

@@ -2,7 +2,7 @@
 
 import json
 
-from hero_ml.redact import mask_secrets, redact, secret_query_keys
+from hero_ml.redact import mask_secrets, redact, secret_query_keys, url_userinfo
 
 
 def test_userinfo_and_secret_query_values_are_hidden_and_the_rest_is_kept() -> None:
@@ -18,6 +18,19 @@ def test_userinfo_and_secret_query_values_are_hidden_and_the_rest_is_kept() -> N
     )
     plain = "http://127.0.0.1:4200/api?limit=5 and a@b.example"
     assert redact(plain) == plain
+
+
+def test_a_password_holding_url_delimiters_is_hidden_whole() -> None:
+    # SQLAlchemy reads postgresql://hero:Pa/ss#w?0rd@db/mlflow with the password 'Pa/ss#w?0rd'; urlsplit
+    # takes the first '/' as the host's end and sees no credentials at all
+    uri = "postgresql://hero:Pa/ss#w?0rd@db/mlflow"
+    shown = redact(f"error: MLflow at {uri}: no driver")
+    assert shown == "error: MLflow at postgresql://…@db/mlflow: no driver"
+    assert url_userinfo(uri) == "hero:Pa/ss#w?0rd"
+    assert url_userinfo("http://admin:12/ss@ls") == "admin:12/ss"  # a valid URL to urlsplit: host admin
+    assert url_userinfo("postgresql://hero@db/mlflow") == "hero"
+    assert url_userinfo("http://127.0.0.1:5000/api") is None
+    assert url_userinfo("sqlite:///hero-data/mlflow.db") is None
 
 
 def test_secret_query_keys_are_named_by_name_or_ending() -> None:

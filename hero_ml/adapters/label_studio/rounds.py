@@ -265,13 +265,14 @@ def collect(
             if isinstance(given_by, dict):  # exports with annotator details give the user object
                 given_by = given_by.get("id")
             who = str(given_by)
-            if given_by is None or not who or len(who) > 200:  # an AnnotatorFeedback's id: 1-200 characters
+            # a user id (a number; a name in hand-made exports); an AnnotatorFeedback's id: 1-200 characters
+            if type(given_by) not in (int, str) or not who or len(who) > 200:
                 problems.append(
                     f"task {task_id}: annotation {annotation.get('id')} names no usable annotator "
                     "(completed_by); skipped"
                 )
                 continue
-            if annotation.get("was_cancelled"):
+            if annotation.get("was_cancelled") is True:  # a skip; anything else counts as given
                 cancelled += 1
                 continue
             if who in latest:
@@ -285,14 +286,15 @@ def collect(
             if key[2] == IMAGE:
                 if choice not in ("good", "bad"):
                     problems.append(
-                        f"{where}: no good/bad choice (got {choice!r}); the image stays unlabelled by them"
+                        f"{where}: no good/bad choice (got {_shown(choice)}); the image stays unlabelled by "
+                        "them"
                     )
                     continue
                 labels.setdefault(who, {})[key[3]] = choice
             elif choice == KEEP and not has_current_best:
                 problems.append(f"{where}: kept the current best in the first round, where there is none")
             elif choice != KEEP and choice not in known:
-                problems.append(f"{where}: best {choice!r} is not an image of round {round_index}")
+                problems.append(f"{where}: best {_shown(choice)} is not an image of round {round_index}")
             else:
                 best_votes[who] = str(choice)
 
@@ -354,6 +356,12 @@ def _choice(annotation: dict[str, Any], from_name: str) -> str | None:
         for choice in result["value"]["choices"]
     ]
     return chosen[0] if len(chosen) == 1 and isinstance(chosen[0], str) else None
+
+
+def _shown(value: str | None, limit: int = 80) -> str:
+    """An annotator's choice as a problem quotes it: cut (anyone with an account can post any text)."""
+    shown = repr(value)
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
 
 
 def _stamp(annotation: dict[str, Any]) -> tuple[str, int]:
