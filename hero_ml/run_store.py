@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from PIL import Image
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from hero_ml.adapters.storage import ArtifactStore, StorageError
 from hero_ml.config import format_validation_error
@@ -81,6 +81,9 @@ class ModelRecord(BaseModel):
 
     source: str
     sha256: dict[str, str]
+
+
+_ROUND_STATS = TypeAdapter(RoundStats)
 
 
 class _Progress(BaseModel):
@@ -266,12 +269,16 @@ class RunStore:
 
     def load_stats(self, round_index: int) -> RoundStats:
         key = f"{self.round_prefix(round_index)}/{STATS}"
-        try:
-            return RoundStats(**json.loads(self.store.get(key)))
-        except (ValueError, TypeError) as err:  # not JSON, not an object, or other fields
+        try:  # strict: a figure given as text is no figure (it would fail only when tracked)
+            return _ROUND_STATS.validate_json(self.store.get(key), strict=True)
+        except ValidationError as err:
+            problems = "\n".join(
+                f"  {'.'.join(map(str, problem['loc'])) or '(top level)'}: {problem['msg']}"
+                for problem in err.errors(include_url=False)
+            )
             raise CorruptObjectError(
                 f"{self.store.where(key)} is not a readable record of a round's learning (edited or "
-                f"damaged): {err}"
+                f"damaged):\n{problems}\n`hero storage verify {self.run_id}` checks the whole run"
             ) from None
 
     def mark_tracked(self, round_index: int) -> None:

@@ -212,6 +212,16 @@ def test_a_damaged_record_of_a_run_is_named_with_what_is_wrong(tmp_path: Path, b
     (root / "rounds" / "0" / "feedback.json").unlink()
     (root / "rounds" / "0" / "stats.json").write_text("[1, 2]")
     assert "stats.json is not a readable record of a round's learning" in runs.verify().problems[0]
+    # a figure as text would fail only when the round is tracked, after verify said ok
+    figures = {"round": 0, "feedbacks": 4, "good": 2, "bad": 2, "new_best": True, "label_agreement": 1.0}
+    figures |= dict.fromkeys(["encoder_loss_first", "encoder_loss_last", "reward_bad_mean"], None)
+    figures |= {"reward_good_mean": "abc", "update_loss": 0.1, "approx_kl": 0.0, "clip_fraction": 0.0}
+    (root / "rounds" / "0" / "stats.json").write_text(json.dumps({**figures, "optimizer_steps": 3}))
+    with pytest.raises(
+        CorruptObjectError, match=r"learning \(edited or damaged\):\n  reward_good_mean: Input should"
+    ):
+        runs.load_stats(0)
+    assert "reward_good_mean: Input should be a valid number" in runs.verify().problems[0]
     (root / "rounds" / "0" / "stats.json").unlink()
     # a naive time would start a deadline's clock in no zone
     published = {"published_at": "2026-12-06T10:00:00", "project_id": 3, "flow_run_id": None, "tasks": 7}
