@@ -39,6 +39,7 @@ from hero_ml.adapters.label_studio.client import WEBHOOK_SECRET_HEADER
 log = logging.getLogger("hero.webhooks")
 ANNOTATION_ACTIONS = frozenset({"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED"})
 RECHECK_DELAYS_S = (5.0, 30.0, 120.0)  # a run still Running may be about to suspend: look again
+MAX_CLIENTS = 10_000  # addresses whose rejections are counted at once (RejectionBudget)
 
 
 class HeroTaskMeta(BaseModel):
@@ -92,6 +93,8 @@ class RejectionBudget:
         """Take a token for `client`: 0.0 if it had one, else the seconds until it will."""
         with self._lock:
             now = self.clock()
+            if len(self._buckets) >= MAX_CLIENTS:
+                self._forget(now)
             tokens, when = self._buckets.get(client, (float(self.burst), now))
             tokens = min(float(self.burst), tokens + (now - when) * self.per_s)
             if tokens >= 1:
@@ -99,6 +102,15 @@ class RejectionBudget:
                 return 0.0
             self._buckets[client] = (tokens, now)
             return (1 - tokens) / self.per_s
+
+    def _forget(self, now: float) -> None:
+        """Bound the memory: drop the buckets that have filled up again (forgetting them changes nothing),
+        then, under a flood of addresses, the least recent half."""
+        full_after = self.burst / self.per_s
+        kept = {c: b for c, b in self._buckets.items() if now - b[1] < full_after}
+        if len(kept) >= MAX_CLIENTS:
+            kept = dict(sorted(kept.items(), key=lambda item: item[1][1])[len(kept) // 2 :])
+        self._buckets = kept
 
 
 class RoundChecks:
@@ -246,7 +258,7 @@ def create_app(
                 return reject(request, 413, f"body over {max_body_bytes} bytes")
         try:
             event = AnnotationEvent.model_validate(json.loads(body))
-        except (ValueError, ValidationError) as err:
+        except (ValueError, ValidationError, RecursionError) as err:  # RecursionError: JSON nested deep
             return reject(request, 400, f"not a Label Studio event: {str(err).splitlines()[0]}")
         counters.accepted += 1
         found = rounds_of(event) if event.action in ANNOTATION_ACTIONS else set()

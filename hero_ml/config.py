@@ -69,6 +69,7 @@ TRACKING_SCHEMES = {"sqlite", "http", "https", "postgresql", "mysql", "mssql", "
 DATABASE_SCHEMES = {"postgresql", "mysql", "mssql"}  # a user name in their URIs is not a secret
 SEED_MAX = 2**63 - 1  # torch's generators take seeds below 2**63
 SECRET_MASK = "**********"  # how pydantic dumps a SecretStr to JSON
+WEBHOOK_SECRET_MIN = 16  # characters
 SECRET_IN_VALUE = "secret_in_value"  # an error type whose input holds a secret: never echoed
 # Where the services are, how this process reaches them and where it runs the model: a resumed run
 # takes these from the config of the process resuming it (a moved server, a rotated key, another
@@ -473,6 +474,8 @@ class StorageConfig(_Section):
     def _a_folder_named(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip():  # Path("") is the current folder
             raise ValueError("is empty: name the folder runs are kept in, e.g. hero-data")
+        if "\x00" in str(value):  # no file system takes it: every open would fail later
+            raise ValueError("holds a NUL character: name the folder runs are kept in, e.g. hero-data")
         return value
 
     s3_bucket: str | None = Field(
@@ -683,6 +686,29 @@ class OrchestrationConfig(_Section):
             "`hero serve-webhooks` refuses to start without one."
         ),
     )
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _a_header_value_hard_to_guess(cls, secret: SecretStr | None) -> SecretStr | None:
+        # sent back by Label Studio as an HTTP header: surrounding spaces are stripped on the way and
+        # other than printable ASCII does not travel, so such a secret would never match
+        value = None if secret is None else secret.get_secret_value()
+        if value is None or value == SECRET_MASK:
+            return secret  # the mask: refused by _secrets_apart, with its own reason
+        if (
+            len(value) < WEBHOOK_SECRET_MIN
+            or value != value.strip()
+            or not value.isascii()
+            or not value.isprintable()
+        ):
+            raise PydanticCustomError(
+                SECRET_IN_VALUE,
+                f"must be at least {WEBHOOK_SECRET_MIN} printable ASCII characters without surrounding "
+                "spaces (it travels as an HTTP header, and a short one can be guessed): e.g. `openssl rand "
+                "-hex 16`",
+            )
+        return secret
+
     webhook_url: HttpUrl | None = Field(
         None,
         description=(

@@ -246,7 +246,7 @@ def test_the_server_commands_refuse_a_prefect_server_that_does_not_answer(
         dead = f"127.0.0.1:{probe.getsockname()[1]}/api"
     monkeypatch.setenv("PREFECT_API_URL", f"http://user:hunter2@{dead}")  # credentials are never printed
     monkeypatch.setenv("HERO_LABEL_STUDIO__API_KEY", "k")
-    monkeypatch.setenv("HERO_ORCHESTRATION__WEBHOOK_SECRET", "s")
+    monkeypatch.setenv("HERO_ORCHESTRATION__WEBHOOK_SECRET", "s" * 16)
     if command == ["serve-webhooks"]:  # its port is bound first: a free one, not the default 8765
         command = [*command, "--port", str(_free_port())]
     result = subprocess.run([HERO, *command], capture_output=True, text=True, timeout=120)
@@ -330,7 +330,7 @@ def test_server_commands_name_a_bad_config_before_asking_for_the_server(
 ) -> None:
     monkeypatch.delenv("PREFECT_API_URL", raising=False)  # no server either: the config is said first
     monkeypatch.setenv("HERO_ORCHESTRATION__POLL_INTERVAL_S", "-5")
-    monkeypatch.setenv("HERO_ORCHESTRATION__WEBHOOK_SECRET", "s")
+    monkeypatch.setenv("HERO_ORCHESTRATION__WEBHOOK_SECRET", "s" * 16)
     result = runner.invoke(app, command)
     message = " ".join(result.output.split())
     assert result.exit_code == 1 and "orchestration.poll_interval_s" in message, message
@@ -463,7 +463,7 @@ def test_out_of_range_options_are_refused_before_any_work(command: list[str]) ->
 def test_serve_webhooks_says_an_address_it_cannot_listen_on_before_asking_for_prefect(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("HERO_ORCHESTRATION__WEBHOOK_SECRET", "s")
+    monkeypatch.setenv("HERO_ORCHESTRATION__WEBHOOK_SECRET", "s" * 16)
     monkeypatch.delenv("PREFECT_API_URL", raising=False)  # never reached: the address is said first
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

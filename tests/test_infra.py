@@ -75,7 +75,7 @@ def test_compose_stack_is_whole_and_takes_every_secret_from_the_environment() ->
 def test_compose_config_file_is_a_valid_hero_config(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HERO_CONFIG_FILE", str(INFRA / "hero.compose.yaml"))
     monkeypatch.setenv("HERO_LABEL_STUDIO__API_KEY", "from-stack-env")  # as compose passes them
-    monkeypatch.setenv("HERO_ORCHESTRATION__WEBHOOK_SECRET", "from-stack-env")
+    monkeypatch.setenv("HERO_ORCHESTRATION__WEBHOOK_SECRET", "from-stack-env-0123")
     config = load_config()
     assert config.label_studio.enabled and config.storage.backend == "s3"
     assert str(config.orchestration.webhook_url) == "http://webhooks:8765/webhooks/label-studio"

@@ -116,6 +116,7 @@ def test_oversized_malformed_and_foreign_events_do_nothing(receiver: str, record
     assert post(receiver, None, raw=b"{not json").status_code == 400
     assert post(receiver, {"task": {}}).status_code == 400  # no action
     assert post(receiver, {"action": "ANNOTATION_CREATED", "task": "a string"}).status_code == 400
+    assert post(receiver, None, raw=b"[" * 20_000 + b"]" * 20_000).status_code == 400  # nested too deep
     # accepted, but about nothing HERO waits for: another action, a task without hero metadata,
     # metadata naming no flow run, a broken run id
     assert post(receiver, event(action="PROJECT_UPDATED")).json() == {"queued": 0}
@@ -125,7 +126,7 @@ def test_oversized_malformed_and_foreign_events_do_nothing(receiver: str, record
     assert post(receiver, event(flow_run_id=None)).json() == {"queued": 0}
     assert post(receiver, event(run_id="../etc")).json() == {"queued": 0}
     state = settle(receiver)
-    assert (state["rejected"], state["accepted"], state["ignored"]) == (4, 4, 4)
+    assert (state["rejected"], state["accepted"], state["ignored"]) == (5, 4, 4)
     assert recorder.calls == []
 
 
@@ -218,6 +219,25 @@ def test_a_rejection_budget_refills_with_time() -> None:
     assert budget.spend("a") == 0.0
     now[0] = 100.0
     assert [budget.spend("a") for _ in range(3)] == [0.0, 0.0, 2.0]  # never more than the burst
+
+
+def test_a_rejection_budget_holds_a_bounded_number_of_clients(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("flows.webhooks.MAX_CLIENTS", 4)
+    now = [0.0]
+    budget = RejectionBudget(burst=2, per_s=0.5, clock=lambda: now[0])  # a bucket refills in 4 s
+    for client in "abc":
+        assert [budget.spend(client), budget.spend(client)] == [0.0, 0.0]  # each bucket emptied
+    now[0] = 5.0  # a, b and c full again
+    budget.spend("d")
+    assert budget.spend("e") == 0.0 and sorted(budget._buckets) == ["d", "e"]  # the full ones forgotten
+    now[0] = 5.5
+    assert [budget.spend("a"), budget.spend("a"), budget.spend("a")] == [0.0, 0.0, 2.0]  # as if kept
+    now[0] = 6.0
+    budget.spend("f")
+    assert sorted(budget._buckets) == ["a", "d", "e", "f"]
+    now[0] = 7.0  # a flood of recent clients, none full again: the least recent half goes (d, e)
+    budget.spend("g")
+    assert sorted(budget._buckets) == ["a", "f", "g"]
 
 
 def burst(events: int) -> dict[str, Any]:

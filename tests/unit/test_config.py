@@ -266,13 +266,31 @@ def test_credentials_holding_url_delimiters_are_refused_without_repeating_them(
 
 def test_the_mask_a_stored_config_shows_is_no_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # MLflow's config/config.json holds the masks: rerun as it is, the webhook secret would be public
-    stored = HeroConfig(orchestration={"webhook_secret": "s3cret"}).to_public_dict()
+    stored = HeroConfig(orchestration={"webhook_secret": "a-real-secret-0123"}).to_public_dict()
     assert stored["orchestration"]["webhook_secret"] == SECRET_MASK
     with pytest.raises(ConfigError, match=r"orchestration\.webhook_secret: is the mask a stored config"):
         load_config(write(tmp_path, {"orchestration": stored["orchestration"]}))
     monkeypatch.setenv("HERO_LABEL_STUDIO__API_KEY", SECRET_MASK)
     with pytest.raises(ConfigError, match=r"label_studio\.api_key: is the mask .*\[set by HERO_LABEL_"):
         load_config()
+
+
+@pytest.mark.parametrize("secret", ["x9q", "fifteen-chars-x", " padded-secret-0123", "with-ümlaut-0123"])
+def test_a_webhook_secret_must_travel_as_a_header_and_be_hard_to_guess(
+    secret: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HERO_ORCHESTRATION__WEBHOOK_SECRET", secret)
+    with pytest.raises(ConfigError) as caught:
+        load_config()
+    assert "orchestration.webhook_secret: must be at least 16 printable ASCII characters" in str(caught.value)
+    assert secret.strip() not in str(caught.value)
+    monkeypatch.setenv("HERO_ORCHESTRATION__WEBHOOK_SECRET", "sixteen-chars-xy")
+    assert load_config().orchestration.webhook_secret is not None
+
+
+def test_a_local_root_no_file_system_takes_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"storage.local_root: Value error, holds a NUL character: name"):
+        load_config(write(tmp_path, {"storage": {"local_root": "hero\x00data"}}))  # YAML's "\0"
 
 
 def test_a_key_given_twice_is_refused_with_both_lines(tmp_path: Path) -> None:
@@ -538,13 +556,13 @@ def test_names_a_service_would_refuse_only_later_are_refused_at_load(
 def test_a_stored_config_comes_back_with_todays_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     from hero_ml.config import restore_config
 
-    monkeypatch.setenv("HERO_ORCHESTRATION__WEBHOOK_SECRET", "first-secret")
+    monkeypatch.setenv("HERO_ORCHESTRATION__WEBHOOK_SECRET", "first-secret-0123")
     stored = load_config().to_public_dict()
-    assert "first-secret" not in str(stored)
-    monkeypatch.setenv("HERO_ORCHESTRATION__WEBHOOK_SECRET", "rotated-secret")
+    assert "first-secret-0123" not in str(stored)
+    monkeypatch.setenv("HERO_ORCHESTRATION__WEBHOOK_SECRET", "rotated-secret-0123")
     restored = restore_config(stored, load_config())
     assert restored.orchestration.webhook_secret is not None
-    assert restored.orchestration.webhook_secret.get_secret_value() == "rotated-secret"
+    assert restored.orchestration.webhook_secret.get_secret_value() == "rotated-secret-0123"
     assert restored.to_public_dict() == stored
 
 

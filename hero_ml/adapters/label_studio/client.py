@@ -23,6 +23,7 @@ from hero_ml.redact import mask_secrets
 T = TypeVar("T")
 WEBHOOK_SECRET_HEADER = "X-Hero-Webhook-Secret"
 IMPORT_CHUNK = 32  # tasks per import call: a large round goes out in several requests
+BODY_SHOWN = 500  # characters of a refusal's body an error quotes (a proxy may answer a whole page)
 
 
 class LabelStudioError(HeroError, RuntimeError):
@@ -43,6 +44,7 @@ class LabelStudioProjects:
         except ApiError as err:
             # a server or proxy may echo the request it refused, in its own escaping
             body = mask_secrets(str(err.body), self._secrets, SECRET_MASK)
+            body = body if len(body) <= BODY_SHOWN else body[: BODY_SHOWN - 1] + "…"
             if err.status_code is not None and 200 <= err.status_code < 300:
                 # a success the SDK could not read: not Label Studio's API at this URL
                 raise self._not_label_studio(what, f"HTTP {err.status_code}: {body[:200]}") from None
@@ -57,6 +59,9 @@ class LabelStudioProjects:
                 f"cannot reach Label Studio at {self.url} to {what}: {err}; start it "
                 "(infra/label-studio.sh start) or set HERO_LABEL_STUDIO__URL"
             ) from None
+        except (TypeError, ValueError) as err:  # the SDK could not read a 2xx answer's JSON as its type
+            error = mask_secrets(f"{type(err).__name__}: {err}", self._secrets, SECRET_MASK)[:BODY_SHOWN]
+            raise self._not_label_studio(what, f"JSON the SDK cannot read ({error})") from None
 
     def _call(self, what: str, request: Callable[[], T]) -> T:
         with self._calling(what):
