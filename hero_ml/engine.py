@@ -473,7 +473,8 @@ class Engine:
         except ValidationError as err:
             raise EngineError(
                 f"{prefix}/{STATE} is not a checkpoint's state (edited, or written by another program):\n"
-                f"{format_validation_error(err, CheckpointState)}\nresume from an earlier checkpoint"
+                f"{format_validation_error(err, CheckpointState)}\n`hero storage verify RUN` lists what "
+                "else is damaged"
             ) from None
         if len(blob) != state.tensors.bytes or hashlib.sha256(blob).hexdigest() != state.tensors.sha256:
             raise EngineError(
@@ -552,6 +553,14 @@ def _optimizer_to(optimizer: torch.optim.Optimizer, prefix: str, tensors: dict[s
     return {"param_groups": state_dict["param_groups"], "scalars": scalars}
 
 
+def _hyper_parameters(group: dict) -> dict[str, object]:
+    """An optimiser group's learning rate, betas, eps and weight decay (as JSON keeps them)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in group.items() if k in _HYPER_PARAMETERS}
+
+
+_HYPER_PARAMETERS = ("lr", "betas", "eps", "weight_decay")
+
+
 def _optimizer_from(
     optimizer: torch.optim.Optimizer, prefix: str, saved: dict, tensors: dict[str, torch.Tensor]
 ) -> None:
@@ -563,7 +572,12 @@ def _optimizer_from(
     for name, value in saved["scalars"].items():
         index, key = name.split(".", 1)
         state.setdefault(int(index), {})[key] = value
+    configured = [_hyper_parameters(group) for group in optimizer.param_groups]
     optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+    # the config's, as resume checked it: a state.json is not hashed, and an edited one must not set them
+    for group, wanted in zip(optimizer.param_groups, configured, strict=True):
+        if (found := _hyper_parameters(group)) != wanted:
+            raise ValueError(f"{prefix} has hyper-parameters {found}, the config's are {wanted}")
     for group in optimizer.param_groups:  # a moment of another shape would fail only at the next step
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():

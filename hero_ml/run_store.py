@@ -356,17 +356,18 @@ class RunStore:
         key = f"{self.prefix}/progress.json"
         return self._record(key, _Progress).checkpoint if self.store.exists(key) else None
 
-    def resume_checkpoint(self) -> int | None:
-        """The checkpoint a resumed run starts from: progress.json's, or the next one when a crash
-        came between committing it and moving progress.json there (which this then does). Learning
-        that round again instead could write other tensors (a GPU is not deterministic) under the
-        committed state.json, and a crash amid that would leave a checkpoint that fails its checksum."""
+    def unacknowledged_checkpoint(self) -> int | None:
+        """The checkpoint after progress.json's when it is committed: a crash came between committing
+        it and moving progress.json there. A resume loads it, then moves progress.json
+        (acknowledge_checkpoint); learning that round again instead could write other tensors (a GPU is
+        not deterministic) beside a committed state.json."""
         latest = self.latest_checkpoint()
         following = 0 if latest is None else latest + 1
-        if not self.store.exists(f"{self.checkpoint_prefix(following)}/{STATE}"):
-            return latest
-        self._point_progress_at(following)
-        return following
+        return following if self.store.exists(f"{self.checkpoint_prefix(following)}/{STATE}") else None
+
+    def acknowledge_checkpoint(self, checkpoint: int) -> None:
+        """progress.json moves to `checkpoint`, loaded whole by the resume that found it."""
+        self._point_progress_at(checkpoint)
 
     # -- inspection -----------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ since every draw is seeded by (seed, round), a resumed run ends where an uninter
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from hero_ml.adapters.tracking import NOISE_POOL_ARTIFACT, Tracker
 from hero_ml.config import HeroConfig, split_settings
 from hero_ml.diffusion.lora import adapters_disabled, save_lora
 from hero_ml.diffusion.pipeline import load_configured_pipeline, weights_sha256
-from hero_ml.engine import Engine, RoundBatch, RoundStats
+from hero_ml.engine import Engine, EngineError, RoundBatch, RoundStats
 from hero_ml.errors import HeroError
 from hero_ml.faults import crash_point
 from hero_ml.feedback import RoundFeedback, aggregate
@@ -38,6 +39,8 @@ from hero_ml.run_store import ModelRecord, RunStore
 from hero_ml.toy.evaluate import task_success_rate
 from hero_ml.toy.judge import SimulatedAnnotator
 from hero_ml.toy.task import Task, load_task
+
+_log = logging.getLogger(__name__)
 
 
 class RunError(HeroError, RuntimeError):
@@ -173,12 +176,37 @@ class TrainingRun:
             self.runs.save_config(config.to_public_dict())
         if sampled_by is None:  # a new run, or one stored before runs recorded their model
             self.runs.save_model(model)
-        latest = self.runs.resume_checkpoint()
-        self.engine = (
-            Engine(config, self.pipe)
-            if latest is None
-            else Engine.load(config, self.pipe, store, self.runs.checkpoint_prefix(latest))
-        )
+        self.engine = self._resumed_engine(store)
+
+    def _resumed_engine(self, store: ArtifactStore) -> Engine:
+        """The engine from the latest checkpoint (a new one without): progress.json's, or the next one
+        when a crash came before progress.json moved to it. That one is loaded before progress.json
+        moves: if it is damaged, the run goes on from progress.json's and learns its round again from
+        the round's stored batch and feedback."""
+        following = self.runs.unacknowledged_checkpoint()
+        if following is not None:
+            try:
+                engine = self._load_checkpoint(store, following)
+            except EngineError as err:
+                _log.warning(
+                    "%s; resuming from the checkpoint before it: round %d is learned again", err, following
+                )
+            else:
+                self.runs.acknowledge_checkpoint(following)
+                return engine
+        latest = self.runs.latest_checkpoint()
+        return Engine(self.config, self.pipe) if latest is None else self._load_checkpoint(store, latest)
+
+    def _load_checkpoint(self, store: ArtifactStore, index: int) -> Engine:
+        prefix = self.runs.checkpoint_prefix(index)
+        engine = Engine.load(self.config, self.pipe, store, prefix)
+        if engine.round != index + 1:  # checkpoint k holds the engine after round k
+            raise EngineError(
+                f"checkpoint {prefix!r} holds the engine after round {engine.round - 1}, not {index} (its "
+                f"state.json edited or moved); `hero storage verify {self.config.run_id}` lists what else "
+                "is damaged"
+            )
+        return engine
 
     def track_with(self, tracker: Tracker) -> None:
         """Track the run's params now, and its rounds, evaluations and final artifacts from now on.

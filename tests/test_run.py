@@ -15,6 +15,7 @@ from hero_ml.adapters.tracking import TrackingError
 from hero_ml.adapters.tracking.mlflow import RUN_ID_TAG, open_tracker
 from hero_ml.cli import app
 from hero_ml.config import ConfigError, HeroConfig, load_config, with_overrides
+from hero_ml.engine import EngineError
 from hero_ml.run_lease import LeaseLostError
 from hero_ml.run_store import CorruptObjectError, RunStore
 from hero_ml.sample_round import sample_round
@@ -249,6 +250,52 @@ def test_a_run_refuses_to_go_on_with_other_base_weights_under_its_model_source(t
     )
     assert "text_encoder" in str(refused.value) and "or choose a new run_id" in str(refused.value)
     assert RunStore(store, "rebuilt").load_model() == record  # nothing overwritten
+
+
+def test_a_damaged_checkpoint_not_yet_acknowledged_is_learned_again_from_the_one_before(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = HeroConfig.model_validate({**small(tmp_path), "run_id": "damaged"})
+    store = open_store(config.storage)
+    with TrainingRun(config, store) as run:
+        for _ in range(2):
+            batch = run.generate()
+            run.learn(batch, run.feedback(batch))
+        learned = final_lora(run)
+    # the crash came before progress.json moved to checkpoint 1, and a bit of its tensors flipped since
+    store.put("runs/damaged/progress.json", json.dumps({"checkpoint": 0}).encode())
+    tensors = tmp_path / "data" / "runs" / "damaged" / "checkpoints" / "1" / "state.safetensors"
+    damaged = bytearray(tensors.read_bytes())
+    damaged[-1] ^= 1
+    tensors.write_bytes(bytes(damaged))
+    runs = RunStore(store, "damaged")
+    with TrainingRun(config, store) as run:
+        assert run.engine.round == 1 and runs.latest_checkpoint() == 0  # progress.json stayed
+        assert "does not match its state.json" in caplog.text and "round 1 is learned again" in caplog.text
+        batch = run.generate()  # the committed batch and feedback of round 1, learned again
+        run.learn(batch, run.feedback(batch))
+        assert all(torch.equal(a, b) for a, b in zip(final_lora(run), learned, strict=True))
+    assert runs.latest_checkpoint() == 1 and runs.verify().ok
+
+
+def test_a_checkpoint_whose_state_json_was_edited_is_refused(tmp_path: Path) -> None:
+    config = HeroConfig.model_validate({**small(tmp_path), "run_id": "edited"})
+    store = open_store(config.storage)
+    with TrainingRun(config, store) as run:
+        for _ in range(2):
+            batch = run.generate()
+            run.learn(batch, run.feedback(batch))
+    checkpoints = tmp_path / "data" / "runs" / "edited" / "checkpoints"
+    state = json.loads((checkpoints / "1" / "state.json").read_text())
+    faster = json.loads(json.dumps(state))
+    faster["optimizers"]["lora"]["param_groups"][0]["lr"] = 0.5  # the state.json is not hashed
+    (checkpoints / "1" / "state.json").write_text(json.dumps(faster))
+    with pytest.raises(EngineError, match=r"optim.lora has hyper-parameters \{'lr': 0.5, .*the config's are"):
+        TrainingRun(config, store)
+    for name in ("state.safetensors", "state.json"):  # checkpoint 0's files where checkpoint 1's were
+        (checkpoints / "1" / name).write_bytes((checkpoints / "0" / name).read_bytes())
+    with pytest.raises(EngineError, match=r"checkpoints/1' holds the engine after round 0, not 1 \(its"):
+        TrainingRun(config, store)
 
 
 def test_a_training_run_does_not_adopt_a_round_that_hero_sample_committed(tmp_path: Path) -> None:
