@@ -71,7 +71,6 @@ def test_update_pass_steps_the_optimiser_as_configured_and_trains_only_lora(roun
         generator=torch.Generator().manual_seed(0),
     )
     assert stats.optimizer_steps == 4  # 2 epochs x ceil(3 micro-batches / 2)
-    assert 0 <= stats.clip_fraction <= 1 and stats.approx_kl >= 0
     assert all(torch.equal(p, frozen[n]) for n, p in pipe.unet.named_parameters() if not p.requires_grad)
     assert all(not torch.equal(p, before) for p, before in zip(params, lora_before, strict=True))
     moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(params, lora_before, strict=True)])
@@ -112,6 +111,36 @@ def test_a_group_steps_on_the_mean_over_its_units_whatever_the_micro_batch_sizes
     assert stats.loss == pytest.approx(sum(float(c[units].mean()) for units, _ in calls) / 4)
     assert stats.approx_kl == pytest.approx(0.5)  # each unit's steps 0 and 1
     assert stats.clip_fraction == pytest.approx((1.0 + 1.0 + 0.5 + 0.5) / 4)
+
+
+def test_each_unit_trains_its_own_steps_drawn_afresh_every_pass() -> None:
+    # 6 steps a trajectory, 2 trained a pass, 2 passes: which (unit, step) pairs train is the generator's
+    # draw per unit and pass, whatever position a unit takes in its micro-batch
+    w = torch.nn.Parameter(torch.tensor([1.0]))
+    trained: list[list[tuple[int, int]]] = [[], []]
+
+    def objective(units: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        trained[len(trained[0]) >= 5 * 2].extend(zip(units.tolist(), steps.tolist(), strict=True))
+        return w.sum(), torch.tensor(0.0), torch.tensor(0.0)
+
+    update_pass(
+        objective,
+        torch.optim.SGD([w], lr=0.0),
+        units=5,
+        num_steps=6,
+        timesteps_per_unit=2,
+        train_batch_size=2,
+        gradient_accumulation_steps=1,
+        inner_epochs=2,
+        max_grad_norm=1.0,
+        generator=torch.Generator().manual_seed(3),
+    )
+    replay = torch.Generator().manual_seed(3)  # the draws update_pass makes, in its order
+    for epoch in range(2):
+        torch.randperm(5, generator=replay)  # the units' order
+        drawn = [torch.randperm(6, generator=replay)[:2].tolist() for _ in range(5)]
+        assert sorted(trained[epoch]) == sorted((u, s) for u in range(5) for s in drawn[u]), epoch
+    assert sorted(trained[0]) != sorted(trained[1])  # drawn again for the second pass
 
 
 def test_a_step_whose_gradient_is_not_finite_is_skipped_not_taken() -> None:

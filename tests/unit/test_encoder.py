@@ -39,6 +39,14 @@ def test_encoder_is_the_reference_network_on_sd15_latents() -> None:
     ]
     latents = torch.randn(2, 4, 64, 64)
     assert encoder.features(latents).shape == (2, 2048) and encoder(latents).shape == (2, 512)
+    # the layers in the reference's order: conv, ReLU, pool x3, then fc1 with its ReLU (whose
+    # non-negative output is the reward's representation), then the head with ReLUs between its layers
+    kinds = [type(m).__name__ for m in [*encoder.cnn, *encoder.head]]
+    assert kinds == [
+        *["Conv2d", "ReLU", "MaxPool2d"] * 3,
+        *["Flatten", "Linear", "ReLU"],
+        *["Linear", "ReLU", "Linear", "ReLU", "Linear"],
+    ]
 
 
 def test_encoder_sizes_itself_from_the_toy_latent_and_refuses_odd_shapes() -> None:

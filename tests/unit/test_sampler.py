@@ -65,10 +65,15 @@ def test_trajectory_shapes_and_contents(tiny_pipe: StableDiffusionPipeline) -> N
     assert trajectory.latents.device.type == "cpu"
 
 
+# (eta, CFG scale): HERO's, and others: training must use the trajectory's own, not the defaults
+SETTINGS = [(1.0, CFG), (0.5, 3.0)]
+
+
+@pytest.mark.parametrize(("eta", "scale"), SETTINGS)
 def test_recorded_log_probs_equal_recomputed_on_a_mixed_timestep_batch(
-    tiny_pipe: StableDiffusionPipeline,
+    tiny_pipe: StableDiffusionPipeline, eta: float, scale: float
 ) -> None:
-    trajectory = sample(tiny_pipe)
+    trajectory = sample(tiny_pipe, eta=eta, guidance_scale=scale)
     # Every sample at a different step, as in a DDPO training batch.
     rows, steps = torch.arange(4), torch.tensor([0, 2, 4, STEPS - 1])
     with torch.no_grad():
@@ -86,17 +91,20 @@ def cfg_prediction_by_hand(
     return uncond + scale * (cond - uncond)
 
 
-def test_recompute_is_diffusers_step_of_the_guided_prediction(tiny_pipe: StableDiffusionPipeline) -> None:
-    trajectory = sample(tiny_pipe)
+@pytest.mark.parametrize(("eta", "scale"), SETTINGS)
+def test_recompute_is_diffusers_step_of_the_guided_prediction(
+    tiny_pipe: StableDiffusionPipeline, eta: float, scale: float
+) -> None:
+    trajectory = sample(tiny_pipe, eta=eta, guidance_scale=scale)
     rows, steps = torch.tensor([3, 1]), torch.tensor([2, 2])
     x_t, x_prev = trajectory.latents[rows, 2], trajectory.latents[rows, 3]
     t = trajectory.timesteps[2]
     scheduler = tiny_pipe.scheduler
     with torch.no_grad():
-        eps = cfg_prediction_by_hand(tiny_pipe, trajectory, rows, 2, CFG)
-        # diffusers' own step with the noise switched off is the mean; its variance (eta 1) the std's square
-        expected_mean = scheduler.step(eps, t, x_t, eta=1.0, variance_noise=torch.zeros_like(x_t)).prev_sample
-        expected_std = scheduler._get_variance(t, t - 1000 // STEPS).sqrt()
+        eps = cfg_prediction_by_hand(tiny_pipe, trajectory, rows, 2, scale)
+        # diffusers' own step with the noise switched off is the mean; eta^2 x its variance the std's square
+        expected_mean = scheduler.step(eps, t, x_t, eta=eta, variance_noise=torch.zeros_like(x_t)).prev_sample
+        expected_std = eta * scheduler._get_variance(t, t - 1000 // STEPS).sqrt()
         mean, std, target = recompute_step(tiny_pipe, trajectory, rows, steps)
         log_probs = recompute_log_probs(tiny_pipe, trajectory, rows, steps)
     torch.testing.assert_close(mean, expected_mean, rtol=1e-4, atol=1e-5)
