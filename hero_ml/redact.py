@@ -11,15 +11,27 @@ from collections.abc import Iterable
 from urllib.parse import parse_qsl, quote, quote_plus, urlsplit
 
 # query keys whose value is a secret: by name, or by ending (db_password, auth_token, client_secret)
-_SECRET_KEY_ENDINGS = ("password", "passwd", "pwd", "token", "secret", "api_key", "apikey", "credential")
+_SECRET_KEY_ENDINGS = (
+    "password",
+    "passwd",
+    "pwd",
+    "token",
+    "secret",
+    "api_key",
+    "apikey",
+    "credential",
+    "signature",
+)
+_SECRET_KEYS = {"sig", "key", "auth"}  # by name alone: an Azure SAS's sig, an API's ?key=
 # user:password@ up to the last @ of the URL: a password may hold '/', '?' or '#' (SQLAlchemy reads
 # postgresql://u:pa/ss@db so), where urlsplit takes the first of them as the host's end
 _USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^\s'\"]*@")
-_QUERY_VALUE = re.compile(r"([?&;]([^=&;\s'\"#]+)=)([^&;\s'\"#]*)")
+_QUERY_VALUE = re.compile(r"([?&;#]([^=&;\s'\"#]+)=)([^&;\s'\"#]*)")  # '#': a fragment's token=
 
 
 def _is_secret_key(key: str) -> bool:
-    return key.lower().replace("-", "_").endswith(_SECRET_KEY_ENDINGS)
+    name = key.lower().replace("-", "_")
+    return name in _SECRET_KEYS or name.endswith(_SECRET_KEY_ENDINGS)
 
 
 def redact(text: str) -> str:

@@ -26,9 +26,18 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from PIL import Image
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
 from hero_ml.adapters.storage import ArtifactStore, StorageError
+from hero_ml.adapters.storage.keys import check_key
 from hero_ml.config import format_validation_error
 from hero_ml.diffusion.sampler import Trajectory
 from hero_ml.engine import STATE, TENSORS, Engine, RoundBatch, RoundStats
@@ -68,6 +77,13 @@ class _Manifest(BaseModel):
     model_config = ConfigDict(extra="allow")  # the round's info (sampling settings, model) beside
     image_ids: list[str] = Field(min_length=1)
     files: dict[str, _FileRecord]
+
+    @field_validator("files")
+    @classmethod
+    def _names_inside_the_round(cls, files: dict[str, _FileRecord]) -> dict[str, _FileRecord]:
+        for name in files:  # a name is read as a key below the round's folder: none may leave it
+            check_key(name)
+        return files
 
 
 class _CheckpointCommit(BaseModel):

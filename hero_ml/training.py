@@ -363,8 +363,8 @@ class TrainingRun:
             folder = Path(scratch)
             save_lora(self.pipe.unet, folder / "lora")
             self.tracker.log_lora(folder / "lora", self.config.model.source)
-            (folder / "config").mkdir()  # the resolved config, secrets masked, as a file to rerun from
-            (folder / "config" / "config.json").write_text(json.dumps(self.config.to_public_dict(), indent=1))
+            (folder / "config").mkdir()  # the resolved config as a file to rerun from: secrets null
+            (folder / "config" / "config.json").write_text(json.dumps(self.config.to_file_dict(), indent=1))
             self.tracker.log_artifacts(folder / "config", "config")
             if self.engine.encoder is not None:
                 (folder / "encoder").mkdir()

@@ -190,6 +190,13 @@ def test_a_damaged_record_of_a_run_is_named_with_what_is_wrong(tmp_path: Path, b
     manifest.write_text("{not json")
     with pytest.raises(CorruptObjectError, match=r"(?s)manifest.json is not a readable .*Invalid JSON"):
         runs.load_manifest(0)
+    # a file name that would leave the round's folder: the manifest is named, and verify goes on
+    manifest.write_text(json.dumps({**good, "files": {"../../x.png": good["files"]["grid.png"]}}))
+    with pytest.raises(
+        CorruptObjectError, match=r"manifest.json is not a readable record .*\n  files: Value"
+    ):
+        runs.load_manifest(0)
+    assert "manifest.json is not a readable record" in runs.verify().problems[0]
     manifest.write_text(json.dumps(good))
     assert runs.verify().ok
     grid = root / "rounds" / "0" / "grid.png"
@@ -345,7 +352,11 @@ def test_verify_finds_tampered_missing_and_unlisted_objects(
 
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text(json.dumps({"storage": json.loads(config.model_dump_json())}))
-    env = {"HERO_STORAGE__S3_SECRET_ACCESS_KEY": "s3cr3t-never-shown"}  # the dump masks the secret
+    # the dump masks the secrets (a mask is no secret: refused from a file): they come from the environment
+    env = {
+        "HERO_STORAGE__S3_ACCESS_KEY_ID": "test",
+        "HERO_STORAGE__S3_SECRET_ACCESS_KEY": "s3cr3t-never-shown",
+    }
     result = runner.invoke(app, ["storage", "verify", "r", "-c", str(yaml_file)], env=env)
     assert result.exit_code == 1, result.output
     assert "3 problems" in result.output and "s3cr3t" not in result.output

@@ -36,6 +36,11 @@ def test_a_password_holding_url_delimiters_is_hidden_whole() -> None:
 def test_secret_query_keys_are_named_by_name_or_ending() -> None:
     url = "https://h/?token=1&sslmode=require&db_password=2&sslkey=/k&apikey=3&X-Api-Key=4&monkey=5"
     assert secret_query_keys(url) == ["token", "db_password", "apikey", "X-Api-Key"]
+    signed = "https://b.s3/k.png?X-Amz-Credential=c&X-Amz-Signature=s&sig=a&key=b&auth=c&v=1#access_token=t"
+    assert secret_query_keys(signed) == ["X-Amz-Credential", "X-Amz-Signature", "sig", "key", "auth"]
+    assert redact(signed) == (
+        "https://b.s3/k.png?X-Amz-Credential=…&X-Amz-Signature=…&sig=…&key=…&auth=…&v=1#access_token=…"
+    )
     assert secret_query_keys("sqlite:///hero-data/mlflow.db") == []
 
 
