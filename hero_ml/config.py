@@ -1025,9 +1025,22 @@ def load_config(path: Path | None = None) -> HeroConfig:
 def _check_environment() -> None:
     """A HERO_<SECTION>__<FIELD> variable of no section would be ignored: a typo, refused (a typo in
     a field is refused by the section itself). So would a top-level setting misspelt (`runid`): a
-    name close to a setting's that is not one of OTHER_ENV_VARIABLES is refused too."""
+    name close to a setting's that is not one of OTHER_ENV_VARIABLES is refused too. Names are read
+    whatever their case (as pydantic-settings reads them); one setting given twice in two cases is
+    refused (which one wins would depend on the order of the environment)."""
     sections = _section_names()
-    for variable in os.environ:
+    cases: dict[str, list[str]] = {}
+    for given in os.environ:
+        if given.upper().startswith(ENV_PREFIX):
+            cases.setdefault(given.upper(), []).append(given)
+    for variants in cases.values():
+        if len(variants) > 1:
+            raise ConfigError(
+                f"environment variables {' and '.join(sorted(variants))} set the same setting (names are "
+                "read whatever their case): unset all but one"
+            )
+    for given in os.environ:
+        variable = given.upper()
         name = variable.removeprefix(ENV_PREFIX).lower()
         if (
             variable.startswith(ENV_PREFIX)
@@ -1037,7 +1050,7 @@ def _check_environment() -> None:
             and (close := difflib.get_close_matches(name, HeroConfig.model_fields, n=1, cutoff=0.8))
         ):
             raise ConfigError(
-                f"environment variable {variable} is not a setting: did you mean "
+                f"environment variable {given} is not a setting: did you mean "
                 f"{ENV_PREFIX}{close[0].upper()}? Unset or rename it"
             )
         if (
@@ -1049,14 +1062,14 @@ def _check_environment() -> None:
             field = name.removeprefix(f"{section}_").upper()
             meant = f"{ENV_PREFIX}{section.upper()}{ENV_NESTED_DELIMITER}{field}"
             raise ConfigError(
-                f"environment variable {variable} is not a setting: a section's field takes two "
+                f"environment variable {given} is not a setting: a section's field takes two "
                 f"underscores after the section, did you mean {meant}? Unset or rename it"
             )
         if variable.startswith(ENV_PREFIX) and ENV_NESTED_DELIMITER in variable:
             section = variable.removeprefix(ENV_PREFIX).split(ENV_NESTED_DELIMITER)[0].lower()
             if section not in sections:
                 raise ConfigError(
-                    f"environment variable {variable}: {section!r} is not a config section (sections: "
+                    f"environment variable {given}: {section!r} is not a config section (sections: "
                     f"{', '.join(sections)}); unset or rename it"
                 )
 

@@ -364,6 +364,19 @@ def test_a_tracking_uri_of_no_mlflow_scheme_is_refused(tmp_path: Path) -> None:
             load_config(write(tmp_path, {"tracking": {"tracking_uri": folder}}))
 
 
+def test_one_setting_given_in_two_cases_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # pydantic-settings reads names whatever their case: which one won would hang on the environment's order
+    monkeypatch.setenv("HERO_SAMPLING__NUM_STEPS", "3")
+    monkeypatch.setenv("hero_sampling__num_steps", "5")
+    with pytest.raises(
+        ConfigError,
+        match=r"environment variables HERO_SAMPLING__NUM_STEPS and hero_sampling__num_steps set the same",
+    ):
+        load_config()
+    monkeypatch.delenv("HERO_SAMPLING__NUM_STEPS")
+    assert load_config().sampling.num_steps == 5
+
+
 def test_environment_variables_of_no_section_or_broken_json_are_named(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -377,6 +390,7 @@ def test_environment_variables_of_no_section_or_broken_json_are_named(
         ("HERO_RUNID", "HERO_RUN_ID"),
         ("HERO_METOD", "HERO_METHOD"),
         ("HERO_TRACKNG", "HERO_TRACKING"),
+        ("hero_runid", "HERO_RUN_ID"),  # read whatever its case, so checked whatever its case
     ):
         monkeypatch.setenv(typo, "x")
         with pytest.raises(

@@ -243,6 +243,8 @@ def test_collect_reports_what_it_cannot_map() -> None:
 
 def test_suggestions_split_the_encoder_ranking_at_the_median() -> None:
     assert suggestions([0.2, 0.9, 0.5, 0.7]) == [("bad", 0.2), ("good", 0.9), ("bad", 0.5), ("good", 0.7)]
+    assert suggestions([0.2, float("nan"), 0.5]) == [None, None, None]  # a diverged encoder ranks nothing
+    assert suggestions([]) == []
     task = image_task(
         run_id="r",
         round_index=1,

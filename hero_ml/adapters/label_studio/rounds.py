@@ -13,6 +13,7 @@ AnnotatorFeedback per annotator for feedback.aggregate.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -100,10 +101,13 @@ def best_task(
     return {"data": data}
 
 
-def suggestions(rewards: list[float]) -> list[tuple[str, float]]:
+def suggestions(rewards: list[float]) -> list[tuple[str, float] | None]:
     """Pre-annotations from the encoder's rewards (similarity to the current best): good for the images
     above the round's median reward, bad for the rest, each with its reward as the score. A ranking,
-    not a verdict: the encoder has no calibrated threshold, annotators decide."""
+    not a verdict: the encoder has no calibrated threshold, annotators decide. None for every image
+    when a reward is not finite (a diverged encoder ranks nothing; JSON has no NaN)."""
+    if not rewards or not all(math.isfinite(reward) for reward in rewards):
+        return [None] * len(rewards)
     median = sorted(rewards)[len(rewards) // 2]
     return [("good" if reward >= median else "bad", round(float(reward), 4)) for reward in rewards]
 
