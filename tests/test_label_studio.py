@@ -200,13 +200,12 @@ def test_a_round_whose_project_was_made_again_is_checked_where_its_tasks_are_now
     assert rounds(config, runs).readiness(0).reason == "waiting for 0/8 labels, 0/2 best votes"
 
 
-def test_a_published_round_label_studio_cannot_check_waits_instead_of_failing_the_run(
-    s3_server: Service, label_studio_server: LabelStudioServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Label Studio down after the round went out (a restart, an outage): a failed flow run would wait
-    # for a person; a waiting one is checked again by the poller
-    import flows.round
-
+@contextlib.contextmanager
+def behind_the_fault_proxy(
+    s3_server: Service, label_studio_server: LabelStudioServer
+) -> Iterator[tuple[HeroConfig, RunStore, FaultProxy, threading.Event]]:
+    """A training run's committed round 0 whose Label Studio is reached through the fault proxy, which
+    answers every request with 503 once the event is set (an outage)."""
     down = threading.Event()
     with FaultProxy(
         label_studio_server.url, lambda n, method, path: "503" if down.is_set() else None
@@ -215,6 +214,17 @@ def test_a_published_round_label_studio_cannot_check_waits_instead_of_failing_th
         proxied = config.label_studio.model_copy(update={"url": proxy.url})
         config = config.model_copy(update={"label_studio": proxied})
         runs.save_config(config.to_public_dict())  # a training run's round 0, not `hero sample`'s
+        yield config, runs, proxy, down
+
+
+def test_a_published_round_label_studio_cannot_check_waits_instead_of_failing_the_run(
+    s3_server: Service, label_studio_server: LabelStudioServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Label Studio down after the round went out (a restart, an outage): a failed flow run would wait
+    # for a person; a waiting one is checked again by the poller
+    import flows.round
+
+    with behind_the_fault_proxy(s3_server, label_studio_server) as (config, runs, proxy, down):
         humans = rounds(config, runs)
         # the round's own retries (5, 30, 120 s) are not what is tested: one try each
         for name in ("check_labelling", "collect_annotations"):
@@ -244,14 +254,7 @@ def test_a_round_entered_again_in_an_outage_waits_once_all_its_tasks_are_out(
     # must not fail a round whose tasks are all out, but must fail one whose import was cut short
     import flows.round
 
-    down = threading.Event()
-    with FaultProxy(
-        label_studio_server.url, lambda n, method, path: "503" if down.is_set() else None
-    ) as proxy:
-        config, runs = make_run(s3_server, label_studio_server)
-        proxied = config.label_studio.model_copy(update={"url": proxy.url})
-        config = config.model_copy(update={"label_studio": proxied})
-        runs.save_config(config.to_public_dict())  # a training run's round 0, not `hero sample`'s
+    with behind_the_fault_proxy(s3_server, label_studio_server) as (config, runs, proxy, down):
         monkeypatch.setattr(flows.round, "publish_round", flows.round.publish_round.with_options(retries=0))
         with TrainingRun(config, runs.store) as run:
             first = flows.round.hero_round(run, 0, rounds(config, runs))

@@ -214,14 +214,19 @@ def test_a_resumed_run_tracks_into_its_mlflow_run_with_its_services_changed(
         tracker.log_params({"ddpo": {"lr": 0.5}})
 
 
-def test_a_checkpoint_committed_just_before_a_crash_is_resumed_from_not_learned_again(tmp_path: Path) -> None:
-    config = HeroConfig.model_validate({**small(tmp_path), "run_id": "committed"})
-    store = open_store(config.storage)
+def two_rounds_learned(tmp_path: Path, run_id: str) -> tuple[HeroConfig, LocalStore, list[torch.Tensor]]:
+    """A run of two rounds learned and checkpointed: its config, its store and its final LoRA."""
+    config = HeroConfig.model_validate({**small(tmp_path), "run_id": run_id})
+    store = LocalStore(config.storage.local_root)
     with TrainingRun(config, store) as run:
         for _ in range(2):
             batch = run.generate()
             run.learn(batch, run.feedback(batch))
-        learned = final_lora(run)
+        return config, store, final_lora(run)
+
+
+def test_a_checkpoint_committed_just_before_a_crash_is_resumed_from_not_learned_again(tmp_path: Path) -> None:
+    config, store, learned = two_rounds_learned(tmp_path, "committed")
     runs = RunStore(store, "committed")
     state = (tmp_path / "data" / "runs" / "committed" / "checkpoints" / "1" / "state.json").read_bytes()
     # the crash came after checkpoint 1's state.json, before progress.json moved to it
@@ -262,13 +267,7 @@ def test_a_run_refuses_to_go_on_with_other_base_weights_under_its_model_source(t
 def test_a_damaged_checkpoint_not_yet_acknowledged_is_learned_again_from_the_one_before(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    config = HeroConfig.model_validate({**small(tmp_path), "run_id": "damaged"})
-    store = open_store(config.storage)
-    with TrainingRun(config, store) as run:
-        for _ in range(2):
-            batch = run.generate()
-            run.learn(batch, run.feedback(batch))
-        learned = final_lora(run)
+    config, store, learned = two_rounds_learned(tmp_path, "damaged")
     # the crash came before progress.json moved to checkpoint 1, and a bit of its tensors flipped since
     store.put("runs/damaged/progress.json", json.dumps({"checkpoint": 0}).encode())
     tensors = tmp_path / "data" / "runs" / "damaged" / "checkpoints" / "1" / "state.safetensors"
@@ -286,12 +285,7 @@ def test_a_damaged_checkpoint_not_yet_acknowledged_is_learned_again_from_the_one
 
 
 def test_a_checkpoint_whose_state_json_was_edited_is_refused(tmp_path: Path) -> None:
-    config = HeroConfig.model_validate({**small(tmp_path), "run_id": "edited"})
-    store = open_store(config.storage)
-    with TrainingRun(config, store) as run:
-        for _ in range(2):
-            batch = run.generate()
-            run.learn(batch, run.feedback(batch))
+    config, store, _ = two_rounds_learned(tmp_path, "edited")
     checkpoints = tmp_path / "data" / "runs" / "edited" / "checkpoints"
     state = json.loads((checkpoints / "1" / "state.json").read_text())
     faster = json.loads(json.dumps(state))
