@@ -158,7 +158,8 @@ class TrainingRun:
         # the model before the run is stored: a run stored with a model that cannot load could only be
         # resumed with that model
         self.pipe = load_configured_pipeline(config.model)
-        model = ModelRecord(source=config.model.source, sha256=weights_sha256(self.pipe))
+        self.base_weights = weights_sha256(self.pipe)  # before the engine adds its LoRA
+        model = ModelRecord(source=config.model.source, sha256=self.base_weights)
         sampled_by = self.runs.load_model()
         if sampled_by is not None and sampled_by.sha256 != model.sha256:
             digests = ", ".join(
@@ -362,7 +363,7 @@ class TrainingRun:
         with tempfile.TemporaryDirectory() as scratch:
             folder = Path(scratch)
             save_lora(self.pipe.unet, folder / "lora")
-            self.tracker.log_lora(folder / "lora", self.config.model.source)
+            self.tracker.log_lora(folder / "lora", self.config.model.source, self.base_weights)
             (folder / "config").mkdir()  # the resolved config as a file to rerun from: secrets null
             (folder / "config" / "config.json").write_text(json.dumps(self.config.to_file_dict(), indent=1))
             self.tracker.log_artifacts(folder / "config", "config")

@@ -28,7 +28,7 @@ from hero_ml.adapters.tracking.registry import Registry, RegistryError
 from hero_ml.cli import app
 from hero_ml.config import load_config
 from hero_ml.diffusion.lora import add_lora, save_lora
-from hero_ml.diffusion.pipeline import ModelNotFoundError, load_pipeline
+from hero_ml.diffusion.pipeline import TOY_FOLDER, ModelNotFoundError, load_pipeline, weights_sha256
 from hero_ml.engine import TENSORS
 from hero_ml.run_store import RunStore
 from tests.conftest import Service, _free_port, _infra, s3_storage, tiny_run
@@ -383,6 +383,28 @@ def test_a_version_whose_lora_artifact_is_gone_or_damaged_is_named(tmp_path: Pat
     shutil.rmtree(model_file.parent)  # the artifact store lost the LoRA
     with pytest.raises(RegistryError, match=r"version 1 of gone-lora: its LoRA artifact .* cannot be read"):
         registry.load(version)
+
+
+def test_a_version_whose_base_model_changed_under_it_is_refused(tmp_path: Path) -> None:
+    # the LoRA was trained on one set of weights; the folder its base model names was rewritten since
+    base = tmp_path / "base"
+    shutil.copytree(TOY_FOLDER, base)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = MlflowTracker(uri, "hero", "based", artifact_location=(tmp_path / "artifacts").as_uri())
+    tracker.log_lora(WINNING_LORA, str(base), weights_sha256(load_pipeline(str(base))))
+    registry = Registry(uri, "based-lora", "champion")
+    version = registry.version(tracker.register_lora("based-lora", {}))
+    registry.load(version)  # the same weights: its LoRA applies
+    pipe = load_pipeline(str(base))
+    with torch.no_grad():
+        pipe.unet.conv_in.bias.mul_(1.01)
+    pipe.unet.save_pretrained(base / "unet")
+    with pytest.raises(RegistryError) as refused:
+        registry.load(version)
+    assert str(refused.value).startswith(
+        f"version 1 of based-lora was trained on other weights than its base model {str(base)!r} loads "
+        "now (unet changed): its LoRA would apply to another model"
+    )
 
 
 def test_a_web_server_that_is_not_mlflow_is_said_in_a_line_not_its_html_page(tmp_path: Path) -> None:

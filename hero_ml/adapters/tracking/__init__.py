@@ -33,8 +33,11 @@ class Tracker(Protocol):
 
     def log_artifacts(self, folder: Path, artifact_path: str) -> None: ...
 
-    def log_lora(self, lora_folder: Path, base_model: str) -> None:
-        """The LoRA saved by `save_lora`, as a model that references (never copies) `base_model`."""
+    def log_lora(
+        self, lora_folder: Path, base_model: str, base_weights: dict[str, str] | None = None
+    ) -> None:
+        """The LoRA saved by `save_lora`, as a model that references (never copies) `base_model`;
+        base_weights: that model's weights_sha256 as trained on, compared when the version is loaded."""
 
     def register_lora(self, registered_model: str, tags: dict[str, str]) -> str:
         """Register the logged LoRA as a version of `registered_model` (once per run and round: a

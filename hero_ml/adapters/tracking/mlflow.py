@@ -104,9 +104,11 @@ class MlflowTracker:
         with self._calling(f"logging the artifacts {artifact_path}"):
             self.client.log_artifacts(self.run_id, str(folder), artifact_path=artifact_path)
 
-    def log_lora(self, lora_folder: Path, base_model: str) -> None:
+    def log_lora(
+        self, lora_folder: Path, base_model: str, base_weights: dict[str, str] | None = None
+    ) -> None:
         with tempfile.TemporaryDirectory() as scratch:
-            save_lora_model(lora_folder, base_model, Path(scratch) / MODEL_ARTIFACT)
+            save_lora_model(lora_folder, base_model, Path(scratch) / MODEL_ARTIFACT, base_weights)
             with self._calling("logging the LoRA"):
                 self.client.log_artifacts(self.run_id, str(Path(scratch) / MODEL_ARTIFACT), MODEL_ARTIFACT)
 

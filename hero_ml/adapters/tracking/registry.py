@@ -31,7 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from hero_ml.adapters.tracking import NOISE_POOL_ARTIFACT, unreachable
 from hero_ml.diffusion.lora import load_lora
-from hero_ml.diffusion.pipeline import TOY_FOLDER, TOY_SOURCE, load_pipeline
+from hero_ml.diffusion.pipeline import TOY_FOLDER, TOY_SOURCE, load_pipeline, weights_sha256
 from hero_ml.errors import HeroError
 from hero_ml.guidance import NoisePool
 
@@ -40,6 +40,7 @@ __all__ = ["ModelVersion", "PromotionDecision", "Registry", "RegistryError", "sa
 MODEL_ARTIFACT = "lora"  # the run artifact holding the diffusers-flavour model
 ROUND_TAG = "hero.rounds"  # rounds the LoRA learned: with the MLflow run, names a version uniquely
 BASE_MODEL_KEY = "hero_base_model"  # MLmodel metadata: model.source as configured (e.g. "toy")
+BASE_WEIGHTS_KEY = "hero_base_model_sha256"  # MLmodel metadata: the base's weights_sha256 when trained
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
 
@@ -47,14 +48,20 @@ class RegistryError(HeroError, RuntimeError):
     """A registry request that cannot be served; the message says what is missing or wrong."""
 
 
-def save_lora_model(lora_folder: Path, base_source: str, out: Path) -> None:
+def save_lora_model(
+    lora_folder: Path, base_source: str, out: Path, base_weights: dict[str, str] | None = None
+) -> None:
     """Write the diffusers-flavour MLflow model of a saved LoRA to `out`.
 
     The flavour's base model must be something `DiffusionPipeline.from_pretrained` resolves, so the
-    toy model is referenced by its folder; `base_source` itself travels in the metadata."""
+    toy model is referenced by its folder; `base_source` itself travels in the metadata, and so does
+    base_weights (pipeline.weights_sha256 of the base it was trained on), which `Registry.load` compares."""
     base = str(TOY_FOLDER) if base_source == TOY_SOURCE else base_source
+    metadata: dict[str, object] = {BASE_MODEL_KEY: base_source}
+    if base_weights is not None:
+        metadata[BASE_WEIGHTS_KEY] = base_weights
     mlflow.diffusers.save_model(
-        adapter_path=str(lora_folder), path=str(out), base_model=base, metadata={BASE_MODEL_KEY: base_source}
+        adapter_path=str(lora_folder), path=str(out), base_model=base, metadata=metadata
     )
 
 
@@ -213,6 +220,15 @@ class Registry:
                 allow_download=allow_download,
                 given_by=f"the base model of version {version.version} of {version.name}",
             )
+            trained_on = (model.metadata or {}).get(BASE_WEIGHTS_KEY)  # None: logged before it was kept
+            if trained_on is not None and (now := weights_sha256(pipe)) != trained_on:
+                changed = ", ".join(name for name, digest in now.items() if trained_on.get(name) != digest)
+                raise RegistryError(
+                    f"version {version.version} of {version.name} was trained on other weights than its "
+                    f"base model {source!r} loads now ({changed} changed): its LoRA would apply to another "
+                    "model; restore that base model (`hero toy pretrain` rewrites the toy model; a hub id "
+                    "may have moved to a new revision)"
+                )
             try:
                 load_lora(pipe, local / model.flavors["diffusers"]["adapter_weights"])
             except (OSError, ValueError) as err:
