@@ -1093,6 +1093,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def load_yaml(text: str) -> Any:
+    """YAML text as plain data (a SafeLoader: no Python objects), refusing a key given twice."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
@@ -1103,7 +1108,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
             f"config file {path} is not UTF-8 text ({err.reason} at byte {err.start})"
         ) from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no Python objects
+        data = load_yaml(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if data is None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -508,8 +509,11 @@ class Engine:
                 if p.requires_grad:
                     p.copy_(_of_shape(tensors, f"lora.{name}", p.shape))
         _optimizer_from(self.lora_optimizer, "optim.lora", state.optimizers["lora"], tensors)
+        if (state.loss_scale is None) != (self.loss_scaler is None):
+            held = "lacks" if state.loss_scale is None else "holds"
+            raise ValueError(f"it {held} a float16 loss scale, and model.dtype is {self.config.model.dtype}")
         if self.loss_scaler is not None and state.loss_scale is not None:
-            self.loss_scaler.load_state_dict(state.loss_scale)
+            _scaler_from(self.loss_scaler, state.loss_scale)
         if self.encoder is not None and self.encoder_optimizer is not None:
             prefix_len = len("encoder.")
             self.encoder.load_state_dict(
@@ -517,23 +521,48 @@ class Engine:
             )
             _optimizer_from(self.encoder_optimizer, "optim.encoder", state.optimizers["encoder"], tensors)
         self.round, self.feedbacks = state.round, state.feedbacks
-        self.good_noises = _of_shape(
-            tensors, "good_noises", (len(tensors["good_noises"]), *self.latent_shape)
-        )
+        self.good_noises = _of_shape(tensors, "good_noises", self.latent_shape, batch=True)
         if "best.noise" in tensors:
+            side = self.pipe.vae_scale_factor * self.latent_shape[-1]
             self.best_noise = _of_shape(tensors, "best.noise", self.latent_shape)
-            self.best_latent = tensors["best.latent"]
-            self.best_image = tensors["best.image"]
+            self.best_latent = _of_shape(tensors, "best.latent", self.latent_shape)
+            self.best_image = _of_shape(tensors, "best.image", (side, side, 3))
+            if self.best_image.dtype != torch.uint8:
+                raise ValueError(f"best.image is {self.best_image.dtype}, an image's pixels are uint8")
         self.replay = [
-            TripletSource(*(tensors[f"replay.{i}.{part}"] for part in ("anchor", "good", "bad")))
+            TripletSource(
+                anchor=_of_shape(tensors, f"replay.{i}.anchor", self.latent_shape),
+                good=_of_shape(tensors, f"replay.{i}.good", self.latent_shape, batch=True),
+                bad=_of_shape(tensors, f"replay.{i}.bad", self.latent_shape, batch=True),
+            )
             for i in range(state.replay_rounds)
         ]
 
 
-def _of_shape(tensors: dict[str, torch.Tensor], name: str, shape: Sequence[int]) -> torch.Tensor:
-    if tensors[name].shape != tuple(shape):
-        raise ValueError(f"{name} has shape {tuple(tensors[name].shape)}, this engine's is {tuple(shape)}")
+def _of_shape(
+    tensors: dict[str, torch.Tensor], name: str, shape: Sequence[int], batch: bool = False
+) -> torch.Tensor:
+    """tensors[name], checked to be of `shape` (batch: a stack of any length of such)."""
+    found = tuple(tensors[name].shape)
+    if (found[1:] if batch else found) != tuple(shape) or (batch and not found):
+        wanted = f"(N, {', '.join(map(str, shape))})" if batch else str(tuple(shape))
+        raise ValueError(f"{name} has shape {found}, this engine's is {wanted}")
     return tensors[name]
+
+
+def _scaler_from(scaler: torch.amp.GradScaler, saved: dict[str, float | int]) -> None:
+    """Load a GradScaler's state: its scale and growth tracker; its factors stay the fresh scaler's (a
+    state.json is not hashed, and an edited one must not set them, as for the optimisers)."""
+    fresh = scaler.state_dict()
+    scaler.load_state_dict(saved)
+    found = scaler.state_dict()
+    changed = [k for k in ("growth_factor", "backoff_factor", "growth_interval") if found[k] != fresh[k]]
+    if changed:
+        raise ValueError(
+            f"its loss scale has {', '.join(f'{k} {found[k]}' for k in changed)}, not this engine's"
+        )
+    if not (math.isfinite(found["scale"]) and found["scale"] > 0):
+        raise ValueError(f"its loss scale is {found['scale']}, a loss scale is a positive finite number")
 
 
 def _mean(values: torch.Tensor | None, indices: list[int]) -> float | None:

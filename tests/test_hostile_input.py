@@ -436,12 +436,32 @@ def test_a_state_file_that_is_not_json_is_named(checkpoint: tuple[bytes, bytes],
             lambda tensors: tensors.update({"best.noise": tensors["best.noise"][:2]}),
             r"does not fit this engine: best.noise has shape \(2, 16, 16\), this engine's is \(4, 16, 16\)",
         ),
+        (
+            lambda tensors: tensors.update({"best.latent": tensors["best.latent"][None]}),
+            r"does not fit this engine: best.latent has shape \(1, 4, 16, 16\), this engine's is \(4, 16,",
+        ),
+        (
+            lambda tensors: tensors.update({"best.image": tensors["best.image"][:, :, :1].contiguous()}),
+            r"does not fit this engine: best.image has shape \(32, 32, 1\), this engine's is \(32, 32, 3\)",
+        ),
+        (
+            lambda tensors: tensors.update({"best.image": tensors["best.image"].float()}),
+            r"does not fit this engine: best.image is torch.float32, an image's pixels are uint8",
+        ),
+        (
+            lambda tensors: tensors.update({"good_noises": tensors["good_noises"][:, :2].contiguous()}),
+            r"does not fit this engine: good_noises has shape \(\d+, 2, 16, 16\), this engine's is \(N, 4,",
+        ),
     ],
     ids=[
         "a-tensor-missing",
         "a-tensor-of-another-shape",
         "a-moment-of-another-shape",
         "a-noise-of-another-shape",
+        "a-best-latent-of-another-shape",
+        "a-best-image-of-another-shape",
+        "a-best-image-not-pixels",
+        "good-noises-of-another-shape",
     ],
 )
 def test_a_checkpoint_whose_tensors_do_not_fit_the_model_is_named(

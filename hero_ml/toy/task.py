@@ -12,7 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from hero_ml.config import format_validation_error
+from hero_ml.config import format_validation_error, load_yaml
 from hero_ml.errors import HeroError
 from hero_ml.toy.captions import parse_caption
 from hero_ml.toy.judge import Target
@@ -55,7 +55,7 @@ def load_task(name_or_path: str | Path) -> Task:
         if not path.is_file():
             raise TaskError(f"no task named {name_or_path!r}; shipped tasks: {', '.join(task_names())}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise TaskError(f"cannot read task file {path}: {err}") from None
     try:

@@ -1,6 +1,7 @@
 """The engine on the tiny random SD: rounds of every method, checkpoints, resume bit for bit."""
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from hero_ml.adapters.storage import LocalStore
 from hero_ml.config import HeroConfig
 from hero_ml.diffusion.pipeline import build_random_pipeline
-from hero_ml.engine import Engine, EngineError, RoundBatch
+from hero_ml.engine import STATE, Engine, EngineError, RoundBatch
 from hero_ml.feedback import AnnotatorFeedback, ImageLabel, RoundFeedback, aggregate
 
 METHODS = ["hero", "hero-noguide", "ddpo-binary", "d3po"]
@@ -260,6 +261,24 @@ def test_a_float16_model_learns_through_a_loss_scale_that_its_checkpoint_keeps(t
         config, build_random_pipeline("tiny", seed=0).to(dtype=torch.float16), LocalStore(tmp_path), "ck"
     )
     assert resumed.loss_scaler is not None and resumed.loss_scaler.get_scale() == 1024.0
+    # state.json is not hashed: an edited loss scale is refused, never silently replaced or trusted
+    saved = json.loads((tmp_path / "ck" / STATE).read_text())
+    for edit, says in [
+        ({"loss_scale": None}, "it lacks a float16 loss scale, and model.dtype is float16"),
+        ({"loss_scale": {**saved["loss_scale"], "scale": -1.0}}, "its loss scale is -1.0, a loss scale"),
+        ({"loss_scale": {**saved["loss_scale"], "growth_interval": 1}}, "its loss scale has growth_interval"),
+    ]:
+        (tmp_path / "ck" / STATE).write_text(json.dumps({**saved, **edit}))
+        with pytest.raises(EngineError, match=f"does not fit this engine: {says}"):
+            Engine.load(
+                config,
+                build_random_pipeline("tiny", seed=0).to(dtype=torch.float16),
+                LocalStore(tmp_path),
+                "ck",
+            )
+    (tmp_path / "ck" / STATE).write_text(json.dumps(saved))
+    with pytest.raises(EngineError, match=r"it holds a float16 loss scale, and model\.dtype is float32"):
+        Engine.load(small_config(), build_random_pipeline("tiny", seed=0), LocalStore(tmp_path), "ck")
 
 
 def test_learn_refuses_feedback_that_does_not_fit() -> None:

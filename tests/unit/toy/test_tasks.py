@@ -41,6 +41,18 @@ def test_bad_task_files_say_which_field(tmp_path: Path) -> None:
     assert "target.require.0.color: Input should be" in message
 
 
+def test_a_key_given_twice_is_refused(tmp_path: Path) -> None:
+    # plain YAML keeps the second `target:` and drops the first unseen
+    path = tmp_path / "twice.yaml"
+    path.write_text(
+        "name: twice\ncategory: counting\ndescription: x\nprompts: [four purple squares]\n"
+        "target: {require: [{count: 4, color: purple, kind: square}]}\n"
+        "target: {require: [{count: 1, color: purple, kind: square}]}\n"
+    )
+    with pytest.raises(TaskError, match=r"'target' is given twice \(first on line 5\)"):
+        load_task(path)
+
+
 def test_an_unknown_task_lists_the_shipped_ones() -> None:
     with pytest.raises(TaskError, match="shipped tasks: anomaly, binding, counting, personal, safety"):
         load_task("nope")
