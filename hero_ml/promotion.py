@@ -17,7 +17,6 @@ from PIL import Image
 
 from hero_ml.adapters.tracking.registry import ModelVersion, PromotionDecision, Registry, RegistryError
 from hero_ml.config import HeroConfig
-from hero_ml.diffusion.pipeline import load_pipeline
 from hero_ml.diffusion.sampler import per_image_generators, sample_trajectories
 from hero_ml.guidance import NoisePool
 from hero_ml.images import image_grid
@@ -57,15 +56,12 @@ def promote_version(
     promotion = config.promotion
 
     def evaluate(candidate: ModelVersion | None) -> float:
-        pipe = (
-            registry.load(candidate, device=config.model.device, allow_download=config.model.allow_download)
-            if candidate is not None
-            else load_pipeline(
-                challenger.tags["hero.base_model"],
-                device=config.model.device,
-                allow_download=config.model.allow_download,
-                given_by=f"the base model of version {challenger.version} (its hero.base_model tag)",
-            )
+        # no champion: the challenger's base model, as it was trained on, is the incumbent
+        pipe = registry.load(
+            challenger if candidate is None else candidate,
+            device=config.model.device,
+            allow_download=config.model.allow_download,
+            lora=candidate is not None,
         )
         return task_success_rate(
             pipe, task, promotion.eval_images, config.sampling, seed=promotion.eval_seed, on_batch=on_images

@@ -363,7 +363,7 @@ class TrainingRun:
         with tempfile.TemporaryDirectory() as scratch:
             folder = Path(scratch)
             save_lora(self.pipe.unet, folder / "lora")
-            self.tracker.log_lora(folder / "lora", self.config.model.source, self.base_weights)
+            self.tracker.log_lora(folder / "lora", self.config.model, self.base_weights)
             (folder / "config").mkdir()  # the resolved config as a file to rerun from: secrets null
             (folder / "config" / "config.json").write_text(json.dumps(self.config.to_file_dict(), indent=1))
             self.tracker.log_artifacts(folder / "config", "config")

@@ -26,12 +26,13 @@ from hero_ml.adapters.tracking import TrackingError
 from hero_ml.adapters.tracking.mlflow import RUN_ID_TAG, MlflowTracker
 from hero_ml.adapters.tracking.registry import Registry, RegistryError
 from hero_ml.cli import app
-from hero_ml.config import load_config
+from hero_ml.config import ModelConfig, load_config
 from hero_ml.diffusion.lora import add_lora, save_lora
 from hero_ml.diffusion.pipeline import TOY_FOLDER, ModelNotFoundError, load_pipeline, weights_sha256
 from hero_ml.engine import TENSORS
 from hero_ml.run_store import RunStore
 from tests.conftest import Service, _free_port, _infra, s3_storage, tiny_run
+from tests.fault_proxy import FaultProxy
 
 runner = CliRunner()
 WINNING_LORA = Path(__file__).parent / "data" / "anomaly-lora"
@@ -170,7 +171,7 @@ def register(config_path: Path, lora_folder: Path, run_id: str, task: str | None
     a run of a real prompt (simulation.task null), which has no hero.task tag."""
     config = load_config(config_path)
     tracker = MlflowTracker(config.tracking.tracking_uri, config.tracking.experiment, run_id)
-    tracker.log_lora(lora_folder, "toy")
+    tracker.log_lora(lora_folder, ModelConfig())
     tags = {"hero.run_id": run_id, "hero.rounds": "4", "hero.base_model": "toy"}
     version = tracker.register_lora(
         config.tracking.registered_model, tags | ({"hero.task": task} if task else {})
@@ -356,7 +357,7 @@ def test_a_version_whose_lora_artifact_is_gone_or_damaged_is_named(tmp_path: Pat
     artifacts = tmp_path / "artifacts"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = MlflowTracker(uri, "hero", "gone", artifact_location=artifacts.as_uri())
-    tracker.log_lora(WINNING_LORA, "toy")
+    tracker.log_lora(WINNING_LORA, ModelConfig())
     registry = Registry(uri, "gone-lora", "champion")
     version = registry.version(tracker.register_lora("gone-lora", {}))
     # a version is a number (a Prefect parameter, say, is any string): named as given, not as a URI
@@ -369,7 +370,9 @@ def test_a_version_whose_lora_artifact_is_gone_or_damaged_is_named(tmp_path: Pat
     with pytest.raises(RegistryError, match=r"models:/gone-lora@champion: .*`hero promote` moves @champion"):
         registry.resolve("models:/gone-lora@champion")  # a model, but no champion yet: what moves it
     hub = MlflowTracker(uri, "hero", "hub-based", artifact_location=artifacts.as_uri())
-    hub.log_lora(WINNING_LORA, "nobody-here/no-such-model")  # trained on a hub model this machine lacks
+    hub.log_lora(
+        WINNING_LORA, ModelConfig(source="nobody-here/no-such-model")
+    )  # trained on a hub model this machine lacks
     on_hub = registry.version(hub.register_lora("gone-lora", {}))
     with pytest.raises(ModelNotFoundError) as missing_base:
         registry.load(on_hub)
@@ -391,7 +394,7 @@ def test_a_version_whose_base_model_changed_under_it_is_refused(tmp_path: Path) 
     shutil.copytree(TOY_FOLDER, base)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = MlflowTracker(uri, "hero", "based", artifact_location=(tmp_path / "artifacts").as_uri())
-    tracker.log_lora(WINNING_LORA, str(base), weights_sha256(load_pipeline(str(base))))
+    tracker.log_lora(WINNING_LORA, ModelConfig(source=str(base)), weights_sha256(load_pipeline(str(base))))
     registry = Registry(uri, "based-lora", "champion")
     version = registry.version(tracker.register_lora("based-lora", {}))
     registry.load(version)  # the same weights: its LoRA applies
@@ -405,6 +408,116 @@ def test_a_version_whose_base_model_changed_under_it_is_refused(tmp_path: Path) 
         f"version 1 of based-lora was trained on other weights than its base model {str(base)!r} loads "
         "now (unet changed): its LoRA would apply to another model"
     )
+
+
+def registered_versions(uri: str, name: str, count: int) -> list[str]:
+    versions = []
+    for index in range(count):
+        tracker = MlflowTracker(uri, "hero", f"{name}-{index}")
+        tracker.log_lora(WINNING_LORA, ModelConfig())
+        versions.append(tracker.register_lora(name, {"hero.run_id": f"{name}-{index}", "hero.rounds": "4"}))
+    return versions
+
+
+def test_a_promotion_judges_against_the_champion_another_promotion_moved_in_meanwhile(
+    tmp_path: Path,
+) -> None:
+    # promotions of runs that finish together overlap: each must compare with the champion it replaces
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    best, challenger, third = registered_versions(uri, "raced", 3)
+    registry = Registry(uri, "raced", "champion")
+    rates = {best: 0.9, challenger: 0.6, third: 0.5, None: 0.1}
+
+    def evaluate(version: Any) -> float:
+        if version is not None and version.version == challenger and registry.champion() is None:
+            registry.client.set_registered_model_alias("raced", "champion", best)  # the other promotion
+        return rates[None if version is None else version.version]
+
+    decision = registry.promote(registry.version(challenger), margin=0.05, images=8, evaluate=evaluate)
+    assert (decision.incumbent, decision.incumbent_rate, decision.promoted) == (best, 0.9, False)
+    assert registry.champion().version == best  # not replaced by the worse challenger
+
+    moves = iter([third, best] * 3)
+
+    def busy(version: Any) -> float:  # the alias moves during every incumbent's evaluation
+        if version is None or version.version != challenger:
+            registry.client.set_registered_model_alias("raced", "champion", next(moves))
+        return 0.5
+
+    registry.client.set_registered_model_alias("raced", "champion", best)
+    recorded = registry.version(challenger).tags  # the first decision's
+    with pytest.raises(RegistryError, match=r"@champion of raced moved 3 times while version 2 was judged"):
+        registry.promote(registry.version(challenger), margin=0.05, images=8, evaluate=busy)
+    assert registry.version(challenger).tags == recorded
+
+
+def test_a_registry_failing_mid_promotion_is_said_and_never_read_as_no_champion(
+    mlflow_server: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # one 503 is the failure, not a retry
+    name = f"flaky-{uuid.uuid4().hex[:8]}"
+    champion, challenger = registered_versions(mlflow_server.url, name, 2)
+    MlflowClient(mlflow_server.url).set_registered_model_alias(name, "champion", champion)
+    rates = {champion: 0.5, challenger: 0.9}
+    failing: set[tuple[str, str]] = set()
+    plan = lambda n, method, path: "503" if (method, path.split("?")[0]) in failing else None  # noqa: E731
+    alias, tag = "/api/2.0/mlflow/registered-models/alias", "/api/2.0/mlflow/model-versions/set-tag"
+    with FaultProxy(mlflow_server.url, plan) as proxy:
+        registry = Registry(proxy.url, name, "champion")
+        won = registry.version(challenger)
+        evaluate = lambda version: rates[version.version]  # noqa: E731
+        failing.add(("GET", alias))
+        with pytest.raises(
+            RegistryError, match=rf"the champion \(@champion\) of {name} cannot be read: .*503"
+        ):
+            registry.promote(won, margin=0.05, images=8, evaluate=evaluate)  # not judged against the base
+        failing.clear()
+        failing.add(("POST", alias))
+        with pytest.raises(RegistryError) as refused:
+            registry.promote(won, margin=0.05, images=8, evaluate=evaluate)
+        assert (
+            f"version {challenger} of {name} was promoted (0.900 vs {champion}: 0.500) and nothing was "
+            "recorded" in str(refused.value)
+        )
+        assert "hero.promotion.decision" not in registry.version(challenger).tags
+        failing.clear()
+        failing.add(("POST", tag))
+        with pytest.raises(
+            RegistryError, match="@champion was moved to it, but the decision's tags were not"
+        ):
+            registry.promote(won, margin=0.05, images=8, evaluate=evaluate)
+        failing.clear()
+        assert registry.champion().version == challenger
+    assert {(method, path.split("?")[0]) for _, method, path, _ in proxy.injected} == {
+        ("GET", alias),
+        ("POST", alias),
+        ("POST", tag),
+    }
+
+
+@pytest.mark.parametrize(
+    "base", [ModelConfig(dtype="bfloat16"), ModelConfig(source="random:tiny", seed=3)], ids=["bf16", "seed"]
+)
+def test_a_version_loads_onto_its_base_model_as_trained_in_its_dtype_and_from_its_seed(
+    tmp_path: Path, base: ModelConfig
+) -> None:
+    # the weights' fingerprint depends on both: a float32 or seed-0 base would read as other weights
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = MlflowTracker(uri, "hero", "as-trained", artifact_location=(tmp_path / "artifacts").as_uri())
+    dtype = getattr(torch, base.dtype)
+    trained_on = load_pipeline(base.source, dtype=dtype, seed=base.seed)
+    fingerprint = weights_sha256(trained_on)  # as training takes it: before its LoRA
+    add_lora(trained_on.unet, rank=2, alpha=2, init="gaussian")
+    save_lora(trained_on.unet, tmp_path / "lora")
+    tracker.log_lora(tmp_path / "lora", base, fingerprint)
+    registry = Registry(uri, "as-trained-lora", "champion")
+    version = registry.version(tracker.register_lora("as-trained-lora", {}))
+    loaded = registry.load(version)
+    assert loaded.unet.dtype == dtype
+    assert any("lora" in name for name, _ in loaded.unet.named_parameters())
+    bare = registry.load(version, lora=False)  # the incumbent of a first promotion
+    assert not any("lora" in name for name, _ in bare.unet.named_parameters())
+    assert weights_sha256(bare) == fingerprint
 
 
 def test_a_web_server_that_is_not_mlflow_is_said_in_a_line_not_its_html_page(tmp_path: Path) -> None:

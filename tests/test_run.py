@@ -83,7 +83,12 @@ def test_hero_run_trains_tracks_and_stores_a_whole_run(
         Path(client.download_artifacts(run.info.run_id, "lora/MLmodel", str(tmp_path))).read_text()
     )
     trained_on = json.loads((root / "model.json").read_text())["sha256"]  # what a resume compares
-    assert mlmodel["metadata"] == {"hero_base_model": "toy", "hero_base_model_sha256": trained_on}
+    assert mlmodel["metadata"] == {
+        "hero_base_model": "toy",
+        "hero_base_model_dtype": "float32",
+        "hero_base_model_seed": 0,
+        "hero_base_model_sha256": trained_on,
+    }
     (version,) = client.search_model_versions("name = 'hero-lora'")
     assert version.run_id == run.info.run_id and version.tags["hero.task"] == "binding"
     # the logged config is a file to rerun from: its secrets null, never a mask taken for a secret

@@ -5,11 +5,14 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from hero_ml.errors import HeroError
+
+if TYPE_CHECKING:
+    from hero_ml.config import ModelConfig
 
 NOISE_POOL_ARTIFACT = "noise_pool"  # a HERO run's last guidance pool, beside its LoRA (hero_ml/guidance.py)
 
@@ -34,10 +37,11 @@ class Tracker(Protocol):
     def log_artifacts(self, folder: Path, artifact_path: str) -> None: ...
 
     def log_lora(
-        self, lora_folder: Path, base_model: str, base_weights: dict[str, str] | None = None
+        self, lora_folder: Path, base: ModelConfig, base_weights: dict[str, str] | None = None
     ) -> None:
-        """The LoRA saved by `save_lora`, as a model that references (never copies) `base_model`;
-        base_weights: that model's weights_sha256 as trained on, compared when the version is loaded."""
+        """The LoRA saved by `save_lora`, as a model that references (never copies) the base model
+        `base` describes (its source, dtype and seed); base_weights: that model's weights_sha256 as
+        trained on, compared when the version is loaded."""
 
     def register_lora(self, registered_model: str, tags: dict[str, str]) -> str:
         """Register the logged LoRA as a version of `registered_model` (once per run and round: a

@@ -23,7 +23,7 @@ from hero_ml.adapters.tracking.registry import (
     open_client,
     save_lora_model,
 )
-from hero_ml.config import HeroConfig
+from hero_ml.config import HeroConfig, ModelConfig
 
 RUN_ID_TAG = "hero.run_id"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
@@ -105,10 +105,10 @@ class MlflowTracker:
             self.client.log_artifacts(self.run_id, str(folder), artifact_path=artifact_path)
 
     def log_lora(
-        self, lora_folder: Path, base_model: str, base_weights: dict[str, str] | None = None
+        self, lora_folder: Path, base: ModelConfig, base_weights: dict[str, str] | None = None
     ) -> None:
         with tempfile.TemporaryDirectory() as scratch:
-            save_lora_model(lora_folder, base_model, Path(scratch) / MODEL_ARTIFACT, base_weights)
+            save_lora_model(lora_folder, base, Path(scratch) / MODEL_ARTIFACT, base_weights)
             with self._calling("logging the LoRA"):
                 self.client.log_artifacts(self.run_id, str(Path(scratch) / MODEL_ARTIFACT), MODEL_ARTIFACT)
 

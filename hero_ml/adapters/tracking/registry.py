@@ -30,8 +30,9 @@ from mlflow.models import Model
 from sqlalchemy.exc import SQLAlchemyError
 
 from hero_ml.adapters.tracking import NOISE_POOL_ARTIFACT, unreachable
+from hero_ml.config import ModelConfig
 from hero_ml.diffusion.lora import load_lora
-from hero_ml.diffusion.pipeline import TOY_FOLDER, TOY_SOURCE, load_pipeline, weights_sha256
+from hero_ml.diffusion.pipeline import DTYPES, TOY_FOLDER, TOY_SOURCE, load_pipeline, weights_sha256
 from hero_ml.errors import HeroError
 from hero_ml.guidance import NoisePool
 
@@ -39,8 +40,11 @@ __all__ = ["ModelVersion", "PromotionDecision", "Registry", "RegistryError", "sa
 
 MODEL_ARTIFACT = "lora"  # the run artifact holding the diffusers-flavour model
 ROUND_TAG = "hero.rounds"  # rounds the LoRA learned: with the MLflow run, names a version uniquely
-BASE_MODEL_KEY = "hero_base_model"  # MLmodel metadata: model.source as configured (e.g. "toy")
-BASE_WEIGHTS_KEY = "hero_base_model_sha256"  # MLmodel metadata: the base's weights_sha256 when trained
+# MLmodel metadata: the base model as trained on, which `Registry.load` loads again
+BASE_MODEL_KEY = "hero_base_model"  # model.source as configured (e.g. "toy")
+BASE_DTYPE_KEY = "hero_base_model_dtype"  # model.dtype: its weights' fingerprint depends on it
+BASE_SEED_KEY = "hero_base_model_seed"  # model.seed: what a random:<arch> source is built from
+BASE_WEIGHTS_KEY = "hero_base_model_sha256"  # its weights_sha256 (absent: logged before it was kept)
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
 
@@ -49,19 +53,26 @@ class RegistryError(HeroError, RuntimeError):
 
 
 def save_lora_model(
-    lora_folder: Path, base_source: str, out: Path, base_weights: dict[str, str] | None = None
+    lora_folder: Path, base: ModelConfig, out: Path, base_weights: dict[str, str] | None = None
 ) -> None:
     """Write the diffusers-flavour MLflow model of a saved LoRA to `out`.
 
     The flavour's base model must be something `DiffusionPipeline.from_pretrained` resolves, so the
-    toy model is referenced by its folder; `base_source` itself travels in the metadata, and so does
-    base_weights (pipeline.weights_sha256 of the base it was trained on), which `Registry.load` compares."""
-    base = str(TOY_FOLDER) if base_source == TOY_SOURCE else base_source
-    metadata: dict[str, object] = {BASE_MODEL_KEY: base_source}
+    toy model is referenced by its folder; the base as configured (source, dtype, seed) travels in the
+    metadata, and so does base_weights (pipeline.weights_sha256 of the base it was trained on), which
+    `Registry.load` compares."""
+    metadata: dict[str, object] = {
+        BASE_MODEL_KEY: base.source,
+        BASE_DTYPE_KEY: base.dtype,
+        BASE_SEED_KEY: base.seed,
+    }
     if base_weights is not None:
         metadata[BASE_WEIGHTS_KEY] = base_weights
     mlflow.diffusers.save_model(
-        adapter_path=str(lora_folder), path=str(out), base_model=base, metadata=metadata
+        adapter_path=str(lora_folder),
+        path=str(out),
+        base_model=str(TOY_FOLDER) if base.source == TOY_SOURCE else base.source,
+        metadata=metadata,
     )
 
 
@@ -150,8 +161,7 @@ class Registry:
             return self.client.get_model_version(match["name"], match["version"])
         except MlflowException as err:
             hint = ""
-            # MLflow says a missing model RESOURCE_DOES_NOT_EXIST, a missing alias INVALID_PARAMETER_VALUE
-            if err.error_code == "RESOURCE_DOES_NOT_EXIST" or (match["alias"] and "not found" in err.message):
+            if _names_nothing(err, alias=bool(match["alias"])):
                 hint = (
                     f" (a finished `hero run` registers a version of {match['name']}; `hero promote` "
                     f"moves @{self.alias} to one that wins)"
@@ -184,16 +194,25 @@ class Registry:
             raise RegistryError(f"registered model {self.name!r}: {mlflow_message(err)}") from None
 
     def champion(self) -> ModelVersion | None:
+        """The version holding the alias; None when there is no registered model yet or the alias was
+        never set. Any other failure is raised: read as "no champion", a challenger would be judged
+        against the base model and could replace a better champion."""
         try:
             return self.client.get_model_version_by_alias(self.name, self.alias)
-        except MlflowException:
-            return None  # no registered model yet, or the alias was never set
+        except MlflowException as err:
+            if _names_nothing(err, alias=True):
+                return None
+            raise RegistryError(
+                f"the champion (@{self.alias}) of {self.name} cannot be read: {mlflow_message(err)}"
+            ) from None
 
     def load(
-        self, version: ModelVersion, *, device: str = "cpu", allow_download: bool = False
+        self, version: ModelVersion, *, device: str = "cpu", allow_download: bool = False, lora: bool = True
     ) -> StableDiffusionPipeline:
-        """The base pipeline the version records with its LoRA loaded. allow_download: a hub id base
-        model not in the local cache may be downloaded (model.allow_download)."""
+        """The base pipeline the version records (its source, in the dtype and from the seed it was
+        trained with) with its LoRA loaded; lora=False: the base alone, as the version's incumbent
+        when there is no champion yet. allow_download: a hub id base model not in the local cache may
+        be downloaded (model.allow_download)."""
         with tempfile.TemporaryDirectory() as scratch:
             try:
                 local = Path(
@@ -208,19 +227,24 @@ class Registry:
                     f"version {version.version} of {version.name}: its LoRA artifact ({version.source}) "
                     f"cannot be read: {message}"
                 ) from None
-            source = (model.metadata or {}).get(BASE_MODEL_KEY)
-            if source is None:
+            metadata = model.metadata or {}
+            source = metadata.get(BASE_MODEL_KEY)
+            dtype, seed = metadata.get(BASE_DTYPE_KEY, "float32"), metadata.get(BASE_SEED_KEY, 0)
+            if not isinstance(source, str) or dtype not in DTYPES or type(seed) is not int:
                 raise RegistryError(
-                    f"version {version.version} of {version.name} records no base model: register it "
-                    "again from its run"
+                    f"version {version.version} of {version.name} records no readable base model "
+                    f"({BASE_MODEL_KEY} {source!r}, {BASE_DTYPE_KEY} {dtype!r}, {BASE_SEED_KEY} {seed!r} "
+                    "in its MLmodel metadata): register it again from its run"
                 )
             pipe = load_pipeline(
                 source,
+                dtype=DTYPES[dtype],
                 device=device,
                 allow_download=allow_download,
+                seed=seed,
                 given_by=f"the base model of version {version.version} of {version.name}",
             )
-            trained_on = (model.metadata or {}).get(BASE_WEIGHTS_KEY)  # None: logged before it was kept
+            trained_on = metadata.get(BASE_WEIGHTS_KEY)
             if trained_on is not None and (now := weights_sha256(pipe)) != trained_on:
                 changed = ", ".join(name for name, digest in now.items() if trained_on.get(name) != digest)
                 raise RegistryError(
@@ -229,6 +253,8 @@ class Registry:
                     "model; restore that base model (`hero toy pretrain` rewrites the toy model; a hub id "
                     "may have moved to a new revision)"
                 )
+            if not lora:
+                return pipe
             try:
                 load_lora(pipe, local / model.flavors["diffusers"]["adapter_weights"])
             except (OSError, ValueError) as err:
@@ -267,9 +293,22 @@ class Registry:
         gets None), move the alias when the challenger gains at least `margin` (and more than 0),
         record the decision and its figures as tags of the challenger version."""
         current = self.champion()
-        if current is not None and current.version == challenger.version:
-            raise RegistryError(f"version {challenger.version} of {self.name} already holds @{self.alias}")
-        challenger_rate, incumbent_rate = evaluate(challenger), evaluate(current)
+        self._refuse_the_champion(challenger, current)
+        challenger_rate = evaluate(challenger)
+        # MLflow cannot move an alias only if it is unchanged: a promotion that moved it while the
+        # incumbent was evaluated (one finished training each) makes its champion the incumbent
+        for _ in range(_MOVES_FOLLOWED):
+            incumbent_rate = evaluate(current)
+            now = self.champion()
+            if (now and now.version) == (current and current.version):
+                break
+            current = now
+            self._refuse_the_champion(challenger, current)
+        else:
+            raise RegistryError(
+                f"@{self.alias} of {self.name} moved {_MOVES_FOLLOWED} times while version "
+                f"{challenger.version} was judged against it: promote it again when the others are done"
+            )
         gain = round(challenger_rate - incumbent_rate, 9)  # rates are k/n: no float dust decides
         decision = PromotionDecision(
             promoted=gain > 0 and gain >= margin,
@@ -280,11 +319,36 @@ class Registry:
             margin=margin,
             images=images,
         )
-        for key, value in decision.tags().items():
-            self.client.set_model_version_tag(self.name, challenger.version, key, value)
-        if decision.promoted:
-            self.client.set_registered_model_alias(self.name, self.alias, challenger.version)
+        # the alias first: tags saying "promoted" must never stand beside an alias that did not move
+        done = "nothing was recorded"
+        try:
+            if decision.promoted:
+                self.client.set_registered_model_alias(self.name, self.alias, challenger.version)
+                done = f"@{self.alias} was moved to it, but the decision's tags were not written"
+            for key, value in decision.tags().items():
+                self.client.set_model_version_tag(self.name, challenger.version, key, value)
+        except MlflowException as err:
+            raise RegistryError(
+                f"version {challenger.version} of {self.name} was {'' if decision.promoted else 'not '}"
+                f"promoted ({challenger_rate:.3f} vs {decision.incumbent}: {incumbent_rate:.3f}) and "
+                f"{done}: {mlflow_message(err)}; promote it again"
+            ) from None
         return decision
+
+    def _refuse_the_champion(self, challenger: ModelVersion, current: ModelVersion | None) -> None:
+        if current is not None and current.version == challenger.version:
+            raise RegistryError(f"version {challenger.version} of {self.name} already holds @{self.alias}")
+
+
+_MOVES_FOLLOWED = 3  # champions a promotion judges against before it gives up on a busy registry
+
+
+def _names_nothing(err: MlflowException, *, alias: bool) -> bool:
+    """Whether MLflow answered that the registered model (RESOURCE_DOES_NOT_EXIST) or, for an alias
+    lookup, the alias (INVALID_PARAMETER_VALUE "... not found") does not exist."""
+    return err.error_code == "RESOURCE_DOES_NOT_EXIST" or (
+        alias and err.error_code == "INVALID_PARAMETER_VALUE" and "not found" in err.message
+    )
 
 
 @dataclass(frozen=True)
