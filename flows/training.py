@@ -72,8 +72,27 @@ def resolve_config(run_id: str | None, config: HeroConfig | dict[str, Any] | Non
         raise ConfigError(
             f"the parameters name two runs, run_id {run_id!r} and config.run_id {named!r}: give one"
         )
+    if isinstance(config, dict) and (moved := _moved_services(config)):
+        raise ConfigError(
+            f"config override {', '.join(moved)}: where runs are stored and labelled is the workers' "
+            "setting (HERO_CONFIG_FILE or HERO_* variables), not a flow run's: the webhook receiver and "
+            "the round poller look for a run's rounds there, and would never resume a run kept elsewhere"
+        )
     resolved = config if isinstance(config, HeroConfig) else with_overrides(load_config(), config or {})
     return resolved if run_id is None else with_overrides(resolved, {"run_id": run_id})
+
+
+def _moved_services(overrides: dict[str, Any]) -> list[str]:
+    """The overrides that would move a run's storage or Label Studio away from the services'."""
+    label_studio = overrides.get("label_studio")
+    return [
+        name
+        for name, given in (
+            ("storage", "storage" in overrides),
+            ("label_studio.url", isinstance(label_studio, dict) and "url" in label_studio),
+        )
+        if given
+    ]
 
 
 def with_stored_run(resolved: HeroConfig, overrides: dict[str, Any]) -> HeroConfig:

@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -445,3 +446,22 @@ def test_flow_parameters_that_name_two_runs_are_refused() -> None:
         resolve_config("a", {"run_id": "b"})
     assert resolve_config("a", {"run_id": "a"}).run_id == "a"
     assert resolve_config(None, {"run_id": "b"}).run_id == "b"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"storage": {"local_root": "/elsewhere"}}, "storage"),
+        ({"label_studio": {"url": "http://127.0.0.1:9"}}, "label_studio.url"),
+        ({"storage": {"backend": "s3"}, "label_studio": {"url": "http://x"}}, "storage, label_studio.url"),
+    ],
+)
+def test_flow_parameters_cannot_move_a_run_away_from_the_services_that_resume_it(
+    overrides: dict[str, Any], named: str
+) -> None:
+    # the receiver and the poller look for a suspended run's rounds in their own storage and Label
+    # Studio: a run kept elsewhere would wait forever
+    with pytest.raises(ConfigError, match=rf"config override {named}: where runs are stored and labelled"):
+        resolve_config("a", overrides)
+    kept = resolve_config("a", {"label_studio": {"project_title_prefix": "t"}})  # how, not where: taken
+    assert kept.label_studio.project_title_prefix == "t"
