@@ -96,25 +96,27 @@ def hero_round(
     else:
         loaded = run.runs.load_feedback(round_index)  # collected before a crash: the same labels again
         if loaded is None:
+            not_again = ""  # why publishing again failed, said beside whatever the round waits for
             try:
                 publish_round(humans, run, batch, resume_flow_run_id)
             except LabelStudioError as err:
                 published = run.runs.load_published(round_index)
                 if published is None or published.imported_at is None:
                     raise  # tasks may be missing, which no one could label: waiting would strand it
-                # entered again (resumed) with every task out: it waits like a round it cannot check
-                again = f"cannot publish round {round_index} again in Label Studio: {err}"
-                return RoundOutcome(round_index, None, Readiness(False, again))
+                # entered again (resumed) with every task out: its labels are read all the same. A
+                # labelled round needs no publishing, and waiting on a refusal that repeats (the
+                # project's set-up refused, its tasks readable) would be resumed again for ever
+                not_again = f"cannot publish round {round_index} again in Label Studio: {err}; "
             try:
                 readiness = check_labelling(humans, round_index)
                 if not readiness.ready:
-                    return RoundOutcome(round_index, None, readiness)
+                    return RoundOutcome(round_index, None, Readiness(False, not_again + readiness.reason))
                 loaded = collect_annotations(humans, round_index)
             except LabelStudioError as err:
                 # published, so the round can wait: a suspended run is checked again by the poller
                 # (and in process, every poll interval), where a failed one would wait for a person
-                unreachable = Readiness(False, f"cannot check round {round_index} in Label Studio: {err}")
-                return RoundOutcome(round_index, None, unreachable)
+                unreachable = f"{not_again}cannot check round {round_index} in Label Studio: {err}"
+                return RoundOutcome(round_index, None, Readiness(False, unreachable))
             except FeedbackError as err:
                 # check and collect are two reads: an annotation deleted or changed between them leaves
                 # a round that is not complete any more; it waits for its labels again (a complete

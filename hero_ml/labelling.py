@@ -233,9 +233,13 @@ class LabelStudioRounds:
         return {k: self._collect(k, self._image_ids(k), project_tasks)[0] for k in round_indices}
 
     def collect(self, round_index: int) -> tuple[RoundFeedback, CollectedRound]:
-        """Store the round's raw annotations, then aggregate them (FeedbackError if images lack labels)."""
+        """Store the round's raw annotations, then aggregate them (FeedbackError if images lack labels).
+        Reads the project the round was published to, as `readiness` does: no project set-up (a set-up
+        Label Studio refuses must not stop a labelled round from closing)."""
         image_ids = self._image_ids(round_index)
-        collected, tasks = self._collect(round_index, image_ids, self.projects.tasks(self.project()))
+        published = self.runs.load_published(round_index)
+        project_id = self.project() if published is None else published.project_id
+        collected, tasks = self._collect(round_index, image_ids, self.projects.tasks(project_id))
         record = {
             "collected_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "progress": str(collected.progress),

@@ -81,7 +81,7 @@ class FaultProxy:
                     self.wfile.write(data)
                 upstream.close()
 
-            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
+            do_GET = do_PUT = do_POST = do_PATCH = do_HEAD = do_DELETE = _handle
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True

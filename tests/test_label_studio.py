@@ -202,14 +202,16 @@ def test_a_round_whose_project_was_made_again_is_checked_where_its_tasks_are_now
 
 @contextlib.contextmanager
 def behind_the_fault_proxy(
-    s3_server: Service, label_studio_server: LabelStudioServer
+    s3_server: Service, label_studio_server: LabelStudioServer, methods: frozenset[str] | None = None
 ) -> Iterator[tuple[HeroConfig, RunStore, FaultProxy, threading.Event]]:
     """A training run's committed round 0 whose Label Studio is reached through the fault proxy, which
-    answers every request with 503 once the event is set (an outage)."""
+    answers every request (of `methods`, when given) with 503 once the event is set (an outage)."""
     down = threading.Event()
-    with FaultProxy(
-        label_studio_server.url, lambda n, method, path: "503" if down.is_set() else None
-    ) as proxy:
+
+    def plan(n: int, method: str, path: str) -> str | None:
+        return "503" if down.is_set() and (methods is None or method in methods) else None
+
+    with FaultProxy(label_studio_server.url, plan) as proxy:
         config, runs = make_run(s3_server, label_studio_server)
         proxied = config.label_studio.model_copy(update={"url": proxy.url})
         config = config.model_copy(update={"label_studio": proxied})
@@ -255,7 +257,8 @@ def test_a_round_entered_again_in_an_outage_waits_once_all_its_tasks_are_out(
     import flows.round
 
     with behind_the_fault_proxy(s3_server, label_studio_server) as (config, runs, proxy, down):
-        monkeypatch.setattr(flows.round, "publish_round", flows.round.publish_round.with_options(retries=0))
+        for name in ("publish_round", "check_labelling"):
+            monkeypatch.setattr(flows.round, name, getattr(flows.round, name).with_options(retries=0))
         with TrainingRun(config, runs.store) as run:
             first = flows.round.hero_round(run, 0, rounds(config, runs))
             assert first.waiting is not None
@@ -268,12 +271,62 @@ def test_a_round_entered_again_in_an_outage_waits_once_all_its_tasks_are_out(
             again = flows.round.hero_round(run, 0, rounds(config, runs))
             assert again.stats is None and again.waiting is not None and not again.waiting.ready
             assert again.waiting.reason.startswith("cannot publish round 0 again in Label Studio: ")
+            assert "; cannot check round 0 in Label Studio: " in again.waiting.reason
             assert "(HTTP 503)" in again.waiting.reason and proxy.injected
             # the record as an import cut short leaves it (written before the import, not after)
             runs.save_published(0, imported.model_copy(update={"imported_at": None}))
             with pytest.raises(LabelStudioError, match="HTTP 503"):
                 flows.round.hero_round(run, 0, rounds(config, runs))
             assert run.engine.round == 0
+
+
+def test_a_labelled_round_entered_again_is_learned_though_label_studio_refuses_its_set_up(
+    s3_server: Service,
+    label_studio_server: LabelStudioServer,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    # Label Studio answers reads but refuses the project's set-up (its S3 storage's update: e.g.
+    # restarted without HERO_LABEL_STUDIO_ALLOW_LOOPBACK). The resumer reads the round complete; had the
+    # round waited on the refusal, the poller would resume it again at every interval, for ever
+    import flows.round
+
+    with behind_the_fault_proxy(s3_server, label_studio_server, frozenset({"PATCH"})) as (
+        config,
+        runs,
+        proxy,
+        refused,
+    ):
+        config = config.model_copy(
+            update={
+                "tracking": config.tracking.model_copy(update={"tracking_uri": f"sqlite:///{tmp_path}/m.db"})
+            }
+        )
+        for name in ("publish_round", "check_labelling"):
+            monkeypatch.setattr(flows.round, name, getattr(flows.round, name).with_options(retries=0))
+        with TrainingRun(config, runs.store) as run:
+            assert flows.round.hero_round(run, 0, rounds(config, runs)).waiting is not None
+            published = runs.load_published(0)
+            assert published is not None
+            refused.set()
+            waiting = flows.round.hero_round(run, 0, rounds(config, runs)).waiting
+            assert waiting is not None and waiting.reason.startswith("cannot publish round 0 again")
+            assert "refused to update S3 storage (HTTP 503)" in waiting.reason
+            assert waiting.reason.endswith("; waiting for 0/8 labels, 0/2 best votes")
+            tag = uuid.uuid4().hex[:6]
+            image_ids = list(runs.load_manifest(0)["image_ids"])
+            for name in ("ann", "bob"):
+                team = LabelStudio(
+                    base_url=label_studio_server.url,
+                    api_key=create_annotator(label_studio_server, f"{name}-{tag}@hero.local", "password-123"),
+                )
+                for task in team.tasks.list(project=published.project_id, fields="all"):
+                    is_image = task.data["hero"]["kind"] == "image"
+                    value = choice("label", "good") if is_image else choice("best", image_ids[0])
+                    team.annotations.create(id=task.id, result=value, was_cancelled=False)
+            learned = flows.round.hero_round(run, 0, rounds(config, runs))
+            assert learned.stats is not None and run.engine.round == 1
+        assert {method for _, method, _, _ in proxy.injected} == {"PATCH"}
 
 
 def test_a_round_that_changed_between_its_check_and_its_collection_waits_again(
