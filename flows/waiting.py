@@ -19,9 +19,9 @@ from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterStateName
 from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.responses import SetStateStatus
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.exceptions import ObjectNotFound
-from prefect.flow_runs import NotPausedError, resume_flow_run
 
 from flows.training import deployed_run_id, resolve_config, round_of_pause_key
 from hero_ml.adapters.storage import ArtifactStore, open_store
@@ -40,6 +40,24 @@ class ResumeResult:
     round: int | None
     resumed: bool
     reason: str  # why it was resumed, or why not
+
+
+def resume_pause(flow_run_id: UUID, pause_key: str | None) -> str | None:
+    """Resume the flow run if it still waits in the pause `pause_key` was read from; why not, else.
+    The check took a while: a trigger beside this one may have resumed the run meanwhile, and the run
+    may already wait for its next round, which this check's evidence is not about."""
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(flow_run_id).state
+        if state is None or not state.is_paused():
+            return "resumed already"
+        if state.state_details.pause_key != pause_key:
+            return (
+                f"resumed already; it now waits for round {round_of_pause_key(state.state_details.pause_key)}"
+            )
+        answer = client.resume_flow_run(flow_run_id)
+    if answer.status != SetStateStatus.ACCEPT:  # ABORT: no longer paused (raced), REJECT: expired
+        return f"Prefect did not resume it ({answer.status.value}: {getattr(answer.details, 'reason', None)})"
+    return None
 
 
 class RoundResumer:
@@ -87,12 +105,9 @@ class RoundResumer:
             return result(False, f"cannot check round {waiting_for}: {err}", waiting_for)
         if not readiness.ready:
             return result(False, readiness.reason, waiting_for)
-        try:
-            resume_flow_run(UUID(flow_run_id))
-        except NotPausedError:
-            return result(False, "resumed already", waiting_for)
-        except RuntimeError as err:  # Prefect refused: e.g. resumed by another process meanwhile
-            return result(False, f"Prefect refused to resume: {err}", waiting_for)
+        refused = resume_pause(UUID(flow_run_id), state.state_details.pause_key)
+        if refused is not None:
+            return result(False, refused, waiting_for)
         return result(True, readiness.reason, waiting_for)
 
     def suspended_runs(self) -> list[tuple[str, str]]:

@@ -329,3 +329,40 @@ def test_an_event_naming_another_run_than_the_flow_run_trains_resumes_nothing(tm
     flow_run_id, resumer = suspended_for_round_0("run-a", tmp_path)
     result = resumer.resume_if_ready(flow_run_id, "run-b", 0)
     assert not result.resumed and result.reason == "the flow run trains run 'run-a', not 'run-b'"
+
+
+def test_a_check_resumes_only_the_pause_it_looked_at(tmp_path: Path) -> None:
+    # a check reads Label Studio for a while: another trigger may resume the run meanwhile, and the run
+    # may then wait for its next round, which this check's evidence is not about
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Paused
+
+    from flows.waiting import resume_pause
+
+    flow_run_id, _ = suspended_for_round_0("raced", tmp_path)
+    run = UUID(flow_run_id)
+
+    def waiting() -> tuple[str | None, str | None]:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(run).state
+        assert state is not None
+        return state.name, state.state_details.pause_key
+
+    _, looked_at = waiting()
+    # a suspended run of no deployment cannot be rescheduled: Prefect's refusal is no resume
+    refused = resume_pause(run, looked_at)
+    assert (
+        refused
+        == "Prefect did not resume it (REJECT: Cannot reschedule a resuming flow run without a deployment.)"
+    )
+    # resumed by another trigger, learned, paused again (in process: Prefect resumes it without a deployment)
+    next_round = pause_key(1)
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(run, Paused(pause_key=next_round, timeout_seconds=3600), force=True)
+    assert resume_pause(run, looked_at) == "resumed already; it now waits for round 1"
+    assert waiting() == ("Paused", next_round)
+    assert resume_pause(run, next_round) is None
+    assert waiting()[0] == "Running"
+    assert resume_pause(run, next_round) == "resumed already"
