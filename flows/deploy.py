@@ -6,7 +6,12 @@
     hero-promote/after-training evaluate the LoRA version a completed hero-training run
                                 registered against the champion (an event trigger)
     hero-generate-samples/on-demand
-    hero-poll-rounds/every-<n>s resume suspended rounds whose webhook events were lost
+    hero-poll-rounds/poller     resume suspended rounds whose webhook events were lost, every
+                                orchestration.poll_interval_s
+
+Deploying again updates them in place. A hero-poll-rounds deployment of another name (an older
+release's every-<n>s) is removed, as it would poll beside the current one; the training schedule is
+kept when --training-cron is not given, and removed with --training-cron off.
 
 GPU work goes to the GPU pool, whose concurrency limit is its number of GPUs: a suspended run holds
 no slot, so one GPU runs one round at a time however many runs wait for annotators. The poller runs
@@ -25,15 +30,17 @@ from uuid import UUID
 from prefect import Flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.events import DeploymentEventTrigger
-from prefect.exceptions import ObjectAlreadyExists
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.workers.process import ProcessWorker
 from pydantic import ValidationError
 
 from flows.registry import generate_samples, promote
 from flows.training import hero_training
 from flows.waiting import poll_rounds
+from hero_ml.errors import HeroError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = Path(__file__).resolve().parent / "work_pools"
@@ -46,11 +53,20 @@ class DeployPlan:
     service_pool: str = "hero-services"
     gpus: int = 1  # the GPU pool's concurrency limit
     poll_interval_s: int = 300
-    training_cron: str | None = None  # e.g. "0 2 * * 1": Mondays at 02:00 (the server's time zone)
+    # e.g. "0 2 * * 1": Mondays at 02:00 (the server's time zone); None keeps a schedule deployed before,
+    # TRAINING_CRON_OFF removes it
+    training_cron: str | None = None
     source: str = str(REPO_ROOT)  # where workers find flows/ (the image's /app in production)
 
 
 POOL_TYPES = ("process", "docker", "kubernetes")
+TRAINING_CRON_OFF = "off"
+POLLER = "hero-poll-rounds/poller"
+SCHEDULED = "hero-training/scheduled"
+
+
+class DeployError(HeroError, ValueError):
+    """What is deployed already does not fit what was asked; the message says what to change."""
 
 
 def cron_problem(expression: str) -> str | None:
@@ -77,7 +93,7 @@ def base_job_template(pool_type: str) -> dict[str, Any]:
 
 def ensure_pool(name: str, concurrency_limit: int | None, pool_type: str = "process") -> bool:
     """A work pool `name` of `pool_type` with this concurrency limit; True when it was created (an
-    existing pool keeps its type and template, and gets the limit)."""
+    existing pool keeps its template, and gets the limit; one of another type is refused)."""
     template = base_job_template(pool_type)
     with get_client(sync_client=True) as client:
         try:
@@ -91,6 +107,12 @@ def ensure_pool(name: str, concurrency_limit: int | None, pool_type: str = "proc
             )
             return True
         except ObjectAlreadyExists:
+            existing = client.read_work_pool(name).type
+            if existing != pool_type:
+                raise DeployError(
+                    f"work pool {name} exists as a {existing} pool, not {pool_type}: choose another pool "
+                    f"name, or delete it (prefect work-pool delete {name}) once no flow run waits in it"
+                ) from None
             client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=concurrency_limit))
             return False
 
@@ -112,8 +134,10 @@ def _deploy(
     return cast(UUID, deployed)
 
 
-def deploy(plan: DeployPlan) -> dict[str, UUID]:
-    """Create or update every deployment (idempotent: deploying again updates them in place)."""
+def deploy(plan: DeployPlan) -> tuple[dict[str, UUID], list[str]]:
+    """Create or update every deployment (idempotent: deploying again updates them in place); remove
+    pollers of other names and, with --training-cron off, the training schedule. Returns the deployed
+    ids by name, and what was said about the others (removed or kept)."""
     ids = {
         "hero-training/on-demand": _deploy(
             plan,
@@ -130,6 +154,9 @@ def deploy(plan: DeployPlan) -> dict[str, UUID]:
             "after-training",
             work_pool_name=plan.gpu_pool,
             description="Promote a training's LoRA if it beats the champion; runs after each training.",
+            # one at a time: each judges its LoRA against the champion it would replace (runs that
+            # finish together queue; Registry.promote also re-judges against a champion moved meanwhile)
+            concurrency_limit=1,
             triggers=[
                 DeploymentEventTrigger(
                     expect={"prefect.flow-run.Completed"},
@@ -146,25 +173,43 @@ def deploy(plan: DeployPlan) -> dict[str, UUID]:
             work_pool_name=plan.gpu_pool,
             description="Images from a registered LoRA (default: the champion).",
         ),
-        f"hero-poll-rounds/every-{plan.poll_interval_s}s": _deploy(
+        POLLER: _deploy(
             plan,
             poll_rounds,
             "flows/waiting.py:poll_rounds",
-            f"every-{plan.poll_interval_s}s",
+            POLLER.split("/")[1],
             work_pool_name=plan.service_pool,
             interval=plan.poll_interval_s,
             concurrency_limit=1,
             description="Resume suspended rounds whose webhook events were lost.",
         ),
     }
-    if plan.training_cron:
-        ids["hero-training/scheduled"] = _deploy(
+    notes = []
+    if plan.training_cron not in (None, TRAINING_CRON_OFF):
+        ids[SCHEDULED] = _deploy(
             plan,
             hero_training,
             "flows/training.py:hero_training",
-            "scheduled",
+            SCHEDULED.split("/")[1],
             work_pool_name=plan.gpu_pool,
             cron=plan.training_cron,
             description="A HERO training run on a schedule, named after its flow run.",
         )
-    return ids
+    with get_client(sync_client=True) as client:
+        pollers = client.read_deployments(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[poll_rounds.name]))
+        )
+        for stale in (d for d in pollers if d.id != ids[POLLER]):
+            client.delete_deployment(stale.id)
+            notes.append(f"{poll_rounds.name}/{stale.name}: removed (it would poll beside {POLLER})")
+        if plan.training_cron in (None, TRAINING_CRON_OFF):
+            try:
+                scheduled = client.read_deployment_by_name(SCHEDULED)
+            except ObjectNotFound:
+                scheduled = None
+            if scheduled is not None and plan.training_cron == TRAINING_CRON_OFF:
+                client.delete_deployment(scheduled.id)
+                notes.append(f"{SCHEDULED}: removed (--training-cron off)")
+            elif scheduled is not None:
+                notes.append(f"{SCHEDULED}: kept as it was (--training-cron off removes it)")
+    return ids, notes

@@ -64,7 +64,11 @@ def deploy(
     ] = "hero-services",
     gpus: Annotated[int, typer.Option(min=1, help="GPUs of the GPU pool: runs at once.")] = 1,
     training_cron: Annotated[
-        str | None, typer.Option(help="Also train on this cron schedule, e.g. '0 2 * * 1'.")
+        str | None,
+        typer.Option(
+            help="Also train on this cron schedule, e.g. '0 2 * * 1'; 'off' removes the schedule "
+            "(without the option, one deployed before is kept)."
+        ),
     ] = None,
     source: Annotated[
         str | None, typer.Option(help="Where workers find flows/ (default: this checkout).")
@@ -73,11 +77,19 @@ def deploy(
 ) -> None:
     """Create (or update) the work pools and every HERO deployment on the Prefect server."""
     from flows import PrefectServerError, server_refusals
-    from flows.deploy import POOL_TYPES, DeployPlan, cron_problem, deploy, ensure_pool
+    from flows.deploy import (
+        POOL_TYPES,
+        TRAINING_CRON_OFF,
+        DeployError,
+        DeployPlan,
+        cron_problem,
+        deploy,
+        ensure_pool,
+    )
 
     if pool_type not in POOL_TYPES:
         raise fail(f"--pool-type {pool_type!r}: choose one of {', '.join(POOL_TYPES)}")
-    if training_cron is not None and (problem := cron_problem(training_cron)) is not None:
+    if training_cron not in (None, TRAINING_CRON_OFF) and (problem := cron_problem(training_cron)):
         raise fail(
             f"--training-cron {training_cron!r}: {problem}; give five fields (minute hour day-of-month "
             "month day-of-week), e.g. '0 2 * * 1' for Mondays at 02:00"
@@ -103,11 +115,14 @@ def deploy(
                     f"work pool {pool} ({kind}): {'created' if created else 'exists'} "
                     f"(concurrency {limit or 'any'})"
                 )
-            for name, deployment_id in deploy(plan).items():
+            deployed, notes = deploy(plan)
+            for name, deployment_id in deployed.items():
                 table.add_row(name, str(deployment_id))
-    except PrefectServerError as err:
+    except (PrefectServerError, DeployError) as err:
         raise fail(str(err)) from None
     console.print(table)
+    for note in notes:
+        console.print(note, markup=False, highlight=False)
     console.print(
         f"start workers: prefect worker start --pool {plan.gpu_pool} on each GPU machine and --pool "
         f"{plan.service_pool} for the services (on this machine: infra/prefect-worker.sh start "

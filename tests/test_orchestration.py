@@ -4,10 +4,12 @@ suspends (no process waits) until two annotators, one slow, have labelled it thr
 Label Studio's webhook resumes the run; the run ends with its LoRA registered, every object in S3, and
 the stored feedback equal to what the annotators submitted."""
 
+import dataclasses
 import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -471,3 +473,53 @@ def test_gpu_work_pools_run_the_worker_image_with_a_gpu(prefect_server: Service)
                 assert request == {"Driver": "nvidia", "Count": 1, "Capabilities": [["gpu"]]}
     with pytest.raises(ValueError, match="choose one of process, docker, kubernetes"):
         base_job_template("ecs")
+
+
+def test_deploying_again_updates_in_place_and_removes_what_it_replaced(
+    prefect_server: Service, tmp_path: Path
+) -> None:
+    from prefect import Flow
+    from prefect.exceptions import ObjectNotFound
+
+    from flows.deploy import POLLER, REPO_ROOT, SCHEDULED, DeployPlan, deploy
+    from flows.waiting import poll_rounds
+
+    tag = uuid.uuid4().hex[:6]
+    gpu, services = f"deploy-gpu-{tag}", f"deploy-services-{tag}"
+    # never due while tests run; removed at the end (it would start training runs in the GPU pool)
+    plan = DeployPlan(gpu_pool=gpu, service_pool=services, training_cron="0 0 1 1 *")
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server.env["PREFECT_API_URL"]}):
+        ensure_pool(gpu, 1)
+        ensure_pool(services, None)
+        older = Flow.from_source(source=str(REPO_ROOT), entrypoint="flows/waiting.py:poll_rounds")
+        older.deploy(name="every-60s", work_pool_name=services, interval=60, build=False, push=False,
+                     print_next_steps=False, ignore_warnings=True)  # fmt: skip
+        deployed, notes = deploy(plan)
+        assert notes == [f"{poll_rounds.name}/every-60s: removed (it would poll beside {POLLER})"]
+        with get_client(sync_client=True) as client:
+            poller = client.read_deployment_by_name(POLLER)
+            assert (
+                poller.id == deployed[POLLER] and poller.schedules[0].schedule.interval.total_seconds() == 300
+            )
+            judged = client.read_deployment_by_name("hero-promote/after-training").global_concurrency_limit
+            assert judged is not None and judged.limit == 1  # one promotion at a time
+            with pytest.raises(ObjectNotFound):
+                client.read_deployment_by_name(f"{poll_rounds.name}/every-60s")
+        # deployed again without the cron (a code update): the schedule stays, and that is said
+        again, notes = deploy(dataclasses.replace(plan, training_cron=None))
+        assert again[POLLER] == deployed[POLLER] and SCHEDULED not in again
+        assert notes == [f"{SCHEDULED}: kept as it was (--training-cron off removes it)"]
+        _, notes = deploy(dataclasses.replace(plan, training_cron="off"))
+        assert notes == [f"{SCHEDULED}: removed (--training-cron off)"]
+        with get_client(sync_client=True) as client, pytest.raises(ObjectNotFound):
+            client.read_deployment_by_name(SCHEDULED)
+    # an existing pool of another type is refused, not reported as what was asked for
+    env = {**os.environ, **prefect_server.env, "HERO_LABEL_STUDIO__API_KEY": "k"}
+    hero = str(Path(sys.executable).parent / "hero")
+    moved = subprocess.run(
+        [hero, "deploy", "--gpu-pool", gpu, "--service-pool", services, "--pool-type", "kubernetes"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    said = " ".join(moved.stderr.split())
+    assert moved.returncode == 1 and "Traceback" not in moved.stderr, moved.stderr
+    assert f"work pool {gpu} exists as a process pool, not kubernetes: choose another pool name" in said
