@@ -89,6 +89,9 @@ def test_s3_failures_are_storage_errors_that_name_the_object_not_the_secret(s3_s
     ) as err:
         missing_bucket.put("runs/r/x", b"x")
     assert "s3cr3t" not in str(err.value)
+    # a HEAD's 404 has no body: without a look at the bucket, a typo in its name reads "no such run"
+    with pytest.raises(StorageError, match=r"S3 bucket 'no-such-bucket' does not exist at http://127"):
+        missing_bucket.exists("runs/r/config.json")
 
     # nothing listens on this port: connection refused, retried, then reported
     from tests.conftest import _free_port
@@ -113,6 +116,19 @@ def test_s3_failures_are_storage_errors_that_name_the_object_not_the_secret(s3_s
         listing = rf"LIST of s3://hero-test/t-\w+/{prefix} failed after retries"
         with pytest.raises(StorageError, match=listing):
             dead.list(prefix)
+
+
+def test_folder_markers_of_s3_consoles_are_not_objects_of_a_run(
+    s3_server: Service, s3_client: Any, batch: RoundBatch
+) -> None:
+    # "Create folder" in a console, and some sync tools, leave zero-byte keys ending in "/"
+    config = s3_config(s3_server)
+    runs = RunStore(open_store(config), "marked")
+    runs.commit_batch(batch, {"prompt": "p"})
+    for folder in ("runs/", "runs/marked/rounds/0/", "runs/marked/rounds/0/images/"):
+        s3_client.put_object(Bucket="hero-test", Key=f"{config.s3_prefix}{folder}", Body=b"")
+    assert not any(key.endswith("/") for key in runs.store.list(""))
+    assert runs.verify().ok
 
 
 def test_s3_config_explains_what_is_missing() -> None:

@@ -31,6 +31,7 @@ class S3Store:
         self.bucket = bucket
         self.client = client
         self.prefix = check_prefix(prefix)
+        self._bucket_seen = False
 
     @classmethod
     def from_config(cls, config: StorageConfig) -> S3Store:
@@ -111,10 +112,28 @@ class S3Store:
             return True
         except ClientError as err:
             if err.response.get("Error", {}).get("Code") in _MISSING:
+                self._check_bucket()  # a HEAD's 404 has no body: a missing bucket reads as a missing key
                 return False
             raise self._fail("HEAD", full, err) from None
         except BotoCoreError as err:
             raise self._fail("HEAD", full, err) from None
+
+    def _check_bucket(self) -> None:
+        """Raise StorageError when the bucket does not exist (asked once per store)."""
+        if self._bucket_seen:
+            return
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in _MISSING | {"NoSuchBucket"}:
+                raise StorageError(
+                    f"S3 bucket {self.bucket!r} does not exist at {self.client.meta.endpoint_url}: check "
+                    "storage.s3_bucket (HERO_STORAGE__S3_BUCKET), or create the bucket"
+                ) from None
+            # another answer (e.g. 403: a key may read objects but not the bucket): the key's 404 stands
+        except BotoCoreError as err:
+            raise self._fail("HEAD", "", err) from None
+        self._bucket_seen = True
 
     def list(self, prefix: str) -> dict[str, int]:
         full = self.prefix + check_prefix(prefix)
@@ -124,7 +143,8 @@ class S3Store:
                 Bucket=self.bucket, Prefix=full
             ):
                 for item in page.get("Contents", []):
-                    found[item["Key"][len(self.prefix) :]] = int(item["Size"])
+                    if not item["Key"].endswith("/"):  # a console's "folder": no object of a store
+                        found[item["Key"][len(self.prefix) :]] = int(item["Size"])
         except (ClientError, BotoCoreError) as err:
             raise self._fail("LIST", full, err) from None
         return dict(sorted(found.items()))
