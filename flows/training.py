@@ -139,7 +139,7 @@ def hero_training(
     logger = get_run_logger()
     # The run's lease first: a process refused the run must not touch the tracking of the one writing it.
     with TrainingRun(resolved, open_store(resolved.storage), on_progress=on_progress) as run:
-        tracker = open_tracker(resolved)
+        tracker = open_tracker(resolved, run.tracked_in())
         try:
             run.track_with(tracker)
             humans = (

@@ -56,6 +56,7 @@ PUBLISHED = "published.json"  # when and where the round's tasks went out (Label
 STATS = "stats.json"  # what learning the round did (RoundStats), written before its checkpoint
 TRACKED = "tracked.json"  # the round's metrics and grid reached the tracker
 MODEL = "model.json"  # the run's base model: source and weights' fingerprint (ModelRecord)
+TRACKING = "tracking.json"  # the tracker's run the run's rounds go to (TrackingRecord)
 # written after the manifest, by the labelling of a committed round
 _LABELLING = (CURRENT_BEST, ANNOTATIONS, PUBLISHED)
 _AFTER_COMMIT = {MANIFEST, FEEDBACK, STATS, TRACKED, *_LABELLING}
@@ -89,6 +90,14 @@ class _Manifest(BaseModel):
 class _CheckpointCommit(BaseModel):
     model_config = ConfigDict(extra="allow")  # the engine's state; Engine.load validates all of it
     tensors: _FileRecord
+
+
+class TrackingRecord(BaseModel):
+    """The tracker's run (MLflow's run id) a run tracks into, recorded when it is first tracked: a
+    resume goes on in that run wherever tracking.experiment points by then."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    tracker_run_id: str = Field(min_length=1)
 
 
 class ModelRecord(BaseModel):
@@ -179,6 +188,14 @@ class RunStore:
         """The run's model.json; None for a run stored before runs recorded their model."""
         key = f"{self.prefix}/{MODEL}"
         return self._record(key, ModelRecord) if self.store.exists(key) else None
+
+    def save_tracking(self, record: TrackingRecord) -> None:
+        self.store.put(f"{self.prefix}/{TRACKING}", record.model_dump_json(indent=1).encode())
+
+    def load_tracking(self) -> TrackingRecord | None:
+        """The run's tracking.json; None before it was first tracked (or stored before runs kept it)."""
+        key = f"{self.prefix}/{TRACKING}"
+        return self._record(key, TrackingRecord) if self.store.exists(key) else None
 
     def _record(self, key: str, model: type[_Record]) -> _Record:
         """A stored JSON record, validated: a damaged or edited one is named, with what is wrong."""

@@ -35,7 +35,7 @@ from hero_ml.faults import crash_point
 from hero_ml.feedback import RoundFeedback, aggregate
 from hero_ml.images import image_grid
 from hero_ml.run_lease import LeasedStore, RunLease
-from hero_ml.run_store import ModelRecord, RunStore
+from hero_ml.run_store import ModelRecord, RunStore, TrackingRecord
 from hero_ml.toy.evaluate import task_success_rate
 from hero_ml.toy.judge import SimulatedAnnotator
 from hero_ml.toy.task import Task, load_task
@@ -209,10 +209,24 @@ class TrainingRun:
             )
         return engine
 
+    def tracked_in(self) -> str | None:
+        """The tracker's run this run was first tracked in (to open the tracker on), None before."""
+        record = self.runs.load_tracking()
+        return None if record is None else record.tracker_run_id
+
     def track_with(self, tracker: Tracker) -> None:
         """Track the run's params now, and its rounds, evaluations and final artifacts from now on.
         What the run learns with are params (write-once); its service settings are tags, which a
-        resume from another worker or with a moved server overwrites."""
+        resume from another worker or with a moved server overwrites. The tracker's run is recorded
+        the first time: a resume goes on in it (tracking.experiment changed or not)."""
+        first = self.tracked_in()
+        if first is None:
+            self.runs.save_tracking(TrackingRecord(tracker_run_id=tracker.run_id))
+        elif first != tracker.run_id:
+            raise RunError(
+                f"run {self.config.run_id!r} is tracked in run {first} of the tracker, not {tracker.run_id}: "
+                "open the tracker on the run it was tracked in (TrainingRun.tracked_in)"
+            )
         self.tracker = tracker
         learning, service = split_settings(self.config.to_public_dict())
         tracker.log_params({**learning, "derived": self.config.derived()})

@@ -219,6 +219,19 @@ def test_a_resumed_run_tracks_into_its_mlflow_run_with_its_services_changed(
     assert tracked.data.tags["service.label_studio.url"] == "http://127.0.0.1:9/"
     assert tracked.data.tags["service.orchestration.webhook_secret"] == "**********"
 
+    # the experiment renamed in the worker's config (tracking is a service setting): the run goes on in
+    # its own MLflow run, not a new one holding only the rounds after the resume
+    renamed = with_overrides(resumed, {"tracking": {"experiment": "renamed"}})
+    with TrainingRun(renamed, store) as run:
+        run.track_with(open_tracker(renamed, run.tracked_in()))
+        assert run.tracker is not None and run.tracker.run_id == tracked.info.run_id
+        elsewhere = {"tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'other' / 'mlflow.db'}"}}
+        with pytest.raises(
+            TrackingError, match=f"run 'tracked' is tracked in MLflow run {tracked.info.run_id}"
+        ):
+            open_tracker(with_overrides(renamed, elsewhere), run.tracked_in())
+    assert client.get_experiment_by_name("renamed") is None
+
     # a param that does differ (an edited stored config) is refused by name, with the way out
     tracker = open_tracker(resumed)
     with pytest.raises(TrackingError, match=r"other values of ddpo.lr: resume run 'tracked' with its own"):

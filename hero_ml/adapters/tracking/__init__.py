@@ -23,6 +23,8 @@ class TrackingError(HeroError, RuntimeError):
 
 
 class Tracker(Protocol):
+    run_id: str  # the tracker's own id of the run (MLflow's run id), which the run store records
+
     def log_params(self, params: dict[str, Any]) -> None:
         """Flat or nested params (nested keys are joined with '.'); secrets must be masked already."""
 

@@ -30,8 +30,17 @@ MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 
 
 class MlflowTracker:
-    def __init__(self, tracking_uri: str, experiment: str, run_id: str, artifact_location: str | None = None):
-        """Open (or create) the experiment and the MLflow run of HERO run `run_id`; resume it if it exists.
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        run_id: str,
+        artifact_location: str | None = None,
+        mlflow_run_id: str | None = None,
+    ):
+        """Open the MLflow run of HERO run `run_id`: `mlflow_run_id` (the one it was first tracked
+        in, wherever `experiment` points now), else the one of the experiment tagged with `run_id`,
+        else a new one (the experiment created if new).
         A server that does not answer at all is reported at once; later calls ride out a restart
         with MLflow's own retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES, _BACKOFF_FACTOR, _TIMEOUT)."""
         self.tracking_uri = tracking_uri
@@ -42,6 +51,9 @@ class MlflowTracker:
             self.client = open_client(tracking_uri)
         except RegistryError as err:
             raise TrackingError(str(err)) from None
+        if mlflow_run_id is not None:
+            self.run_id = self._reopen(mlflow_run_id)
+            return
         with self._calling("opening the run"):
             found = self.client.get_experiment_by_name(experiment)
             experiment_id = (
@@ -57,6 +69,26 @@ class MlflowTracker:
                 self.run_id = self.client.create_run(
                     experiment_id, run_name=run_id, tags={RUN_ID_TAG: run_id}
                 ).info.run_id
+
+    def _reopen(self, mlflow_run_id: str) -> str:
+        try:
+            run = self.client.get_run(mlflow_run_id)
+            gone = run.info.lifecycle_stage == "deleted" or run.data.tags.get(RUN_ID_TAG) != self.hero_run_id
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                with self._calling("opening the run"):
+                    raise
+            gone = True
+        if gone:
+            raise TrackingError(
+                f"run {self.hero_run_id!r} is tracked in MLflow run {mlflow_run_id}, which MLflow at "
+                f"{self.tracking_uri} does not hold (another tracking server, or the run was deleted): set "
+                "tracking.tracking_uri (HERO_TRACKING__TRACKING_URI) to the server it was tracked on, or "
+                f"restore the MLflow run; to track it afresh, delete runs/{self.hero_run_id}/tracking.json"
+            )
+        with self._calling("opening the run"):
+            self.client.update_run(mlflow_run_id, status="RUNNING")
+        return mlflow_run_id
 
     @contextmanager
     def _calling(self, what: str) -> Iterator[None]:
@@ -122,16 +154,19 @@ class MlflowTracker:
             self.client.set_terminated(self.run_id, status=status)
 
 
-def open_tracker(config: HeroConfig) -> MlflowTracker:
-    """The run's tracker as configured. A SQLite store keeps its artifacts beside the database file
-    (MLflow would otherwise write them under the current folder)."""
+def open_tracker(config: HeroConfig, mlflow_run_id: str | None = None) -> MlflowTracker:
+    """The run's tracker as configured; mlflow_run_id: the MLflow run it was first tracked in
+    (TrainingRun.tracked_in). A SQLite store keeps its artifacts beside the database file (MLflow
+    would otherwise write them under the current folder)."""
     tracking = config.tracking
     artifact_location = None
     if tracking.tracking_uri.startswith("sqlite:///"):
         database = Path(tracking.tracking_uri.removeprefix("sqlite:///"))
         database.parent.mkdir(parents=True, exist_ok=True)
         artifact_location = (database.parent / "mlartifacts").resolve().as_uri()
-    return MlflowTracker(tracking.tracking_uri, tracking.experiment, config.run_id, artifact_location)
+    return MlflowTracker(
+        tracking.tracking_uri, tracking.experiment, config.run_id, artifact_location, mlflow_run_id
+    )
 
 
 def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
