@@ -227,7 +227,7 @@ def run(
     """
     from hero_ml.config import with_overrides
 
-    resolved = load(config)
+    resolved = loaded = load(config)
     if resume is not None:
         if task is not None or method is not None or budget is not None or run_id is not None:
             raise fail(
@@ -273,12 +273,37 @@ def run(
             resolved = _stored_run_config(store.where(f"runs/{resume}/config.json"), stored, resolved, resume)
         except ConfigError as err:
             raise fail(str(err)) from None
+        if ignored := _ignored_on_resume(stored, loaded):
+            err_console.print(
+                f"note: run {resume!r} continues with its own settings; {', '.join(ignored)} as the config "
+                "file or environment give it now is not used (a new run takes it: --run-id NAME)",
+                markup=False,
+                highlight=False,
+            )
     elif stored is not None:
         raise fail(
             f"run {resolved.run_id!r} already exists in {store.where('runs')}: continue "
             f"it with `hero run --resume {resolved.run_id}` or start a new one with --run-id NAME"
         )
     _run_embedded(resolved)
+
+
+def _ignored_on_resume(stored: dict, given: HeroConfig) -> list[str]:
+    """The learning settings the config file or environment set (not defaults) to other values than
+    the run's stored ones: a resume keeps the stored ones, and says so. given: the config as loaded
+    (with_overrides marks every field set)."""
+    from pydantic import BaseModel
+
+    from hero_ml.training import changed_settings
+
+    set_now = set()
+    for section in given.model_fields_set:
+        value = getattr(given, section)
+        if isinstance(value, BaseModel):
+            set_now |= {f"{section}.{name}" for name in value.model_fields_set}
+        else:
+            set_now.add(section)
+    return [setting for setting in changed_settings(stored, given) if setting in set_now]
 
 
 def _stored_run_config(where: str, stored: dict, current: HeroConfig, run_id: str) -> HeroConfig:
@@ -350,13 +375,15 @@ def _run_embedded(config: HeroConfig) -> None:
             # A run is crash-safe at every point (docs/RELIABILITY.md), so Ctrl+C ends the process here:
             # left to Prefect, the flow would spend minutes reporting its cancellation to the ephemeral
             # API server, which the same Ctrl+C is shutting down, and print hundreds of lines of tracebacks.
+            # A SIGTERM (kill, timeout, a supervisor) reaches this after the flow engine's own handler,
+            # which marks the flow run crashed and then hands the signal on.
             progress.remove_task(bar[0])
             progress.stop()
-            stop_ephemeral_server()  # a SIGINT to this process alone would leave it running
+            stop_ephemeral_server()  # a signal to this process alone would leave it running
             err_console.print(f"stopped; `hero run --resume {config.run_id}` continues where it stopped")
-            os._exit(130)
+            os._exit(128 + signum)
 
-        previous = signal.signal(signal.SIGINT, stop_at_once)
+        previous = {sig: signal.signal(sig, stop_at_once) for sig in (signal.SIGINT, signal.SIGTERM)}
         round_started = [time.perf_counter()]  # from the round's first denoising step
 
         def on_progress(phase: str, done: int, total: int) -> None:
@@ -400,7 +427,8 @@ def _run_embedded(config: HeroConfig) -> None:
             raise fail(str(err)) from None
         finally:
             progress.remove_task(bar[0])  # no bar left standing under the error or the summary
-            signal.signal(signal.SIGINT, previous)  # the run is over: Ctrl+C means what it meant before
+            for sig, handler in previous.items():  # the run is over: a signal means what it meant before
+                signal.signal(sig, handler)
 
     table = Table("", "value", title=f"run {config.run_id}")
     table.add_row("method", config.method)

@@ -410,8 +410,12 @@ def test_toy_eval_names_a_lora_folder_without_weights(tmp_path: Path) -> None:
     assert "no LoRA weights at" in result.output
 
 
-@pytest.mark.parametrize("to", ["process group", "process"])
-def test_ctrl_c_stops_a_run_at_once_and_says_how_to_resume(tmp_path: Path, to: str) -> None:
+@pytest.mark.parametrize(
+    ("to", "sent"),
+    [("process group", signal.SIGINT), ("process", signal.SIGINT), ("process", signal.SIGTERM)],
+    ids=["ctrl-c", "sigint", "sigterm"],
+)
+def test_a_signal_stops_a_run_at_once_and_says_how_to_resume(tmp_path: Path, to: str, sent: int) -> None:
     config = small_config(tmp_path)
     started = tmp_path / "data" / "runs" / "cli-test" / "config.json"  # written once the flow runs
     # a session of its own: Ctrl+C in a terminal signals the whole foreground process group
@@ -422,8 +426,8 @@ def test_ctrl_c_stops_a_run_at_once_and_says_how_to_resume(tmp_path: Path, to: s
     try:
         while not started.exists() and process.poll() is None:
             time.sleep(0.2)
-        # a terminal's Ctrl+C, or a supervisor's SIGINT to the process alone
-        (os.killpg if to == "process group" else os.kill)(process.pid, signal.SIGINT)
+        # a terminal's Ctrl+C, or a supervisor's SIGINT or SIGTERM (kill, timeout, systemd) to the process
+        (os.killpg if to == "process group" else os.kill)(process.pid, sent)
         output, _ = process.communicate(timeout=60)  # Prefect's own shutdown took minutes
         try:  # nothing of the run left: its ephemeral Prefect server (a child) stopped with it
             os.killpg(process.pid, 0)
@@ -436,7 +440,7 @@ def test_ctrl_c_stops_a_run_at_once_and_says_how_to_resume(tmp_path: Path, to: s
             os.killpg(process.pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 130, output
+    assert process.returncode == 128 + sent, output
     assert "stopped; `hero run --resume cli-test` continues where it stopped" in output
     assert "Traceback" not in output
 
@@ -640,3 +644,18 @@ def test_the_run_header_prints_the_derived_quantities_and_d3pos_as_a_bound() -> 
     assert run_header(config.model_copy(update={"method": "d3po"})).endswith(
         "8 rounds x 64 feedbacks, up to 32 optimiser steps a round"
     )
+
+
+def test_a_resume_says_which_settings_given_now_it_does_not_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the stored settings win on a resume: a budget raised in the environment would go unused unseen
+    from hero_ml.cli import _ignored_on_resume
+    from hero_ml.config import load_config
+
+    stored = load_config(small_config(tmp_path)).to_public_dict()
+    stored["sampling"]["prompt"] = "four red circles"  # the run's task, chosen at its start by --task
+    monkeypatch.setenv("HERO_FEEDBACK__BUDGET", "128")
+    monkeypatch.setenv("HERO_SAMPLING__ETA", "1.0")  # given, but as the run has it
+    monkeypatch.setenv("HERO_ORCHESTRATION__POLL_INTERVAL_S", "45")  # a service setting: it is used
+    assert _ignored_on_resume(stored, load_config(small_config(tmp_path))) == ["feedback.budget"]
