@@ -268,7 +268,11 @@ def run(
         raise fail(str(err)) from None
     if resume is not None:
         if stored is None:
-            raise fail(f"no run {resume!r} in {store.where('runs')}; start it with hero run")
+            raise fail(
+                f"no run {resume!r} in {store.where('runs')}: point the storage settings at the store it "
+                "was started in (a relative storage.local_root is the current folder's), or start it with "
+                f"`hero run --run-id {resume}`"
+            )
         try:
             resolved = _stored_run_config(store.where(f"runs/{resume}/config.json"), stored, resolved, resume)
         except ConfigError as err:

@@ -659,3 +659,14 @@ def test_a_resume_says_which_settings_given_now_it_does_not_use(
     monkeypatch.setenv("HERO_SAMPLING__ETA", "1.0")  # given, but as the run has it
     monkeypatch.setenv("HERO_ORCHESTRATION__POLL_INTERVAL_S", "45")  # a service setting: it is used
     assert _ignored_on_resume(stored, load_config(small_config(tmp_path))) == ["feedback.budget"]
+
+
+def test_resuming_a_run_that_is_not_there_names_the_folder_looked_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # hero-data/ is the current folder's: run from another folder, the message must say which one
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["run", "--resume", "demo-1"])
+    said = "".join(result.output.split())  # rich wraps a long path anywhere, even inside a word
+    assert result.exit_code == 1, result.output
+    assert f"norun'demo-1'in{tmp_path / 'hero-data' / 'runs'}:pointthestoragesettingsat" in said

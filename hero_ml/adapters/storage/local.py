@@ -12,7 +12,9 @@ from hero_ml.adapters.storage.keys import check_key, check_prefix
 
 class LocalStore:
     def __init__(self, root: Path):
-        self.root = Path(root)
+        # absolute from the start: a relative storage.local_root is the current folder's, and the
+        # messages that name it (e.g. "no run 'x' in ...") must say which one
+        self.root = Path(root).absolute()
 
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
