@@ -54,8 +54,24 @@ app.command("deploy")(deploy)
 app.command("serve-webhooks")(serve_webhooks)
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import version
+
+        console.print(f"hero {version('hero-pipeline')}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the installed version and exit."
+        ),
+    ] = False,
+) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",
@@ -186,9 +202,13 @@ def run_header(config: HeroConfig) -> str:
     return (
         f"[bold]run {config.run_id}[/]: method {config.method}, "
         f"{f'task {escape(task)}' if task else 'no toy task'} ({escape(repr(config.sampling.prompt))}), "
-        f"{derived['rounds']} rounds x {derived['feedbacks_per_round']} "
-        f"feedbacks, {at_most}{derived['ddpo_optimizer_steps_per_round']} optimiser steps a round"
+        f"{_count(derived['rounds'], 'round')} x {_count(derived['feedbacks_per_round'], 'feedback')}, "
+        f"{at_most}{_count(derived['ddpo_optimizer_steps_per_round'], 'optimiser step')} a round"
     )
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}{'' if n == 1 else 's'}"
 
 
 # The settings `hero run`'s flags override, and the flag that gives each: a refused value names it.
@@ -565,7 +585,7 @@ def storage_verify(
         console.print(f"[yellow]uncommitted[/] {escape(line)}", highlight=False)
     for line in report.problems:
         err_console.print(f"[bold red]corrupt[/] {escape(line)}", highlight=False)
-    verdict = "[green]ok[/]" if report.ok else f"[bold red]{len(report.problems)} problems[/]"
+    verdict = "[green]ok[/]" if report.ok else f"[bold red]{_count(len(report.problems), 'problem')}[/]"
     console.print(
         f"{verdict}: {report.objects} objects ({report.bytes / 1e6:.2f} MB) match their checksums; "
         f"{len(report.incomplete)} uncommitted",
@@ -691,3 +711,7 @@ def run_cli() -> None:
     except HeroError as err:
         err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
         raise SystemExit(1) from None
+
+
+if __name__ == "__main__":  # python -m hero_ml.cli, as the `hero` command
+    run_cli()

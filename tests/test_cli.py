@@ -644,6 +644,18 @@ def test_the_run_header_prints_the_derived_quantities_and_d3pos_as_a_bound() -> 
     assert run_header(config.model_copy(update={"method": "d3po"})).endswith(
         "8 rounds x 64 feedbacks, up to 32 optimiser steps a round"
     )
+    one = config.model_copy(update={"feedback": config.feedback.model_copy(update={"budget": 64})})
+    assert ", 1 round x 64 feedbacks, 32 optimiser steps a round" in run_header(one)
+
+
+def test_the_version_is_printed_and_the_module_runs_as_the_command() -> None:
+    from importlib.metadata import version
+
+    assert runner.invoke(app, ["--version"]).output == f"hero {version('hero-pipeline')}\n"
+    as_module = subprocess.run(
+        [sys.executable, "-m", "hero_ml.cli", "--version"], capture_output=True, text=True, timeout=120
+    )
+    assert as_module.returncode == 0 and as_module.stdout == f"hero {version('hero-pipeline')}\n"
 
 
 def test_a_resume_says_which_settings_given_now_it_does_not_use(
