@@ -1172,8 +1172,18 @@ def format_validation_error(
             line += f" [set by {variable}]"
         if given_by and path in given_by:
             line += f" [set by {given_by[path]}]"
+        if not problem["loc"]:  # a check across settings: where each setting it names came from
+            for named in dict.fromkeys(_SETTING_NAME.findall(problem["msg"])):
+                source = (given_by or {}).get(named)
+                if source is None and from_environment:
+                    source = _environment_variable(tuple(named.split(".")))
+                if source is not None:
+                    line += f" [{named} set by {source}]"
         lines.append(redact(line))  # a URL refused for another reason may still hold credentials
     return "\n".join(lines)
+
+
+_SETTING_NAME = re.compile(r"\b[a-z0-9_]+\.[a-z0-9_]+\b")  # section.field, as messages name settings
 
 
 def _echo(value: Any, limit: int = 120) -> str:

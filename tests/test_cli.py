@@ -682,3 +682,14 @@ def test_resuming_a_run_that_is_not_there_names_the_folder_looked_in(
     said = "".join(result.output.split())  # rich wraps a long path anywhere, even inside a word
     assert result.exit_code == 1, result.output
     assert f"norun'demo-1'in{tmp_path / 'hero-data' / 'runs'}:pointthestoragesettingsat" in said
+
+
+def test_a_check_across_settings_names_where_each_setting_came_from(monkeypatch: pytest.MonkeyPatch) -> None:
+    refused = runner.invoke(app, ["run", "--budget", "10"])
+    said = " ".join(refused.output.split())
+    assert refused.exit_code == 1 and "feedback.budget (10) is smaller than one round" in said
+    assert said.endswith("[feedback.budget set by --budget]")
+    monkeypatch.setenv("HERO_SAMPLING__IMAGES_PER_ROUND", "1024")
+    shown = " ".join(runner.invoke(app, ["config", "show"]).output.split())
+    assert "feedback.budget (512) is smaller than one round" in shown
+    assert shown.endswith("[sampling.images_per_round set by HERO_SAMPLING__IMAGES_PER_ROUND]")
