@@ -458,6 +458,18 @@ def test_a_full_disk_fails_clearly_leaves_no_partial_object_and_commits_nothing(
     assert runs.verify().ok and runs.load_batch(0).image_ids == batch.image_ids
 
 
+def test_local_objects_get_the_mode_open_would_give_them(tmp_path: Path) -> None:
+    # a temporary file is private (0600); renamed into place it would stay so, and a team's other
+    # accounts sharing the store could not read its runs
+    store = LocalStore(tmp_path)
+    store.put("runs/r/a.json", b"{}")
+    assert store.create("runs/r/b.json", b"{}")
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for name in ("a.json", "b.json"):
+        assert (tmp_path / "runs" / "r" / name).stat().st_mode & 0o777 == 0o666 & ~mask
+
+
 def test_a_local_write_syncs_the_folders_that_gained_an_entry(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

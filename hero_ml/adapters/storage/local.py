@@ -10,6 +10,17 @@ from hero_ml.adapters.storage.errors import StorageError
 from hero_ml.adapters.storage.keys import check_key, check_prefix
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put back at once, at import
+    os.umask(mask)
+    return mask
+
+
+# an object's file mode as open() would create it: mkstemp's 0600 would hide a shared root's runs from
+# the team's other accounts (the poller, the webhook receiver, a colleague's `hero storage ls`)
+_FILE_MODE = 0o666 & ~_umask()
+
+
 class LocalStore:
     def __init__(self, root: Path):
         # absolute from the start: a relative storage.local_root is the current folder's, and the
@@ -39,6 +50,7 @@ class LocalStore:
             new_folders = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.fchmod(fd, _FILE_MODE)
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
