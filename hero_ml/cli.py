@@ -413,9 +413,14 @@ def _run_embedded(config: HeroConfig) -> None:
         def on_progress(phase: str, done: int, total: int) -> None:
             if phase == "denoising" and done == 1:
                 round_started[0] = time.perf_counter()
+            if phase == "denoising":  # its count is UNet calls: every step of every sub-batch
+                steps = config.sampling.num_steps
+                phase = f"denoising ({total // steps} sub-batches x {steps} steps)"
             if progress.tasks[0].description != phase:
                 progress.remove_task(bar[0])
                 bar[0] = progress.add_task(phase, total=total)
+                if not err_console.is_terminal:  # piped or logged: no live bars, a line per phase
+                    err_console.print(f"{phase}: {total}", highlight=False, markup=False)
             progress.update(bar[0], completed=done)
 
         def on_round(stats: RoundStats) -> None:

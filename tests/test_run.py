@@ -1,6 +1,7 @@
 """The main job: `hero run` on the toy model end to end, and a run that stops and resumes."""
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,10 @@ def test_hero_run_trains_tracks_and_stores_a_whole_run(
         "success rate before (6 images)" in result.output and "mlflow ui --backend-store-uri" in result.output
     )
     assert "success rate after, from the run's noise pool (6 images" in result.output
+    # not a terminal (as a pipe or a log file): a line per phase where a terminal shows live bars
+    phase = re.search(r"denoising \((\d+) sub-batches x (\d+) steps\): (\d+)", result.output)
+    assert phase is not None and int(phase[1]) * int(phase[2]) == int(phase[3])
+    assert "updating the LoRA: " in result.output and "evaluating before: 6" in result.output
 
     root = tmp_path / "data" / "runs" / "cli-run"
     assert json.loads((root / "progress.json").read_text()) == {"checkpoint": 1}
