@@ -410,10 +410,13 @@ def test_a_version_whose_base_model_changed_under_it_is_refused(tmp_path: Path) 
     )
 
 
-def registered_versions(uri: str, name: str, count: int) -> list[str]:
+def registered_versions(uri: str, name: str, count: int, artifacts: Path | None = None) -> list[str]:
+    """`count` versions of `name`, each its run's LoRA; artifacts: where a SQLite store keeps them
+    (MLflow would write them under the current folder)."""
     versions = []
     for index in range(count):
-        tracker = MlflowTracker(uri, "hero", f"{name}-{index}")
+        where = None if artifacts is None else artifacts.as_uri()
+        tracker = MlflowTracker(uri, "hero", f"{name}-{index}", artifact_location=where)
         tracker.log_lora(WINNING_LORA, ModelConfig())
         versions.append(tracker.register_lora(name, {"hero.run_id": f"{name}-{index}", "hero.rounds": "4"}))
     return versions
@@ -424,7 +427,7 @@ def test_a_promotion_judges_against_the_champion_another_promotion_moved_in_mean
 ) -> None:
     # promotions of runs that finish together overlap: each must compare with the champion it replaces
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    best, challenger, third = registered_versions(uri, "raced", 3)
+    best, challenger, third = registered_versions(uri, "raced", 3, tmp_path / "artifacts")
     registry = Registry(uri, "raced", "champion")
     rates = {best: 0.9, challenger: 0.6, third: 0.5, None: 0.1}
 
@@ -475,16 +478,13 @@ def test_a_registry_failing_mid_promotion_is_said_and_never_read_as_no_champion(
         failing.add(("POST", alias))
         with pytest.raises(RegistryError) as refused:
             registry.promote(won, margin=0.05, images=8, evaluate=evaluate)
-        assert (
-            f"version {challenger} of {name} was promoted (0.900 vs {champion}: 0.500) and nothing was "
-            "recorded" in str(refused.value)
-        )
+        said = str(refused.value)
+        assert said.startswith(f"version {challenger} of {name} won (0.900 vs {champion}: 0.500), but ")
+        assert "@champion could not be moved to it: " in said and said.endswith("; promote it again")
         assert "hero.promotion.decision" not in registry.version(challenger).tags
         failing.clear()
         failing.add(("POST", tag))
-        with pytest.raises(
-            RegistryError, match="@champion was moved to it, but the decision's tags were not"
-        ):
+        with pytest.raises(RegistryError, match="holds @champion now, but the decision's tags were not"):
             registry.promote(won, margin=0.05, images=8, evaluate=evaluate)
         failing.clear()
         assert registry.champion().version == challenger

@@ -320,18 +320,27 @@ class Registry:
             images=images,
         )
         # the alias first: tags saying "promoted" must never stand beside an alias that did not move
-        done = "nothing was recorded"
-        try:
-            if decision.promoted:
+        judged = (
+            f"version {challenger.version} of {self.name} {'won' if decision.promoted else 'did not win'} "
+            f"({challenger_rate:.3f} vs {decision.incumbent}: {incumbent_rate:.3f})"
+        )
+        if decision.promoted:
+            try:
                 self.client.set_registered_model_alias(self.name, self.alias, challenger.version)
-                done = f"@{self.alias} was moved to it, but the decision's tags were not written"
+            except MlflowException as err:
+                raise RegistryError(
+                    f"{judged}, but @{self.alias} could not be moved to it: {mlflow_message(err)}; promote "
+                    "it again"
+                ) from None
+        try:
             for key, value in decision.tags().items():
                 self.client.set_model_version_tag(self.name, challenger.version, key, value)
         except MlflowException as err:
+            # promoted, it holds the alias now (a second promotion is refused): the figures are here
+            moved = f" and holds @{self.alias} now" if decision.promoted else ""
+            again = "" if decision.promoted else "; promote it again to record them"
             raise RegistryError(
-                f"version {challenger.version} of {self.name} was {'' if decision.promoted else 'not '}"
-                f"promoted ({challenger_rate:.3f} vs {decision.incumbent}: {incumbent_rate:.3f}) and "
-                f"{done}: {mlflow_message(err)}; promote it again"
+                f"{judged}{moved}, but the decision's tags were not written: {mlflow_message(err)}{again}"
             ) from None
         return decision
 
