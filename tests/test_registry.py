@@ -520,6 +520,30 @@ def test_a_version_loads_onto_its_base_model_as_trained_in_its_dtype_and_from_it
     assert weights_sha256(bare) == fingerprint
 
 
+def test_a_version_logged_before_its_metadata_kept_the_dtype_loads_in_its_runs(tmp_path: Path) -> None:
+    # MLmodel metadata of the release before: source and fingerprint, no dtype or seed; the run's
+    # params (model.dtype is a learning setting: always logged) say how the base was loaded
+    import mlflow.diffusers
+
+    from hero_ml.adapters.tracking.registry import BASE_MODEL_KEY, BASE_WEIGHTS_KEY, MODEL_ARTIFACT
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = MlflowTracker(uri, "hero", "older", artifact_location=(tmp_path / "artifacts").as_uri())
+    tracker.log_params({"model": {"source": "toy", "dtype": "bfloat16", "seed": 0}})
+    trained_on = load_pipeline("toy", dtype=torch.bfloat16)
+    metadata = {BASE_MODEL_KEY: "toy", BASE_WEIGHTS_KEY: weights_sha256(trained_on)}
+    add_lora(trained_on.unet, rank=2, alpha=2, init="gaussian")
+    adapter = save_lora(trained_on.unet, tmp_path / "lora").parent
+    out = tmp_path / "model"
+    mlflow.diffusers.save_model(
+        adapter_path=str(adapter), path=str(out), base_model=str(TOY_FOLDER), metadata=metadata
+    )
+    tracker.client.log_artifacts(tracker.run_id, str(out), MODEL_ARTIFACT)
+    registry = Registry(uri, "older-lora", "champion")
+    version = registry.version(tracker.register_lora("older-lora", {}))
+    assert registry.load(version).unet.dtype == torch.bfloat16
+
+
 def test_a_web_server_that_is_not_mlflow_is_said_in_a_line_not_its_html_page(tmp_path: Path) -> None:
     # a real web server on loopback at the tracking URI (a wrong port, say): it answers MLflow's API with
     # its own 404 page, which MLflow's message would quote whole

@@ -229,7 +229,9 @@ class Registry:
                 ) from None
             metadata = model.metadata or {}
             source = metadata.get(BASE_MODEL_KEY)
-            dtype, seed = metadata.get(BASE_DTYPE_KEY, "float32"), metadata.get(BASE_SEED_KEY, 0)
+            dtype, seed = metadata.get(BASE_DTYPE_KEY), metadata.get(BASE_SEED_KEY)
+            if dtype is None or seed is None:  # logged before the metadata kept them: its run's params
+                dtype, seed = self._trained_dtype_and_seed(version)
             if not isinstance(source, str) or dtype not in DTYPES or type(seed) is not int:
                 raise RegistryError(
                     f"version {version.version} of {version.name} records no readable base model "
@@ -260,6 +262,16 @@ class Registry:
             except (OSError, ValueError) as err:
                 raise RegistryError(f"version {version.version} of {version.name}: {err}") from None
         return pipe
+
+    def _trained_dtype_and_seed(self, version: ModelVersion) -> tuple[str, int | str]:
+        """model.dtype and model.seed as the version's run logged them as params (float32 and 0
+        without them); a seed that is no number is returned as it is, for the caller to refuse."""
+        try:
+            params = self.client.get_run(version.run_id).data.params if version.run_id else {}
+        except MlflowException:
+            params = {}
+        seed = params.get("model.seed", "0")
+        return params.get("model.dtype", "float32"), int(seed) if seed.isdecimal() else seed
 
     def noise_pool(self, version: ModelVersion) -> NoisePool:
         """The noise pool the version's run left beside its LoRA (HERO runs only)."""
