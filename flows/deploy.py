@@ -49,7 +49,8 @@ TEMPLATES = Path(__file__).resolve().parent / "work_pools"
 @dataclass(frozen=True)
 class DeployPlan:
     gpu_pool: str = "hero-gpu"
-    gpu_pool_type: str = "process"  # process | docker | kubernetes (see base_job_template)
+    # process | docker | kubernetes (see base_job_template); None: an existing pool's, else process
+    gpu_pool_type: str | None = None
     service_pool: str = "hero-services"
     gpus: int = 1  # the GPU pool's concurrency limit
     poll_interval_s: int = 300
@@ -91,30 +92,32 @@ def base_job_template(pool_type: str) -> dict[str, Any]:
     return cast(dict[str, Any], json.loads((TEMPLATES / f"{pool_type}-gpu.json").read_text()))
 
 
-def ensure_pool(name: str, concurrency_limit: int | None, pool_type: str = "process") -> bool:
-    """A work pool `name` of `pool_type` with this concurrency limit; True when it was created (an
-    existing pool keeps its template, and gets the limit; one of another type is refused)."""
-    template = base_job_template(pool_type)
+def ensure_pool(name: str, concurrency_limit: int | None, pool_type: str | None = None) -> tuple[bool, str]:
+    """A work pool `name` with this concurrency limit: (whether it was created, its type). A new pool
+    is of `pool_type` (None: process); an existing one keeps its type and template and gets the limit,
+    and asking for another type is refused."""
+    kind = pool_type or "process"
     with get_client(sync_client=True) as client:
         try:
             client.create_work_pool(
                 WorkPoolCreate(
                     name=name,
-                    type=pool_type,
-                    base_job_template=template,
+                    type=kind,
+                    base_job_template=base_job_template(kind),
                     concurrency_limit=concurrency_limit,
                 )
             )
-            return True
+            return True, kind
         except ObjectAlreadyExists:
             existing = client.read_work_pool(name).type
-            if existing != pool_type:
+            if pool_type is not None and existing != pool_type:
                 raise DeployError(
-                    f"work pool {name} exists as a {existing} pool, not {pool_type}: choose another pool "
-                    f"name, or delete it (prefect work-pool delete {name}) once no flow run waits in it"
+                    f"work pool {name} exists as a {existing} pool, not {pool_type}: leave out --pool-type "
+                    f"(or give {existing}) to keep it, choose another pool name, or delete it (prefect "
+                    f"work-pool delete {name}) once no flow run waits in it"
                 ) from None
             client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=concurrency_limit))
-            return False
+            return False, existing
 
 
 def _deploy(

@@ -57,8 +57,12 @@ def deploy(
         str | None, typer.Option(help="Work pool of GPU work (default: orchestration.work_pool).")
     ] = None,
     pool_type: Annotated[
-        str, typer.Option(help="GPU pool type: process (workers on GPU machines), docker or kubernetes.")
-    ] = "process",
+        str | None,
+        typer.Option(
+            help="GPU pool type: process (workers on GPU machines), docker or kubernetes (default: an "
+            "existing pool's, else process)."
+        ),
+    ] = None,
     service_pool: Annotated[
         str, typer.Option(help="Work pool of the round poller (no GPU).")
     ] = "hero-services",
@@ -87,7 +91,7 @@ def deploy(
         ensure_pool,
     )
 
-    if pool_type not in POOL_TYPES:
+    if pool_type is not None and pool_type not in POOL_TYPES:
         raise fail(f"--pool-type {pool_type!r}: choose one of {', '.join(POOL_TYPES)}")
     if training_cron not in (None, TRAINING_CRON_OFF) and (problem := cron_problem(training_cron)):
         raise fail(
@@ -109,8 +113,8 @@ def deploy(
     table = Table("deployment", "id", title="deployments")
     try:
         with server_refusals():
-            for pool, kind, limit in pools:
-                created = ensure_pool(pool, limit, kind)
+            for pool, asked, limit in pools:
+                created, kind = ensure_pool(pool, limit, asked)
                 console.print(
                     f"work pool {pool} ({kind}): {'created' if created else 'exists'} "
                     f"(concurrency {limit or 'any'})"

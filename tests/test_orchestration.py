@@ -455,8 +455,9 @@ def test_gpu_work_pools_run_the_worker_image_with_a_gpu(prefect_server: Service)
     with temporary_settings(updates={PREFECT_API_URL: prefect_server.env["PREFECT_API_URL"]}):
         for kind in ("docker", "kubernetes"):
             name = f"gpu-{kind}-{tag}"
-            assert ensure_pool(name, 2, kind)
-            assert not ensure_pool(name, 1, kind)  # exists: the limit follows the latest deploy
+            assert ensure_pool(name, 2, kind) == (True, kind)
+            assert ensure_pool(name, 1, kind) == (False, kind)  # exists: the limit follows the latest deploy
+            assert ensure_pool(name, 1) == (False, kind)  # no type asked for: the pool's own
             with get_client(sync_client=True) as client:
                 pool = client.read_work_pool(name)
             assert (pool.type, pool.concurrency_limit) == (kind, 1)
@@ -522,4 +523,7 @@ def test_deploying_again_updates_in_place_and_removes_what_it_replaced(
     )  # fmt: skip
     said = " ".join(moved.stderr.split())
     assert moved.returncode == 1 and "Traceback" not in moved.stderr, moved.stderr
-    assert f"work pool {gpu} exists as a process pool, not kubernetes: choose another pool name" in said
+    assert (
+        f"work pool {gpu} exists as a process pool, not kubernetes: leave out --pool-type (or give process)"
+        in said
+    )
