@@ -72,26 +72,21 @@ def resolve_config(run_id: str | None, config: HeroConfig | dict[str, Any] | Non
         raise ConfigError(
             f"the parameters name two runs, run_id {run_id!r} and config.run_id {named!r}: give one"
         )
-    if isinstance(config, dict) and (moved := _moved_services(config)):
-        raise ConfigError(
-            f"config override {', '.join(moved)}: where runs are stored and labelled is the workers' "
-            "setting (HERO_CONFIG_FILE or HERO_* variables), not a flow run's: the webhook receiver and "
-            "the round poller look for a run's rounds there, and would never resume a run kept elsewhere"
-        )
     resolved = config if isinstance(config, HeroConfig) else with_overrides(load_config(), config or {})
     return resolved if run_id is None else with_overrides(resolved, {"run_id": run_id})
 
 
-def _moved_services(overrides: dict[str, Any]) -> list[str]:
-    """The overrides that would move a run's storage or Label Studio away from the services'."""
-    label_studio = overrides.get("label_studio")
+def moved_services(resolved: HeroConfig, worker: HeroConfig) -> list[str]:
+    """The settings a flow run's overrides (`resolved`) moved away from the worker's own: where runs
+    are stored and labelled, which the webhook receiver and the poller, with the workers' settings,
+    must share with a suspended run to find and resume it."""
     return [
         name
-        for name, given in (
-            ("storage", "storage" in overrides),
-            ("label_studio.url", isinstance(label_studio, dict) and "url" in label_studio),
+        for name, moved in (
+            ("storage", resolved.storage != worker.storage),
+            ("label_studio.url", resolved.label_studio.url != worker.label_studio.url),
         )
-        if given
+        if moved
     ]
 
 
@@ -135,6 +130,12 @@ def hero_training(
         run_id = deployed_run_id({"run_id": run_id, "config": config}, flow_run.name)
     resolved = resolve_config(run_id, config)
     if not isinstance(config, HeroConfig):
+        if moved := moved_services(resolved, load_config()):
+            raise ConfigError(
+                f"config override of {', '.join(moved)}: where runs are stored and labelled is the "
+                "workers' setting (HERO_CONFIG_FILE or HERO_* variables), not a flow run's: the webhook "
+                "receiver and the round poller look for a run's rounds there, and would never resume it"
+            )
         resolved = with_stored_run(resolved, config or {})
     logger = get_run_logger()
     # The run's lease first: a process refused the run must not touch the tracking of the one writing it.

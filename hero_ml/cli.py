@@ -327,6 +327,7 @@ def _ignored_on_resume(stored: dict, given: HeroConfig) -> list[str]:
             set_now |= {f"{section}.{name}" for name in value.model_fields_set}
         else:
             set_now.add(section)
+    set_now.discard("run_id")  # --resume names the run
     return [setting for setting in changed_settings(stored, given) if setting in set_now]
 
 

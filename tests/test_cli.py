@@ -670,6 +670,7 @@ def test_a_resume_says_which_settings_given_now_it_does_not_use(
     monkeypatch.setenv("HERO_FEEDBACK__BUDGET", "128")
     monkeypatch.setenv("HERO_SAMPLING__ETA", "1.0")  # given, but as the run has it
     monkeypatch.setenv("HERO_ORCHESTRATION__POLL_INTERVAL_S", "45")  # a service setting: it is used
+    monkeypatch.setenv("HERO_RUN_ID", "another")  # --resume names the run
     assert _ignored_on_resume(stored, load_config(small_config(tmp_path))) == ["feedback.budget"]
 
 

@@ -11,7 +11,7 @@ import yaml
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from flows.training import resolve_config, with_stored_run
+from flows.training import hero_training, moved_services, resolve_config, with_stored_run
 from hero_ml.adapters.storage import LocalStore, open_store
 from hero_ml.adapters.tracking import TrackingError
 from hero_ml.adapters.tracking.mlflow import RUN_ID_TAG, open_tracker
@@ -467,19 +467,20 @@ def test_flow_parameters_that_name_two_runs_are_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    ("overrides", "named"),
+    ("overrides", "moved"),
     [
-        ({"storage": {"local_root": "/elsewhere"}}, "storage"),
-        ({"label_studio": {"url": "http://127.0.0.1:9"}}, "label_studio.url"),
-        ({"storage": {"backend": "s3"}, "label_studio": {"url": "http://x"}}, "storage, label_studio.url"),
+        ({"storage": {"local_root": "/elsewhere"}}, ["storage"]),
+        ({"label_studio": {"url": "http://127.0.0.1:9"}}, ["label_studio.url"]),
+        ({"storage": {"backend": "local", "local_root": "hero-data"}}, []),  # the worker's own: no move
+        ({"label_studio": {"project_title_prefix": "t"}}, []),  # how it is labelled, not where
     ],
 )
 def test_flow_parameters_cannot_move_a_run_away_from_the_services_that_resume_it(
-    overrides: dict[str, Any], named: str
+    overrides: dict[str, Any], moved: list[str]
 ) -> None:
     # the receiver and the poller look for a suspended run's rounds in their own storage and Label
     # Studio: a run kept elsewhere would wait forever
-    with pytest.raises(ConfigError, match=rf"config override {named}: where runs are stored and labelled"):
-        resolve_config("a", overrides)
-    kept = resolve_config("a", {"label_studio": {"project_title_prefix": "t"}})  # how, not where: taken
-    assert kept.label_studio.project_title_prefix == "t"
+    assert moved_services(resolve_config("a", overrides), load_config()) == moved
+    if moved:
+        with pytest.raises(ConfigError, match=rf"config override of {moved[0]}: where runs are stored"):
+            hero_training(run_id="a", config=overrides)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -11,9 +12,13 @@ from hero_ml.adapters.storage.keys import check_key, check_prefix
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it: put back at once, at import
-    os.umask(mask)
-    return mask
+    try:  # Linux says it; elsewhere reading it means setting it, put back at once (at import)
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 # an object's file mode as open() would create it: mkstemp's 0600 would hide a shared root's runs from
@@ -50,8 +55,9 @@ class LocalStore:
             new_folders = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            os.fchmod(fd, _FILE_MODE)
             with os.fdopen(fd, "wb") as handle:
+                with contextlib.suppress(OSError):  # a mount that keeps its own modes (CIFS, vfat)
+                    os.fchmod(handle.fileno(), _FILE_MODE)
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
