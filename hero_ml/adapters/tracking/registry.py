@@ -307,8 +307,8 @@ class Registry:
         current = self.champion()
         self._refuse_the_champion(challenger, current)
         challenger_rate = evaluate(challenger)
-        # MLflow cannot move an alias only if it is unchanged: a promotion that moved it while the
-        # incumbent was evaluated (one finished training each) makes its champion the incumbent
+        # MLflow has no compare-and-set of an alias: a promotion that moved it while this one evaluated
+        # (runs finishing together each have one) makes its champion the incumbent to judge against
         for _ in range(_MOVES_FOLLOWED):
             incumbent_rate = evaluate(current)
             now = self.champion()
