@@ -135,6 +135,9 @@ def model_build(
     arch: Annotated[str, typer.Argument(help="Architecture: 'tiny' or 'sd15'.")],
     out: Annotated[Path, typer.Argument(help="Folder to write the diffusers pipeline to.", file_okay=False)],
     seed: Annotated[int, typer.Option(help="Seed of the random weights.", min=0, max=SEED_MAX)] = 0,
+    overwrite: Annotated[
+        bool, typer.Option(help="Write into OUT although it holds files (a model there is replaced).")
+    ] = False,
 ) -> None:
     """Write an SD-shaped pipeline with random weights as a standard diffusers folder."""
     from hero_ml.diffusion.architectures import ARCHITECTURES
@@ -142,7 +145,7 @@ def model_build(
 
     if arch not in ARCHITECTURES:
         raise fail(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
-    writable_folder(out, "OUT")  # before the build, which takes minutes for sd15
+    writable_folder(out, "OUT", overwrite)  # before the build, which takes minutes for sd15
     with console.status(f"building {arch} with random weights"):
         build_random_pipeline(arch, seed=seed).save_pretrained(out)
     console.print(f"[green]wrote[/] {escape(str(out))} (random weights, seed {seed})", highlight=False)
@@ -668,6 +671,10 @@ def generate(
             "run's own prompt."
         ),
     ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(help="Write into --out although it holds files (an earlier generate's images go)."),
+    ] = False,
     config: ConfigOption = None,
 ) -> None:
     """Generate images from a registered LoRA, e.g. the production one: models:/hero-lora@champion."""
@@ -676,7 +683,7 @@ def generate(
     from hero_ml.promotion import generate_from_registry
 
     resolved = load(config)
-    made = writable_folder(out, "--out")
+    made = writable_folder(out, "--out", overwrite)
     quiet_model_loading()
     with console.status(f"loading {model} and generating {count} images"):
         try:

@@ -45,10 +45,21 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(code=1)
 
 
-def writable_folder(folder: Path, option: str) -> bool:
+def writable_folder(folder: Path, option: str, overwrite: bool = True) -> bool:
     """Make `folder` (and its parents) before the work whose results it would hold, or fail readably;
-    True when it did not exist before (so a command that produced nothing can remove it again)."""
+    True when it did not exist before (so a command that produced nothing can remove it again).
+
+    overwrite False: a folder that holds anything is refused (its files would be mixed with the new
+    ones, or replaced); the message names the --overwrite flag that allows it."""
     made = not folder.exists()
+    if not overwrite and folder.is_dir():
+        held = sorted(entry.name for entry in folder.iterdir())
+        if held:
+            raise fail(
+                f"{option} {folder} already holds {held[0]}"
+                + (f" and {len(held) - 1} more" if len(held) > 1 else "")
+                + "; give a new or empty folder, or --overwrite to write over it"
+            )
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -8,6 +8,7 @@ evaluation in place of the judge.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -82,7 +83,8 @@ def generate_from_registry(
     guided: bool = False,
 ) -> tuple[ModelVersion, list[Path], NoisePool | None]:
     """`count` images of `prompt` from the registered version `model_uri`, written as PNGs (and a
-    grid) to `out`; sampled as HERO samples (config.sampling: DDIM steps, CFG, eta).
+    grid) to `out`; sampled as HERO samples (config.sampling: DDIM steps, CFG, eta). Numbered PNGs
+    of an earlier, larger generation in `out` are removed: the folder holds this one's images only.
 
     guided: start from the noise pool the version's run left (as HERO samples its training batches),
     returned too (its prompt may not be `prompt`), instead of plain N(0, I)."""
@@ -113,4 +115,7 @@ def generate_from_registry(
         Image.fromarray(image).save(path)
         paths.append(path)
     image_grid(images).save(out / "grid.png")
+    for earlier in out.glob("*.png"):  # a larger earlier --count's images would read as this one's
+        if re.fullmatch(r"\d{3,}\.png", earlier.name) and earlier not in paths:
+            earlier.unlink()
     return version, paths, pool

@@ -616,6 +616,12 @@ def test_toy_pretrain_and_card_refuse_folders_they_cannot_use_before_any_work(tm
     result = runner.invoke(app, ["toy", "pretrain", "--out", "/proc/hero-model"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "--out /proc/hero-model: cannot create it (No such file or directory)" in result.output
+    (tmp_path / "notes.txt").write_text("mine")  # a folder in use: not written over unless asked
+    result = runner.invoke(app, ["toy", "pretrain", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "VAE" not in result.output
+    said = " ".join(result.output.split())
+    assert f"--out {tmp_path} already holds notes.txt; give a new or empty folder, or --overwrite" in said
+    (tmp_path / "notes.txt").unlink()
     result = runner.invoke(app, ["toy", "card", "--model", str(tmp_path)])
     assert result.exit_code == 1 and "measuring" not in result.output
     assert f"--model {tmp_path}: no training.json" in " ".join(result.output.split())

@@ -164,6 +164,15 @@ def test_hero_run_on_s3_and_an_mlflow_server(
         start = "from the run's noise pool (its best and" if flags else "from plain N(0, I) noises"
         assert f"2 images of {version.name} version 1 {start}" in said, said
     assert images[True] != images[False]
+    # into a folder that holds images: refused, nothing written; --overwrite leaves this generation's only
+    again = ["generate", f"models:/{version.name}/1", "--prompt", "three green squares", "--count", "1",
+             "--out", str(out), "-c", str(path)]  # fmt: skip
+    refused = runner.invoke(app, again)
+    assert refused.exit_code == 1 and "already holds 000.png and 2 more" in refused.output, refused.output
+    assert (out / "000.png").read_bytes() == images[True]
+    replaced = runner.invoke(app, [*again, "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert sorted(p.name for p in out.iterdir()) == ["000.png", "grid.png"]
 
 
 def register(config_path: Path, lora_folder: Path, run_id: str, task: str | None = "anomaly") -> str:

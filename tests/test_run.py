@@ -282,7 +282,11 @@ def test_a_run_refuses_to_go_on_with_other_base_weights_under_its_model_source(t
     assert record is not None and record.source == str(model)
     assert set(record.sha256) == {"unet", "text_encoder", "vae"}
     TrainingRun(config, store).close()  # the same weights: it resumes
-    assert runner.invoke(app, ["model", "build", "tiny", str(model), "--seed", "4"]).exit_code == 0
+    kept = runner.invoke(app, ["model", "build", "tiny", str(model), "--seed", "4"])
+    assert kept.exit_code == 1 and "already holds model_index.json and 5 more" in kept.output, kept.output
+    TrainingRun(config, store).close()  # refused before any write: the same weights still
+    rebuilt = runner.invoke(app, ["model", "build", "tiny", str(model), "--seed", "4", "--overwrite"])
+    assert rebuilt.exit_code == 0, rebuilt.output
     with pytest.raises(RunError) as refused:
         TrainingRun(config, store)
     assert str(refused.value).startswith(

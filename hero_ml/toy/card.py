@@ -187,7 +187,7 @@ latents, {size_mb:.1f} MB of safetensors.
 
 ```
 hero toy pretrain --seed {config.seed} --dataset-size {config.dataset_size} \\
-    --vae-steps {config.vae_steps} --unet-steps {config.unet_steps} --out hero_ml/toy/pretrained
+    --vae-steps {config.vae_steps} --unet-steps {config.unet_steps} --out hero_ml/toy/pretrained --overwrite
 ```
 
 {log.seconds / 60:.1f} minutes on the 2-core CPU it was made on{phases}. Every figure of the run is in `training.json`.

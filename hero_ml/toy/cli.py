@@ -43,12 +43,15 @@ def pretrain_command(
     dataset_size: Annotated[int, typer.Option(help="Rendered (image, caption) pairs.", min=8)] = 20_000,
     vae_steps: Annotated[int, typer.Option(help="VAE optimiser steps.", min=1)] = 800,
     unet_steps: Annotated[int, typer.Option(help="Text-encoder + UNet optimiser steps.", min=1)] = 3000,
+    overwrite: Annotated[
+        bool, typer.Option(help="Write into --out although it holds files (a model there is replaced).")
+    ] = False,
 ) -> None:
     """Train the toy Stable Diffusion from nothing (VAE, then text encoder + UNet) and save it."""
     from hero_ml.toy.pretrain import PretrainConfig, pretrain
 
     config = PretrainConfig(seed=seed, dataset_size=dataset_size, vae_steps=vae_steps, unet_steps=unet_steps)
-    writable_folder(out, "--out")
+    writable_folder(out, "--out", overwrite)
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
