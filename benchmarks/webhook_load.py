@@ -71,7 +71,12 @@ class WaitingRounds:
 
 
 def meta(round_index: int) -> dict[str, Any]:
-    return {"run_id": "load", "round": round_index, "kind": "image", "flow_run_id": f"flow-{round_index}"}
+    return {
+        "run_id": "load",
+        "round": round_index,
+        "kind": "image",
+        "flow_run_id": f"00000000-0000-4000-8000-{round_index:012d}",
+    }
 
 
 def percentile(values: list[float], q: float) -> float:

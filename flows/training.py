@@ -205,7 +205,8 @@ def _wait_for_annotators(humans: LabelStudioRounds, round_index: int, config: He
     while True:
         time.sleep(config.orchestration.poll_interval_s)
         try:
-            if check_labelling(humans, round_index).ready:
+            readiness = check_labelling(humans, round_index)
+            if readiness.ready or readiness.republish:  # entered again, the round publishes what is gone
                 return
         except LabelStudioError as err:  # a restart of Label Studio must not end a run that waits
             get_run_logger().warning("cannot check round %d yet: %s", round_index, err)

@@ -77,7 +77,8 @@ class RoundResumer:
 
     def resume_if_ready(self, flow_run_id: str, run_id: str, round_index: int | None = None) -> ResumeResult:
         """Resume flow run `flow_run_id` if it is suspended for a round of `run_id` (for round_index,
-        when given: the round an event is about) and that round may close now."""
+        when given: the round an event is about) and that round may close now, or has tasks to publish
+        again (Readiness.republish: deleted in Label Studio, it would wait on them for ever)."""
 
         def result(resumed: bool, reason: str, k: int | None = round_index) -> ResumeResult:
             return ResumeResult(flow_run_id, run_id, k, resumed, reason)
@@ -103,7 +104,7 @@ class RoundResumer:
             readiness = humans.readiness(waiting_for)
         except (HeroError, KeyError) as err:  # e.g. Label Studio or S3 down, a run id no store takes
             return result(False, f"cannot check round {waiting_for}: {err}", waiting_for)
-        if not readiness.ready:
+        if not (readiness.ready or readiness.republish):  # republish: the round publishes when entered
             return result(False, readiness.reason, waiting_for)
         refused = resume_pause(UUID(flow_run_id), state.state_details.pause_key)
         if refused is not None:

@@ -47,7 +47,8 @@ class HeroTaskMeta(BaseModel):
 
     run_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     round: int = Field(ge=0)
-    flow_run_id: str | None = None
+    # a Prefect flow run id; task data is editable by any Label Studio user, and this one is logged
+    flow_run_id: str | None = Field(None, pattern=r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 
 
 class EventTask(BaseModel):

@@ -648,6 +648,9 @@ class PromotionConfig(_Section):
     )
 
 
+LABEL_STUDIO_TITLE_MAX = 50  # characters of a project title (Label Studio's own limit)
+
+
 class LabelStudioConfig(_Section):
     enabled: bool = Field(
         False, description="Ask humans in Label Studio; off = the simulated annotator (embedded)."
@@ -827,6 +830,13 @@ class HeroConfig(BaseSettings):
                 f"orchestration.deadline_min_labels ({self.orchestration.deadline_min_labels}) exceeds "
                 f"feedback.annotators_per_image ({self.feedback.annotators_per_image}): a deadline "
                 "cannot ask for more labels than a complete round"
+            )
+        title = f"{self.label_studio.project_title_prefix} {self.run_id}"
+        if self.label_studio.enabled and len(title) > LABEL_STUDIO_TITLE_MAX:
+            raise ValueError(
+                f"label_studio.project_title_prefix and run_id make the run's Label Studio project title "
+                f"{title!r}, {len(title)} characters: Label Studio takes at most {LABEL_STUDIO_TITLE_MAX}; "
+                "shorten either"
             )
         if self.feedback.budget < self.feedbacks_per_round:
             raise ValueError(

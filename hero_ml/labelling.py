@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -44,6 +45,7 @@ __all__ = ["LabelStudioError", "LabelStudioRounds", "Progress", "Published", "Re
 # read carries the task: above this, events would exceed the receiver's 1 MiB body limit (the toy
 # model's best task, a grid of 64 images of 64 px, is about 0.2 MiB).
 INLINE_TASK_LIMIT_BYTES = 768 * 1024
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,8 @@ class LabelStudioRounds:
                 )
         project_id = self.project()
         present = self.projects.held_tasks(project_id, tasks)  # another run's tasks: refused, nothing written
+        # the closed rounds' tasks a withdrawal at their collection missed (Label Studio down, a crash)
+        self.projects.withdraw(self._unfinished(list(present.values()), before=round_index))
         # the first attempt starts the clock, before the import: a crash part-way through the import
         # (tasks out, record not yet written) must not restart the deadline when publishing again
         published = self.runs.load_published(round_index)
@@ -191,7 +195,17 @@ class LabelStudioRounds:
         published = self.runs.load_published(round_index)
         if published is None:
             return Readiness(False, f"round {round_index} is not published")
-        project_tasks = self.projects.tasks(published.project_id)
+        try:
+            project_tasks = self.projects.tasks(published.project_id)
+        except LabelStudioError as err:
+            if err.status_code != 404:
+                raise
+            return Readiness(
+                False,
+                f"project {published.project_id} is gone from Label Studio: publishing round {round_index} "
+                "again (in the run's project, made anew if need be)",
+                republish=True,
+            )
         collected, _ = self._collect(round_index, self._image_ids(round_index), project_tasks)
         policy = self.config.orchestration
         return readiness(
@@ -202,6 +216,7 @@ class LabelStudioRounds:
             deadline_h=policy.round_deadline_h,
             deadline_min_labels=policy.deadline_min_labels,
             not_counted=collected.problems,
+            missing_tasks=collected.missing_tasks,
         )
 
     def _collect(
@@ -227,10 +242,37 @@ class LabelStudioRounds:
     def _image_ids(self, round_index: int) -> list[str]:
         return list(self.runs.load_manifest(round_index)["image_ids"])
 
-    def progress(self, round_indices: list[int]) -> dict[int, CollectedRound]:
-        """Where each round's labelling stands, from one read of the project's tasks (nothing stored)."""
-        project_tasks = self.projects.tasks(self.project())
-        return {k: self._collect(k, self._image_ids(k), project_tasks)[0] for k in round_indices}
+    def progress(self, round_indices: list[int]) -> dict[int, CollectedRound | None]:
+        """Where each round's labelling stands: a collected round's as collected (its annotations.json:
+        its unfinished tasks were withdrawn then), an open one's from its published project's tasks
+        (one read a project), an unpublished one's None. Nothing is written or set up."""
+        read: dict[int, list[dict]] = {}  # project id -> its tasks
+        stands: dict[int, CollectedRound | None] = {}
+        for k in round_indices:
+            stored = self.runs.load_round_object(k, ANNOTATIONS)
+            published = self.runs.load_published(k)
+            if stored is not None and self.runs.load_feedback(k) is not None:  # collected: closed
+                tasks = json.loads(stored)["tasks"]
+            elif published is not None:
+                if published.project_id not in read:
+                    read[published.project_id] = self.projects.tasks(published.project_id)
+                tasks = read[published.project_id]
+            else:
+                stands[k] = None
+                continue
+            stands[k] = self._collect(k, self._image_ids(k), tasks)[0]
+        return stands
+
+    def _unfinished(self, tasks: list[dict], before: int) -> list[int]:
+        """The ids of this run's tasks of rounds before `before` that Label Studio would still hand out."""
+        return [
+            task["id"]
+            for task in tasks
+            if (key := task_key(task.get("data") or {})) is not None
+            and key[0] == self.runs.run_id
+            and key[1] < before
+            and not task.get("is_labeled")
+        ]
 
     def collect(self, round_index: int) -> tuple[RoundFeedback, CollectedRound]:
         """Store the round's raw annotations, then aggregate them (FeedbackError if images lack labels).
@@ -268,6 +310,25 @@ class LabelStudioRounds:
                 step=round_index,
             )
         self.runs.save_feedback(round_index, feedback, collected.feedback)
+        # closed: its unfinished tasks go, or Label Studio would hand them out before the next round's
+        # (the oldest first) and their labels would be read by no one; missed here, the next publish does it
+        unfinished = self._unfinished(tasks, before=round_index + 1)
+        try:
+            self.projects.withdraw(unfinished)
+        except LabelStudioError as err:
+            logger.warning(
+                "round %d's %d unfinished tasks stay in Label Studio until the next round is published: %s",
+                round_index,
+                len(unfinished),
+                err,
+            )
+        else:
+            if unfinished:
+                logger.info(
+                    "round %d closed: %d unfinished tasks withdrawn from Label Studio",
+                    round_index,
+                    len(unfinished),
+                )
         return feedback, collected
 
 

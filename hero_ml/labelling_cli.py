@@ -115,17 +115,21 @@ def status(
         progress = rounds.progress(committed)
     except (LabelStudioError, StorageError) as err:
         raise fail(str(err)) from None
-    table = Table("round", "labels", "best votes", "complete", "skipped", "problems", title=f"run {run_id}")
+    table = Table("round", "state", "labels", "best votes", "skipped", "problems", title=f"run {run_id}")
     annotators: dict[str, int] = {}
     for k, collected in progress.items():
+        if collected is None:
+            table.add_row(str(k), "not published", "", "", "", "")
+            continue
         p = collected.progress
+        closed = rounds.runs.load_feedback(k) is not None  # as collected; its unfinished tasks withdrawn
         table.add_row(
             str(k),
+            "collected" if closed else "[green]complete[/]" if p.complete else "open",
             f"{p.labels}/{p.labels_required}",
             f"{p.best_votes}/{p.best_votes_required}",
-            "[green]yes[/]" if p.complete else "no",
             str(collected.cancelled),
-            str(len(collected.problems)),
+            str(len(collected.problems) + len(collected.missing_tasks)),
         )
         for who, count in collected.labels_by_annotator.items():
             annotators[who] = annotators.get(who, 0) + count
@@ -133,5 +137,9 @@ def status(
     for who, count in sorted(annotators.items(), key=lambda item: -item[1]):
         console.print(f"  annotator {who}: {count} labels", highlight=False, markup=False)
     for k, collected in progress.items():
-        for problem in collected.problems:
+        for missing in [] if collected is None else collected.missing_tasks:
+            console.print(
+                f"  [yellow]round {k}[/]: {escape(missing)} has no task in Label Studio", highlight=False
+            )
+        for problem in [] if collected is None else collected.problems:
             console.print(f"  [yellow]round {k}[/]: {escape(problem)}", highlight=False)  # annotators' text

@@ -364,6 +364,13 @@ class RunStore:
         self.store.put(key, data)
         return key
 
+    def load_round_object(self, round_index: int, name: str) -> bytes | None:
+        """A labelling object of a round as put_round_object wrote it; None when it has none."""
+        if name not in _LABELLING:
+            raise ValueError(f"{name!r} is not a labelling object of a round")
+        key = f"{self.round_prefix(round_index)}/{name}"
+        return self.store.get(key) if self.store.exists(key) else None
+
     def load_manifest(self, round_index: int) -> dict[str, Any]:
         return self._record(f"{self.round_prefix(round_index)}/{MANIFEST}", _Manifest).model_dump()
 

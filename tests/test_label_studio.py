@@ -5,6 +5,7 @@ page does, the round collected, aggregated and stored for audit."""
 import base64
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -193,11 +194,90 @@ def test_a_round_whose_project_was_made_again_is_checked_where_its_tasks_are_now
     published_at = runs.load_published(0).published_at
     admin = LabelStudio(base_url=label_studio_server.url, api_key=label_studio_server.admin_token)
     admin.projects.delete(id=first.project_id)  # reset by hand, or lost with Label Studio's data
+    # its labels can no longer come: the round is to be entered again, which publishes it anew
+    gone = rounds(config, runs).readiness(0)
+    assert gone.republish and not gone.ready
+    assert gone.reason.startswith(f"project {first.project_id} is gone from Label Studio: publishing round 0")
     again = rounds(config, runs).publish(0, current_best=None, flow_run_id="flow-1")
     assert again.project_id != first.project_id and again.created == 5
     record = runs.load_published(0)
     assert (record.project_id, record.published_at) == (again.project_id, published_at)  # same deadline
     assert rounds(config, runs).readiness(0).reason == "waiting for 0/8 labels, 0/2 best votes"
+
+
+def test_a_closed_rounds_unfinished_tasks_leave_the_queue_and_a_deleted_task_is_published_again(
+    s3_server: Service, label_studio_server: LabelStudioServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with behind_the_fault_proxy(s3_server, label_studio_server, frozenset({"DELETE"})) as (
+        config,
+        runs,
+        _,
+        down,
+    ):
+        humans = rounds(config, runs)
+        project = humans.publish(0, current_best=None).project_id
+        admin = LabelStudio(base_url=label_studio_server.url, api_key=label_studio_server.admin_token)
+
+        def held() -> dict[tuple[int, str, str], int]:
+            listed = admin.tasks.list(project=project, fields="all")
+            return {
+                (t.data["hero"]["round"], t.data["hero"]["kind"], t.data["hero"].get("image_id") or ""): t.id
+                for t in listed
+            }
+
+        image_ids = list(runs.load_manifest(0)["image_ids"])
+        # a task deleted in Label Studio: its image's labels cannot come, so the round is to be entered
+        # again (the poller resumes it), which publishes the task anew
+        admin.tasks.delete(id=str(held()[(0, "image", image_ids[3])]))
+        gone = humans.readiness(0)
+        assert gone.republish and not gone.ready and f"(e.g. image {image_ids[3]!r})" in gone.reason
+        assert humans.publish(0, current_best=None).created == 1
+        assert not humans.readiness(0).republish
+
+        # every image labelled once of the two wanted and one best vote of two: the round closes short (a
+        # deadline), and Label Studio would hand its tasks out before the next round's, the oldest first
+        tasks = held()
+        annotator = LabelStudio(
+            base_url=label_studio_server.url,
+            api_key=create_annotator(
+                label_studio_server, f"dee-{uuid.uuid4().hex[:6]}@hero.local", "dee-password-123"
+            ),
+        )
+        for image_id in image_ids:
+            annotator.annotations.create(
+                id=tasks[(0, "image", image_id)], result=choice("label", "good"), was_cancelled=False
+            )
+        annotator.annotations.create(id=tasks[(0, "best", "")], result=choice("best", image_ids[0]))
+        down.set()  # Label Studio refuses the withdrawal: the round is learned all the same
+        with caplog.at_level(logging.WARNING, logger="hero_ml.labelling"):
+            feedback, _ = humans.collect(0)
+        assert feedback.good == (True, True, True, True)
+        assert (
+            "round 0's 5 unfinished tasks stay in Label Studio until the next round is published"
+            in caplog.text
+        )
+        assert len(held()) == 5
+        down.clear()
+
+        # the next round's publication withdraws them; round 0's labels stay in its annotations.json
+        batch = sample_batch(build_random_pipeline("tiny", seed=0), config.sampling, 1)
+        runs.commit_batch(batch, {"prompt": PROMPT})
+        humans.publish(1, current_best=batch.trajectory.images[0].numpy())
+        assert sorted(held()) == sorted(
+            (1, kind, i) for kind, i in [("best", ""), *(("image", i) for i in batch.image_ids)]
+        )
+        stored = json.loads(runs.store.get(f"{runs.round_prefix(0)}/{ANNOTATIONS}"))
+        assert sum(len(task["annotations"]) for task in stored["tasks"]) == 5
+
+        # collected without a fault, a round withdraws its own unfinished tasks at once
+        tasks = held()
+        for image_id in batch.image_ids:
+            annotator.annotations.create(
+                id=tasks[(1, "image", image_id)], result=choice("label", "bad"), was_cancelled=False
+            )
+        annotator.annotations.create(id=tasks[(1, "best", "")], result=choice("best", "keep"))
+        humans.collect(1)
+        assert held() == {}
 
 
 @contextlib.contextmanager
@@ -392,8 +472,30 @@ def test_a_team_labels_a_round_and_the_pipeline_reads_exactly_that(
 
     clients["ann"].annotations.update(id=first.id, result=choice("label", "good"))  # a late change of mind
     label("cat", 3, "good")
+    # the run's own settings, stored as a training run stores them; the file at hand wants 3 annotators
+    # an image (a flow run's overrides differ from the worker's file so): the status is the run's
+    runs.save_config(config.to_public_dict())
+    other_team = config.feedback.model_copy(update={"annotators_per_image": 3, "budget": 24})
+    path, env = cli_config(config.model_copy(update={"feedback": other_team}), tmp_path)
+    # any text an annotator posts through the API is shown as text: '[/]' is no closing markup tag
+    clients["cat"].annotations.create(id=tasks[("best", "")], result=choice("best", "[/]"))
+    wrong_best = f"by annotator {ids['cat']}: best '[/]' is not an image of round 0"
+
+    def status() -> str:
+        shown = runner.invoke(app, ["labelstudio", "status", config.run_id, "-c", str(path)], env=env)
+        assert shown.exit_code == 0, shown.output
+        assert f"annotator {ids['ann']}: 4 labels" in shown.output  # images 0-3 (2 updated in place)
+        assert wrong_best in " ".join(shown.output.split())  # rich wraps lines at the terminal's width
+        return shown.output
+
+    assert "8/8" in (before := status()) and "2/2" in before and "complete" in before
     feedback, collected = labelling.collect(0)
-    assert collected.progress.complete and collected.problems == [] and collected.cancelled == 1
+    assert collected.progress.complete and collected.cancelled == 1
+    assert len(collected.problems) == 1 and wrong_best in collected.problems[0]
+    # collected, the round stands as it was read: later annotations change nothing
+    clients["cat"].annotations.create(id=image[2], result=choice("label", "bad"), was_cancelled=False)
+    assert "8/8" in (after := status()) and "collected" in after
+    assert f"annotator {ids['cat']}: 2 labels" in after  # not 3: the late label is not the round's
     # image 0: good 2/3; image 1: bad 0/2; image 2: good 2/2 after ann's update; image 3: good 2/2
     assert feedback.good == (True, False, True, True)
     # ann voted image 0, bob image 3: one vote each. Bob had not labelled image 3: picking it as best
@@ -410,20 +512,6 @@ def test_a_team_labels_a_round_and_the_pipeline_reads_exactly_that(
     logged = labelling.tracker.client.get_run(labelling.tracker.run_id).data.metrics
     assert logged["labelling_label_agreement"] == pytest.approx(feedback.label_agreement)
     assert logged["labelling_best_agreement"] == 0.5 and logged["labelling_skipped"] == 1
-
-    # the run's own settings, stored as a training run stores them; the file at hand wants 3 annotators
-    # an image (a flow run's overrides differ from the worker's file so): the status is the run's
-    runs.save_config(config.to_public_dict())
-    other_team = config.feedback.model_copy(update={"annotators_per_image": 3, "budget": 24})
-    path, env = cli_config(config.model_copy(update={"feedback": other_team}), tmp_path)
-    # any text an annotator posts through the API is shown as text: '[/]' is no closing markup tag
-    clients["cat"].annotations.create(id=tasks[("best", "")], result=choice("best", "[/]"))
-    status = runner.invoke(app, ["labelstudio", "status", config.run_id, "-c", str(path)], env=env)
-    assert status.exit_code == 0, status.output
-    assert "8/8" in status.output and "2/2" in status.output and "yes" in status.output
-    assert f"annotator {ids['ann']}: 4 labels" in status.output  # images 0-3 (2 updated in place)
-    shown = " ".join(status.output.split())  # rich wraps lines at the terminal's width
-    assert f"by annotator {ids['cat']}: best '[/]' is not an image of round 0" in shown
 
 
 def cli_config(config: HeroConfig, tmp_path: Path) -> tuple[Path, dict[str, str]]:

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 import webhook_load
 
 SECRET = "s3cr3t-webhook-value"
+FLOW = "0f4c2a6e-1d3b-4b8e-9a57-2c1e8d6f4b30"  # a flow run id, as Prefect makes them
 HEADER = "X-Hero-Webhook-Secret"
 
 
@@ -66,7 +67,7 @@ def receiver(recorder: Recorder) -> Iterator[str]:
 
 
 def event(round_index: int = 0, action: str = "ANNOTATION_CREATED", **hero: Any) -> dict[str, Any]:
-    meta = {"run_id": "run-a", "round": round_index, "kind": "image", "flow_run_id": "flow-1", **hero}
+    meta = {"run_id": "run-a", "round": round_index, "kind": "image", "flow_run_id": FLOW, **hero}
     return {
         "action": action,
         "annotation": {"id": 7, "result": []},
@@ -125,8 +126,10 @@ def test_oversized_malformed_and_foreign_events_do_nothing(receiver: str, record
     assert post(receiver, foreign).json() == {"queued": 0}
     assert post(receiver, event(flow_run_id=None)).json() == {"queued": 0}
     assert post(receiver, event(run_id="../etc")).json() == {"queued": 0}
+    # any Label Studio user can edit task data: a flow run id that is none (it would be logged) is refused
+    assert post(receiver, event(flow_run_id=FLOW + "\nWARNING forged line")).json() == {"queued": 0}
     state = settle(receiver)
-    assert (state["rejected"], state["accepted"], state["ignored"]) == (5, 4, 4)
+    assert (state["rejected"], state["accepted"], state["ignored"]) == (5, 5, 5)
     assert recorder.calls == []
 
 
@@ -159,8 +162,8 @@ def test_a_run_not_suspended_yet_is_checked_again() -> None:
 
     def answer(count: int) -> ResumeResult:
         if count == 1:
-            return ResumeResult("flow-1", "run-a", 0, False, "not waiting (state Running)")
-        return ResumeResult("flow-1", "run-a", 0, True, "complete")
+            return ResumeResult(FLOW, "run-a", 0, False, "not waiting (state Running)")
+        return ResumeResult(FLOW, "run-a", 0, True, "complete")
 
     recorder = Recorder(answer)
     for url in serve(create_app(recorder, SecretStr(SECRET), recheck_delays_s=(0.3,))):
@@ -204,7 +207,7 @@ def test_a_client_whose_requests_keep_failing_is_throttled_but_its_events_are_no
         assert post(url, event(), secret="after-the-wait").status_code == 401  # a token is back
         state = settle(url)
         assert (state["rejected"], state["throttled"], state["accepted"]) == (6, 4, 1)
-        assert recorder.calls == [("flow-1", "run-a", 0)]
+        assert recorder.calls == [(FLOW, "run-a", 0)]
 
 
 def test_a_rejection_budget_refills_with_time() -> None:

@@ -139,6 +139,14 @@ def test_cross_section_constraints_are_checked(tmp_path: Path) -> None:
     path = write(tmp_path, {"ddpo": {"target_kl": 0}})
     with pytest.raises(ConfigError, match=r"ddpo\.target_kl: Input should be greater than 0"):
         load_config(path)
+    # Label Studio takes project titles of 50 characters ('HERO ' + a run_id of 45): said before any work
+    label_studio = {"enabled": True, "api_key": "k"}
+    assert load_config(write(tmp_path, {"run_id": "r" * 45, "label_studio": label_studio})).run_id == "r" * 45
+    path = write(tmp_path, {"run_id": "r" * 46, "label_studio": label_studio})
+    with pytest.raises(
+        ConfigError, match=r"project title 'HERO r{46}', 51 characters: Label Studio takes at most 50"
+    ):
+        load_config(path)
 
 
 def test_unknown_random_architecture_is_refused(tmp_path: Path) -> None:

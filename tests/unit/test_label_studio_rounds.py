@@ -117,7 +117,7 @@ def test_collect_a_round_labelled_by_a_team() -> None:
     )
     assert collected.cancelled == 1 and collected.replaced == 1
     assert collected.problems == [
-        "task 12, annotation 7 by annotator 2: no good/bad choice (got None); "
+        "task 12, annotation 7 by annotator 2: no good/bad choice where one is wanted; "
         "the image stays unlabelled by them"
     ]
     assert collected.labels_by_annotator == {"1": 2, "2": 1, "3": 2}
@@ -191,7 +191,7 @@ def test_collect_reports_what_it_cannot_map() -> None:
         "data": {**tasks()[0]["data"], "hero": {**tasks()[0]["data"]["hero"], "round": 0}},
         "annotations": [annotation(6, "good")],
     }
-    round_tasks[1]["annotations"].append({**annotation(1, "good", ident=8), "completed_by": None})
+    round_tasks[1]["annotations"].append({**annotation(1, "good", ident=8), "completed_by": 3.5})
     round_tasks[2]["annotations"].append({**annotation(1, "good", ident=9), "completed_by": "x" * 201})
     unknown = {
         "id": 32,
@@ -239,6 +239,53 @@ def test_collect_reports_what_it_cannot_map() -> None:
     assert collected.problems == [
         "task 20, annotation 3 by annotator 1: kept the current best in the first round, where there is none"
     ]
+
+
+def test_a_deleted_annotators_labels_count_and_tasks_gone_or_claimed_twice_are_named() -> None:
+    round_tasks = tasks()
+    # Label Studio nulls completed_by when the account is deleted: the labels still count, each
+    # annotation as its own annotator; a present but unusable value stays a problem
+    round_tasks[0]["annotations"] = [{**annotation(1, "good", ident=5), "completed_by": None}]
+    round_tasks[1]["annotations"] = [{**annotation(1, "bad", ident=6), "completed_by": None}]
+    # one annotation choosing two answers is not a label (the problem quotes both)
+    round_tasks[2]["annotations"] = [
+        {
+            **annotation(2, "good", ident=7),
+            "result": [*annotation(2, "good")["result"], *annotation(2, "bad")["result"]],
+        }
+    ]
+    del round_tasks[3]  # the best task, deleted in Label Studio
+    claimed = {
+        **tasks()[0],
+        "id": 40,
+        "annotations": [annotation(3, "bad", ident=8)],
+    }  # data edited to image 0
+    unlabelled_stranger = {
+        "id": 41,
+        "data": {"image": "x"},
+        "annotations": [],
+    }  # none of ours, nothing to map
+    collected = collect(
+        [*round_tasks, claimed, unlabelled_stranger],
+        run_id="run",
+        round_index=1,
+        image_ids=IDS,
+        has_current_best=True,
+        annotators_per_image=1,
+    )
+    assert collected.labels_by_annotator == {"deleted-user-5": 1, "deleted-user-6": 1}
+    assert collected.problems == [
+        "task 12, annotation 7 by annotator 2: 2 good/bad choices ['good', 'bad'] where one is wanted; "
+        "the image stays unlabelled by them",
+        "task 40: image 'r0001-000' is task 10's already; labels ignored",
+    ]
+    assert collected.missing_tasks == ["the best task"]
+    del round_tasks[2]
+    gone = collect(
+        round_tasks, run_id="run", round_index=1, image_ids=IDS, has_current_best=True, annotators_per_image=1
+    )
+    assert gone.missing_tasks == ["image 'r0001-002'", "the best task"]
+    assert gone.progress.labels == 2
 
 
 def test_suggestions_split_the_encoder_ranking_at_the_median() -> None:
@@ -321,3 +368,22 @@ def test_a_round_closes_when_complete_or_at_its_deadline_with_the_minimum() -> N
         "Label Studio (`hero labelstudio status` lists them), e.g. annotator 7 picked 'b' as best but "
         "labelled it bad; their best vote is not counted",
     )
+    # tasks gone from Label Studio: the round is to be entered again, which publishes them, even past
+    # its deadline (their images would never get the minimum)
+    for hours in (0, 48):
+        gone = readiness(
+            progress(6, 0, 2),
+            first_round=False,
+            published_at=published,
+            now=published + timedelta(hours=hours),
+            deadline_h=24,
+            deadline_min_labels=1,
+            missing_tasks=["image 'r0001-002'"],
+        )
+        assert gone == Readiness(
+            False,
+            "1 of the round's tasks are gone from Label Studio (e.g. image 'r0001-002'): publishing them "
+            "again; 6/8 labels, 2/2 best votes so far",
+            republish=True,
+        )
+    assert ready(progress(8, 2, 2), 0).republish is False

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, TypeVar
 
 import httpx
@@ -27,7 +28,12 @@ BODY_SHOWN = 500  # characters of a refusal's body an error quotes (a proxy may 
 
 
 class LabelStudioError(HeroError, RuntimeError):
-    """Label Studio refused a request or could not be reached; the message says which and why."""
+    """Label Studio refused a request or could not be reached; the message says which and why.
+    status_code: the refusal's HTTP status (None when Label Studio was not reached)."""
+
+    def __init__(self, message: str, status_code: int | None = None):
+        super().__init__(message)
+        self.status_code = status_code
 
 
 class LabelStudioProjects:
@@ -53,7 +59,7 @@ class LabelStudioProjects:
                 refused += (
                     f"; check HERO_LABEL_STUDIO__API_KEY (an access token of {self.url}'s Account page)"
                 )
-            raise LabelStudioError(refused) from None
+            raise LabelStudioError(refused, err.status_code) from None
         except httpx.HTTPError as err:
             raise LabelStudioError(
                 f"cannot reach Label Studio at {self.url} to {what}: {err}; start it "
@@ -251,6 +257,16 @@ class LabelStudioProjects:
             )
             crash_point("publish")
         return len(new), len(tasks) - len(new)
+
+    def withdraw(self, task_ids: list[int]) -> None:
+        """Delete tasks (a closed round's unfinished ones: Label Studio hands out the oldest tasks first,
+        and their labels would be read by no one); one already gone counts as withdrawn."""
+        for task_id in task_ids:
+            try:
+                self._call(f"withdraw task {task_id}", partial(self.client.tasks.delete, id=str(task_id)))
+            except LabelStudioError as err:
+                if err.status_code != 404:
+                    raise
 
     def project_url(self, project_id: int) -> str:
         return f"{self.url}/projects/{project_id}/data"

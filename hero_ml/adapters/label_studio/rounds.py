@@ -165,6 +165,9 @@ class Progress:
 class Readiness:
     ready: bool
     reason: str  # why it may close ("complete", "deadline …") or what it still lacks
+    # tasks of the round are gone from Label Studio (deleted, or their project): the round must be
+    # entered again to publish them, or it would wait on labels no one can give
+    republish: bool = False
 
 
 def readiness(
@@ -176,14 +179,23 @@ def readiness(
     deadline_h: float | None,
     deadline_min_labels: int,
     not_counted: Sequence[str] = (),
+    missing_tasks: Sequence[str] = (),
 ) -> Readiness:
     """Whether a waiting round may close: every label it wants is in, or its deadline has passed and
     every image has at least `deadline_min_labels` labels (and the first round, which has no current
     best to keep, a best vote). not_counted: the annotations collect could not use (its problems),
     named in a waiting reason: Label Studio counts them done and gives their tasks out no more, so
-    the round may wait on them for good."""
+    the round may wait on them for good. missing_tasks: the round's tasks Label Studio no longer holds
+    (CollectedRound.missing_tasks): the round is to be published again."""
     if progress.complete:
         return Readiness(True, "complete")
+    if missing_tasks:
+        return Readiness(
+            False,
+            f"{len(missing_tasks)} of the round's tasks are gone from Label Studio (e.g. "
+            f"{missing_tasks[0]}): publishing them again; {progress} so far",
+            republish=True,
+        )
     unusable = (
         f"; {len(not_counted)} annotation(s) not counted, fix or delete them in Label Studio "
         f"(`hero labelstudio status` lists them), e.g. {not_counted[0]}"
@@ -211,6 +223,7 @@ class CollectedRound:
     feedback: list[AnnotatorFeedback]  # one per annotator with usable labels
     progress: Progress
     problems: list[str] = field(default_factory=list)  # annotations that could not be used, and why
+    missing_tasks: list[str] = field(default_factory=list)  # the round's tasks the project lacks
     cancelled: int = 0  # annotations the annotator skipped
     replaced: int = 0  # earlier annotations of a task by the same annotator (their latest counts)
     labels_by_annotator: dict[str, int] = field(default_factory=dict)
@@ -239,6 +252,7 @@ def collect(
     labels: dict[str, dict[str, str]] = {}  # annotator -> image id -> good/bad
     best_votes: dict[str, str] = {}  # annotator -> image id or KEEP
     known = set(image_ids)
+    held: dict[str, Any] = {}  # image id ('' for the best task) -> the task holding it
 
     for task in tasks:
         if not isinstance(task, dict):
@@ -247,15 +261,22 @@ def collect(
         data, task_id = task.get("data") or {}, task.get("id")
         key = task_key(data)
         if key is None or key[2] not in (IMAGE, BEST):
-            problems.append(
-                f"task {task_id}: no valid hero metadata (kind image or best); its labels cannot be mapped"
-            )
+            if task.get("annotations"):  # a task someone added by hand, unlabelled: none of ours
+                problems.append(
+                    f"task {task_id}: no valid hero metadata (kind image or best); its labels cannot be "
+                    "mapped"
+                )
             continue
         if key[0] != run_id or key[1] != round_index:
             continue  # another round of the run: not this collection's business
         if key[2] == IMAGE and key[3] not in known:
             problems.append(f"task {task_id}: image {key[3]!r} is not in round {round_index}; labels ignored")
             continue
+        if key[3] in held:  # its metadata edited in Label Studio: which one's labels are meant is unknown
+            shown = "the best task" if key[2] == BEST else f"image {key[3]!r}"
+            problems.append(f"task {task_id}: {shown} is task {held[key[3]]}'s already; labels ignored")
+            continue
+        held[key[3]] = task_id
         latest: dict[str, dict[str, Any]] = {}
         annotations = task.get("annotations") or []
         if not isinstance(annotations, list):
@@ -268,6 +289,10 @@ def collect(
             given_by = annotation.get("completed_by")
             if isinstance(given_by, dict):  # exports with annotator details give the user object
                 given_by = given_by.get("id")
+            elif given_by is None and "completed_by" in annotation and type(annotation.get("id")) is int:
+                # Label Studio nulls the annotator of a deleted account: their labels still count, each
+                # annotation as an annotator of its own (who gave which is lost with the account)
+                given_by = f"deleted-user-{annotation['id']}"
             who = str(given_by)
             # a user id (a number; a name in hand-made exports); an AnnotatorFeedback's id: 1-200 characters
             if type(given_by) not in (int, str) or not who or len(who) > 200:
@@ -286,7 +311,20 @@ def collect(
             latest[who] = annotation
         for who, annotation in latest.items():
             where = f"task {task_id}, annotation {annotation.get('id')} by annotator {who}"
-            choice = _choice(annotation, "label" if key[2] == IMAGE else "best")
+            chosen = _choices_made(annotation, "label" if key[2] == IMAGE else "best")
+            if len(chosen) != 1:
+                made = "no " if not chosen else f"{len(chosen)} "
+                wanted = "good/bad choice" if key[2] == IMAGE else "best pick"
+                problems.append(
+                    f"{where}: {made}{wanted}{'s ' + _shown(chosen) if chosen else ''} where one is wanted; "
+                    + (
+                        "the image stays unlabelled by them"
+                        if key[2] == IMAGE
+                        else "their best vote is not counted"
+                    )
+                )
+                continue
+            choice = chosen[0]
             if key[2] == IMAGE:
                 if choice not in ("good", "bad"):
                     problems.append(
@@ -300,7 +338,7 @@ def collect(
             elif choice != KEEP and choice not in known:
                 problems.append(f"{where}: best {_shown(choice)} is not an image of round {round_index}")
             else:
-                best_votes[who] = str(choice)
+                best_votes[who] = choice
 
     feedback = []
     counted_votes = 0  # what readiness counts: a dropped vote must not close the round
@@ -337,21 +375,24 @@ def collect(
         best_votes=counted_votes,
         least_labels=min((per_image[i] for i in image_ids), default=0),
     )
+    missing = [f"image {i!r}" for i in image_ids if i not in held] + ([] if "" in held else ["the best task"])
     return CollectedRound(
         feedback=feedback,
         progress=progress,
         problems=problems,
+        missing_tasks=missing,
         cancelled=cancelled,
         replaced=replaced,
         labels_by_annotator={who: len(given) for who, given in labels.items()},
     )
 
 
-def _choice(annotation: dict[str, Any], from_name: str) -> str | None:
-    """The single choice an annotation made in control `from_name`, or None."""
+def _choices_made(annotation: dict[str, Any], from_name: str) -> list[str]:
+    """Every choice an annotation made in control `from_name` (one is an answer; none or several is
+    not), each as text (anyone with an account can post any JSON)."""
     results = annotation.get("result")
-    chosen = [
-        choice
+    return [
+        choice if isinstance(choice, str) else repr(choice)
         for result in (results if isinstance(results, list) else [])
         if isinstance(result, dict)
         and result.get("from_name") == from_name
@@ -359,10 +400,9 @@ def _choice(annotation: dict[str, Any], from_name: str) -> str | None:
         and isinstance(result["value"].get("choices"), list)
         for choice in result["value"]["choices"]
     ]
-    return chosen[0] if len(chosen) == 1 and isinstance(chosen[0], str) else None
 
 
-def _shown(value: str | None, limit: int = 80) -> str:
+def _shown(value: str | list[str], limit: int = 80) -> str:
     """An annotator's choice as a problem quotes it: cut (anyone with an account can post any text)."""
     shown = repr(value)
     return shown if len(shown) <= limit else shown[: limit - 1] + "…"
