@@ -128,8 +128,9 @@ def update_pass(
     far one batch of samples moves the policy. None: every step is taken.
 
     parallel: this process's share in data-parallel learning (hero_ml/parallel.py); each process
-    trains its share of every micro-batch and the gradients are summed before each step. The returned
-    figures are then this process's.
+    trains its share of every accumulation group's units, in micro-batches of train_batch_size, and the
+    gradients are summed before each step (a group of fewer units than processes leaves some idle).
+    The returned figures are then this process's.
 
     scaler: a float16 model's loss scale. DDPO's per-element losses give the UNet's output gradients
     of ~1e-6, below float16's normal range (6e-5): unscaled, the backward pass through a float16 UNet
@@ -164,11 +165,12 @@ def update_pass(
             group = micro_batches[start : start + gradient_accumulation_steps]
             group_kls = len(kls)
             group_units = sum(len(batch) for batch in group)
+            if parallel is not None:  # the group's units shared, so that every process has some to train
+                group = list(parallel.share(torch.cat(group)).split(train_batch_size))
             optimizer.zero_grad(set_to_none=True)
-            for batch in group:
-                mine = batch if parallel is None else parallel.share(batch)
-                if len(mine) == 0:
-                    continue
+            if scaler is not None:  # its scale made, even in a process with no unit in this group
+                scaler.scale(torch.zeros((), device=params[0].device))
+            for mine in group:
                 weight = len(mine) / (group_units * timesteps_per_unit)
                 for j in range(timesteps_per_unit):
                     loss, approx_kl, clip_fraction = objective(mine, steps[mine, j])

@@ -34,7 +34,7 @@ from hero_ml.adapters.storage import ArtifactStore
 from hero_ml.config import HeroConfig, SamplingConfig, format_validation_error
 from hero_ml.d3po import d3po_objective, preference_pairs
 from hero_ml.ddpo import StepObjective, UpdateStats, advantages, ddpo_objective, update_pass
-from hero_ml.diffusion.lora import add_lora
+from hero_ml.diffusion.lora import add_lora, remove_lora
 from hero_ml.diffusion.pipeline import DTYPES
 from hero_ml.diffusion.sampler import (
     PER_IMAGE_TENSORS,
@@ -495,13 +495,20 @@ class Engine:
         try:
             engine._restore(state, tensors)
         except KeyError as missing:
+            engine.detach()
             raise EngineError(
                 f"checkpoint {prefix!r} lacks {missing}, which this config's engine needs (another "
                 "method's or an edited checkpoint): resume with the run's own config"
             ) from None
         except (ValueError, RuntimeError, TypeError) as err:
+            engine.detach()
             raise EngineError(f"checkpoint {prefix!r} does not fit this engine: {err}") from None
         return engine
+
+    def detach(self) -> None:
+        """Take this engine's LoRA off the pipeline (one refused after loading), so that the pipeline can
+        take another engine's: a run falls back to the checkpoint before a damaged one."""
+        remove_lora(self.pipe.unet)
 
     def _restore(self, state: CheckpointState, tensors: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():  # copy_ would broadcast a tensor of another shape: checked first

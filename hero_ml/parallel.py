@@ -5,8 +5,9 @@ random stream, so which process samples it does not change it) and the shares ar
 process ends with the whole round, as one process would have sampled it.
 
 Learning: every process runs the same update pass from the same seeds, so they agree on the order of
-units and on the timesteps trained; each computes the loss of its share of every micro-batch (units
-rank, rank + world, ...), weighted by the *global* group size, and before each optimiser step the LoRA
+units and on the timesteps trained; each computes the loss of its share of every accumulation group
+(units rank, rank + world, ..., in micro-batches of train_batch_size), weighted by the *global* group
+size, and before each optimiser step the LoRA
 gradients are summed over the processes. Every process then holds the gradient of the whole group,
 clips and steps identically, and the adapters stay equal without being broadcast. What is computed on
 every process from the same inputs but not summed (the encoder, the rewards) is broadcast from rank 0,
@@ -52,7 +53,7 @@ class DataParallel:
         return broadcast(tensor.to(self.device).contiguous(), from_process=0)
 
     def share(self, units: torch.Tensor) -> torch.Tensor:
-        """This process's units of a micro-batch."""
+        """This process's units of an accumulation group."""
         return units[self.rank :: self.world]
 
     def close(self) -> None:

@@ -202,6 +202,7 @@ class TrainingRun:
         prefix = self.runs.checkpoint_prefix(index)
         engine = Engine.load(self.config, self.pipe, store, prefix)
         if engine.round != index + 1:  # checkpoint k holds the engine after round k
+            engine.detach()
             raise EngineError(
                 f"checkpoint {prefix!r} holds the engine after round {engine.round - 1}, not {index} (its "
                 f"state.json edited or moved); `hero storage verify {self.config.run_id}` lists what else "

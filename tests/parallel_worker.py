@@ -2,7 +2,8 @@
 the CPU), writing what it ends with to OUT/rank<k>.safetensors:
 - default: the same round and LoRA as the single-process reference, one update pass over this
   process's share, then the LoRA parameters and the optimiser steps taken (--target-kl: two passes
-  under that KL bound, which every process must stop at together);
+  under that KL bound, which every process must stop at together; --loss-scale: through a GradScaler,
+  one unit a micro-batch);
 - --engine: two whole HERO rounds of the engine (sampling shared, encoder, DDPO), then the rounds'
   latents and images, the LoRA and the encoder."""
 
@@ -40,9 +41,11 @@ def setting() -> tuple[list[torch.nn.Parameter], object, object]:
 
 
 def train(
-    parallel: DataParallel | None, target_kl: float | None = None
+    parallel: DataParallel | None, target_kl: float | None = None, loss_scale: bool = False
 ) -> tuple[list[torch.nn.Parameter], int]:
-    """One pass (two with target_kl, which may stop them); the LoRA parameters and the steps taken."""
+    """One pass (two with target_kl, which may stop them); the LoRA parameters and the steps taken.
+    loss_scale: through a GradScaler (a float16 model's) in micro-batches of one unit, fewer than the
+    processes: a process whose share of a micro-batch is empty still unscales its gradients."""
     params, pipe, trajectory = setting()
     stats = update_pass(
         ddpo_objective(pipe, trajectory, ADVANTAGE, clip_range=10.0),  # type: ignore[arg-type]
@@ -50,13 +53,14 @@ def train(
         units=6,
         num_steps=4,
         timesteps_per_unit=2,
-        train_batch_size=3,
+        train_batch_size=1 if loss_scale else 3,
         gradient_accumulation_steps=2,
         inner_epochs=1 if target_kl is None else 2,
         max_grad_norm=1e6,  # no clipping: compare raw gradients
         generator=torch.Generator().manual_seed(0),
         target_kl=target_kl,
         parallel=parallel,
+        scaler=torch.amp.GradScaler("cpu") if loss_scale else None,
     )
     return params, stats.optimizer_steps
 
@@ -83,6 +87,7 @@ if __name__ == "__main__":
     parser.add_argument("--no-sum", action="store_true", help="skip the all-reduce (the test's control)")
     parser.add_argument("--engine", action="store_true", help="two engine rounds instead of one pass")
     parser.add_argument("--target-kl", type=float, default=None, help="two passes under this KL bound")
+    parser.add_argument("--loss-scale", action="store_true", help="a GradScaler, micro-batches of one")
     args = parser.parse_args()
     parallel = DataParallel()
     if args.no_sum:
@@ -90,7 +95,7 @@ if __name__ == "__main__":
     if args.engine:
         result = engine_rounds(parallel)
     else:
-        params, steps = train(parallel, args.target_kl)
+        params, steps = train(parallel, args.target_kl, args.loss_scale)
         result = {f"p{i}": p.detach() for i, p in enumerate(params)} | {"steps": torch.tensor(steps)}
     save_file({k: v.contiguous() for k, v in result.items()}, args.out / f"rank{parallel.rank}.safetensors")
     parallel.close()

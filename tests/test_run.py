@@ -317,6 +317,29 @@ def test_a_damaged_checkpoint_not_yet_acknowledged_is_learned_again_from_the_one
     assert runs.latest_checkpoint() == 1 and runs.verify().ok
 
 
+def test_a_checkpoint_not_yet_acknowledged_that_its_engine_refuses_is_learned_again_too(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # refused after the engine took the pipeline (an edited learning rate, a copied state.json): the
+    # fallback's engine takes the same pipeline, which must not still hold the refused one's LoRA
+    config, store, learned = two_rounds_learned(tmp_path, "refused")
+    checkpoints = tmp_path / "data" / "runs" / "refused" / "checkpoints"
+    store.put("runs/refused/progress.json", json.dumps({"checkpoint": 0}).encode())
+    state = json.loads((checkpoints / "1" / "state.json").read_text())
+    state["optimizers"]["lora"]["param_groups"][0]["lr"] = 0.5
+    (checkpoints / "1" / "state.json").write_text(json.dumps(state))
+    with TrainingRun(config, store) as run:
+        assert run.engine.round == 1 and "round 1 is learned again" in caplog.text
+        batch = run.generate()
+        run.learn(batch, run.feedback(batch))
+        assert all(torch.equal(a, b) for a, b in zip(final_lora(run), learned, strict=True))
+    for name in ("state.safetensors", "state.json"):  # checkpoint 0's files where checkpoint 1's were
+        (checkpoints / "1" / name).write_bytes((checkpoints / "0" / name).read_bytes())
+    store.put("runs/refused/progress.json", json.dumps({"checkpoint": 0}).encode())
+    with TrainingRun(config, store) as run:  # refused by the round check, after loading
+        assert run.engine.round == 1 and "holds the engine after round 0, not 1" in caplog.text
+
+
 def test_a_checkpoint_whose_state_json_was_edited_is_refused(tmp_path: Path) -> None:
     config, store, _ = two_rounds_learned(tmp_path, "edited")
     checkpoints = tmp_path / "data" / "runs" / "edited" / "checkpoints"

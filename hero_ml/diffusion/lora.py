@@ -44,6 +44,11 @@ def add_lora(
     return [p for p in unet.parameters() if p.requires_grad]
 
 
+def remove_lora(unet: UNet2DConditionModel) -> None:
+    """Take the adapter off again (an engine that failed to load: the UNet takes another one)."""
+    unet.delete_adapters(ADAPTER_NAME)
+
+
 def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
     """The adapter's weights under diffusers' key names (without the 'unet.' prefix)."""
     state = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
