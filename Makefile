@@ -86,7 +86,7 @@ bench: install
 
 ## gpu-wheels: the pinned packages a lent GPU machine's image lacks (its Python 3.12), into .whl/, for
 ## benchmarks/gpu_lease.sh (docs/PERFORMANCE.md); the image has torch, transformers and accelerate
-GPU_WHEELS := diffusers peft pydantic pydantic_core pydantic-settings python-dotenv annotated-types typing-inspection
+GPU_WHEELS := diffusers peft pydantic pydantic_core pydantic-settings python-dotenv annotated-types typing-inspection typing_extensions
 gpu-wheels: install
 	rm -rf .whl
 	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -1,28 +1,39 @@
 #!/usr/bin/env bash
 # One GPU lease's benchmarks (docs/PERFORMANCE.md, "The next GPU lease"), run from the repo root on the
-# lent machine: `bash benchmarks/gpu_lease.sh STAGE OUT_DIR`. A lease is short and comes once, so each
-# benchmark runs under its own timeout and its result files are copied to OUT_DIR as soon as it ends,
-# whatever its exit: a crash or a timeout keeps what came before it.
+# lent machine: `bash benchmarks/gpu_lease.sh STAGE OUT_DIR`. A lease is short and comes once: every
+# benchmark writes its figures straight into OUT_DIR (its JSON, its log, and its section of a copy of
+# RESULTS.md), under a timeout cut to what is left of BUDGET_S, so a crash, a timeout or the device
+# tool's own limit keeps whatever was measured before it.
 #
-#   eager     the UNet step variants, then hero (fp16, loss scale) side by side with the reference
-#             code's way and plain diffusers generation (about 7 minutes on an H200)
-#   compiled  hero with torch.compile alone, its compile time in first_round_s (the eager baseline is
-#             the eager stage's hero row, on the same warm machine)
+#   all       what a lease is for, in one call (a machine handed back between calls costs a new start):
+#             the two stages below, the most wanted first, then the UNet step variants
+#   eager     hero (fp16, loss scale) side by side with the reference code's way and plain diffusers
+#   compiled  hero with torch.compile alone, its compile time in first_round_s (its eager baseline is
+#             the eager stage's hero row, on the same machine)
 #
-# The image lacks some pinned packages: `make gpu-wheels` here puts them in .whl/, installed first when
-# present (carry .whl with the call). A rehearsal on a CPU, before the lease (tests/test_benchmarks.py):
-#   DEVICE=cpu SIZE="--arch tiny --images 2 --steps 2" BENCH_RESULTS_DIR=/tmp/r \
-#       BENCH_RESULTS_MD=/tmp/r/RESULTS.md bash benchmarks/gpu_lease.sh eager /tmp/out
+# Result names carry the GPU (gpu_round-fp16-h100, …): a lease on another card adds its own tables
+# beside the earlier ones. The image lacks some pinned packages: `make gpu-wheels` here puts them in
+# .whl/, installed first when present (carry .whl with the call). A rehearsal on a CPU before the lease
+# (tests/test_benchmarks.py):
+#   DEVICE=cpu SIZE="--arch tiny --images 2 --steps 2" bash benchmarks/gpu_lease.sh all /tmp/out
 set -uo pipefail
-stage=${1:?usage: gpu_lease.sh eager|compiled OUT_DIR}
-out=${2:?usage: gpu_lease.sh eager|compiled OUT_DIR}
+stage=${1:?usage: gpu_lease.sh all|eager|compiled OUT_DIR}
+out=${2:?usage: gpu_lease.sh all|eager|compiled OUT_DIR}
 python=${PYTHON:-python3}
 device=${DEVICE:-cuda}
+budget=${BUDGET_S:-560} # seconds this call may take in all: under the device tool's 600 s a command
 read -ra size <<<"${SIZE:-}" # the benchmarks' own sizes (SD 1.5, 64 images, 50 steps) unless rehearsing
-results=${BENCH_RESULTS_DIR:-benchmarks/results}
-results_md=${BENCH_RESULTS_MD:-benchmarks/RESULTS.md}
+case $stage in all | eager | compiled) ;; *)
+    echo "unknown stage $stage: all, eager or compiled" >&2
+    exit 2
+    ;;
+esac
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
+cp benchmarks/RESULTS.md "$out/RESULTS.md"
+export BENCH_RESULTS_DIR="$out" BENCH_RESULTS_MD="$out/RESULTS.md" PYTHONUNBUFFERED=1
+# a compile killed by a timeout leaves truncated cache files that a rerun on the same machine trips on
+TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
+export TORCHINDUCTOR_CACHE_DIR TORCH_LOGS=recompiles
 
 if [ -d .whl ] && [ "$device" != cpu ]; then # the wheels are for the GPU image's Python
     "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -30,37 +41,39 @@ if [ -d .whl ] && [ "$device" != cpu ]; then # the wheels are for the GPU image'
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" # hero_ml from this checkout, uninstalled
-# everything the benchmarks import, before any GPU minute goes into them
-"$python" -c "import diffusers, peft, pydantic_settings, torch, hero_ml.engine
+# everything the benchmarks import, before any GPU minute goes into them; the GPU's name tags the results
+gpu=$("$python" -c "import diffusers, peft, pydantic_settings, torch, hero_ml.engine, re, sys
 from peft.helpers import disable_input_dtype_casting
 assert '$device' == 'cpu' or torch.cuda.is_available(), 'torch sees no GPU'
-print(torch.cuda.get_device_name() if '$device' != 'cpu' else 'cpu', torch.__version__,
-      'diffusers', diffusers.__version__)" || exit 1
+name = torch.cuda.get_device_name() if '$device' != 'cpu' else 'cpu'
+print(name, torch.__version__, 'diffusers', diffusers.__version__, file=sys.stderr)
+print(next(iter(re.findall(r'[A-Z]+[0-9]+', name)), 'gpu').lower() if name != 'cpu' else 'cpu')") || exit 1
 
-# bench SECONDS NAME ARGS...: run one benchmark, log it, and copy what it wrote
+# bench CAP NAME ARGS...: run one benchmark for at most CAP seconds and what is left of the budget
 bench() {
-    local seconds=$1 name=$2
+    local cap=$1 name=$2
     shift 2
+    local left=$((budget - SECONDS))
+    local seconds=$((cap < left ? cap : left))
+    if [ "$seconds" -lt 30 ]; then
+        echo "$name: not run ($left s of the budget left)"
+        return
+    fi
     timeout "$seconds" "$python" "$@" 2>&1 | tee "$out/$name.log"
-    local status=$?
-    cp "$results/$name.json" "$results_md" "$out"/ 2>/dev/null
-    echo "$name: exit $status"
+    echo "$name: exit $? (of $seconds s)"
 }
 
-case $stage in
-eager)
-    unet_size=()
-    [ -n "${SIZE:-}" ] && unet_size=(--arch tiny --batch 2 --warmup 1 --repeats 1)
-    bench 120 unet_step benchmarks/unet_step.py --device "$device" "${unet_size[@]}"
-    bench 420 gpu_round-fp16 benchmarks/gpu_round.py --device "$device" "${size[@]}" \
-        --setups hero,reference,diffusers --name gpu_round-fp16
-    ;;
-compiled)
-    bench 540 gpu_round-compiled benchmarks/gpu_round.py --device "$device" "${size[@]}" \
-        --setups hero-compiled --name gpu_round-compiled
-    ;;
-*)
-    echo "unknown stage $stage: eager or compiled" >&2
-    exit 2
-    ;;
-esac
+unet_size=()
+[ -n "${SIZE:-}" ] && unet_size=(--arch tiny --batch 2 --warmup 1 --repeats 1)
+if [ "$stage" != compiled ]; then
+    bench 330 "gpu_round-fp16-$gpu" benchmarks/gpu_round.py --device "$device" "${size[@]}" \
+        --setups hero,reference,diffusers --name "gpu_round-fp16-$gpu"
+fi
+if [ "$stage" != eager ]; then
+    bench 400 "gpu_round-compiled-$gpu" benchmarks/gpu_round.py --device "$device" "${size[@]}" \
+        --setups hero-compiled --name "gpu_round-compiled-$gpu"
+fi
+if [ "$stage" = all ]; then
+    bench 120 "unet_step-$gpu" benchmarks/unet_step.py --device "$device" "${unet_size[@]}" \
+        --name "unet_step-$gpu"
+fi

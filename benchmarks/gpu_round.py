@@ -251,6 +251,8 @@ def run_setup(config: HeroConfig, parallel: DataParallel | None, flop_counts: di
             stats = engine.learn(batch, synthetic_feedback(batch, has_best=index > 0))
             clock.sync()
             total = time.perf_counter() - started
+            # at once: a lease cut short after the warm-up round keeps at least its (compile) time
+            print(f"  round {index}{' (warm-up)' if index == 0 else ''}: {total:.1f} s", flush=True)
             seconds = dict(clock.seconds)
             seconds["sampling"] = seconds.pop("generate") - seconds["decode"]
             rounds.append(

@@ -556,21 +556,20 @@ def test_guided_evaluation_samples_each_hero_run_from_its_own_pool_at_the_checkp
     assert json.loads(results.read_text())["cells"]["counting"]["lora_guided"] == 3.0
 
 
-@pytest.mark.long  # about two minutes: make test-long (CI runs it)
+@pytest.mark.long  # about five minutes (a compile on a CPU): make test-long (CI runs it)
 def test_the_gpu_lease_script_rehearses_on_a_cpu_and_hands_back_each_benchmarks_files(tmp_path: Path) -> None:
     # the GPU lease comes once and is short: its script must not first fail there
-    results, out = tmp_path / "results", tmp_path / "out"
+    out = tmp_path / "out"
     env = {
         **os.environ,
         "DEVICE": "cpu",
         "SIZE": "--arch tiny --images 2 --steps 2",
-        "BENCH_RESULTS_DIR": str(results),
-        "BENCH_RESULTS_MD": str(results / "RESULTS.md"),
         "PYTHON": sys.executable,
     }
     script = Path(__file__).parent.parent / "benchmarks" / "gpu_lease.sh"
+    committed = (script.parent / "RESULTS.md").read_text()
     done = subprocess.run(
-        ["bash", str(script), "eager", str(out)],
+        ["bash", str(script), "all", str(out)],
         cwd=script.parent.parent,
         env=env,
         capture_output=True,
@@ -578,18 +577,32 @@ def test_the_gpu_lease_script_rehearses_on_a_cpu_and_hands_back_each_benchmarks_
         timeout=900,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "unet_step: exit 0" in done.stdout and "gpu_round-fp16: exit 0" in done.stdout
-    handed_back = {path.name for path in out.iterdir()}
-    assert handed_back == {
-        "unet_step.json",
-        "unet_step.log",
-        "gpu_round-fp16.json",
-        "gpu_round-fp16.log",
+    names = ("gpu_round-fp16-cpu", "gpu_round-compiled-cpu", "unet_step-cpu")  # tagged with the device
+    for name in names:
+        assert f"{name}: exit 0" in done.stdout, done.stdout[-3000:]
+    assert {path.name for path in out.iterdir()} == {
         "RESULTS.md",
+        *(f"{name}.{kind}" for name in names for kind in ("json", "log")),
     }
-    round_figures = json.loads((out / "gpu_round-fp16.json").read_text())
+    round_figures = json.loads((out / "gpu_round-fp16-cpu.json").read_text())
     assert [s["setup"] for s in round_figures["setups"]] == ["hero", "reference"] and not round_figures[
         "failed"
     ]
     assert round_figures["diffusers"]["seconds"] > 0
-    assert "<!-- begin unet_step -->" in (out / "RESULTS.md").read_text()
+    compiled = json.loads((out / "gpu_round-compiled-cpu.json").read_text())
+    assert [s["setup"] for s in compiled["setups"]] == ["hero-compiled"] and not compiled["failed"]
+    assert "round 0 (warm-up):" in (out / "gpu_round-compiled-cpu.log").read_text()  # said as it ends
+    written = (out / "RESULTS.md").read_text()
+    assert all(f"<!-- begin {name} -->" in written for name in names)
+    assert (script.parent / "RESULTS.md").read_text() == committed  # the checkout's results untouched
+
+    # the budget cuts what does not fit: said, not started
+    cut = subprocess.run(
+        ["bash", str(script), "compiled", str(tmp_path / "cut")],
+        cwd=script.parent.parent,
+        env={**env, "BUDGET_S": "20"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert cut.returncode == 0 and "gpu_round-compiled-cpu: not run (" in cut.stdout, cut.stdout + cut.stderr
