@@ -662,6 +662,15 @@ class LabelStudioConfig(_Section):
     project_title_prefix: str = Field(
         "HERO", description="Projects are named '<prefix> <run_id>', one per run."
     )
+    proxy_images: bool = Field(
+        False,
+        description=(
+            "Label Studio streams the task images from S3 itself, instead of redirecting annotators' "
+            "browsers to presigned URLs of storage.s3_endpoint_url: on when that endpoint is a name only "
+            "the services resolve (the compose stack's http://minio:9000) or S3 must stay private; "
+            "the images then cost Label Studio's bandwidth."
+        ),
+    )
     suggestions: bool = Field(
         False,
         description=(
@@ -1142,6 +1151,14 @@ def _read_yaml(path: Path) -> dict[str, Any]:
                 f"{path}: section {key}: takes a mapping of its fields ({key}: then indented 'field: value' "
                 f"lines), got {got}; give its fields or remove it"
             )
+        for name in _secret_fields(key) if key in sections else ():
+            # files are copied, committed and shown: never a secret (a stored config's mask is said below)
+            if data[key].get(name) not in (None, SECRET_MASK):
+                variable = f"{ENV_PREFIX}{key.upper()}{ENV_NESTED_DELIMITER}{name.upper()}"
+                raise ConfigError(
+                    f"{path}: {key}.{name} is a secret: set it in the environment ({variable}) or a "
+                    "secrets store, not in a config file, and remove it from the file"
+                )
     return data
 
 

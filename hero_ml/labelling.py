@@ -2,8 +2,8 @@
 
 publish   the run's project (created once), then the round's image tasks and best task; publishing
           again creates nothing. Images: `s3://` URIs that Label Studio presigns itself at every view
-          (S3 storage, through a source storage connection), or inline PNG data (the local store,
-          which a browser elsewhere cannot reach).
+          (S3 storage, through a source storage connection; label_studio.proxy_images: it streams
+          them itself), or inline PNG data (the local store, which a browser elsewhere cannot reach).
 progress  labels and best votes so far against what the round needs (annotators_per_image each).
 collect   the round's raw annotations are stored with the round first (annotations.json, with every
           problem found), then aggregated into the RoundFeedback the engine learns from.
@@ -95,6 +95,7 @@ class LabelStudioRounds:
                 access_key_id=storage.s3_access_key_id,
                 secret_access_key=storage.s3_secret_access_key,
                 presign_ttl_s=storage.presigned_url_ttl_s,
+                proxy=self.config.label_studio.proxy_images,
             )
         hook = self.config.orchestration.webhook_url
         if hook is not None:

@@ -25,6 +25,11 @@ start)
         exit 2
     }
     mkdir -p "$DATA/home"
+    if [[ -z ${LABEL_STUDIO_PASSWORD:-} || -z ${LABEL_STUDIO_USER_TOKEN:-} ]]; then
+        echo "note: Label Studio's admin takes this script's development password or token, written in" \
+            "the repository: set LABEL_STUDIO_USERNAME, LABEL_STUDIO_PASSWORD and LABEL_STUDIO_USER_TOKEN" \
+            "before the first start of anything people reach" >&2
+    fi
     banned_subnets=true
     [[ ${HERO_LABEL_STUDIO_ALLOW_LOOPBACK:-false} == true ]] && banned_subnets=false
     # env -i: Label Studio reads plain USERNAME / PASSWORD variables too; give it only what it needs

@@ -20,15 +20,25 @@ alive() {
     [[ -n $state && $state != Z* ]]
 }
 
+# ours NAME: NAME's pid file names the process this script started. A pid is reused (the state folder
+# outlives a reboot or a crash): the start time recorded beside it tells a stranger apart.
+ours() {
+    local pidfile="$HERO_INFRA_STATE/$1.pid" startfile="$HERO_INFRA_STATE/$1.started" pid
+    [[ -f $pidfile && -f $startfile ]] || return 1
+    pid=$(cat "$pidfile")
+    alive "$pid" && [[ "$(ps -o lstart= -p "$pid")" == "$(cat "$startfile")" ]]
+}
+
 # start_service NAME URL_TO_POLL TIMEOUT_S COMMAND... : start unless ours runs already, wait for URL
 start_service() {
     local name=$1 url=$2 timeout=$3
     shift 3
     local pidfile="$HERO_INFRA_STATE/$name.pid" log="$HERO_INFRA_STATE/$name.log"
-    if [[ -f $pidfile ]] && alive "$(cat "$pidfile")"; then
+    if ours "$name"; then
         echo "$name already running (pid $(cat "$pidfile"))"
         return 0
     fi
+    rm -f "$pidfile" "$HERO_INFRA_STATE/$name.started" # stale: its process is gone, or another's now
     # something else answering there would pass for ours while ours fails to bind
     if curl -s -o /dev/null -m 5 "$url"; then
         echo "error: $url already answers, but not a $name this script started: stop that process or" \
@@ -38,12 +48,13 @@ start_service() {
     # setsid: the service gets its own process group, so stop kills its children too
     setsid "$@" >"$log" 2>&1 < /dev/null &
     echo $! >"$pidfile"
+    ps -o lstart= -p $! >"$HERO_INFRA_STATE/$name.started" || true # gone already: said below
     local waited=0
     until curl -sf -o /dev/null "$url"; do
         if ! alive "$(cat "$pidfile")"; then
             echo "error: $name exited during start; its log ($log) ends with:" >&2
             tail -n 20 "$log" >&2
-            rm -f "$pidfile"
+            rm -f "$pidfile" "$HERO_INFRA_STATE/$name.started"
             exit 1
         fi
         if ((waited >= timeout * 2)); then
@@ -65,12 +76,17 @@ stop_service() {
     fi
     local pid
     pid=$(cat "$pidfile")
+    if ! ours "$name"; then # never signal a stranger's process group
+        rm -f "$pidfile" "$HERO_INFRA_STATE/$name.started"
+        echo "$name not running (its pid file named pid $pid, which is not the $name started here: removed)"
+        return 0
+    fi
     kill -TERM -- "-$pid" 2>/dev/null || true
     for _ in $(seq 1 40); do
         alive "$pid" || break
         sleep 0.25
     done
     kill -KILL -- "-$pid" 2>/dev/null || true
-    rm -f "$pidfile"
+    rm -f "$pidfile" "$HERO_INFRA_STATE/$name.started"
     echo "$name stopped"
 }

@@ -2,7 +2,8 @@
 
 Each starts from the template its Prefect worker publishes (prefect-docker, prefect-kubernetes: install
 them into a scratch environment, they are not HERO's dependencies) and adds what a HERO round needs: the
-worker image, one NVIDIA GPU per flow run, and the HERO secrets from the platform's secret store.
+worker image and one NVIDIA GPU per flow run; the kubernetes one also takes the HERO settings and
+secrets from a Kubernetes Secret (docker has no secret store: docs/OPERATIONS.md says what it needs).
 
     python -m venv /tmp/pools
     /tmp/pools/bin/pip install -c constraints.txt prefect-docker prefect-kubernetes

@@ -13,7 +13,11 @@ source "$(dirname "$0")/lib.sh"
 PORT="${HERO_MLFLOW_PORT:-5000}"
 BUCKET="${HERO_MLFLOW_BUCKET:-hero-mlflow}"
 export MLFLOW_S3_ENDPOINT_URL="${MLFLOW_S3_ENDPOINT_URL-http://127.0.0.1:${HERO_S3_PORT:-9000}}"
-export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-test}" AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-test}"
+if [ "$MLFLOW_S3_ENDPOINT_URL" = "http://127.0.0.1:${HERO_S3_PORT:-9000}" ]; then
+    # infra/s3-server.sh's moto takes any keys; anywhere else (AWS, a real MinIO) the caller's or the
+    # AWS chain's own (an IAM role) must not be replaced by made-up ones
+    export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-test}" AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-test}"
+fi
 export MLFLOW_DISABLE_TELEMETRY=true
 
 case "${1:-}" in

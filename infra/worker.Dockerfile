@@ -15,7 +15,8 @@ COPY flows ./flows
 COPY label_studio ./label_studio
 RUN grep -v '^torch==' constraints.txt > /tmp/constraints.txt \
     && pip install -c /tmp/constraints.txt . \
-    && useradd --create-home --uid 1000 hero && mkdir -p /var/lib/hero && chown hero /var/lib/hero
+    && useradd --create-home --uid 1000 hero && mkdir -p /var/lib/hero /models \
+    && chown hero /var/lib/hero /models
 USER hero
 # `hero deploy --source /app` in this image points deployments at this code
 CMD ["prefect", "worker", "start", "--pool", "hero-gpu", "--type", "process"]

@@ -535,6 +535,21 @@ def test_a_server_echoing_the_refused_request_gets_no_secret_into_the_error() ->
             )
         assert "you sent" in str(err.value)
         assert "s3-key-id-4242" not in str(err.value) and "s3-secret-key-5353" not in str(err.value)
+        # the round flow takes the client as a parameter, which Prefect encodes and stores in its
+        # database: what it holds encodes as masks (the SDK's client, unencodable today, is not relied on)
+        from fastapi.encoders import jsonable_encoder
+
+        from flows.round import hero_round
+        from hero_ml.labelling import LabelStudioRounds
+
+        config = HeroConfig(label_studio={"enabled": True, "api_key": "api-key-0123456789"})
+        humans = LabelStudioRounds(config, None, projects)  # type: ignore[arg-type]
+        encoded = json.dumps(
+            [hero_round.serialize_parameters({"humans": humans}), jsonable_encoder(projects._secrets)]
+        )
+        assert "**********" in encoded
+        for secret in ("api-key-0123456789", "webhook-secret-777", "s3-key-id-4242", "s3-secret-key-5353"):
+            assert secret not in encoded
     finally:
         server.close()
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import yaml
@@ -53,6 +54,27 @@ def test_compose_services_bind_to_loopback_and_pin_their_images() -> None:
         assert ":" in image and not image.endswith(":latest"), f"{name}: image {image!r} is not pinned"
         for port in service.get("ports", []):
             assert str(port).startswith("127.0.0.1:"), f"{name}: port {port!r} is exposed beyond loopback"
+
+
+def test_compose_services_come_back_and_mlflow_answers_the_workers_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    services = yaml.safe_load((INFRA / "compose.yaml").read_text())["services"]
+    for name, service in services.items():  # after a reboot or a crash; the buckets job runs once
+        assert service.get("restart") == ("unless-stopped" if name != "buckets" else None), name
+    # MLflow refuses Host headers it does not know (DNS rebinding): the workers reach it by its service name
+    monkeypatch.setenv("HERO_CONFIG_FILE", str(INFRA / "hero.compose.yaml"))
+    monkeypatch.setenv("HERO_LABEL_STUDIO__API_KEY", "from-stack-env")  # as compose passes them
+    monkeypatch.setenv("HERO_ORCHESTRATION__WEBHOOK_SECRET", "from-stack-env-0123")
+    tracking = urlparse(load_config().tracking.tracking_uri)
+    allowed = services["mlflow"]["environment"]["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
+    allowed = [host.replace("${MLFLOW_PUBLIC_HOST:-localhost}", "localhost") for host in allowed]
+    assert is_allowed_host_header(allowed, tracking.netloc) and is_allowed_host_header(
+        allowed, "127.0.0.1:5000"
+    )
+    assert not is_allowed_host_header(allowed, "attacker.example:5000")
 
 
 def test_compose_stack_is_whole_and_takes_every_secret_from_the_environment() -> None:
@@ -144,3 +166,47 @@ def test_a_service_whose_port_another_process_holds_is_refused_not_reported_up(t
     finally:
         squatter.terminate()
         squatter.wait(timeout=10)
+
+
+def test_a_stale_pid_file_naming_another_process_is_neither_trusted_nor_signalled(tmp_path: Path) -> None:
+    # the state folder outlives a reboot: its pid file may name a process that is not the service now
+    from tests.conftest import _free_port
+
+    stranger = subprocess.Popen(["setsid", "sleep", "600"])
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "s3.pid").write_text(f"{stranger.pid}\n")
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # moto_server
+        "HERO_S3_PORT": str(_free_port()),
+        "HERO_INFRA_STATE": str(state),
+    }
+
+    def s3(command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bash", str(INFRA / "s3-server.sh"), command],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    try:
+        stopped = s3("stop")
+        assert (
+            stopped.returncode == 0
+            and f"pid {stranger.pid}, which is not the s3 started here" in stopped.stdout
+        )
+        assert stranger.poll() is None and not (state / "s3.pid").exists()
+        (state / "s3.pid").write_text(f"{stranger.pid}\n")
+        started = s3("start")  # not "already running": it starts its own
+        assert started.returncode == 0 and "s3 up (pid" in started.stdout, started.stdout + started.stderr
+        assert int((state / "s3.pid").read_text()) != stranger.pid
+        again = s3("start")
+        assert again.returncode == 0 and "s3 already running" in again.stdout
+        assert s3("stop").stdout.strip().endswith("s3 stopped") and stranger.poll() is None
+    finally:
+        s3("stop")
+        stranger.kill()
+        stranger.wait(timeout=10)

@@ -113,6 +113,10 @@ def test_publish_is_idempotent_and_images_display_through_s3(
     )
     # ... and answers it with a redirect to a fresh presigned S3 URL: what the browser's <img> loads
     headers = {"Authorization": f"Token {label_studio_server.admin_token}"}
+    redirect = requests.get(resolve, headers=headers, timeout=30, allow_redirects=False)
+    assert redirect.status_code == 303 and redirect.headers["Location"].startswith(
+        str(config.storage.s3_endpoint_url)
+    )
     image = requests.get(resolve, headers=headers, timeout=30)
     image_id = image_task.data["hero"]["image_id"]
     assert image.status_code == 200
@@ -137,6 +141,11 @@ def test_publish_is_idempotent_and_images_display_through_s3(
     (connected,) = admin.import_storage.s3.list(project=published.project_id)
     assert connected.presign_ttl == 30
     assert requests.get(resolve, headers=headers, timeout=30).content == image.content
+    # an S3 endpoint only the services resolve (compose's minio:9000): Label Studio streams the image
+    proxied = config.label_studio.model_copy(update={"proxy_images": True})
+    rounds(config.model_copy(update={"label_studio": proxied}), runs).publish(0, current_best=None)
+    streamed = requests.get(resolve, headers=headers, timeout=30, allow_redirects=False)
+    assert streamed.status_code == 200 and streamed.content == image.content
 
 
 def test_a_new_run_under_a_kept_projects_name_is_refused_not_fed_its_labels(

@@ -103,7 +103,7 @@ def test_every_problem_is_listed(tmp_path: Path) -> None:
     message = str(caught.value)
     assert "sampling.num_steps: Input should be a valid integer" in message
     assert "sampling.etaa: Extra inputs are not permitted; did you mean 'eta'?" in message
-    fields = "api_key, enabled, project_title_prefix, suggestions, url"
+    fields = "api_key, enabled, project_title_prefix, proxy_images, suggestions, url"
     assert f"label_studio.token: Extra inputs are not permitted; the fields here: {fields}" in message
     assert "ddpo.lr: Input should be greater than 0" in message
 
@@ -126,7 +126,7 @@ def test_a_bad_environment_value_fails_with_its_field_path(monkeypatch: pytest.M
         load_config()
 
 
-def test_cross_section_constraints_are_checked(tmp_path: Path) -> None:
+def test_cross_section_constraints_are_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write(tmp_path, {"sampling": {"num_steps": 3}})
     with pytest.raises(ConfigError, match=r"timesteps_per_trajectory \(5\) exceeds sampling.num_steps \(3\)"):
         load_config(path)
@@ -140,7 +140,8 @@ def test_cross_section_constraints_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"ddpo\.target_kl: Input should be greater than 0"):
         load_config(path)
     # Label Studio takes project titles of 50 characters ('HERO ' + a run_id of 45): said before any work
-    label_studio = {"enabled": True, "api_key": "k"}
+    monkeypatch.setenv("HERO_LABEL_STUDIO__API_KEY", "k")
+    label_studio = {"enabled": True}
     assert load_config(write(tmp_path, {"run_id": "r" * 45, "label_studio": label_studio})).run_id == "r" * 45
     path = write(tmp_path, {"run_id": "r" * 46, "label_studio": label_studio})
     with pytest.raises(
@@ -152,6 +153,20 @@ def test_cross_section_constraints_are_checked(tmp_path: Path) -> None:
 def test_unknown_random_architecture_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"model: .*unknown architecture 'huge'"):
         load_config(write(tmp_path, {"model": {"source": "random:huge"}}))
+
+
+def test_a_secret_in_a_config_file_is_refused_naming_its_variable(tmp_path: Path) -> None:
+    # a file is copied, committed and shown; the value is not repeated in the error
+    for section, field, variable in [
+        ("label_studio", "api_key", "HERO_LABEL_STUDIO__API_KEY"),
+        ("storage", "s3_secret_access_key", "HERO_STORAGE__S3_SECRET_ACCESS_KEY"),
+        ("orchestration", "webhook_secret", "HERO_ORCHESTRATION__WEBHOOK_SECRET"),
+    ]:
+        with pytest.raises(ConfigError) as refused:
+            load_config(write(tmp_path, {section: {field: "filetokenSECRET"}}))
+        assert f"{section}.{field} is a secret: set it in the environment ({variable})" in str(refused.value)
+        assert "filetokenSECRET" not in str(refused.value)
+    assert load_config(write(tmp_path, {"label_studio": {"api_key": None}})).label_studio.api_key is None
 
 
 def test_section_requirements_say_which_variable_to_set(tmp_path: Path) -> None:

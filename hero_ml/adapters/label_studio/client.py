@@ -41,7 +41,9 @@ class LabelStudioProjects:
         self.url = url.rstrip("/")
         self.title_prefix = title_prefix
         self.client = LabelStudio(base_url=self.url, api_key=api_key.get_secret_value(), timeout=timeout_s)
-        self._secrets = {api_key.get_secret_value()}  # and each webhook secret or S3 key sent: never echoed
+        # and each webhook secret or S3 key sent: never echoed. Kept as SecretStr: an encoder that walks
+        # this object (Prefect's, for a flow's parameters) finds masks
+        self._secrets: list[SecretStr] = [api_key]
 
     @contextmanager
     def _calling(self, what: str) -> Iterator[None]:
@@ -49,7 +51,7 @@ class LabelStudioProjects:
             yield
         except ApiError as err:
             # a server or proxy may echo the request it refused, in its own escaping
-            body = mask_secrets(str(err.body), self._secrets, SECRET_MASK)
+            body = mask_secrets(str(err.body), self._secret_values(), SECRET_MASK)
             body = body if len(body) <= BODY_SHOWN else body[: BODY_SHOWN - 1] + "…"
             if err.status_code is not None and 200 <= err.status_code < 300:
                 # a success the SDK could not read: not Label Studio's API at this URL
@@ -66,8 +68,13 @@ class LabelStudioProjects:
                 "(infra/label-studio.sh start) or set HERO_LABEL_STUDIO__URL"
             ) from None
         except (TypeError, ValueError) as err:  # the SDK could not read a 2xx answer's JSON as its type
-            error = mask_secrets(f"{type(err).__name__}: {err}", self._secrets, SECRET_MASK)[:BODY_SHOWN]
+            error = mask_secrets(f"{type(err).__name__}: {err}", self._secret_values(), SECRET_MASK)[
+                :BODY_SHOWN
+            ]
             raise self._not_label_studio(what, f"JSON the SDK cannot read ({error})") from None
+
+    def _secret_values(self) -> set[str]:
+        return {secret.get_secret_value() for secret in self._secrets}
 
     def _call(self, what: str, request: Callable[[], T]) -> T:
         with self._calling(what):
@@ -125,11 +132,13 @@ class LabelStudioProjects:
         access_key_id: SecretStr | None,
         secret_access_key: SecretStr | None,
         presign_ttl_s: int,
+        proxy: bool = False,
     ) -> None:
         """Let Label Studio show `s3://bucket/…` task images: it answers each image request with a
-        presigned URL of its own (fresh at every view, so tasks never outlive their links). A storage
-        already connected gets today's credentials and settings (keys may have been rotated since)."""
-        self._secrets |= {key.get_secret_value() for key in (access_key_id, secret_access_key) if key}
+        presigned URL of its own (fresh at every view, so tasks never outlive their links), or, proxy,
+        with the image itself, read from S3 (annotators' browsers never reach S3). A storage already
+        connected gets today's credentials and settings (keys may have been rotated since)."""
+        self._secrets += [key for key in (access_key_id, secret_access_key) if key]
         existing = self._call(
             "list S3 storages", lambda: list(self.client.import_storage.s3.list(project=project_id))
         )
@@ -138,7 +147,7 @@ class LabelStudioProjects:
             "region_name": region,
             "aws_access_key_id": access_key_id.get_secret_value() if access_key_id else None,
             "aws_secret_access_key": secret_access_key.get_secret_value() if secret_access_key else None,
-            "presign": True,
+            "presign": not proxy,
             "presign_ttl": max(1, math.ceil(presign_ttl_s / 60)),  # Label Studio counts minutes
             "use_blob_urls": False,
             "recursive_scan": True,
@@ -170,7 +179,7 @@ class LabelStudioProjects:
             "list webhooks", lambda: list(self.client.webhooks.list(project=str(project_id)))
         )
         headers = {WEBHOOK_SECRET_HEADER: secret.get_secret_value()} if secret is not None else {}
-        self._secrets.update(headers.values())
+        self._secrets += [secret] if secret is not None else []
         registered = [hook for hook in existing if hook.url == url]
         if registered:
             hook_id = registered[0].id
