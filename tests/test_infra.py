@@ -1,6 +1,7 @@
 """The infra/ files: the compose stack binds to loopback and pins its images; the service scripts
 explain their usage. (No Docker engine here: the compose file is checked as data.)"""
 
+import json
 import os
 import re
 import subprocess
@@ -75,6 +76,16 @@ def test_compose_services_come_back_and_mlflow_answers_the_workers_host(
         allowed, "127.0.0.1:5000"
     )
     assert not is_allowed_host_header(allowed, "attacker.example:5000")
+    # HERO's S3 keys reach Label Studio's database: MinIO's user of the two buckets, not its root
+    keys = [services["mlflow"]["environment"]["AWS_ACCESS_KEY_ID"], *yaml.safe_load(
+        (INFRA / "compose.yaml").read_text())["x-hero"]["environment"].values()]  # fmt: skip
+    assert not any("MINIO_ROOT" in str(value) for value in keys)
+    policy = json.loads((INFRA / "minio-policy.json").read_text())
+    buckets = {load_config().storage.s3_bucket, "hero-mlflow"}
+    assert set(policy["Statement"][0]["Resource"]) == {
+        f"arn:aws:s3:::{b}{s}" for b in buckets for s in ("", "/*")
+    }
+    assert "/etc/hero/minio-policy.json" in services["buckets"]["entrypoint"]
 
 
 def test_compose_stack_is_whole_and_takes_every_secret_from_the_environment() -> None:
