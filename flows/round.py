@@ -107,6 +107,7 @@ def hero_round(
                 # labelled round needs no publishing, and waiting on a refusal that repeats (the
                 # project's set-up refused, its tasks readable) would be resumed again for ever
                 not_again = f"cannot publish round {round_index} again in Label Studio: {err}; "
+                humans.publish_failed(round_index)  # should its tasks be gone, the next try waits a while
             try:
                 readiness = check_labelling(humans, round_index)
                 if not readiness.ready:

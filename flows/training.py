@@ -168,6 +168,11 @@ def hero_training(
                 rounds.append(outcome.stats)
                 if on_round is not None:
                     on_round(outcome.stats)
+            if humans is not None:
+                try:  # what a failed withdrawal at the last rounds' collection left in annotators' queue
+                    humans.withdraw_closed(run.engine.round)
+                except LabelStudioError as err:
+                    logger.warning("closed rounds' unfinished tasks stay in Label Studio: %s", err)
             after = evaluate(run, "after")
             after_guided = evaluate(run, "after_guided")
             version = log_final_artifacts(run)

@@ -53,7 +53,10 @@ def writable_folder(folder: Path, option: str, overwrite: bool = True) -> bool:
     ones, or replaced); the message names the --overwrite flag that allows it."""
     made = not folder.exists()
     if not overwrite and folder.is_dir():
-        held = sorted(entry.name for entry in folder.iterdir())
+        try:
+            held = sorted(entry.name for entry in folder.iterdir())
+        except OSError as err:
+            raise fail(f"{option} {folder}: cannot read it ({err.strerror})") from None
         if held:
             raise fail(
                 f"{option} {folder} already holds {held[0]}"

@@ -166,7 +166,8 @@ def update_pass(
             group_kls = len(kls)
             group_units = sum(len(batch) for batch in group)
             if parallel is not None:  # the group's units shared, so that every process has some to train
-                group = list(parallel.share(torch.cat(group)).split(train_batch_size))
+                share = parallel.share(torch.cat(group))  # none when the group has fewer units than processes
+                group = list(share.split(train_batch_size)) if len(share) else []
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:  # its scale made, even in a process with no unit in this group
                 scaler.scale(torch.zeros((), device=params[0].device))

@@ -16,7 +16,7 @@ import io
 import json
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -46,6 +46,9 @@ __all__ = ["LabelStudioError", "LabelStudioRounds", "Progress", "Published", "Re
 # model's best task, a grid of 64 images of 64 px, is about 0.2 MiB).
 INLINE_TASK_LIMIT_BYTES = 768 * 1024
 logger = logging.getLogger(__name__)
+# a round whose tasks are gone and whose publication failed again is tried again this much later: each
+# try is a resumed flow run (a process start, a model load, the publication's retries)
+REPUBLISH_BACKOFF = timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -167,8 +170,7 @@ class LabelStudioRounds:
                 )
         project_id = self.project()
         present = self.projects.held_tasks(project_id, tasks)  # another run's tasks: refused, nothing written
-        # the closed rounds' tasks a withdrawal at their collection missed (Label Studio down, a crash)
-        self.projects.withdraw(self._unfinished(list(present.values()), before=round_index))
+        self._withdraw_closed(list(present.values()), before=round_index)  # what their collection missed
         # the first attempt starts the clock, before the import: a crash part-way through the import
         # (tasks out, record not yet written) must not restart the deadline when publishing again
         published = self.runs.load_published(round_index)
@@ -186,9 +188,19 @@ class LabelStudioRounds:
             published = published.model_copy(update={"project_id": project_id, "imported_at": None})
             self.runs.save_published(round_index, published)
         created, existing = self.projects.publish(project_id, tasks, present)
-        if published.imported_at is None:
-            self.runs.save_published(round_index, published.model_copy(update={"imported_at": _now()}))
+        if published.imported_at is None or published.republish_failed_at is not None:
+            done = {"imported_at": published.imported_at or _now(), "republish_failed_at": None}
+            self.runs.save_published(round_index, published.model_copy(update=done))
         return Published(project_id, created, existing, self.projects.project_url(project_id))
+
+    def publish_failed(self, round_index: int) -> None:
+        """Record that publishing round `round_index` again failed (its tasks were all out before): its
+        checks ask for the next try only REPUBLISH_BACKOFF later, should its tasks be gone."""
+        published = self.runs.load_published(round_index)
+        if published is not None:
+            self.runs.save_published(
+                round_index, published.model_copy(update={"republish_failed_at": _now()})
+            )
 
     def readiness(self, round_index: int, now: datetime | None = None) -> Readiness:
         """Whether the published round may close now, by the run's policy (orchestration section).
@@ -196,28 +208,36 @@ class LabelStudioRounds:
         published = self.runs.load_published(round_index)
         if published is None:
             return Readiness(False, f"round {round_index} is not published")
+        now = now or datetime.now(UTC)
+        failed = published.republish_failed_at
+        republish_after = None if failed is None else failed + REPUBLISH_BACKOFF
         try:
             project_tasks = self.projects.tasks(published.project_id)
         except LabelStudioError as err:
             if err.status_code != 404:
                 raise
-            return Readiness(
-                False,
-                f"project {published.project_id} is gone from Label Studio: publishing round {round_index} "
-                "again (in the run's project, made anew if need be)",
-                republish=True,
+            gone = f"project {published.project_id} is gone from Label Studio"
+            if republish_after is not None and now < republish_after:
+                after = republish_after.isoformat(timespec="seconds")
+                return Readiness(
+                    False, f"{gone}: publishing round {round_index} again failed, next try after {after}"
+                )
+            again = (
+                f"{gone}: publishing round {round_index} again (in the run's project, made anew if need be)"
             )
+            return Readiness(False, again, republish=True)
         collected, _ = self._collect(round_index, self._image_ids(round_index), project_tasks)
         policy = self.config.orchestration
         return readiness(
             collected.progress,
             first_round=round_index == 0,
             published_at=published.published_at,
-            now=now or datetime.now(UTC),
+            now=now,
             deadline_h=policy.round_deadline_h,
             deadline_min_labels=policy.deadline_min_labels,
             not_counted=collected.problems,
             missing_tasks=collected.missing_tasks,
+            republish_after=republish_after,
         )
 
     def _collect(
@@ -243,12 +263,13 @@ class LabelStudioRounds:
     def _image_ids(self, round_index: int) -> list[str]:
         return list(self.runs.load_manifest(round_index)["image_ids"])
 
-    def progress(self, round_indices: list[int]) -> dict[int, CollectedRound | None]:
+    def progress(self, round_indices: list[int]) -> dict[int, CollectedRound | str]:
         """Where each round's labelling stands: a collected round's as collected (its annotations.json:
         its unfinished tasks were withdrawn then), an open one's from its published project's tasks
-        (one read a project), an unpublished one's None. Nothing is written or set up."""
-        read: dict[int, list[dict]] = {}  # project id -> its tasks
-        stands: dict[int, CollectedRound | None] = {}
+        (one read a project); a round with no tasks to read, why ("not published", its project gone).
+        Nothing is written or set up."""
+        read: dict[int, list[dict] | None] = {}  # project id -> its tasks; None: the project is gone
+        stands: dict[int, CollectedRound | str] = {}
         for k in round_indices:
             stored = self.runs.load_round_object(k, ANNOTATIONS)
             published = self.runs.load_published(k)
@@ -256,13 +277,48 @@ class LabelStudioRounds:
                 tasks = json.loads(stored)["tasks"]
             elif published is not None:
                 if published.project_id not in read:
-                    read[published.project_id] = self.projects.tasks(published.project_id)
-                tasks = read[published.project_id]
+                    try:
+                        read[published.project_id] = self.projects.tasks(published.project_id)
+                    except LabelStudioError as err:
+                        if err.status_code != 404:
+                            raise
+                        read[published.project_id] = None
+                held = read[published.project_id]
+                if held is None:
+                    stands[k] = f"project {published.project_id} gone (published again at its next check)"
+                    continue
+                tasks = held
             else:
-                stands[k] = None
+                stands[k] = "not published"
                 continue
             stands[k] = self._collect(k, self._image_ids(k), tasks)[0]
         return stands
+
+    def withdraw_closed(self, before: int) -> None:
+        """Withdraw this run's unfinished tasks of rounds before `before` (all collected) from the
+        project round before - 1 went to: what a failed withdrawal at their collection left (each
+        publication does it too; the end of a run calls this)."""
+        published = self.runs.load_published(before - 1) if before > 0 else None
+        if published is not None:
+            self._withdraw_closed(self.projects.tasks(published.project_id), before)
+
+    def _withdraw_closed(self, tasks: list[dict], before: int) -> None:
+        unfinished = self._unfinished(tasks, before)
+        try:  # clean-up: never what stops a round
+            self.projects.withdraw(unfinished)
+        except LabelStudioError as err:
+            logger.warning(
+                "%d unfinished tasks of rounds before %d stay in Label Studio's queue, their labels read by "
+                "no one: %s",
+                len(unfinished),
+                before,
+                err,
+            )
+        else:
+            if unfinished:
+                logger.info(
+                    "%d unfinished tasks of closed rounds withdrawn from Label Studio", len(unfinished)
+                )
 
     def _unfinished(self, tasks: list[dict], before: int) -> list[int]:
         """The ids of this run's tasks of rounds before `before` that Label Studio would still hand out."""
@@ -312,24 +368,9 @@ class LabelStudioRounds:
             )
         self.runs.save_feedback(round_index, feedback, collected.feedback)
         # closed: its unfinished tasks go, or Label Studio would hand them out before the next round's
-        # (the oldest first) and their labels would be read by no one; missed here, the next publish does it
-        unfinished = self._unfinished(tasks, before=round_index + 1)
-        try:
-            self.projects.withdraw(unfinished)
-        except LabelStudioError as err:
-            logger.warning(
-                "round %d's %d unfinished tasks stay in Label Studio until the next round is published: %s",
-                round_index,
-                len(unfinished),
-                err,
-            )
-        else:
-            if unfinished:
-                logger.info(
-                    "round %d closed: %d unfinished tasks withdrawn from Label Studio",
-                    round_index,
-                    len(unfinished),
-                )
+        # (the oldest first) and their labels would be read by no one; missed here, the next publication
+        # or the run's end does it
+        self._withdraw_closed(tasks, before=round_index + 1)
         return feedback, collected
 
 

@@ -118,8 +118,8 @@ def status(
     table = Table("round", "state", "labels", "best votes", "skipped", "problems", title=f"run {run_id}")
     annotators: dict[str, int] = {}
     for k, collected in progress.items():
-        if collected is None:
-            table.add_row(str(k), "not published", "", "", "", "")
+        if isinstance(collected, str):  # no tasks to read: why
+            table.add_row(str(k), collected, "", "", "", "")
             continue
         p = collected.progress
         closed = rounds.runs.load_feedback(k) is not None  # as collected; its unfinished tasks withdrawn
@@ -137,9 +137,9 @@ def status(
     for who, count in sorted(annotators.items(), key=lambda item: -item[1]):
         console.print(f"  annotator {who}: {count} labels", highlight=False, markup=False)
     for k, collected in progress.items():
-        for missing in [] if collected is None else collected.missing_tasks:
+        for missing in [] if isinstance(collected, str) else collected.missing_tasks:
             console.print(
                 f"  [yellow]round {k}[/]: {escape(missing)} has no task in Label Studio", highlight=False
             )
-        for problem in [] if collected is None else collected.problems:
+        for problem in [] if isinstance(collected, str) else collected.problems:
             console.print(f"  [yellow]round {k}[/]: {escape(problem)}", highlight=False)  # annotators' text

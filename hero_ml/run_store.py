@@ -126,6 +126,9 @@ class PublishedRecord(BaseModel):
     # A round imported whole may wait out a Label Studio outage when it is entered again; one cut short
     # may not (its missing tasks could never be labelled)
     imported_at: AwareDatetime | None = None
+    # when publishing the round again (entered again, its tasks gone from Label Studio) last failed: a
+    # check asks for the next try only after a back-off (each try is a process start and a model load)
+    republish_failed_at: AwareDatetime | None = None
 
 
 class _Evaluation(BaseModel):

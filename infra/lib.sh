@@ -20,13 +20,22 @@ alive() {
     [[ -n $state && $state != Z* ]]
 }
 
+# started PID: when the process started, in clock ticks since boot (/proc/PID/stat's 22nd field, read
+# after the command name, which may hold spaces): no locale or time zone changes it
+started() {
+    local stat
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    read -ra fields <<<"${stat##*) }"
+    echo "${fields[19]}"
+}
+
 # ours NAME: NAME's pid file names the process this script started. A pid is reused (the state folder
 # outlives a reboot or a crash): the start time recorded beside it tells a stranger apart.
 ours() {
     local pidfile="$HERO_INFRA_STATE/$1.pid" startfile="$HERO_INFRA_STATE/$1.started" pid
     [[ -f $pidfile && -f $startfile ]] || return 1
     pid=$(cat "$pidfile")
-    alive "$pid" && [[ "$(ps -o lstart= -p "$pid")" == "$(cat "$startfile")" ]]
+    alive "$pid" && [[ "$(started "$pid")" == "$(cat "$startfile")" ]]
 }
 
 # start_service NAME URL_TO_POLL TIMEOUT_S COMMAND... : start unless ours runs already, wait for URL
@@ -48,7 +57,7 @@ start_service() {
     # setsid: the service gets its own process group, so stop kills its children too
     setsid "$@" >"$log" 2>&1 < /dev/null &
     echo $! >"$pidfile"
-    ps -o lstart= -p $! >"$HERO_INFRA_STATE/$name.started" || true # gone already: said below
+    started $! >"$HERO_INFRA_STATE/$name.started" || true # gone already: said below
     local waited=0
     until curl -sf -o /dev/null "$url"; do
         if ! alive "$(cat "$pidfile")"; then
@@ -76,9 +85,16 @@ stop_service() {
     fi
     local pid
     pid=$(cat "$pidfile")
-    if ! ours "$name"; then # never signal a stranger's process group
+    # the group is ours while its leader is, or, the leader gone, while members remain (Linux reuses no
+    # pid while a process group of that number lives); never signal a stranger's group
+    if ! ours "$name" && { alive "$pid" || ! pgrep -g "$pid" >/dev/null 2>&1; }; then
         rm -f "$pidfile" "$HERO_INFRA_STATE/$name.started"
-        echo "$name not running (its pid file named pid $pid, which is not the $name started here: removed)"
+        if alive "$pid"; then
+            echo "$name not running: its stale pid file named pid $pid, another process now (or one an" \
+                "older script started without its start time: if so, stop it with kill -- -$pid); removed"
+        else
+            echo "$name not running (its stale pid file named pid $pid, which is gone: removed)"
+        fi
         return 0
     fi
     kill -TERM -- "-$pid" 2>/dev/null || true

@@ -44,8 +44,8 @@ def train(
     parallel: DataParallel | None, target_kl: float | None = None, loss_scale: bool = False
 ) -> tuple[list[torch.nn.Parameter], int]:
     """One pass (two with target_kl, which may stop them); the LoRA parameters and the steps taken.
-    loss_scale: through a GradScaler (a float16 model's) in micro-batches of one unit, fewer than the
-    processes: a process whose share of a micro-batch is empty still unscales its gradients."""
+    loss_scale: through a GradScaler (a float16 model's) in groups of one unit, fewer than the processes:
+    a process with no unit in a group trains nothing and still unscales its (zero) gradients."""
     params, pipe, trajectory = setting()
     stats = update_pass(
         ddpo_objective(pipe, trajectory, ADVANTAGE, clip_range=10.0),  # type: ignore[arg-type]
@@ -54,7 +54,7 @@ def train(
         num_steps=4,
         timesteps_per_unit=2,
         train_batch_size=1 if loss_scale else 3,
-        gradient_accumulation_steps=2,
+        gradient_accumulation_steps=1 if loss_scale else 2,
         inner_epochs=1 if target_kl is None else 2,
         max_grad_norm=1e6,  # no clipping: compare raw gradients
         generator=torch.Generator().manual_seed(0),

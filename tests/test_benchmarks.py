@@ -605,4 +605,4 @@ def test_the_gpu_lease_script_rehearses_on_a_cpu_and_hands_back_each_benchmarks_
         text=True,
         timeout=300,
     )
-    assert cut.returncode == 0 and "gpu_round-compiled-cpu: not run (" in cut.stdout, cut.stdout + cut.stderr
+    assert cut.returncode == 1 and "gpu_round-compiled-cpu: not run (" in cut.stdout, cut.stdout + cut.stderr

@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +208,11 @@ def test_a_round_whose_project_was_made_again_is_checked_where_its_tasks_are_now
     gone = rounds(config, runs).readiness(0)
     assert gone.republish and not gone.ready
     assert gone.reason.startswith(f"project {first.project_id} is gone from Label Studio: publishing round 0")
+    # `hero labelstudio status` says so for the round (and makes no project under the run's title)
+    assert rounds(config, runs).progress([0]) == {
+        0: f"project {first.project_id} gone (published again at its next check)"
+    }
+    assert [p for p in admin.projects.list() if p.title == f"HERO {config.run_id}"] == []
     again = rounds(config, runs).publish(0, current_best=None, flow_run_id="flow-1")
     assert again.project_id != first.project_id and again.created == 5
     record = runs.load_published(0)
@@ -261,10 +267,7 @@ def test_a_closed_rounds_unfinished_tasks_leave_the_queue_and_a_deleted_task_is_
         with caplog.at_level(logging.WARNING, logger="hero_ml.labelling"):
             feedback, _ = humans.collect(0)
         assert feedback.good == (True, True, True, True)
-        assert (
-            "round 0's 5 unfinished tasks stay in Label Studio until the next round is published"
-            in caplog.text
-        )
+        assert "5 unfinished tasks of rounds before 1 stay in Label Studio's queue" in caplog.text
         assert len(held()) == 5
         down.clear()
 
@@ -362,11 +365,53 @@ def test_a_round_entered_again_in_an_outage_waits_once_all_its_tasks_are_out(
             assert again.waiting.reason.startswith("cannot publish round 0 again in Label Studio: ")
             assert "; cannot check round 0 in Label Studio: " in again.waiting.reason
             assert "(HTTP 503)" in again.waiting.reason and proxy.injected
+            assert runs.load_published(0).republish_failed_at is not None  # should its tasks be gone
             # the record as an import cut short leaves it (written before the import, not after)
             runs.save_published(0, imported.model_copy(update={"imported_at": None}))
             with pytest.raises(LabelStudioError, match="HTTP 503"):
                 flows.round.hero_round(run, 0, rounds(config, runs))
             assert run.engine.round == 0
+
+
+def test_a_round_whose_deleted_tasks_cannot_be_published_again_is_retried_an_hour_later(
+    s3_server: Service, label_studio_server: LabelStudioServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # each try is a resumed flow run (a process start, a model load, the publication's retries): a
+    # refusal that lasts must not have the poller resume the round at every check
+    import flows.round
+
+    with behind_the_fault_proxy(s3_server, label_studio_server, frozenset({"POST"})) as (
+        config,
+        runs,
+        _,
+        down,
+    ):
+        for name in ("publish_round", "check_labelling"):
+            monkeypatch.setattr(flows.round, name, getattr(flows.round, name).with_options(retries=0))
+        admin = LabelStudio(base_url=label_studio_server.url, api_key=label_studio_server.admin_token)
+        with TrainingRun(config, runs.store) as run:
+            assert flows.round.hero_round(run, 0, rounds(config, runs)).waiting is not None
+            project = runs.load_published(0).project_id
+            (best,) = [
+                t for t in admin.tasks.list(project=project, fields="all") if t.data["hero"]["kind"] == "best"
+            ]
+            admin.tasks.delete(id=str(best.id))
+            assert rounds(config, runs).readiness(0).republish  # the poller would resume it
+            down.set()  # the import refused
+            again = flows.round.hero_round(run, 0, rounds(config, runs))
+            assert again.waiting is not None and not again.waiting.republish
+            assert "publishing them again failed, next try after" in again.waiting.reason
+            failed = runs.load_published(0).republish_failed_at
+            assert not rounds(config, runs).readiness(0).republish  # the poller leaves it
+            later = rounds(config, runs).readiness(0, now=failed + timedelta(hours=1, seconds=1))
+            assert later.republish
+            down.clear()
+            healed = flows.round.hero_round(run, 0, rounds(config, runs))
+            assert (
+                healed.waiting is not None
+                and healed.waiting.reason == "waiting for 0/8 labels, 0/2 best votes"
+            )
+            assert runs.load_published(0).republish_failed_at is None
 
 
 def test_a_labelled_round_entered_again_is_learned_though_label_studio_refuses_its_set_up(

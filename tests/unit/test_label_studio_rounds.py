@@ -387,3 +387,29 @@ def test_a_round_closes_when_complete_or_at_its_deadline_with_the_minimum() -> N
             republish=True,
         )
     assert ready(progress(8, 2, 2), 0).republish is False
+    # a deadline that closes the round without them wins; a failed try is repeated only after its back-off
+    closes = readiness(
+        progress(7, 1, 2),
+        first_round=False,
+        published_at=published,
+        now=published + timedelta(hours=48),
+        deadline_h=24,
+        deadline_min_labels=1,
+        missing_tasks=["the best task"],
+    )
+    assert closes.ready and not closes.republish
+    waits = readiness(
+        progress(6, 0, 2),
+        first_round=False,
+        published_at=published,
+        now=published + timedelta(hours=1),
+        deadline_h=None,
+        deadline_min_labels=1,
+        missing_tasks=["the best task"],
+        republish_after=published + timedelta(hours=2),
+    )
+    assert waits == Readiness(
+        False,
+        "1 of the round's tasks are gone from Label Studio (e.g. the best task): publishing them again "
+        "failed, next try after 2026-01-01T14:00:00+00:00; 6/8 labels, 2/2 best votes so far",
+    )

@@ -219,7 +219,9 @@ class LabelStudioProjects:
         """The project's tasks by run, round, kind and image id, refusing any that is one of `tasks`
         but shows other pixels (an earlier run of the same name, whose project was kept: its labels
         are not this round's). A task published by a release before the digest has none to compare."""
-        present = {task_key(task["data"]): task for task in self.tasks(project_id)}
+        present: dict[TaskKey | None, dict[str, Any]] = {}
+        for task in self.tasks(project_id):  # the first of tasks claiming one key, as collect counts it
+            present.setdefault(task_key(task["data"]), task)
         foreign = [
             held["id"]
             for task in tasks

@@ -180,22 +180,31 @@ def readiness(
     deadline_min_labels: int,
     not_counted: Sequence[str] = (),
     missing_tasks: Sequence[str] = (),
+    republish_after: datetime | None = None,
 ) -> Readiness:
     """Whether a waiting round may close: every label it wants is in, or its deadline has passed and
     every image has at least `deadline_min_labels` labels (and the first round, which has no current
     best to keep, a best vote). not_counted: the annotations collect could not use (its problems),
     named in a waiting reason: Label Studio counts them done and gives their tasks out no more, so
     the round may wait on them for good. missing_tasks: the round's tasks Label Studio no longer holds
-    (CollectedRound.missing_tasks): the round is to be published again."""
+    (CollectedRound.missing_tasks): the round is to be published again, unless its deadline lets it
+    close without them; republish_after: not before then (the last try failed)."""
     if progress.complete:
         return Readiness(True, "complete")
-    if missing_tasks:
-        return Readiness(
-            False,
-            f"{len(missing_tasks)} of the round's tasks are gone from Label Studio (e.g. "
-            f"{missing_tasks[0]}): publishing them again; {progress} so far",
-            republish=True,
+    closing = _at_deadline(progress, first_round, published_at, now, deadline_h, deadline_min_labels)
+    if missing_tasks and not closing.ready:
+        gone = (
+            f"{len(missing_tasks)} of the round's tasks are gone from Label Studio (e.g. {missing_tasks[0]})"
         )
+        if republish_after is not None and now < republish_after:
+            return Readiness(
+                False,
+                f"{gone}: publishing them again failed, next try after "
+                f"{republish_after.isoformat(timespec='seconds')}; {progress} so far",
+            )
+        return Readiness(False, f"{gone}: publishing them again; {progress} so far", republish=True)
+    if closing.ready:
+        return closing
     unusable = (
         f"; {len(not_counted)} annotation(s) not counted, fix or delete them in Label Studio "
         f"(`hero labelstudio status` lists them), e.g. {not_counted[0]}"
@@ -209,12 +218,29 @@ def readiness(
         return Readiness(
             False, f"waiting for {progress} (deadline {deadline.isoformat(timespec='seconds')}){unusable}"
         )
-    if progress.least_labels < deadline_min_labels or (first_round and progress.best_votes == 0):
-        return Readiness(
-            False,
-            f"deadline passed, but the minimum is not met yet ({deadline_min_labels} labels on every "
-            f"image{' and a best vote' if first_round else ''}): {progress}{unusable}",
-        )
+    return Readiness(  # past the deadline, not closed by it
+        False,
+        f"deadline passed, but the minimum is not met yet ({deadline_min_labels} labels on every "
+        f"image{' and a best vote' if first_round else ''}): {progress}{unusable}",
+    )
+
+
+def _at_deadline(
+    progress: Progress,
+    first_round: bool,
+    published_at: datetime,
+    now: datetime,
+    deadline_h: float | None,
+    deadline_min_labels: int,
+) -> Readiness:
+    """Whether the round's deadline closes it now: passed, every image with the minimum of labels (and
+    the first round, with no current best to keep, a best vote); a reason only when it does."""
+    if deadline_h is None:
+        return Readiness(False, "")
+    deadline = published_at + timedelta(hours=deadline_h)
+    met = progress.least_labels >= deadline_min_labels and not (first_round and progress.best_votes == 0)
+    if now < deadline or not met:
+        return Readiness(False, "")
     return Readiness(True, f"deadline {deadline.isoformat(timespec='seconds')} passed with {progress}")
 
 
