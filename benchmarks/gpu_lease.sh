@@ -58,7 +58,7 @@ bench() {
     local left=$((budget - SECONDS - reserve))
     local seconds=$((cap < left ? cap : left))
     if [ "$seconds" -lt 30 ]; then
-        echo "$name: not run ($((left + reserve)) s of the budget left)"
+        echo "$name: not run ($((left + reserve)) s of the budget left, $reserve s of them kept for the steps after it)"
         failed=1
         return
     fi

@@ -285,7 +285,9 @@ class LabelStudioRounds:
                         read[published.project_id] = None
                 held = read[published.project_id]
                 if held is None:
-                    stands[k] = f"project {published.project_id} gone (published again at its next check)"
+                    stands[k] = (
+                        f"project {published.project_id} gone (the round's next check publishes it again)"
+                    )
                     continue
                 tasks = held
             else:
@@ -308,8 +310,8 @@ class LabelStudioRounds:
             self.projects.withdraw(unfinished)
         except LabelStudioError as err:
             logger.warning(
-                "%d unfinished tasks of rounds before %d stay in Label Studio's queue, their labels read by "
-                "no one: %s",
+                "up to %d unfinished tasks of rounds before %d stay in Label Studio's queue, their labels "
+                "read by no one: %s",
                 len(unfinished),
                 before,
                 err,

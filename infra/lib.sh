@@ -85,13 +85,16 @@ stop_service() {
     fi
     local pid
     pid=$(cat "$pidfile")
-    # the group is ours while its leader is, or, the leader gone, while members remain (Linux reuses no
-    # pid while a process group of that number lives); never signal a stranger's group
-    if ! ours "$name" && { alive "$pid" || ! pgrep -g "$pid" >/dev/null 2>&1; }; then
+    # never signal a group that may be a stranger's: a group of that number whose leader is gone may be
+    # another program's after a reboot, so it is named, not killed
+    if ! ours "$name"; then
         rm -f "$pidfile" "$HERO_INFRA_STATE/$name.started"
         if alive "$pid"; then
             echo "$name not running: its stale pid file named pid $pid, another process now (or one an" \
                 "older script started without its start time: if so, stop it with kill -- -$pid); removed"
+        elif pgrep -g "$pid" >/dev/null 2>&1; then
+            echo "$name not running: its process $pid is gone, but processes of group $pid remain" \
+                "(pgrep -a -g $pid); if they are its children, stop them with kill -- -$pid"
         else
             echo "$name not running (its stale pid file named pid $pid, which is gone: removed)"
         fi

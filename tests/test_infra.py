@@ -4,6 +4,7 @@ explain their usage. (No Docker engine here: the compose file is checked as data
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -210,6 +211,22 @@ def test_a_stale_pid_file_naming_another_process_is_neither_trusted_nor_signalle
         (state / "s3.pid").write_text(f"{stranger.pid}\n")  # its pid reused: the start time differs
         (state / "s3.started").write_text("1\n")
         assert "another process now" in s3("stop").stdout and stranger.poll() is None
+        # a group whose leader is gone (every double-forking daemon leaves one): named, not signalled
+        leaderless = subprocess.run(
+            ["setsid", "bash", "-c", "sleep 600 >/dev/null 2>&1 & echo $$"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        group = int(leaderless.stdout)
+        try:
+            (state / "s3.pid").write_text(f"{group}\n")
+            (state / "s3.started").write_text("1\n")
+            named = s3("stop").stdout
+            assert f"processes of group {group} remain" in named, named
+            assert subprocess.run(["pgrep", "-g", str(group)], capture_output=True).returncode == 0
+        finally:
+            os.killpg(group, signal.SIGKILL)
         (state / "s3.pid").write_text(f"{stranger.pid}\n")
         started = s3("start")  # not "already running": it starts its own
         assert started.returncode == 0 and "s3 up (pid" in started.stdout, started.stdout + started.stderr

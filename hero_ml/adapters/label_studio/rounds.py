@@ -191,8 +191,10 @@ def readiness(
     close without them; republish_after: not before then (the last try failed)."""
     if progress.complete:
         return Readiness(True, "complete")
-    closing = _at_deadline(progress, first_round, published_at, now, deadline_h, deadline_min_labels)
-    if missing_tasks and not closing.ready:
+    deadline = None if deadline_h is None else published_at + timedelta(hours=deadline_h)
+    minimum = progress.least_labels >= deadline_min_labels and not (first_round and progress.best_votes == 0)
+    closes = deadline is not None and now >= deadline and minimum  # without the labels still missing
+    if missing_tasks and not closes:
         gone = (
             f"{len(missing_tasks)} of the round's tasks are gone from Label Studio (e.g. {missing_tasks[0]})"
         )
@@ -203,17 +205,16 @@ def readiness(
                 f"{republish_after.isoformat(timespec='seconds')}; {progress} so far",
             )
         return Readiness(False, f"{gone}: publishing them again; {progress} so far", republish=True)
-    if closing.ready:
-        return closing
+    if deadline is not None and closes:
+        return Readiness(True, f"deadline {deadline.isoformat(timespec='seconds')} passed with {progress}")
     unusable = (
         f"; {len(not_counted)} annotation(s) not counted, fix or delete them in Label Studio "
         f"(`hero labelstudio status` lists them), e.g. {not_counted[0]}"
         if not_counted
         else ""
     )
-    if deadline_h is None:
+    if deadline is None:
         return Readiness(False, f"waiting for {progress}{unusable}")
-    deadline = published_at + timedelta(hours=deadline_h)
     if now < deadline:
         return Readiness(
             False, f"waiting for {progress} (deadline {deadline.isoformat(timespec='seconds')}){unusable}"
@@ -223,25 +224,6 @@ def readiness(
         f"deadline passed, but the minimum is not met yet ({deadline_min_labels} labels on every "
         f"image{' and a best vote' if first_round else ''}): {progress}{unusable}",
     )
-
-
-def _at_deadline(
-    progress: Progress,
-    first_round: bool,
-    published_at: datetime,
-    now: datetime,
-    deadline_h: float | None,
-    deadline_min_labels: int,
-) -> Readiness:
-    """Whether the round's deadline closes it now: passed, every image with the minimum of labels (and
-    the first round, with no current best to keep, a best vote); a reason only when it does."""
-    if deadline_h is None:
-        return Readiness(False, "")
-    deadline = published_at + timedelta(hours=deadline_h)
-    met = progress.least_labels >= deadline_min_labels and not (first_round and progress.best_votes == 0)
-    if now < deadline or not met:
-        return Readiness(False, "")
-    return Readiness(True, f"deadline {deadline.isoformat(timespec='seconds')} passed with {progress}")
 
 
 @dataclass
