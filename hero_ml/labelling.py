@@ -17,6 +17,7 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -226,7 +227,7 @@ class LabelStudioRounds:
                 f"{gone}: publishing round {round_index} again (in the run's project, made anew if need be)"
             )
             return Readiness(False, again, republish=True)
-        collected, _ = self._collect(round_index, self._image_ids(round_index), project_tasks)
+        collected, _ = self._collect(round_index, self.runs.load_manifest(round_index), project_tasks)
         policy = self.config.orchestration
         return readiness(
             collected.progress,
@@ -241,27 +242,28 @@ class LabelStudioRounds:
         )
 
     def _collect(
-        self, round_index: int, image_ids: list[str], project_tasks: list[dict]
+        self, round_index: int, manifest: dict[str, Any], project_tasks: list[dict]
     ) -> tuple[CollectedRound, list[dict]]:
-        """The round's tasks among the project's (tasks without HERO metadata kept: they are reported)."""
+        """The round's tasks among the project's (tasks without HERO metadata kept: they are reported),
+        collected against its manifest's images and their digests."""
         tasks = [
             task
             for task in project_tasks
             if (key := task_key(task.get("data") or {})) is None
             or (key[0] == self.runs.run_id and key[1] == round_index)
         ]
+        image_ids, files = list(manifest["image_ids"]), manifest["files"]
+        digests = {i: files[f"images/{i}.png"]["sha256"] for i in image_ids} | {"": files[GRID]["sha256"]}
         collected = collect(
             tasks,
             run_id=self.runs.run_id,
             round_index=round_index,
             image_ids=image_ids,
+            digests=digests,
             has_current_best=round_index > 0,
             annotators_per_image=self.config.feedback.annotators_per_image,
         )
         return collected, tasks
-
-    def _image_ids(self, round_index: int) -> list[str]:
-        return list(self.runs.load_manifest(round_index)["image_ids"])
 
     def progress(self, round_indices: list[int]) -> dict[int, CollectedRound | str]:
         """Where each round's labelling stands: a collected round's as collected (its annotations.json:
@@ -293,7 +295,7 @@ class LabelStudioRounds:
             else:
                 stands[k] = "not published"
                 continue
-            stands[k] = self._collect(k, self._image_ids(k), tasks)[0]
+            stands[k] = self._collect(k, self.runs.load_manifest(k), tasks)[0]
         return stands
 
     def withdraw_closed(self, before: int) -> None:
@@ -337,10 +339,11 @@ class LabelStudioRounds:
         """Store the round's raw annotations, then aggregate them (FeedbackError if images lack labels).
         Reads the project the round was published to, as `readiness` does: no project set-up (a set-up
         Label Studio refuses must not stop a labelled round from closing)."""
-        image_ids = self._image_ids(round_index)
+        manifest = self.runs.load_manifest(round_index)
+        image_ids = list(manifest["image_ids"])
         published = self.runs.load_published(round_index)
         project_id = self.project() if published is None else published.project_id
-        collected, tasks = self._collect(round_index, image_ids, self.projects.tasks(project_id))
+        collected, tasks = self._collect(round_index, manifest, self.projects.tasks(project_id))
         record = {
             "collected_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "progress": str(collected.progress),

@@ -259,6 +259,7 @@ def test_any_label_studio_export_is_collected_or_reported_never_a_crash(tasks: l
         run_id="r",
         round_index=0,
         image_ids=ROUND_IMAGES,
+        digests={},  # the tasks carry no digest (a release before them): none compared
         has_current_best=False,
         annotators_per_image=1,
     )

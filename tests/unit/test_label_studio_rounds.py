@@ -20,6 +20,7 @@ from hero_ml.adapters.label_studio.rounds import (
 from hero_ml.feedback import FeedbackError
 
 IDS = ["r0001-000", "r0001-001", "r0001-002"]
+DIGESTS = {i: f"{n:064x}" for n, i in enumerate(IDS)} | {"": "f" * 64}  # the manifest's, as tasks() has them
 
 
 def tasks() -> list[dict[str, Any]]:
@@ -113,7 +114,13 @@ def test_collect_a_round_labelled_by_a_team() -> None:
         annotation(3, "keep", ident=13, control="best"),
     ]
     collected = collect(
-        round_tasks, run_id="run", round_index=1, image_ids=IDS, has_current_best=True, annotators_per_image=2
+        round_tasks,
+        run_id="run",
+        round_index=1,
+        image_ids=IDS,
+        digests=DIGESTS,
+        has_current_best=True,
+        annotators_per_image=2,
     )
     assert collected.cancelled == 1 and collected.replaced == 1
     assert collected.problems == [
@@ -131,7 +138,13 @@ def test_collect_a_round_labelled_by_a_team() -> None:
     round_tasks[2]["annotations"].append(annotation(3, "good", ident=8))
     round_tasks[2]["annotations"].append(annotation(1, "bad", ident=14))
     collected = collect(
-        round_tasks, run_id="run", round_index=1, image_ids=IDS, has_current_best=True, annotators_per_image=2
+        round_tasks,
+        run_id="run",
+        round_index=1,
+        image_ids=IDS,
+        digests=DIGESTS,
+        has_current_best=True,
+        annotators_per_image=2,
     )
     assert collected.progress.complete and collected.progress.least_labels == 2
     verdict = collected.round_feedback(IDS, has_current_best=True)
@@ -151,7 +164,13 @@ def test_an_annotator_given_as_a_user_object_is_its_id() -> None:
     round_tasks[1]["annotations"] = [annotation(4, "bad", ident=2)]
     round_tasks[2]["annotations"] = [{**annotation(1, "bad", ident=3), "completed_by": {"email": "a@b"}}]
     collected = collect(
-        round_tasks, run_id="run", round_index=1, image_ids=IDS, has_current_best=True, annotators_per_image=1
+        round_tasks,
+        run_id="run",
+        round_index=1,
+        image_ids=IDS,
+        digests=DIGESTS,
+        has_current_best=True,
+        annotators_per_image=1,
     )
     assert collected.labels_by_annotator == {"4": 2}
     assert collected.problems == ["task 12: annotation 3 names no usable annotator (completed_by); skipped"]
@@ -168,7 +187,13 @@ def test_annotations_posted_through_the_api_are_read_strictly() -> None:
     ]
     round_tasks[1]["annotations"] = [annotation(3, "[/]" + "x" * 500, ident=4)]
     collected = collect(
-        round_tasks, run_id="run", round_index=1, image_ids=IDS, has_current_best=True, annotators_per_image=1
+        round_tasks,
+        run_id="run",
+        round_index=1,
+        image_ids=IDS,
+        digests=DIGESTS,
+        has_current_best=True,
+        annotators_per_image=1,
     )
     assert collected.labels_by_annotator == {"3": 1} and collected.cancelled == 0
     assert collected.problems == [
@@ -203,6 +228,7 @@ def test_collect_reports_what_it_cannot_map() -> None:
         run_id="run",
         round_index=1,
         image_ids=IDS,
+        digests=DIGESTS,
         has_current_best=True,
         annotators_per_image=1,
     )
@@ -222,6 +248,7 @@ def test_collect_reports_what_it_cannot_map() -> None:
         run_id="run",
         round_index=1,
         image_ids=IDS,
+        digests=DIGESTS,
         has_current_best=False,
         annotators_per_image=1,
     )
@@ -233,6 +260,7 @@ def test_collect_reports_what_it_cannot_map() -> None:
         run_id="run",
         round_index=1,
         image_ids=IDS,
+        digests=DIGESTS,
         has_current_best=False,
         annotators_per_image=1,
     )
@@ -270,6 +298,7 @@ def test_a_deleted_annotators_labels_count_and_tasks_gone_or_claimed_twice_are_n
         run_id="run",
         round_index=1,
         image_ids=IDS,
+        digests=DIGESTS,
         has_current_best=True,
         annotators_per_image=1,
     )
@@ -282,10 +311,56 @@ def test_a_deleted_annotators_labels_count_and_tasks_gone_or_claimed_twice_are_n
     assert collected.missing_tasks == ["the best task"]
     del round_tasks[2]
     gone = collect(
-        round_tasks, run_id="run", round_index=1, image_ids=IDS, has_current_best=True, annotators_per_image=1
+        round_tasks,
+        run_id="run",
+        round_index=1,
+        image_ids=IDS,
+        digests=DIGESTS,
+        has_current_best=True,
+        annotators_per_image=1,
     )
     assert gone.missing_tasks == ["image 'r0001-002'", "the best task"]
     assert gone.progress.labels == 2
+
+
+def test_a_task_showing_other_pixels_is_reported_not_counted() -> None:
+    round_tasks = tasks()
+    stale = {**round_tasks[1], "id": 50}  # an earlier run's task of image 1 (that name's project was kept)
+    stale["data"] = {**stale["data"], "hero": {**stale["data"]["hero"], "sha256": "e" * 64}}
+    round_tasks[1] = stale
+    old_release = round_tasks[2]  # published before tasks carried a digest: nothing to compare
+    old_release["data"] = {**old_release["data"], "hero": {**old_release["data"]["hero"], "sha256": None}}
+    for task in round_tasks[:3]:
+        task["annotations"] = [annotation(1, "good", ident=task["id"])]
+    collected = collect(
+        round_tasks,
+        run_id="run",
+        round_index=1,
+        image_ids=IDS,
+        digests=DIGESTS,
+        has_current_best=True,
+        annotators_per_image=1,
+    )
+    assert collected.problems == [
+        "task 50: its sha256 is not image 'r0001-001''s in round 1's manifest (its data edited, or an "
+        "earlier run's of this name): it showed other pixels; labels ignored"
+    ]
+    assert collected.labels_by_annotator == {"1": 2}  # images 0 and 2
+    assert collected.missing_tasks == ["image 'r0001-001'"]  # published again: the true task is gone
+    best = tasks()[3]
+    best["data"]["hero"]["sha256"] = "0" * 64  # the grid's digest is checked too
+    assert (
+        collect(
+            [best],
+            run_id="run",
+            round_index=1,
+            image_ids=IDS,
+            digests=DIGESTS,
+            has_current_best=True,
+            annotators_per_image=1,
+        ).missing_tasks[-1]
+        == "the best task"
+    )
 
 
 def test_suggestions_split_the_encoder_ranking_at_the_median() -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -249,12 +249,15 @@ def collect(
     run_id: str,
     round_index: int,
     image_ids: list[str],
+    digests: Mapping[str, str],
     has_current_best: bool,
     annotators_per_image: int,
 ) -> CollectedRound:
     """Turn the round's tasks with their annotations (Label Studio task JSON) into per-annotator
     feedback. Tasks of other runs or rounds are ignored when they belong to this project's other
-    rounds, reported when their metadata is broken."""
+    rounds, reported when their metadata is broken. digests: the sha256 of each image (by id) and of
+    the grid ('') in the round's manifest; a task whose digest differs shows other pixels, and its
+    labels are reported, not counted (one published before tasks carried a digest has none)."""
     problems: list[str] = []
     cancelled = replaced = 0
     labels: dict[str, dict[str, str]] = {}  # annotator -> image id -> good/bad
@@ -280,8 +283,14 @@ def collect(
         if key[2] == IMAGE and key[3] not in known:
             problems.append(f"task {task_id}: image {key[3]!r} is not in round {round_index}; labels ignored")
             continue
+        shown = "the best task" if key[2] == BEST else f"image {key[3]!r}"
+        if data["hero"].get("sha256") not in (None, digests.get(key[3])):
+            problems.append(
+                f"task {task_id}: its sha256 is not {shown}'s in round {round_index}'s manifest (its data "
+                "edited, or an earlier run's of this name): it showed other pixels; labels ignored"
+            )
+            continue
         if key[3] in held:  # its metadata edited in Label Studio: which one's labels are meant is unknown
-            shown = "the best task" if key[2] == BEST else f"image {key[3]!r}"
             problems.append(f"task {task_id}: {shown} is task {held[key[3]]}'s already; labels ignored")
             continue
         held[key[3]] = task_id
