@@ -1186,9 +1186,16 @@ def format_validation_error(
     for problem in err.errors(include_url=False):
         path = ".".join(str(part) for part in problem["loc"]) or "(top level)"
         line = f"  {path}: {problem['msg']}"
-        shown = _may_echo(problem["loc"], root or HeroConfig) and not isinstance(problem["input"], dict)
+        given = problem["input"]
+        shown = (
+            _may_echo(problem["loc"], root or HeroConfig)
+            and not isinstance(given, dict)
+            # a URL with user:password@ is not echoed: in a message its password may hold what ends a
+            # URL in text (a space), which redact below cannot see past
+            and not (isinstance(given, str) and url_userinfo(given) is not None)
+        )
         if problem["type"] not in {"missing", "extra_forbidden", SECRET_IN_VALUE} and shown:
-            line += f" (got {_echo(problem['input'])})"
+            line += f" (got {_echo(given)})"
         if problem["type"] == "extra_forbidden":
             line += _known_fields(problem["loc"], root or HeroConfig)
         if problem["type"] == "string_pattern_mismatch" and (

@@ -24,8 +24,11 @@ _SECRET_KEY_ENDINGS = (
 )
 _SECRET_KEYS = {"sig", "key", "auth"}  # by name alone: an Azure SAS's sig, an API's ?key=
 # user:password@ up to the last @ of the URL: a password may hold '/', '?' or '#' (SQLAlchemy reads
-# postgresql://u:pa/ss@db so), where urlsplit takes the first of them as the host's end
-_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^\s'\"]*@")
+# postgresql://u:pa/ss@db so), where urlsplit takes the first of them as the host's end, and quotes.
+# In text (errors, logs) a URL ends at whitespace; a URL alone (a setting) ends at its end: a password
+# may hold a space, and an '@' in a path reads as credentials (refused, never published).
+_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)\S*@")
+_URL_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)(.*)@", re.DOTALL)
 _QUERY_VALUE = re.compile(r"([?&;#]([^=&;\s'\"#]+)=)([^&;\s'\"#]*)")  # '#': a fragment's token=
 
 
@@ -63,10 +66,10 @@ def mask_secrets(text: str, secrets: Iterable[str], mask: str) -> str:
 
 
 def url_userinfo(url: str) -> str | None:
-    """What `url` carries before its host (user, or user:password), read as _USERINFO reads it; None
-    when it has none. A check of urlsplit's username and password alone misses a password with '/'."""
-    match = _USERINFO.match(url.strip())
-    return None if match is None else match[0][len(match[1]) : -1]
+    """What `url` carries before its host (user, or user:password): all up to its last '@'; None when
+    it has none. A check of urlsplit's username and password alone misses a password with '/'."""
+    match = _URL_USERINFO.match(url.strip())
+    return None if match is None else match[2]
 
 
 def secret_query_keys(url: str) -> list[str]:

@@ -276,6 +276,13 @@ def test_empty_secrets_and_credentials_in_urls_are_refused_without_repeating_the
         ("tracking", "tracking_uri", "postgresql://hero:Pa/ss#w0rd@db/mlflow"),  # SQLAlchemy's password
         ("label_studio", "url", "http://admin:12/hunter2@ls.example"),  # to urlsplit: host admin, port 12
         ("tracking", "tracking_uri", "http://mlflow-token/x@mlflow.example"),  # a token as the user
+        # quotes and whitespace, which end a URL in text, are a password's characters in a setting
+        ("tracking", "tracking_uri", "http://alice:Pa'ss@mlflow:5000"),
+        ("tracking", "tracking_uri", 'http://alice:Pa"ss@mlflow:5000'),
+        ("tracking", "tracking_uri", "http://alice:Pa ss@mlflow:5000"),
+        ("label_studio", "url", "https://admin:Pa'ss@ls.example.com/"),
+        ("storage", "s3_endpoint_url", "http://minio:Pa'ss@minio:9000/"),
+        ("orchestration", "webhook_url", "http://hook:Pa'ss@receiver:8000/"),
     ],
 )
 def test_credentials_holding_url_delimiters_are_refused_without_repeating_them(
@@ -284,6 +291,7 @@ def test_credentials_holding_url_delimiters_are_refused_without_repeating_them(
     with pytest.raises(ConfigError, match=rf"{section}\.{field}: holds credentials") as caught:
         load_config(write(tmp_path, {section: {field: url}}))
     assert "Pa/ss" not in str(caught.value) and "hunter2" not in str(caught.value)
+    assert "ss@" not in str(caught.value)
     assert "mlflow-token" not in str(caught.value)
 
 
@@ -359,6 +367,8 @@ def test_secret_query_parameters_in_urls_are_refused_without_repeating_them(tmp_
         ("storage", "s3_endpoint_url", "ftp://user:hunter2@host"),  # a bad scheme
         ("tracking", "tracking_uri", "http://user:hunter2@[::1"),  # does not parse
         ("orchestration", "webhook_url", "http://host:99999/?token=hunter2"),
+        ("label_studio", "url", 'http://user:hun"ter2@host:99999'),  # a quote in the password
+        ("label_studio", "url", "http://user:hun ter2@host:99999"),  # a space: the value is not shown
     ],
 )
 def test_a_url_refused_for_another_reason_is_shown_without_its_credentials(
@@ -366,7 +376,7 @@ def test_a_url_refused_for_another_reason_is_shown_without_its_credentials(
 ) -> None:
     with pytest.raises(ConfigError, match=rf"{section}\.{field}: ") as caught:
         load_config(write(tmp_path, {section: {field: url}}))
-    assert "hunter2" not in str(caught.value)
+    assert "hunter2" not in str(caught.value) and "ter2" not in str(caught.value)
 
 
 def test_a_tracking_uri_of_no_mlflow_scheme_is_refused(tmp_path: Path) -> None:

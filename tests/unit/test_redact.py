@@ -31,6 +31,9 @@ def test_a_password_holding_url_delimiters_is_hidden_whole() -> None:
     assert url_userinfo("postgresql://hero@db/mlflow") == "hero"
     assert url_userinfo("http://127.0.0.1:5000/api") is None
     assert url_userinfo("sqlite:///hero-data/mlflow.db") is None
+    # a setting's password may hold quotes and spaces; in text, quotes do not end the redaction
+    assert url_userinfo("http://alice:s3'c\"r et@mlflow:5000") == "alice:s3'c\"r et"
+    assert redact("""(got 'http://user:p"w@host:99999')""") == "(got 'http://…@host:99999')"
 
 
 def test_secret_query_keys_are_named_by_name_or_ending() -> None:
