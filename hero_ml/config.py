@@ -1143,6 +1143,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
                 f"{path}: {key!r} is not a setting's name: the top level holds sections (model:, "
                 "sampling:, ...)"
             )
+        if key not in HeroConfig.model_fields and key.lower() in HeroConfig.model_fields:
+            # pydantic-settings would take it whatever its case: past the secret check below, and
+            # beside a lower-case twin one of the two would be dropped unseen
+            raise ConfigError(f"{path}: {key}: settings' names are lower case: write {key.lower()}")
         if key in sections and not isinstance(data[key], dict):
             # refused here: an environment variable for one of its fields would replace it unseen. Its
             # value is not shown: in a section's place it may be a secret

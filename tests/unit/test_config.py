@@ -334,6 +334,21 @@ def test_a_key_given_twice_is_refused_with_both_lines(tmp_path: Path) -> None:
     assert (merged.sampling.eta, merged.sampling.num_steps) == (0.75, 30)  # a merge key may be overridden
 
 
+def test_a_setting_named_in_upper_case_is_refused(tmp_path: Path) -> None:
+    # pydantic-settings takes names whatever their case: an upper-case section slipped past the check
+    # for secrets in files, and beside its lower-case twin one of the two was dropped unseen
+    for text in (
+        "LABEL_STUDIO:\n  api_key: a-token-in-a-file\n",
+        "storage:\n  local_root: a\nStorage:\n  local_root: b\n",
+        "RUN_ID: upper\n",
+    ):
+        with pytest.raises(
+            ConfigError, match=r"settings' names are lower case: write (label_studio|storage|run_id)$"
+        ):
+            load_config(write(tmp_path, text))
+    assert load_config(write(tmp_path, "run_id: lower\n")).run_id == "lower"
+
+
 def test_a_huge_refused_value_is_shown_cut(tmp_path: Path) -> None:
     # 4 levels of YAML aliases: a 200-byte file whose prompt is a list of 4**4 strings
     bomb = 'a: &a ["xxxxxxxxxxxxxxxx", "yyyyyyyyyyyyyyyy"]\nb: &b [*a, *a, *a, *a]\nc: &c [*b, *b, *b, *b]\n'
