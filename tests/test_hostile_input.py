@@ -56,6 +56,8 @@ KEY_TRICKS = [
     "%2e%2e/outside",
     "runs/a\x00b",
     "runs/a\nb",
+    "runs/a\n",  # a trailing newline ($ matches before one: a prefix from an env file)
+    "runs/a\n/b",
     " runs",
     "\uff0e\uff0e/outside",  # fullwidth dots
     "runs/\u202egnp.exe",  # right-to-left override

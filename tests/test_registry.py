@@ -296,8 +296,9 @@ def test_promotion_moves_champion_only_on_a_real_win(
 
     registry = Registry(mlflow_server.url, name, "champion")
     assert registry.resolve(f"models:/{name}@champion").version == winner
-    with pytest.raises(RegistryError, match="not a model URI"):
-        registry.resolve("runs:/abc/lora")
+    for uri in ("runs:/abc/lora", f"models:/{name}/{winner}\n", f"models:/{name}/\u0661"):  # Arabic 1
+        with pytest.raises(RegistryError, match="not a model URI"):
+            registry.resolve(uri)
     (tmp_path / "dl").mkdir()
     mlflow.set_tracking_uri(mlflow_server.url)
     try:

@@ -8,7 +8,7 @@ import re
 from hero_ml.errors import HeroError
 
 # No leading dot: hidden names are reserved for writes in flight (the local store's temp files).
-_SAFE_PART = re.compile(r"^[A-Za-z0-9_=-][A-Za-z0-9_.=-]*$")
+_SAFE_PART = re.compile(r"[A-Za-z0-9_=-][A-Za-z0-9_.=-]*")  # whole parts: fullmatch
 
 
 class InvalidKeyError(HeroError, ValueError):
@@ -18,7 +18,7 @@ class InvalidKeyError(HeroError, ValueError):
 def check_key(key: str) -> str:
     """The key itself when it is a plain relative path of safe parts, else InvalidKeyError."""
     for part in key.split("/"):
-        if part in ("", ".", "..") or not _SAFE_PART.match(part):
+        if part in ("", ".", "..") or not _SAFE_PART.fullmatch(part):
             raise InvalidKeyError(
                 f"storage key {key!r} is not a plain relative path: part {part!r} must be ASCII "
                 "letters, digits, '_', '.', '=' or '-', not starting with '.' (no '..', no leading '/', "

@@ -45,7 +45,7 @@ BASE_MODEL_KEY = "hero_base_model"  # model.source as configured (e.g. "toy")
 BASE_DTYPE_KEY = "hero_base_model_dtype"  # model.dtype: its weights' fingerprint depends on it
 BASE_SEED_KEY = "hero_base_model_seed"  # model.seed: what a random:<arch> source is built from
 BASE_WEIGHTS_KEY = "hero_base_model_sha256"  # its weights_sha256 (absent: logged before it was kept)
-_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
+_MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>[0-9]+))")  # fullmatch
 
 
 class RegistryError(HeroError, RuntimeError):
@@ -150,7 +150,7 @@ class Registry:
 
     def resolve(self, uri: str) -> ModelVersion:
         """The version a `models:/NAME@ALIAS` or `models:/NAME/VERSION` URI names."""
-        match = _MODEL_URI.match(uri)
+        match = _MODEL_URI.fullmatch(uri)
         if match is None:
             raise RegistryError(
                 f"{uri!r} is not a model URI: write models:/NAME@ALIAS or models:/NAME/VERSION"
