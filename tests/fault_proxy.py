@@ -2,7 +2,8 @@
 loopback and, for the requests its plan picks, answers 503 SlowDown (as S3 does when throttling),
 holds the answer past the client's read timeout ("stall": the server never sees the request), or
 forwards the request and then withholds the server's answer ("lost": it was done, the client cannot
-know). Everything else is forwarded as it came. A real S3
+know), or sends the answer's headers and half its body and drops the connection ("cut"). Everything
+else is forwarded as it came. A real S3
 server cannot be made to fail one chosen request; the proxy makes the fault real HTTP all the same."""
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ SLOW_DOWN = (
     b"<Message>Please reduce your request rate.</Message></Error>"
 )
 
-# (request number from 1, method, path) -> None (forward), "503", "stall" or "lost"
+# (request number from 1, method, path) -> None (forward), "503", "stall", "lost" or "cut"
 Plan = Callable[[int, str, str], str | None]
 
 
@@ -77,7 +78,10 @@ class FaultProxy:
                         self.send_header(name, value)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                if self.command != "HEAD":
+                if fault == "cut":  # the whole length announced, half of it sent
+                    self.wfile.write(data[: len(data) // 2])
+                    self.close_connection = True
+                elif self.command != "HEAD":
                     self.wfile.write(data)
                 upstream.close()
 

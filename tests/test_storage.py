@@ -426,6 +426,47 @@ def test_s3_that_keeps_failing_fails_clearly_and_commits_nothing(
         assert not runs.has_batch(0) and len(runs.verify().incomplete) == 1  # no committed-looking round
 
 
+def test_s3_without_credentials_says_how_to_give_them(
+    s3_server: Service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in [name for name in os.environ if name.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance role to ask on this machine
+    config = s3_config(s3_server).model_copy(update={"s3_access_key_id": None, "s3_secret_access_key": None})
+    with pytest.raises(
+        StorageError, match=r"\(NoCredentialsError\); set HERO_STORAGE__S3_ACCESS_KEY_ID"
+    ) as err:
+        open_store(config).get("runs/x")
+    assert "s3_endpoint_url" not in str(err.value)  # the endpoint is not what is wrong
+
+
+def test_an_s3_answer_cut_off_while_read_is_read_again(s3_server: Service, batch: RoundBatch) -> None:
+    # botocore retries until an answer's headers; a body cut short is the store's to retry
+    config = s3_config(s3_server)
+    RunStore(open_store(config), "cut").commit_batch(batch, {})
+    cuts = [0]
+
+    def plan(n: int, method: str, path: str) -> str | None:
+        if method == "GET" and "trajectory" in path and cuts[0] < 2:
+            cuts[0] += 1
+            return "cut"
+        return None
+
+    with FaultProxy(s3_server.url, plan) as proxy:
+
+        def runs(attempts: int) -> RunStore:
+            update = {"s3_endpoint_url": proxy.url, "s3_max_attempts": attempts}
+            return RunStore(open_store(config.model_copy(update=update)), "cut")
+
+        assert runs(3).load_batch(0).image_ids == batch.image_ids  # the third GET reads it whole
+        assert [fault for *_, fault in proxy.injected] == ["cut", "cut"]
+        cuts[0] = 0
+        with pytest.raises(StorageError, match=r"GET of s3://hero-test/.*trajectory.* failed after retries"):
+            runs(2).load_batch(0)
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 160 KiB tmpfs, a real full disk (ENOSPC) for the local store: a round's trajectory fits on

@@ -9,11 +9,12 @@ credentials.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
 
 from hero_ml.adapters.storage import StorageError
 from hero_ml.adapters.storage.keys import check_key, check_prefix
@@ -66,7 +67,12 @@ class S3Store:
         detail = err.response.get("Error", {}) if isinstance(err, ClientError) else {}
         what = f"{detail.get('Code')}: {detail.get('Message')}" if detail else type(err).__name__
         hint = ""
-        if isinstance(err, BotoCoreError):  # no HTTP answer: the endpoint is where to look
+        if isinstance(err, NoCredentialsError | PartialCredentialsError):
+            hint = (
+                "; set HERO_STORAGE__S3_ACCESS_KEY_ID and HERO_STORAGE__S3_SECRET_ACCESS_KEY, or give "
+                "AWS credentials (AWS_* variables, ~/.aws, an instance role)"
+            )
+        elif isinstance(err, BotoCoreError):  # no HTTP answer: the endpoint is where to look
             hint = f"; check storage.s3_endpoint_url ({self.client.meta.endpoint_url}) and that it is up"
         where = f"s3://{self.bucket}/{full_key}"
         return StorageError(f"S3 {action} of {where} failed after retries ({what}){hint}")
@@ -95,15 +101,25 @@ class S3Store:
 
     def get(self, key: str) -> bytes:
         full = self._key(key)
-        try:
-            response = self.client.get_object(Bucket=self.bucket, Key=full)
-            return response["Body"].read()
-        except ClientError as err:
-            if err.response.get("Error", {}).get("Code") in _MISSING:
-                raise KeyError(key) from None
-            raise self._fail("GET", full, err) from None
-        except BotoCoreError as err:
-            raise self._fail("GET", full, err) from None
+        # botocore retries a request until its answer's headers; a body cut off while it is read (a
+        # dropped connection, a read timeout: botocore checks its length) is retried here, as often
+        attempts = (self.client.meta.config.retries or {}).get("total_max_attempts", 1)
+        for attempt in range(1, attempts + 1):
+            try:
+                body = self.client.get_object(Bucket=self.bucket, Key=full)["Body"]
+            except ClientError as err:
+                if err.response.get("Error", {}).get("Code") in _MISSING:
+                    raise KeyError(key) from None
+                raise self._fail("GET", full, err) from None
+            except BotoCoreError as err:
+                raise self._fail("GET", full, err) from None
+            try:
+                return body.read()
+            except BotoCoreError as err:
+                if attempt == attempts:
+                    raise self._fail("GET", full, err) from None
+                time.sleep(min(0.5 * 2 ** (attempt - 1), 8.0))
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def exists(self, key: str) -> bool:
         full = self._key(key)
