@@ -140,7 +140,8 @@ def hero_training(
     logger = get_run_logger()
     # The run's lease first: a process refused the run must not touch the tracking of the one writing it.
     with TrainingRun(resolved, open_store(resolved.storage), on_progress=on_progress) as run:
-        tracker = open_tracker(resolved, run.tracked_in())
+        tracking = run.tracking()
+        tracker = open_tracker(resolved, tracking.tracker_run_id, tracking.uid)
         try:
             run.track_with(tracker)
             humans = (

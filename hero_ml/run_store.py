@@ -93,11 +93,14 @@ class _CheckpointCommit(BaseModel):
 
 
 class TrackingRecord(BaseModel):
-    """The tracker's run (MLflow's run id) a run tracks into, recorded when it is first tracked: a
-    resume goes on in that run wherever tracking.experiment points by then."""
+    """How a run is tracked: its uid, written when the run is opened first, with which the tracker's
+    run is tagged (a tracker's run made and not yet recorded here, a crash between, is found again by
+    it, never another run's of the same name); then the tracker's run (MLflow's run id), recorded when
+    it is first tracked: a resume goes on in that run wherever tracking.experiment points by then."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    tracker_run_id: str = Field(min_length=1)
+    uid: str | None = Field(None, min_length=1)  # None in a record of a release before uids
+    tracker_run_id: str | None = Field(None, min_length=1)
 
 
 class ModelRecord(BaseModel):

@@ -15,6 +15,7 @@ import json
 import logging
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,6 +178,8 @@ class TrainingRun:
             self.runs.save_config(config.to_public_dict())
         if sampled_by is None:  # a new run, or one stored before runs recorded their model
             self.runs.save_model(model)
+        if self.runs.load_tracking() is None:  # a new run (or one stored before runs recorded it)
+            self.runs.save_tracking(TrackingRecord(uid=uuid.uuid4().hex))
         self.engine = self._resumed_engine(store)
 
     def _resumed_engine(self, store: ArtifactStore) -> Engine:
@@ -210,23 +213,26 @@ class TrainingRun:
             )
         return engine
 
-    def tracked_in(self) -> str | None:
-        """The tracker's run this run was first tracked in (to open the tracker on), None before."""
+    def tracking(self) -> TrackingRecord:
+        """The run's uid and the tracker's run it was first tracked in (None before): what to open
+        the tracker on (open_tracker)."""
         record = self.runs.load_tracking()
-        return None if record is None else record.tracker_run_id
+        assert record is not None  # written by _open
+        return record
 
     def track_with(self, tracker: Tracker) -> None:
         """Track the run's params now, and its rounds, evaluations and final artifacts from now on.
         What the run learns with are params (write-once); its service settings are tags, which a
         resume from another worker or with a moved server overwrites. The tracker's run is recorded
         the first time: a resume goes on in it (tracking.experiment changed or not)."""
-        first = self.tracked_in()
+        record = self.tracking()
+        first = record.tracker_run_id
         if first is None:
-            self.runs.save_tracking(TrackingRecord(tracker_run_id=tracker.run_id))
+            self.runs.save_tracking(record.model_copy(update={"tracker_run_id": tracker.run_id}))
         elif first != tracker.run_id:
             raise RunError(
                 f"run {self.config.run_id!r} is tracked in run {first} of the tracker, not {tracker.run_id}: "
-                "open the tracker on the run it was tracked in (TrainingRun.tracked_in)"
+                "open the tracker on the run it was tracked in (TrainingRun.tracking)"
             )
         self.tracker = tracker
         learning, service = split_settings(self.config.to_public_dict())

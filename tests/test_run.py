@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -213,7 +214,10 @@ def test_a_resumed_run_tracks_into_its_mlflow_run_with_its_services_changed(
         with_overrides(load_config(), {**small(tmp_path), "run_id": "tracked", **moved}), {}
     )
     with TrainingRun(resumed, store) as run:
-        run.track_with(open_tracker(resumed))  # the same MLflow run, its params as they were
+        tracking = run.tracking()
+        run.track_with(
+            open_tracker(resumed, tracking.tracker_run_id, tracking.uid)
+        )  # its params as they were
     client = MlflowClient(tracking_uri=config.tracking.tracking_uri)
     (tracked,) = client.search_runs(
         [client.get_experiment_by_name("hero").experiment_id], f"tags.`{RUN_ID_TAG}` = 'tracked'"
@@ -228,19 +232,38 @@ def test_a_resumed_run_tracks_into_its_mlflow_run_with_its_services_changed(
     # its own MLflow run, not a new one holding only the rounds after the resume
     renamed = with_overrides(resumed, {"tracking": {"experiment": "renamed"}})
     with TrainingRun(renamed, store) as run:
-        run.track_with(open_tracker(renamed, run.tracked_in()))
+        run.track_with(open_tracker(renamed, run.tracking().tracker_run_id))
         assert run.tracker is not None and run.tracker.run_id == tracked.info.run_id
         elsewhere = {"tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'other' / 'mlflow.db'}"}}
         with pytest.raises(
             TrackingError, match=f"run 'tracked' is tracked in MLflow run {tracked.info.run_id}"
         ):
-            open_tracker(with_overrides(renamed, elsewhere), run.tracked_in())
+            open_tracker(with_overrides(renamed, elsewhere), run.tracking().tracker_run_id)
     assert client.get_experiment_by_name("renamed") is None
 
     # a param that does differ (an edited stored config) is refused by name, with the way out
-    tracker = open_tracker(resumed)
+    tracker = open_tracker(resumed, tracked.info.run_id)
     with pytest.raises(TrackingError, match=r"other values of ddpo.lr: resume run 'tracked' with its own"):
         tracker.log_params({"ddpo": {"lr": 0.5}})
+
+
+def test_a_run_is_tracked_in_its_own_mlflow_run_never_in_an_earlier_runs_of_its_name(tmp_path: Path) -> None:
+    config = HeroConfig.model_validate({**small(tmp_path), "run_id": "reused"})
+    with TrainingRun(config, open_store(config.storage)) as run:
+        made = open_tracker(config, None, run.tracking().uid)  # a crash before track_with records it
+    with TrainingRun(config, open_store(config.storage)) as run:
+        tracking = run.tracking()
+        assert tracking.tracker_run_id is None
+        run.track_with(open_tracker(config, None, tracking.uid))
+        assert run.tracker is not None and run.tracker.run_id == made.run_id  # found again by its uid
+        assert run.tracking().tracker_run_id == made.run_id
+    # the run's storage wiped, the MLflow server kept: a new run of the same name (its metrics, LoRA
+    # artifact and registered version were written over the earlier run's)
+    shutil.rmtree(tmp_path / "data" / "runs" / "reused")
+    with TrainingRun(config, open_store(config.storage)) as run:
+        tracking = run.tracking()
+        run.track_with(open_tracker(config, tracking.tracker_run_id, tracking.uid))
+        assert run.tracker is not None and run.tracker.run_id != made.run_id
 
 
 def two_rounds_learned(tmp_path: Path, run_id: str) -> tuple[HeroConfig, LocalStore, list[torch.Tensor]]:

@@ -1,4 +1,5 @@
-"""MLflow tracking: one MLflow run per HERO run, found again by its `hero.run_id` tag on resume."""
+"""MLflow tracking: one MLflow run per HERO run, recorded in the run (tracking.json) and found again
+by its `hero.run_uid` tag when a crash came before it was recorded."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from hero_ml.adapters.tracking.registry import (
 from hero_ml.config import HeroConfig, ModelConfig
 
 RUN_ID_TAG = "hero.run_id"
+RUN_UID_TAG = "hero.run_uid"  # one HERO run, not any of its name (a name may be used again)
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 
 
@@ -37,10 +39,12 @@ class MlflowTracker:
         run_id: str,
         artifact_location: str | None = None,
         mlflow_run_id: str | None = None,
+        run_uid: str | None = None,
     ):
         """Open the MLflow run of HERO run `run_id`: `mlflow_run_id` (the one it was first tracked
-        in, wherever `experiment` points now), else the one of the experiment tagged with `run_id`,
-        else a new one (the experiment created if new).
+        in, wherever `experiment` points now), else the one of the experiment tagged with the run's
+        uid `run_uid`, else a new one (the experiment created if new). Never another run's that had
+        the same name: its metrics, its LoRA artifact and its registered version are its own.
         A server that does not answer at all is reported at once; later calls ride out a restart
         with MLflow's own retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES, _BACKOFF_FACTOR, _TIMEOUT)."""
         self.tracking_uri = tracking_uri
@@ -61,14 +65,17 @@ class MlflowTracker:
                 if found is not None
                 else self.client.create_experiment(experiment, artifact_location=artifact_location)
             )
-            runs = self.client.search_runs([experiment_id], filter_string=f"tags.`{RUN_ID_TAG}` = '{run_id}'")
+            runs = (
+                []
+                if run_uid is None
+                else self.client.search_runs([experiment_id], f"tags.`{RUN_UID_TAG}` = '{run_uid}'")
+            )
             if runs:
                 self.run_id = runs[0].info.run_id
                 self.client.update_run(self.run_id, status="RUNNING")
             else:
-                self.run_id = self.client.create_run(
-                    experiment_id, run_name=run_id, tags={RUN_ID_TAG: run_id}
-                ).info.run_id
+                tags = {RUN_ID_TAG: run_id} | ({} if run_uid is None else {RUN_UID_TAG: run_uid})
+                self.run_id = self.client.create_run(experiment_id, run_name=run_id, tags=tags).info.run_id
 
     def _reopen(self, mlflow_run_id: str) -> str:
         try:
@@ -154,10 +161,12 @@ class MlflowTracker:
             self.client.set_terminated(self.run_id, status=status)
 
 
-def open_tracker(config: HeroConfig, mlflow_run_id: str | None = None) -> MlflowTracker:
-    """The run's tracker as configured; mlflow_run_id: the MLflow run it was first tracked in
-    (TrainingRun.tracked_in). A SQLite store keeps its artifacts beside the database file (MLflow
-    would otherwise write them under the current folder)."""
+def open_tracker(
+    config: HeroConfig, mlflow_run_id: str | None = None, run_uid: str | None = None
+) -> MlflowTracker:
+    """The run's tracker as configured; mlflow_run_id and run_uid: the MLflow run it was first tracked
+    in and the run's uid (TrainingRun.tracking), None for a new MLflow run. A SQLite store keeps its
+    artifacts beside the database file (MLflow would otherwise write them under the current folder)."""
     tracking = config.tracking
     artifact_location = None
     if tracking.tracking_uri.startswith("sqlite:///"):
@@ -165,7 +174,7 @@ def open_tracker(config: HeroConfig, mlflow_run_id: str | None = None) -> Mlflow
         database.parent.mkdir(parents=True, exist_ok=True)
         artifact_location = (database.parent / "mlartifacts").resolve().as_uri()
     return MlflowTracker(
-        tracking.tracking_uri, tracking.experiment, config.run_id, artifact_location, mlflow_run_id
+        tracking.tracking_uri, tracking.experiment, config.run_id, artifact_location, mlflow_run_id, run_uid
     )
 
 
