@@ -54,13 +54,23 @@ def round_of_pause_key(key: str | None) -> int | None:
 def deployed_run_id(parameters: dict[str, Any], flow_run_name: str) -> str:
     """The HERO run a deployment's hero-training flow run trains: its run_id parameter, else the run_id
     of its config overrides, else the flow run's name (e.g. a scheduled run). The flow and the poller
-    both read it here, so they cannot disagree."""
-    if isinstance(parameters.get("run_id"), str):
-        return parameters["run_id"]
+    both read it here, so they cannot disagree. A run_id that is not text is refused: Prefect's CLI
+    reads `--param run_id=2026` as the number 2026, which must not start a run of the flow run's name."""
     config = parameters.get("config")
-    if isinstance(config, dict) and isinstance(config.get("run_id"), str):
-        return config["run_id"]
+    for where, given in (("run_id", parameters.get("run_id")), ("config.run_id", _run_id_of(config))):
+        if isinstance(given, str):
+            return given
+        if given is not None:
+            raise ConfigError(
+                f"parameter {where}: a run id is text, got the {type(given).__name__} {given!r}: quote it "
+                f"in the parameters' JSON (\"{given}\"; Prefect's CLI reads --param run_id={given} as a "
+                f"number: write --param 'run_id=\"{given}\"')"
+            )
     return flow_run_name
+
+
+def _run_id_of(config: Any) -> Any:
+    return config.get("run_id") if isinstance(config, dict) else None
 
 
 def resolve_config(run_id: str | None, config: HeroConfig | dict[str, Any] | None) -> HeroConfig:

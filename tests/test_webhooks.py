@@ -19,6 +19,7 @@ from pydantic import SecretStr
 from flows.training import deployed_run_id, pause_key, round_of_pause_key
 from flows.waiting import ResumeResult
 from flows.webhooks import RejectionBudget, create_app
+from hero_ml.config import ConfigError
 from tests.conftest import serve
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
@@ -188,6 +189,10 @@ def test_pause_keys_name_their_round_and_flow_runs_their_hero_run() -> None:
     assert deployed_run_id({"run_id": None, "config": {"run_id": "b"}}, "flow-run") == "b"
     assert deployed_run_id({"run_id": None, "config": {}}, "flow-run") == "flow-run"
     assert deployed_run_id({"config": None}, "flow-run") == "flow-run"
+    # `--param run_id=2026` reaches the flow as a number: refused, not a new run named after the flow run
+    for parameters, where in (({"run_id": 2026}, "run_id"), ({"config": {"run_id": 1e3}}, "config.run_id")):
+        with pytest.raises(ConfigError, match=rf"parameter {where}: a run id is text, got the (int|float)"):
+            deployed_run_id(parameters, "flow-run")
 
 
 def test_a_client_whose_requests_keep_failing_is_throttled_but_its_events_are_not() -> None:
