@@ -27,7 +27,7 @@ from hero_ml.cli_support import (
     reflow_help,
     writable_folder,
 )
-from hero_ml.config import SEED_MAX, ConfigError, HeroConfig
+from hero_ml.config import MAX_GENERATED, SEED_MAX, ConfigError, HeroConfig
 from hero_ml.errors import HeroError
 from hero_ml.labelling_cli import labelstudio_app
 from hero_ml.orchestration_cli import deploy, rounds_app, serve_webhooks
@@ -661,7 +661,7 @@ def generate(
     model: Annotated[str, typer.Argument(help="models:/NAME@ALIAS or models:/NAME/VERSION.")],
     prompt: Annotated[str, typer.Option(help="What to draw.")],
     out: Annotated[Path, typer.Option(help="Folder the PNGs and grid.png are written to.")],
-    count: Annotated[int, typer.Option(min=1, max=1024, help="Images to generate.")] = 8,
+    count: Annotated[int, typer.Option(min=1, max=MAX_GENERATED, help="Images to generate.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the images' noises.", min=0, max=SEED_MAX)] = 0,
     guided: Annotated[
         bool,
@@ -690,7 +690,7 @@ def generate(
             version, paths, pool = generate_from_registry(
                 resolved, model, prompt, count, out, seed=seed, guided=guided
             )
-        except (RegistryError, ModelNotFoundError) as err:
+        except (RegistryError, ModelNotFoundError, ConfigError) as err:
             if made:
                 out.rmdir()  # nothing generated: nothing left behind
             raise fail(str(err)) from None

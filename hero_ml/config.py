@@ -68,6 +68,7 @@ OTHER_ENV_VARIABLES = frozenset(
 TRACKING_SCHEMES = {"sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks"}
 DATABASE_SCHEMES = {"postgresql", "mysql", "mssql"}  # a user name in their URIs is not a secret
 SEED_MAX = 2**63 - 1  # torch's generators take seeds below 2**63
+MAX_GENERATED = 1024  # images `hero generate` draws at most (one batch, held in memory)
 SECRET_MASK = "**********"  # how pydantic dumps a SecretStr to JSON
 WEBHOOK_SECRET_MIN = 16  # characters
 SECRET_IN_VALUE = "secret_in_value"  # an error type whose input holds a secret: never echoed

@@ -17,7 +17,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from hero_ml.adapters.tracking.registry import ModelVersion, PromotionDecision, Registry, RegistryError
-from hero_ml.config import HeroConfig
+from hero_ml.config import MAX_GENERATED, SEED_MAX, ConfigError, HeroConfig
 from hero_ml.diffusion.sampler import per_image_generators, sample_trajectories
 from hero_ml.guidance import NoisePool
 from hero_ml.images import image_grid
@@ -87,7 +87,14 @@ def generate_from_registry(
     of an earlier, larger generation in `out` are removed: the folder holds this one's images only.
 
     guided: start from the noise pool the version's run left (as HERO samples its training batches),
-    returned too (its prompt may not be `prompt`), instead of plain N(0, I)."""
+    returned too (its prompt may not be `prompt`), instead of plain N(0, I). Its arguments are
+    checked before anything loads (a deployment's flow run passes them unvalidated)."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ConfigError(f"prompt: give the text to draw, got {prompt!r}")
+    if type(count) is not int or not 1 <= count <= MAX_GENERATED:
+        raise ConfigError(f"count: the images to generate, 1 to {MAX_GENERATED}, got {count!r}")
+    if type(seed) is not int or not 0 <= seed <= SEED_MAX:
+        raise ConfigError(f"seed: a whole number 0 to {SEED_MAX}, got {seed!r}")
     registry = open_registry(config)
     version = registry.resolve(model_uri)
     pool = registry.noise_pool(version) if guided else None

@@ -19,7 +19,7 @@ from typer.core import TyperGroup
 from typer.testing import CliRunner
 
 from hero_ml.cli import app, run_header
-from hero_ml.config import load_config
+from hero_ml.config import ConfigError, HeroConfig, load_config
 from hero_ml.diffusion.sampler import Trajectory
 from hero_ml.toy.cli import PRETRAINED
 from tests.conftest import _free_port
@@ -367,6 +367,25 @@ def test_generate_refuses_an_output_folder_it_cannot_write_before_any_work(tmp_p
         result = runner.invoke(app, ["generate", "models:/none@champion", "--prompt", "a", "--out", str(out)])
         assert result.exit_code == 1 and "Traceback" not in result.output
         assert f"--out {out}: cannot create it ({reason})" in " ".join(result.output.split())
+
+
+def test_generate_checks_its_arguments_before_anything_loads(tmp_path: Path) -> None:
+    # a deployment's hero-generate-samples flow run passes them unvalidated (no CLI bounds on that path)
+    from hero_ml.promotion import generate_from_registry
+
+    config = HeroConfig(tracking={"tracking_uri": "http://127.0.0.1:9"})  # nothing answers there
+    for prompt, count, seed, wanted in (
+        ("a", 0, 0, r"count: the images to generate, 1 to 1024, got 0"),
+        ("a", 1025, 0, r"count: .* got 1025"),
+        ("a", "3", 0, r"count: .* got '3'"),
+        ("a", 1, -1, r"seed: a whole number 0 to \d+, got -1"),
+        (" ", 1, 0, r"prompt: give the text to draw, got ' '"),
+    ):
+        with pytest.raises(ConfigError, match=wanted):
+            generate_from_registry(config, "models:/m@champion", prompt, count, tmp_path / "out", seed)
+    result = runner.invoke(app, ["generate", "models:/m@c", "--prompt", "", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "prompt: give the text to draw" in result.output
+    assert not (tmp_path / "o").exists()  # the folder it made is gone again
 
 
 def test_promote_refuses_a_version_that_is_not_a_number() -> None:
