@@ -52,9 +52,9 @@ class DeployPlan:
     # process | docker | kubernetes (see base_job_template); None: an existing pool's, else process
     gpu_pool_type: str | None = None
     service_pool: str = "hero-services"
-    gpus: int = 1  # the GPU pool's concurrency limit
+    gpus: int | None = None  # the GPU pool's concurrency limit; None keeps an existing pool's (a new one: 1)
     poll_interval_s: int = 300
-    # e.g. "0 2 * * 1": Mondays at 02:00 (the server's time zone); None keeps a schedule deployed before,
+    # e.g. "0 2 * * 1": Mondays at 02:00 UTC; None keeps a schedule deployed before,
     # TRAINING_CRON_OFF removes it
     training_cron: str | None = None
     source: str = str(REPO_ROOT)  # where workers find flows/ (the image's /app in production)
@@ -92,11 +92,15 @@ def base_job_template(pool_type: str) -> dict[str, Any]:
     return cast(dict[str, Any], json.loads((TEMPLATES / f"{pool_type}-gpu.json").read_text()))
 
 
-def ensure_pool(name: str, concurrency_limit: int | None, pool_type: str | None = None) -> tuple[bool, str]:
-    """A work pool `name` with this concurrency limit: (whether it was created, its type). A new pool
-    is of `pool_type` (None: process); an existing one keeps its type and template and gets the limit,
-    and asking for another type is refused."""
+def ensure_pool(
+    name: str, concurrency_limit: int | None, pool_type: str | None = None, new_limit: int | None = None
+) -> tuple[bool, str, int | None]:
+    """A work pool `name` with this concurrency limit: (whether it was created, its type, its limit).
+    concurrency_limit None: an existing pool keeps its own (a redeploy must not undo an operator's
+    setting), a new one gets `new_limit` (None: no limit). A new pool is of `pool_type` (None:
+    process); an existing one keeps its type and template, and asking for another type is refused."""
     kind = pool_type or "process"
+    limit = new_limit if concurrency_limit is None else concurrency_limit
     with get_client(sync_client=True) as client:
         try:
             client.create_work_pool(
@@ -104,20 +108,23 @@ def ensure_pool(name: str, concurrency_limit: int | None, pool_type: str | None 
                     name=name,
                     type=kind,
                     base_job_template=base_job_template(kind),
-                    concurrency_limit=concurrency_limit,
+                    concurrency_limit=limit,
                 )
             )
-            return True, kind
+            return True, kind, limit
         except ObjectAlreadyExists:
-            existing = client.read_work_pool(name).type
+            pool = client.read_work_pool(name)
+            existing = pool.type
             if pool_type is not None and existing != pool_type:
                 raise DeployError(
                     f"work pool {name} exists as a {existing} pool, not {pool_type}: leave out --pool-type "
                     f"(or give {existing}) to keep it, choose another pool name, or delete it (prefect "
                     f"work-pool delete {name}) once no flow run waits in it"
                 ) from None
+            if concurrency_limit is None:
+                return False, existing, pool.concurrency_limit
             client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=concurrency_limit))
-            return False, existing
+            return False, existing, concurrency_limit
 
 
 def _deploy(

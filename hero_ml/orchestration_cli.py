@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit
 
@@ -66,11 +67,18 @@ def deploy(
     service_pool: Annotated[
         str, typer.Option(help="Work pool of the round poller (no GPU).")
     ] = "hero-services",
-    gpus: Annotated[int, typer.Option(min=1, help="GPUs of the GPU pool: runs at once.")] = 1,
+    gpus: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="GPUs of the GPU pool: runs at once (without the option: an existing pool's limit is "
+            "kept, a new pool gets 1).",
+        ),
+    ] = None,
     training_cron: Annotated[
         str | None,
         typer.Option(
-            help="Also train on this cron schedule, e.g. '0 2 * * 1'; 'off' removes the schedule "
+            help="Also train on this cron schedule (UTC), e.g. '0 2 * * 1'; 'off' removes the schedule "
             "(without the option, one deployed before is kept)."
         ),
     ] = None,
@@ -98,6 +106,11 @@ def deploy(
             f"--training-cron {training_cron!r}: {problem}; give five fields (minute hour day-of-month "
             "month day-of-week), e.g. '0 2 * * 1' for Mondays at 02:00"
         )
+    if source is not None and "://" not in source and not (Path(source) / "flows").is_dir():
+        raise fail(
+            f"--source {source}: no flows/ folder there; Prefect reads the flows at that path when "
+            "deploying, so deploy where it exists (inside the worker image, as the compose stack does)"
+        )
     resolved = load(config)  # a config to fix is said before the server is asked
     _need_prefect_server()
     plan = DeployPlan(
@@ -109,12 +122,12 @@ def deploy(
         training_cron=training_cron,
         **({"source": source} if source else {}),
     )
-    pools = ((plan.gpu_pool, plan.gpu_pool_type, plan.gpus), (plan.service_pool, "process", None))
+    pools = ((plan.gpu_pool, plan.gpu_pool_type, plan.gpus, 1), (plan.service_pool, "process", None, None))
     table = Table("deployment", "id", title="deployments")
     try:
         with server_refusals():
-            for pool, asked, limit in pools:
-                created, kind = ensure_pool(pool, limit, asked)
+            for pool, asked, given, new_limit in pools:
+                created, kind, limit = ensure_pool(pool, given, asked, new_limit)
                 console.print(
                     f"work pool {pool} ({kind}): {'created' if created else 'exists'} "
                     f"(concurrency {limit or 'any'})"

@@ -573,6 +573,15 @@ def test_deploy_refuses_a_training_cron_before_asking_the_server(
     assert f"--training-cron {cron!r}: Invalid cron string" in message and "'0 2 * * 1'" in message
 
 
+def test_deploy_refuses_a_source_without_flows_before_asking_the_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    result = runner.invoke(app, ["deploy", "--source", str(tmp_path / "app")])  # a worker image's path
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"--source {tmp_path / 'app'}: no flows/ folder there" in " ".join(result.output.split())
+
+
 def test_storage_ls_of_a_local_root_that_does_not_exist_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -455,12 +455,13 @@ def test_gpu_work_pools_run_the_worker_image_with_a_gpu(prefect_server: Service)
     with temporary_settings(updates={PREFECT_API_URL: prefect_server.env["PREFECT_API_URL"]}):
         for kind in ("docker", "kubernetes"):
             name = f"gpu-{kind}-{tag}"
-            assert ensure_pool(name, 2, kind) == (True, kind)
-            assert ensure_pool(name, 1, kind) == (False, kind)  # exists: the limit follows the latest deploy
-            assert ensure_pool(name, 1) == (False, kind)  # no type asked for: the pool's own
+            assert ensure_pool(name, 2, kind) == (True, kind, 2)
+            assert ensure_pool(name, 3, kind) == (False, kind, 3)  # exists: the limit asked for
+            # no type, no limit asked for (a redeploy without --gpus): the pool's own, kept
+            assert ensure_pool(name, None, new_limit=1) == (False, kind, 3)
             with get_client(sync_client=True) as client:
                 pool = client.read_work_pool(name)
-            assert (pool.type, pool.concurrency_limit) == (kind, 1)
+            assert (pool.type, pool.concurrency_limit) == (kind, 3)
             variables = pool.base_job_template["variables"]["properties"]
             assert variables["image"]["default"] == "hero-worker:0.1.0"
             if kind == "kubernetes":
