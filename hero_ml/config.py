@@ -585,7 +585,10 @@ class TrackingConfig(_Section):
     registered_model: str = Field(
         "hero-lora",
         min_length=1,
-        description="Registry name LoRAs are registered under (no '/', ':' or '@': models:/<name>@<alias>).",
+        description=(
+            "Registry name LoRAs are registered under (no '/', ':' or '@': models:/<name>@<alias>; no "
+            "quotes: MLflow's search filters quote it)."
+        ),
     )
     champion_alias: str = Field(
         "champion",
@@ -598,9 +601,10 @@ class TrackingConfig(_Section):
     @field_validator("registered_model")
     @classmethod
     def _an_mlflow_model_name(cls, name: str) -> str:
-        if set(name) & set("/:@") or name != name.strip():
+        if set(name) & set("/:@'\"`") or name != name.strip():
             raise ValueError(
-                "MLflow takes no '/', ':' or '@' in a model's name, nor spaces around it: e.g. 'hero-lora'"
+                "MLflow takes no '/', ':', '@' or quotes in a model's name (its search filters quote "
+                "it), nor spaces around it: e.g. 'hero-lora'"
             )
         return name
 

@@ -593,8 +593,9 @@ def test_overrides_name_what_is_wrong_and_refuse_secrets() -> None:
 @pytest.mark.parametrize(
     ("section", "field", "value", "expected"),
     [
-        ("tracking", "registered_model", "team/hero", "MLflow takes no '/', ':' or '@'"),
-        ("tracking", "registered_model", "hero@v1", "MLflow takes no '/', ':' or '@'"),
+        ("tracking", "registered_model", "team/hero", "MLflow takes no '/', ':', '@' or quotes"),
+        ("tracking", "registered_model", "hero@v1", "MLflow takes no '/', ':', '@' or quotes"),
+        ("tracking", "registered_model", "bob's-lora", "MLflow takes no '/', ':', '@' or quotes"),
         ("tracking", "champion_alias", "prod.v1", "an alias is 1 to 255 letters, digits"),
         ("tracking", "champion_alias", "Latest", "'latest' and v<number> are MLflow's own"),
         ("tracking", "champion_alias", "v3", "'latest' and v<number> are MLflow's own"),
