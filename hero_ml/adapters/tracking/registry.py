@@ -136,7 +136,9 @@ class Registry:
         """A new version from the run's logged LoRA model (the registered model is created if new)."""
         try:
             self.client.get_registered_model(self.name)
-        except MlflowException:
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":  # refused, or the server failing: say that
+                raise
             self.client.create_registered_model(
                 self.name, description="HERO LoRAs (diffusers flavour); the champion alias serves production."
             )
