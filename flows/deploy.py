@@ -31,6 +31,7 @@ from prefect import Flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.events import DeploymentEventTrigger
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
@@ -190,7 +191,11 @@ def deploy(plan: DeployPlan) -> tuple[dict[str, UUID], list[str]]:
             POLLER.split("/")[1],
             work_pool_name=plan.service_pool,
             interval=plan.poll_interval_s,
-            concurrency_limit=1,
+            # one poll at a time; one due while another runs is dropped, not queued (after a service
+            # worker's outage, queued polls would run back to back: each checks every round anyway)
+            concurrency_limit=ConcurrencyLimitConfig(
+                limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
+            ),
             description="Resume suspended rounds whose webhook events were lost.",
         ),
     }

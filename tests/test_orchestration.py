@@ -503,6 +503,9 @@ def test_deploying_again_updates_in_place_and_removes_what_it_replaced(
             assert (
                 poller.id == deployed[POLLER] and poller.schedules[0].schedule.interval.total_seconds() == 300
             )
+            assert poller.global_concurrency_limit is not None and poller.global_concurrency_limit.limit == 1
+            assert poller.concurrency_options is not None  # a poll due while one runs is dropped, not queued
+            assert poller.concurrency_options.collision_strategy == "CANCEL_NEW"
             judged = client.read_deployment_by_name("hero-promote/after-training").global_concurrency_limit
             assert judged is not None and judged.limit == 1  # one promotion at a time
             with pytest.raises(ObjectNotFound):
