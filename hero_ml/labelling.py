@@ -273,10 +273,10 @@ class LabelStudioRounds:
         read: dict[int, list[dict] | None] = {}  # project id -> its tasks; None: the project is gone
         stands: dict[int, CollectedRound | str] = {}
         for k in round_indices:
-            stored = self.runs.load_round_object(k, ANNOTATIONS)
+            stored = self.runs.load_annotations(k)
             published = self.runs.load_published(k)
             if stored is not None and self.runs.load_feedback(k) is not None:  # collected: closed
-                tasks = json.loads(stored)["tasks"]
+                tasks = stored
             elif published is not None:
                 if published.project_id not in read:
                     try:

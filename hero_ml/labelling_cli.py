@@ -105,6 +105,7 @@ def status(
     """Each committed round's labelling: labels and best votes against what it needs, skips, problems,
     and the labels of each annotator."""
     from hero_ml.labelling import LabelStudioError
+    from hero_ml.run_store import CorruptObjectError
 
     _, rounds = _rounds(config, run_id, "RUN_ID")
     try:
@@ -113,7 +114,7 @@ def status(
             raise fail(f"run {run_id!r} has no committed round in {rounds.runs.store.where('runs')}")
         rounds.projects.check()
         progress = rounds.progress(committed)
-    except (LabelStudioError, StorageError) as err:
+    except (LabelStudioError, StorageError, CorruptObjectError) as err:  # a damaged record: named
         raise fail(str(err)) from None
     table = Table("round", "state", "labels", "best votes", "skipped", "problems", title=f"run {run_id}")
     annotators: dict[str, int] = {}

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -34,13 +35,16 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     field_validator,
+    model_validator,
 )
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
 
 from hero_ml.adapters.storage import ArtifactStore, StorageError
 from hero_ml.adapters.storage.keys import check_key
 from hero_ml.config import format_validation_error
 from hero_ml.diffusion.sampler import Trajectory
-from hero_ml.engine import STATE, TENSORS, Engine, RoundBatch, RoundStats
+from hero_ml.engine import CHECKPOINT_FORMAT, STATE, TENSORS, CheckpointState, Engine, RoundBatch, RoundStats
 from hero_ml.errors import HeroError
 from hero_ml.faults import crash_point
 from hero_ml.feedback import AnnotatorFeedback, RoundFeedback
@@ -86,10 +90,15 @@ class _Manifest(BaseModel):
             check_key(name)
         return files
 
-
-class _CheckpointCommit(BaseModel):
-    model_config = ConfigDict(extra="allow")  # the engine's state; Engine.load validates all of it
-    tensors: _FileRecord
+    @model_validator(mode="after")
+    def _every_image_listed(self) -> _Manifest:
+        # what a round is read by: every image's PNG, the grid and the trajectory, each image once
+        if len(set(self.image_ids)) != len(self.image_ids):
+            raise ValueError("image_ids: an image is named twice")
+        wanted = [f"images/{image_id}.png" for image_id in self.image_ids] + [GRID, TRAJECTORY]
+        if missing := [name for name in wanted if name not in self.files]:
+            raise ValueError(f"files: lacks {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}")
+        return self
 
 
 class TrackingRecord(BaseModel):
@@ -112,10 +121,20 @@ class ModelRecord(BaseModel):
 
 
 _ROUND_STATS = TypeAdapter(RoundStats)
+_ROUND_FOLDER = re.compile(r"0|[1-9][0-9]*")  # a round's (or checkpoint's) folder: its index as written
 
 
 class _Progress(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
     checkpoint: int = Field(ge=0)
+
+
+class _Annotations(BaseModel):
+    """annotations.json: a round's tasks with their annotations as Label Studio gave them (read by
+    collect, which reports what it cannot use), and what collecting them found."""
+
+    model_config = ConfigDict(extra="allow")
+    tasks: list[Any]
 
 
 class PublishedRecord(BaseModel):
@@ -370,12 +389,10 @@ class RunStore:
         self.store.put(key, data)
         return key
 
-    def load_round_object(self, round_index: int, name: str) -> bytes | None:
-        """A labelling object of a round as put_round_object wrote it; None when it has none."""
-        if name not in _LABELLING:
-            raise ValueError(f"{name!r} is not a labelling object of a round")
-        key = f"{self.round_prefix(round_index)}/{name}"
-        return self.store.get(key) if self.store.exists(key) else None
+    def load_annotations(self, round_index: int) -> list[Any] | None:
+        """The tasks (with their annotations) the round's feedback was collected from; None before."""
+        key = f"{self.round_prefix(round_index)}/{ANNOTATIONS}"
+        return self._record(key, _Annotations).tasks if self.store.exists(key) else None
 
     def load_manifest(self, round_index: int) -> dict[str, Any]:
         return self._record(f"{self.round_prefix(round_index)}/{MANIFEST}", _Manifest).model_dump()
@@ -422,9 +439,17 @@ class RunStore:
         grouped: dict[int, dict[str, int]] = {}
         for key, size in self.store.list(f"{self.prefix}/{kind}").items():
             index, _, name = key.removeprefix(f"{self.prefix}/{kind}/").partition("/")
-            if index.isdigit():
+            if _ROUND_FOLDER.fullmatch(index):
                 grouped.setdefault(int(index), {})[name] = size
         return grouped
+
+    def _strays(self, kind: str) -> list[str]:
+        """Keys under rounds/ or checkpoints/ outside any round's folder (no run writes them)."""
+        return sorted(
+            key
+            for key in self.store.list(f"{self.prefix}/{kind}")
+            if not _ROUND_FOLDER.fullmatch(key.removeprefix(f"{self.prefix}/{kind}/").partition("/")[0])
+        )
 
     def list_rounds(self) -> list[RoundListing]:
         checkpoints = self._objects_by_round("checkpoints")
@@ -453,15 +478,16 @@ class RunStore:
         apart: they are not corruption, the run redoes them."""
         report = VerifyReport()
 
-        def check(key: str, expected: dict[str, Any]) -> None:
+        def check(key: str, expected: dict[str, Any]) -> bytes | None:
+            """The object when it matches its record; else None, the problem reported."""
             try:
                 data = self.store.get(key)
             except KeyError:
                 report.problems.append(f"{key}: missing, though its commit record lists it")
-                return
+                return None
             except StorageError as err:  # e.g. a folder where the object should be
                 report.problems.append(f"{key}: {err}")
-                return
+                return None
             report.objects += 1
             report.bytes += len(data)
             if not _sha256_matches(data, expected):
@@ -469,6 +495,11 @@ class RunStore:
                     f"{key}: {len(data)} bytes do not match the recorded {expected['bytes']} bytes and "
                     "sha256 (changed or truncated after commit)"
                 )
+                return None
+            return data
+
+        for kind in ("rounds", "checkpoints"):
+            report.problems += [f"{key}: not in a round's folder ({kind}/<k>/)" for key in self._strays(kind)]
 
         for index, objects in sorted(self._objects_by_round("rounds").items()):
             prefix = self.round_prefix(index)
@@ -489,6 +520,7 @@ class RunStore:
                 (FEEDBACK, self.load_feedback),
                 (STATS, self.load_stats),
                 (PUBLISHED, self.load_published),
+                (ANNOTATIONS, self.load_annotations),
             ):
                 if name in objects:
                     try:
@@ -503,12 +535,22 @@ class RunStore:
             if STATE not in objects:
                 report.incomplete.append(f"{prefix}: no {STATE} (a checkpoint interrupted while written)")
                 continue
-            try:
-                commit = self._record(f"{prefix}/{STATE}", _CheckpointCommit)
+            try:  # as a resume reads it (Engine.load, TrainingRun._load_checkpoint)
+                state = self._record(f"{prefix}/{STATE}", CheckpointState)
             except CorruptObjectError as err:
                 report.problems.append(str(err))
                 continue
-            check(f"{prefix}/{TENSORS}", commit.tensors.model_dump())
+            if state.format != CHECKPOINT_FORMAT or state.round != index + 1:
+                report.problems.append(
+                    f"{prefix}/{STATE}: format {state.format} and round {state.round}, where a resume reads "
+                    f"format {CHECKPOINT_FORMAT} and round {index + 1} (the engine after round {index})"
+                )
+            blob = check(f"{prefix}/{TENSORS}", state.tensors.model_dump())
+            if blob is not None:
+                try:
+                    load_tensors(blob)
+                except (SafetensorError, ValueError) as err:
+                    report.problems.append(f"{prefix}/{TENSORS}: not a safetensors file ({err})")
         try:
             self.load_model()
         except CorruptObjectError as err:

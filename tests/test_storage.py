@@ -1,9 +1,12 @@
 """Artifact stores against a real S3 server (moto on loopback, started by infra/s3-server.sh) and the
 local directory: one contract for both, S3's own failures, and a run's objects verified end to end."""
 
+import hashlib
 import itertools
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import uuid
@@ -215,6 +218,14 @@ def test_a_damaged_record_of_a_run_is_named_with_what_is_wrong(tmp_path: Path, b
     assert "manifest.json is not a readable record" in runs.verify().problems[0]
     manifest.write_text(json.dumps(good))
     assert runs.verify().ok
+    # an image the manifest names without its file (publish and load_batch would fail on a bare KeyError)
+    ghost = {**good, "image_ids": [*good["image_ids"], "ghost"]}
+    manifest.write_text(json.dumps(ghost))
+    with pytest.raises(CorruptObjectError, match=r"(?s)manifest.json is not a readable .*lacks images/ghost"):
+        runs.load_manifest(0)
+    manifest.write_text(json.dumps({**good, "image_ids": good["image_ids"] * 2}))
+    assert "an image is named twice" in runs.verify().problems[0]
+    manifest.write_text(json.dumps(good))
     grid = root / "rounds" / "0" / "grid.png"
     kept = grid.read_bytes()
     grid.unlink()
@@ -259,6 +270,26 @@ def test_a_damaged_record_of_a_run_is_named_with_what_is_wrong(tmp_path: Path, b
     )
     assert runs.load_published(0).project_id == 3 and runs.verify().ok
     (root / "rounds" / "0" / "published.json").unlink()
+    (root / "rounds" / "0" / "annotations.json").write_text('{"tasks": [tru')  # cut short
+    with pytest.raises(CorruptObjectError, match=r"annotations.json is not a readable record"):
+        runs.load_annotations(0)
+    assert "annotations.json is not a readable record" in runs.verify().problems[0]
+    (root / "rounds" / "0" / "annotations.json").unlink()
+    # folders no run writes: named by verify, never read as a round (03 read as round 3; '²' crashed)
+    for stray in ("rounds/03/manifest.json", "rounds/\u00b2/a", "checkpoints/x/state.json"):
+        (root / stray).parent.mkdir(parents=True)
+        (root / stray).write_text("{}")
+    assert [r.round for r in runs.list_rounds()] == [0]
+    assert runs.verify().problems == [
+        "runs/r/rounds/03/manifest.json: not in a round's folder (rounds/<k>/)",
+        "runs/r/rounds/\u00b2/a: not in a round's folder (rounds/<k>/)",
+        "runs/r/checkpoints/x/state.json: not in a round's folder (checkpoints/<k>/)",
+    ]
+    for folder in ("rounds/03", "rounds/\u00b2", "checkpoints"):
+        shutil.rmtree(root / folder)
+    (root / "progress.json").write_text(json.dumps({"checkpoint": True}))  # read as 1, before
+    with pytest.raises(CorruptObjectError, match=r"progress.json is not a readable record"):
+        runs.latest_checkpoint()
     (root / "progress.json").write_text(json.dumps({"checkpoint": "x"}))
     with pytest.raises(
         CorruptObjectError, match=r"progress.json is not a readable record .*\n  checkpoint: "
@@ -307,6 +338,23 @@ def test_verify_checks_every_checkpoint_against_its_commit_record(tmp_path: Path
     state = (checkpoint / STATE).read_text()
     (checkpoint / STATE).write_text(state[:20])
     assert [p for p in runs.verify().problems if "checkpoints/0/state.json is not a readable record" in p]
+    # a state.json a resume refuses is not 'ok': another format, another round, tensors not safetensors
+    fields = json.loads(state)
+    for edit, wanted in (
+        ({"format": 1}, "format 1 and round 1, where a resume reads format 2 and round 1"),
+        ({"round": 5}, "format 2 and round 5, where a resume reads format 2 and round 1"),
+        ({"method": 5}, r"state.json is not a readable record .*\n  method: "),
+    ):
+        (checkpoint / STATE).write_text(json.dumps(fields | edit))
+        assert [p for p in runs.verify().problems if re.search(wanted, p)], runs.verify().problems
+    junk = b"not a safetensors file at all"
+    (checkpoint / TENSORS).write_bytes(junk)
+    commit = {"bytes": len(junk), "sha256": hashlib.sha256(junk).hexdigest()}
+    (checkpoint / STATE).write_text(json.dumps(fields | {"tensors": commit}))
+    assert [p for p in runs.verify().problems if "state.safetensors: not a safetensors file" in p]
+    (checkpoint / TENSORS).write_bytes(tensors)
+    (checkpoint / STATE).write_text(state)
+    assert runs.verify().ok
     (checkpoint / STATE).unlink()  # as if the writer died before the commit record
     report = runs.verify()
     assert report.incomplete == [
