@@ -1,6 +1,6 @@
 """Prefect flows: they only orchestrate hero_ml (see docs/ARCHITECTURE.md)."""
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from hero_ml.errors import HeroError
@@ -19,16 +19,21 @@ def server_problem() -> Exception | None:
         return client.api_healthcheck()
 
 
-def stop_ephemeral_server() -> None:
-    """Stop the temporary Prefect API server of ephemeral mode, if this process started one. A process
-    that ends with os._exit skips Prefect's atexit stop, and the server (a child process) would outlive
-    it, holding its port; killed, not asked: the runs are crash-safe, and so is its SQLite file."""
+def ephemeral_server_stopper() -> Callable[[], None]:
+    """A function that stops the temporary Prefect API server of ephemeral mode, if this process
+    started one. A process that ends with os._exit skips Prefect's atexit stop, and the server (a child
+    process) would outlive it, holding its port; killed, not asked: the runs are crash-safe, and so is
+    its SQLite file. What it needs is imported now: it runs in a signal handler, which must not import
+    (the signal may come in the middle of an import, whose lock it would wait on for ever)."""
     from prefect.server.api.server import SubprocessASGIServer
 
-    server = SubprocessASGIServer()  # the ephemeral server is the instance of no fixed port
-    if server.server_process is not None:
-        server.server_process.kill()
-        server.server_process.wait()
+    def stop() -> None:
+        server = SubprocessASGIServer()  # the ephemeral server is the instance of no fixed port
+        if server.server_process is not None:
+            server.server_process.kill()
+            server.server_process.wait()
+
+    return stop
 
 
 @contextmanager

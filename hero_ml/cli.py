@@ -7,14 +7,15 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 import yaml
 from rich.logging import RichHandler
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from hero_ml.adapters.storage import open_store
 from hero_ml.cli_support import (
@@ -32,6 +33,9 @@ from hero_ml.errors import HeroError
 from hero_ml.labelling_cli import labelstudio_app
 from hero_ml.orchestration_cli import deploy, rounds_app, serve_webhooks
 from hero_ml.toy.cli import toy_app
+
+if TYPE_CHECKING:
+    from hero_ml.training import TrainingSummary
 
 # transformers warns at import about optional image backends the pipeline never uses.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -312,7 +316,9 @@ def run(
             f"run {resolved.run_id!r} already exists in {store.where('runs')}: continue "
             f"it with `hero run --resume {resolved.run_id}` or start a new one with --run-id NAME"
         )
-    _run_embedded(resolved)
+    # the command that continues it, as this one found the run (its config file said again)
+    given = f" --config {config}" if config is not None else ""
+    _run_embedded(resolved, f"hero run --resume {resolved.run_id}{given}")
 
 
 def _ignored_on_resume(stored: dict, given: HeroConfig) -> list[str]:
@@ -350,11 +356,11 @@ def _stored_run_config(where: str, stored: dict, current: HeroConfig, run_id: st
     return restored
 
 
-def _run_embedded(config: HeroConfig) -> None:
-    """The training flow on embedded defaults, with progress and a closing summary."""
+def _run_embedded(config: HeroConfig, resume_hint: str) -> None:
+    """The training flow on embedded defaults, with progress and a closing summary; resume_hint: the
+    command that continues the run, said when it is stopped."""
     from rich.table import Table
 
-    from hero_ml.engine import RoundStats
     from hero_ml.training import run_task
 
     try:
@@ -384,10 +390,6 @@ def _run_embedded(config: HeroConfig) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # our own lines say what a round did
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from flows import stop_ephemeral_server
-    from flows.training import hero_training  # the CLI hands off to flows/; the library never imports Prefect
-
-    console.print(run_header(config), highlight=False)
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -395,74 +397,40 @@ def _run_embedded(config: HeroConfig) -> None:
         TimeElapsedColumn(),
         console=err_console,
     )
-    with progress:
-        # a bar of its own for each phase (denoising, evaluating, learning): its count, its time
-        bar = [progress.add_task("starting", total=None)]
+    stop_server: list[Callable[[], None]] = []  # set once imported: a signal handler must never import
 
-        def stop_at_once(signum: int, frame: object) -> None:
-            # A run is crash-safe at every point (docs/RELIABILITY.md), so Ctrl+C ends the process here:
-            # left to Prefect, the flow would spend minutes reporting its cancellation to the ephemeral
-            # API server, which the same Ctrl+C is shutting down, and print hundreds of lines of tracebacks.
-            # A SIGTERM (kill, timeout, a supervisor) reaches this after the flow engine's own handler,
-            # which marks the flow run crashed and then hands the signal on.
-            progress.remove_task(bar[0])
+    def stop_at_once(signum: int, frame: object) -> None:
+        # A run is crash-safe at every point (docs/RELIABILITY.md), so Ctrl+C ends the process here:
+        # left to Prefect, the flow would spend minutes reporting its cancellation to the ephemeral
+        # API server, which the same Ctrl+C is shutting down, and print hundreds of lines of tracebacks.
+        # A SIGTERM (kill, timeout, a supervisor) reaches this after the flow engine's own handler,
+        # which marks the flow run crashed and then hands the signal on. Installed before the flows'
+        # imports (seconds), and whatever fails here, the process ends.
+        try:
+            for task in progress.task_ids:  # no bar left standing above the last line
+                progress.remove_task(task)
             progress.stop()
-            stop_ephemeral_server()  # a signal to this process alone would leave it running
-            err_console.print(f"stopped; `hero run --resume {config.run_id}` continues where it stopped")
+            for stop in stop_server:
+                stop()  # a signal to this process alone would leave the ephemeral server running
+            err_console.print(f"stopped; `{resume_hint}` continues where it stopped", markup=False)
+        finally:
             os._exit(128 + signum)
 
-        previous = {sig: signal.signal(sig, stop_at_once) for sig in (signal.SIGINT, signal.SIGTERM)}
-        round_started = [time.perf_counter()]  # from the round's first denoising step
+    previous = {sig: signal.signal(sig, stop_at_once) for sig in (signal.SIGINT, signal.SIGTERM)}
+    console.print(run_header(config), highlight=False)  # from here on, Ctrl+C stops the run at once
+    try:
+        from flows import ephemeral_server_stopper
 
-        def on_progress(phase: str, done: int, total: int) -> None:
-            if phase == "denoising" and done == 1:
-                round_started[0] = time.perf_counter()
-            if phase == "denoising":  # its count is UNet calls: every step of every sub-batch
-                steps = config.sampling.num_steps
-                phase = f"denoising ({total // steps} sub-batches x {steps} steps)"
-            if progress.tasks[0].description != phase:
-                progress.remove_task(bar[0])
-                bar[0] = progress.add_task(phase, total=total)
-                if not err_console.is_terminal:  # piped or logged: no live bars, a line per phase
-                    err_console.print(f"{phase}: {total}", highlight=False, markup=False)
-            progress.update(bar[0], completed=done)
+        stop_server.append(ephemeral_server_stopper())
+        # the CLI hands off to flows/; the library never imports Prefect
+        from flows.training import hero_training
 
-        def on_round(stats: RoundStats) -> None:
-            now = time.perf_counter()
-            seconds, round_started[0] = now - round_started[0], now
-            reward = (
-                ""
-                if stats.reward_good_mean is None
-                else f", reward good {stats.reward_good_mean:.3f} / bad {stats.reward_bad_mean or 0:.3f}"
-            )
-            moved = "" if stats.lora_step_norm is None else f" (LoRA moved {stats.lora_step_norm:.3g})"
-            if stats.skipped_steps:
-                moved += f", {stats.skipped_steps} skipped (gradient not finite)"
-            progress.console.print(
-                f"round {stats.round} ({seconds:.1f} s): {stats.good} good / {stats.bad} bad{reward}, "
-                f"{stats.optimizer_steps} optimiser steps{moved}, {stats.feedbacks} feedbacks spent",
-                highlight=False,
-            )
-
-        def on_wait(round_index: int, reason: str) -> None:
-            progress.console.print(
-                f"round {round_index} is in Label Studio: {reason}; checking every "
-                f"{config.orchestration.poll_interval_s} s (Ctrl+C stops; --resume continues)",
-                highlight=False,
-                markup=False,  # the reason may quote annotators' or Label Studio's text
-            )
-
-        try:
-            summary = hero_training(
-                config=config, on_progress=on_progress, on_round=on_round, on_wait=on_wait
-            )
-        except (HeroError, FileNotFoundError) as err:
-            raise fail(str(err)) from None
-        finally:
-            progress.remove_task(bar[0])  # no bar left standing under the error or the summary
-            for sig, handler in previous.items():  # the run is over: a signal means what it meant before
-                signal.signal(sig, handler)
-
+        summary = _train_with_progress(config, hero_training, progress)
+    except (HeroError, FileNotFoundError) as err:
+        raise fail(str(err)) from None
+    finally:
+        for sig, handler in previous.items():  # the run is over: a signal means what it meant before
+            signal.signal(sig, handler)
     table = Table("", "value", title=f"run {config.run_id}")
     table.add_row("method", config.method)
     table.add_row("rounds (this call)", f"{summary.rounds} ({len(summary.rounds_now)})")
@@ -496,6 +464,62 @@ def _run_embedded(config: HeroConfig) -> None:
     uri = config.tracking.tracking_uri
     where = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else uri
     console.print(f"MLflow: {where}", highlight=False, markup=False)
+
+
+def _train_with_progress(
+    config: HeroConfig, hero_training: Callable[..., TrainingSummary], progress: Progress
+) -> TrainingSummary:
+    """The training flow with a bar of its own for each phase (denoising, evaluating, learning: its
+    count, its time) and a line for each round; no bar is left standing under an error or the summary."""
+    from hero_ml.engine import RoundStats
+
+    bar: list[TaskID] = []
+    round_started = [time.perf_counter()]  # from the round's first denoising step
+
+    def on_progress(phase: str, done: int, total: int) -> None:
+        if phase == "denoising" and done == 1:
+            round_started[0] = time.perf_counter()
+        if phase == "denoising":  # its count is UNet calls: every step of every sub-batch
+            steps = config.sampling.num_steps
+            phase = f"denoising ({total // steps} sub-batches x {steps} steps)"
+        if progress.tasks[0].description != phase:
+            progress.remove_task(bar[0])
+            bar[0] = progress.add_task(phase, total=total)
+            if not err_console.is_terminal:  # piped or logged: no live bars, a line per phase
+                err_console.print(f"{phase}: {total}", highlight=False, markup=False)
+        progress.update(bar[0], completed=done)
+
+    def on_round(stats: RoundStats) -> None:
+        now = time.perf_counter()
+        seconds, round_started[0] = now - round_started[0], now
+        reward = (
+            ""
+            if stats.reward_good_mean is None
+            else f", reward good {stats.reward_good_mean:.3f} / bad {stats.reward_bad_mean or 0:.3f}"
+        )
+        moved = "" if stats.lora_step_norm is None else f" (LoRA moved {stats.lora_step_norm:.3g})"
+        if stats.skipped_steps:
+            moved += f", {stats.skipped_steps} skipped (gradient not finite)"
+        progress.console.print(
+            f"round {stats.round} ({seconds:.1f} s): {stats.good} good / {stats.bad} bad{reward}, "
+            f"{stats.optimizer_steps} optimiser steps{moved}, {stats.feedbacks} feedbacks spent",
+            highlight=False,
+        )
+
+    def on_wait(round_index: int, reason: str) -> None:
+        progress.console.print(
+            f"round {round_index} is in Label Studio: {reason}; checking every "
+            f"{config.orchestration.poll_interval_s} s (Ctrl+C stops; --resume continues)",
+            highlight=False,
+            markup=False,  # the reason may quote annotators' or Label Studio's text
+        )
+
+    with progress:
+        bar.append(progress.add_task("starting", total=None))
+        try:
+            return hero_training(config=config, on_progress=on_progress, on_round=on_round, on_wait=on_wait)
+        finally:
+            progress.remove_task(bar[0])
 
 
 RunIdArgument = Annotated[str | None, typer.Argument(help="The run (default: list the stored runs).")]
