@@ -378,6 +378,12 @@ def _run_embedded(config: HeroConfig, resume_hint: str) -> None:
 
     quiet_model_loading()
 
+    from hero_ml.adapters.tracking import TrackingError, sqlite_folder
+
+    try:
+        sqlite_folder(config.tracking.tracking_uri)  # before the run is stored: a run it stops never began
+    except TrackingError as err:
+        raise fail(str(err)) from None
     prefect_home = (config.storage.local_root / "prefect").resolve()
     try:
         prefect_home.mkdir(parents=True, exist_ok=True)  # Prefect makes only the last level itself

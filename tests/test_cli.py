@@ -429,6 +429,18 @@ def test_toy_eval_names_a_lora_folder_without_weights(tmp_path: Path) -> None:
     assert "no LoRA weights at" in result.output
 
 
+def test_a_tracking_folder_that_cannot_be_made_is_said_before_the_run_is_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = small_config(tmp_path)
+    monkeypatch.setenv("HERO_TRACKING__TRACKING_URI", f"sqlite:///{config}/mlflow.db")  # under a file
+    result = runner.invoke(app, ["run", "-c", str(config)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    message = " ".join(result.output.split())
+    assert f"tracking.tracking_uri sqlite:///{config}/mlflow.db: cannot create the folder {config}" in message
+    assert not (tmp_path / "data" / "runs" / "cli-test").exists()  # fixed, the same command starts it
+
+
 @pytest.mark.parametrize(
     ("to", "sent", "when"),
     [

@@ -69,3 +69,19 @@ def unreachable(tracking_uri: str) -> str | None:
             "(HERO_TRACKING__TRACKING_URI)"
         )
     return None
+
+
+def sqlite_folder(tracking_uri: str) -> Path | None:
+    """The folder of a SQLite tracking store, made if new (its artifacts go beside the database); None
+    for a server. TrackingError, naming the setting, when it cannot be made."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    folder = Path(tracking_uri.removeprefix("sqlite:///")).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TrackingError(
+            f"tracking.tracking_uri {tracking_uri}: cannot create the folder {folder} ({err.strerror}); "
+            "point it at a folder that can hold the database (HERO_TRACKING__TRACKING_URI)"
+        ) from None
+    return folder

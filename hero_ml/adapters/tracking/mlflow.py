@@ -15,7 +15,7 @@ import numpy as np
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from hero_ml.adapters.tracking import TrackingError, unreachable
+from hero_ml.adapters.tracking import TrackingError, sqlite_folder, unreachable
 from hero_ml.adapters.tracking.registry import (
     MODEL_ARTIFACT,
     Registry,
@@ -168,11 +168,8 @@ def open_tracker(
     in and the run's uid (TrainingRun.tracking), None for a new MLflow run. A SQLite store keeps its
     artifacts beside the database file (MLflow would otherwise write them under the current folder)."""
     tracking = config.tracking
-    artifact_location = None
-    if tracking.tracking_uri.startswith("sqlite:///"):
-        database = Path(tracking.tracking_uri.removeprefix("sqlite:///"))
-        database.parent.mkdir(parents=True, exist_ok=True)
-        artifact_location = (database.parent / "mlartifacts").resolve().as_uri()
+    folder = sqlite_folder(tracking.tracking_uri)
+    artifact_location = None if folder is None else (folder / "mlartifacts").resolve().as_uri()
     return MlflowTracker(
         tracking.tracking_uri, tracking.experiment, config.run_id, artifact_location, mlflow_run_id, run_uid
     )
