@@ -1066,18 +1066,7 @@ def _check_environment() -> None:
     for given in os.environ:
         variable = given.upper()
         name = variable.removeprefix(ENV_PREFIX).lower()
-        if (
-            variable.startswith(ENV_PREFIX)
-            and ENV_NESTED_DELIMITER not in variable
-            and variable.upper() not in OTHER_ENV_VARIABLES
-            and name not in HeroConfig.model_fields
-            and (close := difflib.get_close_matches(name, HeroConfig.model_fields, n=1, cutoff=0.8))
-        ):
-            raise ConfigError(
-                f"environment variable {given} is not a setting: did you mean "
-                f"{ENV_PREFIX}{close[0].upper()}? Unset or rename it"
-            )
-        if (
+        if (  # first: HERO_ENCODER_LR is close to HERO_ENCODER, but meant HERO_ENCODER__LR
             variable.startswith(ENV_PREFIX)
             and ENV_NESTED_DELIMITER not in variable
             and variable.upper() not in OTHER_ENV_VARIABLES
@@ -1088,6 +1077,17 @@ def _check_environment() -> None:
             raise ConfigError(
                 f"environment variable {given} is not a setting: a section's field takes two "
                 f"underscores after the section, did you mean {meant}? Unset or rename it"
+            )
+        if (
+            variable.startswith(ENV_PREFIX)
+            and ENV_NESTED_DELIMITER not in variable
+            and variable.upper() not in OTHER_ENV_VARIABLES
+            and name not in HeroConfig.model_fields
+            and (close := difflib.get_close_matches(name, HeroConfig.model_fields, n=1, cutoff=0.8))
+        ):
+            raise ConfigError(
+                f"environment variable {given} is not a setting: did you mean "
+                f"{ENV_PREFIX}{close[0].upper()}? Unset or rename it"
             )
         if variable.startswith(ENV_PREFIX) and ENV_NESTED_DELIMITER in variable:
             section = variable.removeprefix(ENV_PREFIX).split(ENV_NESTED_DELIMITER)[0].lower()

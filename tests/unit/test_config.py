@@ -450,6 +450,8 @@ def test_environment_variables_of_no_section_or_broken_json_are_named(
         ("HERO_FEEDBACK_BUDGET", "HERO_FEEDBACK__BUDGET"),
         ("HERO_SAMPLING_IMAGES_PER_ROUND", "HERO_SAMPLING__IMAGES_PER_ROUND"),
         ("HERO_STORAGE_S3_SECRET_ACCESS_KEY", "HERO_STORAGE__S3_SECRET_ACCESS_KEY"),
+        ("HERO_ENCODER_LR", "HERO_ENCODER__LR"),  # close to HERO_ENCODER, which it does not mean
+        ("HERO_SAMPLING_ETA", "HERO_SAMPLING__ETA"),
     ):
         monkeypatch.setenv(one_underscore, "64")
         with pytest.raises(ConfigError, match=f"{one_underscore} is not a setting: .* did you mean {meant}?"):
