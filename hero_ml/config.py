@@ -552,7 +552,10 @@ class StorageConfig(_Section):
 class TrackingConfig(_Section):
     tracking_uri: str = Field(
         "sqlite:///hero-data/mlflow.db",
-        description="MLflow tracking URI: a local SQLite file by default, or an MLflow server URL.",
+        description=(
+            "MLflow tracking URI: an MLflow server URL, or a SQLite file; unset, mlflow.db in "
+            "storage.local_root (artifacts in mlartifacts/ beside it)."
+        ),
     )
     experiment: str = Field("hero", min_length=1, description="MLflow experiment name.")
 
@@ -821,6 +824,16 @@ class HeroConfig(BaseSettings):
             if arch not in ARCHITECTURES:
                 raise ValueError(f"source: unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
         return model
+
+    @model_validator(mode="after")
+    def _tracking_beside_the_runs(self) -> HeroConfig:
+        # MLflow's SQLite file goes where the runs go unless a tracking_uri is given: set apart, a run
+        # moved to another local_root left its tracking in the current folder, where `hero promote`
+        # from elsewhere found none
+        if "tracking_uri" not in self.tracking.model_fields_set:
+            derived = f"sqlite:///{self.storage.local_root.as_posix()}/mlflow.db"
+            self.tracking = self.tracking.model_copy(update={"tracking_uri": derived})
+        return self
 
     @model_validator(mode="after")
     def _cross_section_checks(self) -> HeroConfig:

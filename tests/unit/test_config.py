@@ -394,6 +394,15 @@ def test_a_url_refused_for_another_reason_is_shown_without_its_credentials(
     assert "hunter2" not in str(caught.value) and "ter2" not in str(caught.value)
 
 
+def test_mlflow_tracks_beside_the_runs_unless_told_otherwise(tmp_path: Path) -> None:
+    # a local_root set alone left mlflow.db in the current folder: promote from elsewhere found none
+    assert HeroConfig().tracking.tracking_uri == "sqlite:///hero-data/mlflow.db"
+    moved = load_config(write(tmp_path, {"storage": {"local_root": "/srv/hero"}}))
+    assert moved.tracking.tracking_uri == "sqlite:////srv/hero/mlflow.db"
+    given = {"storage": {"local_root": "/srv/hero"}, "tracking": {"tracking_uri": "http://mlflow:5000"}}
+    assert load_config(write(tmp_path, given)).tracking.tracking_uri == "http://mlflow:5000"
+
+
 def test_a_tracking_uri_of_no_mlflow_scheme_is_refused(tmp_path: Path) -> None:
     with pytest.raises(
         ConfigError, match=r"tracking\.tracking_uri: Value error, scheme 'htp' is not one MLflow"
