@@ -626,8 +626,8 @@ def storage_verify(
         err_console.print(f"[bold red]corrupt[/] {escape(line)}", highlight=False)
     verdict = "[green]ok[/]" if report.ok else f"[bold red]{_count(len(report.problems), 'problem')}[/]"
     console.print(
-        f"{verdict}: {report.objects} objects ({report.bytes / 1e6:.2f} MB) match their checksums; "
-        f"{len(report.incomplete)} uncommitted",
+        f"{verdict}: {report.objects} objects ({report.bytes / 1e6:.2f} MB) checked against their "
+        f"recorded size and sha256; {len(report.incomplete)} uncommitted",
         highlight=False,
     )
     if not report.ok:
