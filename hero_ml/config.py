@@ -430,7 +430,10 @@ class FeedbackConfig(_Section):
     budget: int = Field(
         512,
         ge=1,
-        description="Total feedbacks (labelled images) to spend; the run stops when it is spent.",
+        description=(
+            "Total feedbacks (labelled images) to spend, in whole rounds (a multiple of "
+            "images_per_round x annotators_per_image); the run stops when it is spent."
+        ),
     )
     annotators_per_image: int = Field(
         1, ge=1, description="Labels required on every image before a round counts as complete."
@@ -865,10 +868,18 @@ class HeroConfig(BaseSettings):
                 f"{title!r}, {len(title)} characters: Label Studio takes at most {LABEL_STUDIO_TITLE_MAX}; "
                 "shorten either"
             )
-        if self.feedback.budget < self.feedbacks_per_round:
+        per_round = self.feedbacks_per_round
+        if self.feedback.budget < per_round:
             raise ValueError(
                 f"feedback.budget ({self.feedback.budget}) is smaller than one round "
-                f"(sampling.images_per_round x feedback.annotators_per_image = {self.feedbacks_per_round})"
+                f"(sampling.images_per_round x feedback.annotators_per_image = {per_round})"
+            )
+        if left := self.feedback.budget % per_round:  # a run spends whole rounds: never silently less
+            whole = self.feedback.budget - left
+            raise ValueError(
+                f"feedback.budget ({self.feedback.budget}) is {whole // per_round} rounds of {per_round} "
+                f"feedbacks (sampling.images_per_round x feedback.annotators_per_image) and {left} more, "
+                f"which no round spends: give {whole} or {whole + per_round}"
             )
         return self
 
