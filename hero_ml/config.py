@@ -781,6 +781,7 @@ class HeroConfig(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
         env_nested_delimiter=ENV_NESTED_DELIMITER,
+        env_parse_none_str="null",  # HERO_SIMULATION__TASK=null unsets a setting, as `null` does in YAML
         extra="forbid",
         validate_default=True,
         # pydantic's own error text never repeats an input (it may be a secret, or hold one);

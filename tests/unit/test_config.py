@@ -394,6 +394,13 @@ def test_a_url_refused_for_another_reason_is_shown_without_its_credentials(
     assert "hunter2" not in str(caught.value) and "ter2" not in str(caught.value)
 
 
+def test_null_in_an_environment_variable_unsets_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HERO_SIMULATION__TASK", "null")  # it read as a task named 'null'
+    monkeypatch.setenv("HERO_ORCHESTRATION__ROUND_DEADLINE_H", "null")  # it was not a number
+    config = load_config()
+    assert config.simulation.task is None and config.orchestration.round_deadline_h is None
+
+
 def test_mlflow_tracks_beside_the_runs_unless_told_otherwise(tmp_path: Path) -> None:
     # a local_root set alone left mlflow.db in the current folder: promote from elsewhere found none
     assert HeroConfig().tracking.tracking_uri == "sqlite:///hero-data/mlflow.db"
