@@ -220,6 +220,13 @@ class ModelConfig(_Section):
     )
     seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of random weights of source 'random:<arch>'.")
 
+    @field_validator("source")
+    @classmethod
+    def _known_random_arch(cls, source: str) -> str:
+        if source.startswith("random:") and (arch := source.removeprefix("random:")) not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
+        return source
+
 
 class SamplingConfig(_Section):
     prompt: str = Field(
@@ -819,15 +826,6 @@ class HeroConfig(BaseSettings):
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     label_studio: LabelStudioConfig = Field(default_factory=LabelStudioConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
-
-    @field_validator("model", mode="after")
-    @classmethod
-    def _known_random_arch(cls, model: ModelConfig) -> ModelConfig:
-        if model.source.startswith("random:"):
-            arch = model.source.removeprefix("random:")
-            if arch not in ARCHITECTURES:
-                raise ValueError(f"source: unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
-        return model
 
     @model_validator(mode="after")
     def _tracking_beside_the_runs(self) -> HeroConfig:

@@ -150,9 +150,12 @@ def test_cross_section_constraints_are_checked(tmp_path: Path, monkeypatch: pyte
         load_config(path)
 
 
-def test_unknown_random_architecture_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"model: .*unknown architecture 'huge'"):
+def test_unknown_random_architecture_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match=r"model\.source: .*unknown architecture 'huge'"):
         load_config(write(tmp_path, {"model": {"source": "random:huge"}}))
+    monkeypatch.setenv("HERO_MODEL__SOURCE", "random:huge")  # named where it came from, not the file
+    with pytest.raises(ConfigError, match=r"model\.source: .*'huge'.*\[set by HERO_MODEL__SOURCE\]"):
+        load_config(write(tmp_path, {}))
 
 
 def test_a_secret_in_a_config_file_is_refused_naming_its_variable(tmp_path: Path) -> None:
