@@ -150,6 +150,7 @@ def model_build(
     if arch not in ARCHITECTURES:
         raise fail(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     writable_folder(out, "OUT", overwrite)  # before the build, which takes minutes for sd15
+    quiet_model_loading()  # transformers' "Writing model shards" bar under our own
     with console.status(f"building {arch} with random weights"):
         build_random_pipeline(arch, seed=seed).save_pretrained(out)
     console.print(f"[green]wrote[/] {escape(str(out))} (random weights, seed {seed})", highlight=False)

@@ -13,8 +13,9 @@ from rich.markup import escape
 
 from hero_ml.config import ConfigError, HeroConfig, load_config
 
-console = Console()
-err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the width
+# a line stays one line, whatever the width: piped or logged, a command it names is not cut in two
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 ConfigOption = Annotated[
     Path | None,

@@ -52,6 +52,7 @@ def pretrain_command(
 
     config = PretrainConfig(seed=seed, dataset_size=dataset_size, vae_steps=vae_steps, unet_steps=unet_steps)
     writable_folder(out, "--out", overwrite)
+    quiet_model_loading()  # transformers' "Writing model shards" bar under our own
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
