@@ -426,7 +426,31 @@ def test_an_interrupted_round_is_sampled_again_and_its_leftovers_overwritten(tmp
 def test_toy_eval_names_a_lora_folder_without_weights(tmp_path: Path) -> None:
     result = runner.invoke(app, ["toy", "eval", "--task", "counting", "--n", "1", "--lora", str(tmp_path)])
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "no LoRA weights at" in result.output
+    assert "no LoRA weights at" in result.output and "lora/adapter_weights" in result.output
+
+
+def test_toy_eval_takes_a_runs_lora_artifact_as_mlflow_keeps_it(tmp_path: Path) -> None:
+    from hero_ml.diffusion.lora import add_lora, save_lora
+    from hero_ml.diffusion.pipeline import load_pipeline
+    from hero_ml.toy.cli import PRETRAINED
+
+    pipe = load_pipeline(str(PRETRAINED))
+    add_lora(pipe.unet, rank=4, alpha=4)
+    save_lora(pipe.unet, tmp_path / "lora" / "adapter_weights")  # the artifact lora/: MLmodel beside it
+    command = [
+        "toy",
+        "eval",
+        "--task",
+        "counting",
+        "--n",
+        "1",
+        "--steps",
+        "2",
+        "--lora",
+        str(tmp_path / "lora"),
+    ]
+    result = runner.invoke(app, command)
+    assert result.exit_code == 0 and "success rate" in result.output, result.output
 
 
 def test_a_tracking_folder_that_cannot_be_made_is_said_before_the_run_is_stored(

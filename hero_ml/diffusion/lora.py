@@ -75,7 +75,8 @@ def load_lora(pipe: StableDiffusionPipeline, folder: Path) -> None:
     weights = folder / LORA_WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(
-            f"no LoRA weights at {weights}: save them with hero_ml.diffusion.lora.save_lora"
+            f"no LoRA weights at {weights}: a run's LoRA is its MLflow artifact lora/adapter_weights "
+            "(under mlartifacts/ beside a SQLite tracking store), or a folder save_lora wrote"
         )
     try:  # the UNet's part of pipe.load_lora_weights: the text encoder has none, and would say so
         state_dict, network_alphas, metadata = pipe.lora_state_dict(

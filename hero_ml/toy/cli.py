@@ -106,7 +106,13 @@ def eval_command(
     model: Annotated[
         Path, typer.Option(help="Diffusers pipeline folder.", exists=True, file_okay=False)
     ] = PRETRAINED,
-    lora: Annotated[Path | None, typer.Option(help="A LoRA folder (diffusers format) to apply.")] = None,
+    lora: Annotated[
+        Path | None,
+        typer.Option(
+            help="A LoRA folder to apply (diffusers format): a run's MLflow artifact lora/ or its "
+            "adapter_weights/."
+        ),
+    ] = None,
     unseen: Annotated[bool, typer.Option(help="Use the task's eval_prompts (transfer) instead.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the fixed initial noises.", min=0, max=SEED_MAX)] = 0,
     steps: Annotated[
@@ -129,8 +135,8 @@ def eval_command(
     try:
         spec = load_task(task)
         pipe = load_pipeline(str(model), given_by="--model")
-        if lora is not None:
-            load_lora(pipe, lora)
+        if lora is not None:  # the MLflow artifact lora/ holds the weights in adapter_weights/
+            load_lora(pipe, lora / "adapter_weights" if (lora / "adapter_weights").is_dir() else lora)
     except (TaskError, ModelNotFoundError, FileNotFoundError, ValueError) as err:
         raise fail(str(err)) from None
     prompts, target = spec.prompts, spec.target
