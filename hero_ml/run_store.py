@@ -153,10 +153,14 @@ class PublishedRecord(BaseModel):
     republish_failed_at: AwareDatetime | None = None
 
 
-class _Evaluation(BaseModel):
+class EvaluationRecord(BaseModel):
+    """eval/<label>.json: an evaluation's success rate, and when it was measured (the time of its
+    tracked point: tracked again, as a resume does, it stays one point)."""
+
     label: str
     success_rate: float = Field(ge=0, le=1)
     images: int = Field(ge=1)
+    measured_at: AwareDatetime | None = None  # None in a record of a release before it
 
 
 class _FeedbackRecord(BaseModel):
@@ -357,21 +361,20 @@ class RunStore:
 
     # -- evaluations (the judge's success rate before and after training) ------------------------------
 
-    def save_evaluation(self, label: str, success_rate: float, images: int) -> None:
-        record = _Evaluation(label=label, success_rate=success_rate, images=images)
-        self.store.put(f"{self.prefix}/eval/{label}.json", record.model_dump_json().encode())
+    def save_evaluation(self, record: EvaluationRecord) -> None:
+        self.store.put(f"{self.prefix}/eval/{record.label}.json", record.model_dump_json().encode())
 
-    def load_evaluation(self, label: str) -> tuple[float, int] | None:
-        """(success rate, images) of a stored evaluation; None when there is none."""
+    def load_evaluation(self, label: str) -> EvaluationRecord | None:
+        """A stored evaluation; None when there is none."""
         key = f"{self.prefix}/eval/{label}.json"
         if not self.store.exists(key):
             return None
-        record = self._record(key, _Evaluation)
+        record = self._record(key, EvaluationRecord)
         if record.label != label:
             raise CorruptObjectError(
                 f"{self.store.where(key)} holds evaluation {record.label!r}, not {label!r} (edited or moved)"
             )
-        return record.success_rate, record.images
+        return record
 
     def save_published(self, round_index: int, record: PublishedRecord) -> None:
         self.put_round_object(round_index, PUBLISHED, record.model_dump_json().encode())

@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from hero_ml.faults import crash_point
 from hero_ml.feedback import RoundFeedback, aggregate
 from hero_ml.images import image_grid
 from hero_ml.run_lease import LeasedStore, RunLease
-from hero_ml.run_store import ModelRecord, RunStore, TrackingRecord
+from hero_ml.run_store import EvaluationRecord, ModelRecord, RunStore, TrackingRecord
 from hero_ml.toy.evaluate import task_success_rate
 from hero_ml.toy.judge import SimulatedAnnotator
 from hero_ml.toy.task import Task, load_task
@@ -339,9 +340,9 @@ class TrainingRun:
         task = self.task
         initial_noise = None if pool is None else pool.sample(n, torch.Generator().manual_seed(0))
         if label == "before" and (stored := self.runs.load_evaluation(label)) is not None:
-            # the base model's: measured once per run, tracked again (a crash may have come between
-            # storing and tracking it: at least once, as a round's metrics)
-            return self._tracked(Evaluation(label, *stored))
+            # the base model's: measured once per run, tracked again at its time (a crash may have
+            # come between storing and tracking it; tracked before, it stays one point)
+            return self._tracked(Evaluation(label, stored.success_rate, stored.images), stored.measured_at)
 
         images = [0]
 
@@ -366,13 +367,18 @@ class TrainingRun:
                 result = Evaluation(label, rate(), n)
         else:
             result = Evaluation(label, rate(), n)
-        self.runs.save_evaluation(label, result.success_rate, result.images)
-        return self._tracked(result)
+        measured_at = datetime.now(UTC)
+        record = EvaluationRecord(
+            label=label, success_rate=result.success_rate, images=n, measured_at=measured_at
+        )
+        self.runs.save_evaluation(record)
+        return self._tracked(result, measured_at)
 
-    def _tracked(self, result: Evaluation) -> Evaluation:
+    def _tracked(self, result: Evaluation, measured_at: datetime | None) -> Evaluation:
         if self.tracker is not None:
             step = 0 if result.label == "before" else self.engine.round
-            self.tracker.log_metrics({f"eval_success_rate_{result.label}": result.success_rate}, step=step)
+            metrics = {f"eval_success_rate_{result.label}": result.success_rate}
+            self.tracker.log_metrics(metrics, step=step, at=measured_at)
         return result
 
     def log_final_artifacts(self) -> str | None:

@@ -23,7 +23,7 @@ from hero_ml.cli import app
 from hero_ml.config import HeroConfig, StorageConfig
 from hero_ml.diffusion.pipeline import build_random_pipeline
 from hero_ml.engine import Engine, RoundBatch, RoundStats, sample_batch
-from hero_ml.run_store import CorruptObjectError, RunStore
+from hero_ml.run_store import CorruptObjectError, EvaluationRecord, RunStore
 from tests.conftest import Service
 from tests.fault_proxy import FaultProxy
 
@@ -298,8 +298,9 @@ def test_a_damaged_record_of_a_run_is_named_with_what_is_wrong(tmp_path: Path, b
     assert "progress.json is not a readable record" in runs.verify().problems[0]
     (root / "progress.json").unlink()
 
-    runs.save_evaluation("before", 0.25, 256)
-    assert runs.load_evaluation("before") == (0.25, 256) and runs.load_evaluation("after") is None
+    runs.save_evaluation(EvaluationRecord(label="before", success_rate=0.25, images=256))
+    assert runs.load_evaluation("before") == EvaluationRecord(label="before", success_rate=0.25, images=256)
+    assert runs.load_evaluation("after") is None
     evaluation = root / "eval" / "before.json"
     evaluation.write_text(json.dumps({"label": "before", "success_rate": 25, "images": 256}))  # a percentage
     with pytest.raises(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import urllib.error
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -31,7 +32,9 @@ class Tracker(Protocol):
     def set_tags(self, tags: dict[str, Any]) -> None:
         """Flat or nested tags, as params; a tag set again takes the new value."""
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int, at: datetime | None = None) -> None:
+        """at: when the values were measured (default: now); logged again with the same time, step
+        and values, they stay one point."""
 
     def log_image(self, image: np.ndarray, artifact_file: str) -> None:
         """An (H, W, 3) uint8 image, e.g. a round's grid."""

@@ -8,6 +8,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -128,8 +129,9 @@ class MlflowTracker:
         with self._calling("setting tags"):
             self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in _flatten(tags).items()])
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        stamp = _now_ms()
+    def log_metrics(self, metrics: dict[str, float], step: int, at: datetime | None = None) -> None:
+        # MLflow keeps one row of a (key, timestamp, step, value): the same point logged again is one
+        stamp = _now_ms() if at is None else int(at.timestamp() * 1000)
         with self._calling(f"logging metrics of step {step}"):
             self.client.log_batch(
                 self.run_id, metrics=[Metric(k, float(v), stamp, step) for k, v in metrics.items()]
