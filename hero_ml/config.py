@@ -1089,7 +1089,7 @@ def _check_environment() -> None:
     for given in os.environ:
         variable = given.upper()
         name = variable.removeprefix(ENV_PREFIX).lower()
-        if (  # first: HERO_ENCODER_LR is close to HERO_ENCODER, but meant HERO_ENCODER__LR
+        if (  # first: a section and field joined by one underscore means the field, not the section
             variable.startswith(ENV_PREFIX)
             and ENV_NESTED_DELIMITER not in variable
             and variable.upper() not in OTHER_ENV_VARIABLES
