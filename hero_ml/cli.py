@@ -130,6 +130,8 @@ def config_validate(
 ) -> None:
     """Check a config file (with the current environment's overrides); exit 1 with every problem."""
     resolved = load(file)
+    if (problem := resolved.budget_problem()) is not None:  # a new run would be refused
+        raise fail(f"{file}: {problem}")
     derived = ", ".join(f"{k}={v}" for k, v in resolved.derived().items())
     console.print(f"[green]ok[/] {escape(str(file))}: {derived}", highlight=False)
 
@@ -317,6 +319,8 @@ def run(
             f"run {resolved.run_id!r} already exists in {store.where('runs')}: continue "
             f"it with `hero run --resume {resolved.run_id}` or start a new one with --run-id NAME"
         )
+    elif (problem := resolved.budget_problem()) is not None:  # said now, not after the flows' start
+        raise fail(problem + (" (--budget)" if budget is not None else ""))
     # the command that continues it, as this one found the run (its config file said again)
     given = f" --config {config}" if config is not None else ""
     _run_embedded(resolved, f"hero run --resume {resolved.run_id}{given}")

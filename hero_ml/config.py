@@ -873,14 +873,22 @@ class HeroConfig(BaseSettings):
                 f"feedback.budget ({self.feedback.budget}) is smaller than one round "
                 f"(sampling.images_per_round x feedback.annotators_per_image = {per_round})"
             )
-        if left := self.feedback.budget % per_round:  # a run spends whole rounds: never silently less
-            whole = self.feedback.budget - left
-            raise ValueError(
-                f"feedback.budget ({self.feedback.budget}) is {whole // per_round} rounds of {per_round} "
-                f"feedbacks (sampling.images_per_round x feedback.annotators_per_image) and {left} more, "
-                f"which no round spends: give {whole} or {whole + per_round}"
-            )
         return self
+
+    def budget_problem(self) -> str | None:
+        """What is wrong with a budget that is not a whole number of rounds (a run spends whole rounds
+        and would leave the rest unspent, silently); None when it is. Asked of a new run only: a run
+        stored by a release that allowed it resumes as it began."""
+        per_round = self.feedbacks_per_round
+        if not (left := self.feedback.budget % per_round):
+            return None
+        whole = self.feedback.budget - left
+        rounds = f"{whole // per_round} round{'' if whole == per_round else 's'}"
+        return (
+            f"feedback.budget ({self.feedback.budget}) is {rounds} of {per_round} "
+            f"feedbacks (sampling.images_per_round x feedback.annotators_per_image) and {left} more, "
+            f"which no round spends: give {whole} or {whole + per_round}"
+        )
 
     @classmethod
     def settings_customise_sources(

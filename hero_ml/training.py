@@ -147,6 +147,8 @@ class TrainingRun:
         config = self.config
         self.runs = RunStore(LeasedStore(store, self.lease), config.run_id)
         stored = self.runs.load_config()
+        if stored is None and (problem := config.budget_problem()) is not None:
+            raise RunError(f"run {config.run_id!r}: {problem}")
         if stored is not None and (changed := changed_settings(stored, config)):
             raise RunError(
                 f"run {config.run_id!r} exists with another config (settings differ: {', '.join(changed)}); "

@@ -453,6 +453,18 @@ def test_toy_eval_takes_a_runs_lora_artifact_as_mlflow_keeps_it(tmp_path: Path) 
     assert result.exit_code == 0 and "success rate" in result.output, result.output
 
 
+def test_a_budget_of_no_whole_number_of_rounds_is_refused_for_a_new_run(tmp_path: Path) -> None:
+    config = small_config(tmp_path)  # 4 images a round
+    result = runner.invoke(app, ["run", "-c", str(config), "--budget", "6"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    message = " ".join(result.output.split())
+    assert "feedback.budget (6) is 1 round of 4 feedbacks" in message and "give 4 or 8 (--budget)" in message
+    assert not (tmp_path / "data" / "runs").exists()
+    (tmp_path / "uneven.yaml").write_text(config.read_text().replace("budget: 8", "budget: 10"))
+    checked = runner.invoke(app, ["config", "validate", str(tmp_path / "uneven.yaml")])
+    assert checked.exit_code == 1 and "give 8 or 12" in " ".join(checked.output.split())
+
+
 def test_a_tracking_folder_that_cannot_be_made_is_said_before_the_run_is_stored(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

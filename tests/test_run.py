@@ -266,6 +266,20 @@ def test_a_run_is_tracked_in_its_own_mlflow_run_never_in_an_earlier_runs_of_its_
         assert run.tracker is not None and run.tracker.run_id != made.run_id
 
 
+def test_a_budget_of_no_whole_number_of_rounds_stops_a_new_run_not_a_stored_one(tmp_path: Path) -> None:
+    uneven = HeroConfig.model_validate({**small(tmp_path), "run_id": "uneven", "feedback": {"budget": 15}})
+    store = open_store(uneven.storage)
+    with pytest.raises(
+        RunError, match=r"run 'uneven': feedback.budget \(15\) is 2 rounds of 6 .* give 12 or 18"
+    ):
+        TrainingRun(uneven, store)
+    assert RunStore(store, "uneven").load_config() is None  # nothing stored
+    # a run stored by a release that took such a budget resumes as it began
+    RunStore(store, "uneven").save_config(uneven.to_public_dict())
+    with TrainingRun(uneven, store) as run:
+        assert run.engine.round == 0
+
+
 def two_rounds_learned(tmp_path: Path, run_id: str) -> tuple[HeroConfig, LocalStore, list[torch.Tensor]]:
     """A run of two rounds learned and checkpointed: its config, its store and its final LoRA."""
     config = HeroConfig.model_validate({**small(tmp_path), "run_id": run_id})

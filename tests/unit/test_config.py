@@ -565,12 +565,13 @@ def test_defaults_are_the_embedded_ones_and_the_default_prompt_is_the_default_ta
 
 def test_several_annotators_multiply_the_feedback_a_round_costs(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, {"feedback": {"annotators_per_image": 3, "budget": 576}}))
-    assert (config.feedbacks_per_round, config.rounds) == (192, 3)
-    # 512 is 2 rounds and 128 feedbacks no round spends: said, not silently left unspent
-    with pytest.raises(
-        ConfigError, match=r"budget \(512\) is 2 rounds of 192 .* and 128 more, .* give 384 or 576"
-    ):
-        load_config(write(tmp_path, {"feedback": {"annotators_per_image": 3, "budget": 512}}))
+    assert (config.feedbacks_per_round, config.rounds, config.budget_problem()) == (192, 3, None)
+    # 512 is 2 rounds and 128 feedbacks no round spends: a new run says so (a stored one resumes)
+    uneven = load_config(write(tmp_path, {"feedback": {"annotators_per_image": 3, "budget": 512}}))
+    assert uneven.budget_problem() == (
+        "feedback.budget (512) is 2 rounds of 192 feedbacks (sampling.images_per_round x "
+        "feedback.annotators_per_image) and 128 more, which no round spends: give 384 or 576"
+    )
     with pytest.raises(ConfigError, match="smaller than one round"):
         load_config(write(tmp_path, {"feedback": {"annotators_per_image": 9, "budget": 512}}))
 
@@ -662,10 +663,10 @@ def test_a_stored_config_keeps_its_values_whatever_the_environment_says(
     from hero_ml.config import restore_config
 
     stored = load_config().to_public_dict()
-    monkeypatch.setenv("HERO_FEEDBACK__ANNOTATORS_PER_IMAGE", "2")
+    monkeypatch.setenv("HERO_FEEDBACK__ANNOTATORS_PER_IMAGE", "3")
     monkeypatch.setenv("HERO_ORCHESTRATION__ROUND_DEADLINE_H", "2")
     current = load_config()
-    assert current.feedback.annotators_per_image == 2
+    assert current.feedback.annotators_per_image == 3
     restored = restore_config(stored, current)
     assert restored.feedback.annotators_per_image == stored["feedback"]["annotators_per_image"] == 1
     assert restored.to_public_dict() == stored
