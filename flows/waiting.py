@@ -111,9 +111,9 @@ class RoundResumer:
             return result(False, refused, waiting_for)
         return result(True, readiness.reason, waiting_for)
 
-    def suspended_runs(self) -> list[tuple[str, str]]:
-        """(flow run id, HERO run id) of every suspended hero-training flow run, page by page (the
-        server answers at most a page of flow runs a request)."""
+    def suspended_runs(self) -> list[FlowRun]:
+        """Every suspended hero-training flow run, page by page (the server answers at most a page of
+        flow runs a request)."""
         flow_runs: list[FlowRun] = []
         with get_client(sync_client=True) as client:
             while True:
@@ -129,14 +129,16 @@ class RoundResumer:
                 flow_runs += page
                 if len(page) < SUSPENDED_PAGE:
                     break
-        return [(str(run.id), deployed_run_id(run.parameters, run.name)) for run in flow_runs]
+        return flow_runs
 
     def poll(self) -> list[ResumeResult]:
         """Check every suspended hero-training run once; resume those whose round may close. A run
         whose check fails unexpectedly is reported with the error, and the others are still checked."""
         results = []
-        for flow_run_id, run_id in self.suspended_runs():
-            try:
+        for flow_run in self.suspended_runs():
+            flow_run_id, run_id = str(flow_run.id), None
+            try:  # its run id too: a flow run an older release started may name none this one reads
+                run_id = deployed_run_id(flow_run.parameters, flow_run.name)
                 results.append(self.resume_if_ready(flow_run_id, run_id))
             except Exception as err:  # one run's failure must not strand every other run's round
                 results.append(ResumeResult(flow_run_id, run_id, None, False, f"check failed: {err!r}"))

@@ -274,7 +274,7 @@ def test_a_burst_of_five_thousand_events_from_ten_clients_resumes_every_round() 
     check_burst(figures, 5000)
 
 
-def suspended_for_round_0(run_id: str, tmp_path: Path) -> tuple[str, Any]:
+def suspended_for_round_0(run_id: Any, tmp_path: Path) -> tuple[str, Any]:
     """A hero-training flow run of `run_id` suspended for its round 0 on the Prefect server, and a
     resumer over an empty store: (flow run id, resumer)."""
     from prefect.client.orchestration import get_client
@@ -297,7 +297,11 @@ def suspended_for_round_0(run_id: str, tmp_path: Path) -> tuple[str, Any]:
 def test_a_suspended_run_that_cannot_be_checked_is_reported_and_the_poll_goes_on(tmp_path: Path) -> None:
     # a flow run's parameters are outside input: a run id no store accepts must not end the poll
     flow_run_id, resumer = suspended_for_round_0("../other-team/run", tmp_path)
-    mine = [r for r in resumer.poll() if r.flow_run_id == flow_run_id]
+    numbered, _ = suspended_for_round_0(2026, tmp_path)  # an older release took --param run_id=2026
+    results = resumer.poll()
+    (refused,) = [r for r in results if r.flow_run_id == numbered]
+    assert refused.run_id is None and "a run id is text, got the int 2026" in refused.reason
+    mine = [r for r in results if r.flow_run_id == flow_run_id]
     assert len(mine) == 1 and not mine[0].resumed and mine[0].round == 0
     assert mine[0].run_id == "../other-team/run"
     assert mine[0].reason.startswith("cannot check round 0:") and "other-team" in mine[0].reason
@@ -309,9 +313,9 @@ def test_the_poller_pages_through_the_suspended_runs(tmp_path: Path, monkeypatch
 
     first, resumer = suspended_for_round_0("paged-a", tmp_path)
     second, _ = suspended_for_round_0("paged-b", tmp_path)
-    everyone = resumer.suspended_runs()
+    everyone = [(str(run.id), run.parameters.get("run_id")) for run in resumer.suspended_runs()]
     monkeypatch.setattr(flows.waiting, "SUSPENDED_PAGE", 1)  # a page of one: as many pages as runs
-    paged = resumer.suspended_runs()
+    paged = [(str(run.id), run.parameters.get("run_id")) for run in resumer.suspended_runs()]
     assert sorted(paged) == sorted(everyone) and len(paged) == len(set(paged))
     assert {(first, "paged-a"), (second, "paged-b")} <= set(paged)
 
