@@ -833,8 +833,14 @@ class HeroConfig(BaseSettings):
         # moved to another local_root left its tracking in the current folder, where `hero promote`
         # from elsewhere found none
         if "tracking_uri" not in self.tracking.model_fields_set:
-            derived = f"sqlite:///{self.storage.local_root.as_posix()}/mlflow.db"
-            self.tracking = self.tracking.model_copy(update={"tracking_uri": derived})
+            if set(str(self.storage.local_root)) & set("?#"):
+                raise ValueError(
+                    "storage.local_root holds '?' or '#', which a SQLite URI reads as its query: set "
+                    "tracking.tracking_uri (HERO_TRACKING__TRACKING_URI), or name another folder"
+                )
+            self.tracking = self.tracking.model_copy(
+                update={"tracking_uri": _beside(self.storage.local_root)}
+            )
         return self
 
     @model_validator(mode="after")
@@ -988,6 +994,11 @@ def _secret_fields(section: str) -> set[str]:
     return {name for name, field in fields if SecretStr in (field.annotation, *get_args(field.annotation))}
 
 
+def _beside(local_root: Path) -> str:
+    """The tracking URI of a run store's own SQLite file: mlflow.db in local_root."""
+    return f"sqlite:///{local_root.as_posix()}/mlflow.db"
+
+
 def with_overrides(
     config: HeroConfig, overrides: dict[str, dict[str, Any] | Any], given_by: dict[str, str] | None = None
 ) -> HeroConfig:
@@ -1004,6 +1015,8 @@ def with_overrides(
             f"256}}}}, got a {type(overrides).__name__}"
         )
     data = config.model_dump()
+    if data["tracking"]["tracking_uri"] == _beside(config.storage.local_root):
+        del data["tracking"]["tracking_uri"]  # derived from local_root: derived again, from an override's
     for key, value in overrides.items():
         if key not in data:
             raise ConfigError(f"override {key!r}: no such setting (the top level has {', '.join(data)})")

@@ -411,6 +411,15 @@ def test_mlflow_tracks_beside_the_runs_unless_told_otherwise(tmp_path: Path) -> 
     assert moved.tracking.tracking_uri == "sqlite:////srv/hero/mlflow.db"
     given = {"storage": {"local_root": "/srv/hero"}, "tracking": {"tracking_uri": "http://mlflow:5000"}}
     assert load_config(write(tmp_path, given)).tracking.tracking_uri == "http://mlflow:5000"
+    # derived, it follows an override of local_root (an override keeps every value it is not given)
+    from hero_ml.config import with_overrides
+
+    again = with_overrides(moved, {"storage": {"local_root": "/srv/other"}})
+    assert again.tracking.tracking_uri == "sqlite:////srv/other/mlflow.db"
+    kept = with_overrides(load_config(write(tmp_path, given)), {"storage": {"local_root": "/srv/other"}})
+    assert kept.tracking.tracking_uri == "http://mlflow:5000"
+    with pytest.raises(ConfigError, match=r"storage.local_root holds '\?' or '#'"):
+        load_config(write(tmp_path, {"storage": {"local_root": "/srv/run #1"}}))
 
 
 def test_a_tracking_uri_of_no_mlflow_scheme_is_refused(tmp_path: Path) -> None:
