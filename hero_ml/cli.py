@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import signal
 import time
 from collections.abc import Callable
@@ -322,8 +323,8 @@ def run(
     elif (problem := resolved.budget_problem()) is not None:  # said now, not after the flows' start
         raise fail(problem + (" (--budget)" if budget is not None else ""))
     # the command that continues it, as this one found the run (its config file said again)
-    given = f" --config {config}" if config is not None else ""
-    _run_embedded(resolved, f"hero run --resume {resolved.run_id}{given}")
+    given = f" --config {shlex.quote(str(config))}" if config is not None else ""
+    _run_embedded(resolved, f"hero run --resume {resolved.run_id}{given}", resuming=resume is not None)
 
 
 def _ignored_on_resume(stored: dict, given: HeroConfig) -> list[str]:
@@ -361,9 +362,9 @@ def _stored_run_config(where: str, stored: dict, current: HeroConfig, run_id: st
     return restored
 
 
-def _run_embedded(config: HeroConfig, resume_hint: str) -> None:
+def _run_embedded(config: HeroConfig, resume_hint: str, resuming: bool) -> None:
     """The training flow on embedded defaults, with progress and a closing summary; resume_hint: the
-    command that continues the run, said when it is stopped."""
+    command that continues the run, said when it is stopped (once it is stored, or when resuming)."""
     from rich.table import Table
 
     from hero_ml.training import run_task
@@ -409,6 +410,8 @@ def _run_embedded(config: HeroConfig, resume_hint: str) -> None:
         console=err_console,
     )
     stop_server: list[Callable[[], None]] = []  # set once imported: a signal handler must never import
+    began = [resuming]  # whether the run is stored (at the first progress report): what the hint says
+    stopping: list[int] = []
 
     def stop_at_once(signum: int, frame: object) -> None:
         # A run is crash-safe at every point (docs/RELIABILITY.md), so Ctrl+C ends the process here:
@@ -416,27 +419,34 @@ def _run_embedded(config: HeroConfig, resume_hint: str) -> None:
         # API server, which the same Ctrl+C is shutting down, and print hundreds of lines of tracebacks.
         # A SIGTERM (kill, timeout, a supervisor) reaches this after the flow engine's own handler,
         # which marks the flow run crashed and then hands the signal on. Installed before the flows'
-        # imports (seconds), and whatever fails here, the process ends.
+        # imports (seconds); the server is stopped first, and whatever fails or hangs after (rich's
+        # clean-up waits on locks the interrupted code may hold), the process ends: a second signal
+        # ends it at once.
+        if stopping:
+            os._exit(128 + signum)
+        stopping.append(signum)
         try:
-            for task in progress.task_ids:  # no bar left standing above the last line
-                progress.remove_task(task)
-            progress.stop()
             for stop in stop_server:
                 stop()  # a signal to this process alone would leave the ephemeral server running
-            err_console.print(f"stopped; `{resume_hint}` continues where it stopped", markup=False)
+            for task in progress.task_ids:  # no bar left standing above the last line
+                progress.remove_task(task)
+            progress.stop()  # the terminal's cursor back
         finally:
+            hint = f"`{resume_hint}` continues where it stopped" if began[0] else "the same command starts it"
+            os.write(2, f"stopped; {hint}\n".encode())
             os._exit(128 + signum)
 
     previous = {sig: signal.signal(sig, stop_at_once) for sig in (signal.SIGINT, signal.SIGTERM)}
     console.print(run_header(config), highlight=False)  # from here on, Ctrl+C stops the run at once
     try:
-        from flows import ephemeral_server_stopper
+        if not os.environ.get("PREFECT_API_URL"):  # an ephemeral server (seconds to import), not a real one
+            from flows import ephemeral_server_stopper
 
-        stop_server.append(ephemeral_server_stopper())
+            stop_server.append(ephemeral_server_stopper())
         # the CLI hands off to flows/; the library never imports Prefect
         from flows.training import hero_training
 
-        summary = _train_with_progress(config, hero_training, progress)
+        summary = _train_with_progress(config, hero_training, progress, began)
     except (HeroError, FileNotFoundError) as err:
         raise fail(str(err)) from None
     finally:
@@ -478,16 +488,19 @@ def _run_embedded(config: HeroConfig, resume_hint: str) -> None:
 
 
 def _train_with_progress(
-    config: HeroConfig, hero_training: Callable[..., TrainingSummary], progress: Progress
+    config: HeroConfig, hero_training: Callable[..., TrainingSummary], progress: Progress, began: list[bool]
 ) -> TrainingSummary:
     """The training flow with a bar of its own for each phase (denoising, evaluating, learning: its
-    count, its time) and a line for each round; no bar is left standing under an error or the summary."""
+    count, its time) and a line for each round; no bar is left standing under an error or the summary.
+    began[0] turns True at the first progress report: the run is stored by then."""
     from hero_ml.engine import RoundStats
+    from hero_ml.training import LOADING
 
     bar: list[TaskID] = []
     round_started = [time.perf_counter()]  # from the round's first denoising step
 
     def on_progress(phase: str, done: int, total: int) -> None:
+        began[0] = began[0] or phase != LOADING or done == total
         if phase == "denoising" and done == 1:
             round_started[0] = time.perf_counter()
         if phase == "denoising":  # its count is UNet calls: every step of every sub-batch

@@ -49,6 +49,9 @@ class RunError(HeroError, RuntimeError):
     """A run that cannot start or go on as configured; the message says what to change."""
 
 
+LOADING = "loading the model"  # the first progress phase: done as the run is stored
+
+
 @dataclass(frozen=True)
 class Evaluation:
     label: str  # "before", "after" (plain noise) or "after_guided" (from the run's noise pool)
@@ -123,7 +126,8 @@ class TrainingRun:
     ):
         """Open the run `config.run_id`: a new one, or the stored one from its latest checkpoint.
 
-        on_progress(phase, done, total): what the run is doing, for a progress display: "denoising"
+        on_progress(phase, done, total): what the run is doing, for a progress display: LOADING (the
+        model: 0 of 1 before, 1 of 1 as the run is stored, before its config is written), "denoising"
         (steps of the round's sampling), "evaluating LABEL" (images), "training the encoder" (epochs)
         and "updating the LoRA" (optimiser steps).
 
@@ -161,6 +165,7 @@ class TrainingRun:
             )
         # the model before the run is stored: a run stored with a model that cannot load could only be
         # resumed with that model
+        self._progress(LOADING, 0, 1)
         self.pipe = load_configured_pipeline(config.model)
         self.base_weights = weights_sha256(self.pipe)  # before the engine adds its LoRA
         model = ModelRecord(source=config.model.source, sha256=self.base_weights)
@@ -177,6 +182,7 @@ class TrainingRun:
                 "it; restore the run's model (`hero toy pretrain` rewrites the toy model; a hub id may have "
                 "moved to a new revision) or choose a new run_id"
             )
+        self._progress(LOADING, 1, 1)  # said before the run is stored: from here a stop wants --resume
         if stored is None:
             self.runs.save_config(config.to_public_dict())
         if sampled_by is None:  # a new run, or one stored before runs recorded their model

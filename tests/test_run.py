@@ -446,7 +446,8 @@ def test_a_run_says_what_it_is_doing_phase_by_phase(tmp_path: Path) -> None:
     epochs, steps = run.config.encoder.epochs_per_round, run.config.optimizer_steps_per_round
     encoder = [("training the encoder", done, epochs) for done in range(epochs + 1)]
     lora = [("updating the LoRA", done, steps) for done in range(steps + 1)]
-    assert seen == evaluating + denoising + encoder + lora
+    loading = [("loading the model", 0, 1), ("loading the model", 1, 1)]  # 1 of 1: the run is stored
+    assert seen == loading + evaluating + denoising + encoder + lora
     assert steps > 1 and run.runs.load_stats(0).optimizer_steps == steps  # every step taken and counted
 
 
