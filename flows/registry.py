@@ -13,8 +13,10 @@ from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
 
 from flows.training import deployed_run_id, resolve_config
+from hero_ml.adapters.storage import open_store
 from hero_ml.adapters.tracking.registry import PromotionDecision
 from hero_ml.promotion import generate_from_registry, open_registry, promote_version
+from hero_ml.run_store import RunStore
 
 FLOW_RUN_RESOURCE = "prefect.flow-run."  # how an event names a flow run: prefect.flow-run.<id>
 
@@ -33,7 +35,9 @@ def promote(
     if after_flow_run is not None:
         run_id = trained_run(after_flow_run)
         registry = open_registry(resolved)
-        mine = registry.version_of_run(run_id)
+        tracking = RunStore(open_store(resolved.storage), run_id).load_tracking()
+        tracked_in = None if tracking is None else tracking.tracker_run_id
+        mine = None if tracked_in is None else registry.version_of_run(tracked_in)
         champion = registry.champion()
         if mine is None or (champion is not None and champion.version == mine.version):
             logger.info(

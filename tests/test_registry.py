@@ -30,7 +30,7 @@ from hero_ml.config import ModelConfig, load_config
 from hero_ml.diffusion.lora import add_lora, save_lora
 from hero_ml.diffusion.pipeline import TOY_FOLDER, ModelNotFoundError, load_pipeline, weights_sha256
 from hero_ml.engine import TENSORS
-from hero_ml.run_store import RunStore
+from hero_ml.run_store import RunStore, TrackingRecord
 from tests.conftest import Service, _free_port, _infra, s3_storage, tiny_run
 from tests.fault_proxy import FaultProxy
 
@@ -180,6 +180,8 @@ def register(config_path: Path, lora_folder: Path, run_id: str, task: str | None
     a run of a real prompt (simulation.task null), which has no hero.task tag."""
     config = load_config(config_path)
     tracker = MlflowTracker(config.tracking.tracking_uri, config.tracking.experiment, run_id)
+    # as a run records it: the after-training promotion finds the run's version by its MLflow run
+    RunStore(open_store(config.storage), run_id).save_tracking(TrackingRecord(tracker_run_id=tracker.run_id))
     tracker.log_lora(lora_folder, ModelConfig())
     tags = {"hero.run_id": run_id, "hero.rounds": "4", "hero.base_model": "toy"}
     version = tracker.register_lora(
@@ -190,7 +192,11 @@ def register(config_path: Path, lora_folder: Path, run_id: str, task: str | None
 
 
 def test_promotion_moves_champion_only_on_a_real_win(
-    tmp_path: Path, mlflow_server: Service, s3_server: Service, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    mlflow_server: Service,
+    s3_server: Service,
+    monkeypatch: pytest.MonkeyPatch,
+    secrets: None,  # the run store (S3) records each run's MLflow run, as a run does
 ) -> None:
     # promotion samples as configured: the default 20 steps, not the 4 of the small runs
     path = production_config(
@@ -233,8 +239,8 @@ def test_promotion_moves_champion_only_on_a_real_win(
     # after a training (the deployment's trigger): that run's version, not the latest; nothing to do
     # when its version is already the champion or it registered none
     registry = Registry(mlflow_server.url, name, "champion")
-    assert registry.version_of_run("identity").version == identity
-    assert registry.version_of_run("never-registered") is None
+    identity_run = client.get_model_version(name, identity).run_id
+    assert registry.version_of_run(identity_run).version == identity
     monkeypatch.setenv("HERO_CONFIG_FILE", str(path))
     with get_client(sync_client=True) as prefect:
         trained = {
@@ -251,6 +257,15 @@ def test_promotion_moves_champion_only_on_a_real_win(
         )
     assert promote(after_flow_run=str(labelled.id)) is None
     assert client.get_model_version_by_alias(name, "champion").version == winner
+    # a new run under the name of run 'identity' (its storage wiped), which registered nothing: the
+    # earlier run's version is not judged for it
+    fresh = MlflowTracker(config.tracking.tracking_uri, config.tracking.experiment, "identity")
+    RunStore(open_store(config.storage), "identity").save_tracking(
+        TrackingRecord(tracker_run_id=fresh.run_id)
+    )
+    with get_client(sync_client=True) as prefect:
+        again_named = prefect.create_flow_run(hero_training, parameters={"config": {"run_id": "identity"}})
+    assert promote(after_flow_run=str(again_named.id)) is None  # by its name: a decision on `identity`
     by_hand = runner.invoke(app, ["promote", "-c", str(path), "--version", unjudged])
     assert by_hand.exit_code == 1 and f"version {unjudged} has no hero.task tag" in by_hand.output
     other_task = register(path, tmp_path / "identity", "other-task", task="counting")

@@ -184,9 +184,11 @@ class Registry:
             raise RegistryError(f"registered model {self.name!r} has no versions: finish a hero run first")
         return max(versions, key=lambda v: int(v.version))
 
-    def version_of_run(self, run_id: str) -> ModelVersion | None:
-        """The newest version HERO run `run_id` registered (tag hero.run_id), None if it registered none."""
-        mine = [v for v in self._versions() if v.tags.get("hero.run_id") == run_id]
+    def version_of_run(self, mlflow_run_id: str) -> ModelVersion | None:
+        """The newest version registered from MLflow run `mlflow_run_id` (a HERO run's, tracking.json),
+        None if it registered none. Never by the HERO run's name: an earlier run of that name has its
+        own MLflow run and versions."""
+        mine = [v for v in self._versions() if v.run_id == mlflow_run_id]
         return max(mine, key=lambda v: int(v.version)) if mine else None
 
     def _versions(self) -> list[ModelVersion]:
