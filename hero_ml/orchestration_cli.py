@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Annotated
@@ -106,7 +107,9 @@ def deploy(
             f"--training-cron {training_cron!r}: {problem}; give five fields (minute hour day-of-month "
             "month day-of-week), e.g. '0 2 * * 1' for Mondays at 02:00"
         )
-    if source is not None and "://" not in source and not (Path(source) / "flows").is_dir():
+    # a git URL (scp-style too) is Prefect's to fetch; a path must hold the flows here
+    remote = "://" in (source or "") or re.match(r"[\w.-]+@[\w.-]+:", source or "")
+    if source is not None and not remote and not (Path(source) / "flows").is_dir():
         raise fail(
             f"--source {source}: no flows/ folder there; Prefect reads the flows at that path when "
             "deploying, so deploy where it exists (inside the worker image, as the compose stack does)"

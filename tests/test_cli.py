@@ -646,6 +646,9 @@ def test_deploy_refuses_a_source_without_flows_before_asking_the_server(
     result = runner.invoke(app, ["deploy", "--source", str(tmp_path / "app")])  # a worker image's path
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"--source {tmp_path / 'app'}: no flows/ folder there" in " ".join(result.output.split())
+    for remote in ("https://github.com/org/hero.git", "git@github.com:org/hero.git"):  # Prefect fetches it
+        passed = runner.invoke(app, ["deploy", "--source", remote])  # on to the server, which is not there
+        assert "no flows/ folder" not in passed.output
 
 
 def test_storage_ls_of_a_local_root_that_does_not_exist_says_so(
