@@ -8,6 +8,7 @@ import pytest
 from hero_ml.adapters.label_studio.rounds import (
     LABEL_CONFIG,
     SUGGESTION_MODEL,
+    CollectedRound,
     Progress,
     Readiness,
     best_task,
@@ -38,6 +39,21 @@ def tasks() -> list[dict[str, Any]]:
         **common, image_ids=IDS, grid_url="s3://b/grid.png", grid_sha256="f" * 64, has_current_best=True
     )
     return [*images, {"id": 20, **best}]
+
+
+def collect_round(
+    round_tasks: list[dict[str, Any]], has_current_best: bool = True, annotators_per_image: int = 1
+) -> CollectedRound:
+    """collect of round 1 of run 'run' (the tasks() round)."""
+    return collect(
+        round_tasks,
+        run_id="run",
+        round_index=1,
+        image_ids=IDS,
+        digests=DIGESTS,
+        has_current_best=has_current_best,
+        annotators_per_image=annotators_per_image,
+    )
 
 
 def annotation(
@@ -113,15 +129,7 @@ def test_collect_a_round_labelled_by_a_team() -> None:
         annotation(2, IDS[0], ident=12, control="best"),
         annotation(3, "keep", ident=13, control="best"),
     ]
-    collected = collect(
-        round_tasks,
-        run_id="run",
-        round_index=1,
-        image_ids=IDS,
-        digests=DIGESTS,
-        has_current_best=True,
-        annotators_per_image=2,
-    )
+    collected = collect_round(round_tasks, annotators_per_image=2)
     assert collected.cancelled == 1 and collected.replaced == 1
     assert collected.problems == [
         "task 12, annotation 7 by annotator 2: no good/bad choice where one is wanted; "
@@ -137,15 +145,7 @@ def test_collect_a_round_labelled_by_a_team() -> None:
 
     round_tasks[2]["annotations"].append(annotation(3, "good", ident=8))
     round_tasks[2]["annotations"].append(annotation(1, "bad", ident=14))
-    collected = collect(
-        round_tasks,
-        run_id="run",
-        round_index=1,
-        image_ids=IDS,
-        digests=DIGESTS,
-        has_current_best=True,
-        annotators_per_image=2,
-    )
+    collected = collect_round(round_tasks, annotators_per_image=2)
     assert collected.progress.complete and collected.progress.least_labels == 2
     verdict = collected.round_feedback(IDS, has_current_best=True)
     # image 0: 2 good of 3; image 1: 0 of 2; image 2: 1 good of 2 is a tie (bad)
@@ -163,15 +163,7 @@ def test_an_annotator_given_as_a_user_object_is_its_id() -> None:
     ]
     round_tasks[1]["annotations"] = [annotation(4, "bad", ident=2)]
     round_tasks[2]["annotations"] = [{**annotation(1, "bad", ident=3), "completed_by": {"email": "a@b"}}]
-    collected = collect(
-        round_tasks,
-        run_id="run",
-        round_index=1,
-        image_ids=IDS,
-        digests=DIGESTS,
-        has_current_best=True,
-        annotators_per_image=1,
-    )
+    collected = collect_round(round_tasks)
     assert collected.labels_by_annotator == {"4": 2}
     assert collected.problems == ["task 12: annotation 3 names no usable annotator (completed_by); skipped"]
 
@@ -186,15 +178,7 @@ def test_annotations_posted_through_the_api_are_read_strictly() -> None:
         {**annotation(3, "good", ident=3), "was_cancelled": "false"},  # given, not skipped
     ]
     round_tasks[1]["annotations"] = [annotation(3, "[/]" + "x" * 500, ident=4)]
-    collected = collect(
-        round_tasks,
-        run_id="run",
-        round_index=1,
-        image_ids=IDS,
-        digests=DIGESTS,
-        has_current_best=True,
-        annotators_per_image=1,
-    )
+    collected = collect_round(round_tasks)
     assert collected.labels_by_annotator == {"3": 1} and collected.cancelled == 0
     assert collected.problems == [
         "task 10: annotation 1 names no usable annotator (completed_by); skipped",
@@ -223,15 +207,7 @@ def test_collect_reports_what_it_cannot_map() -> None:
         "data": {**tasks()[0]["data"], "hero": {**tasks()[0]["data"]["hero"], "image_id": "x"}},
         "annotations": [annotation(7, "good")],
     }
-    collected = collect(
-        [*round_tasks, stranger, other_round, unknown],
-        run_id="run",
-        round_index=1,
-        image_ids=IDS,
-        digests=DIGESTS,
-        has_current_best=True,
-        annotators_per_image=1,
-    )
+    collected = collect_round([*round_tasks, stranger, other_round, unknown])
     assert collected.problems == [
         "task 11: annotation 8 names no usable annotator (completed_by); skipped",
         "task 12: annotation 9 names no usable annotator (completed_by); skipped",
@@ -243,27 +219,11 @@ def test_collect_reports_what_it_cannot_map() -> None:
     assert verdict.good == (True, False, False) and verdict.best is None  # no valid best vote: keep
     assert collected.progress.best_votes == 0  # the dropped vote does not close the round
 
-    first = collect(
-        tasks()[3:],
-        run_id="run",
-        round_index=1,
-        image_ids=IDS,
-        digests=DIGESTS,
-        has_current_best=False,
-        annotators_per_image=1,
-    )
+    first = collect_round(tasks()[3:], has_current_best=False)
     assert first.problems == []
     keep_in_round_0 = tasks()[3:]
     keep_in_round_0[0]["annotations"] = [annotation(1, "keep", ident=3, control="best")]
-    collected = collect(
-        keep_in_round_0,
-        run_id="run",
-        round_index=1,
-        image_ids=IDS,
-        digests=DIGESTS,
-        has_current_best=False,
-        annotators_per_image=1,
-    )
+    collected = collect_round(keep_in_round_0, has_current_best=False)
     assert collected.problems == [
         "task 20, annotation 3 by annotator 1: kept the current best in the first round, where there is none"
     ]
@@ -293,15 +253,7 @@ def test_a_deleted_annotators_labels_count_and_tasks_gone_or_claimed_twice_are_n
         "data": {"image": "x"},
         "annotations": [],
     }  # none of ours, nothing to map
-    collected = collect(
-        [*round_tasks, claimed, unlabelled_stranger],
-        run_id="run",
-        round_index=1,
-        image_ids=IDS,
-        digests=DIGESTS,
-        has_current_best=True,
-        annotators_per_image=1,
-    )
+    collected = collect_round([*round_tasks, claimed, unlabelled_stranger])
     assert collected.labels_by_annotator == {"deleted-user-5": 1, "deleted-user-6": 1}
     assert collected.problems == [
         "task 12, annotation 7 by annotator 2: 2 good/bad choices ['good', 'bad'] where one is wanted; "
@@ -310,15 +262,7 @@ def test_a_deleted_annotators_labels_count_and_tasks_gone_or_claimed_twice_are_n
     ]
     assert collected.missing_tasks == ["the best task"]
     del round_tasks[2]
-    gone = collect(
-        round_tasks,
-        run_id="run",
-        round_index=1,
-        image_ids=IDS,
-        digests=DIGESTS,
-        has_current_best=True,
-        annotators_per_image=1,
-    )
+    gone = collect_round(round_tasks)
     assert gone.missing_tasks == ["image 'r0001-002'", "the best task"]
     assert gone.progress.labels == 2
 
@@ -332,15 +276,7 @@ def test_a_task_showing_other_pixels_is_reported_not_counted() -> None:
     old_release["data"] = {**old_release["data"], "hero": {**old_release["data"]["hero"], "sha256": None}}
     for task in round_tasks[:3]:
         task["annotations"] = [annotation(1, "good", ident=task["id"])]
-    collected = collect(
-        round_tasks,
-        run_id="run",
-        round_index=1,
-        image_ids=IDS,
-        digests=DIGESTS,
-        has_current_best=True,
-        annotators_per_image=1,
-    )
+    collected = collect_round(round_tasks)
     assert collected.problems == [
         "task 50: its sha256 is not image 'r0001-001''s in round 1's manifest (its data edited, or an "
         "earlier run's of this name): it showed other pixels; labels ignored"
@@ -349,18 +285,7 @@ def test_a_task_showing_other_pixels_is_reported_not_counted() -> None:
     assert collected.missing_tasks == ["image 'r0001-001'"]  # published again: the true task is gone
     best = tasks()[3]
     best["data"]["hero"]["sha256"] = "0" * 64  # the grid's digest is checked too
-    assert (
-        collect(
-            [best],
-            run_id="run",
-            round_index=1,
-            image_ids=IDS,
-            digests=DIGESTS,
-            has_current_best=True,
-            annotators_per_image=1,
-        ).missing_tasks[-1]
-        == "the best task"
-    )
+    assert collect_round([best]).missing_tasks[-1] == "the best task"
 
 
 def test_suggestions_split_the_encoder_ranking_at_the_median() -> None:
