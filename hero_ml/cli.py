@@ -410,7 +410,7 @@ def _run_embedded(config: HeroConfig, resume_hint: str, resuming: bool) -> None:
         console=err_console,
     )
     stop_server: list[Callable[[], None]] = []  # set once imported: a signal handler must never import
-    began = [resuming]  # whether the run is stored (at the first progress report): what the hint says
+    began = [resuming]  # whether the run is (being) stored: what the hint says
     stopping: list[int] = []
 
     def stop_at_once(signum: int, frame: object) -> None:
@@ -452,6 +452,7 @@ def _run_embedded(config: HeroConfig, resume_hint: str, resuming: bool) -> None:
     finally:
         for sig, handler in previous.items():  # the run is over: a signal means what it meant before
             signal.signal(sig, handler)
+
     table = Table("", "value", title=f"run {config.run_id}")
     table.add_row("method", config.method)
     table.add_row("rounds (this call)", f"{summary.rounds} ({len(summary.rounds_now)})")
@@ -492,7 +493,8 @@ def _train_with_progress(
 ) -> TrainingSummary:
     """The training flow with a bar of its own for each phase (denoising, evaluating, learning: its
     count, its time) and a line for each round; no bar is left standing under an error or the summary.
-    began[0] turns True at the first progress report: the run is stored by then."""
+    began[0] turns True when the model is loaded (TrainingRun's LOADING phase done): the run is being
+    stored, and a stop from then on wants --resume."""
     from hero_ml.engine import RoundStats
     from hero_ml.training import LOADING
 
