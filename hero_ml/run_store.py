@@ -437,22 +437,17 @@ class RunStore:
 
     # -- inspection -----------------------------------------------------------------------------------
 
-    def _objects_by_round(self, kind: str) -> dict[int, dict[str, int]]:
-        """rounds/ or checkpoints/ objects: round -> {name inside the round's folder: size}."""
+    def _objects_by_round(self, kind: str, strays: list[str] | None = None) -> dict[int, dict[str, int]]:
+        """rounds/ or checkpoints/ objects: round -> {name inside the round's folder: size}; the keys
+        outside any round's folder (no run writes them) go to `strays` when given."""
         grouped: dict[int, dict[str, int]] = {}
-        for key, size in self.store.list(f"{self.prefix}/{kind}").items():
+        for key, size in sorted(self.store.list(f"{self.prefix}/{kind}").items()):
             index, _, name = key.removeprefix(f"{self.prefix}/{kind}/").partition("/")
             if _ROUND_FOLDER.fullmatch(index):
                 grouped.setdefault(int(index), {})[name] = size
+            elif strays is not None:
+                strays.append(f"{key}: not in a round's folder ({kind}/<k>/)")
         return grouped
-
-    def _strays(self, kind: str) -> list[str]:
-        """Keys under rounds/ or checkpoints/ outside any round's folder (no run writes them)."""
-        return sorted(
-            key
-            for key in self.store.list(f"{self.prefix}/{kind}")
-            if not _ROUND_FOLDER.fullmatch(key.removeprefix(f"{self.prefix}/{kind}/").partition("/")[0])
-        )
 
     def list_rounds(self) -> list[RoundListing]:
         checkpoints = self._objects_by_round("checkpoints")
@@ -501,10 +496,9 @@ class RunStore:
                 return None
             return data
 
-        for kind in ("rounds", "checkpoints"):
-            report.problems += [f"{key}: not in a round's folder ({kind}/<k>/)" for key in self._strays(kind)]
-
-        for index, objects in sorted(self._objects_by_round("rounds").items()):
+        rounds = self._objects_by_round("rounds", report.problems)
+        checkpoints = self._objects_by_round("checkpoints", report.problems)
+        for index, objects in sorted(rounds.items()):
             prefix = self.round_prefix(index)
             if MANIFEST not in objects:
                 report.incomplete.append(
@@ -532,7 +526,6 @@ class RunStore:
                         report.problems.append(str(err))
             for name in sorted(set(objects) - set(listed) - _AFTER_COMMIT):
                 report.problems.append(f"{prefix}/{name}: not listed in the round's manifest")
-        checkpoints = self._objects_by_round("checkpoints")
         for index, objects in sorted(checkpoints.items()):
             prefix = self.checkpoint_prefix(index)
             if STATE not in objects:
