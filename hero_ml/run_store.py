@@ -161,6 +161,9 @@ class EvaluationRecord(BaseModel):
     success_rate: float = Field(ge=0, le=1)
     images: int = Field(ge=1)
     measured_at: AwareDatetime | None = None  # None in a record of a release before it
+    # the rounds the evaluated LoRA had learned (None: the base model's, or a release before it): a
+    # resume reuses an evaluation of the weights it holds, measured again only after more learning
+    round: int | None = Field(default=None, ge=0)
 
 
 class _FeedbackRecord(BaseModel):

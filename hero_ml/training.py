@@ -347,9 +347,11 @@ class TrainingRun:
             return None
         task = self.task
         initial_noise = None if pool is None else pool.sample(n, torch.Generator().manual_seed(0))
-        if label == "before" and (stored := self.runs.load_evaluation(label)) is not None:
-            # the base model's: measured once per run, tracked again at its time (a crash may have
-            # come between storing and tracking it; tracked before, it stays one point)
+        learned = None if label == "before" else self.engine.round
+        stored = self.runs.load_evaluation(label)
+        if stored is not None and stored.round == learned and stored.images == n:
+            # these weights' own (seed 0: measuring again gives the same): tracked again at its time (a
+            # crash may have come between storing and tracking it; tracked before, it stays one point)
             return self._tracked(Evaluation(label, stored.success_rate, stored.images), stored.measured_at)
 
         images = [0]
@@ -377,7 +379,7 @@ class TrainingRun:
             result = Evaluation(label, rate(), n)
         measured_at = datetime.now(UTC)
         record = EvaluationRecord(
-            label=label, success_rate=result.success_rate, images=n, measured_at=measured_at
+            label=label, success_rate=result.success_rate, images=n, measured_at=measured_at, round=learned
         )
         self.runs.save_evaluation(record)
         return self._tracked(result, measured_at)

@@ -117,6 +117,9 @@ def test_hero_run_trains_tracks_and_stores_a_whole_run(
     resumed = runner.invoke(app, ["run", "-c", str(config), "--resume", "cli-run"])
     assert resumed.exit_code == 0, resumed.output
     assert "2 (0)" in resumed.output  # nothing left to do: the budget is spent
+    assert "evaluating after" not in resumed.output  # the same weights: their stored evaluations
+    history = client.get_metric_history(run.info.run_id, "eval_success_rate_after")
+    assert [m.step for m in history] == [2]  # tracked again at its time: one point
 
 
 def test_hero_run_explains_bad_arguments(tmp_path: Path) -> None:
@@ -419,6 +422,33 @@ def test_the_base_models_evaluation_is_tracked_though_it_was_stored_untracked(tm
     history = client.get_metric_history(tracked.info.run_id, "eval_success_rate_before")
     # one point: tracked again at the time it was measured (it was a point more at every resume)
     assert measured is not None and [(m.step, m.value) for m in history] == [(0, measured.success_rate)]
+
+
+def test_an_evaluation_is_reused_for_the_weights_it_measured_and_taken_again_after_more_learning(
+    tmp_path: Path,
+) -> None:
+    config = HeroConfig.model_validate({**small(tmp_path), "run_id": "evals"})
+    store = open_store(config.storage)
+    runs = RunStore(store, "evals")
+    phases: list[str] = []
+
+    def on_progress(phase: str, done: int, total: int) -> None:
+        phases.append(phase)
+
+    with TrainingRun(config, store) as run:
+        batch = run.generate()
+        run.learn(batch, run.feedback(batch))
+        measured = run.evaluate("after")
+    stored = runs.load_evaluation("after")
+    assert measured is not None and stored is not None and stored.round == 1
+    with TrainingRun(config, store, on_progress=on_progress) as run:  # a resume on the same weights
+        assert run.evaluate("after") == measured and "evaluating after" not in phases
+        batch = run.generate()
+        run.learn(batch, run.feedback(batch))
+        run.evaluate("after")  # the LoRA learned more: measured again
+    assert "evaluating after" in phases
+    again = runs.load_evaluation("after")
+    assert again is not None and again.round == 2 and again.measured_at != stored.measured_at
 
 
 def flat(text: str) -> str:
