@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -44,6 +44,10 @@ MAX_CLIENTS = 10_000  # addresses whose rejections are counted at once (Rejectio
 
 class HeroTaskMeta(BaseModel):
     """The `hero` metadata every HERO task carries (see adapters/label_studio/rounds.py)."""
+
+    # strict: HERO writes a round as a JSON number; any Label Studio user can edit task data, and a
+    # forged true or "3" must not be read as a round
+    model_config = ConfigDict(strict=True)
 
     run_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     round: int = Field(ge=0)

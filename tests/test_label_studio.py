@@ -76,7 +76,7 @@ def make_run(
     return config, runs
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def run(s3_server: Service, label_studio_server: LabelStudioServer) -> tuple[HeroConfig, RunStore]:
     return make_run(s3_server, label_studio_server)
 

@@ -23,6 +23,7 @@ from hero_ml.cli import app
 from hero_ml.config import HeroConfig, StorageConfig
 from hero_ml.diffusion.pipeline import build_random_pipeline
 from hero_ml.engine import Engine, RoundBatch, RoundStats, sample_batch
+from hero_ml.feedback import AnnotatorFeedback, ImageLabel, aggregate
 from hero_ml.run_store import CorruptObjectError, EvaluationRecord, RunStore
 from tests.conftest import Service
 from tests.fault_proxy import FaultProxy
@@ -188,6 +189,37 @@ def test_an_interrupted_upload_leaves_no_committed_round(s3_server: Service, bat
     report = runs.verify()
     assert report.ok and report.incomplete == [] and report.objects == 4 + 2  # images, grid, trajectory
     assert runs.load_batch(0).image_ids == batch.image_ids
+
+
+def test_storage_ls_counts_a_rounds_files_and_its_good_and_bad_images(
+    tmp_path: Path, batch: RoundBatch
+) -> None:
+    runs = RunStore(LocalStore(tmp_path / "data"), "r")
+    runs.save_config(HeroConfig(run_id="r").to_public_dict())
+    runs.commit_batch(batch, {})
+    labels = [
+        AnnotatorFeedback(
+            annotator="a",
+            images=tuple(
+                ImageLabel(image_id=i, label="bad" if n == 2 else "good", best=n == 0)
+                for n, i in enumerate(batch.image_ids)
+            ),
+        )
+    ]
+    runs.save_feedback(0, aggregate(labels, batch.image_ids, has_current_best=False), labels)
+    folder = tmp_path / "data" / "runs" / "r" / "rounds" / "0"
+    on_disk = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    (listed,) = runs.list_rounds()
+    assert (listed.images, listed.good, listed.bad, listed.bytes) == (4, 3, 1, on_disk)
+    assert listed.committed and not listed.checkpoint
+
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps({"storage": {"local_root": str(tmp_path / "data")}}))
+    shown = runner.invoke(app, ["storage", "ls", "r", "-c", str(config)])
+    assert shown.exit_code == 0, shown.output
+    row = next(line for line in shown.output.splitlines() if line.strip("│ ").startswith("0 "))
+    cells = [cell.strip() for cell in row.split("│")[1:-1]]
+    assert cells == ["0", "yes", "4", f"{on_disk / 1e6:.2f}", "3", "1", "—"], row
 
 
 def test_a_damaged_record_of_a_run_is_named_with_what_is_wrong(tmp_path: Path, batch: RoundBatch) -> None:

@@ -139,6 +139,14 @@ def test_cross_section_constraints_are_checked(tmp_path: Path, monkeypatch: pyte
     path = write(tmp_path, {"ddpo": {"target_kl": 0}})
     with pytest.raises(ConfigError, match=r"ddpo\.target_kl: Input should be greater than 0"):
         load_config(path)
+    # a deadline asking for more labels than a complete round would never close it
+    path = write(tmp_path, {"orchestration": {"deadline_min_labels": 2}})
+    with pytest.raises(
+        ConfigError, match=r"deadline_min_labels \(2\) exceeds feedback.annotators_per_image \(1\)"
+    ):
+        load_config(path)
+    both = {"orchestration": {"deadline_min_labels": 2}, "feedback": {"annotators_per_image": 2}}
+    assert load_config(write(tmp_path, both)).orchestration.deadline_min_labels == 2
     # Label Studio takes project titles of 50 characters ('HERO ' + a run_id of 45): said before any work
     monkeypatch.setenv("HERO_LABEL_STUDIO__API_KEY", "k")
     label_studio = {"enabled": True}

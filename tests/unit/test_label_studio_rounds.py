@@ -1,5 +1,6 @@
 """A round as Label Studio tasks and annotations back as feedback: the pure half of the adapter."""
 
+import copy
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -152,6 +153,40 @@ def test_collect_a_round_labelled_by_a_team() -> None:
     assert verdict.good == (True, False, False)
     assert verdict.best == 0 and verdict.best_agreement == pytest.approx(2 / 3)
     assert verdict.feedbacks == 3 + 2 + 2 and verdict.annotators == ("1", "2", "3")
+
+
+@pytest.mark.parametrize("newest_first", [False, True], ids=["oldest-first", "newest-first"])
+def test_an_annotators_latest_annotation_of_an_image_is_their_label(newest_first: bool) -> None:
+    # Label Studio promises no order of a task's annotations: the latest update wins, by its time; the
+    # ids run against the times here, so an order by id (or by position) gives the other labels
+    round_tasks = tasks()
+    for index, (first, then) in enumerate([("good", "bad"), ("bad", "good")]):
+        pair = [
+            annotation(1, first, ident=40 - index, when="2026-01-01T00:00"),
+            annotation(1, then, ident=30 - index, when="2026-01-01T00:05"),
+        ]
+        round_tasks[index]["annotations"] = pair[::-1] if newest_first else pair
+    round_tasks[2]["annotations"] = [annotation(1, "good", ident=1)]
+    round_tasks[3]["annotations"] = [annotation(1, IDS[1], ident=2, control="best")]
+    collected = collect_round(round_tasks)
+    assert collected.replaced == 2 and collected.problems == []
+    verdict = collected.round_feedback(IDS, has_current_best=True)
+    assert verdict.good == (False, True, True) and verdict.best == 1
+
+
+def test_tasks_of_another_run_or_round_in_the_project_are_not_this_rounds() -> None:
+    round_tasks = tasks()
+    for n, task in enumerate(round_tasks[:3]):
+        task["annotations"] = [annotation(1, "bad", ident=n + 1)]
+    round_tasks[3]["annotations"] = [annotation(1, "keep", ident=9, control="best")]
+    for other in ({"run_id": "other-run"}, {"round": 2}):
+        stray = copy.deepcopy(round_tasks[0])  # the same image id and pixels, labelled good later
+        stray["id"] = 99
+        stray["data"]["hero"].update(other)
+        stray["annotations"] = [annotation(1, "good", ident=50, when="2026-02-01T00:00")]
+        collected = collect_round([*round_tasks, stray])
+        assert collected.problems == [] and collected.replaced == 0, other
+        assert collected.round_feedback(IDS, has_current_best=True).good == (False, False, False)
 
 
 def test_an_annotator_given_as_a_user_object_is_its_id() -> None:
