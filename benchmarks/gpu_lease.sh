@@ -6,10 +6,13 @@
 # tool's own limit keeps whatever was measured before it.
 #
 #   all       what a lease is for, in one call (a machine handed back between calls costs a new start):
-#             the two stages below, the most wanted first, then the UNet step variants
-#   eager     hero (fp16, loss scale) side by side with the reference code's way and plain diffusers
+#             the figures never taken first (hero in fp16, then compiled), then the baselines with
+#             what the compile left, then the UNet step variants
+#   eager     hero (fp16, loss scale), then the reference code's way and plain diffusers
 #   compiled  hero with torch.compile alone, its compile time in first_round_s (its eager baseline is
 #             the eager stage's hero row, on the same machine)
+#
+# Every benchmark's output goes into one lease.log: the device tool hands back at most 8 files.
 #
 # Result names carry the GPU (gpu_round-fp16-h100, …): a lease on another card adds its own tables
 # beside the earlier ones. The image lacks some pinned packages: `make gpu-wheels` here puts them in
@@ -62,7 +65,9 @@ bench() {
         failed=1
         return
     fi
-    timeout "$seconds" "$python" "$@" 2>&1 | tee "$out/$name.log"
+    echo "== $name ($seconds s)" >>"$out/lease.log"
+    # -k: a benchmark stuck in a CUDA call past its TERM is killed, leaving the next its turn
+    timeout -k 10 "$seconds" "$python" "$@" 2>&1 | tee -a "$out/lease.log"
     local status=$?
     echo "$name: exit $status (of $seconds s)"
     [ "$status" -eq 0 ] || failed=1
@@ -71,14 +76,18 @@ bench() {
 unet_size=()
 [ -n "${SIZE:-}" ] && unet_size=(--arch tiny --batch 2 --warmup 1 --repeats 1)
 unet_reserve=0
-[ "$stage" = all ] && unet_reserve=100 # a compile that does not finish must leave the UNet step its turn
-if [ "$stage" != compiled ]; then
-    bench 330 "$unet_reserve" "gpu_round-fp16-$gpu" benchmarks/gpu_round.py --device "$device" \
-        "${size[@]}" --setups hero,reference,diffusers --name "gpu_round-fp16-$gpu"
+[ "$stage" = all ] && unet_reserve=90 # a compile that does not finish must leave the UNet step its turn
+if [ "$stage" != compiled ]; then # the figure still to take first; reference and diffusers have H200 rows
+    bench 150 "$((unet_reserve + 120))" "gpu_round-fp16-$gpu" benchmarks/gpu_round.py --device "$device" \
+        "${size[@]}" --setups hero --name "gpu_round-fp16-$gpu"
 fi
 if [ "$stage" != eager ]; then
     bench 400 "$unet_reserve" "gpu_round-compiled-$gpu" benchmarks/gpu_round.py --device "$device" \
         "${size[@]}" --setups hero-compiled --name "gpu_round-compiled-$gpu"
+fi
+if [ "$stage" != compiled ]; then # with what the compile left
+    bench 200 "$unet_reserve" "gpu_round-baselines-$gpu" benchmarks/gpu_round.py --device "$device" \
+        "${size[@]}" --setups reference,diffusers --name "gpu_round-baselines-$gpu"
 fi
 if [ "$stage" = all ]; then
     bench 120 0 "unet_step-$gpu" benchmarks/unet_step.py --device "$device" "${unet_size[@]}" \

@@ -168,7 +168,9 @@ def log_prob_mismatch(engine: Engine, batch: RoundBatch, micro_batch: int) -> di
     Computed with gradients on, as DDPO computes it: the same kernels, and compiled, the same graph
     (without gradients it would be a third compile, timed nowhere)."""
     trajectory = batch.trajectory
-    images = min(len(trajectory), micro_batch)
+    # DDPO's micro-batch: train_batch_size units, or the whole round when it has fewer; another row
+    # count would be a graph of its own under torch.compile (a compile outside every timer)
+    micro_batch = images = min(len(trajectory), micro_batch)
     steps_trained = engine.config.ddpo.timesteps_per_trajectory
     rows = torch.arange(images).repeat_interleave(steps_trained)
     steps = torch.linspace(0, trajectory.num_steps - 1, steps_trained).round().long().repeat(images)
@@ -236,19 +238,35 @@ def run_setup(config: HeroConfig, parallel: DataParallel | None, flop_counts: di
     sampler_module.decode_latents = clock.wrap("decode", decode)
     engine._encoder_round = clock.wrap("encoder", engine._encoder_round)  # type: ignore[method-assign]
     engine._update = clock.wrap("ddpo", engine._update)  # type: ignore[method-assign]
-    rounds = []
+    rounds: list[dict] = []
+    said: set[str] = set()
+
+    def milestone(what: str) -> None:
+        """Said once in round 0, as it happens (each first step compiles its graph under torch.compile):
+        a compile the lease cuts short still says how far it got."""
+        if not rounds and what not in said:
+            said.add(what)
+            print(f"  round 0: {what} at {time.perf_counter() - began:.1f} s", flush=True)
+
+    def on_progress(phase: str, done: int, total: int) -> None:
+        if phase == "updating the LoRA" and done == 1:
+            milestone("first LoRA step done")
+
     try:
         for index in range(2):
             clock.reset()
             clock.sync()
-            started = time.perf_counter()
-            batch = clock.wrap("generate", engine.generate)()
+            began = started = time.perf_counter()
+            batch = clock.wrap("generate", engine.generate)(
+                on_step=lambda: milestone("first sampling step done")
+            )
             if index == 1:  # outside the phase clocks, before the update
                 clock.sync()
                 paused = time.perf_counter()
                 mismatch = log_prob_mismatch(engine, batch, config.ddpo.train_batch_size)
                 started += time.perf_counter() - paused
-            stats = engine.learn(batch, synthetic_feedback(batch, has_best=index > 0))
+            feedback = synthetic_feedback(batch, has_best=index > 0)
+            stats = engine.learn(batch, feedback, on_progress=on_progress)
             clock.sync()
             total = time.perf_counter() - started
             # at once: a lease cut short after the warm-up round keeps at least its (compile) time

@@ -1,5 +1,6 @@
 """The benchmark scripts' own arithmetic (their runs live in benchmarks/, not in the test suite)."""
 
+import argparse
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ import torch
 import unet_step
 
 from hero_ml.adapters.storage import LocalStore
-from hero_ml.config import HeroConfig
+from hero_ml.config import HeroConfig, with_overrides
 from hero_ml.diffusion.lora import add_lora
 from hero_ml.engine import Engine
 from hero_ml.run_lease import RunLease
@@ -253,6 +254,22 @@ def test_a_failed_gpu_round_setup_is_named_and_the_others_figures_are_written_at
     assert written["setups"][0]["optimizer_steps"] >= 1 and written["setups"][0]["skipped_steps"] == 0
     table = (tmp_path / "RESULTS.md").read_text()
     assert "| hero |" in table and "Failed: reference: RuntimeError: CUDA out of memory" in table
+
+
+def test_the_hero_setup_runs_in_float16_with_its_loss_scale_on_a_cpu(tmp_path: Path) -> None:
+    # the rehearsal runs every setup in float32 (no half tensor cores on a CPU): the float16 path with
+    # its GradScaler, the lease's first figure, runs here, at the tiny size
+    args = argparse.Namespace(arch="tiny", device="cpu", images=2, steps=2)
+    overrides = {**gr.setups(args.images)["hero"], "storage": {"local_root": str(tmp_path)}}
+    config = with_overrides(gr.base_config(args), overrides)
+    assert config.model.dtype == "float16"
+    flops: dict[str, int] = {}
+    result = gr.run_setup(config, None, flops)
+    assert flops["unet_sampling_step"] > 0 and result["seconds"] > 0
+    assert result["optimizer_steps"] + result["skipped_steps"] >= 1
+    # GradScaler's scale starts at 2**16 and halves at each skipped step (it grows after 2000)
+    assert result["loss_scale"] is not None and 0 < result["loss_scale"] <= 2.0**16
+    assert result["log_prob_mismatch"]["mean_abs"] < 1e-2  # the recorded float16 log-probs, recomputed
 
 
 def test_a_unet_step_variant_casts_the_base_and_the_lora_apart_and_sets_the_layout(tiny_pipe) -> None:
@@ -577,21 +594,25 @@ def test_the_gpu_lease_script_rehearses_on_a_cpu_and_hands_back_each_benchmarks_
         timeout=900,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    names = ("gpu_round-fp16-cpu", "gpu_round-compiled-cpu", "unet_step-cpu")  # tagged with the device
+    # tagged with the device; in the order run: the figures never taken first
+    names = ("gpu_round-fp16-cpu", "gpu_round-compiled-cpu", "gpu_round-baselines-cpu", "unet_step-cpu")
     for name in names:
         assert f"{name}: exit 0" in done.stdout, done.stdout[-3000:]
-    assert {path.name for path in out.iterdir()} == {
-        "RESULTS.md",
-        *(f"{name}.{kind}" for name in names for kind in ("json", "log")),
-    }
-    round_figures = json.loads((out / "gpu_round-fp16-cpu.json").read_text())
-    assert [s["setup"] for s in round_figures["setups"]] == ["hero", "reference"] and not round_figures[
-        "failed"
-    ]
-    assert round_figures["diffusers"]["seconds"] > 0
-    compiled = json.loads((out / "gpu_round-compiled-cpu.json").read_text())
-    assert [s["setup"] for s in compiled["setups"]] == ["hero-compiled"] and not compiled["failed"]
-    assert "round 0 (warm-up):" in (out / "gpu_round-compiled-cpu.log").read_text()  # said as it ends
+    # the device tool hands back at most 8 files: one log for all
+    assert {path.name for path in out.iterdir()} == {"RESULTS.md", "lease.log", *(f"{n}.json" for n in names)}
+    setups = {name: json.loads((out / f"{name}.json").read_text()) for name in names[:3]}
+    assert [s["setup"] for s in setups["gpu_round-fp16-cpu"]["setups"]] == ["hero"]
+    assert [s["setup"] for s in setups["gpu_round-compiled-cpu"]["setups"]] == ["hero-compiled"]
+    assert [s["setup"] for s in setups["gpu_round-baselines-cpu"]["setups"]] == ["reference"]
+    assert setups["gpu_round-baselines-cpu"]["diffusers"]["seconds"] > 0
+    assert not any(figures["failed"] for figures in setups.values())
+    log = (out / "lease.log").read_text()
+    compiled = log[log.index("== gpu_round-compiled-cpu") : log.index("== gpu_round-baselines-cpu")]
+    # said as each happens, so that a compile the lease cuts short still says how far it got
+    for milestone in ("first sampling step done at", "first LoRA step done at"):
+        assert f"round 0: {milestone}" in compiled
+    assert "round 0 (warm-up):" in compiled
+    assert "size mismatch" not in compiled  # no graph compiled again for another batch size
     written = (out / "RESULTS.md").read_text()
     assert all(f"<!-- begin {name} -->" in written for name in names)
     assert (script.parent / "RESULTS.md").read_text() == committed  # the checkout's results untouched
