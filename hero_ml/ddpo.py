@@ -27,10 +27,17 @@ if TYPE_CHECKING:
 
 
 def advantages(rewards: torch.Tensor, clip: float) -> torch.Tensor:
-    """(r - mean) / (std + 1e-8) over the round (population std), clipped to [-clip, clip].
-    Equal rewards give zero advantages: nothing to learn from."""
-    centred = rewards - rewards.mean()
-    return (centred / (rewards.std(unbiased=False) + 1e-8)).clamp(-clip, clip)
+    """(r - mean) / (std + 1e-8) over the round's finite rewards (population std), clipped to
+    [-clip, clip]. Equal rewards give zero advantages, exactly (their float mean need not equal them):
+    nothing to learn from. A reward that is not finite gets 0 and stays out of the mean and std."""
+    finite = rewards.isfinite()
+    out = torch.zeros_like(rewards)
+    usable = rewards[finite]
+    if len(usable) < 2 or bool((usable == usable[0]).all()):
+        return out
+    centred = usable - usable.mean()
+    out[finite] = (centred / (usable.std(unbiased=False) + 1e-8)).clamp(-clip, clip)
+    return out
 
 
 def ppo_clipped_loss(

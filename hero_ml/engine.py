@@ -114,6 +114,7 @@ class RoundStats:
     # round recorded before the figure existed.
     lora_step_norm: float | None = None
     skipped_steps: int = 0  # optimiser steps not taken: their gradient was not finite
+    non_finite_images: int = 0  # images whose latents were not finite: left out of the encoder's triplets
 
     def metrics(self) -> dict[str, float]:
         return {k: float(v) for k, v in asdict(self).items() if v is not None and k != "round"}
@@ -250,10 +251,20 @@ class Engine:
         trajectory = batch.trajectory
         latents = trajectory.final_step_input.float()
         good, bad = feedback.good_indices, feedback.bad_indices
+        # An image whose encoder input is not finite (a float16 overflow while sampling) would turn the
+        # encoder's weights to NaN for good, and every later reward with them: it is left out of the
+        # triplets and the good noises, and counted (RoundStats.non_finite_images)
+        finite = latents.flatten(1).isfinite().all(dim=1)
+        if feedback.best is not None and not finite[feedback.best]:
+            raise EngineError(
+                f"the image picked as best, {batch.image_ids[feedback.best]!r}, has latents that are not "
+                "finite (an overflow while sampling in float16; model.dtype bfloat16 or float32 has the "
+                "range): it cannot anchor the encoder"
+            )
         # The good images besides a new best: the guidance's good noises and the triplets' positives. The
         # best is neither (it has its own share of the next batch, and it is the triplets' anchor), as in
         # the reference, which removes the new best from them.
-        positives = [i for i in good if i != feedback.best]
+        positives = [i for i in good if i != feedback.best and finite[i]]
         if feedback.best is not None:
             self.best_noise = trajectory.initial_noise[feedback.best].float().clone()
             self.best_latent = latents[feedback.best].clone()
@@ -266,7 +277,10 @@ class Engine:
         units = len(trajectory)
         if self.method in ("hero", "hero-noguide"):
             encoder_losses, rewards = self._encoder_round(
-                latents, positives, bad, lambda done, total: progress("training the encoder", done, total)
+                latents,
+                positives,
+                [i for i in bad if finite[i]],
+                lambda done, total: progress("training the encoder", done, total),
             )
             crash_point("encoder")
         elif self.method == "ddpo-binary":
@@ -315,6 +329,7 @@ class Engine:
             optimizer_steps=update.optimizer_steps if update else 0,
             lora_step_norm=update.step_norm if update else None,
             skipped_steps=update.skipped_steps if update else 0,
+            non_finite_images=int((~finite).sum()),
         )
 
     def predicted_rewards(self, batch: RoundBatch) -> list[float] | None:

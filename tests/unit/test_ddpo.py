@@ -366,3 +366,31 @@ def test_the_kl_to_base_penalty_pulls_the_policy_back_to_the_base_model(round_of
     loss.backward()
     torch.optim.SGD(params, lr=0.1).step()
     assert kl_to_base() < before
+
+
+def test_equal_rewards_give_zero_advantages_even_when_their_float_mean_is_not_them() -> None:
+    rewards = torch.full((3,), 0.4900934100151062)  # mean() is 3e-8 off: (r - mean) / (std + 1e-8) = 0.75
+    assert advantages(rewards, clip=5.0).tolist() == [0.0] * 3
+    # a reward that is not finite is left out, with advantage 0
+    assert advantages(torch.tensor([1.0, float("nan"), 3.0]), clip=5.0).tolist() == [-1.0, 0.0, 1.0]
+
+
+def test_the_gradient_norm_is_clipped_before_each_step() -> None:
+    w = torch.nn.Parameter(torch.zeros(2))
+
+    def objective(units: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return w @ torch.tensor([30.0, 40.0]), torch.tensor(0.0), torch.tensor(0.0)  # gradient norm 50
+
+    update_pass(
+        objective,
+        torch.optim.SGD([w], lr=1.0),
+        units=1,
+        num_steps=1,
+        timesteps_per_unit=1,
+        train_batch_size=1,
+        gradient_accumulation_steps=1,
+        inner_epochs=1,
+        max_grad_norm=1.0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert w.detach().tolist() == pytest.approx([-0.6, -0.8])  # the unit step along -g, not -g

@@ -1,12 +1,14 @@
 """The engine on the tiny random SD: rounds of every method, checkpoints, resume bit for bit."""
 
 import dataclasses
+import inspect
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+import hero_ml.engine as engine_module
 from hero_ml.adapters.storage import LocalStore
 from hero_ml.config import HeroConfig
 from hero_ml.diffusion.pipeline import build_random_pipeline
@@ -336,3 +338,53 @@ def test_predicted_rewards_rank_a_batch_before_its_feedback() -> None:
     assert rewards == pytest.approx(expected.tolist(), abs=1e-6)
     binary = Engine(small_config("ddpo-binary"), build_random_pipeline("tiny", seed=0))
     assert binary.predicted_rewards(first) is None  # no encoder
+
+
+def test_the_engine_passes_the_configured_constants_to_the_math(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the math's own tests pin each formula; this pins the wiring: a config's value reaches its formula
+    # (a constant written in the engine instead would pass every other test, its default being the same)
+    seen: dict[str, dict[str, object]] = {}
+
+    def spy(name: str) -> None:
+        function = getattr(engine_module, name)
+
+        def wrapped(*args: object, **kwargs: object) -> object:
+            seen[name] = inspect.signature(function).bind(*args, **kwargs).arguments
+            return function(*args, **kwargs)
+
+        monkeypatch.setattr(engine_module, name, wrapped)
+
+    for name in ("advantages", "ddpo_objective", "update_pass", "train_encoder"):
+        spy(name)
+    config = small_config("hero", margin=0.37)
+    config = config.model_copy(
+        update={
+            "ddpo": config.ddpo.model_copy(
+                update={"clip_range": 0.0123, "adv_clip_max": 2.5, "max_grad_norm": 0.7}
+            ),
+            "guidance": config.guidance.model_copy(update={"noise_eps": 0.2, "best_ratio": 0.25}),
+        }
+    )
+    engine = Engine(config, build_random_pipeline("tiny", seed=0))
+    run_rounds(engine, 1)
+    assert seen["advantages"]["clip"] == 2.5
+    assert seen["ddpo_objective"]["clip_range"] == 0.0123
+    assert seen["update_pass"]["max_grad_norm"] == 0.7
+    assert seen["train_encoder"]["margin"] == 0.37
+    pool = engine.noise_pool()
+    assert pool is not None and (pool.eps, pool.best_ratio) == (0.2, 0.25)
+
+
+def test_a_non_finite_latent_does_not_poison_the_encoder() -> None:
+    engine = Engine(small_config(), build_random_pipeline("tiny", seed=0))
+    batch = engine.generate()
+    feedback = brightness_labels(engine, batch)
+    other_good = next(i for i in feedback.good_indices if i != feedback.best)
+    for image in (feedback.bad_indices[0], other_good):  # a float16 overflow in a bad and a good image
+        batch.trajectory.latents[image, -2, 0, 0, 0] = float("nan")
+    assert engine.learn(batch, feedback).non_finite_images == 2
+    assert engine.encoder is not None
+    assert all(torch.isfinite(v).all() for v in engine.encoder.state_dict().values())
+    batch = engine.generate()
+    stats = engine.learn(batch, brightness_labels(engine, batch))
+    assert stats.optimizer_steps > 0 and stats.update_loss is not None
