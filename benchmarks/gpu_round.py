@@ -515,7 +515,8 @@ def main() -> None:
                     setup_config = with_overrides(setup_config, {"model": {"dtype": "float32"}})
                 result = run_setup(setup_config, parallel, flops)
                 results.append(figures_of(name, result, setup_config, flops, peak, world))
-                print(f"{name}: {results[-1]}", flush=True)
+                if parallel is None or parallel.rank == 0:
+                    print(f"{name}: {results[-1]}", flush=True)
         except Exception as err:
             if parallel is not None:  # the other ranks wait in a collective: no carrying on alone
                 raise

@@ -257,7 +257,10 @@ def run(
     stopped run continues with --resume RUN_ID.
     """
     from hero_ml.config import with_overrides
+    from hero_ml.training import multi_process_launch
 
+    if (problem := multi_process_launch()) is not None:  # before two processes store the run
+        raise fail(problem)
     resolved = loaded = load(config)
     if resume is not None:
         if task is not None or method is not None or budget is not None or run_id is not None:

@@ -169,6 +169,8 @@ class Engine:
 
         parallel: this process's place in a data-parallel run (hero_ml/parallel.py); every process
         holds the same engine and sees the whole round, and each computes its share of it."""
+        if parallel is not None:  # said before anything is sampled, not at the first round's gather
+            parallel.images(config.sampling.images_per_round)
         self.config = config
         self.pipe = pipe
         self.parallel = parallel

@@ -9,11 +9,13 @@ units and on the timesteps trained; each computes the loss of its share of every
 (units rank, rank + world, ..., in micro-batches of train_batch_size), weighted by the *global* group
 size, and before each optimiser step the LoRA
 gradients are summed over the processes. Every process then holds the gradient of the whole group,
-clips and steps identically, and the adapters stay equal without being broadcast. What is computed on
-every process from the same inputs but not summed (the encoder, the rewards) is broadcast from rank 0,
-so that kernel nondeterminism on one GPU cannot make the processes drift apart.
+clips and steps identically, and the adapters stay equal without being broadcast. The encoder, trained
+on every process from the same inputs, is broadcast from rank 0 after its update, so that kernel
+nondeterminism on one GPU cannot make the processes' rewards (computed by each from it) drift apart.
 
-Launch with `accelerate launch` or `torchrun`; a single process needs none of this (`parallel=None`).
+Launch with `torchrun` (or `accelerate launch --multi_gpu`); a single process needs none of this
+(`parallel=None`). The engine and `benchmarks/gpu_round.py` run this way; a training run (`hero run`,
+a deployment) is one process and refuses a multi-process launch (training.multi_process_launch).
 """
 
 from __future__ import annotations

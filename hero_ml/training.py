@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import time
 import uuid
@@ -50,6 +51,21 @@ class RunError(HeroError, RuntimeError):
 
 
 LOADING = "loading the model"  # the first progress phase: done as the run is stored
+
+
+def multi_process_launch() -> str | None:
+    """Why this process must not open a training run: it is one of several a launcher started
+    (torchrun, accelerate launch); None when it is alone. A training run is one process: launched N
+    times, every process would run the whole run, contending for its lease."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return None
+    return (
+        f"this process is one of {world} that a launcher started (WORLD_SIZE={world}), but a training run "
+        "is one process on one device: it does not span GPUs (docs/PERFORMANCE.md, GPUs). Start it "
+        "without torchrun / accelerate launch; several GPUs serve several runs (one worker per GPU: "
+        "docs/OPERATIONS.md)"
+    )
 
 
 @dataclass(frozen=True)
@@ -135,6 +151,8 @@ class TrainingRun:
         and secrets aside: changed_settings).
         The run's lease is taken first (RunLeasedError while another process writes it) and every
         write goes through it; close() - or leaving a `with` block - gives it back."""
+        if (problem := multi_process_launch()) is not None:
+            raise RunError(problem)
         self.config = config
         self.tracker: Tracker | None = None  # track_with
         self.on_progress = on_progress

@@ -88,11 +88,22 @@ if __name__ == "__main__":
     parser.add_argument("--engine", action="store_true", help="two engine rounds instead of one pass")
     parser.add_argument("--target-kl", type=float, default=None, help="two passes under this KL bound")
     parser.add_argument("--loss-scale", action="store_true", help="a GradScaler, micro-batches of one")
+    parser.add_argument("--uneven", action="store_true", help="an engine whose round 2 cannot share")
     args = parser.parse_args()
     parallel = DataParallel()
     if args.no_sum:
         parallel.sum_gradients = lambda params: None  # type: ignore[method-assign]
-    if args.engine:
+    if args.uneven:  # 3 images for 2 processes: refused as the engine is built, nothing sampled
+        uneven = with_overrides(
+            small_config("hero"), {"sampling": {"images_per_round": 3, "sub_batch_size": 3}}
+        )
+        try:
+            Engine(uneven, build_random_pipeline("tiny", seed=0), parallel=parallel)
+            result = {"refused": torch.tensor(0)}
+        except ValueError as err:
+            (args.out / f"rank{parallel.rank}.txt").write_text(str(err))
+            result = {"refused": torch.tensor(1)}
+    elif args.engine:
         result = engine_rounds(parallel)
     else:
         params, steps = train(parallel, args.target_kl, args.loss_scale)

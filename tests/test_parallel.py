@@ -115,3 +115,11 @@ def test_two_processes_share_whole_rounds_and_end_as_one_process(tmp_path: Path)
         names = [n for n in reference if n.startswith(part)]
         error = torch.cat([(ranks[0][n] - reference[n]).reshape(-1) for n in names]).norm()
         assert error / torch.cat([reference[n].reshape(-1) for n in names]).norm() < bound, part
+
+
+def test_a_round_the_processes_cannot_share_evenly_is_refused_as_the_engine_is_built(tmp_path: Path) -> None:
+    ranks = launch(tmp_path / "uneven", "--uneven")
+    assert [int(rank["refused"]) for rank in ranks] == [1, 1]
+    for rank in (0, 1):
+        said = (tmp_path / "uneven" / f"rank{rank}.txt").read_text()
+        assert said.startswith("images_per_round (3) must be a multiple of the number of processes (2)")
