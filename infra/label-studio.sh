@@ -30,15 +30,21 @@ start)
             "the repository: set LABEL_STUDIO_USERNAME, LABEL_STUDIO_PASSWORD and LABEL_STUDIO_USER_TOKEN" \
             "before the first start of anything people reach" >&2
     fi
+    # the admin is made at a data folder's first start; a later start without the variables would add
+    # a second admin with the development password and token, so it gets none
+    admin=()
+    if [[ ! -f $DATA/label_studio.sqlite3 || -n ${LABEL_STUDIO_USERNAME:-} ]]; then
+        admin=(LABEL_STUDIO_USERNAME="${LABEL_STUDIO_USERNAME:-admin@hero.local}"
+            LABEL_STUDIO_PASSWORD="${LABEL_STUDIO_PASSWORD:-hero-admin-password}"
+            LABEL_STUDIO_USER_TOKEN="${LABEL_STUDIO_USER_TOKEN:-hero-dev-token-0123456789}")
+    fi
     banned_subnets=true
     [[ ${HERO_LABEL_STUDIO_ALLOW_LOOPBACK:-false} == true ]] && banned_subnets=false
     # env -i: Label Studio reads plain USERNAME / PASSWORD variables too; give it only what it needs
     start_service label-studio "http://127.0.0.1:$PORT/health" 180 env -i \
         PATH="$VENV/bin:/usr/bin:/bin" HOME="$DATA/home" LANG=C.UTF-8 \
         LABEL_STUDIO_BASE_DATA_DIR="$DATA" \
-        LABEL_STUDIO_USERNAME="${LABEL_STUDIO_USERNAME:-admin@hero.local}" \
-        LABEL_STUDIO_PASSWORD="${LABEL_STUDIO_PASSWORD:-hero-admin-password}" \
-        LABEL_STUDIO_USER_TOKEN="${LABEL_STUDIO_USER_TOKEN:-hero-dev-token-0123456789}" \
+        "${admin[@]}" \
         LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true \
         LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK=true \
         USE_DEFAULT_BANNED_SUBNETS="$banned_subnets" \

@@ -3,6 +3,8 @@
 # Services bind to 127.0.0.1 only.
 
 HERO_INFRA_STATE="${HERO_INFRA_STATE:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.infra}"
+# the state holds Label Studio's API token and every service's database: the operator's alone
+umask 077
 mkdir -p "$HERO_INFRA_STATE"
 
 # need TOOL: fail with a hint when a command is missing (the repository's venv holds them all)
@@ -42,7 +44,13 @@ ours() {
 start_service() {
     local name=$1 url=$2 timeout=$3
     shift 3
-    local pidfile="$HERO_INFRA_STATE/$name.pid" log="$HERO_INFRA_STATE/$name.log"
+    local pidfile="$HERO_INFRA_STATE/$name.pid" log="$HERO_INFRA_STATE/$name.log" tool
+    for tool in curl setsid ps pgrep; do # without them a start waits its whole timeout, or loses its pid
+        command -v "$tool" >/dev/null 2>&1 || {
+            echo "error: '$tool' not found on PATH (curl; setsid: util-linux; ps, pgrep: procps)" >&2
+            exit 2
+        }
+    done
     if ours "$name"; then
         echo "$name already running (pid $(cat "$pidfile"))"
         return 0
@@ -59,7 +67,7 @@ start_service() {
     echo $! >"$pidfile"
     started $! >"$HERO_INFRA_STATE/$name.started" || true # gone already: said below
     local waited=0
-    until curl -sf -o /dev/null "$url"; do
+    until curl -sf -o /dev/null -m 5 "$url"; do # -m: a listener that never answers must not hang us
         if ! alive "$(cat "$pidfile")"; then
             echo "error: $name exited during start; its log ($log) ends with:" >&2
             tail -n 20 "$log" >&2

@@ -32,6 +32,10 @@ case "${1:-}" in
 start)
     need prefect
     : "${PREFECT_API_URL:?set PREFECT_API_URL to the Prefect server (infra/prefect-server.sh)}"
+    curl -sf -o /dev/null -m 10 "$PREFECT_API_URL/health" || {
+        echo "error: the Prefect API at $PREFECT_API_URL does not answer: start it (infra/prefect-server.sh)" >&2
+        exit 1
+    }
     PREFECT_WORKER_WEBSERVER_HOST=127.0.0.1 PREFECT_WORKER_WEBSERVER_PORT="$PORT" \
         start_service "$NAME" "http://127.0.0.1:$PORT/health" 120 \
         prefect worker start --pool "$POOL" --type process --with-healthcheck "${LIMIT[@]}"

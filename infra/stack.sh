@@ -16,6 +16,8 @@ GPU_POOL="${HERO_GPU_POOL:-hero-gpu}" SERVICE_POOL="${HERO_SERVICE_POOL:-hero-se
 case "${1:-}" in
 start)
     need hero
+    : "${HERO_ORCHESTRATION__WEBHOOK_SECRET:?set it (docs/OPERATIONS.md, section 1): the webhook receiver, started last, needs it}"
+    trap 'echo "error: the stack is partly up; infra/stack.sh stop stops what started" >&2' ERR
     "$HERE/s3-server.sh" start hero-runs hero-mlflow
     "$HERE/mlflow-server.sh" start
     # its S3 and the webhook receiver are on this host: lift Label Studio's block of loopback addresses
@@ -23,7 +25,7 @@ start)
     "$HERE/prefect-server.sh" start
     hero deploy --gpu-pool "$GPU_POOL" --service-pool "$SERVICE_POOL"
     HERO_WORKER_PORT="${HERO_WORKER_PORT:-8181}" "$HERE/prefect-worker.sh" start "$GPU_POOL"
-    HERO_WORKER_PORT="${HERO_SERVICE_WORKER_PORT:-8182}" "$HERE/prefect-worker.sh" start "$SERVICE_POOL"
+    HERO_WORKER_PORT="${HERO_SERVICE_WORKER_PORT:-8180}" "$HERE/prefect-worker.sh" start "$SERVICE_POOL"
     "$HERE/webhook-receiver.sh" start
     ;;
 stop)

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -56,6 +57,12 @@ def test_compose_services_bind_to_loopback_and_pin_their_images() -> None:
         assert ":" in image and not image.endswith(":latest"), f"{name}: image {image!r} is not pinned"
         for port in service.get("ports", []):
             assert str(port).startswith("127.0.0.1:"), f"{name}: port {port!r} is exposed beyond loopback"
+        # what a service installs at its start is pinned too: a restart must not pick a new release
+        for install in re.findall(r"pip install ([^&;\"]*)", str(service.get("command", ""))):
+            packages = [word for word in install.split() if not word.startswith("-")]
+            assert packages and all("==" in p for p in packages), f"{name}: pip install {install!r} unpinned"
+        # a server's command line is in every `ps` and `docker top` for as long as it runs
+        assert "PASSWORD" not in str(service.get("command", "")), f"{name}: a password on its command line"
 
 
 def test_compose_services_come_back_and_mlflow_answers_the_workers_host(
@@ -238,3 +245,94 @@ def test_a_stale_pid_file_naming_another_process_is_neither_trusted_nor_signalle
         s3("stop")
         stranger.kill()
         stranger.wait(timeout=10)
+
+
+def test_a_port_held_by_a_listener_that_never_answers_fails_the_start_not_hangs(tmp_path: Path) -> None:
+    from tests.conftest import _free_port
+
+    port = _free_port()
+    silent = subprocess.Popen(  # accepts connections, never answers them
+        [
+            sys.executable,
+            "-c",
+            f"import socket, time; s = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen(); "
+            "time.sleep(600)",
+        ]
+    )
+    try:
+        for _ in range(100):  # until it listens
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        result = subprocess.run(
+            ["bash", str(INFRA / "s3-server.sh"), "start"],
+            env={
+                **os.environ,
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # moto_server
+                "HERO_S3_PORT": str(port),
+                "HERO_INFRA_STATE": str(tmp_path / "state"),
+            },
+            capture_output=True,
+            text=True,
+            timeout=90,  # each probe gives up after 5 s: without that, the start waited forever
+        )
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "exited during start" in result.stderr and silent.poll() is None
+        # the state folder holds tokens and databases: the operator's alone
+        assert (tmp_path / "state").stat().st_mode & 0o077 == 0
+        assert (tmp_path / "state" / "s3.log").stat().st_mode & 0o077 == 0
+    finally:
+        silent.kill()
+        silent.wait(timeout=10)
+
+
+def test_a_start_without_the_tools_it_needs_says_which_at_once(tmp_path: Path) -> None:
+    tools = tmp_path / "bin"  # every command of the machine but procps' ps and pgrep
+    tools.mkdir()
+    for folder in dict.fromkeys([str(Path(sys.executable).parent), *os.environ["PATH"].split(os.pathsep)]):
+        for command in Path(folder).glob("*") if Path(folder).is_dir() else []:
+            if command.name not in ("ps", "pgrep") and not (tools / command.name).exists():
+                (tools / command.name).symlink_to(command)
+    result = subprocess.run(
+        ["bash", str(INFRA / "s3-server.sh"), "start"],
+        env={**os.environ, "PATH": str(tools), "HERO_INFRA_STATE": str(tmp_path / "state")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "'ps' not found on PATH" in result.stderr, result.stdout + result.stderr
+    assert not list((tmp_path / "state").glob("*.pid"))  # nothing started
+
+
+def test_a_worker_whose_prefect_api_does_not_answer_is_refused(tmp_path: Path) -> None:
+    from tests.conftest import _free_port
+
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # prefect
+        "PREFECT_API_URL": f"http://127.0.0.1:{_free_port()}/api",
+        "HERO_INFRA_STATE": str(tmp_path / "state"),
+    }
+    result = subprocess.run(
+        ["bash", str(INFRA / "prefect-worker.sh"), "start", "nowhere"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1 and "does not answer" in result.stderr, result.stdout + result.stderr
+    assert not list((tmp_path / "state").glob("*.pid"))
+
+
+def test_the_stack_without_its_webhook_secret_starts_nothing(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "HERO_ORCHESTRATION__WEBHOOK_SECRET"} | {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # hero
+        "HERO_INFRA_STATE": str(tmp_path / "state"),
+    }
+    result = subprocess.run(
+        ["bash", str(INFRA / "stack.sh"), "start"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0 and "HERO_ORCHESTRATION__WEBHOOK_SECRET" in result.stderr, result.stderr
+    assert not list((tmp_path / "state").glob("*.pid"))  # said before any service started
