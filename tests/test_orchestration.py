@@ -4,6 +4,7 @@ suspends (no process waits) until two annotators, one slow, have labelled it thr
 Label Studio's webhook resumes the run; the run ends with its LoRA registered, every object in S3, and
 the stored feedback equal to what the annotators submitted."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -60,14 +61,20 @@ class Stack:
     def start_worker(self) -> None:
         _infra("prefect-worker.sh", "start", self.env, self.gpu_pool)
 
-    def kill_worker(self) -> None:
-        """SIGKILL the worker's process group (the worker and the flow run it runs): a crash."""
+    def kill_worker(self, flow_run_id: Any) -> None:
+        """SIGKILL the worker's process group and the flow run's processes: the machine's crash. Prefect
+        starts a flow run in a session of its own, which outlives its worker's group (OPERATIONS)."""
         pid = int((self.logs / f"worker-{self.gpu_pool}.pid").read_text())
+        flow_run = flow_run_processes(flow_run_id)
+        assert flow_run, f"no process of flow run {flow_run_id}: killing the worker alone proves less"
         os.killpg(pid, signal.SIGKILL)
+        for process in flow_run:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while _alive(pid) and time.monotonic() < deadline:
+        while any(map(_alive, [pid, *flow_run])) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _alive(pid)
+        assert not any(map(_alive, [pid, *flow_run]))
 
     def hero(self, *args: str) -> str:
         result = subprocess.run(
@@ -166,9 +173,20 @@ def stack(
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # a zombie is dead
+    except (ProcessLookupError, FileNotFoundError):  # gone, or reaped since the signal
         return False
-    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # a zombie is dead
+
+
+def flow_run_processes(flow_run_id: Any) -> list[int]:
+    """The processes running a flow run: Prefect gives each the run's id in PREFECT__FLOW_RUN_ID."""
+    marker = f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        with contextlib.suppress(OSError):  # gone meanwhile, or another user's
+            if marker in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+    return found
 
 
 def wait_for(what: str, condition: Callable[[], Any], stack: Stack, timeout_s: float = 300) -> Any:
@@ -406,7 +424,7 @@ def test_a_worker_killed_mid_round_loses_nothing_and_redoes_nothing(
         team.label("slow", 0)
         # the webhook resumes the run; once it has collected round 0, the worker dies with its flow run
         wait_for("round 0's annotations to be collected", lambda: runs.store.exists(feedback_key), stack)
-        stack.kill_worker()
+        stack.kill_worker(first.id)
         assert read_flow_run(first.id).state.name == "Running"  # a dead process cannot say it crashed
         # recovery as docs/OPERATIONS.md says: mark the orphan crashed, start a worker, run again
         with get_client(sync_client=True) as client:
