@@ -61,16 +61,21 @@ test-long: install label-studio browser
 
 ## audit: known vulnerabilities of the pinned dependencies, the app's and Label Studio's (pip-audit;
 ## needs PyPI's per-release JSON API, or OSV with AUDIT_SERVICE=osv)
+## pip-audit gets an environment of its own: installed into .venv, it and its dependencies would be
+## pinned into constraints.txt by the next `make constraints`
 AUDIT_SERVICE ?= pypi
-audit: install
-	$(BIN)/pip install --quiet pip-audit
-	$(BIN)/pip-audit -s $(AUDIT_SERVICE) -r constraints.txt --no-deps --disable-pip --progress-spinner off
-	$(BIN)/pip-audit -s $(AUDIT_SERVICE) -r infra/label-studio-constraints.txt --no-deps --disable-pip \
+AUDIT_VENV ?= .venv-audit
+audit:
+	$(PYTHON) -m venv $(AUDIT_VENV)
+	$(AUDIT_VENV)/bin/pip install --quiet pip-audit
+	$(AUDIT_VENV)/bin/pip-audit -s $(AUDIT_SERVICE) -r constraints.txt --no-deps --disable-pip \
+		--progress-spinner off
+	$(AUDIT_VENV)/bin/pip-audit -s $(AUDIT_SERVICE) -r infra/label-studio-constraints.txt --no-deps --disable-pip \
 		--progress-spinner off
 
 ## audit-ci: `make audit` against whichever vulnerability service answers; where none does (this
 ## project's CI machine reaches package indexes only) it says so loudly instead of failing
-audit-ci: install
+audit-ci:
 	@if curl -sf -m 20 -o /dev/null https://pypi.org/pypi/jinja2/2.4.1/json; then \
 		$(MAKE) audit AUDIT_SERVICE=pypi; \
 	elif curl -sf -m 20 -o /dev/null https://api.osv.dev/v1/query \
@@ -99,4 +104,4 @@ constraints: install
 	mv constraints.new constraints.txt
 
 clean:
-	rm -rf $(VENV) $(LS_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LS_VENV) $(AUDIT_VENV) .pytest_cache .mypy_cache .ruff_cache
