@@ -61,7 +61,8 @@ bench() {
     local left=$((budget - SECONDS - reserve))
     local seconds=$((cap < left ? cap : left))
     if [ "$seconds" -lt 30 ]; then
-        echo "$name: not run ($((left + reserve)) s of the budget left, $reserve s of them kept for the steps after it)"
+        echo "$name: not run ($((left + reserve)) s of the budget left, $reserve s of them kept for the steps after it)" |
+            tee -a "$out/lease.log"
         failed=1
         return
     fi
@@ -69,7 +70,7 @@ bench() {
     # -k: a benchmark stuck in a CUDA call past its TERM is killed, leaving the next its turn
     timeout -k 10 "$seconds" "$python" "$@" 2>&1 | tee -a "$out/lease.log"
     local status=$?
-    echo "$name: exit $status (of $seconds s)"
+    echo "$name: exit $status (of $seconds s)" | tee -a "$out/lease.log" # the log is what comes back whole
     [ "$status" -eq 0 ] || failed=1
 }
 

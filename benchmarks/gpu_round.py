@@ -244,7 +244,7 @@ def run_setup(config: HeroConfig, parallel: DataParallel | None, flop_counts: di
     def milestone(what: str) -> None:
         """Said once in round 0, as it happens (each first step compiles its graph under torch.compile):
         a compile the lease cuts short still says how far it got."""
-        if not rounds and what not in said:
+        if not rounds and what not in said and (parallel is None or parallel.rank == 0):
             said.add(what)
             print(f"  round 0: {what} at {time.perf_counter() - began:.1f} s", flush=True)
 

@@ -530,7 +530,7 @@ def _train_with_progress(
         if stats.skipped_steps:
             moved += f", {stats.skipped_steps} skipped (gradient not finite)"
         if stats.non_finite_images:
-            moved += f", {stats.non_finite_images} images not finite (left out of the encoder's triplets)"
+            moved += f", {stats.non_finite_images} images' latents not finite (float16 overflow?)"
         progress.console.print(
             f"round {stats.round} ({seconds:.1f} s): {stats.good} good / {stats.bad} bad{reward}, "
             f"{stats.optimizer_steps} optimiser steps{moved}, {stats.feedbacks} feedbacks spent",

@@ -28,15 +28,19 @@ if TYPE_CHECKING:
 
 def advantages(rewards: torch.Tensor, clip: float) -> torch.Tensor:
     """(r - mean) / (std + 1e-8) over the round's finite rewards (population std), clipped to
-    [-clip, clip]. Equal rewards give zero advantages, exactly (their float mean need not equal them):
-    nothing to learn from. A reward that is not finite gets 0 and stays out of the mean and std."""
+    [-clip, clip]. Rewards equal to within float32's rounding (a spread of at most 1e-6 of their size)
+    give zero advantages: nothing to learn from, where normalising would blow their last bits up to
+    full-size advantages. A reward that is not finite gets 0 and stays out of the mean and std."""
     finite = rewards.isfinite()
     out = torch.zeros_like(rewards)
     usable = rewards[finite]
-    if len(usable) < 2 or bool((usable == usable[0]).all()):
+    if len(usable) < 2:
+        return out
+    spread = usable.std(unbiased=False)
+    if spread <= 1e-6 * max(1.0, float(usable.abs().max())):
         return out
     centred = usable - usable.mean()
-    out[finite] = (centred / (usable.std(unbiased=False) + 1e-8)).clamp(-clip, clip)
+    out[finite] = (centred / (spread + 1e-8)).clamp(-clip, clip)
     return out
 
 

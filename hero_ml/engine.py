@@ -255,22 +255,27 @@ class Engine:
         good, bad = feedback.good_indices, feedback.bad_indices
         # An image whose encoder input is not finite (a float16 overflow while sampling) would turn the
         # encoder's weights to NaN for good, and every later reward with them: it is left out of the
-        # triplets and the good noises, and counted (RoundStats.non_finite_images)
+        # triplets and the good noises, and counted (RoundStats.non_finite_images). Picked as best, it
+        # cannot anchor the encoder: the current best stays (the round's stats say no new best).
         finite = latents.flatten(1).isfinite().all(dim=1)
-        if feedback.best is not None and not finite[feedback.best]:
-            raise EngineError(
-                f"the image picked as best, {batch.image_ids[feedback.best]!r}, has latents that are not "
-                "finite (an overflow while sampling in float16; model.dtype bfloat16 or float32 has the "
-                "range): it cannot anchor the encoder"
-            )
+        best = feedback.best
+        if best is not None and not finite[best]:
+            if self.best_noise is None:
+                raise EngineError(
+                    f"the first round's best, {batch.image_ids[best]!r}, has latents that are not finite "
+                    "(an overflow while sampling in float16): with no best to anchor the encoder, the "
+                    "run cannot go on from this round; start a new run in bfloat16 or float32 "
+                    "(model.dtype)"
+                )
+            best = None
         # The good images besides a new best: the guidance's good noises and the triplets' positives. The
         # best is neither (it has its own share of the next batch, and it is the triplets' anchor), as in
         # the reference, which removes the new best from them.
         positives = [i for i in good if i != feedback.best and finite[i]]
-        if feedback.best is not None:
-            self.best_noise = trajectory.initial_noise[feedback.best].float().clone()
-            self.best_latent = latents[feedback.best].clone()
-            self.best_image = trajectory.images[feedback.best].clone()
+        if best is not None:
+            self.best_noise = trajectory.initial_noise[best].float().clone()
+            self.best_latent = latents[best].clone()
+            self.best_image = trajectory.images[best].clone()
         self.good_noises = trajectory.initial_noise[positives].float().clone()
 
         encoder_losses: list[float] = []
@@ -319,12 +324,12 @@ class Engine:
             feedbacks=self.feedbacks,
             good=len(good),
             bad=len(bad),
-            new_best=feedback.best is not None,
+            new_best=best is not None,
             label_agreement=feedback.label_agreement,
             encoder_loss_first=encoder_losses[0] if encoder_losses else None,
             encoder_loss_last=encoder_losses[-1] if encoder_losses else None,
-            reward_good_mean=_mean(rewards, good),
-            reward_bad_mean=_mean(rewards, bad),
+            reward_good_mean=_mean(rewards, [i for i in good if finite[i]]),
+            reward_bad_mean=_mean(rewards, [i for i in bad if finite[i]]),
             update_loss=update.loss if update else None,
             approx_kl=update.approx_kl if update else None,
             clip_fraction=update.clip_fraction if update else None,

@@ -57,8 +57,8 @@ def multi_process_launch() -> str | None:
     """Why this process must not open a training run: it is one of several a launcher started
     (torchrun, accelerate launch); None when it is alone. A training run is one process: launched N
     times, every process would run the whole run, contending for its lease."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world <= 1:
+    world = os.environ.get("WORLD_SIZE", "1").strip()
+    if world in ("", "1"):
         return None
     return (
         f"this process is one of {world} that a launcher started (WORLD_SIZE={world}), but a training run "

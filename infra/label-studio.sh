@@ -25,15 +25,16 @@ start)
         exit 2
     }
     mkdir -p "$DATA/home"
-    if [[ -z ${LABEL_STUDIO_PASSWORD:-} || -z ${LABEL_STUDIO_USER_TOKEN:-} ]]; then
-        echo "note: Label Studio's admin takes this script's development password or token, written in" \
-            "the repository: set LABEL_STUDIO_USERNAME, LABEL_STUDIO_PASSWORD and LABEL_STUDIO_USER_TOKEN" \
-            "before the first start of anything people reach" >&2
-    fi
-    # the admin is made at a data folder's first start; a later start without the variables would add
-    # a second admin with the development password and token, so it gets none
+    # the admin is made at a data folder's first start (or when LABEL_STUDIO_USERNAME names one); a
+    # later start without the variables would add a second admin with the development password and
+    # token, so it gets none
     admin=()
     if [[ ! -f $DATA/label_studio.sqlite3 || -n ${LABEL_STUDIO_USERNAME:-} ]]; then
+        if [[ -z ${LABEL_STUDIO_PASSWORD:-} || -z ${LABEL_STUDIO_USER_TOKEN:-} ]]; then
+            echo "note: Label Studio's admin takes this script's development password or token, written in" \
+                "the repository: set LABEL_STUDIO_USERNAME, LABEL_STUDIO_PASSWORD and LABEL_STUDIO_USER_TOKEN" \
+                "before the first start of anything people reach" >&2
+        fi
         admin=(LABEL_STUDIO_USERNAME="${LABEL_STUDIO_USERNAME:-admin@hero.local}"
             LABEL_STUDIO_PASSWORD="${LABEL_STUDIO_PASSWORD:-hero-admin-password}"
             LABEL_STUDIO_USER_TOKEN="${LABEL_STUDIO_USER_TOKEN:-hero-dev-token-0123456789}")

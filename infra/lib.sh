@@ -3,9 +3,9 @@
 # Services bind to 127.0.0.1 only.
 
 HERO_INFRA_STATE="${HERO_INFRA_STATE:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.infra}"
-# the state holds Label Studio's API token and every service's database: the operator's alone
-umask 077
-mkdir -p "$HERO_INFRA_STATE"
+# the state holds Label Studio's API token and every service's database: the operator's alone (the
+# folder, not a umask: what the services and their flow runs write elsewhere stays as they make it)
+mkdir -p "$HERO_INFRA_STATE" && chmod 700 "$HERO_INFRA_STATE"
 
 # need TOOL: fail with a hint when a command is missing (the repository's venv holds them all)
 need() {
@@ -66,7 +66,7 @@ start_service() {
     setsid "$@" >"$log" 2>&1 < /dev/null &
     echo $! >"$pidfile"
     started $! >"$HERO_INFRA_STATE/$name.started" || true # gone already: said below
-    local waited=0
+    local deadline=$((SECONDS + timeout))
     until curl -sf -o /dev/null -m 5 "$url"; do # -m: a listener that never answers must not hang us
         if ! alive "$(cat "$pidfile")"; then
             echo "error: $name exited during start; its log ($log) ends with:" >&2
@@ -74,13 +74,12 @@ start_service() {
             rm -f "$pidfile" "$HERO_INFRA_STATE/$name.started"
             exit 1
         fi
-        if ((waited >= timeout * 2)); then
+        if ((SECONDS >= deadline)); then
             echo "error: $name did not answer $url within ${timeout}s; log: $log" >&2
             stop_service "$name"
             exit 1
         fi
         sleep 0.5
-        waited=$((waited + 1))
     done
     echo "$name up (pid $(cat "$pidfile")), log $log"
 }

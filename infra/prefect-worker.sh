@@ -31,6 +31,7 @@ fi
 case "${1:-}" in
 start)
     need prefect
+    need curl
     : "${PREFECT_API_URL:?set PREFECT_API_URL to the Prefect server (infra/prefect-server.sh)}"
     curl -sf -o /dev/null -m 10 "$PREFECT_API_URL/health" || {
         echo "error: the Prefect API at $PREFECT_API_URL does not answer: start it (infra/prefect-server.sh)" >&2

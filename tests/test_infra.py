@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+import requests
 import yaml
 
 from hero_ml.config import OTHER_ENV_VARIABLES, ConfigError, HeroConfig, load_config
@@ -251,6 +252,7 @@ def test_a_port_held_by_a_listener_that_never_answers_fails_the_start_not_hangs(
     from tests.conftest import _free_port
 
     port = _free_port()
+    (tmp_path / "state").mkdir(mode=0o755)  # as an earlier release left it
     silent = subprocess.Popen(  # accepts connections, never answers them
         [
             sys.executable,
@@ -280,9 +282,8 @@ def test_a_port_held_by_a_listener_that_never_answers_fails_the_start_not_hangs(
         )
         assert result.returncode == 1, result.stdout + result.stderr
         assert "exited during start" in result.stderr and silent.poll() is None
-        # the state folder holds tokens and databases: the operator's alone
-        assert (tmp_path / "state").stat().st_mode & 0o077 == 0
-        assert (tmp_path / "state" / "s3.log").stat().st_mode & 0o077 == 0
+        # the state folder holds tokens and databases: the operator's alone, one made before included
+        assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
     finally:
         silent.kill()
         silent.wait(timeout=10)
@@ -336,3 +337,33 @@ def test_the_stack_without_its_webhook_secret_starts_nothing(tmp_path: Path) -> 
     )
     assert result.returncode != 0 and "HERO_ORCHESTRATION__WEBHOOK_SECRET" in result.stderr, result.stderr
     assert not list((tmp_path / "state").glob("*.pid"))  # said before any service started
+
+
+@pytest.mark.long  # two starts of Label Studio, about 3 minutes: make test-long (CI runs it)
+def test_a_label_studio_restart_without_its_admin_variables_adds_no_development_admin(tmp_path: Path) -> None:
+    from tests.conftest import _free_port, _infra
+
+    chosen = "operator-chosen-token-0123456789"
+    port = _free_port()
+    base = {**os.environ, "HERO_INFRA_STATE": str(tmp_path / "state"), "HERO_LABEL_STUDIO_PORT": str(port)}
+    base = {k: v for k, v in base.items() if not k.startswith("LABEL_STUDIO_")}
+    url = f"http://127.0.0.1:{port}/api/projects"
+
+    def answers(token: str) -> int:
+        return requests.get(url, headers={"Authorization": f"Token {token}"}, timeout=30).status_code
+
+    first = {
+        **base,
+        "LABEL_STUDIO_USERNAME": "ops@example.org",
+        "LABEL_STUDIO_PASSWORD": "operator-chosen-password",
+        "LABEL_STUDIO_USER_TOKEN": chosen,
+    }
+    try:
+        _infra("label-studio.sh", "start", first)
+        assert answers(chosen) == 200
+        _infra("label-studio.sh", "stop", first)
+        _infra("label-studio.sh", "start", base)  # after a reboot, from a shell without the variables
+        assert answers(chosen) == 200
+        assert answers("hero-dev-token-0123456789") == 401  # the development admin was never made
+    finally:
+        _infra("label-studio.sh", "stop", base)

@@ -371,6 +371,10 @@ def test_the_kl_to_base_penalty_pulls_the_policy_back_to_the_base_model(round_of
 def test_equal_rewards_give_zero_advantages_even_when_their_float_mean_is_not_them() -> None:
     rewards = torch.full((3,), 0.4900934100151062)  # mean() is 3e-8 off: (r - mean) / (std + 1e-8) = 0.75
     assert advantages(rewards, clip=5.0).tolist() == [0.0] * 3
+    # one float32 step apart is no signal either (normalised, it was an advantage of 1.2)
+    last_bits = torch.tensor([0.49009341, 0.49009341, 0.49009344, 0.49009341])
+    assert advantages(last_bits, clip=5.0).tolist() == [0.0] * 4
+    assert advantages(torch.tensor([0.49, 0.49, 0.4901, 0.49]), clip=5.0).abs().max() > 1  # a real spread
     # a reward that is not finite is left out, with advantage 0
     assert advantages(torch.tensor([1.0, float("nan"), 3.0]), clip=5.0).tolist() == [-1.0, 0.0, 1.0]
 

@@ -388,3 +388,26 @@ def test_a_non_finite_latent_does_not_poison_the_encoder() -> None:
     batch = engine.generate()
     stats = engine.learn(batch, brightness_labels(engine, batch))
     assert stats.optimizer_steps > 0 and stats.update_loss is not None
+    assert stats.reward_good_mean is not None and stats.reward_bad_mean is not None
+
+    # picked as best, such an image cannot anchor the encoder: the current best stays
+    best_before = engine.best_latent.clone() if engine.best_latent is not None else None
+    batch = engine.generate()
+    feedback = brightness_labels(engine, batch)
+    picked = feedback.best if feedback.best is not None else feedback.good_indices[0]
+    feedback = feedback.model_copy(update={"best": picked})
+    batch.trajectory.latents[picked, -2, 0, 0, 0] = float("nan")
+    stats = engine.learn(batch, feedback)
+    assert not stats.new_best and stats.non_finite_images == 1
+    assert best_before is not None and torch.equal(engine.best_latent, best_before)
+    assert all(torch.isfinite(v).all() for v in engine.encoder.state_dict().values())
+
+
+def test_a_first_round_whose_best_is_not_finite_is_refused() -> None:
+    engine = Engine(small_config(), build_random_pipeline("tiny", seed=0))
+    batch = engine.generate()
+    feedback = brightness_labels(engine, batch)
+    assert feedback.best is not None
+    batch.trajectory.latents[feedback.best, -2, 0, 0, 0] = float("inf")
+    with pytest.raises(EngineError, match=r"first round's best, .* not finite .* cannot go on"):
+        engine.learn(batch, feedback)

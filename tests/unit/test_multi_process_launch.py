@@ -19,6 +19,8 @@ def test_one_process_of_a_multi_process_launch_is_refused_before_it_touches_the_
     assert multi_process_launch() is None
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert multi_process_launch() is None
+    monkeypatch.setenv("WORLD_SIZE", "two")  # not even a number: refused, said as it was given
+    assert "WORLD_SIZE=two" in (multi_process_launch() or "")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RunError, match=r"WORLD_SIZE=2.*one process"):
         TrainingRun(HeroConfig(run_id="parallel"), LocalStore(tmp_path))
