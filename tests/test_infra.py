@@ -151,6 +151,22 @@ def test_service_scripts_explain_their_usage(script: str, tmp_path: Path) -> Non
     assert result.returncode == 2 and "usage:" in result.stderr
 
 
+def start_s3(port: int, state: Path, timeout_s: float) -> subprocess.CompletedProcess[str]:
+    """`infra/s3-server.sh start` on `port`, its pid and log in `state` (moto_server from this venv)."""
+    return subprocess.run(
+        ["bash", str(INFRA / "s3-server.sh"), "start"],
+        env={
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "HERO_S3_PORT": str(port),
+            "HERO_INFRA_STATE": str(state),
+        },
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+
+
 def test_a_service_whose_port_another_process_holds_is_refused_not_reported_up(tmp_path: Path) -> None:
     from tests.conftest import _free_port
 
@@ -168,18 +184,7 @@ def test_a_service_whose_port_another_process_holds_is_refused_not_reported_up(t
             time.sleep(0.1)
         else:
             pytest.fail(f"the squatter on port {port} never answered: the test would prove nothing")
-        result = subprocess.run(
-            ["bash", str(INFRA / "s3-server.sh"), "start"],
-            env={
-                **os.environ,
-                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # moto_server
-                "HERO_S3_PORT": str(port),
-                "HERO_INFRA_STATE": str(tmp_path / "state"),
-            },
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = start_s3(port, tmp_path / "state", timeout_s=60)
         assert result.returncode == 1, result.stdout + result.stderr
         assert f"http://127.0.0.1:{port}" in result.stderr and "already answers" in result.stderr
         assert not (tmp_path / "state" / "s3.pid").exists() and squatter.poll() is None
@@ -268,18 +273,8 @@ def test_a_port_held_by_a_listener_that_never_answers_fails_the_start_not_hangs(
                 break
             except OSError:
                 time.sleep(0.1)
-        result = subprocess.run(
-            ["bash", str(INFRA / "s3-server.sh"), "start"],
-            env={
-                **os.environ,
-                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # moto_server
-                "HERO_S3_PORT": str(port),
-                "HERO_INFRA_STATE": str(tmp_path / "state"),
-            },
-            capture_output=True,
-            text=True,
-            timeout=90,  # each probe gives up after 5 s: without that, the start waited forever
-        )
+        # each probe gives up after 5 s: without that, the start waited forever
+        result = start_s3(port, tmp_path / "state", timeout_s=90)
         assert result.returncode == 1, result.stdout + result.stderr
         assert "exited during start" in result.stderr and silent.poll() is None
         # the state folder holds tokens and databases: the operator's alone, one made before included
