@@ -34,7 +34,8 @@ start)
     need curl
     : "${PREFECT_API_URL:?set PREFECT_API_URL to the Prefect server (infra/prefect-server.sh)}"
     curl -sf -o /dev/null -m 10 "$PREFECT_API_URL/health" || {
-        echo "error: the Prefect API at $PREFECT_API_URL does not answer: start it (infra/prefect-server.sh)" >&2
+        shown=$(sed -E 's#//[^/]*@#//…@#' <<<"$PREFECT_API_URL") # credentials in the URL are not shown
+        echo "error: the Prefect API at $shown does not answer: start it (infra/prefect-server.sh)" >&2
         exit 1
     }
     PREFECT_WORKER_WEBSERVER_HOST=127.0.0.1 PREFECT_WORKER_WEBSERVER_PORT="$PORT" \

@@ -308,7 +308,7 @@ def test_a_worker_whose_prefect_api_does_not_answer_is_refused(tmp_path: Path) -
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # prefect
-        "PREFECT_API_URL": f"http://127.0.0.1:{_free_port()}/api",
+        "PREFECT_API_URL": f"http://user:hunter2@127.0.0.1:{_free_port()}/api",
         "HERO_INFRA_STATE": str(tmp_path / "state"),
     }
     result = subprocess.run(
@@ -319,6 +319,7 @@ def test_a_worker_whose_prefect_api_does_not_answer_is_refused(tmp_path: Path) -
         timeout=60,
     )
     assert result.returncode == 1 and "does not answer" in result.stderr, result.stdout + result.stderr
+    assert "http://…@127.0.0.1:" in result.stderr and "hunter2" not in result.stderr  # never shown
     assert not list((tmp_path / "state").glob("*.pid"))
 
 
