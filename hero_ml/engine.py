@@ -272,6 +272,7 @@ class Engine:
         # best is neither (it has its own share of the next batch, and it is the triplets' anchor), as in
         # the reference, which removes the new best from them.
         positives = [i for i in good if i != feedback.best and finite[i]]
+        finite_good, finite_bad = [i for i in good if finite[i]], [i for i in bad if finite[i]]
         if best is not None:
             self.best_noise = trajectory.initial_noise[best].float().clone()
             self.best_latent = latents[best].clone()
@@ -286,7 +287,7 @@ class Engine:
             encoder_losses, rewards = self._encoder_round(
                 latents,
                 positives,
-                [i for i in bad if finite[i]],
+                finite_bad,
                 lambda done, total: progress("training the encoder", done, total),
             )
             crash_point("encoder")
@@ -328,8 +329,8 @@ class Engine:
             label_agreement=feedback.label_agreement,
             encoder_loss_first=encoder_losses[0] if encoder_losses else None,
             encoder_loss_last=encoder_losses[-1] if encoder_losses else None,
-            reward_good_mean=_mean(rewards, [i for i in good if finite[i]]),
-            reward_bad_mean=_mean(rewards, [i for i in bad if finite[i]]),
+            reward_good_mean=_mean(rewards, finite_good),
+            reward_bad_mean=_mean(rewards, finite_bad),
             update_loss=update.loss if update else None,
             approx_kl=update.approx_kl if update else None,
             clip_fraction=update.clip_fraction if update else None,
