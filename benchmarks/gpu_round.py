@@ -483,7 +483,7 @@ def main() -> None:
         flops_only(args)
         return
 
-    parallel = DataParallel() if torch.distributed.is_torchelastic_launched() else None
+    parallel = DataParallel.launched() if torch.distributed.is_torchelastic_launched() else None
     world = parallel.world if parallel else 1
     if parallel is not None and args.device.startswith("cuda"):
         args.device = str(parallel.device)

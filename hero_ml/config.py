@@ -88,6 +88,7 @@ SERVICE_SETTINGS = frozenset(
         "orchestration.webhook_url",
         "orchestration.poll_interval_s",
         "model.device",
+        "model.processes",
         "model.allow_download",
         "model.compile",
         "model.channels_last",
@@ -184,6 +185,18 @@ class ModelConfig(_Section):
         "cpu",
         pattern=r"^(cpu|mps|cuda(:\d{1,3})?)$",
         description="Torch device of the pipeline: 'cpu', 'cuda', 'cuda:1', 'mps'.",
+    )
+    processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description=(
+            "Processes a training run samples and learns on, data parallel: each samples "
+            "images_per_round / processes of every round (which it must divide) and trains its share "
+            "of every DDPO step. With device 'cuda' process k uses GPU k; on the CPU they share its "
+            "cores (tests). The run starts the others itself; results equal one process's up to float "
+            "rounding, so a run may resume on another number of processes. Evaluations run on one."
+        ),
     )
     channels_last: bool = Field(
         False,
@@ -873,6 +886,17 @@ class HeroConfig(BaseSettings):
                 f"{title!r}, {len(title)} characters: Label Studio takes at most {LABEL_STUDIO_TITLE_MAX}; "
                 "shorten either"
             )
+        if (processes := self.model.processes) > 1:
+            if self.sampling.images_per_round % processes:
+                raise ValueError(
+                    f"sampling.images_per_round ({self.sampling.images_per_round}) is not a multiple of "
+                    f"model.processes ({processes}): each process samples an equal share of a round"
+                )
+            if self.model.device not in ("cpu", "cuda"):
+                raise ValueError(
+                    f"model.device {self.model.device!r} with model.processes {processes}: process k "
+                    "runs on GPU k, so set device 'cuda' (or 'cpu'), and CUDA_VISIBLE_DEVICES to choose GPUs"
+                )
         per_round = self.feedbacks_per_round
         if self.feedback.budget < per_round:
             raise ValueError(

@@ -482,11 +482,22 @@ class Engine:
     ) -> Engine:
         """An engine on `pipe` (without a LoRA) restored from a checkpoint written by `save`; parallel:
         as for a new engine (every process loads the same checkpoint)."""
+        return cls.restored(config, pipe, *read_checkpoint(store, prefix), prefix, parallel)
+
+    @classmethod
+    def restored(
+        cls,
+        config: HeroConfig,
+        pipe: StableDiffusionPipeline,
+        state_json: bytes,
+        blob: bytes,
+        prefix: str,
+        parallel: DataParallel | None = None,
+    ) -> Engine:
+        """An engine restored from a checkpoint's two files as read_checkpoint returns them (how a run's
+        other processes get rank 0's); prefix: where they were read, for the messages."""
         try:
-            raw = json.loads(store.get(f"{prefix}/{STATE}"))
-            blob = store.get(f"{prefix}/{TENSORS}")
-        except KeyError as missing:
-            raise EngineError(f"no committed checkpoint at {prefix!r} (missing {missing})") from None
+            raw = json.loads(state_json)
         except ValueError as err:
             raise EngineError(f"{prefix}/{STATE} is not JSON: {err}") from None
         if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT:
@@ -567,6 +578,14 @@ class Engine:
             )
             for i in range(state.replay_rounds)
         ]
+
+
+def read_checkpoint(store: ArtifactStore, prefix: str) -> tuple[bytes, bytes]:
+    """The checkpoint under `prefix` as stored: its state JSON and its tensors (Engine.restored)."""
+    try:
+        return store.get(f"{prefix}/{STATE}"), store.get(f"{prefix}/{TENSORS}")
+    except KeyError as missing:
+        raise EngineError(f"no committed checkpoint at {prefix!r} (missing {missing})") from None
 
 
 def _of_shape(

@@ -1,4 +1,4 @@
-"""Data parallelism over several processes (one per GPU) with accelerate: sampling and learning.
+"""Data parallelism over several processes (one per GPU), on torch.distributed: sampling and learning.
 
 Sampling: each process denoises a contiguous share of the round's images (every image has its own
 random stream, so which process samples it does not change it) and the shares are gathered, so every
@@ -13,28 +13,56 @@ clips and steps identically, and the adapters stay equal without being broadcast
 on every process from the same inputs, is broadcast from rank 0 after its update, so that kernel
 nondeterminism on one GPU cannot make the processes' rewards (computed by each from it) drift apart.
 
-Launch with `torchrun` (or `accelerate launch --multi_gpu`); a single process needs none of this
-(`parallel=None`). The engine and `benchmarks/gpu_round.py` run this way; a training run (`hero run`,
-a deployment) is one process and refuses a multi-process launch (training.multi_process_launch).
+Two ways in: `DataParallel.launched()` in each process `torchrun` started (benchmarks/gpu_round.py),
+and `DataParallel.join()`, how a training run with model.processes > 1 starts its own processes
+(hero_ml/run_processes.py). Tensors move over NCCL on GPUs and gloo on the CPU; rank 0's commands to
+the others (`send`/`receive`) over a gloo group of their own, whose timeout is a run's longest wait.
+A single process needs none of this (`parallel=None`).
 """
 
 from __future__ import annotations
 
+import os
+from datetime import timedelta
+from typing import Any
+
 import torch
-from accelerate import Accelerator
-from accelerate.utils import broadcast
+import torch.distributed as dist
+
+# How long a collective waits for every process: a compile in one (minutes on SD 1.5) holds the rest
+TIMEOUT = timedelta(minutes=30)
+# How long a process waits for rank 0's next command: rank 0 may wait for annotators in between
+COMMAND_TIMEOUT = timedelta(days=30)
 
 
 class DataParallel:
-    def __init__(self, accelerator: Accelerator | None = None):
-        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-        self.rank = self.accelerator.process_index
-        self.world = self.accelerator.num_processes
+    def __init__(self, rank: int, world: int, device: torch.device):
+        """This process's place in a process group already initialised (launched, join)."""
+        self.rank = rank
+        self.world = world
+        self.device = device
+        self._commands = dist.new_group(backend="gloo", timeout=COMMAND_TIMEOUT)
 
-    @property
-    def device(self) -> torch.device:
-        """This process's device (its GPU under a multi-GPU launch)."""
-        return self.accelerator.device
+    @classmethod
+    def launched(cls) -> DataParallel:
+        """This process of those `torchrun` started (its environment: RANK, WORLD_SIZE, LOCAL_RANK,
+        MASTER_ADDR, MASTER_PORT): GPU LOCAL_RANK when there are GPUs, else the CPU."""
+        local = int(os.environ["LOCAL_RANK"])
+        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+        return cls._initialised(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device)
+
+    @classmethod
+    def join(cls, store: dist.Store, rank: int, world: int, device: torch.device) -> DataParallel:
+        """Process `rank` of `world`, meeting the others at `store` (a FileStore on one machine)."""
+        return cls._initialised(rank, world, device, store=store)
+
+    @classmethod
+    def _initialised(cls, rank: int, world: int, device: torch.device, **rendezvous: Any) -> DataParallel:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=TIMEOUT, **rendezvous)
+        return cls(rank, world, device)
 
     def images(self, count: int) -> slice:
         """This process's contiguous share of a round of `count` images."""
@@ -47,27 +75,46 @@ class DataParallel:
         return slice(self.rank * share, (self.rank + 1) * share)
 
     def gather(self, share: torch.Tensor) -> torch.Tensor:
-        """Every process's share concatenated in rank order (dim 0), on this process's device."""
-        return self.accelerator.gather(share.to(self.device).contiguous())
+        """Every process's share (each of the same shape) concatenated in rank order (dim 0), on this
+        process's device."""
+        share = share.to(self.device).contiguous()
+        shares = [torch.empty_like(share) for _ in range(self.world)]
+        dist.all_gather(shares, share)
+        return torch.cat(shares)
 
     def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
         """Rank 0's value of `tensor`, on every process."""
-        return broadcast(tensor.to(self.device).contiguous(), from_process=0)
+        tensor = tensor.to(self.device).contiguous()
+        dist.broadcast(tensor, src=0)
+        return tensor
 
     def share(self, units: torch.Tensor) -> torch.Tensor:
         """This process's units of an accumulation group."""
         return units[self.rank :: self.world]
 
-    def close(self) -> None:
-        """Leave the process group, in every process at its end: a process that exits without it can
-        abort (SIGABRT) while the interpreter tears down the backend's threads (pytorch#190489)."""
-        self.accelerator.end_training()
-
     def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Replace each parameter's gradient by its sum over the processes (one all-reduce for all)."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        total = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="sum")
+        total = torch.cat([g.reshape(-1) for g in grads]).to(self.device)
+        dist.all_reduce(total)
         offset = 0
         for p in params:
-            p.grad = total[offset : offset + p.numel()].view_as(p).clone()
+            p.grad = total[offset : offset + p.numel()].view_as(p).to(p.device).clone()
             offset += p.numel()
+
+    def send(self, command: Any) -> None:
+        """Rank 0: a picklable command to every other process (each takes it with receive)."""
+        dist.broadcast_object_list([command], src=0, group=self._commands)
+
+    def receive(self) -> Any:
+        """Not rank 0: rank 0's next command (waits up to COMMAND_TIMEOUT)."""
+        box: list[Any] = [None]
+        dist.broadcast_object_list(box, src=0, group=self._commands)
+        return box[0]
+
+    def close(self) -> None:
+        """Leave the process group, in every process at its end: a process that exits without it can
+        abort (SIGABRT) while the interpreter tears down the backend's threads (pytorch#190489), and a
+        process that opens another group later needs the default one gone."""
+        if dist.is_initialized():
+            dist.destroy_process_group()

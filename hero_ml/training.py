@@ -17,7 +17,8 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,12 +33,14 @@ from hero_ml.adapters.tracking import NOISE_POOL_ARTIFACT, Tracker
 from hero_ml.config import HeroConfig, split_settings
 from hero_ml.diffusion.lora import adapters_disabled, save_lora
 from hero_ml.diffusion.pipeline import load_configured_pipeline, weights_sha256
-from hero_ml.engine import Engine, EngineError, RoundBatch, RoundStats
+from hero_ml.engine import Engine, EngineError, RoundBatch, RoundStats, read_checkpoint
 from hero_ml.errors import HeroError
 from hero_ml.faults import crash_point
 from hero_ml.feedback import RoundFeedback, aggregate
 from hero_ml.images import image_grid
+from hero_ml.parallel import DataParallel
 from hero_ml.run_lease import LeasedStore, RunLease
+from hero_ml.run_processes import RunProcesses
 from hero_ml.run_store import EvaluationRecord, ModelRecord, RunStore, TrackingRecord
 from hero_ml.toy.evaluate import task_success_rate
 from hero_ml.toy.judge import SimulatedAnnotator
@@ -55,16 +58,15 @@ LOADING = "loading the model"  # the first progress phase: done as the run is st
 
 def multi_process_launch() -> str | None:
     """Why this process must not open a training run: it is one of several a launcher started
-    (torchrun, accelerate launch); None when it is alone. A training run is one process: launched N
-    times, every process would run the whole run, contending for its lease."""
+    (torchrun, accelerate launch); None when it is alone. A run starts its own processes
+    (model.processes): launched N times, every process would run the whole run, contending for its lease."""
     world = os.environ.get("WORLD_SIZE", "1").strip()
     if world in ("", "1"):
         return None
     return (
         f"this process is one of {world} that a launcher started (WORLD_SIZE={world}), but a training run "
-        "is one process on one device: it does not span GPUs (docs/PERFORMANCE.md, GPUs). Start it "
-        "without torchrun / accelerate launch; several GPUs serve several runs (one worker per GPU: "
-        "docs/OPERATIONS.md)"
+        "starts its own processes: start it without torchrun / accelerate launch, with model.processes "
+        f"(HERO_MODEL__PROCESSES={world}) to sample and learn on {world} GPUs (docs/PERFORMANCE.md, GPUs)"
     )
 
 
@@ -159,10 +161,14 @@ class TrainingRun:
         self.task = run_task(config)
         self.lease = RunLease(store, config.run_id)
         self.lease.acquire()
+        # the other processes of a run over several (model.processes), which follow this one's rounds
+        self.processes: RunProcesses | None = None
         try:
+            if config.model.processes > 1:  # started first: they load the model while this one does
+                self.processes = RunProcesses(config)
             self._open(store)
         except BaseException:
-            self.lease.release()
+            self.close()
             raise
 
     def _open(self, store: ArtifactStore) -> None:
@@ -208,6 +214,12 @@ class TrainingRun:
         if self.runs.load_tracking() is None:  # a new run (or one stored before runs recorded it)
             self.runs.save_tracking(TrackingRecord(uid=uuid.uuid4().hex))
         self.engine = self._resumed_engine(store)
+        if self.processes is not None:  # the others build the same engine, from this one's checkpoint
+            if self.engine.round == 0:
+                self.processes.send("engine", None)
+            else:  # checkpoint k holds the engine after round k
+                prefix = self.runs.checkpoint_prefix(self.engine.round - 1)
+                self.processes.send("engine", *read_checkpoint(store, prefix))
 
     def _resumed_engine(self, store: ArtifactStore) -> Engine:
         """The engine from the latest checkpoint (a new one without): progress.json's, or the next one
@@ -226,11 +238,13 @@ class TrainingRun:
                 self.runs.acknowledge_checkpoint(following)
                 return engine
         latest = self.runs.latest_checkpoint()
-        return Engine(self.config, self.pipe) if latest is None else self._load_checkpoint(store, latest)
+        if latest is None:
+            return Engine(self.config, self.pipe, self._parallel)
+        return self._load_checkpoint(store, latest)
 
     def _load_checkpoint(self, store: ArtifactStore, index: int) -> Engine:
         prefix = self.runs.checkpoint_prefix(index)
-        engine = Engine.load(self.config, self.pipe, store, prefix)
+        engine = Engine.load(self.config, self.pipe, store, prefix, self._parallel)
         if engine.round != index + 1:  # checkpoint k holds the engine after round k
             engine.detach()
             raise EngineError(
@@ -266,9 +280,28 @@ class TrainingRun:
         tracker.log_params({**learning, "derived": self.config.derived()})
         tracker.set_tags({"service": service})
 
+    @property
+    def _parallel(self) -> DataParallel | None:
+        return None if self.processes is None else self.processes.parallel
+
+    @contextmanager
+    def _together(self) -> Iterator[None]:
+        """Engine work the run's processes do together (nothing to coordinate with one)."""
+        if self.processes is None:
+            yield
+        else:
+            with self.processes.together():
+                yield
+
     def close(self) -> None:
-        """Give the run's lease back: another process may write the run at once."""
-        self.lease.release()
+        """Stop the run's other processes, then give its lease back: another process may write the
+        run at once."""
+        try:
+            if self.processes is not None:
+                self.processes.close()
+                self.processes = None
+        finally:
+            self.lease.release()
 
     def __enter__(self) -> TrainingRun:
         return self
@@ -284,7 +317,10 @@ class TrainingRun:
     def generate(self) -> RoundBatch:
         round_index = self.engine.round
         if self.runs.has_batch(round_index):  # committed before a crash: the same batch, not a second one
-            return self.runs.load_batch(round_index)
+            batch = self.runs.load_batch(round_index)
+            if self.processes is not None:
+                self.processes.send("batch", batch)
+            return batch
         started = time.perf_counter()
         steps = [0, self.config.sampling.denoising_steps_per_round]
 
@@ -293,7 +329,10 @@ class TrainingRun:
             steps[0] += 1
             self._progress("denoising", *steps)
 
-        batch = self.engine.generate(on_step=on_step)
+        if self.processes is not None:
+            self.processes.send("generate")
+        with self._together():
+            batch = self.engine.generate(on_step=on_step)
         self.runs.commit_batch(
             batch,
             {
@@ -333,7 +372,10 @@ class TrainingRun:
         """Learn the round and commit it: its stats, then the checkpoint (a crash before the checkpoint
         learns the round again, from the same batch and feedback, to the same result)."""
         crash_point("feedback")
-        stats = self.engine.learn(batch, feedback, on_progress=self._progress)
+        if self.processes is not None:
+            self.processes.send("learn", feedback)
+        with self._together():
+            stats = self.engine.learn(batch, feedback, on_progress=self._progress)
         self.runs.save_stats(stats)
         self.runs.save_checkpoint(self.engine)
         return stats

@@ -90,7 +90,7 @@ if __name__ == "__main__":
     parser.add_argument("--loss-scale", action="store_true", help="a GradScaler, micro-batches of one")
     parser.add_argument("--uneven", action="store_true", help="an engine whose round 2 cannot share")
     args = parser.parse_args()
-    parallel = DataParallel()
+    parallel = DataParallel.launched()
     if args.no_sum:
         parallel.sum_gradients = lambda params: None  # type: ignore[method-assign]
     if args.uneven:  # 3 images for 2 processes: refused as the engine is built, nothing sampled

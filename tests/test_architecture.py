@@ -64,7 +64,9 @@ def test_the_learning_core_imports_nothing_above_it() -> None:
     core += [ROOT / f"hero_ml/{name}.py" for name in ("guidance", "feedback", "parallel", "images")]
     core += sorted((ROOT / "hero_ml/diffusion").glob("*.py"))
     above = {"flows", "hero_ml.adapters.tracking", "hero_ml.adapters.label_studio", "hero_ml.toy"}
-    above |= {f"hero_ml.{name}" for name in ("training", "labelling", "run_store", "run_lease")}
+    above |= {
+        f"hero_ml.{name}" for name in ("training", "labelling", "run_store", "run_lease", "run_processes")
+    }
     above |= {f"hero_ml.{name}" for name in ("promotion", "sample_round", "cli", "cli_support")}
     above |= {"hero_ml.labelling_cli", "hero_ml.orchestration_cli"}
     for path in core:

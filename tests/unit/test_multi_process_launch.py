@@ -1,5 +1,6 @@
-"""A training run is one process: one of several that torchrun / accelerate launch started is refused
-before it touches the run (launched twice, both processes ran the whole run and fought over its lease)."""
+"""A training run starts its own processes (model.processes): one of several that torchrun / accelerate
+launch started is refused before it touches the run (launched twice, both processes ran the whole run and
+fought over its lease)."""
 
 from pathlib import Path
 
@@ -22,7 +23,7 @@ def test_one_process_of_a_multi_process_launch_is_refused_before_it_touches_the_
     monkeypatch.setenv("WORLD_SIZE", "two")  # not even a number: refused, said as it was given
     assert "WORLD_SIZE=two" in (multi_process_launch() or "")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(RunError, match=r"WORLD_SIZE=2.*one process"):
+    with pytest.raises(RunError, match=r"WORLD_SIZE=2.*HERO_MODEL__PROCESSES=2"):
         TrainingRun(HeroConfig(run_id="parallel"), LocalStore(tmp_path))
     assert not any(tmp_path.iterdir())  # no lease, no config
 

@@ -1,0 +1,228 @@
+"""A training run over several processes (model.processes > 1), data parallel (hero_ml/parallel.py).
+
+The run's own process is rank 0: it holds the lease, reads and writes storage, tracks, labels and
+evaluates. It starts ranks 1..N-1 itself (`python -m hero_ml.run_processes`), so a flow run, a
+deployment and `hero run` use several GPUs without a launcher, and a flow run that resumes after a
+suspension starts them again. Each loads the model and follows rank 0's commands:
+
+    ("engine", None)               a new engine
+    ("engine", state_json, blob)   the engine of rank 0's checkpoint (its two files, read by rank 0)
+    ("generate",)                  sample the round with rank 0: each its share, then the gather
+    ("batch", batch)               the round rank 0 read from storage (committed before a resume)
+    ("learn", feedback)            learn the current round with rank 0
+    ("stop",)                      leave the group and exit
+
+They never touch storage or services. A process whose command fails prints why and exits, which
+fails rank 0's next collective (RunProcesses.together names it); one whose rank 0 is gone (killed)
+exits within a second, so a crashed run leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from hero_ml.config import HeroConfig
+from hero_ml.errors import HeroError
+from hero_ml.parallel import DataParallel
+
+STARTUP_TIMEOUT_S = 300.0  # for the others to start (import torch and this package) and join
+STOP_TIMEOUT_S = 60.0  # for the others to exit after "stop", before they are killed
+
+
+class ProcessesError(HeroError, RuntimeError):
+    """A process of a run over several processes failed, or could not start."""
+
+
+def device_of(config: HeroConfig, rank: int) -> torch.device:
+    """Process `rank`'s device: GPU `rank` with model.device 'cuda', else the CPU."""
+    return torch.device("cuda", rank) if config.model.device == "cuda" else torch.device("cpu")
+
+
+class RunProcesses:
+    def __init__(self, config: HeroConfig, timeout_s: float = STARTUP_TIMEOUT_S):
+        """Start ranks 1..N-1 of a run on config.model.processes processes and join them as rank 0;
+        `parallel` is this process's place among them. Refused (ProcessesError) when the GPUs are
+        fewer than the processes, or when one exits or is not up within timeout_s."""
+        world = config.model.processes
+        if config.model.device == "cuda" and torch.cuda.device_count() < world:
+            raise ProcessesError(
+                f"model.processes is {world} but {torch.cuda.device_count()} GPU(s) are visible: "
+                "lower it, or make more GPUs visible (CUDA_VISIBLE_DEVICES)"
+            )
+        self._folder = Path(tempfile.mkdtemp(prefix="hero-processes-"))  # mode 0700
+        rendezvous = self._folder / "rendezvous"
+        store = dist.FileStore(str(rendezvous), world)
+        self.children = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "hero_ml.run_processes",
+                    str(rendezvous),
+                    str(k),
+                    str(world),
+                    str(os.getpid()),
+                    device_of(config, 0).type,
+                ]
+            )
+            for k in range(1, world)
+        ]
+        try:
+            self._wait_ready(store, timeout_s)
+            self.parallel = DataParallel.join(store, 0, world, device_of(config, 0))
+            self.parallel.send(config)
+        except BaseException:
+            self._kill()
+            raise
+
+    def _wait_ready(self, store: dist.FileStore, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        keys = [f"ready/{k}" for k in range(1, len(self.children) + 1)]
+        while not store.check(keys):
+            if (failed := self.exited()) is not None:
+                raise ProcessesError(f"{failed} before it joined the run (its output above says why)")
+            if time.monotonic() > deadline:
+                raise ProcessesError(
+                    f"the run's other processes did not start within {timeout_s:.0f} s: a machine this "
+                    "slow to import torch is overloaded; lower model.processes"
+                )
+            time.sleep(0.1)
+
+    def exited(self) -> str | None:
+        """The first of the others that has exited, said as "process K of N exited with code C"."""
+        for rank, child in enumerate(self.children, start=1):
+            if (code := child.poll()) is not None:
+                return f"process {rank} of {len(self.children) + 1} exited with code {code}"
+        return None
+
+    def send(self, *command: Any) -> None:
+        """A command to every other process (see the module's docstring)."""
+        with self.together():
+            self.parallel.send(command)
+
+    @contextmanager
+    def together(self) -> Iterator[None]:
+        """Work the processes do together: an error while one of them has exited (a collective with
+        it fails: gloo raises RuntimeError, NCCL DistError) is raised as ProcessesError naming it."""
+        try:
+            yield
+        except RuntimeError as err:
+            deadline = time.monotonic() + 2.0  # its exit may be a moment behind the broken connection
+            while (failed := self.exited()) is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if failed is None:
+                raise
+            raise ProcessesError(
+                f"{failed} (its output above says why), which stopped this process's work with it; "
+                "resume the run (hero run --resume) to go on from its last checkpoint"
+            ) from err
+
+    def close(self) -> None:
+        """Stop the others (killed if they do not exit within STOP_TIMEOUT_S) and leave the group."""
+        try:
+            if self.exited() is None:
+                self.parallel.send(("stop",))
+        except RuntimeError:
+            pass  # one has gone: the rest are killed below
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for child in self.children:
+            with suppress(subprocess.TimeoutExpired):  # killed below
+                child.wait(timeout=max(0.0, deadline - time.monotonic()))
+        self._kill()
+        self.parallel.close()
+
+    def _kill(self) -> None:
+        for child in self.children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+
+def follow(parallel: DataParallel) -> None:
+    """Rank > 0: load the model, then do what rank 0 says until it says stop."""
+    from hero_ml.diffusion.pipeline import load_configured_pipeline  # after the join: rank 0 waits for it
+    from hero_ml.engine import Engine, RoundBatch
+
+    config: HeroConfig = parallel.receive()
+    if parallel.device.type == "cpu":  # the processes share the cores
+        torch.set_num_threads(max(1, torch.get_num_threads() // parallel.world))
+    pipe = load_configured_pipeline(config.model.model_copy(update={"device": str(parallel.device)}))
+    engine: Engine | None = None
+    batch: RoundBatch | None = None
+    while True:
+        command, *args = parallel.receive()
+        if command == "stop":
+            return
+        if command == "engine":
+            if engine is not None:
+                engine.detach()
+            if args[0] is None:
+                engine = Engine(config, pipe, parallel)
+            else:
+                state_json, blob = args
+                engine = Engine.restored(config, pipe, state_json, blob, "rank 0's checkpoint", parallel)
+            continue
+        assert engine is not None, f"{command!r} before an engine"
+        if command == "generate":
+            batch = engine.generate()
+        elif command == "batch":
+            batch = args[0]
+        elif command == "learn":
+            assert batch is not None, "learn before a round"
+            engine.learn(batch, args[0])
+        else:
+            raise ValueError(f"unknown command {command!r}")
+
+
+def _exit_with(parent: int) -> None:
+    """Exit (code 1) within a second of process `parent` ending, however it ended."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-rank-0", daemon=True).start()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="A process of a training run over several (not for people).")
+    parser.add_argument("rendezvous", help="the FileStore rank 0 made")
+    parser.add_argument("rank", type=int)
+    parser.add_argument("world", type=int)
+    parser.add_argument("parent", type=int, help="rank 0's pid: exit when it ends")
+    parser.add_argument("device", choices=["cpu", "cuda"], help="model.device: GPU RANK, or the CPU")
+    args = parser.parse_args()
+    _exit_with(args.parent)
+    store = dist.FileStore(args.rendezvous, args.world)
+    store.set(f"ready/{args.rank}", "1")
+    device = torch.device("cuda", args.rank) if args.device == "cuda" else torch.device("cpu")
+    parallel = DataParallel.join(store, args.rank, args.world, device)
+    try:
+        follow(parallel)
+    except Exception as err:
+        print(
+            f"process {args.rank} of {args.world} of the run failed: {type(err).__name__}: {err}",
+            file=sys.stderr,
+        )
+        os._exit(1)  # without leaving the group: rank 0's next collective fails at once
+    parallel.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""A training run over several processes (model.processes, here 2 on the CPU with gloo): it learns what
+one process learns, resumes across process counts, names a process that dies, and leaves none behind
+when it is killed."""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from hero_ml.adapters.storage import LocalStore
+from hero_ml.config import HeroConfig, with_overrides
+from hero_ml.faults import CRASH_ENV
+from hero_ml.feedback import RoundFeedback
+from hero_ml.run_processes import ProcessesError, RunProcesses
+from hero_ml.run_store import RunStore
+from hero_ml.training import TrainingRun
+from tests.conftest import tiny_run
+
+HERO = str(Path(sys.executable).parent / "hero")
+
+
+def config_of(root: Path, processes: int, run_id: str = "p") -> HeroConfig:
+    return HeroConfig.model_validate(
+        {
+            **tiny_run(images=6),
+            "feedback": {"budget": 12},  # two rounds
+            "simulation": {"eval_images": 0},
+            "storage": {"local_root": str(root / "data")},
+            "run_id": run_id,
+            "model": {"processes": processes},
+        }
+    )
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Each process of two on 2 cores takes one thread: a reduction split over threads rounds
+    differently, which is not what is compared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train(config: HeroConfig, rounds: int | None = None) -> dict:
+    """Open the run and learn `rounds` more (None: all that are left); the round it ends at, its LoRA
+    and its encoder."""
+    with one_thread(), TrainingRun(config, LocalStore(config.storage.local_root)) as run:
+        learned = 0
+        while not run.done and (rounds is None or learned < rounds):
+            batch = run.generate()
+            run.learn(batch, run.feedback(batch))
+            learned += 1
+        assert run.engine.encoder is not None
+        return {
+            "round": run.engine.round,
+            "lora": torch.cat([p.detach().reshape(-1).clone() for p in run.engine.lora_params]),
+            "encoder": torch.cat([p.detach().reshape(-1).clone() for p in run.engine.encoder.parameters()]),
+        }
+
+
+def stored(root: Path, round_index: int) -> tuple[torch.Tensor, RoundFeedback]:
+    runs = RunStore(LocalStore(root / "data"), "p")
+    feedback = runs.load_feedback(round_index)
+    assert feedback is not None
+    return runs.load_batch(round_index).trajectory.latents, feedback
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
+    """The run on one process: its folder, its LoRA before learning, what it ends with."""
+    root = tmp_path_factory.mktemp("one")
+    start = train(config_of(root / "start", 1), rounds=0)
+    return root, start, train(config_of(root, 1))
+
+
+def assert_learned_alike(result: dict, reference: dict, start: dict) -> None:
+    """The same rounds, and the LoRA's and encoder's updates within float rounding of the reference's
+    (1e-4 of each update's norm)."""
+    assert result["round"] == reference["round"]
+    for part in ("lora", "encoder"):
+        update = (reference[part] - start[part]).norm()
+        assert update > 0
+        assert (result[part] - reference[part]).norm() / update < 1e-4, part
+
+
+def test_a_run_on_two_processes_samples_and_learns_what_one_process_does(
+    tmp_path: Path, one_process: tuple[Path, dict, dict]
+) -> None:
+    root, start, reference = one_process
+    result = train(config_of(tmp_path, 2))
+    assert_learned_alike(result, reference, start)
+    for k in range(2):  # each process sampled its half: the whole round is the one process's
+        latents, feedback = stored(tmp_path, k)
+        expected_latents, expected_feedback = stored(root, k)
+        torch.testing.assert_close(latents, expected_latents, rtol=0, atol=1e-4)
+        assert feedback == expected_feedback
+    assert not followers_of(os.getpid())
+
+
+def test_a_run_resumes_on_another_number_of_processes_from_a_round_stored_but_not_learned(
+    tmp_path: Path, one_process: tuple[Path, dict, dict]
+) -> None:
+    _, start, reference = one_process
+    assert train(config_of(tmp_path, 2), rounds=1)["round"] == 1  # round 0 on two processes
+    with one_thread(), TrainingRun(config_of(tmp_path, 1), LocalStore(tmp_path / "data")) as run:
+        run.generate()  # round 1 committed on one process; the run stops before learning it
+    # two processes again: the others get the engine from checkpoint 0, and round 1's batch from rank 0
+    assert_learned_alike(train(config_of(tmp_path, 2)), reference, start)
+
+
+def test_a_process_that_dies_is_named_and_the_run_resumes_from_its_last_checkpoint(
+    tmp_path: Path, one_process: tuple[Path, dict, dict]
+) -> None:
+    _, start, reference = one_process
+    config = config_of(tmp_path, 2)
+    with one_thread(), TrainingRun(config, LocalStore(tmp_path / "data")) as run:
+        batch = run.generate()
+        feedback = run.feedback(batch)
+        assert run.processes is not None
+        run.processes.children[0].kill()  # an OOM kill, say
+        with pytest.raises(ProcessesError, match=r"process 1 of 2 exited with code -9.*resume the run"):
+            run.learn(batch, feedback)
+    assert run.processes is None  # closed: the lease is free, nothing left running
+    assert not followers_of(os.getpid())
+    assert_learned_alike(train(config), reference, start)
+
+
+def test_a_killed_run_leaves_no_process_behind(tmp_path: Path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                **tiny_run(images=4),
+                "feedback": {"budget": 8},
+                "simulation": {"eval_images": 0},
+                "storage": {"local_root": str(tmp_path / "data")},
+                "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+                "model": {"processes": 2},
+            }
+        )
+    )
+    env = {**os.environ, CRASH_ENV: "ddpo.step:1", "OMP_NUM_THREADS": "1"}
+    with tempfile.TemporaryFile("w+") as output:
+        process = subprocess.Popen(
+            [HERO, "run", "-c", str(config)],
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            assert process.wait(timeout=300) == -signal.SIGKILL, output
+            deadline = time.monotonic() + 10
+            while followers_of(process.pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert not followers_of(process.pid)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # the ephemeral Prefect server it started
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_processes_not_up_in_time_are_stopped_and_said(tmp_path: Path) -> None:
+    started = time.monotonic()
+    with pytest.raises(ProcessesError, match="did not start within 0 s"):
+        RunProcesses(config_of(tmp_path, 2), timeout_s=0.01)  # no Python imports torch that fast
+    assert time.monotonic() - started < 30
+    assert not followers_of(os.getpid())
+
+
+def test_more_processes_than_gpus_are_refused_before_any_starts(tmp_path: Path) -> None:
+    config = with_overrides(
+        config_of(tmp_path, 1),
+        {
+            "model": {"device": "cuda", "processes": 64},
+            "sampling": {"images_per_round": 64},
+            "feedback": {"budget": 128},
+        },
+    )
+    with pytest.raises(ProcessesError, match=r"model.processes is 64 but \d+ GPU\(s\) are visible"):
+        RunProcesses(config)
+    assert not followers_of(os.getpid())
+
+
+def followers_of(parent: int) -> list[int]:
+    """The pids of the run processes (python -m hero_ml.run_processes) that `parent` started."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile
+            continue
+        if b"hero_ml.run_processes" in argv and argv[argv.index(b"hero_ml.run_processes") + 4 :][:1] == [
+            str(parent).encode()
+        ]:
+            found.append(int(entry.name))
+    return found
