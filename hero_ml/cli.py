@@ -215,6 +215,7 @@ def run_header(config: HeroConfig) -> str:
         f"{f'task {escape(task)}' if task else 'no toy task'} ({escape(repr(config.sampling.prompt))}), "
         f"{_count(derived['rounds'], 'round')} x {_count(derived['feedbacks_per_round'], 'feedback')}, "
         f"{at_most}{_count(derived['ddpo_optimizer_steps_per_round'], 'optimiser step')} a round"
+        + (f", on {config.model.processes} processes" if config.model.processes > 1 else "")
     )
 
 

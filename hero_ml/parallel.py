@@ -14,10 +14,12 @@ on every process from the same inputs, is broadcast from rank 0 after its update
 nondeterminism on one GPU cannot make the processes' rewards (computed by each from it) drift apart.
 
 Two ways in: `DataParallel.launched()` in each process `torchrun` started (benchmarks/gpu_round.py),
-and `DataParallel.join()`, how a training run with model.processes > 1 starts its own processes
-(hero_ml/run_processes.py). Tensors move over NCCL on GPUs and gloo on the CPU; rank 0's commands to
-the others (`send`/`receive`) over a gloo group of their own, whose timeout is a run's longest wait.
-A single process needs none of this (`parallel=None`).
+and `DataParallel.join()` at a FileStore, as a training run with model.processes > 1 and the processes
+it starts meet (hero_ml/run_processes.py). Tensors move over NCCL on GPUs and gloo on the CPU; rank
+0's commands to the others (`send`/`receive`) over a gloo group of their own, whose timeout is a run's
+longest wait. On torch.distributed itself rather than accelerate: a run opens and leaves a group once per
+flow run in a process that may open another later, which accelerate's process-wide state (read from
+the environment once) does not allow. A single process needs none of this (`parallel=None`).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from typer.core import TyperGroup
 from typer.testing import CliRunner
 
 from hero_ml.cli import app, run_header
-from hero_ml.config import ConfigError, HeroConfig, load_config
+from hero_ml.config import ConfigError, HeroConfig, load_config, with_overrides
 from hero_ml.diffusion.sampler import Trajectory
 from hero_ml.toy.cli import PRETRAINED
 from tests.conftest import _free_port
@@ -749,6 +749,8 @@ def test_the_run_header_prints_the_derived_quantities_and_d3pos_as_a_bound() -> 
     )
     one = config.model_copy(update={"feedback": config.feedback.model_copy(update={"budget": 64})})
     assert ", 1 round x 64 feedbacks, 32 optimiser steps a round" in run_header(one)
+    two = with_overrides(config, {"model": {"processes": 2}})
+    assert run_header(two).endswith("32 optimiser steps a round, on 2 processes")
 
 
 def test_the_version_is_printed_and_the_module_runs_as_the_command() -> None:

@@ -136,7 +136,7 @@ def test_a_process_that_dies_is_named_and_the_run_resumes_from_its_last_checkpoi
     assert_learned_alike(train(config), reference, start)
 
 
-def test_a_killed_run_leaves_no_process_behind(tmp_path: Path) -> None:
+def test_a_killed_run_leaves_no_process_behind_and_hero_run_resumes_it(tmp_path: Path) -> None:
     config = tmp_path / "run.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -150,24 +150,43 @@ def test_a_killed_run_leaves_no_process_behind(tmp_path: Path) -> None:
             }
         )
     )
-    env = {**os.environ, CRASH_ENV: "ddpo.step:1", "OMP_NUM_THREADS": "1"}
+    code, output, followers_left = hero_run(config, "--run-id", "killed", crash_at="ddpo.step:1")
+    assert code == -signal.SIGKILL and "on 2 processes" in output, output
+    assert followers_left == []
+    code, output, followers_left = hero_run(config, "--resume", "killed")
+    assert code == 0 and "round 1" in output, output
+    assert RunStore(LocalStore(tmp_path / "data"), "killed").latest_checkpoint() == 1
+    assert followers_left == []
+
+
+def hero_run(config: Path, *args: str, crash_at: str | None = None) -> tuple[int, str, list[int]]:
+    """`hero run` in a session of its own: its return code, its output and the run processes it
+    started that are still there 10 s after it ended (the session is killed then: the ephemeral
+    Prefect server it started)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop(CRASH_ENV, None)
+    if crash_at is not None:
+        env[CRASH_ENV] = crash_at
     with tempfile.TemporaryFile("w+") as output:
         process = subprocess.Popen(
-            [HERO, "run", "-c", str(config)],
+            [HERO, "run", "-c", str(config), *args],
             env=env,
             stdout=output,
             stderr=subprocess.STDOUT,
+            text=True,
             start_new_session=True,
         )
         try:
-            assert process.wait(timeout=300) == -signal.SIGKILL, output
+            code = process.wait(timeout=300)
             deadline = time.monotonic() + 10
             while followers_of(process.pid) and time.monotonic() < deadline:
                 time.sleep(0.2)
-            assert not followers_of(process.pid)
+            left = followers_of(process.pid)
         finally:
-            with contextlib.suppress(ProcessLookupError):  # the ephemeral Prefect server it started
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
+        output.seek(0)
+        return code, output.read()[-3000:], left
 
 
 def test_processes_not_up_in_time_are_stopped_and_said(tmp_path: Path) -> None:

@@ -5,7 +5,14 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from hero_ml.config import SECRET_MASK, ConfigError, HeroConfig, load_config, with_overrides
+from hero_ml.config import (
+    SECRET_MASK,
+    ConfigError,
+    HeroConfig,
+    is_service_setting,
+    load_config,
+    with_overrides,
+)
 
 
 def write(tmp_path: Path, data: object) -> Path:
@@ -701,3 +708,16 @@ def test_every_secret_is_a_service_setting_and_every_service_setting_exists() ->
         section, _, name = setting.partition(".")
         assert section in sections and (not name or name in type(getattr(HeroConfig(), section)).model_fields)
     assert not is_service_setting("ddpo", "lr") and not is_service_setting("label_studio")
+
+
+def test_processes_must_share_a_round_and_name_no_single_gpu() -> None:
+    with pytest.raises(
+        ConfigError, match=r"images_per_round \(64\) is not a multiple of model.processes \(3\)"
+    ):
+        with_overrides(HeroConfig(), {"model": {"processes": 3}})
+    with pytest.raises(
+        ConfigError, match=r"model.device 'cuda:1' with model.processes 2.*CUDA_VISIBLE_DEVICES"
+    ):
+        with_overrides(HeroConfig(), {"model": {"processes": 2, "device": "cuda:1"}})
+    assert HeroConfig(model={"processes": 2, "device": "cuda"}).model.processes == 2
+    assert is_service_setting("model", "processes")  # a resume may run on another number of GPUs
