@@ -183,7 +183,7 @@ def sample(config: ConfigOption = None) -> None:
 
         def model_loaded() -> None:
             progress.update(
-                task, description="denoising steps", total=resolved.sampling.denoising_steps_per_round
+                task, description="denoising steps", total=resolved.sampling.denoising_steps_per_round()
             )
 
         try:

@@ -295,10 +295,10 @@ class SamplingConfig(_Section):
     )
     seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of the initial noises and per-step noises.")
 
-    @property
-    def denoising_steps_per_round(self) -> int:
-        """UNet calls of a round's sampling: every step of every sub-batch (what a progress bar counts)."""
-        return -(-self.images_per_round // self.sub_batch_size) * self.num_steps
+    def denoising_steps_per_round(self, processes: int = 1) -> int:
+        """UNet calls of a round's sampling in each of `processes` (model.processes): every step of
+        every sub-batch of its share (what a progress bar counts)."""
+        return -(-(self.images_per_round // processes) // self.sub_batch_size) * self.num_steps
 
 
 class EncoderConfig(_Section):
@@ -953,6 +953,14 @@ class HeroConfig(BaseSettings):
             "feedbacks_spent": self.rounds * self.feedbacks_per_round,
             "ddpo_optimizer_steps_per_round": self.optimizer_steps_per_round,
         }
+
+    def without_secrets(self) -> HeroConfig:
+        """A copy with every secret None, for a process that uses no service (a run's others)."""
+        update = {}
+        for section in type(self).model_fields:
+            if isinstance(value := getattr(self, section), BaseModel) and (names := _secret_fields(section)):
+                update[section] = value.model_copy(update=dict.fromkeys(names))
+        return self.model_copy(update=update)
 
     def to_public_dict(self) -> dict[str, Any]:
         """JSON-ready dict with every secret masked: safe for logs, MLflow params and files."""

@@ -96,7 +96,7 @@ def ddpo_objective(
 
 @dataclass(frozen=True)
 class UpdateStats:
-    loss: float  # mean of the micro-batches' losses (each a mean over its units at one step)
+    loss: float  # mean over the trained (unit, timestep) pairs of every process
     approx_kl: float
     clip_fraction: float
     optimizer_steps: int  # taken
@@ -141,7 +141,7 @@ def update_pass(
     parallel: this process's share in data-parallel learning (hero_ml/parallel.py); each process
     trains its share of every accumulation group's units, in micro-batches of train_batch_size, and the
     gradients are summed before each step (a group of fewer units than processes leaves some idle).
-    The returned figures are then this process's.
+    The loss, KL and clip fraction returned are the whole update's, over every process's units.
 
     scaler: a float16 model's loss scale. DDPO's per-element losses give the UNet's output gradients
     of ~1e-6, below float16's normal range (6e-5): unscaled, the backward pass through a float16 UNet
@@ -157,9 +157,9 @@ def update_pass(
         )
     params = [p for group in optimizer.param_groups for p in group["params"]]
     initial = [p.detach().clone() for p in params]
-    losses: list[float] = []
-    kls: list[float] = []
-    clip_fractions: list[float] = []
+    kls: list[float] = []  # the micro-batches' approx-KL (a group's decides target_kl)
+    # loss, approx-KL and clip fraction summed over the trained (unit, timestep) pairs, and their count
+    totals = torch.zeros(1, 4, dtype=torch.float64)
     optimizer_steps = skipped_steps = groups_done = 0
     groups = inner_epochs * math.ceil(math.ceil(units / train_batch_size) / gradient_accumulation_steps)
     stopped = False
@@ -188,9 +188,9 @@ def update_pass(
                     loss, approx_kl, clip_fraction = objective(mine, steps[mine, j])
                     scaled = loss * weight
                     (scaled if scaler is None else scaler.scale(scaled)).backward()
-                    losses.append(loss.item())
                     kls.append(approx_kl.item())
-                    clip_fractions.append(clip_fraction.item())
+                    figures = (loss.item(), approx_kl.item(), clip_fraction.item(), 1.0)
+                    totals += torch.tensor(figures, dtype=torch.float64) * len(mine)
             if target_kl is not None and _group_kl(kls[group_kls:], parallel) > target_kl:
                 optimizer.zero_grad(set_to_none=True)
                 stopped = True
@@ -217,13 +217,14 @@ def update_pass(
             if on_step is not None:
                 on_step(groups_done, groups)
 
-    def mean(values: list[float]) -> float:  # nan: a process that had no unit to train
-        return sum(values) / len(values) if values else float("nan")
-
+    if parallel is not None:  # the whole update's figures, as one process training it all reports them
+        totals = parallel.gather(totals).sum(dim=0, keepdim=True).cpu()
+    rows = float(totals[0, 3])
+    means = [float(v) / rows for v in totals[0, :3]] if rows > 0 else [float("nan")] * 3
     return UpdateStats(
-        loss=mean(losses),
-        approx_kl=mean(kls),
-        clip_fraction=mean(clip_fractions),
+        loss=means[0],
+        approx_kl=means[1],
+        clip_fraction=means[2],
         optimizer_steps=optimizer_steps,
         skipped_steps=skipped_steps,
         step_norm=float(

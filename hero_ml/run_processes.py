@@ -12,9 +12,11 @@ suspension starts them again. Each loads the model and follows rank 0's commands
     ("learn", feedback)            learn the current round with rank 0
     ("stop",)                      leave the group and exit
 
-They never touch storage or services. A process whose command fails prints why and exits, which
-fails rank 0's next collective (RunProcesses.together names it); one whose rank 0 is gone (killed)
-exits within a second, so a crashed run leaves no process behind.
+They get the config without its secrets and never touch storage or services. One whose command
+fails prints why and exits; rank 0's collective with it then fails (at once over gloo; over NCCL at
+torch's collective timeout, parallel.TIMEOUT) and RunProcesses.command names it. One whose rank 0 is
+gone (killed) removes the rendezvous folder and exits within a second, so a crashed run leaves no
+process behind, and Ctrl-C is rank 0's alone: it stops the others as it closes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +41,7 @@ import torch.distributed as dist
 
 from hero_ml.config import HeroConfig
 from hero_ml.errors import HeroError
+from hero_ml.faults import CRASH_ENV
 from hero_ml.parallel import DataParallel
 
 STARTUP_TIMEOUT_S = 300.0  # for the others to start (import torch and this package) and join
@@ -56,42 +61,40 @@ class RunProcesses:
     def __init__(self, config: HeroConfig, timeout_s: float = STARTUP_TIMEOUT_S):
         """Start ranks 1..N-1 of a run on config.model.processes processes and join them as rank 0;
         `parallel` is this process's place among them. Refused (ProcessesError) when the GPUs are
-        fewer than the processes, or when one exits or is not up within timeout_s."""
-        world = config.model.processes
+        fewer than the processes, or when one exits or has no device ready within timeout_s."""
+        self.world = world = config.model.processes
         if config.model.device == "cuda" and torch.cuda.device_count() < world:
             raise ProcessesError(
                 f"model.processes is {world} but {torch.cuda.device_count()} GPU(s) are visible: "
                 "lower it, or make more GPUs visible (CUDA_VISIBLE_DEVICES)"
             )
+        # the processes are on this machine: their sockets on its loopback, not on every interface
+        loopback = next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
+        if loopback is not None:
+            for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+                os.environ.setdefault(variable, loopback)
+        env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}  # rank 0's faults, not theirs
         self._folder = Path(tempfile.mkdtemp(prefix="hero-processes-"))  # mode 0700
+        self.children: list[subprocess.Popen] = []
+        self._settled = True  # False while a command is in flight: the others may be in a collective
         rendezvous = self._folder / "rendezvous"
-        store = dist.FileStore(str(rendezvous), world)
-        self.children = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "hero_ml.run_processes",
-                    str(rendezvous),
-                    str(k),
-                    str(world),
-                    str(os.getpid()),
-                    device_of(config, 0).type,
-                ]
-            )
-            for k in range(1, world)
-        ]
         try:
+            store = dist.FileStore(str(rendezvous), world)
+            for k in range(1, world):
+                argv = [str(rendezvous), str(k), str(world), str(os.getpid()), device_of(config, 0).type]
+                self.children.append(
+                    subprocess.Popen([sys.executable, "-m", "hero_ml.run_processes", *argv], env=env)
+                )
             self._wait_ready(store, timeout_s)
             self.parallel = DataParallel.join(store, 0, world, device_of(config, 0))
-            self.parallel.send(config)
+            self.parallel.send(config.without_secrets())  # they use no service
         except BaseException:
             self._kill()
             raise
 
     def _wait_ready(self, store: dist.FileStore, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        keys = [f"ready/{k}" for k in range(1, len(self.children) + 1)]
+        keys = [f"ready/{k}" for k in range(1, self.world)]
         while not store.check(keys):
             if (failed := self.exited()) is not None:
                 raise ProcessesError(f"{failed} before it joined the run (its output above says why)")
@@ -106,21 +109,22 @@ class RunProcesses:
         """The first of the others that has exited, said as "process K of N exited with code C"."""
         for rank, child in enumerate(self.children, start=1):
             if (code := child.poll()) is not None:
-                return f"process {rank} of {len(self.children) + 1} exited with code {code}"
+                return f"process {rank} of {self.world} exited with code {code}"
         return None
 
-    def send(self, *command: Any) -> None:
-        """A command to every other process (see the module's docstring)."""
-        with self.together():
-            self.parallel.send(command)
-
     @contextmanager
-    def together(self) -> Iterator[None]:
-        """Work the processes do together: an error while one of them has exited (a collective with
-        it fails: gloo raises RuntimeError, NCCL DistError) is raised as ProcessesError naming it."""
+    def command(self, *command: Any) -> Iterator[None]:
+        """Send a command to the others (see the module's docstring), then do rank 0's part of it in
+        the block. An error raised by torch.distributed while one of them has exited is raised as
+        ProcessesError naming it; any error leaves the command unsettled, so close() kills the others
+        rather than wait for them."""
+        self._settled = False
         try:
+            self.parallel.send(command)
             yield
-        except RuntimeError as err:
+        except RuntimeError as err:  # gloo raises RuntimeError, NCCL DistError (a RuntimeError)
+            if isinstance(err, HeroError):  # the engine's own (EngineError): every process raised it
+                raise
             deadline = time.monotonic() + 2.0  # its exit may be a moment behind the broken connection
             while (failed := self.exited()) is None and time.monotonic() < deadline:
                 time.sleep(0.1)
@@ -130,18 +134,19 @@ class RunProcesses:
                 f"{failed} (its output above says why), which stopped this process's work with it; "
                 "resume the run (hero run --resume) to go on from its last checkpoint"
             ) from err
+        self._settled = True
 
     def close(self) -> None:
-        """Stop the others (killed if they do not exit within STOP_TIMEOUT_S) and leave the group."""
-        try:
-            if self.exited() is None:
+        """Stop the others and leave the group. They are told to stop when they wait for a command;
+        killed at once when a command failed (they may be inside a collective that will never
+        complete) or one of them has exited, and after STOP_TIMEOUT_S otherwise."""
+        if self._settled and self.exited() is None:
+            with suppress(RuntimeError):  # one has just gone: the rest are killed below
                 self.parallel.send(("stop",))
-        except RuntimeError:
-            pass  # one has gone: the rest are killed below
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        for child in self.children:
-            with suppress(subprocess.TimeoutExpired):  # killed below
-                child.wait(timeout=max(0.0, deadline - time.monotonic()))
+            deadline = time.monotonic() + STOP_TIMEOUT_S
+            for child in self.children:
+                with suppress(subprocess.TimeoutExpired):  # killed below
+                    child.wait(timeout=max(0.0, deadline - time.monotonic()))
         self._kill()
         self.parallel.close()
 
@@ -155,9 +160,14 @@ class RunProcesses:
 
 def follow(parallel: DataParallel) -> None:
     """Rank > 0: load the model, then do what rank 0 says until it says stop."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
     from hero_ml.diffusion.pipeline import load_configured_pipeline  # after the join: rank 0 waits for it
     from hero_ml.engine import Engine, RoundBatch
 
+    diffusers_logging.disable_progress_bar()  # rank 0 shows the run's progress
+    transformers_logging.disable_progress_bar()
     config: HeroConfig = parallel.receive()
     if parallel.device.type == "cpu":  # the processes share the cores
         torch.set_num_threads(max(1, torch.get_num_threads() // parallel.world))
@@ -189,13 +199,20 @@ def follow(parallel: DataParallel) -> None:
             raise ValueError(f"unknown command {command!r}")
 
 
-def _exit_with(parent: int) -> None:
-    """Exit (code 1) within a second of process `parent` ending, however it ended."""
+def _orphaned(folder: Path) -> None:
+    """Exit (code 1) as a process whose rank 0 is gone: removing the rendezvous folder it made."""
+    shutil.rmtree(folder, ignore_errors=True)
+    os._exit(1)
+
+
+def _exit_with(parent: int, folder: Path) -> None:
+    """Exit (code 1) within a second of process `parent` ending, however it ended, removing the
+    rendezvous `folder` it made (killed, it could not)."""
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(1.0)
-        os._exit(1)
+        _orphaned(folder)
 
     threading.Thread(target=watch, name="exit-with-rank-0", daemon=True).start()
 
@@ -208,19 +225,25 @@ def main() -> None:
     parser.add_argument("parent", type=int, help="rank 0's pid: exit when it ends")
     parser.add_argument("device", choices=["cpu", "cuda"], help="model.device: GPU RANK, or the CPU")
     args = parser.parse_args()
-    _exit_with(args.parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is rank 0's to act on
+    _exit_with(args.parent, Path(args.rendezvous).parent)
+    device = torch.device("cuda", args.rank) if args.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":  # ready means its GPU works: what fails after is the join alone
+        torch.cuda.set_device(device)
+        torch.zeros(1, device=device)
     store = dist.FileStore(args.rendezvous, args.world)
     store.set(f"ready/{args.rank}", "1")
-    device = torch.device("cuda", args.rank) if args.device == "cuda" else torch.device("cpu")
     parallel = DataParallel.join(store, args.rank, args.world, device)
     try:
         follow(parallel)
     except Exception as err:
+        if os.getppid() != args.parent:  # rank 0 ended: its connections broke, nothing failed here
+            _orphaned(Path(args.rendezvous).parent)
         print(
             f"process {args.rank} of {args.world} of the run failed: {type(err).__name__}: {err}",
             file=sys.stderr,
         )
-        os._exit(1)  # without leaving the group: rank 0's next collective fails at once
+        os._exit(1)  # without leaving the group: rank 0's next collective with it fails
     parallel.close()
 
 

@@ -216,10 +216,14 @@ class TrainingRun:
         self.engine = self._resumed_engine(store)
         if self.processes is not None:  # the others build the same engine, from this one's checkpoint
             if self.engine.round == 0:
-                self.processes.send("engine", None)
+                command: tuple = ("engine", None)
             else:  # checkpoint k holds the engine after round k
-                prefix = self.runs.checkpoint_prefix(self.engine.round - 1)
-                self.processes.send("engine", *read_checkpoint(store, prefix))
+                command = (
+                    "engine",
+                    *read_checkpoint(store, self.runs.checkpoint_prefix(self.engine.round - 1)),
+                )
+            with self._together(*command):
+                pass
 
     def _resumed_engine(self, store: ArtifactStore) -> Engine:
         """The engine from the latest checkpoint (a new one without): progress.json's, or the next one
@@ -285,12 +289,13 @@ class TrainingRun:
         return None if self.processes is None else self.processes.parallel
 
     @contextmanager
-    def _together(self) -> Iterator[None]:
-        """Engine work the run's processes do together (nothing to coordinate with one)."""
+    def _together(self, *command: Any) -> Iterator[None]:
+        """The engine work in the block, done by every process of the run: `command` tells the others
+        (RunProcesses.command); nothing to coordinate with one."""
         if self.processes is None:
             yield
         else:
-            with self.processes.together():
+            with self.processes.command(*command):
                 yield
 
     def close(self) -> None:
@@ -318,20 +323,17 @@ class TrainingRun:
         round_index = self.engine.round
         if self.runs.has_batch(round_index):  # committed before a crash: the same batch, not a second one
             batch = self.runs.load_batch(round_index)
-            if self.processes is not None:
-                self.processes.send("batch", batch)
-            return batch
+            with self._together("batch", batch):
+                return batch
         started = time.perf_counter()
-        steps = [0, self.config.sampling.denoising_steps_per_round]
+        steps = [0, self.config.sampling.denoising_steps_per_round(self.config.model.processes)]
 
         def on_step() -> None:
             crash_point("sampling")
             steps[0] += 1
             self._progress("denoising", *steps)
 
-        if self.processes is not None:
-            self.processes.send("generate")
-        with self._together():
+        with self._together("generate"):
             batch = self.engine.generate(on_step=on_step)
         self.runs.commit_batch(
             batch,
@@ -372,9 +374,7 @@ class TrainingRun:
         """Learn the round and commit it: its stats, then the checkpoint (a crash before the checkpoint
         learns the round again, from the same batch and feedback, to the same result)."""
         crash_point("feedback")
-        if self.processes is not None:
-            self.processes.send("learn", feedback)
-        with self._together():
+        with self._together("learn", feedback):
             stats = self.engine.learn(batch, feedback, on_progress=self._progress)
         self.runs.save_stats(stats)
         self.runs.save_checkpoint(self.engine)

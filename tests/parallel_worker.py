@@ -42,8 +42,9 @@ def setting() -> tuple[list[torch.nn.Parameter], object, object]:
 
 def train(
     parallel: DataParallel | None, target_kl: float | None = None, loss_scale: bool = False
-) -> tuple[list[torch.nn.Parameter], int]:
-    """One pass (two with target_kl, which may stop them); the LoRA parameters and the steps taken.
+) -> tuple[list[torch.nn.Parameter], int, torch.Tensor]:
+    """One pass (two with target_kl, which may stop them); the LoRA parameters, the steps taken and
+    the pass's loss, approx-KL and clip fraction.
     loss_scale: through a GradScaler (a float16 model's) in groups of one unit, fewer than the processes:
     a process with no unit in a group trains nothing and still unscales its (zero) gradients."""
     params, pipe, trajectory = setting()
@@ -62,7 +63,8 @@ def train(
         parallel=parallel,
         scaler=torch.amp.GradScaler("cpu") if loss_scale else None,
     )
-    return params, stats.optimizer_steps
+    figures = torch.tensor([stats.loss, stats.approx_kl, stats.clip_fraction], dtype=torch.float64)
+    return params, stats.optimizer_steps, figures
 
 
 def engine_rounds(parallel: DataParallel | None, rounds: int = 2) -> dict[str, torch.Tensor]:
@@ -106,7 +108,8 @@ if __name__ == "__main__":
     elif args.engine:
         result = engine_rounds(parallel)
     else:
-        params, steps = train(parallel, args.target_kl, args.loss_scale)
-        result = {f"p{i}": p.detach() for i, p in enumerate(params)} | {"steps": torch.tensor(steps)}
+        params, steps, figures = train(parallel, args.target_kl, args.loss_scale)
+        result = {f"p{i}": p.detach() for i, p in enumerate(params)}
+        result |= {"steps": torch.tensor(steps), "figures": figures}
     save_file({k: v.contiguous() for k, v in result.items()}, args.out / f"rank{parallel.rank}.safetensors")
     parallel.close()

@@ -59,11 +59,14 @@ def relative_error(trained: dict[str, torch.Tensor], expected: dict[str, torch.T
 
 
 def test_two_processes_sum_their_gradients_into_the_single_process_update(tmp_path: Path) -> None:
-    reference = {f"p{i}": p.detach() for i, p in enumerate(one_process(train, parallel=None)[0])}
+    params, _, figures = one_process(train, parallel=None)
+    reference = {f"p{i}": p.detach() for i, p in enumerate(params)}
     start = {f"p{i}": p.detach() for i, p in enumerate(setting()[0])}
     ranks = launch(tmp_path / "summed")
     assert all(torch.equal(ranks[0][n], ranks[1][n]) for n in reference)  # the processes stay in step
     assert relative_error(ranks[0], reference, start) < 1e-3  # 2e-5 measured: batch-order rounding
+    for rank in ranks:  # the loss, KL and clip fraction reported are the whole update's, not a share's
+        torch.testing.assert_close(rank["figures"], figures, rtol=1e-5, atol=1e-9)
 
     alone = launch(tmp_path / "unsummed", "--no-sum")  # control: each process steps on its half only
     assert not all(torch.equal(alone[0][n], alone[1][n]) for n in reference)
@@ -75,19 +78,20 @@ def test_two_processes_share_each_accumulation_group_and_unscale_a_float16_loss_
 ) -> None:
     # groups of one unit, fewer than the processes (sd15-paper.yaml's micro-batches are two, on up to 8
     # GPUs): the second process has none to train, and its loss scale, never used, refused to unscale
-    reference = {
-        f"p{i}": p.detach() for i, p in enumerate(one_process(train, parallel=None, loss_scale=True)[0])
-    }
+    params, _, figures = one_process(train, parallel=None, loss_scale=True)
+    reference = {f"p{i}": p.detach() for i, p in enumerate(params)}
     start = {f"p{i}": p.detach() for i, p in enumerate(setting()[0])}
     ranks = launch(tmp_path / "scaled", "--loss-scale")
     assert [int(rank["steps"]) for rank in ranks] == [6, 6]  # 6 units, groups of one: none skipped
+    for rank in ranks:  # the second trained none of them, and still reports the update's figures
+        torch.testing.assert_close(rank["figures"], figures, rtol=1e-5, atol=1e-9)
     assert all(torch.equal(ranks[0][n], ranks[1][n]) for n in reference)
     assert relative_error(ranks[0], reference, start) < 1e-3
 
 
 def test_two_processes_stop_at_the_kl_bound_together_where_one_process_stops(tmp_path: Path) -> None:
     # the first step is taken, the second refused
-    params, steps = one_process(train, parallel=None, target_kl=1e-12)
+    params, steps, _ = one_process(train, parallel=None, target_kl=1e-12)
     assert steps == 1
     reference = {f"p{i}": p.detach() for i, p in enumerate(params)}
     start = {f"p{i}": p.detach() for i, p in enumerate(setting()[0])}

@@ -17,6 +17,7 @@ import yaml
 
 from hero_ml.adapters.storage import LocalStore
 from hero_ml.config import HeroConfig, with_overrides
+from hero_ml.engine import EngineError
 from hero_ml.faults import CRASH_ENV
 from hero_ml.feedback import RoundFeedback
 from hero_ml.run_processes import ProcessesError, RunProcesses
@@ -36,6 +37,7 @@ def config_of(root: Path, processes: int, run_id: str = "p") -> HeroConfig:
             "storage": {"local_root": str(root / "data")},
             "run_id": run_id,
             "model": {"processes": processes},
+            "sampling": {**tiny_run(images=6)["sampling"], "sub_batch_size": 3},
         }
     )
 
@@ -52,10 +54,11 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def train(config: HeroConfig, rounds: int | None = None) -> dict:
+def train(config: HeroConfig, rounds: int | None = None, on_progress=None) -> dict:
     """Open the run and learn `rounds` more (None: all that are left); the round it ends at, its LoRA
     and its encoder."""
-    with one_thread(), TrainingRun(config, LocalStore(config.storage.local_root)) as run:
+    store = LocalStore(config.storage.local_root)
+    with one_thread(), TrainingRun(config, store, on_progress=on_progress) as run:
         learned = 0
         while not run.done and (rounds is None or learned < rounds):
             batch = run.generate()
@@ -98,8 +101,13 @@ def test_a_run_on_two_processes_samples_and_learns_what_one_process_does(
     tmp_path: Path, one_process: tuple[Path, dict, dict]
 ) -> None:
     root, start, reference = one_process
-    result = train(config_of(tmp_path, 2))
+    denoised = []
+    result = train(
+        config_of(tmp_path, 2), on_progress=lambda *p: denoised.append(p[1:]) if p[0] == "denoising" else None
+    )
     assert_learned_alike(result, reference, start)
+    # this process sampled its half: one sub-batch of 3 a round (one process: two), 4 steps each
+    assert denoised == [(k, 4) for k in range(1, 5)] * 2
     for k in range(2):  # each process sampled its half: the whole round is the one process's
         latents, feedback = stored(tmp_path, k)
         expected_latents, expected_feedback = stored(root, k)
@@ -150,9 +158,12 @@ def test_a_killed_run_leaves_no_process_behind_and_hero_run_resumes_it(tmp_path:
             }
         )
     )
+    before = rendezvous_folders()
+    # only this process passes the crash point: the others see it gone and exit, removing what it left
     code, output, followers_left = hero_run(config, "--run-id", "killed", crash_at="ddpo.step:1")
     assert code == -signal.SIGKILL and "on 2 processes" in output, output
     assert followers_left == []
+    assert rendezvous_folders() == before
     code, output, followers_left = hero_run(config, "--resume", "killed")
     assert code == 0 and "round 1" in output, output
     assert RunStore(LocalStore(tmp_path / "data"), "killed").latest_checkpoint() == 1
@@ -189,6 +200,38 @@ def hero_run(config: Path, *args: str, crash_at: str | None = None) -> tuple[int
         return code, output.read()[-3000:], left
 
 
+@pytest.mark.timeout(120)
+def test_a_run_that_fails_inside_a_round_stops_its_processes_at_once(tmp_path: Path) -> None:
+    # the others are inside the round's collectives, waiting for this process: telling them to stop
+    # would wait as long as they do (torch's collective timeout); they are killed
+    def progress(phase: str, done: int, total: int) -> None:
+        if phase == "denoising" and done == 2:
+            raise KeyboardInterrupt  # Ctrl-C in a notebook, an error of a progress display
+
+    started, before = time.monotonic(), rendezvous_folders()
+    with pytest.raises(KeyboardInterrupt):
+        train(config_of(tmp_path, 2), on_progress=progress)
+    assert time.monotonic() - started < 60
+    assert not followers_of(os.getpid())
+    assert rendezvous_folders() == before
+
+
+def test_an_error_every_process_raised_is_the_engines_and_a_failure_of_one_is_named(tmp_path: Path) -> None:
+    processes = RunProcesses(config_of(tmp_path, 2))
+    try:
+        # the engine's own error, which the other process raised too (here: a command before any engine)
+        with pytest.raises(EngineError, match="not finite"), processes.command("learn", None):
+            assert processes.children[0].wait(timeout=60) == 1
+            raise EngineError("the first round's best is not finite")
+        with (
+            pytest.raises(ProcessesError, match=r"process 1 of 2 exited with code 1 .*hero run --resume"),
+            processes.command("generate"),
+        ):
+            pass
+    finally:
+        processes.close()
+
+
 def test_processes_not_up_in_time_are_stopped_and_said(tmp_path: Path) -> None:
     started = time.monotonic()
     with pytest.raises(ProcessesError, match="did not start within 0 s"):
@@ -209,6 +252,10 @@ def test_more_processes_than_gpus_are_refused_before_any_starts(tmp_path: Path) 
     with pytest.raises(ProcessesError, match=r"model.processes is 64 but \d+ GPU\(s\) are visible"):
         RunProcesses(config)
     assert not followers_of(os.getpid())
+
+
+def rendezvous_folders() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("hero-processes-*"))
 
 
 def followers_of(parent: int) -> list[int]:

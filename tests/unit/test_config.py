@@ -721,3 +721,13 @@ def test_processes_must_share_a_round_and_name_no_single_gpu() -> None:
         with_overrides(HeroConfig(), {"model": {"processes": 2, "device": "cuda:1"}})
     assert HeroConfig(model={"processes": 2, "device": "cuda"}).model.processes == 2
     assert is_service_setting("model", "processes")  # a resume may run on another number of GPUs
+
+
+def test_a_config_without_secrets_keeps_everything_else(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HERO_LABEL_STUDIO__API_KEY", "ls-key-0123456789")
+    monkeypatch.setenv("HERO_ORCHESTRATION__WEBHOOK_SECRET", "w" * 20)
+    config = HeroConfig()
+    bare = config.without_secrets()
+    assert bare.label_studio.api_key is None and bare.orchestration.webhook_secret is None
+    assert config.label_studio.api_key is not None  # the original keeps its own
+    assert bare.to_file_dict() == config.to_file_dict()  # a file's view: secrets null, the rest alike

@@ -107,10 +107,11 @@ def test_a_group_steps_on_the_mean_over_its_units_whatever_the_micro_batch_sizes
     # micro-batches' means would give 3.75, 2.75 or 2.5 whichever units share a micro-batch
     assert stats.optimizer_steps == 1 and w.item() == pytest.approx(1 - 0.1 * 3.0)
     assert stats.step_norm == pytest.approx(0.3)
-    # the figures are means over the objective's calls (w was 1 throughout the group)
-    assert stats.loss == pytest.approx(sum(float(c[units].mean()) for units, _ in calls) / 4)
+    # the figures are means over the trained (unit, timestep) pairs, each call's weighted by its units
+    # (w was 1 throughout the group): the same however the units fall into micro-batches or processes
+    assert stats.loss == pytest.approx(3.0)  # (1 + 2 + 6) / 3 at both timesteps
     assert stats.approx_kl == pytest.approx(0.5)  # each unit's steps 0 and 1
-    assert stats.clip_fraction == pytest.approx((1.0 + 1.0 + 0.5 + 0.5) / 4)
+    assert stats.clip_fraction == pytest.approx((1.0 * 2 + 1.0 * 2 + 0.5 + 0.5) / 6)
 
 
 def test_each_unit_trains_its_own_steps_drawn_afresh_every_pass() -> None:
