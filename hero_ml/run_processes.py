@@ -9,7 +9,7 @@ suspension starts them again. Each loads the model and follows rank 0's commands
     ("engine", state_json, blob)   the engine of rank 0's checkpoint (its two files, read by rank 0)
     ("generate",)                  sample the round with rank 0: each its share, then the gather
     ("batch", batch)               the round rank 0 read from storage (committed before a resume)
-    ("learn", feedback)            learn the current round with rank 0
+    ("learn", round, feedback)     learn the current round (it must be `round`) with rank 0
     ("stop",)                      leave the group and exit
 
 They get the config without its secrets and never touch storage or services. One whose command
@@ -193,8 +193,12 @@ def follow(parallel: DataParallel) -> None:
         elif command == "batch":
             batch = args[0]
         elif command == "learn":
-            assert batch is not None, "learn before a round"
-            engine.learn(batch, args[0])
+            round_index, feedback = args
+            if batch is None or batch.round != round_index:
+                raise ValueError(
+                    f"told to learn round {round_index}, holding {None if batch is None else batch.round}"
+                )
+            engine.learn(batch, feedback)
         else:
             raise ValueError(f"unknown command {command!r}")
 

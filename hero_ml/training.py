@@ -374,7 +374,7 @@ class TrainingRun:
         """Learn the round and commit it: its stats, then the checkpoint (a crash before the checkpoint
         learns the round again, from the same batch and feedback, to the same result)."""
         crash_point("feedback")
-        with self._together("learn", feedback):
+        with self._together("learn", batch.round, feedback):
             stats = self.engine.learn(batch, feedback, on_progress=self._progress)
         self.runs.save_stats(stats)
         self.runs.save_checkpoint(self.engine)

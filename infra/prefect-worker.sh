@@ -5,27 +5,33 @@
 #   infra/prefect-worker.sh start POOL       # health on $HERO_WORKER_PORT (default 8181)
 #   infra/prefect-worker.sh start POOL GPU   # one worker per GPU: sees only GPU (CUDA_VISIBLE_DEVICES),
 #                                            # runs one flow run at a time; health on port + GPU
-#   infra/prefect-worker.sh stop POOL [GPU]
+#   infra/prefect-worker.sh start POOL 0,1   # a GPU group: each of its runs samples and learns on all
+#                                            # of them (HERO_MODEL__PROCESSES); health on port + 0
+#   infra/prefect-worker.sh stop POOL [GPU | GROUP]
 #
-# Several runs share a machine's GPUs with one worker per GPU: the pool's concurrency limit (hero
-# deploy --gpus N) caps the runs in flight, each worker's limit of 1 keeps two runs off one GPU, and a
-# suspended run (waiting for its annotators) holds neither.
+# Several runs share a machine's GPUs with one worker per GPU (or GPU group): the pool's concurrency
+# limit (hero deploy --gpus N: the workers) caps the runs in flight, each worker's limit of 1 keeps two
+# runs off one GPU, and a suspended run (waiting for its annotators) holds neither.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 POOL="${2:-}"
-GPU="${3:-}"
-if [[ -z $POOL || ! ${1:-} =~ ^(start|stop)$ || ! $GPU =~ ^[0-9]*$ ]]; then
-    echo "usage: $0 start | stop POOL [GPU index]" >&2
+GPUS="${3:-}"
+if [[ -z $POOL || ! ${1:-} =~ ^(start|stop)$ || ! $GPUS =~ ^([0-9]+(,[0-9]+)*)?$ ]]; then
+    echo "usage: $0 start | stop POOL [GPU index | GPU indices, comma-separated]" >&2
     exit 2
 fi
 PORT="${HERO_WORKER_PORT:-8181}"
 NAME="worker-$POOL"
 LIMIT=()
-if [[ -n $GPU ]]; then
-    NAME="worker-$POOL-gpu$GPU"
-    PORT=$((PORT + GPU))
-    LIMIT=(--limit 1 --name "$(hostname)-$POOL-gpu$GPU")
-    export CUDA_VISIBLE_DEVICES="$GPU"
+if [[ -n $GPUS ]]; then
+    NAME="worker-$POOL-gpu${GPUS//,/-}"
+    PORT=$((PORT + ${GPUS%%,*}))
+    LIMIT=(--limit 1 --name "$(hostname)-$POOL-gpu${GPUS//,/-}")
+    export CUDA_VISIBLE_DEVICES="$GPUS"
+    IFS=, read -ra GROUP <<<"$GPUS"
+    if ((${#GROUP[@]} > 1)); then # the group's runs span it: process k on its k-th GPU
+        export HERO_MODEL__PROCESSES="${#GROUP[@]}" HERO_MODEL__DEVICE=cuda
+    fi
 fi
 
 case "${1:-}" in

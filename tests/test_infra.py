@@ -151,6 +151,18 @@ def test_service_scripts_explain_their_usage(script: str, tmp_path: Path) -> Non
     assert result.returncode == 2 and "usage:" in result.stderr
 
 
+@pytest.mark.parametrize("gpus", ["a", "0,", ",1", "0,,1", "0 1", "-1"])
+def test_a_worker_is_given_a_gpu_index_or_a_comma_separated_group(gpus: str, tmp_path: Path) -> None:
+    state = {**os.environ, "HERO_INFRA_STATE": str(tmp_path)}
+    result = subprocess.run(
+        ["bash", str(INFRA / "prefect-worker.sh"), "start", "pool", gpus],
+        capture_output=True,
+        text=True,
+        env=state,
+    )
+    assert result.returncode == 2 and "GPU indices, comma-separated" in result.stderr
+
+
 def start_s3(port: int, state: Path, timeout_s: float) -> subprocess.CompletedProcess[str]:
     """`infra/s3-server.sh start` on `port`, its pid and log in `state` (moto_server from this venv)."""
     return subprocess.run(

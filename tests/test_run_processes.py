@@ -220,7 +220,7 @@ def test_an_error_every_process_raised_is_the_engines_and_a_failure_of_one_is_na
     processes = RunProcesses(config_of(tmp_path, 2))
     try:
         # the engine's own error, which the other process raised too (here: a command before any engine)
-        with pytest.raises(EngineError, match="not finite"), processes.command("learn", None):
+        with pytest.raises(EngineError, match="not finite"), processes.command("learn", 0, None):
             assert processes.children[0].wait(timeout=60) == 1
             raise EngineError("the first round's best is not finite")
         with (
