@@ -13,8 +13,9 @@ Deploying again updates them in place. A hero-poll-rounds deployment of another 
 release's every-<n>s) is removed, as it would poll beside the current one; the training schedule is
 kept when --training-cron is not given, and removed with --training-cron off.
 
-GPU work goes to the GPU pool, whose concurrency limit is its number of GPUs: a suspended run holds
-no slot, so one GPU runs one round at a time however many runs wait for annotators. The poller runs
+GPU work goes to the GPU pool, whose concurrency limit is its number of GPUs (of workers, where each
+spans a GPU group): a suspended run holds no slot, so one GPU runs one round at a time however many
+runs wait for annotators. The poller runs
 on a small service pool. Workers need the HERO_* environment (service URLs and secrets) and
 optionally HERO_CONFIG_FILE; parameters carry only public per-run choices.
 """

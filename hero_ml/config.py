@@ -1018,6 +1018,18 @@ class _GivenValuesConfig(HeroConfig):
         return (init_settings,)
 
 
+def secret_variables() -> list[str]:
+    """The environment variables that can carry a secret: HERO_<SECTION>__<FIELD> of each SecretStr
+    field, and HERO_<SECTION> (a section given as JSON) of each section holding one."""
+    names = []
+    for section, field in HeroConfig.model_fields.items():
+        is_section = isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        if is_section and (fields := sorted(_secret_fields(section))):
+            names.append(f"{ENV_PREFIX}{section}".upper())
+            names += [f"{ENV_PREFIX}{section}{ENV_NESTED_DELIMITER}{name}".upper() for name in fields]
+    return names
+
+
 def _secret_fields(section: str) -> set[str]:
     """The fields of a config section typed SecretStr (set or not)."""
     model = HeroConfig.model_fields[section].annotation

@@ -96,7 +96,8 @@ def ddpo_objective(
 
 @dataclass(frozen=True)
 class UpdateStats:
-    loss: float  # mean over the trained (unit, timestep) pairs of every process
+    # means over the trained (unit, timestep) pairs of every process, a group refused by target_kl's too
+    loss: float
     approx_kl: float
     clip_fraction: float
     optimizer_steps: int  # taken
@@ -157,7 +158,7 @@ def update_pass(
         )
     params = [p for group in optimizer.param_groups for p in group["params"]]
     initial = [p.detach().clone() for p in params]
-    kls: list[float] = []  # the micro-batches' approx-KL (a group's decides target_kl)
+    kls: list[tuple[float, int]] = []  # each micro-batch's approx-KL and rows (a group's: target_kl)
     # loss, approx-KL and clip fraction summed over the trained (unit, timestep) pairs, and their count
     totals = torch.zeros(1, 4, dtype=torch.float64)
     optimizer_steps = skipped_steps = groups_done = 0
@@ -188,7 +189,7 @@ def update_pass(
                     loss, approx_kl, clip_fraction = objective(mine, steps[mine, j])
                     scaled = loss * weight
                     (scaled if scaler is None else scaler.scale(scaled)).backward()
-                    kls.append(approx_kl.item())
+                    kls.append((approx_kl.item(), len(mine)))
                     figures = (loss.item(), approx_kl.item(), clip_fraction.item(), 1.0)
                     totals += torch.tensor(figures, dtype=torch.float64) * len(mine)
             if target_kl is not None and _group_kl(kls[group_kls:], parallel) > target_kl:
@@ -233,9 +234,12 @@ def update_pass(
     )
 
 
-def _group_kl(kls: list[float], parallel: DataParallel | None) -> float:
-    """Mean approx-KL of an accumulation group, over every process's share (all agree to stop)."""
-    if parallel is None:
-        return sum(kls) / len(kls) if kls else 0.0
-    totals = parallel.gather(torch.tensor([[sum(kls), float(len(kls))]], dtype=torch.float64)).sum(dim=0)
-    return float(totals[0] / totals[1]) if totals[1] > 0 else 0.0
+def _group_kl(kls: list[tuple[float, int]], parallel: DataParallel | None) -> float:
+    """Mean approx-KL of an accumulation group's trained (unit, timestep) pairs, over every process's
+    share (all agree to stop), as the reported approx_kl."""
+    totals = torch.tensor(
+        [[sum(kl * rows for kl, rows in kls), float(sum(rows for _, rows in kls))]], dtype=torch.float64
+    )
+    if parallel is not None:
+        totals = parallel.gather(totals).sum(dim=0, keepdim=True).cpu()
+    return float(totals[0, 0] / totals[0, 1]) if totals[0, 1] > 0 else 0.0

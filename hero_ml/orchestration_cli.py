@@ -72,8 +72,8 @@ def deploy(
         int | None,
         typer.Option(
             min=1,
-            help="GPUs of the GPU pool: runs at once (without the option: an existing pool's limit is "
-            "kept, a new pool gets 1).",
+            help="GPUs of the GPU pool (or its GPU-group workers): runs at once (without the option: an "
+            "existing pool's limit is kept, a new pool gets 1).",
         ),
     ] = None,
     training_cron: Annotated[

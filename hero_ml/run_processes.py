@@ -12,11 +12,12 @@ suspension starts them again. Each loads the model and follows rank 0's commands
     ("learn", round, feedback)     learn the current round (it must be `round`) with rank 0
     ("stop",)                      leave the group and exit
 
-They get the config without its secrets and never touch storage or services. One whose command
-fails prints why and exits; rank 0's collective with it then fails (at once over gloo; over NCCL at
-torch's collective timeout, parallel.TIMEOUT) and RunProcesses.command names it. One whose rank 0 is
-gone (killed) removes the rendezvous folder and exits within a second, so a crashed run leaves no
-process behind, and Ctrl-C is rank 0's alone: it stops the others as it closes.
+They get the config and environment without secrets and never touch the run's storage or a
+service. One whose command fails prints why and exits; rank 0's collective with it then fails (at
+once over gloo; over NCCL possibly only at torch's collective timeout, parallel.TIMEOUT) and
+RunProcesses.command names it. One whose rank 0 is gone (killed) removes the rendezvous folder and
+exits within a second, so a crashed run leaves no process behind; they are in a process group of
+their own, so a terminal's Ctrl-C reaches rank 0 only, which stops them as it closes.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hero_ml.config import HeroConfig
+from hero_ml.config import HeroConfig, secret_variables
 from hero_ml.errors import HeroError
 from hero_ml.faults import CRASH_ENV
 from hero_ml.parallel import DataParallel
@@ -52,9 +52,43 @@ class ProcessesError(HeroError, RuntimeError):
     """A process of a run over several processes failed, or could not start."""
 
 
-def device_of(config: HeroConfig, rank: int) -> torch.device:
-    """Process `rank`'s device: GPU `rank` with model.device 'cuda', else the CPU."""
-    return torch.device("cuda", rank) if config.model.device == "cuda" else torch.device("cpu")
+def device_of(device: str, rank: int) -> torch.device:
+    """Process `rank`'s device under model.device `device` ('cuda' or 'cpu'): GPU `rank`, or the CPU."""
+    return torch.device("cuda", rank) if device == "cuda" else torch.device("cpu")
+
+
+def child_environment(environ: dict[str, str]) -> dict[str, str]:
+    """The others' environment: rank 0's without its secrets (they use no service) or its crash
+    point (a fault-injection test's, for rank 0), their sockets on the loopback (they are all here)."""
+    secrets = set(secret_variables())  # pydantic-settings reads names in any case
+    env = {k: v for k, v in environ.items() if k.upper() not in secrets and k != CRASH_ENV}
+    if (loopback := _loopback()) is not None:
+        env |= dict.fromkeys(LOOPBACK_VARIABLES, loopback)
+    return env
+
+
+LOOPBACK_VARIABLES = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+
+
+def _loopback() -> str | None:
+    return next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
+
+
+@contextmanager
+def _on_loopback() -> Iterator[None]:
+    """gloo and NCCL open their sockets on the loopback within the block (this process's environment
+    as it was after)."""
+    saved = {name: os.environ.get(name) for name in LOOPBACK_VARIABLES}
+    if (loopback := _loopback()) is not None:
+        os.environ.update(dict.fromkeys(LOOPBACK_VARIABLES, loopback))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class RunProcesses:
@@ -68,12 +102,7 @@ class RunProcesses:
                 f"model.processes is {world} but {torch.cuda.device_count()} GPU(s) are visible: "
                 "lower it, or make more GPUs visible (CUDA_VISIBLE_DEVICES)"
             )
-        # the processes are on this machine: their sockets on its loopback, not on every interface
-        loopback = next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
-        if loopback is not None:
-            for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
-                os.environ.setdefault(variable, loopback)
-        env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}  # rank 0's faults, not theirs
+        device = config.model.device
         self._folder = Path(tempfile.mkdtemp(prefix="hero-processes-"))  # mode 0700
         self.children: list[subprocess.Popen] = []
         self._settled = True  # False while a command is in flight: the others may be in a collective
@@ -81,15 +110,21 @@ class RunProcesses:
         try:
             store = dist.FileStore(str(rendezvous), world)
             for k in range(1, world):
-                argv = [str(rendezvous), str(k), str(world), str(os.getpid()), device_of(config, 0).type]
+                argv = [str(rendezvous), str(k), str(world), str(os.getpid()), device]
                 self.children.append(
-                    subprocess.Popen([sys.executable, "-m", "hero_ml.run_processes", *argv], env=env)
+                    subprocess.Popen(
+                        [sys.executable, "-m", "hero_ml.run_processes", *argv],
+                        env=child_environment(dict(os.environ)),
+                        process_group=0,  # a terminal's Ctrl-C is rank 0's to act on: it stops them
+                    )
                 )
             self._wait_ready(store, timeout_s)
-            self.parallel = DataParallel.join(store, 0, world, device_of(config, 0))
+            with _on_loopback():
+                self.parallel = DataParallel.join(store, 0, world, device_of(device, 0))
             self.parallel.send(config.without_secrets())  # they use no service
         except BaseException:
             self._kill()
+            shutil.rmtree(self._folder, ignore_errors=True)
             raise
 
     def _wait_ready(self, store: dist.FileStore, timeout_s: float) -> None:
@@ -100,8 +135,8 @@ class RunProcesses:
                 raise ProcessesError(f"{failed} before it joined the run (its output above says why)")
             if time.monotonic() > deadline:
                 raise ProcessesError(
-                    f"the run's other processes did not start within {timeout_s:.0f} s: a machine this "
-                    "slow to import torch is overloaded; lower model.processes"
+                    f"the run's other processes did not start within {timeout_s:.0f} s (import torch, "
+                    "initialise their GPU): the machine is overloaded; lower model.processes"
                 )
             time.sleep(0.1)
 
@@ -149,13 +184,13 @@ class RunProcesses:
                     child.wait(timeout=max(0.0, deadline - time.monotonic()))
         self._kill()
         self.parallel.close()
+        shutil.rmtree(self._folder, ignore_errors=True)
 
     def _kill(self) -> None:
         for child in self.children:
             if child.poll() is None:
                 child.kill()
                 child.wait()
-        shutil.rmtree(self._folder, ignore_errors=True)
 
 
 def follow(parallel: DataParallel) -> None:
@@ -229,9 +264,8 @@ def main() -> None:
     parser.add_argument("parent", type=int, help="rank 0's pid: exit when it ends")
     parser.add_argument("device", choices=["cpu", "cuda"], help="model.device: GPU RANK, or the CPU")
     args = parser.parse_args()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is rank 0's to act on
     _exit_with(args.parent, Path(args.rendezvous).parent)
-    device = torch.device("cuda", args.rank) if args.device == "cuda" else torch.device("cpu")
+    device = device_of(args.device, args.rank)
     if device.type == "cuda":  # ready means its GPU works: what fails after is the join alone
         torch.cuda.set_device(device)
         torch.zeros(1, device=device)

@@ -213,16 +213,10 @@ class TrainingRun:
             self.runs.save_model(model)
         if self.runs.load_tracking() is None:  # a new run (or one stored before runs recorded it)
             self.runs.save_tracking(TrackingRecord(uid=uuid.uuid4().hex))
+        self._checkpoint: tuple[bytes, bytes] | None = None  # the files the engine was loaded from
         self.engine = self._resumed_engine(store)
-        if self.processes is not None:  # the others build the same engine, from this one's checkpoint
-            if self.engine.round == 0:
-                command: tuple = ("engine", None)
-            else:  # checkpoint k holds the engine after round k
-                command = (
-                    "engine",
-                    *read_checkpoint(store, self.runs.checkpoint_prefix(self.engine.round - 1)),
-                )
-            with self._together(*command):
+        if self.processes is not None:  # the others build the same engine, from the same files
+            with self._together("engine", *(self._checkpoint or (None,))):
                 pass
 
     def _resumed_engine(self, store: ArtifactStore) -> Engine:
@@ -248,7 +242,8 @@ class TrainingRun:
 
     def _load_checkpoint(self, store: ArtifactStore, index: int) -> Engine:
         prefix = self.runs.checkpoint_prefix(index)
-        engine = Engine.load(self.config, self.pipe, store, prefix, self._parallel)
+        files = read_checkpoint(store, prefix)
+        engine = Engine.restored(self.config, self.pipe, *files, prefix, self._parallel)
         if engine.round != index + 1:  # checkpoint k holds the engine after round k
             engine.detach()
             raise EngineError(
@@ -256,6 +251,7 @@ class TrainingRun:
                 f"state.json edited or moved); `hero storage verify {self.config.run_id}` lists what else "
                 "is damaged"
             )
+        self._checkpoint = files
         return engine
 
     def tracking(self) -> TrackingRecord:

@@ -16,8 +16,11 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 POOL="${2:-}"
 GPUS="${3:-}"
-if [[ -z $POOL || ! ${1:-} =~ ^(start|stop)$ || ! $GPUS =~ ^([0-9]+(,[0-9]+)*)?$ ]]; then
-    echo "usage: $0 start | stop POOL [GPU index | GPU indices, comma-separated]" >&2
+INDEX='(0|[1-9][0-9]{0,2})'
+IFS=, read -ra GROUP <<<"$GPUS"
+if [[ -z $POOL || ! ${1:-} =~ ^(start|stop)$ || ! $GPUS =~ ^($INDEX(,$INDEX)*)?$ ||
+    $(printf '%s\n' "${GROUP[@]}" | sort | uniq -d) ]]; then
+    echo "usage: $0 start | stop POOL [GPU index | GPU indices, comma-separated, each once]" >&2
     exit 2
 fi
 PORT="${HERO_WORKER_PORT:-8181}"
@@ -28,10 +31,10 @@ if [[ -n $GPUS ]]; then
     PORT=$((PORT + ${GPUS%%,*}))
     LIMIT=(--limit 1 --name "$(hostname)-$POOL-gpu${GPUS//,/-}")
     export CUDA_VISIBLE_DEVICES="$GPUS"
-    IFS=, read -ra GROUP <<<"$GPUS"
-    if ((${#GROUP[@]} > 1)); then # the group's runs span it: process k on its k-th GPU
-        export HERO_MODEL__PROCESSES="${#GROUP[@]}" HERO_MODEL__DEVICE=cuda
-    fi
+    # its runs span its GPUs, process k on the k-th (a single GPU's: one process), whatever the
+    # worker's environment or config file says
+    export HERO_MODEL__PROCESSES="${#GROUP[@]}"
+    ((${#GROUP[@]} == 1)) || export HERO_MODEL__DEVICE=cuda
 fi
 
 case "${1:-}" in

@@ -40,6 +40,7 @@ def test_runs_share_two_workers_gpus_one_run_per_worker_at_a_time(
         "HERO_WORKER_PORT": str(base_port),
         "PREFECT_HOME": str(tmp_path / "prefect-home"),
         "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "HERO_MODEL__PROCESSES": "4",  # the worker's own setting: its GPUs decide
     }
     with temporary_settings({PREFECT_API_URL: prefect_server.url}):
         ensure_pool(pool, concurrency_limit=2)

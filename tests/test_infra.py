@@ -151,7 +151,7 @@ def test_service_scripts_explain_their_usage(script: str, tmp_path: Path) -> Non
     assert result.returncode == 2 and "usage:" in result.stderr
 
 
-@pytest.mark.parametrize("gpus", ["a", "0,", ",1", "0,,1", "0 1", "-1"])
+@pytest.mark.parametrize("gpus", ["a", "0,", ",1", "0,,1", "0 1", "-1", "08", "0,1,0", "1234"])
 def test_a_worker_is_given_a_gpu_index_or_a_comma_separated_group(gpus: str, tmp_path: Path) -> None:
     state = {**os.environ, "HERO_INFRA_STATE": str(tmp_path)}
     result = subprocess.run(
@@ -160,7 +160,7 @@ def test_a_worker_is_given_a_gpu_index_or_a_comma_separated_group(gpus: str, tmp
         text=True,
         env=state,
     )
-    assert result.returncode == 2 and "GPU indices, comma-separated" in result.stderr
+    assert result.returncode == 2 and "GPU indices, comma-separated, each once" in result.stderr
 
 
 def start_s3(port: int, state: Path, timeout_s: float) -> subprocess.CompletedProcess[str]:

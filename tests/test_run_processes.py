@@ -20,7 +20,7 @@ from hero_ml.config import HeroConfig, with_overrides
 from hero_ml.engine import EngineError
 from hero_ml.faults import CRASH_ENV
 from hero_ml.feedback import RoundFeedback
-from hero_ml.run_processes import ProcessesError, RunProcesses
+from hero_ml.run_processes import LOOPBACK_VARIABLES, ProcessesError, RunProcesses, child_environment
 from hero_ml.run_store import RunStore
 from hero_ml.training import TrainingRun
 from tests.conftest import tiny_run
@@ -256,6 +256,22 @@ def test_more_processes_than_gpus_are_refused_before_any_starts(tmp_path: Path) 
 
 def rendezvous_folders() -> set[Path]:
     return set(Path(tempfile.gettempdir()).glob("hero-processes-*"))
+
+
+def test_the_others_get_no_secret_and_no_crash_point_from_the_environment() -> None:
+    environ = {
+        "HERO_LABEL_STUDIO__API_KEY": "ls-key",
+        "hero_storage__s3_secret_access_key": "lower case is read too",
+        "HERO_ORCHESTRATION": '{"webhook_secret": "a section as JSON"}',
+        CRASH_ENV: "ddpo.step:1",
+        "HERO_MODEL__PROCESSES": "2",
+        "PATH": "/usr/bin",
+    }
+    env = child_environment(environ)
+    assert {k: v for k, v in env.items() if k not in LOOPBACK_VARIABLES} == {
+        "HERO_MODEL__PROCESSES": "2",
+        "PATH": "/usr/bin",
+    }
 
 
 def followers_of(parent: int) -> list[int]:
