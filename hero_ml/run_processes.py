@@ -46,6 +46,7 @@ from hero_ml.parallel import DataParallel
 
 STARTUP_TIMEOUT_S = 300.0  # for the others to start (import torch and this package) and join
 STOP_TIMEOUT_S = 60.0  # for the others to exit after "stop", before they are killed
+LOOPBACK_VARIABLES = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")  # where gloo and NCCL open sockets
 
 
 class ProcessesError(HeroError, RuntimeError):
@@ -67,17 +68,14 @@ def child_environment(environ: dict[str, str]) -> dict[str, str]:
     return env
 
 
-LOOPBACK_VARIABLES = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
-
-
 def _loopback() -> str | None:
     return next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
 
 
 @contextmanager
 def _on_loopback() -> Iterator[None]:
-    """gloo and NCCL open their sockets on the loopback within the block (this process's environment
-    as it was after)."""
+    """gloo and NCCL open this process's sockets on the loopback within the block; its environment is
+    restored after."""
     saved = {name: os.environ.get(name) for name in LOOPBACK_VARIABLES}
     if (loopback := _loopback()) is not None:
         os.environ.update(dict.fromkeys(LOOPBACK_VARIABLES, loopback))

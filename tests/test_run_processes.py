@@ -17,6 +17,7 @@ import yaml
 
 from hero_ml.adapters.storage import LocalStore
 from hero_ml.config import HeroConfig, with_overrides
+from hero_ml.engine import EngineError
 from hero_ml.faults import CRASH_ENV
 from hero_ml.feedback import RoundFeedback
 from hero_ml.run_processes import LOOPBACK_VARIABLES, ProcessesError, RunProcesses, child_environment
@@ -200,6 +201,38 @@ def test_a_process_whose_rank_0_is_killed_where_nothing_fails_exits_and_cleans_u
     while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not Path(f"/proc/{pid}").exists() and not folder.exists()
+
+
+@pytest.mark.timeout(120)
+def test_a_run_that_fails_inside_a_round_stops_its_processes_at_once(tmp_path: Path) -> None:
+    # the others are inside the round's collectives, waiting for this process: telling them to stop
+    # would wait as long as they do (torch's collective timeout); they are killed
+    def progress(phase: str, done: int, total: int) -> None:
+        if phase == "denoising" and done == 2:
+            raise KeyboardInterrupt  # Ctrl-C in a notebook, an error of a progress display
+
+    started, before = time.monotonic(), rendezvous_folders()
+    with pytest.raises(KeyboardInterrupt):
+        train(config_of(tmp_path, 2), on_progress=progress)
+    assert time.monotonic() - started < 60
+    assert not followers_of(os.getpid())
+    assert rendezvous_folders() == before
+
+
+def test_an_error_every_process_raised_is_the_engines_and_a_failure_of_one_is_named(tmp_path: Path) -> None:
+    processes = RunProcesses(config_of(tmp_path, 2))
+    try:
+        # the engine's own error, which the other process raised too (here: a command before any engine)
+        with pytest.raises(EngineError, match="not finite"), processes.command("learn", 0, None):
+            assert processes.children[0].wait(timeout=60) == 1
+            raise EngineError("the first round's best is not finite")
+        with (
+            pytest.raises(ProcessesError, match=r"process 1 of 2 exited with code 1 .*hero run --resume"),
+            processes.command("generate"),
+        ):
+            pass
+    finally:
+        processes.close()
 
 
 def test_processes_not_up_in_time_are_stopped_and_said(tmp_path: Path) -> None:
