@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import StableDiffusionPipeline
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
@@ -115,9 +115,15 @@ class RoundStats:
     lora_step_norm: float | None = None
     skipped_steps: int = 0  # optimiser steps not taken: their gradient was not finite
     non_finite_images: int = 0  # images whose latents were not finite: left out of the encoder's triplets
+    # When the round was learned, set as it is stored: its metrics' time in the tracker, so that tracking
+    # it again after a crash leaves one point; None: not stored yet, or recorded before the field existed.
+    learned_at: AwareDatetime | None = None
 
     def metrics(self) -> dict[str, float]:
-        return {k: float(v) for k, v in asdict(self).items() if v is not None and k != "round"}
+        """The figures (not the round, which is the step, nor the time)."""
+        figures = asdict(self)
+        del figures["round"], figures["learned_at"]
+        return {k: float(v) for k, v in figures.items() if v is not None}
 
 
 def sample_batch(

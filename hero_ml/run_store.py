@@ -22,7 +22,7 @@ import hashlib
 import io
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -330,7 +330,7 @@ class RunStore:
     # -- learning and tracking ---------------------------------------------------------------------
 
     def save_stats(self, stats: RoundStats) -> None:
-        self.store.put(f"{self.round_prefix(stats.round)}/{STATS}", json.dumps(asdict(stats)).encode())
+        self.store.put(f"{self.round_prefix(stats.round)}/{STATS}", _ROUND_STATS.dump_json(stats))
 
     def load_stats(self, round_index: int) -> RoundStats:
         key = f"{self.round_prefix(round_index)}/{STATS}"

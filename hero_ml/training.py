@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -372,6 +372,7 @@ class TrainingRun:
         crash_point("feedback")
         with self._together("learn", batch.round, feedback):
             stats = self.engine.learn(batch, feedback, on_progress=self._progress)
+        stats = replace(stats, learned_at=datetime.now(UTC))
         self.runs.save_stats(stats)
         self.runs.save_checkpoint(self.engine)
         return stats
@@ -379,15 +380,15 @@ class TrainingRun:
     def track(self, batch: RoundBatch, stats: RoundStats) -> None:
         """The round's metrics and image grid to the tracker, then the mark that they got there."""
         if self.tracker is not None:
-            self.tracker.log_metrics(stats.metrics(), step=stats.round)
+            self.tracker.log_metrics(stats.metrics(), step=stats.round, at=stats.learned_at)
             crash_point("track")
             grid = np.asarray(image_grid(batch.trajectory.images))
             self.tracker.log_image(grid, f"rounds/{stats.round:04d}/grid.png")
         self.runs.mark_tracked(stats.round)
 
     def track_interrupted(self) -> list[int]:
-        """Track again the learned rounds whose tracking a crash interrupted (their metrics may then
-        be logged twice, with the same values); the rounds tracked."""
+        """Track again the learned rounds whose tracking a crash interrupted (at the time each was
+        learned: metrics that got there before stay one point); the rounds tracked."""
         rounds = self.runs.untracked_rounds()
         for k in rounds:
             self.track(self.runs.load_batch(k), self.runs.load_stats(k))

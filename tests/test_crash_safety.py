@@ -136,7 +136,5 @@ def test_a_run_killed_at_a_crash_point_resumes_to_the_uninterrupted_result(
     assert result["tensors"] == reference["tensors"]  # nothing learned twice, nothing skipped
     assert result["verify"].problems == [] and result["verify"].incomplete == []
     assert result["status"] == "FINISHED" and result["grids"] == ROUNDS
-    # every round tracked; a crash while tracking may log that round's metrics a second time
-    assert sorted(set(result["metric_steps"])) == list(range(ROUNDS))
-    if point != "track":
-        assert result["metric_steps"] == list(range(ROUNDS))
+    # every round tracked once: a round tracked again after a crash while tracking stays one point
+    assert result["metric_steps"] == list(range(ROUNDS))

@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -114,9 +115,15 @@ def test_hero_run_trains_tracks_and_stores_a_whole_run(
 
     again = runner.invoke(app, ["run", "-c", str(config), "--run-id", "cli-run"])
     assert again.exit_code == 1 and "hero run --resume cli-run" in again.output
+    (root / "rounds" / "1" / "tracked.json").unlink()  # as a crash after its metrics, before the mark
+    learned_at = json.loads((root / "rounds" / "1" / "stats.json").read_text())["learned_at"]
     resumed = runner.invoke(app, ["run", "-c", str(config), "--resume", "cli-run"])
     assert resumed.exit_code == 0, resumed.output
     assert "2 (0)" in resumed.output  # nothing left to do: the budget is spent
+    assert (root / "rounds" / "1" / "tracked.json").exists()
+    good = client.get_metric_history(run.info.run_id, "good")  # round 1 tracked again: one point
+    assert [m.step for m in good] == [0, 1]
+    assert good[1].timestamp == int(datetime.fromisoformat(learned_at).timestamp() * 1000)  # its time
     assert "evaluating after" not in resumed.output  # the same weights: their stored evaluations
     history = client.get_metric_history(run.info.run_id, "eval_success_rate_after")
     assert [m.step for m in history] == [2]  # tracked again at its time: one point

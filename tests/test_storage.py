@@ -288,6 +288,10 @@ def test_a_damaged_record_of_a_run_is_named_with_what_is_wrong(tmp_path: Path, b
     ):
         runs.load_stats(0)
     assert "reward_good_mean: Input should be a valid number" in runs.verify().problems[0]
+    figures |= {"reward_good_mean": 0.5, "optimizer_steps": 3, "learned_at": "2026-12-06T10:00:00"}
+    (root / "rounds" / "0" / "stats.json").write_text(json.dumps(figures))  # tracked in no zone
+    with pytest.raises(CorruptObjectError, match=r"\n  learned_at: Input should have timezone info"):
+        runs.load_stats(0)
     (root / "rounds" / "0" / "stats.json").unlink()
     # a naive time would start a deadline's clock in no zone
     published = {"published_at": "2026-12-06T10:00:00", "project_id": 3, "flow_run_id": None, "tasks": 7}
