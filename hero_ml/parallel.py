@@ -38,12 +38,13 @@ COMMAND_TIMEOUT = timedelta(days=30)
 
 
 class DataParallel:
-    def __init__(self, rank: int, world: int, device: torch.device):
-        """This process's place in a process group already initialised (launched, join)."""
+    def __init__(self, rank: int, world: int, device: torch.device, commands: dist.ProcessGroup | None):
+        """This process's place in a process group already initialised (launched, join); `commands`:
+        the group rank 0's commands go over (join's), None where there are none (launched)."""
         self.rank = rank
         self.world = world
         self.device = device
-        self._commands = dist.new_group(backend="gloo", timeout=COMMAND_TIMEOUT)
+        self._commands = commands
 
     @classmethod
     def launched(cls) -> DataParallel:
@@ -51,20 +52,16 @@ class DataParallel:
         MASTER_ADDR, MASTER_PORT): GPU LOCAL_RANK when there are GPUs, else the CPU."""
         local = int(os.environ["LOCAL_RANK"])
         device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-        return cls._initialised(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device)
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        _initialise(rank, world, device)
+        return cls(rank, world, device, commands=None)
 
     @classmethod
     def join(cls, store: dist.Store, rank: int, world: int, device: torch.device) -> DataParallel:
-        """Process `rank` of `world`, meeting the others at `store` (a FileStore on one machine)."""
-        return cls._initialised(rank, world, device, store=store)
-
-    @classmethod
-    def _initialised(cls, rank: int, world: int, device: torch.device, **rendezvous: Any) -> DataParallel:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=TIMEOUT, **rendezvous)
-        return cls(rank, world, device)
+        """Process `rank` of `world`, meeting the others at `store` (a FileStore on one machine), with
+        a group for rank 0's commands."""
+        _initialise(rank, world, device, store=store)
+        return cls(rank, world, device, commands=dist.new_group(backend="gloo", timeout=COMMAND_TIMEOUT))
 
     def images(self, count: int) -> slice:
         """This process's contiguous share of a round of `count` images."""
@@ -105,14 +102,19 @@ class DataParallel:
             offset += p.numel()
 
     def send(self, command: Any) -> None:
-        """Rank 0: a picklable command to every other process (each takes it with receive)."""
-        dist.broadcast_object_list([command], src=0, group=self._commands)
+        """Rank 0 of joined processes: a picklable command to every other (each takes it with receive)."""
+        dist.broadcast_object_list([command], src=0, group=self._command_group())
 
     def receive(self) -> Any:
-        """Not rank 0: rank 0's next command (waits up to COMMAND_TIMEOUT)."""
+        """Not rank 0, joined: rank 0's next command (waits up to COMMAND_TIMEOUT)."""
         box: list[Any] = [None]
-        dist.broadcast_object_list(box, src=0, group=self._commands)
+        dist.broadcast_object_list(box, src=0, group=self._command_group())
         return box[0]
+
+    def _command_group(self) -> dist.ProcessGroup:
+        if self._commands is None:
+            raise RuntimeError("commands go between processes that joined (DataParallel.join), not launched")
+        return self._commands
 
     def close(self) -> None:
         """Leave the process group, in every process at its end: a process that exits without it can
@@ -120,3 +122,11 @@ class DataParallel:
         process that opens another group later needs the default one gone."""
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _initialise(rank: int, world: int, device: torch.device, **rendezvous: Any) -> None:
+    """The default process group: NCCL between GPUs, gloo between CPU processes."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=TIMEOUT, **rendezvous)
