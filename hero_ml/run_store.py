@@ -22,7 +22,7 @@ import hashlib
 import io
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -330,7 +330,10 @@ class RunStore:
     # -- learning and tracking ---------------------------------------------------------------------
 
     def save_stats(self, stats: RoundStats) -> None:
-        self.store.put(f"{self.round_prefix(stats.round)}/{STATS}", _ROUND_STATS.dump_json(stats))
+        # json's NaN where a figure is not finite (pydantic's dump would write null, which reads back as
+        # no figure or not at all); learned_at in ISO 8601 with its zone
+        record = json.dumps(asdict(stats), default=datetime.isoformat)
+        self.store.put(f"{self.round_prefix(stats.round)}/{STATS}", record.encode())
 
     def load_stats(self, round_index: int) -> RoundStats:
         key = f"{self.round_prefix(round_index)}/{STATS}"

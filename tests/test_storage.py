@@ -4,6 +4,7 @@ local directory: one contract for both, S3's own failures, and a run's objects v
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -11,6 +12,8 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -412,6 +415,18 @@ class CountingStore:
     def __getattr__(self, name: str) -> Any:
         self.calls.append(name)
         return getattr(self.inner, name)
+
+
+def test_a_rounds_stats_read_back_as_stored_a_figure_not_finite_and_the_time_included(tmp_path: Path) -> None:
+    runs = RunStore(LocalStore(tmp_path), "r")
+    figures = dict.fromkeys(RoundStats.__dataclass_fields__, 0) | {"round": 0, "new_best": False}
+    figures |= {"label_agreement": float("nan"), "update_loss": float("inf"), "approx_kl": None}
+    stats = RoundStats(**figures | {"learned_at": datetime(2026, 12, 7, 22, 30, 5, 123456, tzinfo=UTC)})
+    runs.save_stats(stats)
+    read = runs.load_stats(0)
+    assert math.isnan(read.label_agreement) and read.update_loss == math.inf and read.approx_kl is None
+    assert replace(read, label_agreement=0.0) == replace(stats, label_agreement=0.0)  # the time to the µs
+    assert "learned_at" not in stats.metrics() and "round" not in stats.metrics()
 
 
 def test_untracked_rounds_are_found_with_one_listing(tmp_path: Path) -> None:
