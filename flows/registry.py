@@ -15,7 +15,7 @@ from prefect.exceptions import ObjectNotFound
 from flows.training import deployed_run_id, resolve_config
 from hero_ml.adapters.storage import open_store
 from hero_ml.adapters.tracking.registry import PromotionDecision
-from hero_ml.promotion import generate_from_registry, open_registry, promote_version
+from hero_ml.promotion import BaseModelChangeError, generate_from_registry, open_registry, promote_version
 from hero_ml.run_store import RunStore
 
 FLOW_RUN_RESOURCE = "prefect.flow-run."  # how an event names a flow run: prefect.flow-run.<id>
@@ -23,13 +23,20 @@ FLOW_RUN_RESOURCE = "prefect.flow-run."  # how an event names a flow run: prefec
 
 @flow(name="hero-promote", validate_parameters=False)
 def promote(
-    version: str | None = None, config: dict[str, Any] | None = None, after_flow_run: str | None = None
+    version: str | None = None,
+    config: dict[str, Any] | None = None,
+    after_flow_run: str | None = None,
+    allow_base_change: bool = False,
 ) -> PromotionDecision | None:
     """Compare registry `version` (default: the latest) with the champion (hero_ml.promotion).
 
     after_flow_run: a finished hero-training flow run (its id, or the event resource the after-training
     trigger passes): the version that run registered is the challenger, so runs that finish together
-    each have their own judged. Nothing to do (None) when it registered none or it is the champion."""
+    each have their own judged. Nothing to do (None) when it registered none, it is the champion, or
+    it was trained on another base model than the champion and allow_base_change is false (a person
+    decides that). allow_base_change: judge a version of another base model than the champion's."""
+    if type(allow_base_change) is not bool:  # unvalidated: the string "false" would be true
+        raise ValueError(f"allow_base_change: true or false, got {allow_base_change!r}")
     resolved = resolve_config(None, config)
     logger = get_run_logger()
     if after_flow_run is not None:
@@ -48,14 +55,20 @@ def promote(
             return None
         if "hero.task" not in mine.tags:  # a real model's run (simulation.task null): no judge
             logger.info(
-                "run %s: version %s has no toy task to be judged on: evaluate it with people and set "
-                "the alias in MLflow",
+                "run %s: version %s has no toy task to be judged on: evaluate it with people and point "
+                "the alias at it by hand (hero registry alias %s)",
                 run_id,
+                mine.version,
                 mine.version,
             )
             return None
-        version = mine.version
-    decision = promote_version(resolved, version)
+        try:
+            decision = promote_version(resolved, mine.version, allow_base_change=allow_base_change)
+        except BaseModelChangeError as err:
+            logger.warning("run %s: %s", run_id, err)
+            return None
+    else:
+        decision = promote_version(resolved, version, allow_base_change=allow_base_change)
     logger.info(
         "version %s: %.3f vs %s: %.3f (gain %+.3f, margin %.3f): %s",
         decision.challenger,

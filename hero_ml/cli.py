@@ -29,10 +29,11 @@ from hero_ml.cli_support import (
     reflow_help,
     writable_folder,
 )
-from hero_ml.config import MAX_GENERATED, SEED_MAX, ConfigError, HeroConfig
+from hero_ml.config import MAX_GENERATED, SEED_MAX, ConfigError, HeroConfig, model_uri_problem
 from hero_ml.errors import HeroError
 from hero_ml.labelling_cli import labelstudio_app
 from hero_ml.orchestration_cli import deploy, rounds_app, serve_webhooks
+from hero_ml.registry_cli import registry_app
 from hero_ml.toy.cli import toy_app
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ app.add_typer(labelstudio_app, name="labelstudio")
 storage_app = typer.Typer(help="Inspect and verify a run's stored objects.", no_args_is_help=True)
 app.add_typer(storage_app, name="storage")
 app.add_typer(rounds_app, name="rounds")
+app.add_typer(registry_app, name="registry")
 app.command("deploy")(deploy)
 app.command("serve-webhooks")(serve_webhooks)
 
@@ -256,6 +258,8 @@ def run(
     label_studio.enabled, rounds go to Label Studio and this process waits for the annotators (a
     deployment suspends instead: see docs/OPERATIONS.md). Each round is committed as it finishes; a
     stopped run continues with --resume RUN_ID.
+
+    Examples: hero run --task counting --budget 256 --run-id counting-1; hero run --resume counting-1
     """
     from hero_ml.config import with_overrides
     from hero_ml.training import multi_process_launch
@@ -328,7 +332,7 @@ def run(
         raise fail(problem + (" (--budget)" if budget is not None else ""))
     # the command that continues it, as this one found the run (its config file said again)
     given = f" --config {shlex.quote(str(config))}" if config is not None else ""
-    _run_embedded(resolved, f"hero run --resume {resolved.run_id}{given}", resuming=resume is not None)
+    _run_embedded(resolved, given, resuming=resume is not None)
 
 
 def _ignored_on_resume(stored: dict, given: HeroConfig) -> list[str]:
@@ -366,10 +370,13 @@ def _stored_run_config(where: str, stored: dict, current: HeroConfig, run_id: st
     return restored
 
 
-def _run_embedded(config: HeroConfig, resume_hint: str, resuming: bool) -> None:
-    """The training flow on embedded defaults, with progress and a closing summary; resume_hint: the
-    command that continues the run, said when it is stopped (once it is stored, or when resuming)."""
+def _run_embedded(config: HeroConfig, config_hint: str, resuming: bool) -> None:
+    """The training flow on embedded defaults, with progress and a closing summary; config_hint: the
+    config file's option (" --config FILE", or ""), for the commands it says: the one that continues
+    the run when it is stopped (once it is stored, or when resuming), the one that promotes its LoRA."""
     from rich.table import Table
+
+    resume_hint = f"hero run --resume {config.run_id}{config_hint}"
 
     from hero_ml.training import run_task
 
@@ -483,7 +490,8 @@ def _run_embedded(config: HeroConfig, resume_hint: str, resuming: bool) -> None:
     if summary.registered_version is not None:
         console.print(
             f"registered {config.tracking.registered_model} version {summary.registered_version}: "
-            f"compare it with the champion by `hero promote --version {summary.registered_version}`",
+            f"compare it with the champion by `hero promote --version {summary.registered_version}"
+            f"{config_hint}`",
             highlight=False,
             markup=False,
         )
@@ -510,8 +518,11 @@ def _train_with_progress(
         if phase == "denoising" and done == 1:
             round_started[0] = time.perf_counter()
         if phase == "denoising":  # its count is UNet calls: every step of every sub-batch
-            steps = config.sampling.num_steps
-            phase = f"denoising ({total // steps} sub-batches x {steps} steps)"
+            steps, sub_batches = config.sampling.num_steps, total // config.sampling.num_steps
+            processes = config.model.processes
+            each = f", on each of {processes} processes" if processes > 1 else ""
+            batches = f"{sub_batches} sub-batch{'es' if sub_batches > 1 else ''}"
+            phase = f"denoising ({batches} x {steps} steps{each})"
         if progress.tasks[0].description != phase:
             progress.remove_task(bar[0])
             bar[0] = progress.add_task(phase, total=total)
@@ -663,17 +674,30 @@ def storage_verify(
 @app.command("promote")
 def promote(
     version: Annotated[
-        int | None, typer.Option(min=1, help="Registry version to evaluate (default: the latest).")
+        int | None,
+        typer.Option(
+            min=1, help="Registry version to evaluate (default: the latest; `hero registry ls` lists them)."
+        ),
     ] = None,
+    allow_base_change: Annotated[
+        bool,
+        typer.Option(
+            help="Judge a version trained on another base model than the champion (each on its own "
+            "base); a win changes the model the alias serves."
+        ),
+    ] = False,
     config: ConfigOption = None,
 ) -> None:
     """Evaluate a LoRA version against the champion and move the champion alias only on a win.
 
     Both models generate promotion.eval_images images from the same fixed noises, judged by the
     version's toy task; with no champion yet the challenger must beat the base model. The decision
-    and its figures are recorded as tags of the version.
+    and its figures are recorded as tags of the version. A version of another toy task, or of no task,
+    is refused: point the alias by hand (`hero registry alias VERSION`), which is also how a promotion
+    is rolled back.
+
+    Example: hero promote --version 4 -c production.yaml
     """
-    from hero_ml.adapters.tracking.registry import RegistryError
     from hero_ml.promotion import promote_version
 
     resolved = load(config)
@@ -692,8 +716,9 @@ def promote(
                 resolved,
                 None if version is None else str(version),
                 on_images=lambda n: progress.advance(bar, n),
+                allow_base_change=allow_base_change,
             )
-        except RegistryError as err:
+        except HeroError as err:  # the registry's, a base model that cannot load
             progress.remove_task(bar)  # no bar left standing under the error
             raise fail(str(err)) from None
     alias = resolved.tracking.champion_alias
@@ -734,6 +759,8 @@ def generate(
     config: ConfigOption = None,
 ) -> None:
     """Generate images from a registered LoRA, e.g. the production one: models:/hero-lora@champion."""
+    if (problem := model_uri_problem(model)) is not None:  # before the seconds of importing the models
+        raise fail(problem)
     from hero_ml.adapters.tracking.registry import RegistryError
     from hero_ml.diffusion.pipeline import ModelNotFoundError
     from hero_ml.promotion import generate_from_registry

@@ -69,6 +69,8 @@ TRACKING_SCHEMES = {"sqlite", "http", "https", "postgresql", "mysql", "mssql", "
 DATABASE_SCHEMES = {"postgresql", "mysql", "mssql"}  # a user name in their URIs is not a secret
 SEED_MAX = 2**63 - 1  # torch's generators take seeds below 2**63
 MAX_GENERATED = 1024  # images `hero generate` draws at most (one batch, held in memory)
+# A registered version, as `hero generate` and the registry take it (fullmatch)
+MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>[0-9]+))")
 SECRET_MASK = "**********"  # how pydantic dumps a SecretStr to JSON
 WEBHOOK_SECRET_MIN = 16  # characters
 SECRET_IN_VALUE = "secret_in_value"  # an error type whose input holds a secret: never echoed
@@ -637,12 +639,8 @@ class TrackingConfig(_Section):
     @field_validator("champion_alias")
     @classmethod
     def _an_mlflow_alias(cls, alias: str) -> str:
-        if not re.fullmatch(r"[\w-]{1,255}", alias):
-            raise ValueError("an alias is 1 to 255 letters, digits, '_' and '-': e.g. 'champion'")
-        if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
-            raise ValueError(
-                "'latest' and v<number> are MLflow's own aliases: choose another, e.g. 'champion'"
-            )
+        if (problem := alias_problem(alias)) is not None:
+            raise ValueError(problem)
         return alias
 
     register_lora: bool = Field(
@@ -888,9 +886,13 @@ class HeroConfig(BaseSettings):
             )
         if (processes := self.model.processes) > 1:
             if self.sampling.images_per_round % processes:
+                images = self.sampling.images_per_round
+                divisors = [k for k in range(1, processes) if images % k == 0]
                 raise ValueError(
-                    f"sampling.images_per_round ({self.sampling.images_per_round}) is not a multiple of "
-                    f"model.processes ({processes}): each process samples an equal share of a round"
+                    f"sampling.images_per_round ({images}) is not a multiple of model.processes "
+                    f"({processes}): each process samples an equal share of a round; set images_per_round "
+                    f"to a multiple of {processes} (e.g. {-(-images // processes) * processes}), or "
+                    f"processes to a divisor of {images} (e.g. {max(divisors)})"
                 )
             if self.model.device not in ("cpu", "cuda"):
                 raise ValueError(
@@ -1267,6 +1269,22 @@ def _section_names() -> list[str]:
     ]
 
 
+def model_uri_problem(uri: str) -> str | None:
+    """What makes `uri` no URI of a registered version, None if nothing."""
+    if MODEL_URI.fullmatch(uri):
+        return None
+    return f"{uri!r} is not a model URI: write models:/NAME@ALIAS or models:/NAME/VERSION"
+
+
+def alias_problem(alias: str) -> str | None:
+    """What makes `alias` no alias a registry version can be given (MLflow's rules), None if nothing."""
+    if not re.fullmatch(r"[\w-]{1,255}", alias):
+        return "an alias is 1 to 255 letters, digits, '_' and '-': e.g. 'champion'"
+    if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+        return "'latest' and v<number> are MLflow's own aliases: choose another, e.g. 'champion'"
+    return None
+
+
 def format_validation_error(
     err: ValidationError,
     root: type[BaseModel] | None = None,
@@ -1282,7 +1300,8 @@ def format_validation_error(
     lines = []
     for problem in err.errors(include_url=False):
         path = ".".join(str(part) for part in problem["loc"]) or "(top level)"
-        line = f"  {path}: {problem['msg']}"
+        # a validator's own message, without pydantic's "Value error, " before it
+        line = f"  {path}: {problem['msg'].removeprefix('Value error, ')}"
         given = problem["input"]
         shown = (
             _may_echo(problem["loc"], root or HeroConfig)

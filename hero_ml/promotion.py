@@ -16,7 +16,13 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from hero_ml.adapters.tracking.registry import ModelVersion, PromotionDecision, Registry, RegistryError
+from hero_ml.adapters.tracking.registry import (
+    BASE_MODEL_TAG,
+    ModelVersion,
+    PromotionDecision,
+    Registry,
+    RegistryError,
+)
 from hero_ml.config import MAX_GENERATED, SEED_MAX, ConfigError, HeroConfig
 from hero_ml.diffusion.sampler import per_image_generators, sample_trajectories
 from hero_ml.guidance import NoisePool
@@ -30,11 +36,21 @@ def open_registry(config: HeroConfig) -> Registry:
     return Registry(tracking.tracking_uri, tracking.registered_model, tracking.champion_alias)
 
 
+class BaseModelChangeError(RegistryError):
+    """A promotion would move the champion alias to a LoRA of another base model."""
+
+
 def promote_version(
-    config: HeroConfig, version: str | None = None, on_images: Callable[[int], None] | None = None
+    config: HeroConfig,
+    version: str | None = None,
+    on_images: Callable[[int], None] | None = None,
+    allow_base_change: bool = False,
 ) -> PromotionDecision:
     """Compare `version` (default: the latest) against the champion, or the base model when there is
-    none, on config.promotion's fixed evaluation; move the champion alias on a win by the margin."""
+    none, on config.promotion's fixed evaluation; move the champion alias on a win by the margin.
+
+    allow_base_change: judge a challenger trained on another base model than the champion (each is
+    evaluated on its own base; a win changes the model the alias serves), refused without it."""
     registry = open_registry(config)
     challenger = registry.version(version)
     current = registry.champion()
@@ -42,7 +58,8 @@ def promote_version(
     if task_name is None:
         raise RegistryError(
             f"version {challenger.version} has no hero.task tag: only toy-task versions have an "
-            "automatic judge; evaluate it with people and set the alias in MLflow"
+            f"automatic judge; evaluate it with people and point the alias at it by hand (`hero registry "
+            f"alias {challenger.version}`)"
         )
     if current is not None and current.tags.get("hero.task") != task_name:
         champion_task = current.tags.get("hero.task")
@@ -50,8 +67,16 @@ def promote_version(
         raise RegistryError(
             f"the champion (version {current.version}) was trained on {trained_on}, the challenger for "
             f"task {task_name!r}: the judge cannot compare them. Promote within one task (a registered "
-            "model per task, tracking.registered_model), or compare them with people and set the alias "
-            "in MLflow"
+            "model per task, tracking.registered_model), or compare them with people and point the alias "
+            f"by hand (`hero registry alias {challenger.version}`)"
+        )
+    bases = (challenger.tags.get(BASE_MODEL_TAG), current and current.tags.get(BASE_MODEL_TAG))
+    if current is not None and bases[0] != bases[1] and not allow_base_change:
+        raise BaseModelChangeError(
+            f"version {challenger.version} was trained on the base model {bases[0]!r}, the champion "
+            f"(version {current.version}) on {bases[1]!r}: a win would change the model "
+            f"@{config.tracking.champion_alias} serves. Judge them anyway with --allow-base-change (the "
+            "promotion flow's allow_base_change), each on its own base"
         )
     task = load_task(task_name)
     promotion = config.promotion

@@ -479,4 +479,8 @@ class TrainingRun:
         }
         if self.config.simulation.task is not None:  # the judge promotion evaluates it by
             tags["hero.task"] = self.config.simulation.task
+        for label, weights in (("before", None), ("after", self.engine.round)):
+            stored = self.runs.load_evaluation(label)  # `hero registry ls` shows them beside the version
+            if stored is not None and stored.round == weights:
+                tags[f"hero.success_rate.{label}"] = f"{stored.success_rate:.4f}"
         return self.tracker.register_lora(self.config.tracking.registered_model, tags)

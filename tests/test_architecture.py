@@ -68,7 +68,7 @@ def test_the_learning_core_imports_nothing_above_it() -> None:
         f"hero_ml.{name}" for name in ("training", "labelling", "run_store", "run_lease", "run_processes")
     }
     above |= {f"hero_ml.{name}" for name in ("promotion", "sample_round", "cli", "cli_support")}
-    above |= {"hero_ml.labelling_cli", "hero_ml.orchestration_cli"}
+    above |= {"hero_ml.labelling_cli", "hero_ml.orchestration_cli", "hero_ml.registry_cli"}
     for path in core:
         offenders = {name for name in imported_modules(path) if under(name, above)}
         assert offenders == set(), (str(path.relative_to(ROOT)), offenders)

@@ -194,7 +194,7 @@ def test_a_missing_model_is_a_readable_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("variable", "value", "says"),
     [
-        ("HERO_STORAGE__LOCAL_ROOT", "", "storage.local_root: Value error, is empty"),
+        ("HERO_STORAGE__LOCAL_ROOT", "", "storage.local_root: is empty"),
         ("HERO_MODEL__SOURCE", "", "model.source: String should have at least 1 character"),
         ("HERO_MODEL__DEVICE", "cuda:99999999999999999999", "model.device: String should match pattern"),
     ],
@@ -407,7 +407,8 @@ def test_promote_without_a_version_says_so_and_leaves_no_bar(tmp_path: Path) -> 
     MlflowClient(uri).search_experiments()  # the store a run's tracking creates, without versions
     result = runner.invoke(app, ["promote", "-c", str(tmp_path / "c.yaml")])
     assert result.exit_code == 1
-    assert "registered model 'empty' has no versions: finish a hero run first" in result.output
+    said = " ".join(result.output.split())
+    assert "no registered model 'empty' (a finished `hero run` registers its LoRA; tracking." in said
     assert "evaluating" not in result.output and "Traceback" not in result.output
 
 

@@ -128,6 +128,10 @@ def test_hero_run_on_s3_and_an_mlflow_server(
 
     (version,) = client.search_model_versions(f"name = '{config.tracking.registered_model}'")
     assert version.run_id == run.info.run_id
+    rates = {
+        f"hero.success_rate.{label}": f"{runs.load_evaluation(label).success_rate:.4f}"
+        for label in ("before", "after")
+    }
     assert {k: v for k, v in version.tags.items() if k.startswith("hero.")} == {
         "hero.run_id": "prod",
         "hero.rounds": "2",
@@ -135,6 +139,7 @@ def test_hero_run_on_s3_and_an_mlflow_server(
         "hero.method": "hero",
         "hero.task": "counting",
         "hero.base_model": "toy",
+        **rates,
     }
     resumed = runner.invoke(app, ["run", "-c", str(path), "--resume", "prod"])
     assert resumed.exit_code == 0, resumed.output
@@ -175,15 +180,18 @@ def test_hero_run_on_s3_and_an_mlflow_server(
     assert sorted(p.name for p in out.iterdir()) == ["000.png", "grid.png"]
 
 
-def register(config_path: Path, lora_folder: Path, run_id: str, task: str | None = "anomaly") -> str:
+def register(
+    config_path: Path, lora_folder: Path, run_id: str, task: str | None = "anomaly", base: str = "toy"
+) -> str:
     """Log and register a LoRA as `hero run` does at its end (the tracker's real code path); task None:
-    a run of a real prompt (simulation.task null), which has no hero.task tag."""
+    a run of a real prompt (simulation.task null), which has no hero.task tag; base: its hero.base_model
+    tag (its weights are the toy model's LoRA)."""
     config = load_config(config_path)
     tracker = MlflowTracker(config.tracking.tracking_uri, config.tracking.experiment, run_id)
     # as a run records it: the after-training promotion finds the run's version by its MLflow run
     RunStore(open_store(config.storage), run_id).save_tracking(TrackingRecord(tracker_run_id=tracker.run_id))
     tracker.log_lora(lora_folder, ModelConfig())
-    tags = {"hero.run_id": run_id, "hero.rounds": "4", "hero.base_model": "toy"}
+    tags = {"hero.run_id": run_id, "hero.rounds": "4", "hero.base_model": base}
     version = tracker.register_lora(
         config.tracking.registered_model, tags | ({"hero.task": task} if task else {})
     )
@@ -257,6 +265,14 @@ def test_promotion_moves_champion_only_on_a_real_win(
         )
     assert promote(after_flow_run=str(labelled.id)) is None
     assert client.get_model_version_by_alias(name, "champion").version == winner
+    # a run on another base model: not judged after training (a person decides, --allow-base-change)
+    register(path, WINNING_LORA, "rebased", base="some/other-base")
+    with get_client(sync_client=True) as prefect:
+        rebased = prefect.create_flow_run(hero_training, parameters={"config": {"run_id": "rebased"}})
+    assert promote(after_flow_run=str(rebased.id)) is None
+    assert client.get_model_version_by_alias(name, "champion").version == winner
+    with pytest.raises(ValueError, match="allow_base_change: true or false, got 'false'"):
+        promote(allow_base_change="false")  # a deployment's parameters come unvalidated
     # a new run under the name of run 'identity' (its storage wiped), which registered nothing: the
     # earlier run's version is not judged for it
     fresh = MlflowTracker(config.tracking.tracking_uri, config.tracking.experiment, "identity")
@@ -388,10 +404,10 @@ def test_a_version_whose_lora_artifact_is_gone_or_damaged_is_named(tmp_path: Pat
     # a version is a number (a Prefect parameter, say, is any string): named as given, not as a URI
     with pytest.raises(RegistryError, match=r"version 'abc' of gone-lora: a registry version is its number"):
         registry.version("abc")
-    with pytest.raises(RegistryError, match=r"models:/gone-lora/7: .*not found"):
+    with pytest.raises(RegistryError, match=r"models:/gone-lora/7: gone-lora has no version 7; its versions"):
         registry.version("7")
-    with pytest.raises(RegistryError, match=r"models:/none@champion: .*a finished `hero run` registers"):
-        registry.resolve("models:/none@champion")  # no such registered model yet: what makes one
+    with pytest.raises(RegistryError, match=r"models:/none@champion: no registered model 'none' \(there are"):
+        registry.resolve("models:/none@champion")  # no such registered model: the ones there are
     with pytest.raises(RegistryError, match=r"models:/gone-lora@champion: .*`hero promote` moves @champion"):
         registry.resolve("models:/gone-lora@champion")  # a model, but no champion yet: what moves it
     hub = MlflowTracker(uri, "hero", "hub-based", artifact_location=artifacts.as_uri())
@@ -405,12 +421,25 @@ def test_a_version_whose_lora_artifact_is_gone_or_damaged_is_named(tmp_path: Pat
     assert "the base model of version 2 of gone-lora 'nobody-here/no-such-model': cannot load" in said
     assert "model.allow_download=true" in said  # which promote and generate pass on
     (model_file,) = (path for path in artifacts.rglob("MLmodel") if "no-such-model" not in path.read_text())
+    (weights,) = model_file.parent.rglob("*.safetensors")
+    weights.rename(weights.with_suffix(".kept"))
+    with pytest.raises(RegistryError) as no_weights:  # said of the artifact, not of a temporary copy
+        registry.load(version)
+    assert str(no_weights.value) == (
+        f"version 1 of gone-lora: its LoRA artifact ({version.source}): it has no adapter_weights/"
+        "pytorch_lora_weights.safetensors; restore it, or register it again from its run"
+    )
+    weights.with_suffix(".kept").rename(weights)
     model_file.write_text("flavors: [unclosed")
     with pytest.raises(RegistryError, match=r"version 1 of gone-lora: its LoRA artifact .* cannot be read"):
         registry.load(version)
     shutil.rmtree(model_file.parent)  # the artifact store lost the LoRA
-    with pytest.raises(RegistryError, match=r"version 1 of gone-lora: its LoRA artifact .* cannot be read"):
+    with pytest.raises(RegistryError) as gone:
         registry.load(version)
+    assert str(gone.value) == (  # MLflow's report of the download, on one line
+        f"version 1 of gone-lora: its LoRA artifact ({version.source}) cannot be read: No such artifact: "
+        "'lora'; restore it, or register it again from its run"
+    )
 
 
 def test_a_version_whose_base_model_changed_under_it_is_refused(tmp_path: Path) -> None:
@@ -600,3 +629,88 @@ def test_a_tracking_store_that_cannot_open_is_said_in_a_line(tmp_path: Path) -> 
     # a folder where the SQLite file should be: not MLflow retrying to open it for minutes
     with pytest.raises(RegistryError, match="no MLflow database at"):
         Registry(f"sqlite:///{tmp_path}", "hero-lora", "champion")
+
+
+def test_registry_ls_describes_the_versions_and_alias_points_one_by_hand_and_back(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first, second, third = map(str, registered_versions(uri, "owned", 3, tmp_path / "artifacts"))
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"tracking": {"tracking_uri": uri, "registered_model": "owned"}}))
+    registry = Registry(uri, "owned", "champion")
+    client = registry.client
+    for key, value in {"hero.task": "counting", "hero.method": "hero", "hero.feedbacks": "12"}.items():
+        client.set_model_version_tag("owned", second, key, value)
+    client.set_model_version_tag("owned", second, "hero.success_rate.after", "0.3750")
+
+    def hero(*args: str) -> Any:
+        return runner.invoke(app, [*args, "-c", str(config)])
+
+    moved = hero("registry", "alias", str(second))
+    assert moved.exit_code == 0, moved.output
+    assert "@champion of owned: nobody -> version 2 (by hand)" in moved.output
+    assert hero("registry", "alias", str(third)).exit_code == 0
+    assert "version 3 already holds @champion: nothing moved" in hero("registry", "alias", str(third)).output
+    assert hero("registry", "alias", str(first), "--alias", "staging").exit_code == 0
+    assert str(registry.champion().version) == third and str(registry.holder("staging").version) == first
+    tags = registry.version(third).tags
+    assert (tags["hero.alias.champion.previous"], tags["hero.alias.champion.by"]) == (second, "hand")
+
+    listed = hero("registry", "ls", "--limit", "2")
+    said = listed.output
+    assert listed.exit_code == 0, said
+    assert said.index("version 3  @champion") < said.index("version 2  registered")  # newest first
+    assert "run owned-1, hero, task counting, 12 feedbacks" in said and "success rate ? -> 0.3750" in said
+    assert "version 1  @staging" not in said and "(1 older versions: --limit 3 shows them)" in said
+    assert "@champion -> version 3 (by hand, " in said
+    assert "before: version 2 (`hero registry alias 2` goes back)" in said
+    assert "@staging -> version 1 (by hand, " in said and "no version held it before" in said
+
+    back = hero("registry", "alias", str(second))  # the rollback ls named
+    assert back.exit_code == 0 and "version 3 -> version 2" in back.output
+    assert str(registry.champion().version) == second
+    assert registry.version(second).tags["hero.alias.champion.previous"] == third
+
+    for args, error in [
+        (("registry", "alias", "7"), "models:/owned/7: owned has no version 7; its versions: 1, 2, 3"),
+        (("registry", "alias", "1", "--alias", "v2"), "--alias 'v2': 'latest' and v<number> are MLflow's"),
+        (("registry", "alias", "1", "--alias", "prod ready"), "an alias is 1 to 255 letters, digits"),
+        (("generate", "models:/owned@champoin", "--prompt", "x", "--out", str(tmp_path / "o")),
+         "owned has no alias @champoin; its versions: 1, 2, 3 (`hero registry ls` describes them); its "
+         "aliases: @champion -> 2, @staging -> 1"),
+        (("generate", "models:/owend/1", "--prompt", "x", "--out", str(tmp_path / "o")),
+         "no registered model 'owend' (there are owned; tracking.registered_model names it)"),
+    ]:  # fmt: skip
+        result = hero(*args)
+        assert result.exit_code == 1 and error in " ".join(result.output.split()), result.output
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()
+    config.write_text(yaml.safe_dump({"tracking": {"tracking_uri": uri, "registered_model": "none-yet"}}))
+    empty = hero("registry", "ls")
+    assert empty.exit_code == 1 and "no registered model 'none-yet' (there are owned;" in empty.output
+
+
+def test_a_promotion_to_another_base_model_is_refused_unless_allowed(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    champion, rebased = map(str, registered_versions(uri, "bases", 2, tmp_path / "artifacts"))
+    registry = Registry(uri, "bases", "champion")
+    for version, base in ((champion, "toy"), (rebased, "some/other-base")):
+        registry.client.set_model_version_tag("bases", version, "hero.base_model", base)
+        registry.client.set_model_version_tag("bases", version, "hero.task", "anomaly")
+    registry.point_alias(registry.version(champion), "champion")
+    tracking = {"tracking_uri": uri, "registered_model": "bases"}
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        yaml.safe_dump({"tracking": tracking, "promotion": {"eval_images": 16}, **tiny_run(images=4)})
+    )
+    refused = runner.invoke(app, ["promote", "-c", str(config), "--version", rebased])
+    said = " ".join(refused.output.split())
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert (
+        "version 2 was trained on the base model 'some/other-base', the champion (version 1) on 'toy': a win "
+        "would change the model @champion serves. Judge them anyway with --allow-base-change" in said
+    )
+    assert "evaluating" not in refused.output  # refused before any image
+    allowed = runner.invoke(app, ["promote", "-c", str(config), "--version", rebased, "--allow-base-change"])
+    assert allowed.exit_code == 0, allowed.output
+    assert "version 2: " in allowed.output and "vs version 1: " in allowed.output  # judged, each on its base
+    assert registry.version(rebased).tags["hero.promotion.against"] == champion

@@ -99,6 +99,11 @@ def test_hero_run_trains_tracks_and_stores_a_whole_run(
     }
     (version,) = client.search_model_versions("name = 'hero-lora'")
     assert version.run_id == run.info.run_id and version.tags["hero.task"] == "binding"
+    for label in ("before", "after"):  # beside the version, for `hero registry ls`
+        rate = json.loads((root / "eval" / f"{label}.json").read_text())["success_rate"]
+        assert version.tags[f"hero.success_rate.{label}"] == f"{rate:.4f}"
+    # the command as printed runs: on this run's config
+    assert f"`hero promote --version 1 --config {config}`" in " ".join(result.output.split())
     # the logged config is a file to rerun from: its secrets null, never a mask taken for a secret
     logged = client.download_artifacts(run.info.run_id, "config/config.json", str(tmp_path / "logged"))
     with monkeypatch.context() as bare:  # read where none of the secrets is set

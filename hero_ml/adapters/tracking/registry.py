@@ -7,7 +7,9 @@ images with plain diffusers; `load_version` here loads the same weights onto our
 
 Promotion moves the champion alias to a challenger only when it beats the champion (or, with no
 champion yet, the base model) by a margin on a fixed evaluation; every decision and its figures are
-recorded as tags of the challenger version.
+recorded as tags of the challenger version. A person may point an alias at a version by hand
+(`point_alias`: a decision taken otherwise, a rollback). Every move of an alias is recorded as tags of
+the version it moved to: the version that held it before, when, and by what.
 """
 
 from __future__ import annotations
@@ -30,22 +32,30 @@ from mlflow.models import Model
 from sqlalchemy.exc import SQLAlchemyError
 
 from hero_ml.adapters.tracking import NOISE_POOL_ARTIFACT, unreachable
-from hero_ml.config import ModelConfig
-from hero_ml.diffusion.lora import load_lora
+from hero_ml.config import MODEL_URI, ModelConfig, model_uri_problem
+from hero_ml.diffusion.lora import LORA_WEIGHTS_FILE, load_lora
 from hero_ml.diffusion.pipeline import DTYPES, TOY_FOLDER, TOY_SOURCE, load_pipeline, weights_sha256
 from hero_ml.errors import HeroError
 from hero_ml.guidance import NoisePool
 
-__all__ = ["ModelVersion", "PromotionDecision", "Registry", "RegistryError", "save_lora_model"]
+__all__ = [
+    "BASE_MODEL_TAG",
+    "ModelVersion",
+    "PromotionDecision",
+    "Registry",
+    "RegistryError",
+    "save_lora_model",
+]
 
 MODEL_ARTIFACT = "lora"  # the run artifact holding the diffusers-flavour model
 ROUND_TAG = "hero.rounds"  # rounds the LoRA learned: with the MLflow run, names a version uniquely
+BASE_MODEL_TAG = "hero.base_model"  # model.source the LoRA was trained on
+METHOD_TAG = "hero.method"  # hero | hero-noguide | ddpo-binary | d3po: method hero leaves a noise pool
 # MLmodel metadata: the base model as trained on, which `Registry.load` loads again
 BASE_MODEL_KEY = "hero_base_model"  # model.source as configured (e.g. "toy")
 BASE_DTYPE_KEY = "hero_base_model_dtype"  # model.dtype: its weights' fingerprint depends on it
 BASE_SEED_KEY = "hero_base_model_seed"  # model.seed: what a random:<arch> source is built from
 BASE_WEIGHTS_KEY = "hero_base_model_sha256"  # its weights_sha256 (absent: logged before it was kept)
-_MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>[0-9]+))")  # fullmatch
 
 
 class RegistryError(HeroError, RuntimeError):
@@ -152,23 +162,40 @@ class Registry:
 
     def resolve(self, uri: str) -> ModelVersion:
         """The version a `models:/NAME@ALIAS` or `models:/NAME/VERSION` URI names."""
-        match = _MODEL_URI.fullmatch(uri)
+        match = MODEL_URI.fullmatch(uri)
         if match is None:
-            raise RegistryError(
-                f"{uri!r} is not a model URI: write models:/NAME@ALIAS or models:/NAME/VERSION"
-            )
+            raise RegistryError(model_uri_problem(uri))
         try:
             if match["alias"]:
                 return self.client.get_model_version_by_alias(match["name"], match["alias"])
             return self.client.get_model_version(match["name"], match["version"])
         except MlflowException as err:
-            hint = ""
-            if _names_nothing(err, alias=bool(match["alias"])):
-                hint = (
-                    f" (a finished `hero run` registers a version of {match['name']}; `hero promote` "
-                    f"moves @{self.alias} to one that wins)"
-                )
-            raise RegistryError(f"{uri}: {mlflow_message(err)}{hint}") from None
+            if not _names_nothing(err, alias=bool(match["alias"])):
+                raise RegistryError(f"{uri}: {mlflow_message(err)}") from None
+        missing = f"no alias @{match['alias']}" if match["alias"] else f"no version {match['version']}"
+        raise RegistryError(f"{uri}: {self.what_is_there(match['name'], missing)}")
+
+    def what_is_there(self, name: str, missing: str) -> str:
+        """An error's text about something registered model `name` lacks (`missing`: "no version 9"):
+        the versions and aliases it has, or the registered models there are when it is none."""
+        try:
+            model = self.client.get_registered_model(name)
+            numbers = sorted(int(v.version) for v in self.client.search_model_versions(f"name = '{name}'"))
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise RegistryError(f"registered model {name!r}: {mlflow_message(err)}") from None
+            names = sorted(m.name for m in self.client.search_registered_models(max_results=_LISTED))
+            there = f"there are {', '.join(names)}" if names else "a finished `hero run` registers its LoRA"
+            return f"no registered model {name!r} ({there}; tracking.registered_model names it)"
+        if not numbers:
+            return f"{name} has no versions yet (a finished `hero run` registers one)"
+        shown = ", ".join(map(str, numbers[-_LISTED:]))
+        aliases = ", ".join(f"@{alias} -> {v}" for alias, v in sorted(model.aliases.items()))
+        return (
+            f"{name} has {missing}; its versions: {'..., ' if len(numbers) > _LISTED else ''}{shown} "
+            f"(`hero registry ls` describes them); its aliases: {aliases or 'none yet'} (`hero promote` "
+            f"moves @{self.alias} to a version that wins, `hero registry alias VERSION` by hand)"
+        )
 
     def version(self, version: str | None = None) -> ModelVersion:
         """Version `version` of the registered model, or its latest when None."""
@@ -181,8 +208,22 @@ class Registry:
             return self.resolve(f"models:/{self.name}/{version}")
         versions = self._versions()
         if not versions:
-            raise RegistryError(f"registered model {self.name!r} has no versions: finish a hero run first")
+            raise RegistryError(self.what_is_there(self.name, "no latest version"))
         return max(versions, key=lambda v: int(v.version))
+
+    def versions(self) -> list[ModelVersion]:
+        """Every version of the registered model, the newest first."""
+        return sorted(self._versions(), key=lambda v: int(v.version), reverse=True)
+
+    def aliases(self) -> dict[str, str]:
+        """The registered model's aliases and the version each names (none: no registered model)."""
+        try:
+            model = self.client.get_registered_model(self.name)
+        except MlflowException as err:
+            if _names_nothing(err, alias=False):
+                return {}
+            raise RegistryError(f"registered model {self.name!r}: {mlflow_message(err)}") from None
+        return {alias: str(number) for alias, number in model.aliases.items()}
 
     def version_of_run(self, mlflow_run_id: str) -> ModelVersion | None:
         """The newest version registered from MLflow run `mlflow_run_id` (a HERO run's, tracking.json),
@@ -198,17 +239,45 @@ class Registry:
             raise RegistryError(f"registered model {self.name!r}: {mlflow_message(err)}") from None
 
     def champion(self) -> ModelVersion | None:
-        """The version holding the alias; None when there is no registered model yet or the alias was
-        never set. Any other failure is raised: read as "no champion", a challenger would be judged
-        against the base model and could replace a better champion."""
+        """The version holding the champion alias; None when there is no registered model yet or the
+        alias was never set. Any other failure is raised: read as "no champion", a challenger would be
+        judged against the base model and could replace a better champion."""
+        return self.holder(self.alias)
+
+    def holder(self, alias: str) -> ModelVersion | None:
+        """The version holding `alias` (None: nobody, or no registered model yet)."""
         try:
-            return self.client.get_model_version_by_alias(self.name, self.alias)
+            return self.client.get_model_version_by_alias(self.name, alias)
         except MlflowException as err:
             if _names_nothing(err, alias=True):
                 return None
+            what = f"the champion (@{alias})" if alias == self.alias else f"@{alias}"
+            raise RegistryError(f"{what} of {self.name} cannot be read: {mlflow_message(err)}") from None
+
+    def point_alias(self, version: ModelVersion, alias: str) -> ModelVersion | None:
+        """Point `alias` at `version` by hand (a person's decision, a rollback), the move recorded as
+        the version's tags; the version that held it before (None: nobody). Nothing moves when
+        `version` holds it already (returned)."""
+        previous = self.holder(alias)
+        if previous is not None and previous.version == version.version:
+            return previous
+        # the alias first: a record of a move must never stand beside an alias that did not move
+        try:
+            self.client.set_registered_model_alias(self.name, alias, version.version)
+        except MlflowException as err:
             raise RegistryError(
-                f"the champion (@{self.alias}) of {self.name} cannot be read: {mlflow_message(err)}"
+                f"@{alias} of {self.name} could not be moved to version {version.version}: "
+                f"{mlflow_message(err)}; try again"
             ) from None
+        try:
+            for key, value in _move_record(alias, previous, by="hand").items():
+                self.client.set_model_version_tag(self.name, version.version, key, value)
+        except MlflowException as err:
+            raise RegistryError(
+                f"@{alias} of {self.name} moved to version {version.version}, but the record of the move "
+                f"(its hero.alias.{alias}.* tags) was not written: {mlflow_message(err)}"
+            ) from None
+        return previous
 
     def load(
         self, version: ModelVersion, *, device: str = "cpu", allow_download: bool = False, lora: bool = True
@@ -226,10 +295,12 @@ class Registry:
                 )
                 model = Model.load(str(local))
             except (MlflowException, OSError, ValueError, yaml.YAMLError) as err:  # gone or damaged
-                message = mlflow_message(err) if isinstance(err, MlflowException) else str(err)
+                message = (
+                    _download_failure(mlflow_message(err)) if isinstance(err, MlflowException) else str(err)
+                )
                 raise RegistryError(
                     f"version {version.version} of {version.name}: its LoRA artifact ({version.source}) "
-                    f"cannot be read: {message}"
+                    f"cannot be read: {message}; restore it, or register it again from its run"
                 ) from None
             metadata = model.metadata or {}
             source = metadata.get(BASE_MODEL_KEY)
@@ -261,10 +332,16 @@ class Registry:
                 )
             if not lora:
                 return pipe
+            weights = model.flavors["diffusers"]["adapter_weights"]
             try:
-                load_lora(pipe, local / model.flavors["diffusers"]["adapter_weights"])
-            except (OSError, ValueError) as err:
-                raise RegistryError(f"version {version.version} of {version.name}: {err}") from None
+                if not (local / weights / LORA_WEIGHTS_FILE).is_file():
+                    raise ValueError(f"it has no {weights}/{LORA_WEIGHTS_FILE}")
+                load_lora(pipe, local / weights)
+            except (OSError, ValueError) as err:  # said of the artifact, not of the download's temporary copy
+                raise RegistryError(
+                    f"version {version.version} of {version.name}: its LoRA artifact ({version.source}): "
+                    f"{str(err).replace(str(local), '.')}; restore it, or register it again from its run"
+                ) from None
         return pipe
 
     def _trained_dtype_and_seed(self, version: ModelVersion) -> tuple[str, int | str]:
@@ -288,9 +365,14 @@ class Registry:
                     tracking_uri=self.tracking_uri,
                 )
             except (MlflowException, OSError):
+                why = (
+                    f"its run's {NOISE_POOL_ARTIFACT} artifact is gone (deleted from run {version.run_id}?)"
+                    if version.tags.get(METHOD_TAG) == "hero"
+                    else "only HERO runs (method hero) leave one, since pools were logged"
+                )
                 raise RegistryError(
-                    f"version {version.version} of {version.name} has no noise pool: its run was not a "
-                    "HERO run with guidance, or predates pools; generate from plain noise (drop --guided)"
+                    f"version {version.version} of {version.name} has no noise pool: {why}; generate from "
+                    "plain noise (drop --guided)"
                 ) from None
             try:
                 return NoisePool.load(Path(local))
@@ -340,6 +422,7 @@ class Registry:
             f"version {challenger.version} of {self.name} {'won' if decision.promoted else 'did not win'} "
             f"({challenger_rate:.3f} vs {decision.incumbent}: {incumbent_rate:.3f})"
         )
+        record = decision.tags()
         if decision.promoted:
             try:
                 self.client.set_registered_model_alias(self.name, self.alias, challenger.version)
@@ -348,8 +431,9 @@ class Registry:
                     f"{judged}, but @{self.alias} could not be moved to it: {mlflow_message(err)}; promote "
                     "it again"
                 ) from None
+            record |= _move_record(self.alias, current, by="promotion")
         try:
-            for key, value in decision.tags().items():
+            for key, value in record.items():
                 self.client.set_model_version_tag(self.name, challenger.version, key, value)
         except MlflowException as err:
             # promoted, it holds the alias now (a second promotion is refused): the figures are here
@@ -366,6 +450,16 @@ class Registry:
 
 
 _MOVES_FOLLOWED = 3  # champions a promotion judges against before it gives up on a busy registry
+_LISTED = 20  # versions (the latest) or registered models an error lists
+
+
+def _download_failure(message: str) -> str:
+    """MLflow's report of a failed download ("The following failures occurred ...", a "##### File X
+    #####" header and the reason for each file) as its reasons on one line."""
+    if not message.startswith("The following failures occurred"):
+        return message
+    reasons = [line for line in message.splitlines()[1:] if line.strip() and not line.startswith("#####")]
+    return "; ".join(dict.fromkeys(reasons)) or message
 
 
 def _names_nothing(err: MlflowException, *, alias: bool) -> bool:
@@ -398,5 +492,19 @@ class PromotionDecision:
             "hero.promotion.incumbent_rate": f"{self.incumbent_rate:.4f}",
             "hero.promotion.margin": f"{self.margin:.4f}",
             "hero.promotion.images": str(self.images),
-            "hero.promotion.at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "hero.promotion.at": _now(),
         }
+
+
+def _move_record(alias: str, previous: ModelVersion | None, *, by: str) -> dict[str, str]:
+    """The tags of a version `alias` moved to: the version that held it before (where a rollback goes
+    back to), when, and by what ('promotion', or 'hand': `hero registry alias`)."""
+    return {
+        f"hero.alias.{alias}.previous": "none" if previous is None else str(previous.version),
+        f"hero.alias.{alias}.moved_at": _now(),
+        f"hero.alias.{alias}.by": by,
+    }
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

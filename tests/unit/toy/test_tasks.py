@@ -36,7 +36,7 @@ def test_bad_task_files_say_which_field(tmp_path: Path) -> None:
     with pytest.raises(TaskError) as caught:
         load_task(path)
     message = str(caught.value)
-    assert "prompts: Value error, no '<count> [colour] <shape>' phrase" in message
+    assert "prompts: no '<count> [colour] <shape>' phrase" in message
     assert "target.require.0.count: Input should be less than or equal to 4" in message
     assert "target.require.0.color: Input should be" in message
 
