@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -68,6 +69,11 @@ def child_environment(environ: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def cpu_share(threads: int, world: int) -> int:
+    """Each process's torch threads when `world` processes share a CPU of `threads`."""
+    return max(1, threads // world)
+
+
 def _loopback() -> str | None:
     return next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
 
@@ -95,15 +101,20 @@ class RunProcesses:
         `parallel` is this process's place among them. Refused (ProcessesError) when the GPUs are
         fewer than the processes, or when one exits or has no device ready within timeout_s."""
         self.world = world = config.model.processes
-        if config.model.device == "cuda" and torch.cuda.device_count() < world:
+        self.run_id = config.run_id
+        if config.model.device == "cuda" and (gpus := torch.cuda.device_count()) < world:
             raise ProcessesError(
-                f"model.processes is {world} but {torch.cuda.device_count()} GPU(s) are visible: "
-                "lower it, or make more GPUs visible (CUDA_VISIBLE_DEVICES)"
+                f"model.processes is {world} but {gpus} GPU(s) are visible: lower it "
+                "(HERO_MODEL__PROCESSES), or make more GPUs visible (CUDA_VISIBLE_DEVICES)"
+                if gpus
+                else f"model.device is cuda but torch sees no GPU (torch {torch.__version__}): set "
+                "HERO_MODEL__DEVICE=cpu, or install a CUDA build of torch on a machine with GPUs"
             )
         device = config.model.device
         self._folder = Path(tempfile.mkdtemp(prefix="hero-processes-"))  # mode 0700
         self.children: list[subprocess.Popen] = []
         self._settled = True  # False while a command is in flight: the others may be in a collective
+        self._threads = torch.get_num_threads()  # this process's own, given back at close
         rendezvous = self._folder / "rendezvous"
         try:
             store = dist.FileStore(str(rendezvous), world)
@@ -124,13 +135,15 @@ class RunProcesses:
             self._kill()
             shutil.rmtree(self._folder, ignore_errors=True)
             raise
+        if device == "cpu":  # the processes share the cores, as each of the others does
+            torch.set_num_threads(cpu_share(self._threads, world))
 
     def _wait_ready(self, store: dist.FileStore, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         keys = [f"ready/{k}" for k in range(1, self.world)]
         while not store.check(keys):
             if (failed := self.exited()) is not None:
-                raise ProcessesError(f"{failed} before it joined the run (its output above says why)")
+                raise ProcessesError(f"{failed} before it joined the run")
             if time.monotonic() > deadline:
                 raise ProcessesError(
                     f"the run's other processes did not start within {timeout_s:.0f} s (import torch, "
@@ -139,10 +152,16 @@ class RunProcesses:
             time.sleep(0.1)
 
     def exited(self) -> str | None:
-        """The first of the others that has exited, said as "process K of N exited with code C"."""
+        """The first of the others that has exited, said as "process K of N exited with code C (its
+        output above says why)" or "... was killed by SIGKILL (...)"."""
         for rank, child in enumerate(self.children, start=1):
-            if (code := child.poll()) is not None:
-                return f"process {rank} of {self.world} exited with code {code}"
+            if (code := child.poll()) is None:
+                continue
+            if code >= 0:
+                return f"process {rank} of {self.world} exited with code {code} (its output above says why)"
+            killer = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+            why = " (the kernel's out-of-memory killer, or a person)" if -code == signal.SIGKILL else ""
+            return f"process {rank} of {self.world} was killed by {killer}{why}"
         return None
 
     @contextmanager
@@ -164,8 +183,8 @@ class RunProcesses:
             if failed is None:
                 raise
             raise ProcessesError(
-                f"{failed} (its output above says why), which stopped this process's work with it; "
-                "resume the run (hero run --resume) to go on from its last checkpoint"
+                f"{failed}, which stopped this process's work with it; resume the run (hero run --resume "
+                f"{self.run_id}) to go on from its last checkpoint"
             ) from err
         self._settled = True
 
@@ -183,6 +202,7 @@ class RunProcesses:
         self._kill()
         self.parallel.close()
         shutil.rmtree(self._folder, ignore_errors=True)
+        torch.set_num_threads(self._threads)
 
     def _kill(self) -> None:
         for child in self.children:
@@ -203,7 +223,7 @@ def follow(parallel: DataParallel) -> None:
     transformers_logging.disable_progress_bar()
     config: HeroConfig = parallel.receive()
     if parallel.device.type == "cpu":  # the processes share the cores
-        torch.set_num_threads(max(1, torch.get_num_threads() // parallel.world))
+        torch.set_num_threads(cpu_share(torch.get_num_threads(), parallel.world))
     pipe = load_configured_pipeline(config.model.model_copy(update={"device": str(parallel.device)}))
     engine: Engine | None = None
     batch: RoundBatch | None = None
