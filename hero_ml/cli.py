@@ -511,11 +511,14 @@ def _train_with_progress(
     from hero_ml.training import LOADING
 
     bar: list[TaskID] = []
-    round_started = [time.perf_counter()]  # from the round's first denoising step
+    # from the round's first denoising step; for a round read back from storage (sampled before a
+    # stop), from the end of the loading or evaluation before it
+    round_started = [time.perf_counter()]
 
     def on_progress(phase: str, done: int, total: int) -> None:
         began[0] = began[0] or phase != LOADING or done == total
-        if phase == "denoising" and done == 1:
+        before_rounds = phase == LOADING or phase.startswith("evaluating")
+        if (phase == "denoising" and done == 1) or (before_rounds and done == total):
             round_started[0] = time.perf_counter()
         if phase == "denoising":  # its count is UNet calls: every step of every sub-batch
             steps, sub_batches = config.sampling.num_steps, total // config.sampling.num_steps
