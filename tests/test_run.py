@@ -61,7 +61,7 @@ def test_hero_run_trains_tracks_and_stores_a_whole_run(
     )
     assert "success rate after, from the run's noise pool (6 images" in result.output
     # not a terminal (as a pipe or a log file): a line per phase where a terminal shows live bars
-    phase = re.search(r"denoising \((\d+) sub-batches x (\d+) steps\): (\d+)", result.output)
+    phase = re.search(r"denoising \((\d+) sub-batch(?:es)? x (\d+) steps\): (\d+)", result.output)
     assert phase is not None and int(phase[1]) * int(phase[2]) == int(phase[3])
     assert "updating the LoRA: " in result.output and "evaluating before: 6" in result.output
 
