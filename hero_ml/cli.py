@@ -459,6 +459,10 @@ def _run_embedded(config: HeroConfig, config_hint: str, resuming: bool) -> None:
 
         summary = _train_with_progress(config, hero_training, progress, began)
     except (HeroError, FileNotFoundError) as err:
+        from hero_ml.run_processes import ProcessesError
+
+        if isinstance(err, ProcessesError) and began[0]:
+            raise fail(f"{err}: `{resume_hint}`") from None
         raise fail(str(err)) from None
     finally:
         for sig, handler in previous.items():  # the run is over: a signal means what it meant before

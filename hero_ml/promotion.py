@@ -53,7 +53,6 @@ def promote_version(
     evaluated on its own base; a win changes the model the alias serves), refused without it."""
     registry = open_registry(config)
     challenger = registry.version(version)
-    current = registry.champion()
     task_name = challenger.tags.get("hero.task")
     if task_name is None:
         raise RegistryError(
@@ -61,23 +60,30 @@ def promote_version(
             f"automatic judge; evaluate it with people and point the alias at it by hand (`hero registry "
             f"alias {challenger.version}`)"
         )
-    if current is not None and current.tags.get("hero.task") != task_name:
-        champion_task = current.tags.get("hero.task")
-        trained_on = "a real prompt (no toy task)" if champion_task is None else f"task {champion_task!r}"
-        raise RegistryError(
-            f"the champion (version {current.version}) was trained on {trained_on}, the challenger for "
-            f"task {task_name!r}: the judge cannot compare them. Promote within one task (a registered "
-            "model per task, tracking.registered_model), or compare them with people and point the alias "
-            f"by hand (`hero registry alias {challenger.version}`)"
-        )
-    bases = (challenger.tags.get(BASE_MODEL_TAG), current and current.tags.get(BASE_MODEL_TAG))
-    if current is not None and bases[0] != bases[1] and not allow_base_change:
-        raise BaseModelChangeError(
-            f"version {challenger.version} was trained on the base model {bases[0]!r}, the champion "
-            f"(version {current.version}) on {bases[1]!r}: a win would change the model "
-            f"@{config.tracking.champion_alias} serves. Judge them anyway with --allow-base-change (the "
-            "promotion flow's allow_base_change), each on its own base"
-        )
+
+    def comparable(current: ModelVersion | None) -> None:
+        """Refuse a champion of another task (no judge compares them) or, unless allowed, of another
+        base model (a win would change the model the alias serves)."""
+        if current is None:
+            return
+        if current.tags.get("hero.task") != task_name:
+            champion_task = current.tags.get("hero.task")
+            trained_on = "a real prompt (no toy task)" if champion_task is None else f"task {champion_task!r}"
+            raise RegistryError(
+                f"the champion (version {current.version}) was trained on {trained_on}, the challenger "
+                f"for task {task_name!r}: the judge cannot compare them. Promote within one task (a "
+                "registered model per task, tracking.registered_model), or compare them with people and "
+                f"point the alias by hand (`hero registry alias {challenger.version}`)"
+            )
+        bases = (challenger.tags.get(BASE_MODEL_TAG), current.tags.get(BASE_MODEL_TAG))
+        if bases[0] != bases[1] and not allow_base_change:
+            raise BaseModelChangeError(
+                f"version {challenger.version} was trained on the base model {bases[0]!r}, the champion "
+                f"(version {current.version}) on {bases[1]!r}: a win would change the model "
+                f"@{config.tracking.champion_alias} serves. Judge them anyway with --allow-base-change "
+                "(the promotion flow's allow_base_change), each on its own base"
+            )
+
     task = load_task(task_name)
     promotion = config.promotion
 
@@ -94,7 +100,11 @@ def promote_version(
         )
 
     return registry.promote(
-        challenger, margin=promotion.margin, images=promotion.eval_images, evaluate=evaluate
+        challenger,
+        margin=promotion.margin,
+        images=promotion.eval_images,
+        evaluate=evaluate,
+        comparable=comparable,
     )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from rich.markup import escape
@@ -11,9 +11,6 @@ from rich.markup import escape
 from hero_ml.cli_support import ConfigOption, console, fail, load
 from hero_ml.config import alias_problem
 from hero_ml.errors import HeroError
-
-if TYPE_CHECKING:
-    from mlflow.entities.model_registry import ModelVersion
 
 registry_app = typer.Typer(
     help="The model registry: list the LoRA versions, point an alias at one by hand.", no_args_is_help=True
@@ -38,9 +35,10 @@ def registry_ls(
         versions = registry.versions()
         if not versions:
             raise fail(registry.what_is_there(registry.name, "no versions"))
+        aliases = registry.aliases()
+        records = {alias: registry.alias_record(alias, number) for alias, number in aliases.items()}
     except HeroError as err:
         raise fail(str(err)) from None
-    aliases = registry.aliases()
     held: dict[str, list[str]] = {}
     for alias, number in aliases.items():
         held.setdefault(number, []).append(alias)
@@ -65,10 +63,9 @@ def registry_ls(
         console.print(f"\n({len(versions) - limit} older versions: --limit {len(versions)} shows them)")
     if aliases:
         console.print()
-    by_number = {str(v.version): v for v in versions}
     for alias, number in sorted(aliases.items()):
         console.print(
-            _alias_line(alias, number, by_number.get(number), resolved.tracking.champion_alias),
+            _alias_line(alias, number, records[alias], resolved.tracking.champion_alias),
             highlight=False,
             markup=False,
         )
@@ -100,15 +97,14 @@ def _promotion(tags: dict[str, str]) -> str:
     )
 
 
-def _alias_line(alias: str, number: str, version: ModelVersion | None, champion_alias: str) -> str:
-    """Who holds `alias`, since when and by what, and the version that held it before."""
+def _alias_line(alias: str, number: str, record: dict[str, str] | None, champion_alias: str) -> str:
+    """Who holds `alias`, since when and by what, and the version that held it before (`record`:
+    Registry.alias_record)."""
     line = f"@{alias} -> version {number}"
-    tags = {} if version is None else version.tags  # None: older than the versions listed
-    record = {what: tags.get(f"hero.alias.{alias}.{what}") for what in ("previous", "moved_at", "by")}
-    if record["moved_at"] is None:  # set outside HERO (MLflow's UI or API): no record of the move
-        return f"{line} (no record of the move: set outside hero, or not listed)"
-    line += f" (by {record['by']}, {record['moved_at']})"
-    if record["previous"] in (None, "none"):
+    if record is None:
+        return f"{line} (moved outside hero, in MLflow's UI or API: no record of the version before)"
+    line += f" (by {record.get('by', '?')}, {record.get('moved_at', '?')})"
+    if record.get("previous") in (None, "none"):
         return f"{line}; no version held it before"
     option = "" if alias == champion_alias else f" --alias {alias}"
     back = f"`hero registry alias {record['previous']}{option}` goes back"
@@ -124,7 +120,7 @@ def registry_alias(
     config: ConfigOption = None,
 ) -> None:
     """Point an alias (default: the champion's) at a version by hand: a decision taken by people, a
-    rollback. The move is recorded as tags of the version (the one before it, when, by hand), and
+    rollback. The move is recorded on the registered model (the version before, when, by hand), and
     `hero registry ls` shows it; models:/NAME@ALIAS loads the version from then on.
 
     Example, going back to version 3: hero registry alias 3 -c production.yaml

@@ -159,7 +159,10 @@ class RunProcesses:
                 continue
             if code >= 0:
                 return f"process {rank} of {self.world} exited with code {code} (its output above says why)"
-            killer = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+            try:
+                killer = signal.Signals(-code).name
+            except ValueError:  # a real-time signal has no name
+                killer = f"signal {-code}"
             why = " (the kernel's out-of-memory killer, or a person)" if -code == signal.SIGKILL else ""
             return f"process {rank} of {self.world} was killed by {killer}{why}"
         return None
@@ -183,8 +186,8 @@ class RunProcesses:
             if failed is None:
                 raise
             raise ProcessesError(
-                f"{failed}, which stopped this process's work with it; resume the run (hero run --resume "
-                f"{self.run_id}) to go on from its last checkpoint"
+                f"{failed}, which stopped this process's work with it; resume run {self.run_id!r} to go on "
+                "from its last checkpoint"
             ) from err
         self._settled = True
 

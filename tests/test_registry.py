@@ -507,6 +507,19 @@ def test_a_promotion_judges_against_the_champion_another_promotion_moved_in_mean
         registry.promote(registry.version(challenger), margin=0.05, images=8, evaluate=busy)
     assert registry.version(challenger).tags == recorded
 
+    # a champion moved in meanwhile is checked as the first was (another task, another base model)
+    registry.client.delete_registered_model_alias("raced", "champion")
+
+    def not_best(incumbent: Any) -> None:
+        if incumbent is not None and incumbent.version == best:
+            raise RegistryError("not comparable")
+
+    with pytest.raises(RegistryError, match="not comparable"):
+        registry.promote(
+            registry.version(challenger), margin=0.05, images=8, evaluate=evaluate, comparable=not_best
+        )
+    assert registry.version(challenger).tags == recorded
+
 
 def test_a_registry_failing_mid_promotion_is_said_and_never_read_as_no_champion(
     mlflow_server: Service, monkeypatch: pytest.MonkeyPatch
@@ -652,8 +665,8 @@ def test_registry_ls_describes_the_versions_and_alias_points_one_by_hand_and_bac
     assert "version 3 already holds @champion: nothing moved" in hero("registry", "alias", str(third)).output
     assert hero("registry", "alias", str(first), "--alias", "staging").exit_code == 0
     assert str(registry.champion().version) == third and str(registry.holder("staging").version) == first
-    tags = registry.version(third).tags
-    assert (tags["hero.alias.champion.previous"], tags["hero.alias.champion.by"]) == (second, "hand")
+    record = registry.alias_record("champion", third)
+    assert record is not None and (record["previous"], record["by"]) == (second, "hand")
 
     listed = hero("registry", "ls", "--limit", "2")
     said = listed.output
@@ -668,7 +681,15 @@ def test_registry_ls_describes_the_versions_and_alias_points_one_by_hand_and_bac
     back = hero("registry", "alias", str(second))  # the rollback ls named
     assert back.exit_code == 0 and "version 3 -> version 2" in back.output
     assert str(registry.champion().version) == second
-    assert registry.version(second).tags["hero.alias.champion.previous"] == third
+    assert registry.alias_record("champion", second)["previous"] == third
+    client.set_registered_model_alias("owned", "champion", first)  # in MLflow's UI: no record of hero's
+    assert registry.alias_record("champion", first) is None
+    elsewhere = hero("registry", "ls").output
+    assert "@champion -> version 1 (moved outside hero, in MLflow's UI or API: no record of the version" in (
+        " ".join(elsewhere.split())
+    )
+    assert "hero registry alias 3` goes back" not in elsewhere  # the old record is not taken for this move
+    assert hero("registry", "alias", second).exit_code == 0
 
     for args, error in [
         (("registry", "alias", "7"), "models:/owned/7: owned has no version 7; its versions: 1, 2, 3"),

@@ -24,7 +24,7 @@ from hero_ml.run_processes import LOOPBACK_VARIABLES, ProcessesError, RunProcess
 from hero_ml.run_store import RunStore
 from hero_ml.training import TrainingRun
 from tests.conftest import tiny_run
-from tests.test_crash_safety import hero_run
+from tests.test_crash_safety import HERO, hero_run
 
 
 def config_of(root: Path, processes: int, run_id: str = "p") -> HeroConfig:
@@ -137,7 +137,7 @@ def test_a_process_that_dies_is_named_and_the_run_resumes_from_its_last_checkpoi
         assert run.processes is not None
         run.processes.children[0].kill()  # an OOM kill, say
         with pytest.raises(
-            ProcessesError, match=r"process 1 of 2 was killed by SIGKILL \(the kernel's out-of.*--resume p\)"
+            ProcessesError, match=r"process 1 of 2 was killed by SIGKILL \(the kernel's .*resume run 'p'"
         ):
             run.learn(batch, feedback)
     assert run.processes is None  # closed: the lease is free, nothing left running
@@ -145,7 +145,8 @@ def test_a_process_that_dies_is_named_and_the_run_resumes_from_its_last_checkpoi
     assert_learned_alike(train(config), reference, start)
 
 
-def test_a_killed_run_leaves_no_process_behind_and_hero_run_resumes_it(tmp_path: Path) -> None:
+def run_file(tmp_path: Path) -> Path:
+    """A config file of a two-round run on 2 processes, for `hero run`."""
     config = tmp_path / "run.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -159,6 +160,11 @@ def test_a_killed_run_leaves_no_process_behind_and_hero_run_resumes_it(tmp_path:
             }
         )
     )
+    return config
+
+
+def test_a_killed_run_leaves_no_process_behind_and_hero_run_resumes_it(tmp_path: Path) -> None:
+    config = run_file(tmp_path)
     before = rendezvous_folders()
     # only this process passes the crash point: the others see it gone and exit, removing what it left
     code, output = hero_run(config, "--run-id", "killed", crash_at="ddpo.step:1")
@@ -168,6 +174,30 @@ def test_a_killed_run_leaves_no_process_behind_and_hero_run_resumes_it(tmp_path:
     assert code == 0 and "round 1" in output, output
     assert RunStore(LocalStore(tmp_path / "data"), "killed").latest_checkpoint() == 1
     assert run_processes_within(10) == []
+
+
+def test_hero_run_names_a_killed_process_and_the_command_that_resumes_the_run(tmp_path: Path) -> None:
+    config, log = run_file(tmp_path), tmp_path / "output.log"
+    with log.open("w") as output:
+        run = subprocess.Popen(
+            [HERO, "run", "-c", str(config), "--run-id", "dies"], stdout=output, stderr=subprocess.STDOUT
+        )
+        try:
+            deadline = time.monotonic() + 300
+            while "denoising" not in log.read_text() and run.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            (follower,) = followers_of(run.pid)  # sampling with rank 0: killed as an OOM kill would
+            os.kill(follower, signal.SIGKILL)
+            code = run.wait(timeout=300)
+        finally:
+            run.kill()
+    said = " ".join(log.read_text().split())
+    assert code == 1, said
+    assert "error: process 1 of 2 was killed by SIGKILL (the kernel's out-of-memory killer, or" in said
+    hint = f"resume run 'dies' to go on from its last checkpoint: `hero run --resume dies --config {config}`"
+    assert hint in said
+    code, output = hero_run(config, "--resume", "dies")
+    assert code == 0 and "round 1" in output, output
 
 
 def run_processes_within(seconds: float) -> list[int]:
@@ -231,7 +261,7 @@ def test_an_error_every_process_raised_is_the_engines_and_a_failure_of_one_is_na
             assert processes.children[0].wait(timeout=60) == 1
             raise EngineError("the first round's best is not finite")
         with (
-            pytest.raises(ProcessesError, match=r"process 1 of 2 exited with code 1 .*hero run --resume"),
+            pytest.raises(ProcessesError, match=r"process 1 of 2 exited with code 1 \(its output .*resume"),
             processes.command("generate"),
         ):
             pass

@@ -8,8 +8,10 @@ images with plain diffusers; `load_version` here loads the same weights onto our
 Promotion moves the champion alias to a challenger only when it beats the champion (or, with no
 champion yet, the base model) by a margin on a fixed evaluation; every decision and its figures are
 recorded as tags of the challenger version. A person may point an alias at a version by hand
-(`point_alias`: a decision taken otherwise, a rollback). Every move of an alias is recorded as tags of
-the version it moved to: the version that held it before, when, and by what.
+(`point_alias`: a decision taken otherwise, a rollback). Every move of an alias by either is recorded
+as tags of the registered model (`alias_record`): the version it moved to and the one that held it
+before, when, and by what; a move made elsewhere (MLflow's UI) leaves a record that no longer names
+the holder.
 """
 
 from __future__ import annotations
@@ -255,9 +257,9 @@ class Registry:
             raise RegistryError(f"{what} of {self.name} cannot be read: {mlflow_message(err)}") from None
 
     def point_alias(self, version: ModelVersion, alias: str) -> ModelVersion | None:
-        """Point `alias` at `version` by hand (a person's decision, a rollback), the move recorded as
-        the version's tags; the version that held it before (None: nobody). Nothing moves when
-        `version` holds it already (returned)."""
+        """Point `alias` at `version` by hand (a person's decision, a rollback), the move recorded on
+        the registered model (alias_record); the version that held it before (None: nobody).
+        Nothing moves when `version` holds it already (returned)."""
         previous = self.holder(alias)
         if previous is not None and previous.version == version.version:
             return previous
@@ -270,14 +272,37 @@ class Registry:
                 f"{mlflow_message(err)}; try again"
             ) from None
         try:
-            for key, value in _move_record(alias, previous, by="hand").items():
-                self.client.set_model_version_tag(self.name, version.version, key, value)
+            self._record_move(alias, version, previous, by="hand")
         except MlflowException as err:
             raise RegistryError(
                 f"@{alias} of {self.name} moved to version {version.version}, but the record of the move "
-                f"(its hero.alias.{alias}.* tags) was not written: {mlflow_message(err)}"
+                f"(the registered model's hero.alias.{alias}.* tags) was not written: {mlflow_message(err)}"
             ) from None
         return previous
+
+    def _record_move(
+        self, alias: str, version: ModelVersion, previous: ModelVersion | None, *, by: str
+    ) -> None:
+        record = {
+            "version": str(version.version),
+            "previous": "none" if previous is None else str(previous.version),
+            "moved_at": _now(),
+            "by": by,
+        }
+        for what, value in record.items():
+            self.client.set_registered_model_tag(self.name, f"hero.alias.{alias}.{what}", value)
+
+    def alias_record(self, alias: str, holder: str) -> dict[str, str] | None:
+        """The last move of `alias` by hero (keys version, previous, moved_at, by), None when there is
+        none or it is not the move to `holder` (the version holding the alias now: it was moved
+        elsewhere since, by MLflow's UI or API)."""
+        try:
+            tags = self.client.get_registered_model(self.name).tags
+        except MlflowException as err:
+            raise RegistryError(f"registered model {self.name!r}: {mlflow_message(err)}") from None
+        prefix = f"hero.alias.{alias}."
+        record = {key.removeprefix(prefix): value for key, value in tags.items() if key.startswith(prefix)}
+        return record if record.get("version") == str(holder) else None
 
     def load(
         self, version: ModelVersion, *, device: str = "cpu", allow_download: bool = False, lora: bool = True
@@ -386,12 +411,15 @@ class Registry:
         margin: float,
         images: int,
         evaluate: Callable[[ModelVersion | None], float],
+        comparable: Callable[[ModelVersion | None], None] = lambda incumbent: None,
     ) -> PromotionDecision:
         """Evaluate the challenger and the incumbent (the champion, else the base model: `evaluate`
         gets None), move the alias when the challenger gains at least `margin` (and more than 0),
-        record the decision and its figures as tags of the challenger version."""
+        record the decision and its figures as tags of the challenger version. `comparable` raises
+        when the challenger may not be judged against an incumbent (every champion it meets)."""
         current = self.champion()
         self._refuse_the_champion(challenger, current)
+        comparable(current)
         challenger_rate = evaluate(challenger)
         # MLflow has no compare-and-set of an alias: a promotion that moved it while this one evaluated
         # (runs finishing together each have one) makes its champion the incumbent to judge against
@@ -402,6 +430,7 @@ class Registry:
                 break
             current = now
             self._refuse_the_champion(challenger, current)
+            comparable(current)
         else:
             raise RegistryError(
                 f"@{self.alias} of {self.name} moved {_MOVES_FOLLOWED} times while version "
@@ -422,7 +451,6 @@ class Registry:
             f"version {challenger.version} of {self.name} {'won' if decision.promoted else 'did not win'} "
             f"({challenger_rate:.3f} vs {decision.incumbent}: {incumbent_rate:.3f})"
         )
-        record = decision.tags()
         if decision.promoted:
             try:
                 self.client.set_registered_model_alias(self.name, self.alias, challenger.version)
@@ -431,9 +459,10 @@ class Registry:
                     f"{judged}, but @{self.alias} could not be moved to it: {mlflow_message(err)}; promote "
                     "it again"
                 ) from None
-            record |= _move_record(self.alias, current, by="promotion")
         try:
-            for key, value in record.items():
+            if decision.promoted:
+                self._record_move(self.alias, challenger, current, by="promotion")
+            for key, value in decision.tags().items():
                 self.client.set_model_version_tag(self.name, challenger.version, key, value)
         except MlflowException as err:
             # promoted, it holds the alias now (a second promotion is refused): the figures are here
@@ -494,16 +523,6 @@ class PromotionDecision:
             "hero.promotion.images": str(self.images),
             "hero.promotion.at": _now(),
         }
-
-
-def _move_record(alias: str, previous: ModelVersion | None, *, by: str) -> dict[str, str]:
-    """The tags of a version `alias` moved to: the version that held it before (where a rollback goes
-    back to), when, and by what ('promotion', or 'hand': `hero registry alias`)."""
-    return {
-        f"hero.alias.{alias}.previous": "none" if previous is None else str(previous.version),
-        f"hero.alias.{alias}.moved_at": _now(),
-        f"hero.alias.{alias}.by": by,
-    }
 
 
 def _now() -> str:
