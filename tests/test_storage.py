@@ -247,7 +247,8 @@ def test_a_damaged_record_of_a_run_is_named_with_what_is_wrong(tmp_path: Path, b
     # a file name that would leave the round's folder: the manifest is named, and verify goes on
     manifest.write_text(json.dumps({**good, "files": {"../../x.png": good["files"]["grid.png"]}}))
     with pytest.raises(
-        CorruptObjectError, match=r"manifest.json is not a readable record .*\n  files: Value"
+        CorruptObjectError,
+        match=r"manifest.json is not a readable record .*\n  files: storage key .\.\./\.\./x\.png. is not a",
     ):
         runs.load_manifest(0)
     assert "manifest.json is not a readable record" in runs.verify().problems[0]
