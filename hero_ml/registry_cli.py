@@ -42,7 +42,8 @@ def registry_ls(
     held: dict[str, list[str]] = {}
     for alias, number in aliases.items():
         held.setdefault(number, []).append(alias)
-    console.print(f"{registry.name}: {len(versions)} versions, newest first", highlight=False, markup=False)
+    count = f"{len(versions)} version{'s' if len(versions) > 1 else ''}"
+    console.print(f"{registry.name}: {count}, newest first", highlight=False, markup=False)
     for version in versions[:limit]:
         number, tags = str(version.version), version.tags  # MLflow's SQL store gives ints
         badges = "".join(f"  @{alias}" for alias in sorted(held.get(number, [])))

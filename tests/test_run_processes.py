@@ -163,24 +163,14 @@ def run_file(tmp_path: Path) -> Path:
     return config
 
 
-def test_a_killed_run_leaves_no_process_behind_and_hero_run_resumes_it(tmp_path: Path) -> None:
-    config = run_file(tmp_path)
-    before = rendezvous_folders()
-    # only this process passes the crash point: the others see it gone and exit, removing what it left
-    code, output = hero_run(config, "--run-id", "killed", crash_at="ddpo.step:1")
-    assert code == -signal.SIGKILL and "on 2 processes" in output, output
-    assert run_processes_within(10) == [] and rendezvous_folders() == before
-    code, output = hero_run(config, "--resume", "killed")
-    assert code == 0 and "round 1" in output, output
-    assert RunStore(LocalStore(tmp_path / "data"), "killed").latest_checkpoint() == 1
-    assert run_processes_within(10) == []
-
-
-def test_hero_run_names_a_killed_process_and_the_command_that_resumes_the_run(tmp_path: Path) -> None:
+def test_hero_run_names_a_killed_process_and_a_killed_run_leaves_nothing_behind_and_resumes(
+    tmp_path: Path,
+) -> None:
     config, log = run_file(tmp_path), tmp_path / "output.log"
+    before = rendezvous_folders()
     with log.open("w") as output:
         run = subprocess.Popen(
-            [HERO, "run", "-c", str(config), "--run-id", "dies"], stdout=output, stderr=subprocess.STDOUT
+            [HERO, "run", "-c", str(config), "--run-id", "k"], stdout=output, stderr=subprocess.STDOUT
         )
         try:
             deadline = time.monotonic() + 300
@@ -192,12 +182,19 @@ def test_hero_run_names_a_killed_process_and_the_command_that_resumes_the_run(tm
         finally:
             run.kill()
     said = " ".join(log.read_text().split())
-    assert code == 1, said
+    assert code == 1 and "on 2 processes" in said, said
     assert "error: process 1 of 2 was killed by SIGKILL (the kernel's out-of-memory killer, or" in said
-    hint = f"resume run 'dies' to go on from its last checkpoint: `hero run --resume dies --config {config}`"
+    hint = f"resume run 'k' to go on from its last checkpoint: `hero run --resume k --config {config}`"
     assert hint in said
-    code, output = hero_run(config, "--resume", "dies")
+    assert run_processes_within(10) == [] and rendezvous_folders() == before
+    # rank 0 killed: only it passes the crash point; the others see it gone and exit, removing its folder
+    code, output = hero_run(config, "--resume", "k", crash_at="ddpo.step:1")
+    assert code == -signal.SIGKILL, output
+    assert run_processes_within(10) == [] and rendezvous_folders() == before
+    code, output = hero_run(config, "--resume", "k")
     assert code == 0 and "round 1" in output, output
+    assert RunStore(LocalStore(tmp_path / "data"), "k").latest_checkpoint() == 1
+    assert run_processes_within(10) == []
 
 
 def run_processes_within(seconds: float) -> list[int]:

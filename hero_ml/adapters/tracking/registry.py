@@ -393,7 +393,7 @@ class Registry:
                 why = (
                     f"its run's {NOISE_POOL_ARTIFACT} artifact is gone (deleted from run {version.run_id}?)"
                     if version.tags.get(METHOD_TAG) == "hero"
-                    else "only HERO runs (method hero) leave one, since pools were logged"
+                    else "only runs of method hero leave one (those since noise pools were logged)"
                 )
                 raise RegistryError(
                     f"version {version.version} of {version.name} has no noise pool: {why}; generate from "
