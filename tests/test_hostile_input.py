@@ -8,6 +8,8 @@ import json
 import os
 import pickle
 import re
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -201,24 +203,46 @@ def test_forged_rounds_are_not_queued(receiver: Any) -> None:
     assert post(client, json.dumps(event).encode()).json() == {"queued": 1}
 
 
+def settled_counts(url: str) -> dict:
+    """The receiver's counters once its queued round checks have run (they run on a thread of their
+    own, so a check queued by an earlier request may still be running when the next request starts)."""
+    for _ in range(500):
+        state = requests.get(f"{url}/health", timeout=10).json()
+        if state["idle"]:
+            return state
+        time.sleep(0.01)
+    raise AssertionError(f"the receiver's round checks did not settle in 5 s: {state}")
+
+
 @settings(quick, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(secret=st.text(max_size=80) | st.none())
 def test_any_wrong_secret_is_refused(receiver: Any, secret: str | None) -> None:
     client, calls = receiver
     if secret == SECRET:
         return
-    calls.clear()
+    # a round the receiver would queue with the right secret (the control at the end shows it does)
+    flow_run_id = str(uuid.uuid4())
     event = {"action": "ANNOTATION_CREATED", "task": {"data": {"hero": {"run_id": "a", "round": 0}}}}
+    event["task"]["data"]["hero"]["flow_run_id"] = flow_run_id
+    body = json.dumps(event).encode()
+    before = settled_counts(client)
     try:
-        answer = post(client, json.dumps(event).encode(), secret=secret)
+        answer = post(client, body, secret=secret)
     except (UnicodeEncodeError, ValueError, requests.exceptions.InvalidHeader):
         return  # not even sendable as an HTTP header (requests and http.client refuse it)
     except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError):
-        assert not str(secret).isprintable() and calls == []  # uvicorn dropped a malformed header
-        return
-    # 400: uvicorn refuses a header with control characters before the app sees the request
-    refused = answer.status_code == 401 or (answer.status_code == 400 and not str(secret).isprintable())
-    assert refused and SECRET not in answer.text and calls == []
+        assert not str(secret).isprintable()  # uvicorn dropped a malformed header
+        answer = None
+    if answer is not None:
+        # 400: uvicorn refuses a header with control characters before the app sees the request
+        refused = answer.status_code == 401 or (answer.status_code == 400 and not str(secret).isprintable())
+        assert refused and SECRET not in answer.text
+    after = settled_counts(client)
+    assert (after["accepted"], after["queued"]) == (before["accepted"], before["queued"])
+    assert all(call[0] != flow_run_id for call in calls)
+    assert post(client, body).json() == {"queued": 1}  # the control: the right secret queues it
+    settled_counts(client)
+    assert any(call[0] == flow_run_id for call in calls)
 
 
 # -- Label Studio annotations ------------------------------------------------------------------------
