@@ -21,7 +21,7 @@ import pytest
 import requests
 import yaml
 from label_studio_sdk import LabelStudio
-from pydantic import SecretStr
+from pydantic import HttpUrl, SecretStr
 from typer.testing import CliRunner
 
 from hero_ml.adapters.label_studio.client import IMPORT_CHUNK, LabelStudioError, LabelStudioProjects
@@ -305,7 +305,7 @@ def behind_the_fault_proxy(
 
     with FaultProxy(label_studio_server.url, plan) as proxy:
         config, runs = make_run(s3_server, label_studio_server)
-        proxied = config.label_studio.model_copy(update={"url": proxy.url})
+        proxied = config.label_studio.model_copy(update={"url": HttpUrl(proxy.url)})
         config = config.model_copy(update={"label_studio": proxied})
         runs.save_config(config.to_public_dict())  # a training run's round 0, not `hero sample`'s
         yield config, runs, proxy, down
