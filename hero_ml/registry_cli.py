@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -11,6 +11,9 @@ from rich.markup import escape
 from hero_ml.cli_support import ConfigOption, console, fail, load
 from hero_ml.config import alias_problem
 from hero_ml.errors import HeroError
+
+if TYPE_CHECKING:  # the module imports no MLflow: `hero --help` stays fast
+    from hero_ml.adapters.tracking.registry import AliasHolder
 
 registry_app = typer.Typer(
     help="The model registry: list the LoRA versions, point an alias at one by hand.", no_args_is_help=True
@@ -36,12 +39,11 @@ def registry_ls(
         if not versions:
             raise fail(registry.what_is_there(registry.name, "no versions"))
         aliases = registry.aliases()
-        records = {alias: registry.alias_record(alias, number) for alias, number in aliases.items()}
     except HeroError as err:
         raise fail(str(err)) from None
     held: dict[str, list[str]] = {}
-    for alias, number in aliases.items():
-        held.setdefault(number, []).append(alias)
+    for alias, holder in aliases.items():
+        held.setdefault(holder.version, []).append(alias)
     count = f"{len(versions)} version{'s' if len(versions) > 1 else ''}"
     console.print(f"{registry.name}: {count}, newest first", highlight=False, markup=False)
     for version in versions[:limit]:
@@ -64,9 +66,9 @@ def registry_ls(
         console.print(f"\n({len(versions) - limit} older versions: --limit {len(versions)} shows them)")
     if aliases:
         console.print()
-    for alias, number in sorted(aliases.items()):
+    for alias, holder in sorted(aliases.items()):
         console.print(
-            _alias_line(alias, number, records[alias], resolved.tracking.champion_alias),
+            _alias_line(alias, holder, resolved.tracking.champion_alias),
             highlight=False,
             markup=False,
         )
@@ -98,10 +100,9 @@ def _promotion(tags: dict[str, str]) -> str:
     )
 
 
-def _alias_line(alias: str, number: str, record: dict[str, str] | None, champion_alias: str) -> str:
-    """Who holds `alias`, since when and by what, and the version that held it before (`record`:
-    Registry.alias_record)."""
-    line = f"@{alias} -> version {number}"
+def _alias_line(alias: str, holder: AliasHolder, champion_alias: str) -> str:
+    """Who holds `alias`, since when and by what, and the version that held it before."""
+    line, record = f"@{alias} -> version {holder.version}", holder.record
     if record is None:
         return f"{line} (moved outside hero, in MLflow's UI or API: no record of the version before)"
     line += f" (by {record.get('by', '?')}, {record.get('moved_at', '?')})"

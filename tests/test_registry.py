@@ -24,7 +24,7 @@ from flows.training import hero_training
 from hero_ml.adapters.storage import open_store
 from hero_ml.adapters.tracking import TrackingError
 from hero_ml.adapters.tracking.mlflow import RUN_ID_TAG, MlflowTracker
-from hero_ml.adapters.tracking.registry import Registry, RegistryError
+from hero_ml.adapters.tracking.registry import AliasHolder, Registry, RegistryError
 from hero_ml.cli import app
 from hero_ml.config import ModelConfig, load_config
 from hero_ml.diffusion.lora import add_lora, save_lora
@@ -665,7 +665,7 @@ def test_registry_ls_describes_the_versions_and_alias_points_one_by_hand_and_bac
     assert "version 3 already holds @champion: nothing moved" in hero("registry", "alias", str(third)).output
     assert hero("registry", "alias", str(first), "--alias", "staging").exit_code == 0
     assert str(registry.champion().version) == third and str(registry.holder("staging").version) == first
-    record = registry.alias_record("champion", third)
+    record = registry.aliases()["champion"].record
     assert record is not None and (record["previous"], record["by"]) == (second, "hand")
 
     listed = hero("registry", "ls", "--limit", "2")
@@ -681,9 +681,10 @@ def test_registry_ls_describes_the_versions_and_alias_points_one_by_hand_and_bac
     back = hero("registry", "alias", str(second))  # the rollback ls named
     assert back.exit_code == 0 and "version 3 -> version 2" in back.output
     assert str(registry.champion().version) == second
-    assert registry.alias_record("champion", second)["previous"] == third
+    holder = registry.aliases()["champion"]
+    assert holder.version == second and holder.record is not None and holder.record["previous"] == third
     client.set_registered_model_alias("owned", "champion", first)  # in MLflow's UI: no record of hero's
-    assert registry.alias_record("champion", first) is None
+    assert registry.aliases()["champion"] == AliasHolder(first, None)
     elsewhere = hero("registry", "ls").output
     assert "@champion -> version 1 (moved outside hero, in MLflow's UI or API: no record of the version" in (
         " ".join(elsewhere.split())

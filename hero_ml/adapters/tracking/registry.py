@@ -9,7 +9,7 @@ Promotion moves the champion alias to a challenger only when it beats the champi
 champion yet, the base model) by a margin on a fixed evaluation; every decision and its figures are
 recorded as tags of the challenger version. A person may point an alias at a version by hand
 (`point_alias`: a decision taken otherwise, a rollback). Every move of an alias by either is recorded
-as tags of the registered model (`alias_record`): the version it moved to and the one that held it
+as tags of the registered model (`aliases`): the version it moved to and the one that held it
 before, when, and by what; a move made elsewhere (MLflow's UI) leaves a record that no longer names
 the holder.
 """
@@ -126,6 +126,13 @@ def open_client(tracking_uri: str) -> MlflowClient:
         ) from None
 
 
+@dataclass(frozen=True)
+class AliasHolder:
+    version: str  # the version the alias names
+    record: dict[str, str] | None  # hero's record of the move to it (version, previous, moved_at, by);
+    # None when the alias moved outside hero (MLflow's UI or API) since hero's last move
+
+
 class Registry:
     """Registered model `name` on an MLflow tracking server (or SQLite store) and its champion alias."""
 
@@ -217,15 +224,22 @@ class Registry:
         """Every version of the registered model, the newest first."""
         return sorted(self._versions(), key=lambda v: int(v.version), reverse=True)
 
-    def aliases(self) -> dict[str, str]:
-        """The registered model's aliases and the version each names (none: no registered model)."""
+    def aliases(self) -> dict[str, AliasHolder]:
+        """The registered model's aliases: the version each names and hero's record of the move to it
+        (none: no registered model)."""
         try:
             model = self.client.get_registered_model(self.name)
         except MlflowException as err:
             if _names_nothing(err, alias=False):
                 return {}
             raise RegistryError(f"registered model {self.name!r}: {mlflow_message(err)}") from None
-        return {alias: str(number) for alias, number in model.aliases.items()}
+        found = {}
+        for alias, number in model.aliases.items():
+            prefix = f"hero.alias.{alias}."
+            record = {k.removeprefix(prefix): v for k, v in model.tags.items() if k.startswith(prefix)}
+            # a record naming another version: the alias moved since, elsewhere (MLflow's UI or API)
+            found[alias] = AliasHolder(str(number), record if record.get("version") == str(number) else None)
+        return found
 
     def version_of_run(self, mlflow_run_id: str) -> ModelVersion | None:
         """The newest version registered from MLflow run `mlflow_run_id` (a HERO run's, tracking.json),
@@ -258,7 +272,7 @@ class Registry:
 
     def point_alias(self, version: ModelVersion, alias: str) -> ModelVersion | None:
         """Point `alias` at `version` by hand (a person's decision, a rollback), the move recorded on
-        the registered model (alias_record); the version that held it before (None: nobody).
+        the registered model (`aliases`); the version that held it before (None: nobody).
         Nothing moves when `version` holds it already (returned)."""
         previous = self.holder(alias)
         if previous is not None and previous.version == version.version:
@@ -291,18 +305,6 @@ class Registry:
         }
         for what, value in record.items():
             self.client.set_registered_model_tag(self.name, f"hero.alias.{alias}.{what}", value)
-
-    def alias_record(self, alias: str, holder: str) -> dict[str, str] | None:
-        """The last move of `alias` by hero (keys version, previous, moved_at, by), None when there is
-        none or it is not the move to `holder` (the version holding the alias now: it was moved
-        elsewhere since, by MLflow's UI or API)."""
-        try:
-            tags = self.client.get_registered_model(self.name).tags
-        except MlflowException as err:
-            raise RegistryError(f"registered model {self.name!r}: {mlflow_message(err)}") from None
-        prefix = f"hero.alias.{alias}."
-        record = {key.removeprefix(prefix): value for key, value in tags.items() if key.startswith(prefix)}
-        return record if record.get("version") == str(holder) else None
 
     def load(
         self, version: ModelVersion, *, device: str = "cpu", allow_download: bool = False, lora: bool = True
